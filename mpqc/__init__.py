@@ -1,0 +1,1 @@
+"""mpqc: a mixed-precision quantization compiler for PyTorch."""
