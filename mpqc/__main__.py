@@ -1,0 +1,5 @@
+import sys
+
+from mpqc.cli import main
+
+sys.exit(main())

@@ -1,0 +1,242 @@
+"""Budgets: differentiable costs of a bit assignment, with a limit the search must meet.
+
+A budget is a frozen dataclass. ``cost(layers, bits)`` maps each layer's weight and activation bit-widths
+(tensors, fractional during search, integer after freezing) to one scalar tensor in the budget's unit;
+``penalty`` is DQ's squared-ReLU constraint term on the relative excess; ``check_feasible`` refuses a limit below
+the smallest cost the search space allows, before any training.
+
+Conventions (per one input sample, see :class:`mpqc.layers.LayerInfo`):
+
+* weight memory  = sum_l params_l * wbits_l / 8                      bytes
+* activation mem = max_l (or sum_l) input_elements_l * abits_l / 8   bytes (the input of every quantized layer)
+* BitOPs         = sum_l MACs_l * wbits_l * abits_l
+* average bits   = sum_l params_l * wbits_l / sum_l params_l         (weights)
+"""
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from typing import Mapping, NamedTuple, Sequence
+
+import torch
+from torch import Tensor
+
+from mpqc.errors import ConfigError, InfeasibleBudgetError
+from mpqc.layers import LayerInfo
+from mpqc.report import human_bytes, human_count
+
+
+class LayerBits(NamedTuple):
+    """Bit-widths of one layer: of its weight and of its input activation (0-d tensors)."""
+
+    weight: Tensor
+    activation: Tensor
+
+
+_BYTE_UNITS = {"b": 1, "kb": 1e3, "mb": 1e6, "gb": 1e9, "kib": 1024, "mib": 1024**2, "gib": 1024**3}
+_COUNT_UNITS = {"": 1, "k": 1e3, "m": 1e6, "g": 1e9, "t": 1e12}
+
+
+def _one_size(kind: str, bytes_: float | None, kib: float | None, mib: float | None) -> float:
+    given = [(v, s) for v, s in ((bytes_, 1), (kib, 1024), (mib, 1024**2)) if v is not None]
+    if len(given) != 1:
+        raise ConfigError(f"{kind} takes exactly one of bytes=, kib=, mib= (got {len(given)})")
+    value, size = given[0]
+    if not (value > 0 and math.isfinite(value)):
+        raise ConfigError(f"{kind} limit must be a positive finite number, got {value!r}")
+    return float(value) * size
+
+
+class Budget:
+    """Base class. Subclasses set ``kind`` and implement ``cost`` and ``format``."""
+
+    kind: str = "budget"
+    unit: str = ""
+
+    @property
+    def limit(self) -> float:
+        raise NotImplementedError
+
+    def cost(self, layers: Sequence[LayerInfo], bits: Mapping[str, LayerBits]) -> Tensor:
+        raise NotImplementedError
+
+    def format(self, value: float) -> str:
+        """``value`` in this budget's human units."""
+        raise NotImplementedError
+
+    @property
+    def text(self) -> str:
+        """The budget as the CLI spells it (``parse_budget(b.text) == b``), e.g. ``weight-memory=20480B``."""
+        return f"{self.kind}={self.limit:.12g}"
+
+    def penalty(self, layers: Sequence[LayerInfo], bits: Mapping[str, LayerBits]) -> Tensor:
+        """DQ's constraint term: ``relu(cost / limit - 1) ** 2`` (zero inside the budget)."""
+        return torch.relu(self.cost(layers, bits) / self.limit - 1.0) ** 2
+
+    def met(self, value: float) -> bool:
+        return value <= self.limit * (1 + 1e-9)
+
+    def check_feasible(self, layers: Sequence[LayerInfo], smallest_bits: Mapping[str, LayerBits]) -> float:
+        """Raise :class:`InfeasibleBudgetError` unless the smallest achievable cost fits; return that cost."""
+        smallest = float(self.cost(layers, smallest_bits))
+        if not self.met(smallest):
+            raise InfeasibleBudgetError(
+                f"{self.kind} budget {self.format(self.limit)} is infeasible: the smallest achievable is "
+                f"{self.format(smallest)} (every learnable layer at its minimum bit-width). Raise the budget, "
+                f"lower the minimum bits, or learn the first/last layers' precision."
+            )
+        return smallest
+
+
+def _stack(layers: Sequence[LayerInfo], bits: Mapping[str, LayerBits], which: str) -> Tensor:
+    missing = [layer.name for layer in layers if layer.name not in bits]
+    if missing:
+        raise ConfigError(f"no bit-widths for layer(s) {', '.join(missing)}")
+    return torch.stack([getattr(bits[layer.name], which).reshape(()).float() for layer in layers])
+
+
+def _counts(layers: Sequence[LayerInfo], field: str) -> Tensor:
+    return torch.tensor([float(getattr(layer, field)) for layer in layers])
+
+
+@dataclass(frozen=True, init=False)
+class WeightMemory(Budget):
+    """Total quantized weight storage in bytes. ``WeightMemory(kib=20)``."""
+
+    bytes: float
+    kind = "weight-memory"
+    unit = "B"
+
+    def __init__(self, bytes: float | None = None, *, kib: float | None = None, mib: float | None = None) -> None:
+        object.__setattr__(self, "bytes", _one_size(self.kind, bytes, kib, mib))
+
+    @property
+    def limit(self) -> float:
+        return self.bytes
+
+    @property
+    def text(self) -> str:
+        return f"{self.kind}={self.limit:.12g}B"
+
+    def cost(self, layers, bits):
+        return (_counts(layers, "params") * _stack(layers, bits, "weight")).sum() / 8
+
+    def format(self, value: float) -> str:
+        return human_bytes(value)
+
+
+@dataclass(frozen=True, init=False)
+class ActivationMemory(Budget):
+    """Activation storage in bytes of the quantized layers' inputs: the largest one (``mode="max"``) or all."""
+
+    bytes: float
+    mode: str
+    kind = "activation-memory"
+    unit = "B"
+
+    def __init__(
+        self, bytes: float | None = None, *, kib: float | None = None, mib: float | None = None, mode: str = "max"
+    ) -> None:
+        if mode not in ("max", "sum"):
+            raise ConfigError(f"ActivationMemory mode must be 'max' or 'sum', got {mode!r}")
+        object.__setattr__(self, "bytes", _one_size(self.kind, bytes, kib, mib))
+        object.__setattr__(self, "mode", mode)
+
+    @property
+    def limit(self) -> float:
+        return self.bytes
+
+    @property
+    def text(self) -> str:
+        return f"{self.kind}={self.limit:.12g}B" + ("" if self.mode == "max" else ",sum")
+
+    def cost(self, layers, bits):
+        per_layer = _counts(layers, "input_elements") * _stack(layers, bits, "activation") / 8
+        return per_layer.max() if self.mode == "max" else per_layer.sum()
+
+    def format(self, value: float) -> str:
+        return human_bytes(value)
+
+
+@dataclass(frozen=True)
+class BitOps(Budget):
+    """Sum over layers of MACs x weight bits x activation bits, per sample. ``BitOps(1.2e9)``."""
+
+    bitops: float
+    kind = "bitops"
+    unit = "BitOPs"
+
+    def __post_init__(self) -> None:
+        if not (self.bitops > 0 and math.isfinite(self.bitops)):
+            raise ConfigError(f"bitops limit must be a positive finite number, got {self.bitops!r}")
+
+    @property
+    def limit(self) -> float:
+        return float(self.bitops)
+
+    def cost(self, layers, bits):
+        return (_counts(layers, "macs") * _stack(layers, bits, "weight") * _stack(layers, bits, "activation")).sum()
+
+    def format(self, value: float) -> str:
+        return f"{human_count(value)} BitOPs"
+
+
+@dataclass(frozen=True)
+class AverageBits(Budget):
+    """Parameter-weighted average weight bit-width. ``AverageBits(2.0)``."""
+
+    bits: float
+    kind = "avg-bits"
+    unit = "bits"
+
+    def __post_init__(self) -> None:
+        if not (0 < self.bits <= 32):
+            raise ConfigError(f"average bits must be in (0, 32], got {self.bits!r}")
+
+    @property
+    def limit(self) -> float:
+        return float(self.bits)
+
+    def cost(self, layers, bits):
+        params = _counts(layers, "params")
+        return (params * _stack(layers, bits, "weight")).sum() / params.sum()
+
+    def format(self, value: float) -> str:
+        return f"{value:.3f} bits"
+
+
+BUDGET_KINDS = ("weight-memory", "activation-memory", "bitops", "avg-bits")
+
+
+def parse_budget(text: str) -> Budget:
+    """Parse a CLI budget: ``weight-memory=20KiB``, ``activation-memory=8KiB[,sum]``, ``bitops=1.2G``,
+    ``avg-bits=2``."""
+    kind, sep, value = text.partition("=")
+    kind = kind.strip().lower()
+    if not sep or not value.strip():
+        raise ConfigError(f"budget {text!r} must look like KIND=VALUE, with KIND one of {', '.join(BUDGET_KINDS)}")
+    value, _, option = value.strip().partition(",")
+    if kind in ("weight-memory", "activation-memory"):
+        size = _parse_number(value, _BYTE_UNITS, text, default_unit="b")
+        if kind == "weight-memory":
+            if option:
+                raise ConfigError(f"budget {text!r}: weight-memory takes no option (got {option!r})")
+            return WeightMemory(size)
+        return ActivationMemory(size, mode=option or "max")
+    if kind == "bitops":
+        return BitOps(_parse_number(value, _COUNT_UNITS, text, default_unit=""))
+    if kind == "avg-bits":
+        return AverageBits(_parse_number(value, {"": 1, "b": 1, "bits": 1}, text, default_unit=""))
+    raise ConfigError(f"unknown budget kind {kind!r} in {text!r}; known kinds: {', '.join(BUDGET_KINDS)}")
+
+
+def _parse_number(value: str, units: Mapping[str, float], text: str, default_unit: str) -> float:
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[+-]?[0-9]+)?)\s*([a-zA-Z]*)\s*", value)
+    unit = (match.group(2) if match else "").lower() or default_unit
+    if not match or unit not in units:
+        raise ConfigError(
+            f"cannot read {value!r} in budget {text!r}: expected a number with one of the units "
+            f"{', '.join(u or '(none)' for u in units)}"
+        )
+    return float(match.group(1)) * units[unit]

@@ -1,0 +1,162 @@
+"""The ``mpqc`` command line: a thin shell over the Python API.
+
+    mpqc compile --model examples/models.py:resnet20 --data fashion-mnist --budget weight-memory=20KiB \\
+                 --method dq --out runs/r20 [--resume | --force]
+    mpqc report runs/r20
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import logging
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from torch import nn
+
+from mpqc.errors import ConfigError, MpqcError
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="mpqc: %(message)s")
+    try:
+        return args.run(args)
+    except MpqcError as error:
+        print(f"mpqc {args.command}: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"mpqc {args.command}: interrupted; the last checkpoint is kept (continue with --resume)", file=sys.stderr)
+        return 130
+
+
+def _parser() -> argparse.ArgumentParser:
+    from mpqc.budgets import BUDGET_KINDS
+    from mpqc.quantizers import METHODS
+
+    parser = argparse.ArgumentParser(prog="mpqc", description="Mixed-precision quantization compiler for PyTorch.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    c = commands.add_parser("compile", help="search bit-widths under a budget, freeze, fine-tune, write a report")
+    c.add_argument("--model", required=True, help="FILE.py:CALLABLE or package.module:CALLABLE returning an nn.Module")
+    c.add_argument("--data", required=True, help="dataset: fashion-mnist or digits")
+    c.add_argument("--budget", required=True, help=f"KIND=VALUE, KIND one of {', '.join(BUDGET_KINDS)} "
+                                                    "(e.g. weight-memory=20KiB, bitops=1.2G, avg-bits=2)")
+    c.add_argument("--method", default="dq", choices=sorted(METHODS), help="bit-width search method (default dq)")
+    c.add_argument("--out", required=True, type=Path, help="run directory (checkpoints, frozen model, report)")
+    mode = c.add_mutually_exclusive_group()
+    mode.add_argument("--resume", action="store_true", help="continue the interrupted run in --out")
+    mode.add_argument("--force", action="store_true", help="overwrite whatever run --out holds")
+    c.add_argument("--weights", type=Path, help="fp32 state_dict to start from (torch.save of model.state_dict())")
+    c.add_argument("--pretrain-epochs", type=int, default=0,
+                   help="train the fp32 model for N epochs first (cached under ~/.cache/mpqc/fp32)")
+    c.add_argument("--search-epochs", type=int, default=2)
+    c.add_argument("--finetune-epochs", type=int, default=1)
+    c.add_argument("--steps-per-epoch", type=int, help="cut every epoch to N batches")
+    c.add_argument("--batch-size", type=int, default=128)
+    c.add_argument("--subset", type=int, help="train on the first N examples of a seeded permutation")
+    c.add_argument("--val-subset", type=int, help="validate on N examples")
+    c.add_argument("--weight-bits", default="2-8", help="learnable weight bit range MIN-MAX (default 2-8)")
+    c.add_argument("--act-bits", default="2-8", help="learnable activation bit range MIN-MAX (default 2-8)")
+    c.add_argument("--first-last", choices=("learn", "fixed"), default="learn",
+                   help="learn the first/last layers' precision (DQ, default) or keep them at 8 bits")
+    c.add_argument("--distill", action="store_true", help="knowledge distillation from the fp32 model")
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--no-progress", action="store_true", help="no progress bars")
+    c.set_defaults(run=_compile)
+
+    r = commands.add_parser("report", help="print the per-layer table of a run directory")
+    r.add_argument("run_dir", type=Path)
+    r.set_defaults(run=_report)
+    return parser
+
+
+def load_model_factory(spec: str) -> Callable[..., nn.Module]:
+    """``path/to/file.py:name`` or ``package.module:name`` -> the callable it names."""
+    location, sep, name = spec.rpartition(":")
+    if not sep or not location or not name:
+        raise ConfigError(f"--model {spec!r} must look like FILE.py:CALLABLE or package.module:CALLABLE")
+    if location.endswith(".py"):
+        path = Path(location)
+        if not path.is_file():
+            raise ConfigError(f"--model: file {path} does not exist")
+        module_spec = importlib.util.spec_from_file_location(f"mpqc_user_{path.stem}", path)
+        module = importlib.util.module_from_spec(module_spec)
+        module_spec.loader.exec_module(module)
+    else:
+        try:
+            module = importlib.import_module(location)
+        except ImportError as error:
+            raise ConfigError(f"--model: cannot import {location!r}: {error}") from error
+    factory = getattr(module, name, None)
+    if not callable(factory):
+        raise ConfigError(f"--model: {location} has no callable named {name!r}")
+    return factory
+
+
+def _bit_range(text: str, flag: str):
+    from mpqc.quantizers import BitRange
+
+    low, sep, high = text.partition("-")
+    try:
+        return BitRange(int(low), int(high if sep else low))
+    except ValueError:
+        raise ConfigError(f"{flag} {text!r} must look like MIN-MAX, e.g. 2-8") from None
+
+
+def _compile(args: argparse.Namespace) -> int:
+    import torch
+
+    import mpqc
+    from mpqc.config import CompileConfig, QuantizerConfig, TrainConfig
+    from mpqc.data import dataset_info, loaders
+    from mpqc.pretrain import cached_fp32
+    from mpqc.report import format_report
+
+    budget = mpqc.parse_budget(args.budget)  # refuse a bad budget string before any work
+    info = dataset_info(args.data)
+    factory = load_model_factory(args.model)
+    build = lambda: factory(num_classes=info.num_classes, in_channels=info.in_channels)  # noqa: E731
+    if args.pretrain_epochs:
+        model = cached_fp32(build, args.data, epochs=args.pretrain_epochs, model_name=args.model.rpartition(":")[2],
+                            seed=args.seed, progress=not args.no_progress)
+    else:
+        model = build()
+    if args.weights:
+        try:
+            model.load_state_dict(torch.load(args.weights, weights_only=True))
+        except (OSError, RuntimeError) as error:
+            raise ConfigError(f"--weights {args.weights}: {error}") from error
+    train_loader, val_loader = loaders(args.data, batch_size=args.batch_size, subset=args.subset,
+                                       val_subset=args.val_subset, seed=args.seed)
+    config = CompileConfig(
+        quantizers=QuantizerConfig(weight_bits=_bit_range(args.weight_bits, "--weight-bits"),
+                                   activation_bits=_bit_range(args.act_bits, "--act-bits"),
+                                   first_last=args.first_last),
+        search=TrainConfig(epochs=args.search_epochs, max_steps_per_epoch=args.steps_per_epoch, distill=args.distill),
+        finetune=TrainConfig(epochs=args.finetune_epochs, max_steps_per_epoch=args.steps_per_epoch, lr=0.005,
+                             penalty_weight=0.0, distill=args.distill),
+        seed=args.seed,
+        progress=not args.no_progress,
+    )
+    example = next(iter(val_loader))[0][:2]
+    result = mpqc.compile(model, example, budget=budget, data=(train_loader, val_loader), method=args.method,
+                          config=config, out=args.out, resume=args.resume, force=args.force)
+    print(format_report(result.report))
+    print(f"\nwrote {args.out}/report.json, bits.png, program.json, program.pt")
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from mpqc.report import format_report, load_report
+
+    print(format_report(load_report(args.run_dir)))
+    return 0
+
+
+if __name__ == "__main__":  # python -m mpqc.cli
+    sys.exit(main())

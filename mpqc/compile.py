@@ -1,0 +1,226 @@
+"""``mpqc.compile``: the whole compiler, every stage in order, in one function."""
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from torch import Tensor, nn
+from torch.fx import GraphModule
+from torch.utils.data import DataLoader
+
+from mpqc.budgets import ActivationMemory, AverageBits, BitOps, Budget, LayerBits, WeightMemory, parse_budget
+from mpqc.checkpoint import RunDirectory, atomic_torch_save
+from mpqc.config import CompileConfig
+from mpqc.data import check_loader
+from mpqc.errors import ConfigError, DataError
+from mpqc.layers import LayerInfo
+from mpqc.passes.analyze_layers import analyze_layers
+from mpqc.passes.capture import capture
+from mpqc.passes.fold_batchnorm import fold_batchnorm
+from mpqc.passes.freeze import freeze
+from mpqc.passes.insert_quantizers import current_bits, insert_quantizers, quantized_layers, smallest_bits
+from mpqc.quantizers import get_method
+from mpqc.reference import IntegerProgram
+from mpqc.report import REPORT_FORMAT, load_report, save_report
+from mpqc.search import search
+from mpqc.train import epoch_batches, evaluate, finetune
+
+Data = tuple[DataLoader, DataLoader | None]
+
+
+def compile(
+    model: nn.Module,
+    example_inputs: Tensor | tuple[Tensor, ...],
+    *,
+    budget: Budget | str,
+    data: Data | DataLoader | None = None,
+    method: str = "dq",
+    config: CompileConfig = CompileConfig(),
+    out: str | Path | None = None,
+    resume: bool = False,
+    force: bool = False,
+) -> "CompiledModel":
+    """Quantize ``model`` to mixed precision under ``budget`` and return the frozen integer model and its report.
+
+    ``data`` is ``(train_loader, val_loader)`` (the validation loader may be None). ``out`` is the run directory
+    (checkpoints as the run goes, then the results); without it the run works in a temporary directory and
+    ``CompiledModel.save`` writes the results where you choose. ``resume=True`` continues an interrupted run in
+    ``out``; ``force=True`` overwrites whatever run ``out`` holds.
+    """
+    started = time.perf_counter()
+    budget = parse_budget(budget) if isinstance(budget, str) else budget
+    if not isinstance(budget, Budget):
+        raise ConfigError(f"budget must be an mpqc Budget or a string like 'weight-memory=20KiB', got {budget!r}")
+    quant_method = get_method(method)
+    example_inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
+    train_loader, val_loader = _split_data(data)
+    torch.manual_seed(config.seed)
+
+    gm = capture(model, example_inputs)                                            # 1. trace to torch.fx
+    gm = fold_batchnorm(gm)                                                        # 2. fold BatchNorm
+    layers = analyze_layers(gm, example_inputs)                                    # 3. params, MACs, activations
+    num_classes = config.num_classes or _output_width(gm, example_inputs)
+    check_loader(train_loader, "train", num_classes)
+    teacher = copy.deepcopy(gm).eval()
+    run = RunDirectory(out or tempfile.mkdtemp(prefix="mpqc-run-"), _identity(model, gm, budget, method, config,
+                                                                            train_loader), resume=resume, force=force)
+
+    calibration = next(epoch_batches(train_loader, config.seed))[0]
+    gm = insert_quantizers(gm, quant_method, config.quantizers, (calibration,))   # 4. learnable-bit quantizers
+    smallest = budget.check_feasible(layers, smallest_bits(quantized_layers(gm)))  #    refuse infeasible budgets
+    search(gm, budget, layers, train_loader, config.search,                         # 5. differentiable search
+           checkpoint=run.checkpoint("search"), seed=config.seed, teacher=teacher, progress=config.progress)
+    searched = {name: (float(b.weight), float(b.activation)) for name, b in current_bits(quantized_layers(gm)).items()}
+    search_cost = float(budget.cost(layers, current_bits(quantized_layers(gm))))
+    search_done = time.perf_counter()
+    fixed_layers = {layer.name for layer in quantized_layers(gm) if not layer.weight_quantizer.learnable_bits}
+
+    gm = freeze(gm, budget)                                                        # 6. integer bits meeting budget
+    finetune(gm, train_loader, config.finetune, checkpoint=run.checkpoint("finetune"),  # 7. fine-tune, bits fixed
+             seed=config.seed + 1, teacher=teacher, progress=config.progress)
+    gm.eval()
+    program = IntegerProgram.from_graph(gm)                                        # 8. the integer model
+    finished = time.perf_counter()
+
+    accuracy = {"fp32": None, "quantized": None, "integer_reference": None}
+    if val_loader is not None:
+        accuracy = {"fp32": evaluate(teacher, val_loader), "quantized": evaluate(gm, val_loader),
+                    "integer_reference": evaluate(program.run, val_loader)}
+    report = build_report(                                                         # 9. report
+        model_name=type(model).__name__, method=method, budget=budget, layers=layers, program=program,
+        searched_bits=searched, fixed_layers=fixed_layers, search_cost=search_cost, smallest_cost=smallest, accuracy=accuracy,
+        wall_time={"search": search_done - started, "finetune": finished - search_done,
+                   "total": time.perf_counter() - started},
+    )
+    result = CompiledModel(program=program, report=report, graph=gm, run_dir=run.path)
+    if out is not None:
+        result.save(out)
+    return result
+
+
+@dataclass
+class CompiledModel:
+    """The result of :func:`compile`: the integer program (the frozen model), its report, and the fake-quant graph.
+
+    Calling it runs the integer reference. ``graph`` is None for a model loaded from disk.
+    """
+
+    program: IntegerProgram
+    report: dict[str, Any]
+    graph: GraphModule | None = None
+    run_dir: Path | None = None
+
+    def __call__(self, *inputs: Tensor) -> Tensor:
+        return self.program.run(*inputs)
+
+    def save(self, path: str | Path) -> Path:
+        """Write ``program.json``/``program.pt`` (the frozen model), ``report.json``, ``bits.png``, the fine-tuned
+        fake-quant weights (``finetuned.pt``) and the run's checkpoints into ``path``."""
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        self.program.save(path)
+        save_report(self.report, path)
+        if self.graph is not None:
+            atomic_torch_save(self.graph.state_dict(), path / "finetuned.pt")
+        if self.run_dir is not None and self.run_dir.resolve() != path.resolve():
+            for name in ("checkpoints", "run.json"):
+                source = self.run_dir / name
+                if source.is_dir():
+                    shutil.copytree(source, path / name, dirs_exist_ok=True)
+                elif source.exists():
+                    shutil.copy2(source, path / name)
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> "CompiledModel":
+        path = Path(path)
+        return cls(program=IntegerProgram.load(path), report=load_report(path), run_dir=path)
+
+
+# --------------------------------------------------------------------------------------------- helpers
+def _split_data(data: Data | DataLoader | None) -> Data:
+    if data is None:
+        raise DataError("data=None: the bit-width search needs training data; pass data=(train_loader, val_loader)")
+    if isinstance(data, DataLoader):
+        return data, None
+    if isinstance(data, (tuple, list)) and len(data) == 2 and isinstance(data[0], DataLoader) and (
+        data[1] is None or isinstance(data[1], DataLoader)
+    ):
+        return data[0], data[1]
+    raise DataError(f"data must be a DataLoader or a (train_loader, val_loader) pair, got {type(data).__name__}")
+
+
+def _output_width(gm: GraphModule, example_inputs: tuple) -> int:
+    with torch.no_grad():
+        output = gm(*example_inputs)
+    if not isinstance(output, Tensor) or output.dim() != 2:
+        raise ConfigError("the model must return one [batch, classes] tensor of logits to be trained by mpqc")
+    return output.shape[1]
+
+
+def _identity(model: nn.Module, gm: GraphModule, budget: Budget, method: str, config: CompileConfig,
+              train_loader: DataLoader) -> dict[str, Any]:
+    """What makes two runs the same run (and a resumed run the continuation of an interrupted one)."""
+    settings = asdict(config)
+    settings.pop("progress")
+    return {
+        "model": type(model).__qualname__,
+        "graph": hashlib.sha256(gm.code.encode()).hexdigest()[:16],
+        "budget": budget.text,
+        "method": method,
+        "config": json.loads(json.dumps(settings, default=str)),
+        "train_data": {"examples": len(train_loader.dataset), "batch_size": train_loader.batch_size},
+    }
+
+
+def build_report(
+    *, model_name: str, method: str, budget: Budget, layers: Sequence[LayerInfo], program: IntegerProgram,
+    searched_bits: dict[str, tuple[float, float]], fixed_layers: set[str], search_cost: float, smallest_cost: float,
+    accuracy: dict[str, float | None], wall_time: dict[str, float],
+) -> dict[str, Any]:
+    """The ``mpqc-report/1`` dict (see ``mpqc/report.py``) of a frozen program."""
+    frozen = program.layer_bits()
+    integer = {name: LayerBits(torch.tensor(float(w)), torch.tensor(float(a))) for name, (w, a) in frozen.items()}
+    achieved = float(budget.cost(layers, integer))
+    params = sum(layer.params for layer in layers)
+    elements = sum(layer.input_elements for layer in layers)
+    return {
+        "format": REPORT_FORMAT,
+        "model": model_name,
+        "method": method,
+        "created": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "budget": {"kind": budget.kind, "text": budget.text, "limit": budget.limit, "unit": budget.unit,
+                   "achieved": achieved, "search_final": search_cost, "smallest_feasible": smallest_cost,
+                   "met": budget.met(achieved)},
+        "totals": {
+            "params": params,
+            "macs": sum(layer.macs for layer in layers),
+            "weight_bytes": float(WeightMemory(1).cost(layers, integer)),
+            "fp32_weight_bytes": 4.0 * params,
+            "activation_bytes_max": float(ActivationMemory(1).cost(layers, integer)),
+            "activation_bytes_sum": float(ActivationMemory(1, mode="sum").cost(layers, integer)),
+            "bitops": float(BitOps(1).cost(layers, integer)),
+            "average_weight_bits": float(AverageBits(1).cost(layers, integer)),
+            "average_activation_bits": sum(layer.input_elements * frozen[layer.name][1] for layer in layers) / elements,
+        },
+        "accuracy": accuracy,
+        "layers": [
+            {**{key: getattr(layer, key) for key in ("name", "op", "params", "macs", "input_elements",
+                                                      "output_elements")},
+             "weight_bits": frozen[layer.name][0], "activation_bits": frozen[layer.name][1],
+             "weight_bits_search": searched_bits[layer.name][0],
+             "activation_bits_search": searched_bits[layer.name][1],
+             "fixed": layer.name in fixed_layers}
+            for layer in layers
+        ],
+        "wall_time_s": wall_time,
+    }

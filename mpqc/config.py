@@ -1,0 +1,86 @@
+"""Configuration: frozen dataclasses, validated on construction."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from mpqc.errors import ConfigError
+from mpqc.quantizers.base import BitRange
+
+FIRST_LAST_POLICIES = ("learn", "fixed")
+
+
+@dataclass(frozen=True)
+class QuantizerConfig:
+    """Where quantizers go and what bit-widths they may take.
+
+    ``first_last="learn"`` (default, as DQ: every layer's precision is learned) or ``"fixed"``: the first layer's
+    weight and input and the last layer's weight stay at ``first_last_bits``.
+    """
+
+    weight_bits: BitRange = BitRange(2, 8)
+    activation_bits: BitRange = BitRange(2, 8)
+    init_bits: int = 8
+    first_last: str = "learn"
+    first_last_bits: int = 8
+
+    def __post_init__(self) -> None:
+        if self.first_last not in FIRST_LAST_POLICIES:
+            raise ConfigError(f"first_last must be one of {FIRST_LAST_POLICIES}, got {self.first_last!r}")
+        if self.weight_bits.min_bits < 2:
+            raise ConfigError(
+                f"weight bits must be at least 2 (signed symmetric quantization), got min_bits="
+                f"{self.weight_bits.min_bits}"
+            )
+        if not (2 <= self.first_last_bits <= 16):
+            raise ConfigError(f"first_last_bits must be in 2..16, got {self.first_last_bits}")
+        if not (1 <= self.init_bits <= 16):
+            raise ConfigError(f"init_bits must be in 1..16, got {self.init_bits}")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """One training phase (search or fine-tune).
+
+    ``epochs`` passes over the training data, each cut to ``max_steps_per_epoch`` batches when set.
+    Weights use SGD (momentum 0.9, cosine schedule) at ``lr``; quantizer parameters use Adam at ``quantizer_lr``.
+    ``penalty_weight`` scales the budget penalty (search only). ``distill`` adds knowledge distillation from the
+    fp32 model (KL at ``distill_temperature``, weight ``distill_weight``). A checkpoint is written every
+    ``checkpoint_every`` steps and at every epoch end.
+    """
+
+    epochs: int = 2
+    max_steps_per_epoch: int | None = None
+    lr: float = 0.01
+    weight_decay: float = 5e-5
+    quantizer_lr: float = 0.01
+    penalty_weight: float = 5.0
+    distill: bool = False
+    distill_weight: float = 0.5
+    distill_temperature: float = 4.0
+    checkpoint_every: int = 50
+
+    def __post_init__(self) -> None:
+        if self.epochs < 0:
+            raise ConfigError(f"epochs must be >= 0, got {self.epochs}")
+        if self.max_steps_per_epoch is not None and self.max_steps_per_epoch < 1:
+            raise ConfigError(f"max_steps_per_epoch must be >= 1 or None, got {self.max_steps_per_epoch}")
+        for name in ("lr", "quantizer_lr", "distill_temperature"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"{name} must be > 0, got {getattr(self, name)}")
+        for name in ("weight_decay", "penalty_weight", "distill_weight"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.checkpoint_every < 1:
+            raise ConfigError(f"checkpoint_every must be >= 1, got {self.checkpoint_every}")
+
+
+@dataclass(frozen=True)
+class CompileConfig:
+    """Everything ``mpqc.compile`` takes besides the model, inputs, budget, data and method."""
+
+    quantizers: QuantizerConfig = QuantizerConfig()
+    search: TrainConfig = TrainConfig(epochs=2)
+    finetune: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=1, lr=0.005, penalty_weight=0.0))
+    seed: int = 0
+    num_classes: int | None = None
+    progress: bool = True

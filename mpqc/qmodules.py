@@ -1,0 +1,56 @@
+"""Conv/linear layers whose weight passes through a quantizer: the only modules ``insert_quantizers`` swaps in.
+
+Each is a subclass of the float layer (so shape analysis and ``isinstance`` checks keep working) with one extra
+submodule, ``weight_quantizer``. The forward pass is the float layer's with the fake-quantized weight.
+"""
+from __future__ import annotations
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from mpqc.quantizers.base import Quantizer
+
+
+class _QuantWeightMixin:
+    weight_quantizer: Quantizer
+
+    @classmethod
+    def from_float(cls, layer: nn.Module, weight_quantizer: Quantizer) -> nn.Module:
+        """A quantized copy of ``layer`` sharing its weight and bias tensors."""
+        quantized = cls.__new__(cls)
+        nn.Module.__init__(quantized)
+        quantized.__dict__.update({k: v for k, v in layer.__dict__.items() if not k.startswith("_")})
+        quantized._parameters = dict(layer._parameters)
+        quantized._buffers = dict(layer._buffers)
+        quantized.weight_quantizer = weight_quantizer
+        return quantized
+
+    def quantized_weight(self) -> Tensor:
+        return self.weight_quantizer(self.weight)
+
+
+class QuantConv1d(_QuantWeightMixin, nn.Conv1d):
+    def forward(self, x: Tensor) -> Tensor:
+        return self._conv_forward(x, self.quantized_weight(), self.bias)
+
+
+class QuantConv2d(_QuantWeightMixin, nn.Conv2d):
+    def forward(self, x: Tensor) -> Tensor:
+        return self._conv_forward(x, self.quantized_weight(), self.bias)
+
+
+class QuantLinear(_QuantWeightMixin, nn.Linear):
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(x, self.quantized_weight(), self.bias)
+
+
+QUANTIZED_LAYER_TYPES: dict[type[nn.Module], type[nn.Module]] = {
+    nn.Conv1d: QuantConv1d,
+    nn.Conv2d: QuantConv2d,
+    nn.Linear: QuantLinear,
+}
+
+
+def quantized_version(layer: nn.Module, weight_quantizer: Quantizer) -> nn.Module:
+    """Swap a float conv/linear for its quantized subclass (exact type match; already-quantized layers rejected)."""
+    return QUANTIZED_LAYER_TYPES[type(layer)].from_float(layer, weight_quantizer)

@@ -1,0 +1,162 @@
+"""The quantizer interface every method implements, and the fixed-bit quantizer they all freeze into.
+
+Number format (the integer contract, see ``mpqc/reference.py``): symmetric, zero point 0.
+
+* signed b-bit:   integers in ``[-(2**(b-1) - 1), 2**(b-1) - 1]`` (the symmetric range, as DQ uses);
+* unsigned b-bit: integers in ``[0, 2**b - 1]``.
+
+A value ``x`` quantizes to ``clamp(round_half_even(x / scale), qmin, qmax)`` and dequantizes to ``q * scale``.
+Weights use one scale per output channel, activations one scale per tensor.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from mpqc.errors import ConfigError
+
+
+def round_ste(x: Tensor) -> Tensor:
+    """Round half to even in the forward pass, identity gradient (straight-through estimator)."""
+    return x + (torch.round(x) - x).detach()
+
+
+def integer_range(bits: int, signed: bool) -> tuple[int, int]:
+    """The closed integer range of a symmetric signed or unsigned ``bits``-bit number."""
+    if signed:
+        if bits < 2:
+            raise ConfigError(f"signed quantization needs at least 2 bits (got {bits})")
+        return -(2 ** (bits - 1) - 1), 2 ** (bits - 1) - 1
+    if bits < 1:
+        raise ConfigError(f"unsigned quantization needs at least 1 bit (got {bits})")
+    return 0, 2**bits - 1
+
+
+def positive_levels(bits: Tensor | float, signed: bool) -> Tensor | float:
+    """Largest integer magnitude representable with (possibly fractional) ``bits``: the 'q_max / d' of DQ."""
+    return 2 ** (bits - 1) - 1 if signed else 2**bits - 1
+
+
+@dataclass(frozen=True)
+class BitRange:
+    """Inclusive range of bit-widths a learnable quantizer may take."""
+
+    min_bits: int = 2
+    max_bits: int = 8
+
+    def __post_init__(self) -> None:
+        if not (1 <= self.min_bits <= self.max_bits <= 16):
+            raise ConfigError(
+                f"bit range must satisfy 1 <= min_bits <= max_bits <= 16, got min_bits={self.min_bits}, "
+                f"max_bits={self.max_bits}"
+            )
+
+
+@dataclass(frozen=True)
+class FrozenQuant:
+    """Integer description of a quantizer after freezing: integer bits, scale(s), sign.
+
+    ``scale`` has shape ``[C]`` (per output channel, weights) or ``[1]`` (per tensor, activations).
+    """
+
+    bits: int
+    signed: bool
+    scale: Tensor
+
+    @property
+    def qmin(self) -> int:
+        return integer_range(self.bits, self.signed)[0]
+
+    @property
+    def qmax(self) -> int:
+        return integer_range(self.bits, self.signed)[1]
+
+    def quantize(self, x: Tensor, channel_dim: int = 0) -> Tensor:
+        """Integer values (int32) of ``x``; per-channel scales broadcast along ``channel_dim``."""
+        scale = _broadcast_channels(self.scale.to(x.dtype), x.dim(), channel_dim)
+        return torch.clamp(torch.round(x / scale), self.qmin, self.qmax).to(torch.int32)
+
+
+def _broadcast_channels(scale: Tensor, ndim: int, channel_dim: int) -> Tensor:
+    if scale.numel() == 1:
+        return scale.reshape([1] * ndim)
+    shape = [1] * ndim
+    shape[channel_dim] = scale.numel()
+    return scale.reshape(shape)
+
+
+class Quantizer(nn.Module):
+    """Base class of every mpqc quantizer (weights or activations).
+
+    Subclasses define ``forward(x)`` (fake quantization, differentiable), ``bits()`` (current bit-width as a
+    differentiable scalar tensor: expected, fractional or inferred, as the method defines it) and
+    ``to_fixed(bits, weight)`` (the equivalent :class:`FixedQuantizer` at an integer bit-width).
+    ``learnable_bits`` says whether the search may change this quantizer's bit-width.
+    """
+
+    signed: bool
+    per_channel: bool
+    learnable_bits: bool = True
+
+    def bits(self) -> Tensor:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def to_fixed(self, bits: int, weight: Tensor | None = None) -> "FixedQuantizer":  # pragma: no cover
+        """The equivalent fixed-bit quantizer; weight quantizers need the layer's current ``weight``."""
+        raise NotImplementedError
+
+    def project_(self) -> None:
+        """Move parameters back into their valid range; the training loop calls it after every optimizer step."""
+
+    def extra_loss(self) -> Tensor | None:
+        """A method-specific regulariser added to the training loss (None where the method has none)."""
+        return None
+
+
+class FixedQuantizer(Quantizer):
+    """Fixed integer bit-width, learnable scale (LSQ-style gradients through the straight-through round).
+
+    Used for layers whose precision policy is fixed (e.g. first/last layer at 8 bits) and, after
+    :func:`mpqc.passes.freeze.freeze`, for every quantizer during fine-tuning.
+
+    >>> q = FixedQuantizer(bits=4, signed=True, scale=torch.tensor([0.5]))
+    >>> q(torch.tensor([0.2, 0.3, 10.0, -10.0]))
+    tensor([ 0.0000,  0.5000,  3.5000, -3.5000], grad_fn=<MulBackward0>)
+    """
+
+    learnable_bits = False
+
+    def __init__(self, bits: int, signed: bool, scale: Tensor, per_channel: bool = False) -> None:
+        super().__init__()
+        self.qmin, self.qmax = integer_range(bits, signed)
+        self.fixed_bits = int(bits)
+        self.signed = signed
+        self.per_channel = per_channel
+        self.scale = nn.Parameter(scale.detach().clone().float().reshape(-1).clamp_min(1e-12))
+
+    def _scale(self, x: Tensor) -> Tensor:
+        scale = self.scale.abs().clamp_min(1e-12)
+        return _broadcast_channels(scale, x.dim(), 0) if self.per_channel else scale.reshape([1] * x.dim())
+
+    def forward(self, x: Tensor) -> Tensor:
+        scale = self._scale(x)
+        return torch.clamp(round_ste(x / scale), self.qmin, self.qmax) * scale
+
+    def bits(self) -> Tensor:
+        return torch.tensor(float(self.fixed_bits), device=self.scale.device)
+
+    def to_fixed(self, bits: int, weight: Tensor | None = None) -> "FixedQuantizer":
+        if bits == self.fixed_bits:
+            return self
+        # Same dynamic range (qmax * scale), new number of levels.
+        new_levels = integer_range(bits, self.signed)[1]
+        scale = self.scale.detach().abs() * self.qmax / new_levels
+        return FixedQuantizer(bits, self.signed, scale, self.per_channel)
+
+    def frozen(self) -> FrozenQuant:
+        return FrozenQuant(self.fixed_bits, self.signed, self.scale.detach().abs().clamp_min(1e-12).clone())
+
+    def extra_repr(self) -> str:
+        return f"bits={self.fixed_bits}, signed={self.signed}, per_channel={self.per_channel}"

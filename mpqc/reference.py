@@ -1,0 +1,409 @@
+"""The integer contract: a frozen model as an integer program, and its reference interpreter.
+
+A frozen graph (every quantizer a ``FixedQuantizer``) is described by an :class:`IntegerProgram`: a list of
+nodes in topological order, each with an op name, its inputs, JSON-able attributes and integer/scale tensors.
+It is what ``CompiledModel.save`` writes (``program.json`` + ``program.pt``) and what targets lower.
+This module is the one definition of its semantics. Values are either *integer* (an int64 tensor ``q`` with a
+float64 scale broadcastable to it, meaning ``q * scale``) or *float* (fp32).
+
+``quantize`` (an activation quantizer, ``bits``, ``signed``, scale ``s_out``)
+    ``q = clamp(round_half_even(y), qmin, qmax)`` stored in int8/uint8 (any b <= 8), where ``y`` is the input
+    expressed in units of ``s_out``, computed in fp32 as follows (the *requantisation region*):
+    * integer input ``(q_in, s_in)``: ``y = fp32(q_in) * M`` with the per-channel multiplier
+      ``M = fp32(float64(s_in) / float64(s_out))``;
+    * ``add(a, b)``: ``y = y(a) + y(b)``; ``relu``: ``max(y, 0)``; ``clamp(lo, hi)``:
+      ``min(max(y, fp32(lo / s_out)), fp32(hi / s_out))``; ``max_pool2d`` and ``flatten`` apply to ``y``;
+    * any other float input ``x``: ``y = x * fp32(1 / s_out)``.
+``conv1d`` / ``conv2d`` / ``linear``
+    input: an 8-bit-storage integer from a ``quantize`` node with a per-tensor scale ``s_a``; weight ``w`` integer in
+    its b-bit signed range with per-output-channel scale ``s_w``; bias ``round_half_even(b / (s_a * s_w))`` in
+    int32. Output: the exact int32 accumulator ``acc = sum(q_a * w) + bias`` with scale ``s_a * s_w[c]``.
+``relu``, ``max_pool2d``, ``flatten`` on an integer value stay integer (exact); ``global_avg_pool`` and
+    ``avg_pool2d`` without padding become the integer *sum* with scale ``s / window``.
+``add``, ``clamp``, ``cat`` and the rest on integers dequantize: ``fp32(q) * fp32(s)``, then fp32 arithmetic.
+``output`` dequantizes the same way.
+
+Targets must reproduce this bit for bit; the fake-quant graph agrees with it up to fp32 rounding (a 1-LSB flip
+at a rounding tie, and the bias rounded here but not there).
+"""
+from __future__ import annotations
+
+import json
+import operator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.fx import GraphModule, Node
+
+from mpqc.errors import CheckpointError, MpqcError, UnsupportedOpError
+from mpqc.qmodules import QuantConv1d, QuantConv2d, QuantLinear
+from mpqc.quantizers.base import FixedQuantizer, integer_range
+
+PROGRAM_FORMAT = "mpqc-integer-program/1"
+
+
+@dataclass
+class IntNode:
+    """One step of an integer program."""
+
+    name: str
+    op: str
+    inputs: list[str]
+    attrs: dict[str, Any] = field(default_factory=dict)
+    tensors: dict[str, Tensor] = field(default_factory=dict)
+
+
+@dataclass
+class _Int:
+    q: Tensor  # int64
+    scale: Tensor  # float64, broadcastable to q
+
+
+class IntegerProgram:
+    """A frozen model in the integer contract; ``run`` is the reference implementation."""
+
+    def __init__(self, nodes: list[IntNode], outputs: list[str]) -> None:
+        self.nodes = nodes
+        self.outputs = outputs
+        self._by_name = {node.name: node for node in nodes}
+
+    # ----------------------------------------------------------------------------------------- building
+    @classmethod
+    def from_graph(cls, gm: GraphModule) -> "IntegerProgram":
+        """Describe a frozen graph; raises one :class:`UnsupportedOpError` listing every node it cannot express."""
+        nodes: list[IntNode] = []
+        unsupported: list[str] = []
+        outputs: list[str] = []
+        for node in gm.graph.nodes:
+            if node.op == "output":
+                flat = node.args[0] if isinstance(node.args[0], (tuple, list)) else (node.args[0],)
+                outputs = [arg.name for arg in flat]
+                continue
+            try:
+                nodes.append(_describe(gm, node))
+            except _Unsupported as reason:
+                unsupported.append(f"{node.format_node()}  ({reason})")
+        if unsupported:
+            raise UnsupportedOpError(
+                f"the integer reference cannot express {len(unsupported)} node(s):\n  " + "\n  ".join(unsupported)
+            )
+        program = cls(nodes, outputs)
+        program._check_layer_inputs()
+        return program
+
+    def _check_layer_inputs(self) -> None:
+        for node in self.nodes:
+            if node.op in LAYER_OPS and self._by_name[node.inputs[0]].op != "quantize":
+                raise MpqcError(f"layer {node.name!r} reads {node.inputs[0]!r}, which is not quantized")
+
+    # ----------------------------------------------------------------------------------------- running
+    @torch.no_grad()
+    def run(self, *inputs: Tensor) -> Tensor | tuple[Tensor, ...]:
+        placeholders = [node for node in self.nodes if node.op == "input"]
+        if len(inputs) != len(placeholders):
+            raise MpqcError(f"the program takes {len(placeholders)} input(s), got {len(inputs)}")
+        env: dict[str, Tensor | _Int] = {node.name: x.float() for node, x in zip(placeholders, inputs)}
+        for node in self.nodes:
+            if node.op != "input":
+                env[node.name] = _EVAL[node.op](self, node, env)
+        results = tuple(_dequantize(env[name]) for name in self.outputs)
+        return results[0] if len(results) == 1 else results
+
+    def quantize_input(self, node: IntNode, env: dict) -> _Int:
+        s_out = float(node.attrs["scale"])
+        y = self._scaled(node.inputs[0], s_out, env)
+        qmin, qmax = integer_range(node.attrs["bits"], node.attrs["signed"])
+        q = torch.clamp(torch.round(y), qmin, qmax).to(torch.int64)
+        return _Int(q, torch.tensor(s_out, dtype=torch.float64))
+
+    def _scaled(self, name: str, s_out: float, env: dict) -> Tensor:
+        """The value of ``name`` in units of ``s_out``, in fp32 (the requantisation region of the contract)."""
+        value, node = env[name], self._by_name[name]
+        if isinstance(value, _Int):
+            multiplier = (value.scale / s_out).to(torch.float32)
+            return value.q.to(torch.float32) * multiplier
+        if node.op == "add":
+            return self._scaled(node.inputs[0], s_out, env) + self._scaled(node.inputs[1], s_out, env)
+        if node.op == "relu":
+            return torch.relu(self._scaled(node.inputs[0], s_out, env))
+        if node.op == "clamp":
+            low = torch.tensor(node.attrs["min"] / s_out, dtype=torch.float32)
+            high = torch.tensor(node.attrs["max"] / s_out, dtype=torch.float32)
+            return torch.minimum(torch.maximum(self._scaled(node.inputs[0], s_out, env), low), high)
+        if node.op == "max_pool2d":
+            return _max_pool(self._scaled(node.inputs[0], s_out, env), node.attrs)
+        if node.op == "flatten":
+            return torch.flatten(self._scaled(node.inputs[0], s_out, env), node.attrs["start_dim"])
+        return value * torch.tensor(1.0 / s_out, dtype=torch.float32)
+
+    # ----------------------------------------------------------------------------------------- facts
+    def layers(self) -> list[IntNode]:
+        return [node for node in self.nodes if node.op in LAYER_OPS]
+
+    def layer_bits(self) -> dict[str, tuple[int, int]]:
+        """Per layer (module name): (weight bits, input activation bits)."""
+        return {
+            node.attrs["module"]: (node.attrs["weight_bits"], self._by_name[node.inputs[0]].attrs["bits"])
+            for node in self.layers()
+        }
+
+    # ----------------------------------------------------------------------------------------- files
+    def save(self, directory: str | Path) -> None:
+        """Write ``program.json`` (structure) and ``program.pt`` (tensors, loadable with weights_only=True)."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        structure = {
+            "format": PROGRAM_FORMAT,
+            "outputs": self.outputs,
+            "nodes": [{"name": n.name, "op": n.op, "inputs": n.inputs, "attrs": n.attrs} for n in self.nodes],
+        }
+        tensors = {f"{n.name}.{key}": t for n in self.nodes for key, t in n.tensors.items()}
+        from mpqc.checkpoint import atomic_write_bytes, atomic_torch_save
+
+        atomic_write_bytes(directory / "program.json", json.dumps(structure, indent=1).encode())
+        atomic_torch_save(tensors, directory / "program.pt")
+
+    @classmethod
+    def load(cls, directory: str | Path) -> "IntegerProgram":
+        directory = Path(directory)
+        try:
+            structure = json.loads((directory / "program.json").read_text())
+            tensors = torch.load(directory / "program.pt", weights_only=True)
+        except (OSError, ValueError, RuntimeError) as error:
+            raise CheckpointError(f"cannot read the integer program in {directory}: {error}") from error
+        if structure.get("format") != PROGRAM_FORMAT:
+            raise CheckpointError(f"{directory / 'program.json'} is not a {PROGRAM_FORMAT} file")
+        nodes = []
+        for entry in structure["nodes"]:
+            prefix = entry["name"] + "."
+            own = {key[len(prefix):]: t for key, t in tensors.items() if key.startswith(prefix)}
+            nodes.append(IntNode(entry["name"], entry["op"], entry["inputs"], entry["attrs"], own))
+        return cls(nodes, structure["outputs"])
+
+
+LAYER_OPS = ("conv1d", "conv2d", "linear")
+
+
+# --------------------------------------------------------------------------------------------- describing
+class _Unsupported(Exception):
+    pass
+
+
+_RELU = (F.relu, torch.relu)
+
+
+def _describe(gm: GraphModule, node: Node) -> IntNode:
+    def inputs() -> list[str]:
+        names = [arg.name for arg in node.all_input_nodes]
+        return names
+
+    if node.op == "placeholder":
+        return IntNode(node.name, "input", [])
+    if node.op == "get_attr":
+        raise _Unsupported("constant tensors are not supported")
+    if node.op == "call_module":
+        module = gm.get_submodule(node.target)
+        if isinstance(module, FixedQuantizer):
+            frozen = module.frozen()
+            return IntNode(node.name, "quantize", inputs(), {
+                "bits": frozen.bits, "signed": frozen.signed, "scale": float(frozen.scale.reshape(-1)[0]),
+                "module": node.target,
+            })
+        if isinstance(module, (QuantConv1d, QuantConv2d, QuantLinear)):
+            return _describe_layer(gm, node, module)
+        if isinstance(module, nn.ReLU):
+            return IntNode(node.name, "relu", inputs())
+        if isinstance(module, (nn.ReLU6, nn.Hardtanh)):
+            low, high = (0.0, 6.0) if isinstance(module, nn.ReLU6) else (module.min_val, module.max_val)
+            return IntNode(node.name, "clamp", inputs(), {"min": float(low), "max": float(high)})
+        if isinstance(module, nn.MaxPool2d):
+            return IntNode(node.name, "max_pool2d", inputs(), _pool_attrs(module.kernel_size, module.stride,
+                                                                        module.padding, module.dilation,
+                                                                        module.ceil_mode))
+        if isinstance(module, nn.AdaptiveAvgPool2d):
+            if _pair(module.output_size) != (1, 1):
+                raise _Unsupported("adaptive average pooling to a size other than 1x1")
+            return IntNode(node.name, "global_avg_pool", inputs())
+        if isinstance(module, nn.AvgPool2d):
+            attrs = _pool_attrs(module.kernel_size, module.stride, module.padding, 1, module.ceil_mode)
+            if attrs["padding"] != [0, 0] or module.ceil_mode or module.divisor_override:
+                raise _Unsupported("average pooling with padding, ceil_mode or divisor_override")
+            return IntNode(node.name, "avg_pool2d", inputs(), attrs)
+        if isinstance(module, nn.Flatten):
+            if module.end_dim != -1:
+                raise _Unsupported("flatten with end_dim != -1")
+            return IntNode(node.name, "flatten", inputs(), {"start_dim": module.start_dim})
+        if isinstance(module, (nn.Dropout, nn.Identity)):
+            return IntNode(node.name, "identity", inputs())
+        if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Linear)):
+            raise _Unsupported("layer was not quantized")
+        raise _Unsupported(f"module type {type(module).__name__}")
+    if node.op == "call_function":
+        if node.target in _RELU:
+            return IntNode(node.name, "relu", inputs())
+        if node.target in (operator.add, torch.add) and len(node.args) == 2 and all(
+            isinstance(a, Node) for a in node.args
+        ) and not node.kwargs:
+            return IntNode(node.name, "add", inputs())
+        if node.target is torch.flatten:
+            start = node.args[1] if len(node.args) > 1 else node.kwargs.get("start_dim", 0)
+            end = node.args[2] if len(node.args) > 2 else node.kwargs.get("end_dim", -1)
+            if end != -1:
+                raise _Unsupported("flatten with end_dim != -1")
+            return IntNode(node.name, "flatten", inputs(), {"start_dim": start})
+        if node.target is F.adaptive_avg_pool2d and _pair(node.args[1]) == (1, 1):
+            return IntNode(node.name, "global_avg_pool", inputs())
+        if node.target is torch.cat and isinstance(node.args[0], (list, tuple)):
+            dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+            return IntNode(node.name, "cat", [a.name for a in node.args[0]], {"dim": dim})
+        raise _Unsupported(f"function {getattr(node.target, '__name__', node.target)}")
+    if node.op == "call_method":
+        if node.target == "relu":
+            return IntNode(node.name, "relu", inputs())
+        if node.target in ("view", "reshape", "flatten") and _is_batch_flatten(node):
+            return IntNode(node.name, "flatten", inputs()[:1], {"start_dim": 1})
+        raise _Unsupported(f"method .{node.target}()")
+    raise _Unsupported(f"node kind {node.op}")
+
+
+def _describe_layer(gm: GraphModule, node: Node, module: nn.Module) -> IntNode:
+    source = node.args[0]
+    quantizer = gm.get_submodule(source.target) if source.op == "call_module" else None
+    if not isinstance(quantizer, FixedQuantizer) or not isinstance(module.weight_quantizer, FixedQuantizer):
+        raise _Unsupported("layer is not frozen: freeze the graph before building the integer program")
+    if getattr(module, "padding_mode", "zeros") != "zeros":
+        raise _Unsupported(f"padding_mode={module.padding_mode!r}")
+    weight_q = module.weight_quantizer.frozen()
+    input_scale = float(quantizer.frozen().scale.reshape(-1)[0])
+    weight_int = weight_q.quantize(module.weight.detach())
+    weight_scale = weight_q.scale.reshape(-1).to(torch.float32)
+    if weight_scale.numel() == 1:
+        weight_scale = weight_scale.expand(weight_int.shape[0]).clone()
+    acc_scale = input_scale * weight_scale.double()
+    bias = module.bias.detach().double() if module.bias is not None else torch.zeros(weight_int.shape[0], dtype=torch.float64)
+    bias_int = torch.round(bias / acc_scale).to(torch.int32)
+    storage = torch.int8 if weight_q.bits <= 8 else torch.int16
+    attrs: dict[str, Any] = {"module": node.target, "weight_bits": weight_q.bits}
+    if isinstance(module, QuantLinear):
+        op = "linear"
+    else:
+        op = "conv2d" if isinstance(module, QuantConv2d) else "conv1d"
+        if isinstance(module.padding, str):
+            raise _Unsupported(f"string padding {module.padding!r}")
+        attrs.update(stride=list(module.stride), padding=list(module.padding), dilation=list(module.dilation),
+                     groups=module.groups)
+    return IntNode(node.name, op, [source.name], attrs, {
+        "weight": weight_int.to(storage), "weight_scale": weight_scale, "bias": bias_int,
+    })
+
+
+def _pair(value) -> tuple:
+    return tuple(value) if isinstance(value, (tuple, list)) else (value, value)
+
+
+def _pool_attrs(kernel, stride, padding, dilation, ceil_mode) -> dict:
+    return {"kernel": list(_pair(kernel)), "stride": list(_pair(stride if stride is not None else kernel)),
+            "padding": list(_pair(padding)), "dilation": list(_pair(dilation)), "ceil_mode": bool(ceil_mode)}
+
+
+def _is_batch_flatten(node: Node) -> bool:
+    """``x.view(x.size(0), -1)``, ``x.reshape(x.shape[0], -1)`` or ``x.flatten(1)``."""
+    if node.target == "flatten":
+        return tuple(node.args[1:]) in ((1,), (1, -1)) or node.kwargs.get("start_dim") == 1
+    shape = node.args[1:]
+    if len(shape) == 1 and isinstance(shape[0], (tuple, list)):
+        shape = tuple(shape[0])
+    return len(shape) == 2 and shape[1] == -1 and isinstance(shape[0], Node)
+
+
+# --------------------------------------------------------------------------------------------- evaluating
+def _dequantize(value: Tensor | _Int) -> Tensor:
+    if isinstance(value, _Int):
+        return value.q.to(torch.float32) * value.scale.to(torch.float32)
+    return value
+
+
+def _channel_scale(scale: Tensor, ndim: int) -> Tensor:
+    return scale.reshape([1, -1] + [1] * (ndim - 2))
+
+
+def _eval_layer(program: IntegerProgram, node: IntNode, env: dict) -> _Int:
+    x: _Int = env[node.inputs[0]]
+    q = x.q.to(torch.float64)
+    w = node.tensors["weight"].to(torch.float64)
+    a = node.attrs
+    if node.op == "linear":
+        acc = F.linear(q, w)
+    elif node.op == "conv2d":
+        acc = F.conv2d(q, w, None, a["stride"], a["padding"], a["dilation"], a["groups"])
+    else:
+        acc = F.conv1d(q, w, None, a["stride"], a["padding"], a["dilation"], a["groups"])
+    acc = torch.round(acc).to(torch.int64) + _channel_scale(node.tensors["bias"].to(torch.int64), acc.dim())
+    scale = x.scale * node.tensors["weight_scale"].to(torch.float64)
+    return _Int(acc, _channel_scale(scale, acc.dim()))
+
+
+def _max_pool(x: Tensor, a: dict) -> Tensor:
+    return F.max_pool2d(x, a["kernel"], a["stride"], a["padding"], a["dilation"], a["ceil_mode"])
+
+
+def _eval_max_pool(program, node, env):
+    x = env[node.inputs[0]]
+    if isinstance(x, _Int):
+        return _Int(torch.round(_max_pool(x.q.to(torch.float64), node.attrs)).to(torch.int64), x.scale)
+    return _max_pool(x, node.attrs)
+
+
+def _eval_relu(program, node, env):
+    x = env[node.inputs[0]]
+    return _Int(x.q.clamp_min(0), x.scale) if isinstance(x, _Int) else torch.relu(x)
+
+
+def _eval_flatten(program, node, env):
+    x, start = env[node.inputs[0]], node.attrs["start_dim"]
+    if isinstance(x, _Int):
+        scale = x.scale.expand(1, *x.q.shape[1:]) if x.scale.dim() == x.q.dim() else x.scale
+        return _Int(torch.flatten(x.q, start), torch.flatten(scale, start) if scale.dim() else scale)
+    return torch.flatten(x, start)
+
+
+def _eval_global_avg_pool(program, node, env):
+    x = env[node.inputs[0]]
+    if isinstance(x, _Int):
+        window = x.q.shape[-1] * x.q.shape[-2]
+        return _Int(x.q.sum(dim=(-2, -1), keepdim=True), x.scale / window)
+    return F.adaptive_avg_pool2d(x, 1)
+
+
+def _eval_avg_pool(program, node, env):
+    x, a = env[node.inputs[0]], node.attrs
+    if isinstance(x, _Int):
+        window = a["kernel"][0] * a["kernel"][1]
+        summed = F.avg_pool2d(x.q.to(torch.float64), a["kernel"], a["stride"]) * window
+        return _Int(torch.round(summed).to(torch.int64), x.scale / window)
+    return F.avg_pool2d(x, a["kernel"], a["stride"])
+
+
+def _eval_clamp(program, node, env):
+    return torch.clamp(_dequantize(env[node.inputs[0]]), node.attrs["min"], node.attrs["max"])
+
+
+_EVAL = {
+    "quantize": lambda program, node, env: program.quantize_input(node, env),
+    "conv1d": _eval_layer,
+    "conv2d": _eval_layer,
+    "linear": _eval_layer,
+    "relu": _eval_relu,
+    "clamp": _eval_clamp,
+    "max_pool2d": _eval_max_pool,
+    "global_avg_pool": _eval_global_avg_pool,
+    "avg_pool2d": _eval_avg_pool,
+    "flatten": _eval_flatten,
+    "identity": lambda program, node, env: env[node.inputs[0]],
+    "add": lambda program, node, env: _dequantize(env[node.inputs[0]]) + _dequantize(env[node.inputs[1]]),
+    "cat": lambda program, node, env: torch.cat([_dequantize(env[n]) for n in node.inputs], node.attrs["dim"]),
+}

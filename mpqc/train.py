@@ -1,0 +1,229 @@
+"""The one training loop, used by the bit-width search and by fine-tuning, checkpointed and exactly resumable.
+
+Loss = cross-entropy (optionally mixed with knowledge distillation from the fp32 teacher)
+       + ``penalty_weight`` * budget penalty (search only) + every quantizer's ``extra_loss()``.
+Weights train with SGD (momentum 0.9, cosine schedule), quantizer parameters with Adam.
+
+Exact resume: each epoch starts from ``torch.manual_seed(seed + epoch)`` (and re-seeds the train loader's own
+generator, if it has one), so an epoch's batch order is a function of the seed and the epoch alone. A checkpoint
+stores the model, both optimizers, the scheduler, the position (epoch, step) and the torch RNG state; resuming
+replays the epoch's data order, skips the batches already seen, restores the RNG and goes on. With deterministic
+CPU kernels the resumed run equals an uninterrupted one bit for bit.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from mpqc.budgets import Budget, LayerBits
+from mpqc.checkpoint import load_checkpoint, save_checkpoint
+from mpqc.config import TrainConfig
+from mpqc.errors import CheckpointError, DataError, TrainingDivergedError
+from mpqc.layers import LayerInfo
+from mpqc.quantizers.base import Quantizer
+
+
+@dataclass(frozen=True)
+class BudgetTerm:
+    """What the search adds to the loss: ``budget.penalty(layers, bits())``."""
+
+    budget: Budget
+    layers: Sequence[LayerInfo]
+    bits: Callable[[], Mapping[str, LayerBits]]
+
+    def cost(self) -> Tensor:
+        return self.budget.cost(self.layers, self.bits())
+
+    def penalty(self) -> Tensor:
+        return self.budget.penalty(self.layers, self.bits())
+
+
+def train_phase(
+    model: nn.Module,
+    train_loader: DataLoader,
+    config: TrainConfig,
+    *,
+    phase: str,
+    checkpoint: Path | None,
+    seed: int,
+    budget: BudgetTerm | None = None,
+    teacher: nn.Module | None = None,
+    progress: bool = True,
+    stop_after_steps: int | None = None,
+) -> dict[str, float]:
+    """Train ``model`` in place for ``config.epochs``; resume from ``checkpoint`` if it holds one of this phase.
+
+    Returns the last step's metrics. ``stop_after_steps`` ends the call early after that many *new* steps
+    (a checkpoint is written first): tests use it to simulate an interruption.
+    """
+    if len(train_loader) == 0:
+        raise DataError(f"{phase}: the train loader is empty")
+    steps_per_epoch = min(len(train_loader), config.max_steps_per_epoch or len(train_loader))
+    total_steps = steps_per_epoch * config.epochs
+    quantizer_params = [p for m in model.modules() if isinstance(m, Quantizer) for p in m.parameters(recurse=False)]
+    quantizer_ids = {id(p) for p in quantizer_params}
+    weight_params = [p for p in model.parameters() if id(p) not in quantizer_ids]
+    weight_opt = torch.optim.SGD(weight_params, lr=config.lr, momentum=0.9, weight_decay=config.weight_decay)
+    quant_opt = torch.optim.Adam(quantizer_params, lr=config.quantizer_lr) if quantizer_params else None
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(weight_opt, T_max=max(total_steps, 1))
+
+    epoch, step_in_epoch, rng_state = 0, 0, None
+    state = load_checkpoint(checkpoint) if checkpoint is not None else None
+    if state is not None:
+        if state.get("phase") != phase:
+            raise CheckpointError(f"checkpoint {checkpoint} belongs to phase {state.get('phase')!r}, not {phase!r}")
+        model.load_state_dict(state["model"])
+        weight_opt.load_state_dict(state["weight_optimizer"])
+        if quant_opt is not None:
+            quant_opt.load_state_dict(state["quantizer_optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        epoch, step_in_epoch = state["epoch"], state["step_in_epoch"]
+        # At an epoch boundary the RNG is fully determined by the epoch seed; mid-epoch it is restored.
+        rng_state = state["rng"] if step_in_epoch > 0 else None
+        metrics = dict(state["metrics"])
+    else:
+        metrics = {}
+
+    def save(epoch_: int, step_: int) -> None:
+        if checkpoint is None:
+            return
+        save_checkpoint({
+            "phase": phase, "model": model.state_dict(), "weight_optimizer": weight_opt.state_dict(),
+            "quantizer_optimizer": quant_opt.state_dict() if quant_opt is not None else {},
+            "scheduler": scheduler.state_dict(), "epoch": epoch_, "step_in_epoch": step_,
+            "rng": torch.get_rng_state(), "metrics": metrics,
+        }, checkpoint)
+
+    new_steps = 0
+    bar = tqdm(total=total_steps, initial=epoch * steps_per_epoch + step_in_epoch, desc=phase, disable=not progress,
+               dynamic_ncols=True)
+    try:
+        while epoch < config.epochs:
+            model.train()
+            batches = epoch_batches(train_loader, seed + epoch)
+            for _ in range(step_in_epoch):
+                next(batches)
+            if rng_state is not None:
+                torch.set_rng_state(rng_state)
+                rng_state = None
+            while step_in_epoch < steps_per_epoch:
+                images, labels = next(batches)
+                metrics = _step(model, images, labels, config, budget, teacher, weight_opt, quant_opt)
+                if not math.isfinite(metrics["loss"]):
+                    raise TrainingDivergedError(
+                        f"{phase}: the loss became {metrics['loss']} at epoch {epoch + 1}, step {step_in_epoch + 1}; "
+                        f"the last good checkpoint ({checkpoint}) is kept. Lower the learning rates."
+                    )
+                scheduler.step()
+                step_in_epoch += 1
+                new_steps += 1
+                bar.update(1)
+                bar.set_postfix(_postfix(metrics, budget), refresh=False)
+                if step_in_epoch % config.checkpoint_every == 0 and step_in_epoch < steps_per_epoch:
+                    save(epoch, step_in_epoch)
+                if stop_after_steps is not None and new_steps >= stop_after_steps:
+                    save(epoch, step_in_epoch)
+                    return metrics
+            epoch, step_in_epoch = epoch + 1, 0
+            save(epoch, 0)
+    finally:
+        bar.close()
+    return metrics
+
+
+def epoch_batches(loader: DataLoader, epoch_seed: int):
+    """An iterator over ``loader`` whose order depends on ``epoch_seed`` alone (re-seeds torch and the loader)."""
+    torch.manual_seed(epoch_seed)
+    generator = getattr(loader, "generator", None)
+    if generator is not None:
+        generator.manual_seed(epoch_seed)
+    return iter(loader)
+
+
+def _step(model, images, labels, config: TrainConfig, budget, teacher, weight_opt, quant_opt) -> dict[str, float]:
+    logits = model(images)
+    task_loss = F.cross_entropy(logits, labels)
+    loss = task_loss
+    if teacher is not None and config.distill:
+        with torch.no_grad():
+            teacher_logits = teacher(images)
+        t = config.distill_temperature
+        distill = F.kl_div(F.log_softmax(logits / t, 1), F.softmax(teacher_logits / t, 1), reduction="batchmean") * t * t
+        loss = (1 - config.distill_weight) * task_loss + config.distill_weight * distill
+    for module in model.modules():
+        if isinstance(module, Quantizer):
+            extra = module.extra_loss()
+            if extra is not None:
+                loss = loss + extra
+    metrics = {"task_loss": task_loss.item(), "accuracy": float((logits.argmax(1) == labels).float().mean() * 100)}
+    if budget is not None and config.penalty_weight > 0:
+        penalty = budget.penalty()
+        loss = loss + config.penalty_weight * penalty
+        metrics["penalty"] = penalty.item()
+    metrics["loss"] = loss.item()
+    if not math.isfinite(metrics["loss"]):
+        return metrics
+    weight_opt.zero_grad(set_to_none=True)
+    if quant_opt is not None:
+        quant_opt.zero_grad(set_to_none=True)
+    loss.backward()
+    weight_opt.step()
+    if quant_opt is not None:
+        quant_opt.step()
+        for module in model.modules():
+            if isinstance(module, Quantizer):
+                module.project_()
+    if budget is not None:
+        with torch.no_grad():
+            metrics["cost"] = float(budget.cost())
+    return metrics
+
+
+def _postfix(metrics: dict[str, float], budget: BudgetTerm | None) -> dict[str, str]:
+    shown = {"loss": f"{metrics['loss']:.3f}", "acc": f"{metrics['accuracy']:.1f}%"}
+    if budget is not None and "cost" in metrics:
+        shown["cost"] = f"{budget.budget.format(metrics['cost'])} / {budget.budget.format(budget.budget.limit)}"
+    return shown
+
+
+@torch.no_grad()
+def evaluate(model: Callable[[Tensor], Tensor], loader: DataLoader) -> float:
+    """Top-1 accuracy in percent of ``model`` (a module or any callable, e.g. an integer program's ``run``)."""
+    if isinstance(model, nn.Module):
+        was_training = model.training
+        model.eval()
+    correct = seen = 0
+    for images, labels in loader:
+        correct += int((model(images).argmax(1) == labels).sum())
+        seen += len(labels)
+    if isinstance(model, nn.Module) and was_training:
+        model.train()
+    if seen == 0:
+        raise DataError("the validation loader is empty")
+    return 100.0 * correct / seen
+
+
+def finetune(
+    model: nn.Module,
+    train_loader: DataLoader,
+    config: TrainConfig,
+    *,
+    checkpoint: Path | None = None,
+    seed: int = 0,
+    teacher: nn.Module | None = None,
+    progress: bool = True,
+    stop_after_steps: int | None = None,
+) -> dict[str, float]:
+    """Fine-tune a frozen-precision model (weights and quantizer scales), with KD from ``teacher`` if configured."""
+    return train_phase(
+        model, train_loader, config, phase="finetune", checkpoint=checkpoint, seed=seed, teacher=teacher,
+        progress=progress, stop_after_steps=stop_after_steps,
+    )

@@ -1,0 +1,111 @@
+"""Freeze the searched bit-widths to integers that meet the budget.
+
+Matches:    every learnable-bit quantizer of a graph that went through ``insert_quantizers``.
+Rewrites to: a ``FixedQuantizer`` at an integer bit-width (the method's ``to_fixed``: same dynamic range, the
+            step size of that bit-width). Already-fixed quantizers are left as they are.
+Requires:   the budget was found feasible (``Budget.check_feasible``).
+Ensures:    the budget's cost at the integer bit-widths is within the limit, or :class:`InfeasibleBudgetError`.
+
+Bit-widths are first rounded to the nearest integer inside each quantizer's bit range. If that integer
+assignment exceeds the budget, bits are lowered one at a time where it costs least: each candidate step
+(one quantizer, one bit down) is scored by the extra quantization noise it adds per unit of cost it saves, with
+the uniform-noise model (noise of a b-bit tensor of n elements ~ n * 4**-b), until the assignment fits.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+from torch.fx import GraphModule
+
+from mpqc.budgets import Budget, LayerBits
+from mpqc.errors import InfeasibleBudgetError
+from mpqc.layers import LayerInfo
+from mpqc.passes.insert_quantizers import QuantizedLayer, replace_submodule, quantized_layers
+from mpqc.quantizers import Quantizer
+
+
+def integer_bits(gm: GraphModule, budget: Budget) -> dict[str, int]:
+    """Integer bit-width per quantizer (qualified module name) that meets ``budget``; the graph is unchanged."""
+    layers = quantized_layers(gm)
+    quantizers = _quantizers(layers)
+    bits = {name: _rounded(q) for name, q in quantizers.items()}
+    elements = _elements(layers)
+    infos = [layer.info for layer in layers]
+
+    def cost(assignment: dict[str, int]) -> float:
+        return float(budget.cost(infos, _layer_bits(layers, assignment)))
+
+    current = cost(bits)
+    while not budget.met(current):
+        best, best_score, best_cost = None, math.inf, current
+        for name, q in quantizers.items():
+            if not q.learnable_bits or bits[name] <= q.bit_range.min_bits:
+                continue
+            trial = dict(bits, **{name: bits[name] - 1})
+            saving = current - cost(trial)
+            if saving <= 0:
+                continue
+            extra_noise = elements[name] * (4.0 ** -(bits[name] - 1) - 4.0 ** -bits[name])
+            score = extra_noise / saving
+            if score < best_score:
+                best, best_score, best_cost = name, score, current - saving
+        if best is None:
+            raise InfeasibleBudgetError(
+                f"{budget.kind} budget {budget.format(budget.limit)} cannot be met with integer bit-widths: "
+                f"the smallest reachable is {budget.format(current)}"
+            )
+        bits[best] -= 1
+        current = best_cost
+    return bits
+
+
+def freeze(gm: GraphModule, budget: Budget) -> GraphModule:
+    """Replace every learnable quantizer by a fixed-bit one at the bit-widths of :func:`integer_bits`."""
+    bits = integer_bits(gm, budget)
+    for layer in quantized_layers(gm):
+        if layer.weight_quantizer.learnable_bits:
+            name = _weight_key(layer)
+            layer.module.weight_quantizer = layer.weight_quantizer.to_fixed(bits[name], layer.module.weight)
+        if layer.input_quantizer.learnable_bits:
+            replace_submodule(gm, layer.input_quantizer_name, layer.input_quantizer.to_fixed(bits[layer.input_quantizer_name]))
+    gm.recompile()
+    return gm
+
+
+def _weight_key(layer: QuantizedLayer) -> str:
+    return f"{layer.name}.weight_quantizer"
+
+
+def _quantizers(layers: Sequence[QuantizedLayer]) -> dict[str, Quantizer]:
+    result: dict[str, Quantizer] = {}
+    for layer in layers:
+        result[_weight_key(layer)] = layer.weight_quantizer
+        result[layer.input_quantizer_name] = layer.input_quantizer
+    return result
+
+
+def _rounded(q: Quantizer) -> int:
+    if not q.learnable_bits:
+        return q.fixed_bits
+    value = int(torch.round(q.bits().detach()).item())
+    return min(max(value, q.bit_range.min_bits), q.bit_range.max_bits)
+
+
+def _elements(layers: Sequence[QuantizedLayer]) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for layer in layers:
+        counts[_weight_key(layer)] = layer.info.params
+        counts[layer.input_quantizer_name] = counts.get(layer.input_quantizer_name, 0) + layer.info.input_elements
+    return counts
+
+
+def _layer_bits(layers: Sequence[QuantizedLayer], bits: dict[str, int]) -> dict[str, LayerBits]:
+    return {
+        layer.name: LayerBits(
+            torch.tensor(float(bits[_weight_key(layer)])), torch.tensor(float(bits[layer.input_quantizer_name]))
+        )
+        for layer in layers
+    }

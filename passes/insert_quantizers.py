@@ -1,0 +1,207 @@
+"""Insert learnable-bit-width quantizers on every conv/linear weight and on every conv/linear input tensor.
+
+Matches:    every ``call_module`` node whose module is exactly nn.Conv1d / nn.Conv2d / nn.Linear.
+Rewrites to:
+  * the layer module -> its quantized subclass (``mpqc.qmodules``) with a ``weight_quantizer`` submodule
+    (per-output-channel scales);
+  * the tensor feeding the layer -> ``act_quantizers.<layer>(tensor)``, a ``call_module`` node placed right after
+    the producer. *Every* user of that tensor (a residual add too) reads the quantized value, so the fake-quant
+    graph has exactly the integer semantics of ``mpqc.reference``. A tensor feeding several layers gets one
+    quantizer, named after the first of them (graph order).
+Requires:   ``analyze_layers`` has run (``node.meta[LAYER_META]``); batch norms folded.
+Ensures:    every quantized layer node has ``node.meta[INPUT_QUANTIZER_META]`` = the qualified name of its input
+            quantizer; activation quantizers are unsigned where the tensor is non-negative by construction
+            (ReLU-like producers, pools/reshapes of those) or, for graph inputs, on all calibration data;
+            quantizer ranges are initialised from calibration data (``calibration_inputs``).
+            With ``first_last="fixed"`` the first layer (weight and input) and the last layer (weight) are
+            ``FixedQuantizer``s at ``first_last_bits``.
+"""
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.fx import GraphModule, Interpreter, Node
+
+from mpqc.config import QuantizerConfig
+from mpqc.budgets import LayerBits
+from mpqc.errors import MpqcError
+from mpqc.layers import LAYER_META, LayerInfo
+from mpqc.passes.analyze_layers import layer_nodes
+from mpqc.qmodules import quantized_version
+from mpqc.quantizers import FixedQuantizer, QuantMethod, Quantizer
+from mpqc.quantizers.base import positive_levels
+
+#: ``node.meta[INPUT_QUANTIZER_META]`` on a quantized layer node: qualified name of its input's quantizer module.
+INPUT_QUANTIZER_META = "mpqc.input_quantizer"
+#: Root submodule (an ``nn.ModuleDict``) holding the activation quantizers.
+ACT_QUANTIZERS = "act_quantizers"
+
+_NONNEGATIVE_MODULES = (nn.ReLU, nn.ReLU6, nn.Sigmoid, nn.Hardsigmoid, nn.Softmax)
+_NONNEGATIVE_FUNCTIONS = {F.relu, torch.relu, F.relu6, torch.sigmoid, F.sigmoid, F.hardsigmoid, F.softmax}
+_SIGN_PRESERVING_MODULES = (
+    nn.MaxPool1d, nn.MaxPool2d, nn.AvgPool1d, nn.AvgPool2d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d,
+    nn.AdaptiveMaxPool2d, nn.Flatten, nn.Dropout, nn.Identity,
+)
+_SIGN_PRESERVING_FUNCTIONS = {
+    torch.flatten, F.max_pool2d, F.avg_pool2d, F.adaptive_avg_pool2d, F.adaptive_max_pool2d, F.dropout,
+    torch.cat,
+}
+_SIGN_PRESERVING_METHODS = {"view", "reshape", "flatten", "contiguous", "mean", "permute", "transpose"}
+
+
+@dataclass
+class QuantizedLayer:
+    """A quantized layer as the search, budgets and freezing see it."""
+
+    info: LayerInfo
+    module: nn.Module  # a mpqc.qmodules layer: .weight, .weight_quantizer
+    input_quantizer: Quantizer
+    input_quantizer_name: str
+
+    @property
+    def name(self) -> str:
+        return self.info.name
+
+    @property
+    def weight_quantizer(self) -> Quantizer:
+        return self.module.weight_quantizer
+
+
+def quantized_layers(gm: GraphModule) -> list[QuantizedLayer]:
+    """The quantized layers of a graph that went through :func:`insert_quantizers`, in graph order."""
+    result = []
+    for node in layer_nodes(gm):
+        if INPUT_QUANTIZER_META not in node.meta:
+            raise MpqcError(f"layer {node.target!r} has no input quantizer; run insert_quantizers first")
+        name = node.meta[INPUT_QUANTIZER_META]
+        result.append(QuantizedLayer(node.meta[LAYER_META], gm.get_submodule(node.target), gm.get_submodule(name), name))
+    return result
+
+
+def current_bits(layers: list[QuantizedLayer]) -> dict[str, LayerBits]:
+    """Each layer's (weight, input activation) bit-widths as differentiable tensors: what budgets read."""
+    return {layer.name: LayerBits(layer.weight_quantizer.bits(), layer.input_quantizer.bits()) for layer in layers}
+
+
+def smallest_bits(layers: list[QuantizedLayer]) -> dict[str, LayerBits]:
+    """The smallest bit-widths the search space allows: learnable quantizers at their minimum, fixed ones as fixed."""
+
+    def smallest(q: Quantizer) -> Tensor:
+        return torch.tensor(float(q.bit_range.min_bits if q.learnable_bits else q.fixed_bits))
+
+    return {layer.name: LayerBits(smallest(layer.weight_quantizer), smallest(layer.input_quantizer)) for layer in layers}
+
+
+def insert_quantizers(
+    gm: GraphModule, method: QuantMethod, config: QuantizerConfig, calibration_inputs: tuple
+) -> GraphModule:
+    layers = layer_nodes(gm)
+    if not layers:
+        raise MpqcError("the model has no conv1d/conv2d/linear layer to quantize")
+    inputs = {layer.args[0] for layer in layers}
+    stats = _calibrate(gm, inputs, calibration_inputs)
+    act_quantizers = nn.ModuleDict()
+    gm.add_submodule(ACT_QUANTIZERS, act_quantizers)
+    quantizer_of: dict[Node, str] = {}
+    first, last = layers[0], layers[-1]
+    fixed = config.first_last == "fixed"
+
+    for node in layers:
+        info: LayerInfo = node.meta[LAYER_META]
+        source = node.args[0]
+        if not isinstance(source, Node):
+            raise MpqcError(f"layer input is not a graph value: {node.format_node()}")
+        if source not in quantizer_of:
+            key = node.target.replace(".", "_")
+            low, high = stats[source]
+            signed = not (_nonnegative(gm, source) or (source.op == "placeholder" and low >= 0))
+            dynamic_range = max(high, -low if signed else 0.0, 1e-4)
+            if fixed and node is first:
+                bits = config.first_last_bits
+                scale = torch.tensor([dynamic_range / positive_levels(bits, signed)])
+                quantizer: Quantizer = FixedQuantizer(bits, signed, scale)
+            else:
+                quantizer = method.activation_quantizer(
+                    signed, dynamic_range, config.init_bits, config.activation_bits
+                )
+            act_quantizers[key] = quantizer
+            quantizer_of[source] = f"{ACT_QUANTIZERS}.{key}"
+            with gm.graph.inserting_after(source):
+                quantized = gm.graph.call_module(quantizer_of[source], (source,))
+            source.replace_all_uses_with(quantized, delete_user_cb=lambda user: user is not quantized)
+        node.meta[INPUT_QUANTIZER_META] = quantizer_of[source]
+
+        layer = gm.get_submodule(node.target)
+        if fixed and node in (first, last):
+            bits = config.first_last_bits
+            scale = layer.weight.detach().abs().reshape(info.out_channels, -1).amax(1) / positive_levels(bits, True)
+            weight_quantizer: Quantizer = FixedQuantizer(bits, True, scale, per_channel=True)
+        else:
+            weight_quantizer = method.weight_quantizer(layer.weight, config.init_bits, config.weight_bits)
+        replace_submodule(gm, node.target, quantized_version(layer, weight_quantizer))
+
+    gm.graph.lint()
+    gm.recompile()
+    return gm
+
+
+def replace_submodule(gm: GraphModule, target: str, module: nn.Module) -> None:
+    parent_name, _, child = target.rpartition(".")
+    setattr(gm.get_submodule(parent_name) if parent_name else gm, child, module)
+
+
+def _calibrate(gm: GraphModule, nodes: set[Node], inputs: tuple) -> dict[Node, tuple[float, float]]:
+    """(min, max) of each node's value over one forward pass of ``inputs``."""
+    stats: dict[Node, tuple[float, float]] = {}
+
+    class Recorder(Interpreter):
+        def run_node(self, n: Node):
+            value = super().run_node(n)
+            if n in nodes:
+                if not isinstance(value, Tensor):
+                    raise MpqcError(f"layer input is not a tensor: {n.format_node()}")
+                stats[n] = (float(value.min()), float(value.max()))
+            return value
+
+    with torch.no_grad():
+        Recorder(gm).run(*inputs)
+    return stats
+
+
+def _nonnegative(gm: GraphModule, node: Node) -> bool:
+    """Whether ``node``'s value is >= 0 for every input, by construction."""
+    if node.op == "call_module":
+        module = gm.get_submodule(node.target)
+        if isinstance(module, _NONNEGATIVE_MODULES):
+            return True
+        if isinstance(module, nn.Hardtanh):
+            return module.min_val >= 0
+        if isinstance(module, _SIGN_PRESERVING_MODULES):
+            return _all_inputs_nonnegative(gm, node)
+        return False
+    if node.op == "call_function":
+        if node.target in _NONNEGATIVE_FUNCTIONS:
+            return True
+        if node.target is F.hardtanh:
+            low = node.kwargs.get("min_val", node.args[1] if len(node.args) > 1 else -1.0)
+            return low >= 0
+        if node.target in _SIGN_PRESERVING_FUNCTIONS or node.target in (operator.getitem,):
+            return _all_inputs_nonnegative(gm, node)
+        if node.target in (operator.add, torch.add, operator.mul, torch.mul):
+            constants = [a for a in node.args if not isinstance(a, Node)]
+            return all(isinstance(c, (int, float)) and c >= 0 for c in constants) and _all_inputs_nonnegative(gm, node)
+        return False
+    if node.op == "call_method":
+        if node.target in ("relu", "sigmoid"):
+            return True
+        if node.target in _SIGN_PRESERVING_METHODS:
+            return _all_inputs_nonnegative(gm, node)
+    return False
+
+
+def _all_inputs_nonnegative(gm: GraphModule, node: Node) -> bool:
+    return bool(node.all_input_nodes) and all(_nonnegative(gm, arg) for arg in node.all_input_nodes)
