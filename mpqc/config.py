@@ -14,7 +14,8 @@ class QuantizerConfig:
     """Where quantizers go and what bit-widths they may take.
 
     ``first_last="learn"`` (default, as DQ: every layer's precision is learned) or ``"fixed"``: the first layer's
-    weight and input and the last layer's weight stay at ``first_last_bits``.
+    weight and input and the last layer's weight stay at ``first_last_bits``. ``residual_bits`` is the fixed
+    precision of residual-add results that are not a layer's input (e.g. before the final pooling).
     """
 
     weight_bits: BitRange = BitRange(2, 8)
@@ -22,6 +23,7 @@ class QuantizerConfig:
     init_bits: int = 8
     first_last: str = "learn"
     first_last_bits: int = 8
+    residual_bits: int = 8
 
     def __post_init__(self) -> None:
         if self.first_last not in FIRST_LAST_POLICIES:
@@ -31,6 +33,8 @@ class QuantizerConfig:
                 f"weight bits must be at least 2 (signed symmetric quantization), got min_bits="
                 f"{self.weight_bits.min_bits}"
             )
+        if not (2 <= self.residual_bits <= 16):
+            raise ConfigError(f"residual_bits must be in 2..16, got {self.residual_bits}")
         if not (2 <= self.first_last_bits <= 16):
             raise ConfigError(f"first_last_bits must be in 2..16, got {self.first_last_bits}")
         if not (1 <= self.init_bits <= 16):

@@ -2,13 +2,17 @@
 
 Each is a subclass of the float layer (so shape analysis and ``isinstance`` checks keep working) with one extra
 submodule, ``weight_quantizer``. The forward pass is the float layer's with the fake-quantized weight.
+
+After freezing, ``input_quantizer`` also references the (fixed) quantizer of the layer's input, the same module
+object as ``act_quantizers.<name>`` in the graph: the bias is then rounded to the accumulator's step
+``s_input * s_weight[c]``, exactly as the integer contract stores it (an int32 at that scale).
 """
 from __future__ import annotations
 
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mpqc.quantizers.base import Quantizer
+from mpqc.quantizers.base import FixedQuantizer, Quantizer, round_ste
 
 
 class _QuantWeightMixin:
@@ -28,20 +32,29 @@ class _QuantWeightMixin:
     def quantized_weight(self) -> Tensor:
         return self.weight_quantizer(self.weight)
 
+    def quantized_bias(self) -> Tensor | None:
+        input_quantizer = self._modules.get("input_quantizer")
+        if self.bias is None or not isinstance(input_quantizer, FixedQuantizer) or not isinstance(
+            self.weight_quantizer, FixedQuantizer
+        ):
+            return self.bias
+        step = input_quantizer.scale.abs() * self.weight_quantizer.scale.abs()
+        return round_ste(self.bias / step) * step
+
 
 class QuantConv1d(_QuantWeightMixin, nn.Conv1d):
     def forward(self, x: Tensor) -> Tensor:
-        return self._conv_forward(x, self.quantized_weight(), self.bias)
+        return self._conv_forward(x, self.quantized_weight(), self.quantized_bias())
 
 
 class QuantConv2d(_QuantWeightMixin, nn.Conv2d):
     def forward(self, x: Tensor) -> Tensor:
-        return self._conv_forward(x, self.quantized_weight(), self.bias)
+        return self._conv_forward(x, self.quantized_weight(), self.quantized_bias())
 
 
 class QuantLinear(_QuantWeightMixin, nn.Linear):
     def forward(self, x: Tensor) -> Tensor:
-        return F.linear(x, self.quantized_weight(), self.bias)
+        return F.linear(x, self.quantized_weight(), self.quantized_bias())
 
 
 QUANTIZED_LAYER_TYPES: dict[type[nn.Module], type[nn.Module]] = {

@@ -58,7 +58,9 @@ class IntNode:
 
 
 @dataclass
-class _Int:
+class IntValue:
+    """An integer value of the program: ``q * scale``."""
+
     q: Tensor  # int64
     scale: Tensor  # float64, broadcastable to q
 
@@ -103,27 +105,34 @@ class IntegerProgram:
     # ----------------------------------------------------------------------------------------- running
     @torch.no_grad()
     def run(self, *inputs: Tensor) -> Tensor | tuple[Tensor, ...]:
-        placeholders = [node for node in self.nodes if node.op == "input"]
-        if len(inputs) != len(placeholders):
-            raise MpqcError(f"the program takes {len(placeholders)} input(s), got {len(inputs)}")
-        env: dict[str, Tensor | _Int] = {node.name: x.float() for node, x in zip(placeholders, inputs)}
-        for node in self.nodes:
-            if node.op != "input":
-                env[node.name] = _EVAL[node.op](self, node, env)
+        """The program's outputs (fp32, dequantized) for ``inputs``."""
+        env = self.run_all(*inputs)
         results = tuple(_dequantize(env[name]) for name in self.outputs)
         return results[0] if len(results) == 1 else results
 
-    def quantize_input(self, node: IntNode, env: dict) -> _Int:
+    @torch.no_grad()
+    def run_all(self, *inputs: Tensor) -> dict[str, Tensor | IntValue]:
+        """Every node's value: ``IntValue(q, scale)`` for integer values, fp32 tensors otherwise."""
+        placeholders = [node for node in self.nodes if node.op == "input"]
+        if len(inputs) != len(placeholders):
+            raise MpqcError(f"the program takes {len(placeholders)} input(s), got {len(inputs)}")
+        env: dict[str, Tensor | IntValue] = {node.name: x.float() for node, x in zip(placeholders, inputs)}
+        for node in self.nodes:
+            if node.op != "input":
+                env[node.name] = _EVAL[node.op](self, node, env)
+        return env
+
+    def quantize_input(self, node: IntNode, env: dict) -> IntValue:
         s_out = float(node.attrs["scale"])
         y = self._scaled(node.inputs[0], s_out, env)
         qmin, qmax = integer_range(node.attrs["bits"], node.attrs["signed"])
         q = torch.clamp(torch.round(y), qmin, qmax).to(torch.int64)
-        return _Int(q, torch.tensor(s_out, dtype=torch.float64))
+        return IntValue(q, torch.tensor(s_out, dtype=torch.float64))
 
     def _scaled(self, name: str, s_out: float, env: dict) -> Tensor:
         """The value of ``name`` in units of ``s_out``, in fp32 (the requantisation region of the contract)."""
         value, node = env[name], self._by_name[name]
-        if isinstance(value, _Int):
+        if isinstance(value, IntValue):
             multiplier = (value.scale / s_out).to(torch.float32)
             return value.q.to(torch.float32) * multiplier
         if node.op == "add":
@@ -321,8 +330,8 @@ def _is_batch_flatten(node: Node) -> bool:
 
 
 # --------------------------------------------------------------------------------------------- evaluating
-def _dequantize(value: Tensor | _Int) -> Tensor:
-    if isinstance(value, _Int):
+def _dequantize(value: Tensor | IntValue) -> Tensor:
+    if isinstance(value, IntValue):
         return value.q.to(torch.float32) * value.scale.to(torch.float32)
     return value
 
@@ -331,8 +340,8 @@ def _channel_scale(scale: Tensor, ndim: int) -> Tensor:
     return scale.reshape([1, -1] + [1] * (ndim - 2))
 
 
-def _eval_layer(program: IntegerProgram, node: IntNode, env: dict) -> _Int:
-    x: _Int = env[node.inputs[0]]
+def _eval_layer(program: IntegerProgram, node: IntNode, env: dict) -> IntValue:
+    x: IntValue = env[node.inputs[0]]
     q = x.q.to(torch.float64)
     w = node.tensors["weight"].to(torch.float64)
     a = node.attrs
@@ -344,7 +353,7 @@ def _eval_layer(program: IntegerProgram, node: IntNode, env: dict) -> _Int:
         acc = F.conv1d(q, w, None, a["stride"], a["padding"], a["dilation"], a["groups"])
     acc = torch.round(acc).to(torch.int64) + _channel_scale(node.tensors["bias"].to(torch.int64), acc.dim())
     scale = x.scale * node.tensors["weight_scale"].to(torch.float64)
-    return _Int(acc, _channel_scale(scale, acc.dim()))
+    return IntValue(acc, _channel_scale(scale, acc.dim()))
 
 
 def _max_pool(x: Tensor, a: dict) -> Tensor:
@@ -353,38 +362,38 @@ def _max_pool(x: Tensor, a: dict) -> Tensor:
 
 def _eval_max_pool(program, node, env):
     x = env[node.inputs[0]]
-    if isinstance(x, _Int):
-        return _Int(torch.round(_max_pool(x.q.to(torch.float64), node.attrs)).to(torch.int64), x.scale)
+    if isinstance(x, IntValue):
+        return IntValue(torch.round(_max_pool(x.q.to(torch.float64), node.attrs)).to(torch.int64), x.scale)
     return _max_pool(x, node.attrs)
 
 
 def _eval_relu(program, node, env):
     x = env[node.inputs[0]]
-    return _Int(x.q.clamp_min(0), x.scale) if isinstance(x, _Int) else torch.relu(x)
+    return IntValue(x.q.clamp_min(0), x.scale) if isinstance(x, IntValue) else torch.relu(x)
 
 
 def _eval_flatten(program, node, env):
     x, start = env[node.inputs[0]], node.attrs["start_dim"]
-    if isinstance(x, _Int):
+    if isinstance(x, IntValue):
         scale = x.scale.expand(1, *x.q.shape[1:]) if x.scale.dim() == x.q.dim() else x.scale
-        return _Int(torch.flatten(x.q, start), torch.flatten(scale, start) if scale.dim() else scale)
+        return IntValue(torch.flatten(x.q, start), torch.flatten(scale, start) if scale.dim() else scale)
     return torch.flatten(x, start)
 
 
 def _eval_global_avg_pool(program, node, env):
     x = env[node.inputs[0]]
-    if isinstance(x, _Int):
+    if isinstance(x, IntValue):
         window = x.q.shape[-1] * x.q.shape[-2]
-        return _Int(x.q.sum(dim=(-2, -1), keepdim=True), x.scale / window)
+        return IntValue(x.q.sum(dim=(-2, -1), keepdim=True), x.scale / window)
     return F.adaptive_avg_pool2d(x, 1)
 
 
 def _eval_avg_pool(program, node, env):
     x, a = env[node.inputs[0]], node.attrs
-    if isinstance(x, _Int):
+    if isinstance(x, IntValue):
         window = a["kernel"][0] * a["kernel"][1]
         summed = F.avg_pool2d(x.q.to(torch.float64), a["kernel"], a["stride"]) * window
-        return _Int(torch.round(summed).to(torch.int64), x.scale / window)
+        return IntValue(torch.round(summed).to(torch.int64), x.scale / window)
     return F.avg_pool2d(x, a["kernel"], a["stride"])
 
 

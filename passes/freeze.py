@@ -4,7 +4,8 @@ Matches:    every learnable-bit quantizer of a graph that went through ``insert_
 Rewrites to: a ``FixedQuantizer`` at an integer bit-width (the method's ``to_fixed``: same dynamic range, the
             step size of that bit-width). Already-fixed quantizers are left as they are.
 Requires:   the budget was found feasible (``Budget.check_feasible``).
-Ensures:    the budget's cost at the integer bit-widths is within the limit, or :class:`InfeasibleBudgetError`.
+Ensures:    the budget's cost at the integer bit-widths is within the limit, or :class:`InfeasibleBudgetError`;
+            every layer's ``input_quantizer`` references its input's fixed quantizer (bias rounding, see qmodules).
 
 Bit-widths are first rounded to the nearest integer inside each quantizer's bit range. If that integer
 assignment exceeds the budget, bits are lowered one at a time where it costs least: each candidate step
@@ -71,6 +72,7 @@ def freeze(gm: GraphModule, budget: Budget) -> GraphModule:
             layer.module.weight_quantizer = layer.weight_quantizer.to_fixed(bits[name], layer.module.weight)
         if layer.input_quantizer.learnable_bits:
             replace_submodule(gm, layer.input_quantizer_name, layer.input_quantizer.to_fixed(bits[layer.input_quantizer_name]))
+        layer.module.input_quantizer = gm.get_submodule(layer.input_quantizer_name)
     gm.recompile()
     return gm
 

@@ -13,6 +13,8 @@ Ensures:    every quantized layer node has ``node.meta[INPUT_QUANTIZER_META]`` =
             quantizer; activation quantizers are unsigned where the tensor is non-negative by construction
             (ReLU-like producers, pools/reshapes of those) or, for graph inputs, on all calibration data;
             quantizer ranges are initialised from calibration data (``calibration_inputs``).
+            A residual add whose result (after ReLU/clamp) is not itself a layer's input gets a fixed
+            ``residual_bits`` quantizer (``act_quantizers.<node>_out``), so no float sum reaches a pooling op.
             With ``first_last="fixed"`` the first layer (weight and input) and the last layer (weight) are
             ``FixedQuantizer``s at ``first_last_bits``.
 """
@@ -102,37 +104,40 @@ def insert_quantizers(
     layers = layer_nodes(gm)
     if not layers:
         raise MpqcError("the model has no conv1d/conv2d/linear layer to quantize")
-    inputs = {layer.args[0] for layer in layers}
-    stats = _calibrate(gm, inputs, calibration_inputs)
-    act_quantizers = nn.ModuleDict()
-    gm.add_submodule(ACT_QUANTIZERS, act_quantizers)
+    sources = {node: node.args[0] for node in layers}  # read before rewiring: shared inputs get one quantizer
+    for node, source in sources.items():
+        if not isinstance(source, Node):
+            raise MpqcError(f"layer input is not a graph value: {node.format_node()}")
+    residual_ends = _residual_ends(gm, set(sources.values()))
+    stats = _calibrate(gm, set(sources.values()) | set(residual_ends), calibration_inputs)
+    gm.add_submodule(ACT_QUANTIZERS, nn.ModuleDict())
     quantizer_of: dict[Node, str] = {}
     first, last = layers[0], layers[-1]
     fixed = config.first_last == "fixed"
 
+    def signed_and_range(source: Node) -> tuple[bool, float]:
+        low, high = stats[source]
+        signed = not (_nonnegative(gm, source) or (source.op == "placeholder" and low >= 0))
+        return signed, max(high, -low if signed else 0.0, 1e-4)
+
+    def fixed_quantizer(source: Node, bits: int) -> FixedQuantizer:
+        signed, dynamic_range = signed_and_range(source)
+        return FixedQuantizer(bits, signed, torch.tensor([dynamic_range / positive_levels(bits, signed)]))
+
+    for end in residual_ends:
+        quantizer_of[end] = _quantize_tensor(gm, end, f"{end.name}_out", fixed_quantizer(end, config.residual_bits))
+
     for node in layers:
         info: LayerInfo = node.meta[LAYER_META]
-        source = node.args[0]
-        if not isinstance(source, Node):
-            raise MpqcError(f"layer input is not a graph value: {node.format_node()}")
+        source = sources[node]
         if source not in quantizer_of:
-            key = node.target.replace(".", "_")
-            low, high = stats[source]
-            signed = not (_nonnegative(gm, source) or (source.op == "placeholder" and low >= 0))
-            dynamic_range = max(high, -low if signed else 0.0, 1e-4)
             if fixed and node is first:
-                bits = config.first_last_bits
-                scale = torch.tensor([dynamic_range / positive_levels(bits, signed)])
-                quantizer: Quantizer = FixedQuantizer(bits, signed, scale)
+                quantizer: Quantizer = fixed_quantizer(source, config.first_last_bits)
             else:
                 quantizer = method.activation_quantizer(
-                    signed, dynamic_range, config.init_bits, config.activation_bits
+                    *signed_and_range(source), config.init_bits, config.activation_bits
                 )
-            act_quantizers[key] = quantizer
-            quantizer_of[source] = f"{ACT_QUANTIZERS}.{key}"
-            with gm.graph.inserting_after(source):
-                quantized = gm.graph.call_module(quantizer_of[source], (source,))
-            source.replace_all_uses_with(quantized, delete_user_cb=lambda user: user is not quantized)
+            quantizer_of[source] = _quantize_tensor(gm, source, node.target.replace(".", "_"), quantizer)
         node.meta[INPUT_QUANTIZER_META] = quantizer_of[source]
 
         layer = gm.get_submodule(node.target)
@@ -147,6 +152,44 @@ def insert_quantizers(
     gm.graph.lint()
     gm.recompile()
     return gm
+
+
+def _quantize_tensor(gm: GraphModule, source: Node, key: str, quantizer: Quantizer) -> str:
+    """Insert ``act_quantizers.<key>(source)`` right after ``source``; every user of ``source`` now reads it."""
+    gm.get_submodule(ACT_QUANTIZERS)[key] = quantizer
+    target = f"{ACT_QUANTIZERS}.{key}"
+    with gm.graph.inserting_after(source):
+        quantized = gm.graph.call_module(target, (source,))
+    source.replace_all_uses_with(quantized, delete_user_cb=lambda user: user is not quantized)
+    return target
+
+
+_ELEMENTWISE_MODULES = (nn.ReLU, nn.ReLU6, nn.Hardtanh)
+
+
+def _residual_ends(gm: GraphModule, quantized_sources: set[Node]) -> list[Node]:
+    """Residual adds whose result (after any ReLU/clamp) is not already quantized for a following layer.
+
+    Such a result is requantized to a fixed ``residual_bits`` quantizer, so that what follows it (pooling, say) works
+    on integers rather than on a float sum (see the integer contract in ``mpqc/reference.py``).
+    """
+    ends = []
+    for node in gm.graph.nodes:
+        is_add = node.op == "call_function" and node.target in (operator.add, torch.add)
+        if not (is_add and len(node.all_input_nodes) == 2):
+            continue
+        end = node
+        while len(end.users) == 1:
+            user = next(iter(end.users))
+            elementwise = (user.op == "call_module" and isinstance(gm.get_submodule(user.target), _ELEMENTWISE_MODULES)) or (
+                user.op == "call_function" and user.target in (F.relu, torch.relu, F.relu6, F.hardtanh)
+            )
+            if not elementwise:
+                break
+            end = user
+        if end not in quantized_sources and end not in ends:
+            ends.append(end)
+    return ends
 
 
 def replace_submodule(gm: GraphModule, target: str, module: nn.Module) -> None:

@@ -1,0 +1,94 @@
+"""Shared fixtures: tiny real data (sklearn digits), the example models, and graphs at mixed precision."""
+from __future__ import annotations
+
+import copy
+import importlib.util
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+from mpqc.budgets import WeightMemory
+from mpqc.config import QuantizerConfig
+from mpqc.passes.analyze_layers import analyze_layers
+from mpqc.passes.capture import capture
+from mpqc.passes.fold_batchnorm import fold_batchnorm
+from mpqc.passes.freeze import freeze
+from mpqc.passes.insert_quantizers import insert_quantizers, quantized_layers
+from mpqc.quantizers import get_method
+from mpqc.quantizers.base import positive_levels
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _load_examples():
+    spec = importlib.util.spec_from_file_location("mpqc_example_models", ROOT / "examples" / "models.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+example_models = _load_examples()
+
+
+@pytest.fixture(scope="session")
+def digits_loaders():
+    from mpqc.data import loaders
+
+    return loaders("digits", batch_size=64, seed=0)
+
+
+@pytest.fixture(scope="session")
+def _trained_small_cnn(digits_loaders):
+    from mpqc.pretrain import train_fp32
+
+    torch.manual_seed(0)
+    model = example_models.small_cnn(num_classes=10, in_channels=1)
+    train_fp32(model, *digits_loaders, epochs=4, progress=False)
+    return model.eval()
+
+
+@pytest.fixture
+def trained_small_cnn(_trained_small_cnn):
+    """A small CNN trained on digits (fresh copy per test)."""
+    return copy.deepcopy(_trained_small_cnn)
+
+
+def randomize_batchnorm(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Give every BatchNorm non-trivial eval statistics, so folding and quantization see realistic ranges."""
+    generator = torch.Generator().manual_seed(seed)
+    for module in model.modules():
+        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+            n = module.num_features
+            module.running_mean.copy_(torch.randn(n, generator=generator) * 0.1)
+            module.running_var.copy_(torch.rand(n, generator=generator) * 0.5 + 0.5)
+            module.weight.data.copy_(torch.rand(n, generator=generator) * 0.5 + 0.5)
+            module.bias.data.copy_(torch.randn(n, generator=generator) * 0.1)
+    return model.eval()
+
+
+def quantized_graph(model: torch.nn.Module, example: torch.Tensor, method: str = "dq", **config):
+    """capture -> fold -> analyze -> insert quantizers (calibrated on ``example``)."""
+    gm = fold_batchnorm(capture(model.eval(), (example,)))
+    layers = analyze_layers(gm, (example,))
+    gm = insert_quantizers(gm, get_method(method), QuantizerConfig(**config), (example,))
+    return gm, layers
+
+
+def set_bits(gm, bits_for) -> None:
+    """Set every DQ quantizer's step so that ``bits()`` is exactly ``bits_for(name)`` (an int)."""
+    for layer in quantized_layers(gm):
+        for name, q in ((f"{layer.name}.weight", layer.weight_quantizer), (layer.input_quantizer_name, layer.input_quantizer)):
+            if q.learnable_bits:
+                with torch.no_grad():
+                    q_max = q.log_range.exp()
+                    q.log_step.copy_(torch.log(q_max / positive_levels(bits_for(name), q.signed)))
+
+
+def freeze_at_random_bits(gm, seed: int = 0, low: int = 2, high: int = 8):
+    """Freeze ``gm`` at random integer bit-widths in [low, high] (a loose budget, so no bits are lowered)."""
+    rng = random.Random(seed)
+    chosen: dict[str, int] = {}
+    set_bits(gm, lambda name: chosen.setdefault(name, rng.randint(low, high)))
+    return freeze(gm, WeightMemory(1e12)), chosen
