@@ -66,12 +66,14 @@ def integer_bits(gm: GraphModule, budget: Budget) -> dict[str, int]:
 def freeze(gm: GraphModule, budget: Budget) -> GraphModule:
     """Replace every learnable quantizer by a fixed-bit one at the bit-widths of :func:`integer_bits`."""
     bits = integer_bits(gm, budget)
-    for layer in quantized_layers(gm):
+    layers = quantized_layers(gm)
+    activation_quantizers = {layer.input_quantizer_name: layer.input_quantizer for layer in layers}
+    for name, quantizer in activation_quantizers.items():  # once per tensor, even where layers share it
+        if quantizer.learnable_bits:
+            replace_submodule(gm, name, quantizer.to_fixed(bits[name]))
+    for layer in layers:
         if layer.weight_quantizer.learnable_bits:
-            name = _weight_key(layer)
-            layer.module.weight_quantizer = layer.weight_quantizer.to_fixed(bits[name], layer.module.weight)
-        if layer.input_quantizer.learnable_bits:
-            replace_submodule(gm, layer.input_quantizer_name, layer.input_quantizer.to_fixed(bits[layer.input_quantizer_name]))
+            layer.module.weight_quantizer = layer.weight_quantizer.to_fixed(bits[_weight_key(layer)], layer.module.weight)
         layer.module.input_quantizer = gm.get_submodule(layer.input_quantizer_name)
     gm.recompile()
     return gm

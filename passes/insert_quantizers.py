@@ -219,6 +219,8 @@ def _nonnegative(gm: GraphModule, node: Node) -> bool:
     """Whether ``node``'s value is >= 0 for every input, by construction."""
     if node.op == "call_module":
         module = gm.get_submodule(node.target)
+        if isinstance(module, Quantizer):
+            return not module.signed
         if isinstance(module, _NONNEGATIVE_MODULES):
             return True
         if isinstance(module, nn.Hardtanh):

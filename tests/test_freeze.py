@@ -1,0 +1,70 @@
+"""freeze: integer bit-widths that meet the budget, and outputs unchanged when the bits already are integers."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import example_models, quantized_graph, randomize_batchnorm, set_bits
+from mpqc.budgets import AverageBits, BitOps, WeightMemory
+from mpqc.errors import InfeasibleBudgetError
+from mpqc.passes.freeze import freeze, integer_bits
+from mpqc.passes.insert_quantizers import quantized_layers
+from mpqc.quantizers import FixedQuantizer
+
+
+def _graph():
+    torch.manual_seed(0)
+    x = torch.randn(4, 1, 28, 28)
+    gm, layers = quantized_graph(randomize_batchnorm(example_models.resnet20()), x)
+    return gm, layers, x
+
+
+def test_freezing_at_integer_bits_keeps_the_outputs():
+    gm, _, x = _graph()
+    set_bits(gm, lambda name: 3 + hash(name) % 5)
+    with torch.no_grad():
+        before = gm(x)
+    freeze(gm, WeightMemory(1e12))
+    with torch.no_grad():
+        after = gm(x)
+    for layer in quantized_layers(gm):
+        assert isinstance(layer.weight_quantizer, FixedQuantizer) and isinstance(layer.input_quantizer, FixedQuantizer)
+        assert layer.module.input_quantizer is layer.input_quantizer
+    # Only the bias, now rounded to the accumulator step, differs.
+    torch.testing.assert_close(after, before, rtol=0.05, atol=0.05 * float(before.abs().max()))
+
+
+@pytest.mark.parametrize("budget_fn", [
+    lambda layers: AverageBits(3.0),
+    lambda layers: WeightMemory(sum(l.params for l in layers) * 2.5 / 8),
+    lambda layers: BitOps(sum(l.macs for l in layers) * 3 * 4),
+])
+def test_rounding_over_the_budget_is_repaired(budget_fn):
+    gm, layers, _ = _graph()
+    set_bits(gm, lambda name: 4)  # fractional search results would round to 4 bits: over every budget above
+    budget = budget_fn(layers)
+    bits = integer_bits(gm, budget)
+    freeze(gm, budget)
+    from mpqc.passes.insert_quantizers import current_bits
+
+    cost = float(budget.cost(layers, current_bits(quantized_layers(gm))))
+    assert budget.met(cost), f"{budget}: {cost}"
+    assert min(bits.values()) >= 2 and max(bits.values()) <= 8
+    # It lowered as little as it had to: one more bit anywhere would not fit... or it is at the maximum.
+    assert cost > 0.8 * budget.limit
+
+
+def test_loose_budget_rounds_to_nearest():
+    gm, layers, _ = _graph()
+    for layer in quantized_layers(gm):
+        with torch.no_grad():
+            q = layer.weight_quantizer
+            q.log_step.copy_(torch.log(q.log_range.exp() / (2 ** (5.4 - 1) - 1)))  # 5.4 bits
+    bits = integer_bits(gm, AverageBits(8))
+    assert all(bits[f"{layer.name}.weight_quantizer"] == 5 for layer in quantized_layers(gm))
+
+
+def test_unreachable_budget_is_refused():
+    gm, layers, _ = _graph()
+    with pytest.raises(InfeasibleBudgetError, match="cannot be met"):
+        integer_bits(gm, AverageBits(1.0))
