@@ -68,7 +68,7 @@ class Budget:
     @property
     def text(self) -> str:
         """The budget as the CLI spells it (``parse_budget(b.text) == b``), e.g. ``weight-memory=20480B``."""
-        return f"{self.kind}={self.limit:.12g}"
+        return f"{self.kind}={self.limit:.17g}"
 
     def penalty(self, layers: Sequence[LayerInfo], bits: Mapping[str, LayerBits]) -> Tensor:
         """DQ's constraint term: ``relu(cost / limit - 1) ** 2`` (zero inside the budget)."""
@@ -117,7 +117,7 @@ class WeightMemory(Budget):
 
     @property
     def text(self) -> str:
-        return f"{self.kind}={self.limit:.12g}B"
+        return f"{self.kind}={self.limit:.17g}B"
 
     def cost(self, layers, bits):
         return (_counts(layers, "params") * _stack(layers, bits, "weight")).sum() / 8
@@ -149,7 +149,7 @@ class ActivationMemory(Budget):
 
     @property
     def text(self) -> str:
-        return f"{self.kind}={self.limit:.12g}B" + ("" if self.mode == "max" else ",sum")
+        return f"{self.kind}={self.limit:.17g}B" + ("" if self.mode == "max" else ",sum")
 
     def cost(self, layers, bits):
         per_layer = _counts(layers, "input_elements") * _stack(layers, bits, "activation") / 8
@@ -216,6 +216,15 @@ def parse_budget(text: str) -> Budget:
     kind = kind.strip().lower()
     if not sep or not value.strip():
         raise ConfigError(f"budget {text!r} must look like KIND=VALUE, with KIND one of {', '.join(BUDGET_KINDS)}")
+    try:
+        return _parse_kind(kind, value, text)
+    except ConfigError as error:
+        if repr(text) in str(error):
+            raise
+        raise ConfigError(f"budget {text!r}: {error}") from None
+
+
+def _parse_kind(kind: str, value: str, text: str) -> Budget:
     value, _, option = value.strip().partition(",")
     if kind in ("weight-memory", "activation-memory"):
         size = _parse_number(value, _BYTE_UNITS, text, default_unit="b")

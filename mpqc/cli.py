@@ -57,6 +57,8 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--search-epochs", type=int, default=2)
     c.add_argument("--finetune-epochs", type=int, default=1)
     c.add_argument("--steps-per-epoch", type=int, help="cut every epoch to N batches")
+    c.add_argument("--checkpoint-every", type=int, default=50, help="write a checkpoint every N steps (and per epoch)")
+    c.add_argument("--quantizer-lr", type=float, default=0.01, help="Adam learning rate of quantizer parameters")
     c.add_argument("--batch-size", type=int, default=128)
     c.add_argument("--subset", type=int, help="train on the first N examples of a seeded permutation")
     c.add_argument("--val-subset", type=int, help="validate on N examples")
@@ -121,6 +123,7 @@ def _compile(args: argparse.Namespace) -> int:
     info = dataset_info(args.data)
     factory = load_model_factory(args.model)
     build = lambda: factory(num_classes=info.num_classes, in_channels=info.in_channels)  # noqa: E731
+    torch.manual_seed(args.seed)  # the model's initial weights, when it is not pretrained or loaded
     if args.pretrain_epochs:
         model = cached_fp32(build, args.data, epochs=args.pretrain_epochs, model_name=args.model.rpartition(":")[2],
                             seed=args.seed, progress=not args.no_progress)
@@ -137,9 +140,11 @@ def _compile(args: argparse.Namespace) -> int:
         quantizers=QuantizerConfig(weight_bits=_bit_range(args.weight_bits, "--weight-bits"),
                                    activation_bits=_bit_range(args.act_bits, "--act-bits"),
                                    first_last=args.first_last),
-        search=TrainConfig(epochs=args.search_epochs, max_steps_per_epoch=args.steps_per_epoch, distill=args.distill),
+        search=TrainConfig(epochs=args.search_epochs, max_steps_per_epoch=args.steps_per_epoch, distill=args.distill,
+                           quantizer_lr=args.quantizer_lr, checkpoint_every=args.checkpoint_every),
         finetune=TrainConfig(epochs=args.finetune_epochs, max_steps_per_epoch=args.steps_per_epoch, lr=0.005,
-                             penalty_weight=0.0, distill=args.distill),
+                             penalty_weight=0.0, distill=args.distill, quantizer_lr=args.quantizer_lr,
+                             checkpoint_every=args.checkpoint_every),
         seed=args.seed,
         progress=not args.no_progress,
     )

@@ -79,8 +79,10 @@ def compile(
     smallest = budget.check_feasible(layers, smallest_bits(quantized_layers(gm)))  #    refuse infeasible budgets
     search(gm, budget, layers, train_loader, config.search,                         # 5. differentiable search
            checkpoint=run.checkpoint("search"), seed=config.seed, teacher=teacher, progress=config.progress)
-    searched = {name: (float(b.weight), float(b.activation)) for name, b in current_bits(quantized_layers(gm)).items()}
-    search_cost = float(budget.cost(layers, current_bits(quantized_layers(gm))))
+    with torch.no_grad():
+        bits = current_bits(quantized_layers(gm))
+        searched = {name: (float(b.weight), float(b.activation)) for name, b in bits.items()}
+        search_cost = float(budget.cost(layers, bits))
     search_done = time.perf_counter()
     fixed_layers = {layer.name for layer in quantized_layers(gm) if not layer.weight_quantizer.learnable_bits}
 

@@ -142,7 +142,7 @@ class FixedQuantizer(Quantizer):
 
     def forward(self, x: Tensor) -> Tensor:
         scale = self._scale(x)
-        return torch.clamp(round_ste(x / scale), self.qmin, self.qmax) * scale
+        return round_ste(torch.clamp(x / scale, self.qmin, self.qmax)) * scale
 
     def bits(self) -> Tensor:
         return torch.tensor(float(self.fixed_bits), device=self.scale.device)

@@ -49,13 +49,13 @@ class _DQQuantizer(Quantizer):
     def step_and_range(self) -> tuple[Tensor, Tensor]:
         """(d, q_max) after clipping d so that the inferred bit-width lies in the bit range."""
         q_max = self.log_range.exp()
-        smallest_step = q_max / positive_levels(self.bit_range.max_bits, self.signed)
-        largest_step = q_max / positive_levels(self.bit_range.min_bits, self.signed)
-        step = self.log_step.exp()
-        # Straight-through clip: the value is clipped, the gradient reaches d even at a bound (``project_`` keeps
-        # the stored d inside the bounds, so the clip only acts between an optimizer step and the projection).
-        clipped = torch.minimum(torch.maximum(step, smallest_step), largest_step)
-        return step + (clipped - step).detach(), q_max
+        log_smallest = self.log_range - math.log(positive_levels(self.bit_range.max_bits, self.signed))
+        log_largest = self.log_range - math.log(positive_levels(self.bit_range.min_bits, self.signed))
+        # Straight-through clip in the log domain: the value is clipped, the gradient reaches d even at a bound
+        # (``project_`` keeps the stored d inside the bounds, so the clip only acts between an optimizer step and
+        # the projection).
+        clipped = torch.minimum(torch.maximum(self.log_step, log_smallest), log_largest)
+        return torch.exp(self.log_step + (clipped - self.log_step).detach()), q_max
 
     @torch.no_grad()
     def project_(self) -> None:
@@ -63,8 +63,9 @@ class _DQQuantizer(Quantizer):
         q_max inside ``max_range``."""
         if self.max_range is not None:
             self.log_range.clamp_(max=math.log(self.max_range))
-        step, _ = self.step_and_range()
-        self.log_step.copy_(step.log())
+        log_range = self.log_range
+        self.log_step.clamp_(min=float(log_range - math.log(positive_levels(self.bit_range.max_bits, self.signed))),
+                             max=float(log_range - math.log(positive_levels(self.bit_range.min_bits, self.signed))))
 
     def bits(self) -> Tensor:
         step, q_max = self.step_and_range()

@@ -1,0 +1,176 @@
+"""End to end: mpqc.compile through the Python API and the CLI, exact resume after a kill, and bad input."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+import mpqc
+from conftest import ROOT, example_models
+from mpqc.errors import (CaptureError, CheckpointError, ConfigError, DataError, ExampleInputError,
+                         InfeasibleBudgetError)
+from mpqc.reference import IntegerProgram
+from mpqc.report import load_report
+
+FAST = mpqc.CompileConfig(
+    search=mpqc.TrainConfig(epochs=2, quantizer_lr=0.05, checkpoint_every=10),
+    finetune=mpqc.TrainConfig(epochs=1, lr=0.005, penalty_weight=0.0, checkpoint_every=10),
+    progress=False,
+)
+
+
+def _example(loaders):
+    return next(iter(loaders[1]))[0][:2]
+
+
+def test_compile_meets_a_tight_budget_and_saves_everything(trained_small_cnn, digits_loaders, tmp_path):
+    result = mpqc.compile(trained_small_cnn, _example(digits_loaders), budget=mpqc.AverageBits(3.0),
+                          data=digits_loaders, method="dq", config=FAST)
+    report = result.report
+    assert report["budget"]["met"] and report["budget"]["achieved"] <= 3.0
+    assert report["totals"]["average_weight_bits"] <= 3.0
+    assert all(2 <= layer["weight_bits"] <= 8 for layer in report["layers"])
+    accuracy = report["accuracy"]
+    assert accuracy["fp32"] > 80
+    assert accuracy["quantized"] > 60, accuracy
+    assert abs(accuracy["integer_reference"] - accuracy["quantized"]) < 2.0, accuracy
+
+    result.save(tmp_path / "run")
+    for name in ("report.json", "bits.png", "program.json", "program.pt", "finetuned.pt", "run.json",
+                 "checkpoints/search.pt", "checkpoints/finetune.pt"):
+        assert (tmp_path / "run" / name).exists(), name
+    loaded = mpqc.CompiledModel.load(tmp_path / "run")
+    x = _example(digits_loaders)
+    assert torch.equal(loaded(x), result(x))
+    assert load_report(tmp_path / "run")["layers"] == report["layers"]
+
+
+def test_tight_budget_lowers_bits_and_loose_budget_does_not(trained_small_cnn, digits_loaders):
+    tight = mpqc.compile(trained_small_cnn, _example(digits_loaders), budget="avg-bits=3", data=digits_loaders,
+                         config=FAST)
+    loose = mpqc.compile(trained_small_cnn, _example(digits_loaders), budget="avg-bits=8", data=digits_loaders,
+                         config=FAST)
+    assert tight.report["totals"]["average_weight_bits"] <= 3.0
+    assert loose.report["totals"]["average_weight_bits"] >= 7.0
+    searched_tight = [layer["weight_bits_search"] for layer in tight.report["layers"]]
+    searched_loose = [layer["weight_bits_search"] for layer in loose.report["layers"]]
+    assert all(t < l for t, l in zip(searched_tight, searched_loose))
+
+
+def _cli(*args, cwd=ROOT):
+    return subprocess.run([sys.executable, "-m", "mpqc", *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=600, env={**os.environ, "PYTHONHASHSEED": "0"})
+
+
+CLI_RUN = ["compile", "--model", "examples/models.py:small_cnn", "--data", "digits", "--budget", "avg-bits=4",
+           "--search-epochs", "2", "--finetune-epochs", "2", "--batch-size", "32", "--checkpoint-every", "5",
+           "--quantizer-lr", "0.05", "--no-progress"]
+
+
+def test_cli_compile_and_report(tmp_path):
+    done = _cli(*CLI_RUN, "--out", str(tmp_path / "r"))
+    assert done.returncode == 0, done.stderr
+    assert "conv1" in done.stdout and "fc" in done.stdout
+    shown = _cli("report", str(tmp_path / "r"))
+    assert shown.returncode == 0, shown.stderr
+    for word in ("conv1", "conv2", "fc", "avg-bits", "met"):
+        assert word in shown.stdout
+    # The same --out again is refused without --resume or --force, and a different run is refused outright.
+    again = _cli(*CLI_RUN, "--out", str(tmp_path / "r"))
+    assert again.returncode == 2 and "--resume" in again.stderr
+    other = _cli(*[a if a != "avg-bits=4" else "avg-bits=5" for a in CLI_RUN], "--out", str(tmp_path / "r"),
+                 "--resume")
+    assert other.returncode == 2 and "different run" in other.stderr and "budget" in other.stderr
+
+
+def _kill_when(process, path, timeout=300):
+    deadline = time.time() + timeout
+    while not path.exists():
+        if process.poll() is not None:
+            pytest.fail(f"the run ended before {path.name} appeared: {process.stderr.read()}")
+        if time.time() > deadline:
+            process.kill()
+            pytest.fail(f"{path} never appeared")
+        time.sleep(0.01)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+
+
+@pytest.mark.parametrize("phase", ["search", "finetune"])
+def test_resume_after_kill_equals_an_uninterrupted_run(tmp_path, phase):
+    reference = _cli(*CLI_RUN, "--out", str(tmp_path / "uninterrupted"))
+    assert reference.returncode == 0, reference.stderr
+
+    out = tmp_path / "interrupted"
+    command = [sys.executable, "-m", "mpqc", *CLI_RUN, "--out", str(out)]
+    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env={**os.environ, "PYTHONHASHSEED": "0"})
+    _kill_when(process, out / "checkpoints" / f"{phase}.pt")
+    assert not (out / "report.json").exists(), "killed too late: the run had finished"
+    resumed = _cli(*CLI_RUN, "--out", str(out), "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+
+    expected, actual = IntegerProgram.load(tmp_path / "uninterrupted"), IntegerProgram.load(out)
+    assert actual.layer_bits() == expected.layer_bits()
+    for mine, theirs in zip(actual.nodes, expected.nodes):
+        assert mine.attrs == theirs.attrs
+        for key in theirs.tensors:
+            assert torch.equal(mine.tensors[key], theirs.tensors[key]), f"{mine.name}.{key}"
+    assert load_report(out)["accuracy"] == load_report(tmp_path / "uninterrupted")["accuracy"]
+
+
+# ------------------------------------------------------------------------------------------------ bad input
+class DataDependent(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(4, 2)
+
+    def forward(self, x):
+        if x.sum() > 0:
+            return self.fc(x)
+        return -self.fc(x)
+
+
+def test_bad_inputs_get_one_clear_error(trained_small_cnn, digits_loaders, tmp_path):
+    x = _example(digits_loaders)
+    with pytest.raises(CaptureError, match="DataDependent"):
+        mpqc.compile(DataDependent(), torch.randn(2, 4), budget="avg-bits=4", data=digits_loaders, config=FAST)
+    with pytest.raises(ExampleInputError):
+        mpqc.compile(trained_small_cnn, torch.randn(2, 3, 8, 8), budget="avg-bits=4", data=digits_loaders, config=FAST)
+    with pytest.raises(ConfigError, match="unknown method 'hawq'"):
+        mpqc.compile(trained_small_cnn, x, budget="avg-bits=4", data=digits_loaders, method="hawq", config=FAST)
+    with pytest.raises(ConfigError, match="unknown budget kind 'latency'"):
+        mpqc.compile(trained_small_cnn, x, budget="latency=3ms", data=digits_loaders, config=FAST)
+    with pytest.raises(InfeasibleBudgetError, match=r"smallest achievable is 2\.000 bits"):
+        mpqc.compile(trained_small_cnn, x, budget="avg-bits=1.5", data=digits_loaders, config=FAST)
+    with pytest.raises(DataError, match="data=None"):
+        mpqc.compile(trained_small_cnn, x, budget="avg-bits=4", data=None, config=FAST)
+    bad_labels = DataLoader(TensorDataset(torch.randn(8, 1, 8, 8), torch.full((8,), 12)), batch_size=4)
+    with pytest.raises(DataError, match="12"):
+        mpqc.compile(trained_small_cnn, x, budget="avg-bits=4", data=(bad_labels, None), config=FAST)
+    empty = DataLoader(TensorDataset(torch.randn(0, 1, 8, 8), torch.zeros(0, dtype=torch.long)), batch_size=4)
+    with pytest.raises(DataError, match="empty"):
+        mpqc.compile(trained_small_cnn, x, budget="avg-bits=4", data=(empty, None), config=FAST)
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "notes.txt").write_text("not a run")
+    with pytest.raises(CheckpointError, match="not empty"):
+        mpqc.compile(trained_small_cnn, x, budget="avg-bits=4", data=digits_loaders, config=FAST,
+                     out=tmp_path / "busy")
+
+
+def test_cli_bad_model_paths(tmp_path):
+    missing = _cli("compile", "--model", "examples/nope.py:net", "--data", "digits", "--budget", "avg-bits=4",
+                   "--out", str(tmp_path / "x"))
+    assert missing.returncode == 2 and "examples/nope.py does not exist" in missing.stderr
+    no_callable = _cli("compile", "--model", "examples/models.py:nothing", "--data", "digits", "--budget",
+                       "avg-bits=4", "--out", str(tmp_path / "x"))
+    assert no_callable.returncode == 2 and "no callable named 'nothing'" in no_callable.stderr
+    bad_budget = _cli("compile", "--model", "examples/models.py:small_cnn", "--data", "digits", "--budget",
+                      "weight-memory=12parsecs", "--out", str(tmp_path / "x"))
+    assert bad_budget.returncode == 2 and "12parsecs" in bad_budget.stderr
