@@ -1,8 +1,13 @@
 """Shared fixtures: tiny real data (sklearn digits), the example models, and graphs at mixed precision."""
 from __future__ import annotations
 
-import copy
-import importlib.util
+import os
+
+# Torch's OpenMP threads busy-wait by default; on 2 shared cores that made some tests 100x slower.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import copy  # noqa: E402
+import importlib.util  # noqa: E402
 import random
 from pathlib import Path
 

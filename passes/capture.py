@@ -1,0 +1,269 @@
+"""Capture an eager model as a ``torch.fx.GraphModule`` whose layers stay ``call_module`` nodes.
+
+Later passes find conv/linear/batchnorm layers as ``call_module`` nodes and read or replace the module with
+``gm.get_submodule(node.target)``, so both tracers below are made to keep those layers as modules:
+
+1. ``torch.fx`` symbolic tracing with a tracer that keeps every ``nn.Conv1d/2d/3d``, ``nn.Linear`` and BatchNorm
+   (subclasses included, as long as they keep the base class's ``forward``) as a leaf ``call_module`` node.
+   The graph is shape-generic and uses torch-level ops (``torch.relu``, ``operator.add``, ...).
+2. If fx fails (typically Python control flow on a shape, ``if x.shape[-1] > 16:``), ``torch.export.export``
+   with ``strict=False``. Its graph is ATen-level (``aten.conv2d``, ``aten.add.Tensor``, ...). Every
+   ``aten.conv*/linear/batch_norm`` call that a plain conv/linear/batchnorm module made (known from the node's
+   ``nn_module_stack`` metadata and checked against the module's own weight/bias/statistics) is mapped back to a
+   ``call_module`` node on that module; everything else stays ATen. ``torch.export.unflatten`` is not used: it
+   gives one interpreter module per submodule, with the convolutions still ATen calls inside them.
+   The graph is specialised to the example inputs' shapes except the batch dimension (dim 0 of every tensor
+   input, when they all share it), which is traced symbolically: a batch of one is repeated to two for the trace,
+   as ``torch.export`` fixes sizes 0 and 1. If that trace fails, the exact example inputs are tried. The graph
+   keeps export's shape guard (a ``call_module`` node ``_guards_fn`` with no users), so calling it with other
+   non-batch shapes raises instead of silently taking a branch traced for different shapes.
+
+A trace is accepted only if it reproduces the eager model's output on the example inputs; that run is a
+``ShapeProp``, so every tensor-valued node of the returned graph carries ``node.meta["tensor_meta"]`` for the
+example inputs.
+
+``capture`` puts ``model`` itself in eval mode and does not restore its previous mode. The graph owns a deep copy
+of the model's parameters and buffers, so later passes (folding, quantizer insertion, fine-tuning) never change
+``model``, which can then serve as the float teacher.
+"""
+from __future__ import annotations
+
+import copy
+import os
+import sysconfig
+import traceback
+from typing import Any
+
+import torch
+from torch import fx, nn
+from torch.export import Dim
+from torch.fx.graph import CodeGen
+from torch.fx.passes.shape_prop import ShapeProp
+from torch.utils import _pytree as pytree
+
+from mpqc.errors import CaptureError, ExampleInputError
+
+#: Module types kept as ``call_module`` nodes by both tracers.
+KEPT_MODULES: tuple[type[nn.Module], ...] = (
+    nn.Conv1d,
+    nn.Conv2d,
+    nn.Conv3d,
+    nn.Linear,
+    nn.BatchNorm1d,
+    nn.BatchNorm2d,
+    nn.BatchNorm3d,
+)
+_KEPT_FORWARDS = frozenset(cls.forward for cls in KEPT_MODULES)
+
+_aten = torch.ops.aten
+#: The ATen op that a kept module's own ``forward`` records under ``torch.export``.
+_EXPORT_LAYER_OPS: dict[Any, type[nn.Module]] = {
+    _aten.conv1d.default: nn.Conv1d,
+    _aten.conv1d.padding: nn.Conv1d,
+    _aten.conv2d.default: nn.Conv2d,
+    _aten.conv2d.padding: nn.Conv2d,
+    _aten.conv3d.default: nn.Conv3d,
+    _aten.conv3d.padding: nn.Conv3d,
+    _aten.linear.default: nn.Linear,
+    _aten.batch_norm.default: nn.modules.batchnorm._BatchNorm,
+}
+#: Which operands of each ATen op must be the module's own attributes (by argument position).
+_CONV_OPERANDS = {1: "weight", 2: "bias"}
+_BATCHNORM_OPERANDS = {1: "weight", 2: "bias", 3: "running_mean", 4: "running_var"}
+
+_TORCH_DIR = os.path.dirname(torch.__file__) + os.sep
+_STDLIB_DIR = sysconfig.get_paths()["stdlib"]
+_SITE_DIRS = (sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"])
+
+
+def capture(model: nn.Module, example_inputs: tuple) -> fx.GraphModule:
+    """Trace ``model`` on ``example_inputs`` into a GraphModule with conv/linear/batchnorm as ``call_module`` nodes.
+
+    Puts ``model`` in eval mode (not restored). Raises :class:`ExampleInputError` if the inputs do not run through
+    the model, and :class:`CaptureError` naming both tracers' failures if neither can capture it.
+    """
+    if not isinstance(example_inputs, tuple):
+        raise ExampleInputError(
+            f"example_inputs for {type(model).__name__} must be a tuple of positional inputs, "
+            f"got {type(example_inputs).__name__}"
+        )
+    model.eval()
+    expected = _run_eager(model, example_inputs)
+    try:
+        model_copy = copy.deepcopy(model)
+    except Exception as error:
+        raise CaptureError(f"cannot copy {type(model).__name__} to capture it: {_describe(error)}") from error
+
+    try:
+        return _accept(_trace_fx(model_copy), example_inputs, expected)
+    except Exception as error:
+        fx_failure = error
+    try:
+        return _trace_export(model_copy, example_inputs, expected)
+    except Exception as error:
+        export_failure = error
+    raise CaptureError(
+        f"cannot capture {type(model).__name__} as a graph:\n"
+        f"  torch.fx.symbolic_trace failed: {_describe(fx_failure)}\n"
+        f"  torch.export.export(strict=False) failed: {_describe(export_failure)}"
+    ) from export_failure
+
+
+def _run_eager(model: nn.Module, example_inputs: tuple) -> Any:
+    try:
+        with torch.no_grad():
+            return model(*example_inputs)
+    except Exception as error:
+        raise ExampleInputError(
+            f"the example inputs {_describe_inputs(example_inputs)} do not run through {type(model).__name__} "
+            f"(eval mode, torch.no_grad): {_describe(error)}"
+        ) from error
+
+
+def _accept(gm: fx.GraphModule, example_inputs: tuple, expected: Any) -> fx.GraphModule:
+    """Return ``gm``, with ``tensor_meta`` on its nodes, if it reproduces the eager output; else AssertionError."""
+    with torch.no_grad():
+        actual = ShapeProp(gm).propagate(*example_inputs)
+    try:
+        torch.testing.assert_close(actual, expected)
+    except AssertionError as mismatch:
+        raise AssertionError(f"the traced graph's output differs from the eager model's: {mismatch}") from None
+    return gm
+
+
+# --- torch.fx --------------------------------------------------------------------------------------------------
+
+
+def is_kept_module(module: nn.Module) -> bool:
+    """True for a conv/linear/batchnorm module (or subclass) whose ``forward`` is the torch.nn one."""
+    return isinstance(module, KEPT_MODULES) and type(module).forward in _KEPT_FORWARDS
+
+
+class _LayerTracer(fx.Tracer):
+    """The default fx tracer, plus: subclasses of kept modules (defined outside torch.nn) are leaves too."""
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return is_kept_module(m) or super().is_leaf_module(m, module_qualified_name)
+
+
+def _trace_fx(model: nn.Module) -> fx.GraphModule:
+    graph = _LayerTracer().trace(model)
+    return fx.GraphModule(model, graph, type(model).__name__)
+
+
+# --- torch.export -----------------------------------------------------------------------------------------------
+
+
+def _trace_export(model: nn.Module, example_inputs: tuple, expected: Any) -> fx.GraphModule:
+    """Export with a symbolic batch dimension; if that fails, with the exact example inputs."""
+    inputs, dynamic_shapes = _with_symbolic_batch(example_inputs)
+    try:
+        program = torch.export.export(model, inputs, dynamic_shapes=dynamic_shapes, strict=False)
+        return _accept(_to_module_graph(program, model), example_inputs, expected)
+    except Exception:
+        if dynamic_shapes is None:
+            raise
+    program = torch.export.export(model, example_inputs, strict=False)
+    return _accept(_to_module_graph(program, model), example_inputs, expected)
+
+
+def _with_symbolic_batch(example_inputs: tuple) -> tuple[tuple, tuple | None]:
+    """Inputs and ``dynamic_shapes`` that trace dim 0 of the tensor inputs symbolically, where they share it."""
+    tensors = [x for x in example_inputs if isinstance(x, torch.Tensor)]
+    batch_sizes = {x.shape[0] if x.dim() > 0 else None for x in tensors}
+    if len(batch_sizes) != 1 or None in batch_sizes:
+        return example_inputs, None
+    repeat = 2 if batch_sizes == {1} else 1
+    inputs = tuple(x.repeat(repeat, *[1] * (x.dim() - 1)) if isinstance(x, torch.Tensor) else x for x in example_inputs)
+    dynamic_shapes = tuple({0: Dim.AUTO} if isinstance(x, torch.Tensor) else None for x in example_inputs)
+    return inputs, dynamic_shapes
+
+
+def _to_module_graph(program: torch.export.ExportedProgram, model: nn.Module) -> fx.GraphModule:
+    """The exported graph with every call a kept module made turned back into a ``call_module`` on that module."""
+    flat = program.module()
+    graph = flat.graph
+    for node in list(graph.nodes):
+        path = _calling_module_path(node, model)
+        if path is None:
+            continue
+        with graph.inserting_before(node):
+            call = graph.call_module(path, (node.args[0],))
+        call.meta.update(node.meta)
+        node.replace_all_uses_with(call)
+        graph.erase_node(node)
+        flat.set_submodule(path, model.get_submodule(path), strict=False)
+    for node in list(graph.nodes):
+        if node.op == "get_attr" and not node.users:
+            graph.erase_node(node)
+    _use_plain_codegen(graph, program)
+    graph.lint()
+    return fx.GraphModule(flat, graph, type(model).__name__)
+
+
+def _calling_module_path(node: fx.Node, model: nn.Module) -> str | None:
+    """The qualified name of the kept module whose own ``forward`` made ATen call ``node``, or None."""
+    if node.op != "call_function" or node.target not in _EXPORT_LAYER_OPS or not node.meta.get("nn_module_stack"):
+        return None
+    path, _ = list(node.meta["nn_module_stack"].values())[-1]
+    module = model.get_submodule(path)
+    if not isinstance(module, _EXPORT_LAYER_OPS[node.target]) or not is_kept_module(module):
+        return None
+    if isinstance(module, nn.modules.batchnorm._BatchNorm):
+        operands, plain = _BATCHNORM_OPERANDS, module.track_running_stats
+    else:
+        operands, plain = _CONV_OPERANDS, getattr(module, "padding_mode", "zeros") == "zeros"
+    args = list(node.args) + [None] * (max(operands) + 1 - len(node.args))
+    owns_operands = all(_is_attribute(args[i], path, name, module) for i, name in operands.items())
+    return path if plain and owns_operands else None
+
+
+def _is_attribute(arg: Any, path: str, name: str, module: nn.Module) -> bool:
+    if getattr(module, name) is None:
+        return arg is None
+    return isinstance(arg, fx.Node) and arg.op == "get_attr" and arg.target == f"{path}.{name}"
+
+
+def _use_plain_codegen(graph: fx.Graph, program: torch.export.ExportedProgram) -> None:
+    """Drop export's pytree calling convention where the inputs are flat, so ``forward`` looks like the model's."""
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    in_spec, out_spec = program.call_spec.in_spec, program.call_spec.out_spec
+    if in_spec != pytree.tree_flatten((tuple(placeholders), {}))[1]:
+        return
+    output = graph.output_node()
+    output.args = (pytree.tree_unflatten(list(output.args[0]), out_spec),)
+    graph.set_codegen(CodeGen())
+
+
+# --- error messages ---------------------------------------------------------------------------------------------
+
+
+def _describe(error: BaseException) -> str:
+    """``Type: first line of the message`` plus, where found, the model source line that raised it."""
+    lines = [line for line in str(error).splitlines() if line.strip()]
+    text = f"{type(error).__name__}: {lines[0] if lines else ''}".rstrip(": ")
+    frame = _user_frame(error)
+    if frame is not None:
+        text += f" (at {frame.filename}:{frame.lineno} in {frame.name}: {(frame.line or '').strip()})"
+    return text
+
+
+def _user_frame(error: BaseException) -> traceback.FrameSummary | None:
+    """The innermost traceback frame in model code: not in torch, this module, the standard library or generated."""
+    frames = [frame for frame in traceback.extract_tb(error.__traceback__) if not _is_library_file(frame.filename)]
+    return frames[-1] if frames else None
+
+
+def _is_library_file(filename: str) -> bool:
+    if filename.startswith(("<", _TORCH_DIR)) or filename == __file__:
+        return True
+    return filename.startswith(_STDLIB_DIR) and not filename.startswith(_SITE_DIRS)
+
+
+def _describe_inputs(example_inputs: tuple) -> str:
+    def one(x: Any) -> str:
+        if isinstance(x, torch.Tensor):
+            return f"Tensor(shape={tuple(x.shape)}, dtype={x.dtype})"
+        return type(x).__name__
+
+    return "(" + ", ".join(one(x) for x in example_inputs) + ")"
