@@ -76,6 +76,7 @@ def compile(
 
     calibration = next(epoch_batches(train_loader, config.seed))[0]
     gm = insert_quantizers(gm, quant_method, config.quantizers, (calibration,))   # 4. learnable-bit quantizers
+    IntegerProgram.check_supported(gm)                                             #    refuse unsupported ops
     smallest = budget.check_feasible(layers, smallest_bits(quantized_layers(gm)))  #    refuse infeasible budgets
     search(gm, budget, layers, train_loader, config.search,                         # 5. differentiable search
            checkpoint=run.checkpoint("search"), seed=config.seed, teacher=teacher, progress=config.progress)

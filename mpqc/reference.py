@@ -39,9 +39,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.fx import GraphModule, Node
 
+from mpqc import ops
 from mpqc.errors import CheckpointError, MpqcError, UnsupportedOpError
 from mpqc.qmodules import QuantConv1d, QuantConv2d, QuantLinear
-from mpqc.quantizers.base import FixedQuantizer, integer_range
+from mpqc.quantizers.base import FixedQuantizer, Quantizer, integer_range
 
 PROGRAM_FORMAT = "mpqc-integer-program/1"
 
@@ -84,18 +85,29 @@ class IntegerProgram:
             if node.op == "output":
                 flat = node.args[0] if isinstance(node.args[0], (tuple, list)) else (node.args[0],)
                 outputs = [arg.name for arg in flat]
-                continue
-            try:
-                nodes.append(_describe(gm, node))
-            except _Unsupported as reason:
-                unsupported.append(f"{node.format_node()}  ({reason})")
-        if unsupported:
-            raise UnsupportedOpError(
-                f"the integer reference cannot express {len(unsupported)} node(s):\n  " + "\n  ".join(unsupported)
-            )
+            elif not _is_bookkeeping(node):
+                try:
+                    nodes.append(_describe(gm, node))
+                except _Unsupported as reason:
+                    unsupported.append(f"{node.format_node()}  ({reason})")
+        _raise_unsupported(unsupported)
         program = cls(nodes, outputs)
         program._check_layer_inputs()
         return program
+
+    @staticmethod
+    def check_supported(gm: GraphModule) -> None:
+        """Before any training: raise one :class:`UnsupportedOpError` listing every node of a quantized (not yet
+        frozen) graph that the integer program will not be able to express."""
+        unsupported = []
+        for node in gm.graph.nodes:
+            if node.op == "output" or _is_bookkeeping(node):
+                continue
+            try:
+                _describe(gm, node, frozen=False)
+            except _Unsupported as reason:
+                unsupported.append(f"{node.format_node()}  ({reason})")
+        _raise_unsupported(unsupported)
 
     def _check_layer_inputs(self) -> None:
         for node in self.nodes:
@@ -202,10 +214,21 @@ class _Unsupported(Exception):
     pass
 
 
-_RELU = (F.relu, torch.relu)
+def _raise_unsupported(unsupported: list[str]) -> None:
+    if unsupported:
+        raise UnsupportedOpError(
+            f"the integer reference cannot express {len(unsupported)} node(s):\n  " + "\n  ".join(unsupported)
+        )
 
 
-def _describe(gm: GraphModule, node: Node) -> IntNode:
+def _is_bookkeeping(node: Node) -> bool:
+    """Nodes that compute no tensor of the model: shape queries and export's unused guard module."""
+    if ops.is_call(node, ops.SHAPE_FUNCTIONS) or (node.op == "call_method" and node.target == "size"):
+        return True
+    return node.op == "call_module" and not node.users
+
+
+def _describe(gm: GraphModule, node: Node, frozen: bool = True) -> IntNode:
     def inputs() -> list[str]:
         names = [arg.name for arg in node.all_input_nodes]
         return names
@@ -216,14 +239,17 @@ def _describe(gm: GraphModule, node: Node) -> IntNode:
         raise _Unsupported("constant tensors are not supported")
     if node.op == "call_module":
         module = gm.get_submodule(node.target)
+        if not frozen and isinstance(module, Quantizer):
+            return IntNode(node.name, "quantize", inputs())
         if isinstance(module, FixedQuantizer):
-            frozen = module.frozen()
+            frozen_quant = module.frozen()
             return IntNode(node.name, "quantize", inputs(), {
-                "bits": frozen.bits, "signed": frozen.signed, "scale": float(frozen.scale.reshape(-1)[0]),
+                "bits": frozen_quant.bits, "signed": frozen_quant.signed,
+                "scale": float(frozen_quant.scale.reshape(-1)[0]),
                 "module": node.target,
             })
         if isinstance(module, (QuantConv1d, QuantConv2d, QuantLinear)):
-            return _describe_layer(gm, node, module)
+            return _describe_layer(gm, node, module) if frozen else IntNode(node.name, "layer", inputs())
         if isinstance(module, nn.ReLU):
             return IntNode(node.name, "relu", inputs())
         if isinstance(module, (nn.ReLU6, nn.Hardtanh)):
@@ -252,23 +278,38 @@ def _describe(gm: GraphModule, node: Node) -> IntNode:
             raise _Unsupported("layer was not quantized")
         raise _Unsupported(f"module type {type(module).__name__}")
     if node.op == "call_function":
-        if node.target in _RELU:
+        args = node.args
+        if ops.is_call(node, ops.RELU_FUNCTIONS):
             return IntNode(node.name, "relu", inputs())
-        if node.target in (operator.add, torch.add) and len(node.args) == 2 and all(
-            isinstance(a, Node) for a in node.args
-        ) and not node.kwargs:
-            return IntNode(node.name, "add", inputs())
-        if node.target is torch.flatten:
-            start = node.args[1] if len(node.args) > 1 else node.kwargs.get("start_dim", 0)
-            end = node.args[2] if len(node.args) > 2 else node.kwargs.get("end_dim", -1)
+        if ops.is_call(node, ops.RELU6_FUNCTIONS):
+            return IntNode(node.name, "clamp", inputs(), {"min": 0.0, "max": 6.0})
+        if ops.is_call(node, ops.HARDTANH_FUNCTIONS):
+            low = node.kwargs.get("min_val", args[1] if len(args) > 1 else -1.0)
+            high = node.kwargs.get("max_val", args[2] if len(args) > 2 else 1.0)
+            return IntNode(node.name, "clamp", inputs(), {"min": float(low), "max": float(high)})
+        if ops.is_tensor_add(node):
+            return IntNode(node.name, "add", [a.name for a in args])
+        if ops.is_call(node, ops.FLATTEN_FUNCTIONS):
+            start = args[1] if len(args) > 1 else node.kwargs.get("start_dim", 0)
+            end = args[2] if len(args) > 2 else node.kwargs.get("end_dim", -1)
             if end != -1:
                 raise _Unsupported("flatten with end_dim != -1")
             return IntNode(node.name, "flatten", inputs(), {"start_dim": start})
-        if node.target is F.adaptive_avg_pool2d and _pair(node.args[1]) == (1, 1):
+        if ops.is_call(node, ops.VIEW_FUNCTIONS) and _is_batch_flatten(node):
+            return IntNode(node.name, "flatten", [args[0].name], {"start_dim": 1})
+        if ops.is_call(node, ops.GLOBAL_AVG_POOL_FUNCTIONS) and _pair(args[1]) == (1, 1):
             return IntNode(node.name, "global_avg_pool", inputs())
-        if node.target is torch.cat and isinstance(node.args[0], (list, tuple)):
-            dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
-            return IntNode(node.name, "cat", [a.name for a in node.args[0]], {"dim": dim})
+        if ops.is_call(node, ops.MAX_POOL_FUNCTIONS):
+            kernel = args[1]
+            stride = args[2] if len(args) > 2 and args[2] else kernel
+            padding = args[3] if len(args) > 3 else 0
+            dilation = args[4] if len(args) > 4 else 1
+            ceil_mode = args[5] if len(args) > 5 else False
+            return IntNode(node.name, "max_pool2d", [args[0].name],
+                           _pool_attrs(kernel, stride, padding, dilation, ceil_mode))
+        if ops.is_call(node, ops.CAT_FUNCTIONS) and isinstance(args[0], (list, tuple)):
+            dim = args[1] if len(args) > 1 else node.kwargs.get("dim", 0)
+            return IntNode(node.name, "cat", [a.name for a in args[0]], {"dim": dim})
         raise _Unsupported(f"function {getattr(node.target, '__name__', node.target)}")
     if node.op == "call_method":
         if node.target == "relu":
@@ -320,7 +361,7 @@ def _pool_attrs(kernel, stride, padding, dilation, ceil_mode) -> dict:
 
 
 def _is_batch_flatten(node: Node) -> bool:
-    """``x.view(x.size(0), -1)``, ``x.reshape(x.shape[0], -1)`` or ``x.flatten(1)``."""
+    """``x.view(x.size(0), -1)``, ``x.reshape(x.shape[0], -1)``, ``x.flatten(1)`` or ATen ``view(x, [s0, -1])``."""
     if node.target == "flatten":
         return tuple(node.args[1:]) in ((1,), (1, -1)) or node.kwargs.get("start_dim") == 1
     shape = node.args[1:]

@@ -24,12 +24,12 @@ import operator
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.fx import GraphModule, Interpreter, Node
 
-from mpqc.config import QuantizerConfig
+from mpqc import ops
 from mpqc.budgets import LayerBits
+from mpqc.config import QuantizerConfig
 from mpqc.errors import MpqcError
 from mpqc.layers import LAYER_META, LayerInfo
 from mpqc.passes.analyze_layers import layer_nodes
@@ -41,19 +41,6 @@ from mpqc.quantizers.base import positive_levels
 INPUT_QUANTIZER_META = "mpqc.input_quantizer"
 #: Root submodule (an ``nn.ModuleDict``) holding the activation quantizers.
 ACT_QUANTIZERS = "act_quantizers"
-
-_NONNEGATIVE_MODULES = (nn.ReLU, nn.ReLU6, nn.Sigmoid, nn.Hardsigmoid, nn.Softmax)
-_NONNEGATIVE_FUNCTIONS = {F.relu, torch.relu, F.relu6, torch.sigmoid, F.sigmoid, F.hardsigmoid, F.softmax}
-_SIGN_PRESERVING_MODULES = (
-    nn.MaxPool1d, nn.MaxPool2d, nn.AvgPool1d, nn.AvgPool2d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d,
-    nn.AdaptiveMaxPool2d, nn.Flatten, nn.Dropout, nn.Identity,
-)
-_SIGN_PRESERVING_FUNCTIONS = {
-    torch.flatten, F.max_pool2d, F.avg_pool2d, F.adaptive_avg_pool2d, F.adaptive_max_pool2d, F.dropout,
-    torch.cat,
-}
-_SIGN_PRESERVING_METHODS = {"view", "reshape", "flatten", "contiguous", "mean", "permute", "transpose"}
-
 
 @dataclass
 class QuantizedLayer:
@@ -164,9 +151,6 @@ def _quantize_tensor(gm: GraphModule, source: Node, key: str, quantizer: Quantiz
     return target
 
 
-_ELEMENTWISE_MODULES = (nn.ReLU, nn.ReLU6, nn.Hardtanh)
-
-
 def _residual_ends(gm: GraphModule, quantized_sources: set[Node]) -> list[Node]:
     """Residual adds whose result (after any ReLU/clamp) is not already quantized for a following layer.
 
@@ -175,14 +159,13 @@ def _residual_ends(gm: GraphModule, quantized_sources: set[Node]) -> list[Node]:
     """
     ends = []
     for node in gm.graph.nodes:
-        is_add = node.op == "call_function" and node.target in (operator.add, torch.add)
-        if not (is_add and len(node.all_input_nodes) == 2):
+        if not ops.is_tensor_add(node):
             continue
         end = node
         while len(end.users) == 1:
             user = next(iter(end.users))
-            elementwise = (user.op == "call_module" and isinstance(gm.get_submodule(user.target), _ELEMENTWISE_MODULES)) or (
-                user.op == "call_function" and user.target in (F.relu, torch.relu, F.relu6, F.hardtanh)
+            elementwise = ops.is_call(user, ops.ELEMENTWISE_CLAMP_FUNCTIONS) or (
+                user.op == "call_module" and isinstance(gm.get_submodule(user.target), ops.ELEMENTWISE_CLAMP_MODULES)
             )
             if not elementwise:
                 break
@@ -221,29 +204,29 @@ def _nonnegative(gm: GraphModule, node: Node) -> bool:
         module = gm.get_submodule(node.target)
         if isinstance(module, Quantizer):
             return not module.signed
-        if isinstance(module, _NONNEGATIVE_MODULES):
+        if isinstance(module, ops.NONNEGATIVE_MODULES):
             return True
         if isinstance(module, nn.Hardtanh):
             return module.min_val >= 0
-        if isinstance(module, _SIGN_PRESERVING_MODULES):
+        if isinstance(module, ops.SIGN_PRESERVING_MODULES):
             return _all_inputs_nonnegative(gm, node)
         return False
     if node.op == "call_function":
-        if node.target in _NONNEGATIVE_FUNCTIONS:
+        if node.target in ops.NONNEGATIVE_FUNCTIONS:
             return True
-        if node.target is F.hardtanh:
+        if node.target in ops.HARDTANH_FUNCTIONS:
             low = node.kwargs.get("min_val", node.args[1] if len(node.args) > 1 else -1.0)
             return low >= 0
-        if node.target in _SIGN_PRESERVING_FUNCTIONS or node.target in (operator.getitem,):
+        if node.target in ops.SIGN_PRESERVING_FUNCTIONS:
             return _all_inputs_nonnegative(gm, node)
-        if node.target in (operator.add, torch.add, operator.mul, torch.mul):
+        if node.target in ops.ADD_FUNCTIONS | {operator.mul, torch.mul, ops.aten.mul.Tensor}:
             constants = [a for a in node.args if not isinstance(a, Node)]
             return all(isinstance(c, (int, float)) and c >= 0 for c in constants) and _all_inputs_nonnegative(gm, node)
         return False
     if node.op == "call_method":
         if node.target in ("relu", "sigmoid"):
             return True
-        if node.target in _SIGN_PRESERVING_METHODS:
+        if node.target in ops.SIGN_PRESERVING_METHODS:
             return _all_inputs_nonnegative(gm, node)
     return False
 

@@ -174,3 +174,45 @@ def test_cli_bad_model_paths(tmp_path):
     bad_budget = _cli("compile", "--model", "examples/models.py:small_cnn", "--data", "digits", "--budget",
                       "weight-memory=12parsecs", "--out", str(tmp_path / "x"))
     assert bad_budget.returncode == 2 and "12parsecs" in bad_budget.stderr
+
+
+class ShapeBranch(torch.nn.Module):
+    """fx cannot trace the branch on the input shape; torch.export can."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = example_models.small_cnn()
+
+    def forward(self, x):
+        if x.shape[-1] > 4:
+            return self.net(x)
+        return self.net(x) * 2
+
+
+def test_a_model_captured_through_torch_export_compiles_end_to_end(digits_loaders):
+    result = mpqc.compile(ShapeBranch(), _example(digits_loaders), budget="avg-bits=4", data=digits_loaders,
+                          config=FAST)
+    assert result.report["budget"]["met"]
+    ops = [node.op for node in result.program.nodes]
+    assert ops.count("conv2d") == 2 and ops.count("linear") == 1 and ops.count("quantize") == 3
+    x = _example(digits_loaders)
+    assert result.graph(x).argmax(1).tolist() == result(x).argmax(1).tolist()
+
+
+def test_unsupported_ops_are_refused_before_training(digits_loaders, tmp_path):
+    from mpqc.errors import UnsupportedOpError
+
+    class Tanh(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(1, 4, 3)
+            self.fc = torch.nn.Linear(4, 10)
+
+        def forward(self, x):
+            return self.fc(torch.tanh(self.conv(x)).amax((2, 3)))
+
+    with pytest.raises(UnsupportedOpError, match="tanh") as error:
+        mpqc.compile(Tanh(), _example(digits_loaders), budget="avg-bits=4", data=digits_loaders, config=FAST,
+                     out=tmp_path / "run")
+    assert "amax" in str(error.value)
+    assert not (tmp_path / "run" / "checkpoints").exists()  # refused up front, before any search step
