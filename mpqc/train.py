@@ -116,6 +116,10 @@ def train_phase(
                 rng_state = None
             while step_in_epoch < steps_per_epoch:
                 images, labels = next(batches)
+                progress_fraction = (epoch * steps_per_epoch + step_in_epoch) / max(total_steps - 1, 1)
+                for module in model.modules():
+                    if isinstance(module, Quantizer):
+                        module.set_progress(progress_fraction)
                 metrics = _step(model, images, labels, config, budget, teacher, weight_opt, quant_opt)
                 if not math.isfinite(metrics["loss"]):
                     raise TrainingDivergedError(

@@ -107,6 +107,10 @@ class Quantizer(nn.Module):
         """The equivalent fixed-bit quantizer; weight quantizers need the layer's current ``weight``."""
         raise NotImplementedError
 
+    def set_progress(self, fraction: float) -> None:
+        """Where training stands, from 0.0 (first step) to 1.0 (last): for schedules such as annealed
+        temperatures. The training loop calls it before every step."""
+
     def project_(self) -> None:
         """Move parameters back into their valid range; the training loop calls it after every optimizer step."""
 
