@@ -11,8 +11,6 @@ on every later call. Typical use, with a model builder from ``examples/models.py
 from __future__ import annotations
 
 import logging
-import os
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -21,8 +19,10 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from mpqc.checkpoint import atomic_torch_save
 from mpqc.data import cache_root, check_loader, dataset_info, loaders
-from mpqc.errors import CheckpointError, ConfigError, DataError, TrainingDivergedError
+from mpqc.errors import CheckpointError, ConfigError, TrainingDivergedError
+from mpqc.train import evaluate
 
 logger = logging.getLogger(__name__)
 
@@ -91,25 +91,6 @@ def train_fp32(
     return val_acc
 
 
-@torch.no_grad()
-def evaluate(model: nn.Module, loader: DataLoader) -> float:
-    """Top-1 accuracy of ``model`` on ``loader`` in %, in eval mode (the model's previous mode is restored)."""
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    correct, seen = 0, 0
-    try:
-        for images, labels in loader:
-            logits = model(images.to(device))
-            correct += int((logits.argmax(1) == labels.to(device)).sum())
-            seen += len(labels)
-    finally:
-        model.train(was_training)
-    if seen == 0:
-        raise DataError("cannot evaluate on an empty loader")
-    return 100.0 * correct / seen
-
-
 def cached_fp32(
     model_fn: Callable[[], nn.Module],
     data_name: str,
@@ -158,7 +139,7 @@ def cached_fp32(
     model.to(device)
     acc = train_fp32(model, train_loader, val_loader, epochs=epochs, lr=lr, seed=seed, progress=progress)
     model.cpu()
-    _save_atomically(model.state_dict(), path)
+    atomic_torch_save(model.state_dict(), path)
     logger.info("trained fp32 %s on %s: val top-1 %.2f%%; saved to %s", name, data_name, acc, path)
     return model.eval()
 
@@ -188,15 +169,3 @@ def _load_state_dict(model: nn.Module, path: Path) -> None:
         raise CheckpointError(
             f"cached fp32 weights at {path} do not load into the model ({exc}); delete the file to retrain"
         ) from exc
-
-
-def _save_atomically(state: dict[str, torch.Tensor], path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as file:
-            torch.save(state, file)
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise

@@ -200,18 +200,24 @@ def _postfix(metrics: dict[str, float], budget: BudgetTerm | None) -> dict[str, 
 
 @torch.no_grad()
 def evaluate(model: Callable[[Tensor], Tensor], loader: DataLoader) -> float:
-    """Top-1 accuracy in percent of ``model`` (a module or any callable, e.g. an integer program's ``run``)."""
-    if isinstance(model, nn.Module):
-        was_training = model.training
-        model.eval()
+    """Top-1 accuracy in percent of ``model`` on ``loader``: a module (run in eval mode on its parameters' device,
+    its previous mode restored afterwards) or any callable, such as an integer program's ``run``."""
+    module = model if isinstance(model, nn.Module) else None
+    device = next(module.parameters()).device if module is not None else torch.device("cpu")
+    was_training = module.training if module is not None else False
+    if module is not None:
+        module.eval()
     correct = seen = 0
-    for images, labels in loader:
-        correct += int((model(images).argmax(1) == labels).sum())
-        seen += len(labels)
-    if isinstance(model, nn.Module) and was_training:
-        model.train()
+    try:
+        for images, labels in loader:
+            logits = model(images.to(device))
+            correct += int((logits.argmax(1).cpu() == labels).sum())
+            seen += len(labels)
+    finally:
+        if module is not None:
+            module.train(was_training)
     if seen == 0:
-        raise DataError("the validation loader is empty")
+        raise DataError("cannot evaluate on an empty loader")
     return 100.0 * correct / seen
 
 

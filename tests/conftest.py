@@ -26,6 +26,19 @@ from mpqc.quantizers.base import positive_levels
 
 ROOT = Path(__file__).resolve().parent.parent
 
+#: The torchvision classification models every graph pass must handle (random weights).
+TORCHVISION_ZOO = [
+    "resnet18",
+    "resnet50",
+    "mobilenet_v2",
+    "mobilenet_v3_small",
+    "efficientnet_b0",
+    "regnet_x_400mf",
+    "shufflenet_v2_x0_5",
+    "vgg11_bn",
+    "squeezenet1_0",
+]
+
 
 def _load_examples():
     spec = importlib.util.spec_from_file_location("mpqc_example_models", ROOT / "examples" / "models.py")
@@ -61,15 +74,18 @@ def trained_small_cnn(_trained_small_cnn):
 
 
 def randomize_batchnorm(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    """Give every BatchNorm non-trivial eval statistics, so folding and quantization see realistic ranges."""
+    """Non-trivial BatchNorm statistics and affine parameters (eval mode), so folding and quantization see
+    realistic ranges rather than an identity."""
     generator = torch.Generator().manual_seed(seed)
-    for module in model.modules():
-        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
-            n = module.num_features
-            module.running_mean.copy_(torch.randn(n, generator=generator) * 0.1)
-            module.running_var.copy_(torch.rand(n, generator=generator) * 0.5 + 0.5)
-            module.weight.data.copy_(torch.rand(n, generator=generator) * 0.5 + 0.5)
-            module.bias.data.copy_(torch.randn(n, generator=generator) * 0.1)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+                n = module.num_features
+                module.running_mean.copy_(torch.randn(n, generator=generator) * 0.5)
+                module.running_var.copy_(torch.rand(n, generator=generator) * 2 + 0.2)
+                if module.affine:
+                    module.weight.copy_(torch.rand(n, generator=generator) + 0.5)
+                    module.bias.copy_(torch.randn(n, generator=generator) * 0.5)
     return model.eval()
 
 

@@ -14,18 +14,8 @@ from mpqc.layers import LAYER_META, LayerInfo
 from mpqc.passes.analyze_layers import analyze_layers, layer_nodes
 from mpqc.passes.capture import capture
 from mpqc.passes.fold_batchnorm import fold_batchnorm
+from conftest import TORCHVISION_ZOO as ZOO
 
-ZOO = [
-    "resnet18",
-    "resnet50",
-    "mobilenet_v2",
-    "mobilenet_v3_small",
-    "efficientnet_b0",
-    "regnet_x_400mf",
-    "shufflenet_v2_x0_5",
-    "vgg11_bn",
-    "squeezenet1_0",
-]
 
 
 class Tiny(nn.Module):

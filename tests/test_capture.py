@@ -11,18 +11,8 @@ from torch import fx, nn
 
 from mpqc.errors import CaptureError, ExampleInputError
 from mpqc.passes.capture import KEPT_MODULES, capture
+from conftest import TORCHVISION_ZOO as ZOO
 
-ZOO = [
-    "resnet18",
-    "resnet50",
-    "mobilenet_v2",
-    "mobilenet_v3_small",
-    "efficientnet_b0",
-    "regnet_x_400mf",
-    "shufflenet_v2_x0_5",
-    "vgg11_bn",
-    "squeezenet1_0",
-]
 #: The torch.export path is slower; a representative subset runs on it.
 EXPORT_ZOO = ["resnet18", "mobilenet_v2", "shufflenet_v2_x0_5", "squeezenet1_0"]
 _ATEN_LAYER_OPS = ("aten.conv", "aten.linear", "aten.batch_norm")

@@ -224,7 +224,8 @@ def test_every_relu_is_its_own_module():
 
 
 def test_train_fp32_learns_digits_and_evaluate_restores_mode():
-    from mpqc.pretrain import evaluate, train_fp32
+    from mpqc.pretrain import train_fp32
+    from mpqc.train import evaluate
 
     torch.manual_seed(0)
     model = models.small_cnn()

@@ -11,32 +11,9 @@ from torch import fx, nn
 
 from mpqc.passes.capture import capture
 from mpqc.passes.fold_batchnorm import fold_batchnorm
+from conftest import TORCHVISION_ZOO, randomize_batchnorm
 
-ZOO = [
-    "resnet18",
-    "resnet50",
-    "mobilenet_v2",
-    "mobilenet_v3_small",
-    "efficientnet_b0",
-    "regnet_x_400mf",
-    "shufflenet_v2_x0_5",
-    "vgg11_bn",
-]
-
-
-def randomize_batchnorm(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Non-trivial statistics and affine parameters, so that folding is not close to an identity."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, nn.modules.batchnorm._BatchNorm):
-                n = module.num_features
-                module.running_mean.copy_(torch.randn(n, generator=generator) * 0.5)
-                module.running_var.copy_(torch.rand(n, generator=generator) * 2 + 0.2)
-                if module.affine:
-                    module.weight.copy_(torch.rand(n, generator=generator) + 0.5)
-                    module.bias.copy_(torch.randn(n, generator=generator) * 0.5)
-    return model.eval()
+ZOO = [name for name in TORCHVISION_ZOO if name != "squeezenet1_0"]  # squeezenet has no BatchNorm
 
 
 def batchnorm_nodes(gm: fx.GraphModule) -> list[str]:
