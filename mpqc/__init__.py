@@ -5,7 +5,7 @@
 ...                       data=(train_loader, val_loader), method="dq")
 >>> result.save("runs/r20")                                                          # doctest: +SKIP
 """
-from mpqc.budgets import ActivationMemory, AverageBits, BitOps, Budget, WeightMemory, parse_budget
+from mpqc.budgets import ActivationMemory, AverageBits, BitOps, Budget, TargetCost, WeightMemory, parse_budget
 from mpqc.compile import CompiledModel, compile
 from mpqc.config import CompileConfig, QuantizerConfig, TrainConfig
 from mpqc.errors import MpqcError
@@ -14,6 +14,6 @@ from mpqc.reference import IntegerProgram
 
 __all__ = [
     "ActivationMemory", "AverageBits", "BitOps", "BitRange", "Budget", "CompileConfig", "CompiledModel",
-    "IntegerProgram", "METHODS", "MpqcError", "QuantizerConfig", "TrainConfig", "WeightMemory", "compile",
+    "IntegerProgram", "METHODS", "MpqcError", "QuantizerConfig", "TargetCost", "TrainConfig", "WeightMemory", "compile",
     "parse_budget",
 ]

@@ -11,6 +11,7 @@ Conventions (per one input sample, see :class:`mpqc.layers.LayerInfo`):
 * activation mem = max_l (or sum_l) input_elements_l * abits_l / 8   bytes (the input of every quantized layer)
 * BitOPs         = sum_l MACs_l * wbits_l * abits_l
 * average bits   = sum_l params_l * wbits_l / sum_l params_l         (weights)
+* target cycles  = sum_l max(compute_l, memory_l) on an accelerator cost model (``mpqc.targets.fpga``)
 """
 from __future__ import annotations
 
@@ -206,12 +207,12 @@ class AverageBits(Budget):
         return f"{value:.3f} bits"
 
 
-BUDGET_KINDS = ("weight-memory", "activation-memory", "bitops", "avg-bits")
+BUDGET_KINDS = ("weight-memory", "activation-memory", "bitops", "avg-bits", "bitserial", "bitfusion")
 
 
 def parse_budget(text: str) -> Budget:
     """Parse a CLI budget: ``weight-memory=20KiB``, ``activation-memory=8KiB[,sum]``, ``bitops=1.2G``,
-    ``avg-bits=2``."""
+    ``avg-bits=2``, and modelled accelerator cycles ``bitfusion=2.5M``, ``bitserial=800k``."""
     kind, sep, value = text.partition("=")
     kind = kind.strip().lower()
     if not sep or not value.strip():
@@ -237,6 +238,10 @@ def _parse_kind(kind: str, value: str, text: str) -> Budget:
         return BitOps(_parse_number(value, _COUNT_UNITS, text, default_unit=""))
     if kind == "avg-bits":
         return AverageBits(_parse_number(value, {"": 1, "b": 1, "bits": 1}, text, default_unit=""))
+    if kind in _cost_model_names():
+        if option:
+            raise ConfigError(f"budget {text!r}: {kind} takes no option (got {option!r})")
+        return TargetCost(kind, _parse_number(value, _COUNT_UNITS, text, default_unit=""))
     raise ConfigError(f"unknown budget kind {kind!r} in {text!r}; known kinds: {', '.join(BUDGET_KINDS)}")
 
 
@@ -249,3 +254,53 @@ def _parse_number(value: str, units: Mapping[str, float], text: str, default_uni
             f"{', '.join(u or '(none)' for u in units)}"
         )
     return float(match.group(1)) * units[unit]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Accelerator cycles (the cost models live in mpqc.targets.fpga, imported lazily: targets may import heavy
+# back ends, and budgets must stay importable on their own)
+# ---------------------------------------------------------------------------------------------------------------
+def _cost_model_names() -> list[str]:
+    from mpqc.targets.fpga import COST_MODELS
+
+    return sorted(COST_MODELS)
+
+
+@dataclass(frozen=True)
+class TargetCost(Budget):
+    """Modelled cycles per sample on an accelerator cost model registered in ``mpqc.targets.fpga.COST_MODELS``:
+    ``TargetCost("bitfusion", cycles=2.5e6)``, ``TargetCost("bitserial", 8e5)``; CLI ``bitfusion=2.5M``.
+
+    The cost is the model's total cycles, ``sum_l max(compute_l, memory_l)``, at the integer bits freezing rounds
+    to, with straight-through gradients (see ``mpqc/targets/fpga.py``). ``kind`` is the target's name.
+    """
+
+    target: str
+    cycles: float
+    unit = "cycles"
+
+    def __post_init__(self) -> None:
+        from mpqc.targets.fpga import get_cost_model
+
+        get_cost_model(self.target)  # ConfigError naming the known models
+        if isinstance(self.cycles, bool) or not isinstance(self.cycles, (int, float)) or not (
+            self.cycles > 0 and math.isfinite(self.cycles)
+        ):
+            raise ConfigError(f"{self.target} cycle limit must be a positive finite number, got {self.cycles!r}")
+
+    @property
+    def kind(self) -> str:
+        return self.target
+
+    @property
+    def limit(self) -> float:
+        return float(self.cycles)
+
+    def cost(self, layers, bits):
+        from mpqc.targets.fpga import get_cost_model
+
+        model = get_cost_model(self.target)
+        return model.cycles(layers, _stack(layers, bits, "weight"), _stack(layers, bits, "activation")).sum().float()
+
+    def format(self, value: float) -> str:
+        return f"{human_count(value)} cycles"

@@ -17,7 +17,8 @@ from torch import Tensor, nn
 from torch.fx import GraphModule
 from torch.utils.data import DataLoader
 
-from mpqc.budgets import ActivationMemory, AverageBits, BitOps, Budget, LayerBits, WeightMemory, parse_budget
+from mpqc.budgets import (ActivationMemory, AverageBits, BitOps, Budget, LayerBits, TargetCost, WeightMemory,
+                          parse_budget)
 from mpqc.checkpoint import RunDirectory, atomic_torch_save
 from mpqc.config import CompileConfig
 from mpqc.data import check_loader
@@ -61,6 +62,7 @@ def compile(
     if not isinstance(budget, Budget):
         raise ConfigError(f"budget must be an mpqc Budget or a string like 'weight-memory=20KiB', got {budget!r}")
     quant_method = get_method(method)
+    config = quant_method.configure(config)  # the method's defaults where the config leaves them None
     example_inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
     train_loader, val_loader = _split_data(data)
     torch.manual_seed(config.seed)
@@ -218,7 +220,8 @@ def build_report(
         "accuracy": accuracy,
         "layers": [
             {**{key: getattr(layer, key) for key in ("name", "op", "params", "macs", "input_elements",
-                                                      "output_elements")},
+                                                      "output_elements", "out_channels", "bias_params")},
+             **{key: list(getattr(layer, key)) for key in ("weight_shape", "input_shape", "output_shape")},
              "weight_bits": frozen[layer.name][0], "activation_bits": frozen[layer.name][1],
              "weight_bits_search": searched_bits[layer.name][0],
              "activation_bits_search": searched_bits[layer.name][1],
@@ -226,4 +229,14 @@ def build_report(
             for layer in layers
         ],
         "wall_time_s": wall_time,
+        **_cost_section(budget, layers, frozen),
     }
+
+
+def _cost_section(budget: Budget, layers: Sequence[LayerInfo], frozen: dict[str, tuple[int, int]]) -> dict[str, Any]:
+    """``{"cost": ...}``, the modelled cycles per layer (``mpqc.targets.fpga.cost_report``) of a TargetCost run."""
+    if not isinstance(budget, TargetCost):
+        return {}
+    from mpqc.targets.fpga import cost_report
+
+    return {"cost": cost_report(layers, frozen, budget.target)}

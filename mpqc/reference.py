@@ -131,8 +131,13 @@ class IntegerProgram:
         env: dict[str, Tensor | IntValue] = {node.name: x.float() for node, x in zip(placeholders, inputs)}
         for node in self.nodes:
             if node.op != "input":
-                env[node.name] = _EVAL[node.op](self, node, env)
+                env[node.name] = self.step(node, env)
         return env
+
+    def step(self, node: IntNode, env: dict[str, Tensor | IntValue]) -> Tensor | IntValue:
+        """The value of one node given the values of its inputs in ``env`` (targets use it to check step by
+        step)."""
+        return _EVAL[node.op](self, node, env)
 
     def quantize_input(self, node: IntNode, env: dict) -> IntValue:
         s_out = float(node.attrs["scale"])
@@ -377,8 +382,11 @@ def _dequantize(value: Tensor | IntValue) -> Tensor:
     return value
 
 
-def _channel_scale(scale: Tensor, ndim: int) -> Tensor:
-    return scale.reshape([1, -1] + [1] * (ndim - 2))
+def _channel_scale(scale: Tensor, ndim: int, channel_dim: int = 1) -> Tensor:
+    """Per-channel values shaped to broadcast along ``channel_dim`` of a rank-``ndim`` tensor."""
+    shape = [1] * ndim
+    shape[channel_dim] = -1
+    return scale.reshape(shape)
 
 
 def _eval_layer(program: IntegerProgram, node: IntNode, env: dict) -> IntValue:
@@ -392,9 +400,11 @@ def _eval_layer(program: IntegerProgram, node: IntNode, env: dict) -> IntValue:
         acc = F.conv2d(q, w, None, a["stride"], a["padding"], a["dilation"], a["groups"])
     else:
         acc = F.conv1d(q, w, None, a["stride"], a["padding"], a["dilation"], a["groups"])
-    acc = torch.round(acc).to(torch.int64) + _channel_scale(node.tensors["bias"].to(torch.int64), acc.dim())
+    channel_dim = -1 if node.op == "linear" else 1  # a linear layer's output channels are its last dimension
+    acc = torch.round(acc).to(torch.int64) + _channel_scale(node.tensors["bias"].to(torch.int64), acc.dim(),
+                                                           channel_dim)
     scale = x.scale * node.tensors["weight_scale"].to(torch.float64)
-    return IntValue(acc, _channel_scale(scale, acc.dim()))
+    return IntValue(acc, _channel_scale(scale, acc.dim(), channel_dim))
 
 
 def _max_pool(x: Tensor, a: dict) -> Tensor:

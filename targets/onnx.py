@@ -1,0 +1,603 @@
+"""Export an integer program to ONNX in QDQ form, and measure how closely onnxruntime agrees with the reference.
+
+>>> exported = export_onnx(compiled, "model.onnx", input_shapes=[(1, 1, 28, 28)])   # doctest: +SKIP
+>>> compare_with_reference(compiled, "model.onnx", torch.randn(8, 1, 28, 28))["overall"]   # doctest: +SKIP
+{'elements': ..., 'exact': 0.99999, 'within_1_lsb': 1.0, 'max_lsb': 1.0, 'end_to_end_exact': ..., ...}
+
+**Opset 21** by default (``DEFAULT_OPSET``): the first opset whose QuantizeLinear/DequantizeLinear take INT4/UINT4
+and INT16/UINT16 (onnxruntime 1.32 CPU runs them). The model's IR version is the lowest that opset allows (10), so
+older runtimes load it too. ``opset=13..20`` works too, with INT8 storage for every b <= 8.
+
+*Matches*: every node of an :class:`~mpqc.reference.IntegerProgram` (table ``CONVERTERS``, keyed by op); the ops
+that have no converter, or a converter that refuses the node's attributes, raise one
+:class:`~mpqc.errors.UnsupportedOpError` listing every such node.
+
+*Rewrites to* (QDQ: the tensors between ops are real-valued, integers live between Q and DQ):
+
+* ``quantize`` (b bits, scale ``s``) -> ``Clip(qmin*s, qmax*s)`` -> ``QuantizeLinear(s, 0)`` -> ``DequantizeLinear``.
+  The integer codes (the QuantizeLinear output, ``<quantizer>.q``) are INT8/UINT8 for b <= 8 (INT16/UINT16 above).
+  QuantizeLinear rounds half to even like the reference but saturates to the whole storage type, so the b-bit
+  clamp comes first, as a float Clip at the range's ends in units of ``s``. Clamping before rounding is exact,
+  not an approximation: rounding ``x/s`` is monotone and maps ``fp32(qmax*s)`` back to ``qmax`` (the product is
+  within half an fp32 ulp, the quotient within one, far from a .5 tie for any qmax < 2**22), so
+  ``round(clip(x)/s) == clamp(round(x/s), qmin, qmax)`` for every fp32 ``x``. An integer Clip after
+  QuantizeLinear would be exact too, but onnxruntime 1.32's CPU Clip has int8/uint8 kernels only (int16 fails),
+  and measured no faster. onnxruntime drops a Clip before QuantizeLinear only when its quantized range covers
+  the whole storage type, i.e. when the clamp is a no-op; where it is one (unsigned 8 bits) none is emitted.
+* **Why activations are not INT4** even at b <= 4: onnxruntime 1.32 runs QuantizeLinear/DequantizeLinear with
+  INT4/UINT4 on CPU, but its graph optimiser mishandles a sub-byte QuantizeLinear *output*: with
+  ``Relu -> QuantizeLinear(INT4)`` it drops the Relu (negative codes come out), and on ResNet-20 a
+  ``Clip -> QuantizeLinear(UINT4)`` aborts session creation ("Unexpected data type for QuantizeLinear input
+  y_zero_point of 21", ``ClipQuantFusion``). Activation codes are run-time tensors, so INT8 storage costs no file
+  size; the b-bit range is what the Clip enforces and what the metadata records.
+* ``conv1d`` / ``conv2d`` (groups, so depthwise too) -> ``Conv``; ``linear`` (on a rank-2 input) ->
+  ``Gemm(transB=1)``. Each reads its input from the quantizer's DequantizeLinear, its weight as
+  ``DequantizeLinear(axis=0)`` of the integer weight initializer (INT4 for b <= 4, packed two to a byte, which
+  onnxruntime 1.32 CPU dequantizes correctly per channel; INT8 for b <= 8; INT16 above; INT8 for every b <= 8 at
+  opsets below 21; zero points 0; one fp32 scale per output channel), and its bias as ``DequantizeLinear(axis=0)``
+  of the int32 bias at scale ``fp32(s_in * s_w)``: the reference's accumulator scale.
+* ``relu`` -> Relu, ``clamp`` -> Clip, ``add`` -> Add, ``max_pool2d`` -> MaxPool, ``global_avg_pool`` ->
+  GlobalAveragePool, ``avg_pool2d`` -> AveragePool, ``flatten`` -> Flatten (``start_dim`` 1) or Reshape, ``identity``
+  -> Identity, ``cat`` -> Concat: fp32 arithmetic on the dequantized values, which is the reference's arithmetic
+  up to fp32 rounding (the reference rescales exact integers by one fp32 multiplier; ONNX divides an fp32 sum by
+  the scale), hence the rare 1-LSB differences the contract allows.
+
+*Names*: a program value keeps its name as the ONNX tensor name (graph inputs and outputs too). A layer's main
+node (Conv/Gemm) is named after its PyTorch module (``layer1.0.conv1``), its initializers ``<module>.weight``,
+``.weight_scale``, ``.bias``, ...; a quantizer's nodes ``<module>/Clip``, ``<module>/QuantizeLinear``,
+``<module>/DequantizeLinear``; other nodes after the program node.
+
+*Metadata* (``metadata_props``, keys declared below): the format and opset, ``mpqc.bits.<tensor>`` with the
+bit-width of every integer tensor (weights, activation codes, int32 biases), ``mpqc.layers`` (JSON: one entry per
+layer with its weight and input tensors, bits and storage types) and ``mpqc.quantizers`` (JSON: program quantizer
+-> code tensor, bits, sign, scale, storage), which :func:`compare_with_reference` reads.
+
+*Ensures* (tested on ResNet-20, torchvision ResNet-18 and MobileNetV2 at mixed 2-8 bits):
+``onnx.checker.check_model(full_check=True)`` passes, onnxruntime's CPU provider runs the model, and at every
+quantizer its requantisation step agrees with the reference's within 1 LSB on >= 99.9% of elements (in practice
+all but a few in a million are equal; see :func:`compare_with_reference` for the metric).
+"""
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import torch
+from onnx import TensorProto, helper, numpy_helper
+from torch import Tensor
+
+from mpqc.errors import ConfigError, MpqcError, UnsupportedOpError
+from mpqc.quantizers.base import integer_range
+from mpqc.reference import IntegerProgram, IntNode, IntValue
+
+DEFAULT_OPSET = 21
+MIN_OPSET = 13  # per-axis DequantizeLinear
+EXPORT_FORMAT = "mpqc-onnx-qdq/1"
+
+# metadata_props keys, declared once
+META_FORMAT = "mpqc.format"
+META_OPSET = "mpqc.opset"
+META_BITS = "mpqc.bits."  # + tensor name
+META_LAYERS = "mpqc.layers"
+META_QUANTIZERS = "mpqc.quantizers"
+
+BATCH_DIM = "N"
+AGREEMENT_FLOOR = 0.999  # the fraction of codes within 1 LSB of the reference the contract asks of onnxruntime
+
+
+# --------------------------------------------------------------------------------------------- storage types
+def storage_type(bits: int, signed: bool, opset: int = DEFAULT_OPSET, *, sub_byte: bool = False) -> int:
+    """The ONNX element type that stores a b-bit integer: INT4/UINT4 for b <= 4 where ``sub_byte`` (weights) and
+    the opset allows (>= 21), INT8/UINT8 for b <= 8, INT16/UINT16 for b <= 16 (opset >= 21).
+    Raises :class:`ConfigError` where the opset has no such type."""
+    if sub_byte and bits <= 4 and opset >= 21:
+        return TensorProto.INT4 if signed else TensorProto.UINT4
+    if bits <= 8:
+        return TensorProto.INT8 if signed else TensorProto.UINT8
+    if bits <= 16 and opset >= 21:
+        return TensorProto.INT16 if signed else TensorProto.UINT16
+    raise ConfigError(f"opset {opset} has no QuantizeLinear type for {bits}-bit {'signed' if signed else 'unsigned'}"
+                      " integers (INT16/UINT16 need opset 21)")
+
+
+def _type_range(elem_type: int) -> tuple[int, int]:
+    info = np.iinfo(helper.tensor_dtype_to_np_dtype(elem_type)) if elem_type not in _SUB_BYTE else None
+    return _SUB_BYTE[elem_type] if info is None else (int(info.min), int(info.max))
+
+
+_SUB_BYTE = {TensorProto.INT4: (-8, 7), TensorProto.UINT4: (0, 15)}
+
+
+def _integer_tensor(values: np.ndarray | Tensor, elem_type: int, name: str) -> TensorProto:
+    """An initializer of ``elem_type`` (sub-byte types packed two to a byte)."""
+    array = values.numpy() if isinstance(values, Tensor) else np.asarray(values)
+    return numpy_helper.from_array(array.astype(helper.tensor_dtype_to_np_dtype(elem_type)), name)
+
+
+def _float_tensor(values, name: str) -> TensorProto:
+    return numpy_helper.from_array(np.asarray(values, dtype=np.float32), name)
+
+
+# --------------------------------------------------------------------------------------------- the result
+@dataclass(frozen=True)
+class OnnxExport:
+    """What :func:`export_onnx` wrote: the file, the opset and, per quantized tensor, its bits and storage."""
+
+    path: Path | None  # None from build_onnx, which writes nothing
+    opset: int
+    inputs: dict[str, list[int | str]]  # graph input -> shape ("N" is the dynamic batch)
+    outputs: list[str]
+    quantizers: dict[str, dict[str, Any]]  # program quantize node -> code tensor, bits, signed, scale, storage
+    layers: list[dict[str, Any]]  # per layer: module, op, weight/input tensors, bits, storage
+    bits: dict[str, int] = field(repr=False)  # every integer tensor -> bit-width
+
+    def storage_counts(self) -> dict[str, int]:
+        """How many weight and activation-code tensors each storage type holds."""
+        counts: dict[str, int] = {}
+        kinds = [layer["weight_storage"] for layer in self.layers] + [q["storage"] for q in self.quantizers.values()]
+        for kind in kinds:
+            counts[kind] = counts.get(kind, 0) + 1
+        return dict(sorted(counts.items()))
+
+
+# --------------------------------------------------------------------------------------------- building
+class _Unsupported(Exception):
+    pass
+
+
+class _Builder:
+    """Accumulates nodes, initializers and metadata; converters read program values by name."""
+
+    def __init__(self, program: IntegerProgram, opset: int) -> None:
+        self.program = program
+        self.opset = opset
+        self.by_name = {node.name: node for node in program.nodes}
+        self.nodes: list[onnx.NodeProto] = []
+        self.initializers: list[TensorProto] = []
+        self.inputs: list[onnx.ValueInfoProto] = []
+        self.rank: dict[str, int | None] = {}
+        self.bits: dict[str, int] = {}
+        self.quantizers: dict[str, dict[str, Any]] = {}
+        self.layers: list[dict[str, Any]] = []
+        self._labels: set[str] = set()
+
+    def label(self, node: IntNode) -> str:
+        """The name ONNX nodes of ``node`` carry: its PyTorch module where it has one, unique in the graph."""
+        label = node.attrs.get("module", node.name)
+        if label in self._labels:
+            label = node.name if node.name not in self._labels else f"{label}#{node.name}"
+        self._labels.add(label)
+        return label
+
+    def add(self, op: str, inputs: list[str], outputs: list[str], name: str, **attrs) -> None:
+        self.nodes.append(helper.make_node(op, inputs, outputs, name=name, **attrs))
+
+    def initializer(self, tensor: TensorProto) -> str:
+        self.initializers.append(tensor)
+        return tensor.name
+
+
+_SHAPE_KEEPING = ("quantize", "relu", "clamp", "identity", "add")
+
+
+def _convert_input(b: _Builder, node: IntNode, shape: Sequence[int] | None) -> None:
+    if shape is None:
+        shape = _input_dims(b.program, node)
+    dims = [BATCH_DIM, *shape[1:]]
+    b.inputs.append(helper.make_tensor_value_info(node.name, TensorProto.FLOAT, dims))
+    b.rank[node.name] = len(dims)
+
+
+def _input_dims(program: IntegerProgram, node: IntNode) -> list[int | str]:
+    """Dims of an input whose shape was not given, from the first conv it feeds through shape-keeping ops:
+    ``[N, C, H, W]`` (``[N, C, L]``) with only C known. ONNX graph inputs need a rank."""
+    frontier, seen = [node.name], set()
+    while frontier:
+        name = frontier.pop()
+        for user in program.nodes:
+            if name in user.inputs and user.name not in seen:
+                seen.add(user.name)
+                if user.op in ("conv1d", "conv2d"):
+                    weight = user.tensors["weight"]
+                    return [BATCH_DIM, weight.shape[1] * user.attrs["groups"], *["H", "W"][: weight.dim() - 2]]
+                if user.op in _SHAPE_KEEPING:
+                    frontier.append(user.name)
+    raise ConfigError(f"the rank of input {node.name!r} cannot be told from the program: pass input_shapes")
+
+
+def _convert_quantize(b: _Builder, node: IntNode) -> None:
+    label = b.label(node)
+    bits, signed, scale = node.attrs["bits"], node.attrs["signed"], float(node.attrs["scale"])
+    try:
+        elem_type = storage_type(bits, signed, b.opset)
+    except ConfigError as error:
+        raise _Unsupported(str(error)) from None
+    qmin, qmax = integer_range(bits, signed)
+    source = node.inputs[0]
+    scale_name = b.initializer(_float_tensor(scale, f"{label}.scale"))
+    zero = b.initializer(_integer_tensor(np.zeros(()), elem_type, f"{label}.zero_point"))
+    codes = f"{label}.q"
+    clip = (qmin, qmax) != _type_range(elem_type)
+    if clip:
+        low = b.initializer(_float_tensor(qmin * scale, f"{label}.clip_min"))
+        high = b.initializer(_float_tensor(qmax * scale, f"{label}.clip_max"))
+        b.add("Clip", [source, low, high], [f"{label}.clipped"], f"{label}/Clip")
+        source = f"{label}.clipped"
+    b.add("QuantizeLinear", [source, scale_name, zero], [codes], f"{label}/QuantizeLinear")
+    b.add("DequantizeLinear", [codes, scale_name, zero], [node.name], f"{label}/DequantizeLinear")
+    b.rank[node.name] = b.rank.get(node.inputs[0])
+    b.bits[codes] = bits
+    b.quantizers[node.name] = {"module": node.attrs.get("module", node.name), "tensor": codes, "bits": bits,
+                               "signed": signed, "scale": scale, "storage": TensorProto.DataType.Name(elem_type),
+                               "clip": clip}
+
+
+def _dequantized_parameter(b: _Builder, label: str, key: str, values: Tensor, elem_type: int,
+                           scale: np.ndarray) -> str:
+    """``DequantizeLinear(axis=0)`` of an integer initializer with per-channel ``scale`` and zero points 0."""
+    data = b.initializer(_integer_tensor(values, elem_type, f"{label}.{key}"))
+    scale_name = b.initializer(_float_tensor(scale, f"{label}.{key}_scale"))
+    zero = b.initializer(_integer_tensor(np.zeros(scale.shape), elem_type, f"{label}.{key}_zero_point"))
+    out = f"{label}.{key}_dequantized"
+    b.add("DequantizeLinear", [data, scale_name, zero], [out], f"{label}/{key}/DequantizeLinear", axis=0)
+    return out
+
+
+def _convert_layer(b: _Builder, node: IntNode) -> None:
+    label = b.label(node)
+    source = b.by_name[node.inputs[0]]  # a quantize node (IntegerProgram checks it)
+    if source.name not in b.quantizers:
+        raise _Unsupported(f"its input quantizer {source.name} is not exported")
+    weight, bits = node.tensors["weight"], node.attrs["weight_bits"]
+    try:
+        weight_type = storage_type(bits, True, b.opset, sub_byte=True)
+    except ConfigError as error:
+        raise _Unsupported(str(error)) from None
+    weight_scale = node.tensors["weight_scale"].to(torch.float32)
+    bias_scale = (float(source.attrs["scale"]) * weight_scale.double()).to(torch.float32)
+    w = _dequantized_parameter(b, label, "weight", weight, weight_type, weight_scale.numpy())
+    bias = _dequantized_parameter(b, label, "bias", node.tensors["bias"].to(torch.int32), TensorProto.INT32,
+                                  bias_scale.numpy())
+    x, a = node.inputs[0], node.attrs
+    if node.op == "linear":
+        if b.rank.get(x) != 2:  # Gemm takes rank-2 inputs only
+            raise _Unsupported(f"linear on a rank-{b.rank.get(x)} input (rank 2 only)")
+        b.add("Gemm", [x, w, bias], [node.name], label, transB=1)
+        b.rank[node.name] = 2
+    else:
+        b.add("Conv", [x, w, bias], [node.name], label, kernel_shape=list(weight.shape[2:]),
+              strides=list(a["stride"]), pads=list(a["padding"]) * 2, dilations=list(a["dilation"]), group=a["groups"])
+        b.rank[node.name] = weight.dim()
+    b.bits.update({f"{label}.weight": bits, f"{label}.bias": 32})
+    quantizer = b.quantizers[source.name]
+    b.layers.append({"layer": a["module"], "op": node.op, "node": label, "weight": f"{label}.weight",
+                     "weight_bits": bits, "weight_storage": TensorProto.DataType.Name(weight_type),
+                     "input": quantizer["tensor"], "input_bits": quantizer["bits"], "input_signed": quantizer["signed"],
+                     "input_storage": quantizer["storage"], "bias": f"{label}.bias", "output": node.name})
+
+
+def _unary(onnx_op: str, **attrs) -> Callable[[_Builder, IntNode], None]:
+    def convert(b: _Builder, node: IntNode) -> None:
+        b.add(onnx_op, [node.inputs[0]], [node.name], b.label(node), **attrs)
+        b.rank[node.name] = b.rank.get(node.inputs[0])
+
+    return convert
+
+
+def _convert_clamp(b: _Builder, node: IntNode) -> None:
+    label = b.label(node)
+    low = b.initializer(_float_tensor(node.attrs["min"], f"{label}.min"))
+    high = b.initializer(_float_tensor(node.attrs["max"], f"{label}.max"))
+    b.add("Clip", [node.inputs[0], low, high], [node.name], label)
+    b.rank[node.name] = b.rank.get(node.inputs[0])
+
+
+def _convert_add(b: _Builder, node: IntNode) -> None:
+    b.add("Add", list(node.inputs), [node.name], b.label(node))
+    ranks = [b.rank.get(name) for name in node.inputs]
+    b.rank[node.name] = None if None in ranks else max(ranks)
+
+
+def _convert_max_pool(b: _Builder, node: IntNode) -> None:
+    a = node.attrs
+    b.add("MaxPool", [node.inputs[0]], [node.name], b.label(node), kernel_shape=a["kernel"], strides=a["stride"],
+          pads=list(a["padding"]) * 2, dilations=a["dilation"], ceil_mode=int(a["ceil_mode"]))
+    b.rank[node.name] = 4
+
+
+def _convert_avg_pool(b: _Builder, node: IntNode) -> None:
+    a = node.attrs
+    if list(a["padding"]) != [0, 0] or a["ceil_mode"]:
+        raise _Unsupported("average pooling with padding or ceil_mode")
+    b.add("AveragePool", [node.inputs[0]], [node.name], b.label(node), kernel_shape=a["kernel"], strides=a["stride"])
+    b.rank[node.name] = 4
+
+
+def _convert_flatten(b: _Builder, node: IntNode) -> None:
+    label, x, start = b.label(node), node.inputs[0], node.attrs["start_dim"]
+    rank = b.rank.get(x)
+    if start < 0:
+        if rank is None:
+            raise _Unsupported(f"flatten(start_dim={start}) of a tensor of unknown rank: pass input_shapes")
+        start += rank
+    if start == 1:
+        b.add("Flatten", [x], [node.name], label, axis=1)
+    else:  # torch.flatten(x, start): keep the first `start` dims (0 copies a dim in Reshape), merge the rest
+        shape = b.initializer(numpy_helper.from_array(np.array([0] * start + [-1], dtype=np.int64), f"{label}.shape"))
+        b.add("Reshape", [x, shape], [node.name], label)
+    b.rank[node.name] = start + 1
+
+
+def _convert_cat(b: _Builder, node: IntNode) -> None:
+    b.add("Concat", list(node.inputs), [node.name], b.label(node), axis=node.attrs["dim"])
+    b.rank[node.name] = b.rank.get(node.inputs[0])
+
+
+CONVERTERS: dict[str, Callable[[_Builder, IntNode], None]] = {
+    "quantize": _convert_quantize,
+    "conv1d": _convert_layer,
+    "conv2d": _convert_layer,
+    "linear": _convert_layer,
+    "relu": _unary("Relu"),
+    "clamp": _convert_clamp,
+    "add": _convert_add,
+    "max_pool2d": _convert_max_pool,
+    "global_avg_pool": _unary("GlobalAveragePool"),
+    "avg_pool2d": _convert_avg_pool,
+    "flatten": _convert_flatten,
+    "identity": _unary("Identity"),
+    "cat": _convert_cat,
+}
+
+
+def _program(model: IntegerProgram | Any) -> IntegerProgram:
+    """The integer program of an :class:`IntegerProgram` or a ``CompiledModel``."""
+    program = getattr(model, "program", model)
+    if not isinstance(program, IntegerProgram):
+        raise ConfigError(f"expected an IntegerProgram or a CompiledModel, got {type(model).__name__}")
+    return program
+
+
+def build_onnx(model: IntegerProgram | Any, *, input_shapes: Sequence[Sequence[int]] | None = None,
+               opset: int = DEFAULT_OPSET) -> tuple[onnx.ModelProto, OnnxExport]:
+    """The QDQ ``ModelProto`` of ``model`` (an IntegerProgram or a CompiledModel), checked, not written.
+
+    ``input_shapes`` gives one full shape per program input (the batch dimension is exported as the dynamic
+    ``"N"``); without it an input's rank and channels come from the first conv it feeds, its other sizes are
+    left dynamic (``"H"``, ``"W"``).
+    """
+    program = _program(model)
+    if not MIN_OPSET <= opset <= onnx.defs.onnx_opset_version():
+        raise ConfigError(f"opset {opset} is outside the supported {MIN_OPSET}..{onnx.defs.onnx_opset_version()}")
+    placeholders = [node for node in program.nodes if node.op == "input"]
+    if input_shapes is not None and len(input_shapes) != len(placeholders):
+        raise ConfigError(f"input_shapes has {len(input_shapes)} shape(s); the program takes {len(placeholders)} "
+                          "input(s)")
+    shapes = dict(zip([n.name for n in placeholders], input_shapes or [None] * len(placeholders)))
+
+    builder = _Builder(program, opset)
+    unsupported: list[str] = []
+    for node in program.nodes:
+        if node.op == "input":
+            _convert_input(builder, node, shapes[node.name])
+            continue
+        convert = CONVERTERS.get(node.op)
+        try:
+            if convert is None:
+                raise _Unsupported(f"no ONNX converter for op {node.op!r}")
+            convert(builder, node)
+        except _Unsupported as reason:
+            unsupported.append(f"{node.name} = {node.op}({', '.join(node.inputs)})  ({reason})")
+            builder.rank[node.name] = builder.rank.get(node.inputs[0]) if node.inputs else None  # go on listing
+    if unsupported:
+        raise UnsupportedOpError(f"ONNX export cannot express {len(unsupported)} node(s):\n  "
+                                 + "\n  ".join(unsupported))
+
+    graph = helper.make_graph(builder.nodes, "mpqc_integer_program", builder.inputs, [], builder.initializers,
+                              doc_string="mpqc integer program in QDQ form (see mpqc.targets.onnx)")
+    opset_ids = [helper.make_opsetid("", opset)]
+    onnx_model = helper.make_model(graph, opset_imports=opset_ids, producer_name="mpqc",
+                                   ir_version=helper.find_min_ir_version_for(opset_ids))
+    onnx_model.graph.output.extend(_output_types(onnx_model, program.outputs))
+    metadata = {META_FORMAT: EXPORT_FORMAT, META_OPSET: str(opset),
+                META_LAYERS: json.dumps(builder.layers), META_QUANTIZERS: json.dumps(builder.quantizers),
+                **{META_BITS + name: str(bits) for name, bits in builder.bits.items()}}
+    helper.set_model_props(onnx_model, metadata)
+    try:
+        onnx.checker.check_model(onnx_model, full_check=True)
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as error:
+        raise MpqcError(f"the exported ONNX model fails onnx.checker: {error}") from error
+    inputs = {value.name: [d.dim_param or d.dim_value for d in value.type.tensor_type.shape.dim]
+              for value in builder.inputs}
+    return onnx_model, OnnxExport(path=None, opset=opset, inputs=inputs, outputs=list(program.outputs),
+                                  quantizers=builder.quantizers, layers=builder.layers, bits=builder.bits)
+
+
+def _output_types(onnx_model: onnx.ModelProto, names: list[str]) -> list[onnx.ValueInfoProto]:
+    """Graph outputs typed by ONNX shape inference (the checker wants every graph output to have a shape)."""
+    inferred = onnx.shape_inference.infer_shapes(onnx_model)
+    known = {value.name: value for value in inferred.graph.value_info}
+    outputs = []
+    for name in names:
+        if name in known and known[name].type.tensor_type.HasField("shape"):
+            outputs.append(known[name])
+        else:
+            raise MpqcError(f"ONNX shape inference gives no shape for the program output {name!r}")
+    return outputs
+
+
+def export_onnx(model: IntegerProgram | Any, path: str | Path, *,
+                input_shapes: Sequence[Sequence[int]] | None = None, opset: int = DEFAULT_OPSET) -> OnnxExport:
+    """Write ``model`` (an IntegerProgram or a CompiledModel) to ``path`` as a QDQ ONNX model; see the module
+    docstring for the construction and :func:`build_onnx` for the arguments."""
+    onnx_model, export = build_onnx(model, input_shapes=input_shapes, opset=opset)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(onnx_model, path)
+    return replace(export, path=path)
+
+
+def read_metadata(onnx_model: onnx.ModelProto | str | Path) -> dict[str, Any]:
+    """The mpqc metadata of an exported model: format, opset, bits per tensor, layers and quantizers."""
+    if not isinstance(onnx_model, onnx.ModelProto):
+        onnx_model = onnx.load(str(onnx_model), load_external_data=False)
+    props = {prop.key: prop.value for prop in onnx_model.metadata_props}
+    if props.get(META_FORMAT) != EXPORT_FORMAT:
+        raise MpqcError(f"the ONNX model is not an {EXPORT_FORMAT} export (metadata {META_FORMAT!r} is "
+                        f"{props.get(META_FORMAT)!r})")
+    return {"format": props[META_FORMAT], "opset": int(props[META_OPSET]),
+            "bits": {key[len(META_BITS):]: int(value) for key, value in props.items() if key.startswith(META_BITS)},
+            "layers": json.loads(props[META_LAYERS]), "quantizers": json.loads(props[META_QUANTIZERS])}
+
+
+def input_shape_from_report(compiled: Any) -> tuple[int, ...] | None:
+    """A one-example input shape for a ``CompiledModel`` whose single input reaches its first layer through
+    quantizers only: ``(1, *input_shape)`` of that layer in the report. None where that cannot be told."""
+    program = _program(compiled)
+    by_name = {node.name: node for node in program.nodes}
+    inputs, layers = [node for node in program.nodes if node.op == "input"], program.layers()
+    if len(inputs) != 1 or not layers:
+        return None
+    source = by_name[layers[0].inputs[0]]
+    if by_name[source.inputs[0]].op != "input":
+        return None
+    shapes = {entry.get("name"): entry.get("input_shape") for entry in (compiled.report or {}).get("layers", [])}
+    shape = shapes.get(layers[0].attrs["module"])
+    return (1, *shape) if shape else None
+
+
+# --------------------------------------------------------------------------------------------- checking
+def inference_session(onnx_model: onnx.ModelProto | str | Path, *, optimize: bool = True, threads: int = 0):
+    """An onnxruntime CPU session whose threads sleep when idle (spinning starves shared cores).
+
+    ``optimize=False`` runs the graph as written (no QDQ fusion into onnxruntime's integer kernels)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    if not optimize:
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    data = onnx_model.SerializeToString() if isinstance(onnx_model, onnx.ModelProto) else str(onnx_model)
+    return ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
+
+
+def _with_codes_as_outputs(onnx_model: onnx.ModelProto, codes: list[str]) -> onnx.ModelProto:
+    """A copy whose integer codes are extra int32 graph outputs (``Cast``, since numpy has no int4)."""
+    exposed = onnx.ModelProto()
+    exposed.CopyFrom(onnx_model)
+    for name in codes:
+        exposed.graph.node.append(helper.make_node("Cast", [name], [f"{name}.int32"], name=f"{name}/Cast",
+                                                   to=TensorProto.INT32))
+        exposed.graph.output.append(helper.make_tensor_value_info(f"{name}.int32", TensorProto.INT32, None))
+    return exposed
+
+
+def _agreement(diff: np.ndarray, prefix: str = "") -> dict[str, float]:
+    """Fractions of elements whose code differs by 0 and by at most 1 LSB (``diff`` in LSBs), and the largest."""
+    diff = np.abs(diff)
+    return {f"{prefix}exact": float(np.mean(diff < 0.5)) if diff.size else 1.0,
+            f"{prefix}within_1_lsb": float(np.mean(diff <= 1.0 + 1e-6)) if diff.size else 1.0,
+            f"{prefix}max_lsb": float(diff.max()) if diff.size else 0.0}
+
+
+def _output_lsb(onnx_out: np.ndarray, value: Tensor | IntValue) -> np.ndarray | None:
+    """An output's error in LSBs of its reference scale (for integer outputs), else None."""
+    if not isinstance(value, IntValue):
+        return None
+    scale = torch.broadcast_to(value.scale, value.q.shape).numpy()
+    return onnx_out.astype(np.float64) / scale - value.q.numpy()
+
+
+def compare_with_reference(model: IntegerProgram | Any, onnx_model: onnx.ModelProto | str | Path,
+                           inputs: Tensor | Sequence[Tensor], *, optimize: bool = True) -> dict[str, Any]:
+    """How closely onnxruntime (CPU) running ``onnx_model`` agrees with ``model``'s integer reference on ``inputs``.
+
+    Agreement is measured on integer codes: at every quantizer (the QuantizeLinear output, exposed as an extra
+    output) and at every integer program output (an int32 accumulator, or codes: the ONNX output divided by the
+    reference's per-channel scale). Each gets ``elements``, ``exact`` (the fraction of elements with the same
+    code), ``within_1_lsb`` (off by at most one) and ``max_lsb``, measured **stepwise**: the reference is re-run
+    with onnxruntime's codes substituted at every quantizer, so each quantizer's numbers judge its own
+    requantisation step, which is what the contract bounds. The same three with the prefix ``end_to_end_`` compare
+    with the reference run on its own; there a 1-LSB flip at a rounding tie early on moves later codes too,
+    and in deep nets at low bits that amplifies (ResNet-20 at 2-8 bits: one flipped code in ``layer2`` left 14%
+    of the last quantizer's codes different, each step exact). ``overall`` pools every quantizer's elements;
+    ``outputs`` adds ``max_abs_error`` and ``max_abs_reference`` (end to end). Final outputs come from a session of
+    the model as written; the codes from a second session with the extra outputs, which may keep onnxruntime
+    from fusing those Q/DQ pairs. ``optimize=False`` disables onnxruntime's graph optimisations in both.
+    """
+
+    program = _program(model)
+    if not isinstance(onnx_model, onnx.ModelProto):
+        onnx_model = onnx.load(str(onnx_model))
+    quantizers = read_metadata(onnx_model)["quantizers"]
+    missing = sorted(set(quantizers) - {node.name for node in program.nodes if node.op == "quantize"})
+    if missing:
+        raise MpqcError(f"the ONNX model was not exported from this program: it has quantizers {missing[:5]} "
+                        "that the program lacks")
+    inputs = (inputs,) if isinstance(inputs, Tensor) else tuple(inputs)
+    names = [node.name for node in program.nodes if node.op == "input"]
+    feeds = {name: x.detach().float().contiguous().numpy() for name, x in zip(names, inputs)}
+
+    outputs = dict(zip(program.outputs, inference_session(onnx_model, optimize=optimize).run(program.outputs, feeds)))
+    code_names = [q["tensor"] for q in quantizers.values()]
+    session = inference_session(_with_codes_as_outputs(onnx_model, code_names), optimize=optimize)
+    onnx_codes = {name: torch.from_numpy(codes.astype(np.int64))
+                  for name, codes in zip(quantizers, session.run([f"{name}.int32" for name in code_names], feeds))}
+
+    reference = program.run_all(*inputs)
+    stepwise: dict[str, Tensor | IntValue] = {name: x.float() for name, x in zip(names, inputs)}
+    stepwise_codes: dict[str, Tensor] = {}  # the reference's codes computed from onnxruntime's codes upstream
+    for node in program.nodes:
+        if node.op != "input":
+            value = program.step(node, stepwise)
+            if node.name in onnx_codes:
+                stepwise_codes[node.name] = value.q
+                value = IntValue(onnx_codes[node.name], value.scale)
+            stepwise[node.name] = value
+
+    result: dict[str, Any] = {"quantizers": {}, "outputs": {}}
+    pooled_step, pooled_e2e = [], []
+    for name, info in quantizers.items():
+        step, e2e = onnx_codes[name] - stepwise_codes[name], onnx_codes[name] - reference[name].q
+        result["quantizers"][name] = {"bits": info["bits"], "signed": info["signed"], "elements": step.numel(),
+                                      **_agreement(step.numpy()), **_agreement(e2e.numpy(), "end_to_end_")}
+        pooled_step.append(step.reshape(-1))
+        pooled_e2e.append(e2e.reshape(-1))
+    step, e2e = (torch.cat(pooled).numpy() if pooled else np.zeros(0) for pooled in (pooled_step, pooled_e2e))
+    result["overall"] = {"elements": step.size, **_agreement(step), **_agreement(e2e, "end_to_end_")}
+    for name, out in outputs.items():
+        ref = reference[name]
+        exact = ref.q.double() * ref.scale if isinstance(ref, IntValue) else ref.double()
+        stats: dict[str, Any] = {"elements": out.size, "max_abs_error": float(np.abs(out - exact.numpy()).max()),
+                                 "max_abs_reference": float(exact.abs().max())}
+        step, e2e = _output_lsb(out, stepwise[name]), _output_lsb(out, ref)
+        if step is not None and e2e is not None:
+            stats.update(**_agreement(step), **_agreement(e2e, "end_to_end_"))
+        result["outputs"][name] = stats
+    return result
+
+
+def format_agreement(agreement: dict[str, Any]) -> str:
+    """A few lines for a terminal: overall agreement, the worst quantizer, each output."""
+    def line(label: str, s: dict[str, Any]) -> str:
+        return (f"{label}: {s['within_1_lsb']:.4%} within 1 LSB, {s['exact']:.4%} exact, max {s['max_lsb']:.3g} LSB "
+                f"over {s['elements']} elements (end to end: {s['end_to_end_within_1_lsb']:.4%}, "
+                f"{s['end_to_end_exact']:.4%}, max {s['end_to_end_max_lsb']:.3g})")
+
+    lines = [line("all quantizers", agreement["overall"])]
+    if agreement["quantizers"]:
+        worst = min(agreement["quantizers"], key=lambda n: (agreement["quantizers"][n]["within_1_lsb"],
+                                                            agreement["quantizers"][n]["exact"]))
+        lines.append(line(f"worst quantizer {worst}", agreement["quantizers"][worst]))
+    for name, stats in agreement["outputs"].items():
+        if "exact" in stats:
+            lines.append(line(f"output {name}", stats))
+        lines.append(f"output {name}: max |onnxruntime - reference| = {stats['max_abs_error']:.3g} "
+                     f"(reference max |value| {stats['max_abs_reference']:.3g})")
+    return "\n".join(lines)

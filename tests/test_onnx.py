@@ -1,0 +1,241 @@
+"""ONNX export (mpqc.targets.onnx): structure, metadata, onnxruntime against the integer reference, the CLI."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import onnx
+import pytest
+import torch
+import torchvision
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+import mpqc
+from conftest import example_models, freeze_at_random_bits, quantized_graph, randomize_batchnorm
+from mpqc.cli import main
+from mpqc.errors import UnsupportedOpError
+from mpqc.quantizers import BitRange
+from mpqc.quantizers.base import integer_range
+from mpqc.reference import IntegerProgram, IntNode
+from mpqc.targets.onnx import (AGREEMENT_FLOOR, CONVERTERS, build_onnx, compare_with_reference, export_onnx,
+                               inference_session, read_metadata)
+
+
+class AllOps2d(nn.Module):
+    """Every 2-d op of the integer program that the zoo below does not already cover, and the converters' variants:
+    padded max pooling, depthwise conv, ReLU6 (clamp), identity, add, cat, avg pooling, flatten(2) (Reshape)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn, self.relu = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU()
+        self.pool = nn.MaxPool2d(3, stride=2, padding=1)
+        self.dw, self.relu6 = nn.Conv2d(8, 8, 3, padding=1, groups=8, bias=False), nn.ReLU6()
+        self.pw, self.skip = nn.Conv2d(8, 8, 1), nn.Identity()
+        self.head, self.avg = nn.Conv2d(16, 4, 1), nn.AvgPool2d(2)
+        self.fc = nn.Linear(64, 5)
+
+    def forward(self, x):
+        y = self.pool(self.relu(self.bn(self.conv(x))))
+        z = self.pw(self.relu6(self.dw(y))) + self.skip(y)
+        z = self.avg(self.head(torch.cat([z, y], dim=1)))
+        return self.fc(torch.flatten(torch.flatten(z, 2), 1))
+
+
+class Conv1dNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.relu, self.fc = nn.Conv1d(2, 6, 3, padding=1, stride=2), nn.ReLU(), nn.Linear(96, 3)
+
+    def forward(self, x):
+        return self.fc(torch.flatten(self.relu(self.conv(x)), 1))
+
+
+MODELS = {
+    "resnet20": (lambda: example_models.resnet20(), (4, 1, 28, 28)),
+    "resnet18": (lambda: torchvision.models.resnet18(num_classes=10), (2, 3, 64, 64)),
+    "mobilenet_v2": (lambda: torchvision.models.mobilenet_v2(num_classes=10), (2, 3, 64, 64)),
+    "all_ops_2d": (AllOps2d, (4, 3, 16, 16)),
+    "conv1d": (Conv1dNet, (4, 2, 32)),
+}
+
+
+def _program(name: str, seed: int = 1) -> tuple[IntegerProgram, tuple[int, ...]]:
+    """The model frozen at random mixed 2-8 bits (weights random, BatchNorm statistics too)."""
+    torch.manual_seed(0)
+    build, shape = MODELS[name]
+    gm, _ = quantized_graph(randomize_batchnorm(build()), torch.randn(shape))
+    gm, chosen = freeze_at_random_bits(gm, seed=seed)
+    assert len(set(chosen.values())) > 2, "the tests need really mixed bit-widths"
+    return IntegerProgram.from_graph(gm), shape
+
+
+@pytest.fixture(scope="module")
+def resnet20_export(tmp_path_factory):
+    program, shape = _program("resnet20")
+    return program, shape, export_onnx(program, tmp_path_factory.mktemp("onnx") / "r20.onnx", input_shapes=[shape])
+
+
+def _assert_agrees(agreement: dict) -> None:
+    """The contract: every requantisation step within 1 LSB on >= 99.9% of elements (stepwise, see
+    compare_with_reference); end to end, where one flip at a tie propagates, only loosely."""
+    for name, stats in agreement["quantizers"].items():
+        assert stats["within_1_lsb"] >= AGREEMENT_FLOOR and stats["max_lsb"] <= 1, (name, stats)
+    assert agreement["overall"]["exact"] >= AGREEMENT_FLOOR, agreement["overall"]
+    assert agreement["overall"]["end_to_end_within_1_lsb"] >= 0.98, agreement["overall"]
+    for name, stats in agreement["outputs"].items():
+        assert stats["within_1_lsb"] >= AGREEMENT_FLOOR, (name, stats)
+        assert stats["max_abs_error"] <= 0.05 * stats["max_abs_reference"], (name, stats)
+
+
+# ------------------------------------------------------------------------------------------------ numerics
+@pytest.mark.parametrize("name", list(MODELS))
+def test_onnxruntime_agrees_with_the_reference_at_mixed_bits(name, tmp_path):
+    program, shape = _program(name)
+    exported = export_onnx(program, tmp_path / f"{name}.onnx", input_shapes=[shape])
+    onnx.checker.check_model(onnx.load(exported.path), full_check=True)
+
+    x = 1.5 * torch.randn(shape, generator=torch.Generator().manual_seed(7))  # not the calibration batch; clamps
+    agreement = compare_with_reference(program, exported.path, x)
+    _assert_agrees(agreement)
+    (output,) = program.outputs
+    ours = inference_session(exported.path).run([output], {"x": x.numpy()})[0]
+    assert (ours.argmax(1) == program.run(x).argmax(1).numpy()).mean() >= 0.5
+
+
+def test_the_test_models_cover_every_converter():
+    ops = {node.op for name in MODELS for node in _program(name)[0].nodes} - {"input"}
+    assert ops == set(CONVERTERS)
+
+
+def test_without_input_shapes_the_model_takes_any_batch_and_size(resnet20_export, tmp_path):
+    program, _, _ = resnet20_export
+    exported = export_onnx(program, tmp_path / "dynamic.onnx")
+    assert exported.inputs == {"x": ["N", 1, "H", "W"]}
+    x = torch.randn(3, 1, 20, 20)
+    _assert_agrees(compare_with_reference(program, exported.path, x))
+
+
+def test_opsets_below_21_store_every_weight_in_int8(resnet20_export, tmp_path):
+    program, shape, _ = resnet20_export
+    exported = export_onnx(program, tmp_path / "opset19.onnx", input_shapes=[shape], opset=19)
+    assert set(exported.storage_counts()) == {"INT8", "UINT8"}
+    model = onnx.load(exported.path)
+    assert model.opset_import[0].version == 19 and read_metadata(model)["opset"] == 19
+    _assert_agrees(compare_with_reference(program, exported.path, torch.randn(shape)))
+
+
+def test_more_than_8_bits_are_stored_in_16_bit_types(tmp_path):
+    torch.manual_seed(0)
+    x = torch.randn(4, 1, 28, 28)
+    gm, _ = quantized_graph(randomize_batchnorm(example_models.resnet20()), x, weight_bits=BitRange(2, 12),
+                            activation_bits=BitRange(2, 12))
+    gm, _ = freeze_at_random_bits(gm, seed=1, low=2, high=12)
+    program = IntegerProgram.from_graph(gm)
+    exported = export_onnx(program, tmp_path / "wide.onnx", input_shapes=[tuple(x.shape)])
+    assert {"INT4", "INT8", "INT16", "UINT8", "UINT16"} <= set(exported.storage_counts())
+    _assert_agrees(compare_with_reference(program, exported.path, x))
+
+
+@settings(max_examples=20, deadline=None)
+@given(bits=st.integers(2, 8), signed=st.booleans(), scale=st.floats(2.0**-10, 16.0, width=32))
+def test_clip_then_quantize_is_the_integer_clamp_of_the_rounded_value(bits, signed, scale):
+    """onnxruntime's codes equal clamp(round_half_even(fp32(x / s)), qmin, qmax) exactly, at the range's ends,
+    just past them and at every rounding tie."""
+    qmin, qmax = integer_range(bits, signed)
+    program = IntegerProgram([IntNode("x", "input", []), IntNode("q", "quantize", ["x"], {
+        "bits": bits, "signed": signed, "scale": scale, "module": "q"})], ["q"])
+    s = np.float32(scale)
+    ends = np.array([qmin * s, qmax * s], dtype=np.float32)
+    x = np.concatenate([
+        ends, np.nextafter(ends, np.float32(np.inf)), np.nextafter(ends, np.float32(-np.inf)),
+        (np.arange(qmin - 3, qmax + 3, dtype=np.float32) + np.float32(0.5)) * s,  # ties
+        np.random.default_rng(bits).normal(size=200).astype(np.float32) * s * qmax * 1.5,
+        np.array([-1e30, 1e30, 0.0], dtype=np.float32),
+    ]).astype(np.float32)
+    model, _ = build_onnx(program, input_shapes=[x.shape])
+    codes = np.rint(inference_session(model).run(["q"], {"x": x})[0] / s)
+    assert np.array_equal(codes, np.clip(np.rint(x / s), qmin, qmax))
+
+
+# ------------------------------------------------------------------------------------------------ structure
+def test_metadata_records_every_quantized_tensor_and_names_follow_the_layers(resnet20_export):
+    program, _, exported = resnet20_export
+    model = onnx.load(exported.path)
+    meta = read_metadata(model)
+    assert meta["opset"] == 21 and model.opset_import[0].version == 21 and model.ir_version == 10
+
+    initializers = {t.name: t for t in model.graph.initializer}
+    nodes = {n.name: n for n in model.graph.node}
+    layers, by_name = program.layers(), {node.name: node for node in program.nodes}
+    assert [entry["layer"] for entry in meta["layers"]] == [layer.attrs["module"] for layer in layers]
+    for layer, entry in zip(layers, meta["layers"]):
+        module, bits = layer.attrs["module"], layer.attrs["weight_bits"]
+        assert nodes[module].op_type in ("Conv", "Gemm")
+        assert meta["bits"][f"{module}.weight"] == entry["weight_bits"] == bits
+        assert meta["bits"][f"{module}.bias"] == 32
+        weight = initializers[f"{module}.weight"]
+        if bits <= 4:  # sub-byte weights are INT4, packed two to a byte
+            assert weight.data_type == onnx.TensorProto.INT4
+            assert len(weight.raw_data) == math.ceil(layer.tensors["weight"].numel() / 2)
+        else:
+            assert weight.data_type == onnx.TensorProto.INT8
+        assert np.array_equal(onnx.numpy_helper.to_array(weight).astype(np.int8), layer.tensors["weight"].numpy())
+        assert initializers[f"{module}.bias"].data_type == onnx.TensorProto.INT32
+        source = by_name[layer.inputs[0]]
+        assert entry["input_bits"] == source.attrs["bits"] and entry["input"] == f"{source.attrs['module']}.q"
+
+    quantize = [node for node in program.nodes if node.op == "quantize"]
+    assert set(meta["quantizers"]) == {node.name for node in quantize}
+    for node in quantize:
+        module = node.attrs["module"]
+        assert meta["bits"][f"{module}.q"] == node.attrs["bits"]
+        assert nodes[f"{module}/QuantizeLinear"].output == [f"{module}.q"]
+        assert nodes[f"{module}/DequantizeLinear"].output == [node.name]
+        assert (f"{module}/Clip" in nodes) == (node.attrs["signed"] or node.attrs["bits"] != 8)
+    assert {n.op_type for n in model.graph.node} >= {"QuantizeLinear", "DequantizeLinear", "Conv", "Gemm", "Clip"}
+
+
+def test_unsupported_ops_are_all_listed():
+    q = {"bits": 8, "signed": True, "scale": 0.1, "module": "q"}
+    program = IntegerProgram([
+        IntNode("x", "input", []), IntNode("q", "quantize", ["x"], q),
+        IntNode("t", "tanh", ["q"]), IntNode("sm", "softmax", ["t"], {"dim": 1}),
+        IntNode("pool", "avg_pool2d", ["sm"], {"kernel": [2, 2], "stride": [2, 2], "padding": [1, 1],
+                                                 "dilation": [1, 1], "ceil_mode": False}),
+    ], ["pool"])
+    with pytest.raises(UnsupportedOpError) as error:
+        export_onnx(program, "unused.onnx", input_shapes=[(1, 1, 4, 4)])
+    message = str(error.value)
+    assert "3 node(s)" in message
+    assert "t = tanh(q)" in message and "sm = softmax(t)" in message and "pool = avg_pool2d(sm)" in message
+
+
+# ------------------------------------------------------------------------------------------------ CLI
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory, digits_loaders):
+    config = mpqc.CompileConfig(
+        search=mpqc.TrainConfig(epochs=1, max_steps_per_epoch=2, checkpoint_every=100),
+        finetune=mpqc.TrainConfig(epochs=1, max_steps_per_epoch=1, penalty_weight=0.0, checkpoint_every=100),
+        progress=False)
+    torch.manual_seed(0)
+    out = tmp_path_factory.mktemp("run") / "small_cnn"
+    mpqc.compile(example_models.small_cnn(num_classes=10, in_channels=1), next(iter(digits_loaders[1]))[0][:2],
+                 budget="avg-bits=4", data=digits_loaders, config=config, out=out)
+    return out
+
+
+def test_cli_export_writes_the_model_and_prints_the_agreement(tiny_run, tmp_path, capsys):
+    assert main(["export", str(tiny_run), "--onnx", str(tmp_path / "m.onnx")]) == 0
+    printed = capsys.readouterr().out
+    assert "opset 21" in printed and "all quantizers: 100.0000% within 1 LSB" in printed, printed
+    model = onnx.load(tmp_path / "m.onnx")
+    assert [d.dim_param or d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim] == ["N", 1, 8, 8]
+    assert {"conv1", "conv2", "fc"} <= {n.name for n in model.graph.node}
+
+    assert main(["export", str(tiny_run), "--onnx", str(tmp_path / "n.onnx"), "--input-shape", "1,3,8,8"]) == 2
+    assert "--input-shape 1,3,8,8" in capsys.readouterr().err
+    assert main(["export", str(tiny_run), "--onnx", str(tmp_path / "n.onnx"), "--input-shape", "1,x"]) == 2
+    assert main(["export", str(tiny_run)]) == 2
+    assert "--onnx" in capsys.readouterr().err
