@@ -1,4 +1,4 @@
-"""Compile the Fashion-MNIST ResNet-20 to mixed precision under a ~2-bit average weight budget.
+"""Compile the Fashion-MNIST ResNet-20 to mixed precision under a ~2-bit (2.25) average weight budget.
 
     python examples/fashion_mnist.py --out runs/fmnist            # full run (see --help for the epochs)
     python examples/fashion_mnist.py --out runs/smoke --quick     # a few minutes, small subset
@@ -26,7 +26,8 @@ from models import resnet20  # noqa: E402
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("runs/fmnist"))
-    parser.add_argument("--avg-bits", type=float, default=2.0, help="weight budget as average bits per weight")
+    parser.add_argument("--avg-bits", type=float, default=2.25,
+                        help="weight budget as average bits per weight (2.0 would force every layer to 2 bits)")
     parser.add_argument("--method", default="dq", choices=sorted(mpqc.METHODS))
     parser.add_argument("--fp32-epochs", type=int, default=8)
     parser.add_argument("--search-epochs", type=int, default=3)

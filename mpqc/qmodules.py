@@ -38,7 +38,7 @@ class _QuantWeightMixin:
             self.weight_quantizer, FixedQuantizer
         ):
             return self.bias
-        step = input_quantizer.scale.abs() * self.weight_quantizer.scale.abs()
+        step = input_quantizer.scale * self.weight_quantizer.scale
         return round_ste(self.bias / step) * step
 
 

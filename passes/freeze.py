@@ -2,15 +2,19 @@
 
 Matches:    every learnable-bit quantizer of a graph that went through ``insert_quantizers``.
 Rewrites to: a ``FixedQuantizer`` at an integer bit-width (the method's ``to_fixed``: same dynamic range, the
-            step size of that bit-width). Already-fixed quantizers are left as they are.
+            step size of that bit-width). Already-fixed quantizers are left as they are. A weight quantizer that
+            holds the weight's values itself (``Quantizer.encoded_weight``, CSQ) first writes them into the layer.
 Requires:   the budget was found feasible (``Budget.check_feasible``).
 Ensures:    the budget's cost at the integer bit-widths is within the limit, or :class:`InfeasibleBudgetError`;
             every layer's ``input_quantizer`` references its input's fixed quantizer (bias rounding, see qmodules).
 
 Bit-widths are first rounded to the nearest integer inside each quantizer's bit range. If that integer
 assignment exceeds the budget, bits are lowered one at a time where it costs least: each candidate step
-(one quantizer, one bit down) is scored by the extra quantization noise it adds per unit of cost it saves, with
-the uniform-noise model (noise of a b-bit tensor of n elements ~ n * 4**-b), until the assignment fits.
+(one quantizer, one bit down; on a cost plateau where one bit saves nothing, down to the next bit-width that
+saves) is scored by the extra quantization noise it adds per unit of cost it saves, until the assignment fits.
+Noise follows the uniform-noise model (a b-bit tensor of n elements ~ n * 4**-b) measured relative to the noise at
+the bit-width the search settled on (b_s), n * 4**(b_s - b): a quantizer the search left well above its integer
+bit-width is the last to be lowered, one that was rounded up the first.
 """
 from __future__ import annotations
 
@@ -32,6 +36,8 @@ def integer_bits(gm: GraphModule, budget: Budget) -> dict[str, int]:
     """Integer bit-width per quantizer (qualified module name) that meets ``budget``; the graph is unchanged."""
     layers = quantized_layers(gm)
     quantizers = _quantizers(layers)
+    with torch.no_grad():
+        searched = {name: float(q.bits()) for name, q in quantizers.items()}
     bits = {name: _rounded(q) for name, q in quantizers.items()}
     elements = _elements(layers)
     infos = [layer.info for layer in layers]
@@ -41,24 +47,32 @@ def integer_bits(gm: GraphModule, budget: Budget) -> dict[str, int]:
 
     current = cost(bits)
     while not budget.met(current):
-        best, best_score, best_cost = None, math.inf, current
+        best, best_score, best_cost, best_lower = None, math.inf, current, 0
         for name, q in quantizers.items():
             if not q.learnable_bits or bits[name] <= q.bit_range.min_bits:
                 continue
-            trial = dict(bits, **{name: bits[name] - 1})
-            saving = current - cost(trial)
+            lower = bits[name] - 1
+            saving = current - cost(dict(bits, **{name: lower}))
+            # A cost plateau (BitFusion runs 5- to 8-bit operands alike): step to the next bit-width that saves.
+            floor = q.bit_range.min_bits
+            if saving <= 0 and lower > floor and cost(dict(bits, **{name: floor})) < current:
+                while saving <= 0 and lower > floor:
+                    lower -= 1
+                    saving = current - cost(dict(bits, **{name: lower}))
             if saving <= 0:
                 continue
-            extra_noise = elements[name] * (4.0 ** -(bits[name] - 1) - 4.0 ** -bits[name])
+            # Noise relative to what the search settled on: lowering a layer rounded up from 2.8 to 3 bits costs
+            # less than lowering one the search left at 4.3 bits.
+            extra_noise = elements[name] * (4.0 ** (searched[name] - lower) - 4.0 ** (searched[name] - bits[name]))
             score = extra_noise / saving
             if score < best_score:
-                best, best_score, best_cost = name, score, current - saving
+                best, best_score, best_cost, best_lower = name, score, current - saving, lower
         if best is None:
             raise InfeasibleBudgetError(
                 f"{budget.kind} budget {budget.format(budget.limit)} cannot be met with integer bit-widths: "
                 f"the smallest reachable is {budget.format(current)}"
             )
-        bits[best] -= 1
+        bits[best] = best_lower
         current = best_cost
     return bits
 
@@ -73,6 +87,10 @@ def freeze(gm: GraphModule, budget: Budget) -> GraphModule:
             replace_submodule(gm, name, quantizer.to_fixed(bits[name]))
     for layer in layers:
         if layer.weight_quantizer.learnable_bits:
+            encoded = layer.weight_quantizer.encoded_weight(layer.module.weight)
+            if encoded is not layer.module.weight:  # the method held the weight's values itself (CSQ's bit-planes)
+                with torch.no_grad():
+                    layer.module.weight.copy_(encoded)
             layer.module.weight_quantizer = layer.weight_quantizer.to_fixed(bits[_weight_key(layer)], layer.module.weight)
         layer.module.input_quantizer = gm.get_submodule(layer.input_quantizer_name)
     gm.recompile()

@@ -158,9 +158,9 @@ def test_fixed_forward_equals_frozen_integer_times_scale(bits, signed, per_chann
     q = FixedQuantizer(bits, signed, scale, per_channel=per_channel)
     fq = q.frozen()
     assert (fq.bits, fq.signed) == (bits, signed)
-    assert torch.equal(fq.scale, scale)
+    torch.testing.assert_close(fq.scale, scale)
     ints = fq.quantize(x)
-    expected = ints.float() * (scale.reshape(-1, 1, 1, 1) if per_channel else scale)
+    expected = ints.float() * (fq.scale.reshape(-1, 1, 1, 1) if per_channel else fq.scale)
     out = q(x)
     assert torch.equal(out, expected)
     qmin, qmax = integer_range(bits, signed)
@@ -211,15 +211,17 @@ def test_fixed_gradient_reaches_scale_with_lsq_values():
     q = FixedQuantizer(4, True, torch.tensor([0.5]))
     x = torch.tensor([1.15, 20.0, -20.0])  # x/s = 2.3 (inside), +40, -40
     q(x).sum().backward()
-    assert q.scale.grad is not None
+    assert q.log_scale.grad is not None
     expected = (2.0 - 2.3) + 7 + (-7)
-    assert q.scale.grad.item() == pytest.approx(expected, abs=1e-5)
+    # The parameter is log(s): d/dlog(s) = s * d/ds.
+    assert q.log_scale.grad.item() == pytest.approx(0.5 * expected, abs=1e-5)
 
     # per channel: each channel's scale gets its own channel's gradient
     q = FixedQuantizer(4, True, torch.tensor([0.5, 1.0]), per_channel=True)
     x = torch.tensor([[1.15, 20.0], [2.3, 0.2]])  # channel 0: 2.3, 40 ; channel 1: 2.3, 0.2
     q(x).sum().backward()
-    torch.testing.assert_close(q.scale.grad, torch.tensor([(2 - 2.3) + 7, (2 - 2.3) + (0 - 0.2)]))
+    torch.testing.assert_close(q.log_scale.grad,
+                               torch.tensor([0.5 * ((2 - 2.3) + 7), 1.0 * ((2 - 2.3) + (0 - 0.2))]))
 
 
 @given(

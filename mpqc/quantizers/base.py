@@ -118,9 +118,18 @@ class Quantizer(nn.Module):
         """A method-specific regulariser added to the training loss (None where the method has none)."""
         return None
 
+    def encoded_weight(self, weight: Tensor) -> Tensor:
+        """The float weight the layer keeps when this (weight) quantizer is frozen: ``weight`` itself, unless the
+        method represents the weight its own way during the search (CSQ's bit-planes), then the weight that
+        representation encodes. ``freeze`` writes it into the layer before calling ``to_fixed``."""
+        return weight
+
 
 class FixedQuantizer(Quantizer):
     """Fixed integer bit-width, learnable scale (LSQ-style gradients through the straight-through round).
+
+    The scale is stored as its logarithm (``log_scale``) so that Adam's steps are relative: a raw 2-bit weight
+    scale of ~0.02 would be pushed negative by a step of 0.01.
 
     Used for layers whose precision policy is fixed (e.g. first/last layer at 8 bits) and, after
     :func:`mpqc.passes.freeze.freeze`, for every quantizer during fine-tuning.
@@ -138,10 +147,15 @@ class FixedQuantizer(Quantizer):
         self.fixed_bits = int(bits)
         self.signed = signed
         self.per_channel = per_channel
-        self.scale = nn.Parameter(scale.detach().clone().float().reshape(-1).clamp_min(1e-12))
+        self.log_scale = nn.Parameter(scale.detach().clone().float().reshape(-1).abs().clamp_min(1e-12).log())
+
+    @property
+    def scale(self) -> Tensor:
+        """The (positive) scale: one per output channel, or one per tensor."""
+        return self.log_scale.exp()
 
     def _scale(self, x: Tensor) -> Tensor:
-        scale = self.scale.abs().clamp_min(1e-12)
+        scale = self.scale
         return _broadcast_channels(scale, x.dim(), 0) if self.per_channel else scale.reshape([1] * x.dim())
 
     def forward(self, x: Tensor) -> Tensor:
@@ -149,18 +163,18 @@ class FixedQuantizer(Quantizer):
         return round_ste(torch.clamp(x / scale, self.qmin, self.qmax)) * scale
 
     def bits(self) -> Tensor:
-        return torch.tensor(float(self.fixed_bits), device=self.scale.device)
+        return torch.tensor(float(self.fixed_bits), device=self.log_scale.device)
 
     def to_fixed(self, bits: int, weight: Tensor | None = None) -> "FixedQuantizer":
         if bits == self.fixed_bits:
             return self
         # Same dynamic range (qmax * scale), new number of levels.
         new_levels = integer_range(bits, self.signed)[1]
-        scale = self.scale.detach().abs() * self.qmax / new_levels
+        scale = self.scale.detach() * self.qmax / new_levels
         return FixedQuantizer(bits, self.signed, scale, self.per_channel)
 
     def frozen(self) -> FrozenQuant:
-        return FrozenQuant(self.fixed_bits, self.signed, self.scale.detach().abs().clamp_min(1e-12).clone())
+        return FrozenQuant(self.fixed_bits, self.signed, self.scale.detach().clone())
 
     def extra_repr(self) -> str:
         return f"bits={self.fixed_bits}, signed={self.signed}, per_channel={self.per_channel}"
