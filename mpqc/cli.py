@@ -3,6 +3,8 @@
     mpqc compile --model examples/models.py:resnet20 --data fashion-mnist --budget weight-memory=20KiB \\
                  --method dq --out runs/r20 [--resume | --force]
     mpqc report runs/r20
+    mpqc export runs/r20 --onnx r20.onnx
+    mpqc lower runs/r20 --target llvm --out artifacts/r20
 """
 from __future__ import annotations
 
@@ -36,6 +38,7 @@ def main(argv: list[str] | None = None) -> int:
 def _parser() -> argparse.ArgumentParser:
     from mpqc.budgets import BUDGET_KINDS
     from mpqc.quantizers import METHODS
+    from mpqc.targets.fpga import COST_MODELS
 
     parser = argparse.ArgumentParser(prog="mpqc", description="Mixed-precision quantization compiler for PyTorch.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
@@ -45,7 +48,7 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--model", required=True, help="FILE.py:CALLABLE or package.module:CALLABLE returning an nn.Module")
     c.add_argument("--data", required=True, help="dataset: fashion-mnist or digits")
     c.add_argument("--budget", required=True, help=f"KIND=VALUE, KIND one of {', '.join(BUDGET_KINDS)} "
-                                                    "(e.g. weight-memory=20KiB, bitops=1.2G, avg-bits=2)")
+                                                    "(e.g. weight-memory=20KiB, bitops=1.2G, avg-bits=2, bitfusion=2.5M)")
     c.add_argument("--method", default="dq", choices=sorted(METHODS), help="bit-width search method (default dq)")
     c.add_argument("--out", required=True, type=Path, help="run directory (checkpoints, frozen model, report)")
     mode = c.add_mutually_exclusive_group()
@@ -66,14 +69,36 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--act-bits", default="2-8", help="learnable activation bit range MIN-MAX (default 2-8)")
     c.add_argument("--first-last", choices=("learn", "fixed"), default="learn",
                    help="learn the first/last layers' precision (DQ, default) or keep them at 8 bits")
-    c.add_argument("--distill", action="store_true", help="knowledge distillation from the fp32 model")
+    c.add_argument("--distill", action=argparse.BooleanOptionalAction, default=None,
+                   help="knowledge distillation from the fp32 model (default: the method's; sdq: on in fine-tuning)")
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("--no-progress", action="store_true", help="no progress bars")
     c.set_defaults(run=_compile)
 
     r = commands.add_parser("report", help="print the per-layer table of a run directory")
     r.add_argument("run_dir", type=Path)
+    r.add_argument("--cost", choices=sorted(COST_MODELS),
+                   help="also print the modelled accelerator cycles per layer (mpqc.targets.fpga)")
     r.set_defaults(run=_report)
+
+    e = commands.add_parser("export", help="write a run's integer model for a runtime, checked against the reference")
+    e.add_argument("run_dir", type=Path)
+    e.add_argument("--onnx", type=Path, help="write a QDQ ONNX model here (mpqc.targets.onnx)")
+    e.add_argument("--input-shape", help="example input shape, batch first, e.g. 1,1,28,28 (default: the report's)")
+    e.add_argument("--opset", type=int, default=21, help="ONNX opset (default 21: INT4 weights)")
+    e.add_argument("--no-check", action="store_true", help="skip the onnxruntime check against the reference")
+    e.set_defaults(run=_export)
+
+    lo = commands.add_parser("lower", help="compile a run's integer model with Apache TVM, bit-exact with the reference")
+    lo.add_argument("run_dir", type=Path)
+    lo.add_argument("--target", default="llvm", help="llvm (this CPU, features detected), cuda (sm_80) or cuda:sm_XX")
+    lo.add_argument("--out", required=True, type=Path, help="artifact directory: model.so, params.bin, model.json, "
+                                                              "loader.py (runs with tvm + numpy only)")
+    lo.add_argument("--input-shape", help="input shape, batch first, e.g. 1,1,28,28 (default: the report's)")
+    lo.add_argument("--trials", type=int, default=0, help="MetaSchedule trials (default 0: default schedules)")
+    lo.add_argument("--tuning-db", type=Path, help="MetaSchedule database directory, reused by later lowerings")
+    lo.add_argument("--no-check", action="store_true", help="skip the bit-exact check against the reference (llvm)")
+    lo.set_defaults(run=_lower)
     return parser
 
 
@@ -159,7 +184,78 @@ def _compile(args: argparse.Namespace) -> int:
 def _report(args: argparse.Namespace) -> int:
     from mpqc.report import format_report, load_report
 
-    print(format_report(load_report(args.run_dir)))
+    report = load_report(args.run_dir)
+    print(format_report(report))
+    if args.cost:
+        from mpqc.targets.fpga import cost_report, format_cost, layers_from_report
+
+        print("\n" + format_cost(cost_report(*layers_from_report(report), args.cost)))
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    import torch
+
+    from mpqc.compile import CompiledModel
+    from mpqc.targets.onnx import (AGREEMENT_FLOOR, compare_with_reference, export_onnx, format_agreement,
+                                   input_shape_from_report)
+
+    if args.onnx is None:
+        raise ConfigError("give a target to export to, e.g. --onnx model.onnx")
+    compiled = CompiledModel.load(args.run_dir)
+    if args.input_shape:
+        try:
+            shape = tuple(int(d) for d in args.input_shape.split(","))
+        except ValueError:
+            raise ConfigError(f"--input-shape {args.input_shape!r} must look like 1,1,28,28") from None
+    else:
+        shape = input_shape_from_report(compiled)
+        if shape is None:
+            raise ConfigError(f"--input-shape: {args.run_dir}/report.json does not tell the input shape; pass one")
+    examples = torch.randn((16, *shape[1:]), generator=torch.Generator().manual_seed(0))
+    try:
+        compiled.program.run(examples)
+    except (RuntimeError, MpqcError) as error:
+        raise ConfigError(f"--input-shape {','.join(map(str, shape))}: the model does not run on it: {error}") from None
+    exported = export_onnx(compiled, args.onnx, input_shapes=[shape], opset=args.opset)
+    storage = ", ".join(f"{count} {kind}" for kind, count in exported.storage_counts().items())
+    print(f"wrote {exported.path} (opset {exported.opset}; weights and activation codes stored as {storage})")
+    if args.no_check:
+        return 0
+    agreement = compare_with_reference(compiled, exported.path, examples)
+    print(f"onnxruntime vs the integer reference on 16 random inputs, per requantisation step:\n"
+          f"{format_agreement(agreement)}")
+    worst = min(((q["within_1_lsb"], name) for name, q in agreement["quantizers"].items()), default=None)
+    if worst and worst[0] < AGREEMENT_FLOOR:
+        raise MpqcError(f"{exported.path} disagrees with the reference at {worst[1]}: only {worst[0]:.4%} of its codes "
+                        f"within 1 LSB (the contract asks {AGREEMENT_FLOOR:.1%})")
+    return 0
+
+
+def _lower(args: argparse.Namespace) -> int:
+    import torch
+
+    from mpqc.compile import CompiledModel
+    from mpqc.targets.tvm import lower
+
+    shape = None
+    if args.input_shape:
+        try:
+            shape = tuple(int(d) for d in args.input_shape.split(","))
+        except ValueError:
+            raise ConfigError(f"--input-shape {args.input_shape!r} must look like 1,1,28,28") from None
+    compiled = CompiledModel.load(args.run_dir)
+    lowered = lower(compiled, target=args.target, out=args.out, input_shape=shape, trials=args.trials,
+                    tuning_db=args.tuning_db)
+    print(f"wrote {args.out}/model.so, params.bin, model.json, loader.py ({lowered.kind}, "
+          f"built in {lowered.build_seconds:.1f} s)")
+    if args.no_check or lowered.kind != "llvm":
+        return 0
+    shape = tuple(lowered.meta["inputs"][0]["shape"])
+    examples = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+    if not torch.equal(lowered(examples), compiled.program.run(examples)):
+        raise MpqcError(f"{args.out}: the TVM module's outputs differ from the integer reference")
+    print(f"checked: outputs equal to the integer reference bit for bit on a random {','.join(map(str, shape))} input")
     return 0
 
 

@@ -48,7 +48,8 @@ class TrainConfig:
     ``epochs`` passes over the training data, each cut to ``max_steps_per_epoch`` batches when set.
     Weights use SGD (momentum 0.9, cosine schedule) at ``lr``; quantizer parameters use Adam at ``quantizer_lr``.
     ``penalty_weight`` scales the budget penalty (search only). ``distill`` adds knowledge distillation from the
-    fp32 model (KL at ``distill_temperature``, weight ``distill_weight``). A checkpoint is written every
+    fp32 model (KL at ``distill_temperature``, weight ``distill_weight``); ``None`` (the default) means the method's
+    default (``QuantMethod.defaults``: off, except SDQ's fine-tuning). A checkpoint is written every
     ``checkpoint_every`` steps and at every epoch end.
     """
 
@@ -58,7 +59,7 @@ class TrainConfig:
     weight_decay: float = 5e-5
     quantizer_lr: float = 0.01
     penalty_weight: float = 5.0
-    distill: bool = False
+    distill: bool | None = None
     distill_weight: float = 0.5
     distill_temperature: float = 4.0
     checkpoint_every: int = 50

@@ -20,6 +20,7 @@ RELU6_FUNCTIONS = {F.relu6}
 FLATTEN_FUNCTIONS = {torch.flatten, aten.flatten.using_ints}
 GLOBAL_AVG_POOL_FUNCTIONS = {F.adaptive_avg_pool2d, aten.adaptive_avg_pool2d.default}
 MAX_POOL_FUNCTIONS = {F.max_pool2d, aten.max_pool2d.default}
+AVG_POOL_FUNCTIONS = {F.avg_pool2d, aten.avg_pool2d.default, aten.mean.dim}
 CAT_FUNCTIONS = {torch.cat, aten.cat.default}
 VIEW_FUNCTIONS = {aten.view.default, aten.reshape.default, aten._unsafe_view.default}
 SHAPE_FUNCTIONS = {aten.sym_size.int, getattr}  # values used only as shapes, never tensors

@@ -13,8 +13,9 @@ Ensures:    every quantized layer node has ``node.meta[INPUT_QUANTIZER_META]`` =
             quantizer; activation quantizers are unsigned where the tensor is non-negative by construction
             (ReLU-like producers, pools/reshapes of those) or, for graph inputs, on all calibration data;
             quantizer ranges are initialised from calibration data (``calibration_inputs``).
-            A residual add whose result (after ReLU/clamp) is not itself a layer's input gets a fixed
-            ``residual_bits`` quantizer (``act_quantizers.<node>_out``), so no float sum reaches a pooling op.
+            A residual add whose result (after ReLU/clamp) is not itself a layer's input, and the float input
+            of an average pool, get a fixed ``residual_bits`` quantizer (``act_quantizers.<node>_out``), so the
+            integer program never sums floats.
             With ``first_last="fixed"`` the first layer (weight and input) and the last layer (weight) are
             ``FixedQuantizer``s at ``first_last_bits``.
 """
@@ -95,7 +96,7 @@ def insert_quantizers(
     for node, source in sources.items():
         if not isinstance(source, Node):
             raise MpqcError(f"layer input is not a graph value: {node.format_node()}")
-    residual_ends = _residual_ends(gm, set(sources.values()))
+    residual_ends = _requantize_points(gm, layers, set(sources.values()))
     stats = _calibrate(gm, set(sources.values()) | set(residual_ends), calibration_inputs)
     gm.add_submodule(ACT_QUANTIZERS, nn.ModuleDict())
     quantizer_of: dict[Node, str] = {}
@@ -151,28 +152,56 @@ def _quantize_tensor(gm: GraphModule, source: Node, key: str, quantizer: Quantiz
     return target
 
 
-def _residual_ends(gm: GraphModule, quantized_sources: set[Node]) -> list[Node]:
-    """Residual adds whose result (after any ReLU/clamp) is not already quantized for a following layer.
+def _requantize_points(gm: GraphModule, layers: list[Node], quantized_sources: set[Node]) -> list[Node]:
+    """Tensors that get a fixed ``residual_bits`` quantizer so the integer program never sums floats.
 
-    Such a result is requantized to a fixed ``residual_bits`` quantizer, so that what follows it (pooling, say) works
-    on integers rather than on a float sum (see the integer contract in ``mpqc/reference.py``).
+    * residual adds whose result (after any ReLU/clamp) is not already quantized for a following layer;
+    * the input of an average pool when it would be a float value (e.g. ReLU6 output, an add), so that the pool is
+      an exact integer sum (see the integer contract in ``mpqc/reference.py``).
     """
-    ends = []
+    points: list[Node] = []
+
+    def add(node: Node) -> None:
+        if node not in quantized_sources and node not in points:
+            points.append(node)
+
     for node in gm.graph.nodes:
-        if not ops.is_tensor_add(node):
-            continue
-        end = node
-        while len(end.users) == 1:
-            user = next(iter(end.users))
-            elementwise = ops.is_call(user, ops.ELEMENTWISE_CLAMP_FUNCTIONS) or (
-                user.op == "call_module" and isinstance(gm.get_submodule(user.target), ops.ELEMENTWISE_CLAMP_MODULES)
-            )
-            if not elementwise:
-                break
-            end = user
-        if end not in quantized_sources and end not in ends:
-            ends.append(end)
-    return ends
+        if ops.is_tensor_add(node):
+            end = node
+            while len(end.users) == 1 and _is_elementwise_clamp(gm, next(iter(end.users))):
+                end = next(iter(end.users))
+            add(end)
+        elif _is_average_pool(gm, node) and isinstance(node.args[0], Node):
+            if not _is_integer_valued(gm, node.args[0], set(layers) | quantized_sources):
+                add(node.args[0])
+    return points
+
+
+def _is_elementwise_clamp(gm: GraphModule, node: Node) -> bool:
+    return ops.is_call(node, ops.ELEMENTWISE_CLAMP_FUNCTIONS) or (
+        node.op == "call_module" and isinstance(gm.get_submodule(node.target), ops.ELEMENTWISE_CLAMP_MODULES)
+    )
+
+
+def _is_average_pool(gm: GraphModule, node: Node) -> bool:
+    if node.op == "call_module":
+        return isinstance(gm.get_submodule(node.target), (nn.AdaptiveAvgPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool1d,
+                                                          nn.AvgPool1d))
+    return ops.is_call(node, ops.GLOBAL_AVG_POOL_FUNCTIONS | ops.AVG_POOL_FUNCTIONS)
+
+
+def _is_integer_valued(gm: GraphModule, node: Node, integer_sources: set[Node]) -> bool:
+    """Whether the integer program holds ``node`` as integers: a layer output or a quantized tensor, seen through
+    ReLU, max pooling and reshapes (which the contract keeps integer)."""
+    while node not in integer_sources:
+        keeps_integers = ops.is_call(node, ops.RELU_FUNCTIONS | ops.MAX_POOL_FUNCTIONS | ops.FLATTEN_FUNCTIONS) or (
+            node.op == "call_module"
+            and isinstance(gm.get_submodule(node.target), (nn.ReLU, nn.MaxPool2d, nn.Flatten, nn.Dropout, nn.Identity))
+        )
+        if not keeps_integers or not isinstance(node.args[0], Node):
+            return False
+        node = node.args[0]
+    return True
 
 
 def replace_submodule(gm: GraphModule, target: str, module: nn.Module) -> None:

@@ -5,19 +5,35 @@ two factories listed here and the paper they follow.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable
+from dataclasses import dataclass, field, replace
+from typing import Any, Callable
 
 from torch import Tensor
 
 from mpqc.errors import ConfigError
 from mpqc.quantizers.base import BitRange, FixedQuantizer, FrozenQuant, Quantizer
+from mpqc.quantizers.csq import CSQActivationQuantizer, CSQWeightQuantizer
 from mpqc.quantizers.dq import DQActivationQuantizer, DQWeightQuantizer
+from mpqc.quantizers.fracbits import FracBitsActivationQuantizer, FracBitsWeightQuantizer
+from mpqc.quantizers.sdq import EBR_WEIGHT, SDQActivationQuantizer, SDQWeightQuantizer
 
 __all__ = [
     "BitRange", "FixedQuantizer", "FrozenQuant", "Quantizer", "QuantMethod", "METHODS", "register_method",
-    "get_method",
+    "get_method", "MethodDefaults",
 ]
+
+
+@dataclass(frozen=True)
+class MethodDefaults:
+    """Settings a method asks for where the user left them unset (``None`` in the config).
+
+    ``search_distill`` / ``finetune_distill``: knowledge distillation from the fp32 model during the search /
+    the fixed-bit fine-tuning, applied where ``CompileConfig.search.distill`` / ``.finetune.distill`` is None
+    (SDQ: on for fine-tuning, as the paper trains its fixed-bit model with KD).
+    """
+
+    search_distill: bool = False
+    finetune_distill: bool = False
 
 
 @dataclass(frozen=True)
@@ -32,6 +48,15 @@ class QuantMethod:
     paper: str
     weight_quantizer: Callable[[Tensor, int, BitRange], Quantizer]
     activation_quantizer: Callable[[bool, float, int, BitRange], Quantizer]
+    defaults: MethodDefaults = field(default_factory=MethodDefaults)
+
+    def configure(self, config: Any) -> Any:
+        """``config`` (a ``CompileConfig``) with this method's defaults filled in where it leaves them None."""
+        if config.search.distill is None:
+            config = replace(config, search=replace(config.search, distill=self.defaults.search_distill))
+        if config.finetune.distill is None:
+            config = replace(config, finetune=replace(config.finetune, distill=self.defaults.finetune_distill))
+        return config
 
 
 METHODS: dict[str, QuantMethod] = {}
@@ -57,6 +82,53 @@ register_method(
         paper="Uhlich et al., Mixed Precision DNNs: All you need is a good parametrization, ICLR 2020",
         weight_quantizer=lambda weight, init_bits, bit_range: DQWeightQuantizer(weight, init_bits, bit_range),
         activation_quantizer=lambda signed, dynamic_range, init_bits, bit_range: DQActivationQuantizer(
+            signed, dynamic_range, init_bits, bit_range
+        ),
+    )
+)
+
+# SDQ (mpqc/quantizers/sdq.py): DBP over adjacent bit-widths, stochastic choice with a straight-through DBP
+# gradient; fixed-bit fine-tuning with entropy-aware bin regularisation (weight EBR_WEIGHT) and KD on by default.
+register_method(
+    QuantMethod(
+        name="sdq",
+        paper="Huang et al., SDQ: Stochastic Differentiable Quantization with Mixed Precision, ICML 2022",
+        weight_quantizer=lambda weight, init_bits, bit_range: SDQWeightQuantizer(
+            weight, init_bits, bit_range, ebr_weight=EBR_WEIGHT
+        ),
+        activation_quantizer=lambda signed, dynamic_range, init_bits, bit_range: SDQActivationQuantizer(
+            signed, dynamic_range, init_bits, bit_range
+        ),
+        defaults=MethodDefaults(finetune_distill=True),
+    )
+)
+
+# FracBits (mpqc/quantizers/fracbits.py): fractional bit-width per layer, or per output channel ("fracbits-kernel",
+# frozen per layer), interpolating the two neighbouring integer quantizers.
+for _name, _kernel_wise in (("fracbits", False), ("fracbits-kernel", True)):
+    register_method(
+        QuantMethod(
+            name=_name,
+            paper="Yang & Jin, FracBits: Mixed Precision Quantization via Fractional Bit-Widths, AAAI 2021"
+            + (" (kernel-wise)" if _kernel_wise else ""),
+            weight_quantizer=lambda weight, init_bits, bit_range, _k=_kernel_wise: FracBitsWeightQuantizer(
+                weight, init_bits, bit_range, kernel_wise=_k
+            ),
+            activation_quantizer=lambda signed, dynamic_range, init_bits, bit_range: FracBitsActivationQuantizer(
+                signed, dynamic_range, init_bits, bit_range
+            ),
+        )
+    )
+
+# CSQ (mpqc/quantizers/csq.py): bit-plane weights with bi-level continuous sparsification (bit values and ordered
+# plane-selection gates), temperature annealed 1 -> 200 over the search, binary gates at its end.
+register_method(
+    QuantMethod(
+        name="csq",
+        paper="Xiao et al., CSQ: Growing Mixed-Precision Quantization Scheme with Bi-level Continuous "
+        "Sparsification, 2022",
+        weight_quantizer=lambda weight, init_bits, bit_range: CSQWeightQuantizer(weight, init_bits, bit_range),
+        activation_quantizer=lambda signed, dynamic_range, init_bits, bit_range: CSQActivationQuantizer(
             signed, dynamic_range, init_bits, bit_range
         ),
     )

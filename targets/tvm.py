@@ -1,0 +1,849 @@
+"""Lower an integer program to Apache TVM (Relax + TIR), bit for bit equal to the reference.
+
+>>> lowered = lower(compiled, target="llvm", input_shape=(1, 1, 28, 28), out="artifacts/r20")   # doctest: +SKIP
+>>> lowered(images)            # fp32 outputs, torch.equal to compiled.program.run(images)            # doctest: +SKIP
+>>> lower(compiled, target="cuda:sm_90", input_shape=(1, 1, 28, 28)).source()[:80]                    # doctest: +SKIP
+
+*Matches*: every node of an :class:`~mpqc.reference.IntegerProgram` through the table ``CONVERT_MAP`` (keyed by
+``IntNode.op``); nodes whose op has no converter, or whose attributes the converter refuses (more than 8 bits,
+an avg-pool with padding, ...), raise one :class:`~mpqc.errors.UnsupportedOpError` listing every such node.
+
+*Rewrites to* one Relax function ``main(x_0, ..., <node>.weight, <node>.bias, ...)`` built with
+``relax.BlockBuilder`` and ``relax.op``, mirroring ``mpqc.reference`` value for value:
+
+* ``quantize`` -> the requantisation region in fp32, then ``round`` (Relax ``round`` lowers to a half-to-even
+  rounding, checked numerically on ties), ``clip`` to the b-bit range and a cast to ``int8`` (signed) or ``uint8``.
+  The per-channel multipliers ``M = fp32(float64(s_in) / float64(s_out))`` are computed on the host with the
+  reference's own torch float64 expressions and embedded as fp32 constants.
+* ``conv1d`` / ``conv2d`` (grouped and depthwise too) / ``linear`` -> ``conv1d`` / ``conv2d`` / ``matmul`` on the
+  8-bit codes and int8 weights with ``out_dtype="int32"``, plus the int32 bias: the exact accumulator.
+* ``relu``, ``max_pool2d``, ``flatten``, ``identity`` on integers stay integer; ``global_avg_pool`` and
+  ``avg_pool2d`` on integers are int sums (int32, or int64 when summing int32 accumulators).
+* every fp32 product is an *exact multiply* (``_exact_mul_te``): TVM's LLVM backend builds with
+  ``AllowFPOpFusion=Fast`` (hard-coded in ``llvm_instance.cc``; no target option turns it off), so ``a*b + c``
+  becomes one FMA with a single rounding (a quarter of such sums changed in a test here). The product is
+  wrapped in ``llvm.arithmetic.fence`` (free at run time; the backend may not contract across it). On CUDA,
+  where nvcc contracts too, the product is ``__fmul_rn``, which is never contracted.
+* float ``global_avg_pool`` (on a dequantized value, e.g. MobileNetV2's last ReLU6) reproduces PyTorch's CPU
+  summation order (``at::mean`` -> ``cascade_sum``: 8-lane vector accumulators, 4-way ILP) as an unrolled add
+  tree, then divides by the count; checked equal to ``F.adaptive_avg_pool2d`` for windows up to 1000 elements.
+  Larger windows lower to the same tree but are flagged in ``LoweredModule.inexact``. Float ``avg_pool2d`` sums
+  each window in order then divides, as ATen's CPU kernel does.
+
+*Requires*: a frozen program (8-bit storage activations feeding every layer), static input shapes.
+
+*Ensures* (``tests/test_tvm.py``): on llvm, the dequantized outputs and the 8-bit codes of every quantize node
+are ``torch.equal`` to ``IntegerProgram.run_all`` on ResNet-20, torchvision ResNet-18 and MobileNetV2 at mixed
+2-8 bits (and on small models covering the other converters); the CPU code holds no FMA instruction; the exported
+artifact runs in a process where torch and mpqc cannot be imported; the CUDA module compiles for sm_80 and sm_90
+and its kernels accumulate in int32. Every schedule (default rule, dlight, MetaSchedule records) only reorders
+loops, so these hold after tuning too (re-checked by the slow tuning test).
+
+*Artifact* (``out=DIR``): ``model.so`` (``Executable.export_library``), ``params.bin``
+(``tvm.runtime.save_param_dict``: int8 weights and int32 biases, one byte per weight: sub-byte weights are NOT
+packed yet), ``model.json`` (inputs, outputs, parameter order, input quantizer scale/bits, per-layer bits, target)
+and ``loader.py`` (the runtime-only loader in ``LOADER_SOURCE``).
+
+Threads: TVM's runtime here starts one worker unless ``TVM_NUM_THREADS`` is set before the first run; set it to the
+number of physical cores.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from mpqc.errors import ConfigError, MpqcError, UnsupportedOpError
+from mpqc.quantizers.base import integer_range
+from mpqc.reference import IntegerProgram, IntNode
+
+log = logging.getLogger(__name__)
+
+ARTIFACT_FORMAT = "mpqc-tvm-artifact/1"
+DEFAULT_CUDA_ARCH = "sm_80"
+# Windows up to this many elements were checked equal to PyTorch's float mean (tests and module docstring).
+_CHECKED_FLOAT_MEAN_WINDOW = 1000
+
+
+# --------------------------------------------------------------------------------------------- targets
+def host_target() -> dict[str, Any]:
+    """The llvm target of this machine: ``mcpu``/``mattr`` from the flags in ``/proc/cpuinfo`` (never hard-coded).
+
+    x86-64 hosts get the highest ``x86-64-v2/v3/v4`` level their flags cover, plus the extensions that matter to
+    int8 code (VNNI, VBMI, BF16, ...) as ``mattr``; other hosts get LLVM's generic CPU.
+    """
+    flags = _cpu_flags()
+    target: dict[str, Any] = {"kind": "llvm", "num-cores": _physical_cores()}
+    if not flags:
+        return target
+    levels = [
+        ("x86-64-v4", {"avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl"}),
+        ("x86-64-v3", {"avx2", "fma", "bmi1", "bmi2", "movbe", "f16c"}),
+        ("x86-64-v2", {"sse4_2", "popcnt", "ssse3"}),
+    ]
+    for name, needed in levels:
+        if needed <= flags:
+            target["mcpu"] = name
+            break
+    extras = {  # /proc/cpuinfo flag -> LLVM feature
+        "avx512_vnni": "avx512vnni", "avx_vnni": "avxvnni", "avx512vbmi": "avx512vbmi",
+        "avx512_vbmi2": "avx512vbmi2", "avx512_bf16": "avx512bf16", "avx512_bitalg": "avx512bitalg",
+        "avx512_vpopcntdq": "avx512vpopcntdq", "avx512ifma": "avx512ifma", "avx512_fp16": "avx512fp16",
+        "gfni": "gfni", "amx_tile": "amx-tile", "amx_int8": "amx-int8",
+    }
+    mattr = [f"+{feature}" for flag, feature in extras.items() if flag in flags]
+    if mattr and "mcpu" in target:
+        target["mattr"] = mattr
+    return target
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return set(line.partition(":")[2].split())
+    return set()
+
+
+def _physical_cores() -> int:
+    try:
+        import psutil
+
+        return psutil.cpu_count(logical=False) or os.cpu_count() or 1
+    except ImportError:  # pragma: no cover - psutil is a dependency
+        return os.cpu_count() or 1
+
+
+def resolve_target(target: Any):
+    """``"llvm"`` (this host), ``"cuda"`` (sm_80), ``"cuda:sm_90"``, a target dict or a ``tvm.target.Target``."""
+    import tvm
+
+    if isinstance(target, tvm.target.Target):
+        return target
+    if isinstance(target, dict):
+        spec = dict(target)
+    elif isinstance(target, str):
+        kind, _, arch = target.partition(":")
+        if kind == "llvm" and not arch:
+            spec = host_target()
+        elif kind == "cuda":
+            spec = {"kind": "cuda", "arch": arch or DEFAULT_CUDA_ARCH}
+        else:
+            raise ConfigError(f"target {target!r}: expected 'llvm', 'cuda' or 'cuda:sm_XX'")
+    else:
+        raise ConfigError(f"target must be a string, a dict or a tvm Target, got {type(target).__name__}")
+    if spec.get("kind") == "llvm" and spec == {"kind": "llvm"}:
+        spec = host_target()
+    if spec.get("kind") == "cuda":
+        # the host side (the VM's glue, no kernels) stays generic x86-64: the GPU machine's CPU is not this one
+        return tvm.target.Target(spec, host={"kind": "llvm"})
+    return tvm.target.Target(spec)
+
+
+# --------------------------------------------------------------------------------------------- values
+@dataclass
+class _Int:
+    """An integer value ``q * scale``: ``q`` a Relax tensor (int8/uint8/int32/int64), ``scale`` the float64 torch
+    tensor the reference computes for it (same expressions, so the multipliers derived from it are the same)."""
+
+    expr: Any
+    scale: torch.Tensor
+
+
+@dataclass
+class _Float:
+    expr: Any
+
+
+def _shape(expr) -> list[int]:
+    return [int(d) for d in expr.ty.shape]
+
+
+def _dtype(expr) -> str:
+    return str(expr.ty.dtype)
+
+
+# --------------------------------------------------------------------------------------------- TE kernels
+def _exact_mul_te(a, b, *, mode: str):
+    """``a * b`` (b broadcast NumPy-style) rounded once to fp32 and never fused into an FMA with what follows."""
+    from tvm import te, tirx
+
+    rank_a, rank_b = len(a.shape), len(b.shape)
+
+    def body(*index):
+        b_index = [0 if int(b.shape[d]) == 1 else index[rank_a - rank_b + d] for d in range(rank_b)]
+        x, y = a[index], b[tuple(b_index)] if rank_b else b[()]
+        if mode == "cuda":
+            return tirx.call_pure_extern("float32", "__fmul_rn", x, y)
+        return tirx.call_llvm_pure_intrin("float32", "llvm.arithmetic.fence", x * y)
+
+    return te.compute(a.shape, body, name="exact_mul")
+
+
+def torch_sum_order(values: Sequence[Any], add: Callable[[Any, Any], Any]) -> Any:
+    """Sum ``values`` in the order PyTorch's CPU ``sum``/``mean`` does for one contiguous reduced row.
+
+    ATen's ``cascade_sum``: rows of >= 8 elements are summed as 8-lane vectors (``vectorized_inner_sum``), each lane
+    with ``row_sum``'s 4-way ILP accumulators (``multi_row_sum``, cascading every 16 rows), then the scalar tail and
+    the lanes are added in order; shorter rows use ``row_sum`` on scalars. ``add`` builds one fp32 addition.
+    """
+    vec = 8
+
+    def plus(a, b):
+        return b if a is None else a if b is None else add(a, b)
+
+    def multi_row_sum(rows: list[list[Any]]) -> list[Any]:
+        size, levels, nrows = len(rows), 4, 4
+        level_power = max(4, (math.ceil(math.log2(size)) if size > 1 else 0) // levels)
+        step, mask = 1 << level_power, (1 << level_power) - 1
+        acc: list[list[Any]] = [[None] * nrows for _ in range(levels)]
+        i = 0
+        while i + step <= size:
+            for j in range(step):
+                for k in range(nrows):
+                    acc[0][k] = plus(acc[0][k], rows[i + j][k])
+            for j in range(1, levels):
+                for k in range(nrows):
+                    acc[j][k], acc[j - 1][k] = plus(acc[j][k], acc[j - 1][k]), None
+                if i & (mask << (j * level_power)):
+                    break
+            i += step
+        for r in range(i, size):
+            for k in range(nrows):
+                acc[0][k] = plus(acc[0][k], rows[r][k])
+        for j in range(1, levels):
+            for k in range(nrows):
+                acc[0][k] = plus(acc[0][k], acc[j][k])
+        return acc[0]
+
+    def row_sum(row: Sequence[Any]) -> Any:
+        ilp = len(row) // 4
+        partial = multi_row_sum([[row[r * 4 + k] for k in range(4)] for r in range(ilp)])
+        for i in range(ilp * 4, len(row)):
+            partial[0] = plus(partial[0], row[i])
+        for k in range(1, 4):
+            partial[0] = plus(partial[0], partial[k])
+        return partial[0]
+
+    n = len(values)
+    if n < vec:
+        return row_sum(values)
+    rows = n // vec
+    lanes = [row_sum([values[r * vec + lane] for r in range(rows)]) for lane in range(vec)]
+    total = None
+    for k in range(rows * vec, n):
+        total = plus(total, values[k])
+    for lane in lanes:
+        total = plus(total, lane)
+    return total
+
+
+def _float_global_avg_pool_te(x):
+    from tvm import te, tirx
+
+    n, c, h, w = (int(d) for d in x.shape)
+
+    def body(b, ch, i, j):
+        values = [x[b, ch, k // w, k % w] for k in range(h * w)]
+        return torch_sum_order(values, lambda p, q: p + q) / tirx.const(float(h * w), "float32")
+
+    return te.compute((n, c, 1, 1), body, name="float_global_avg_pool")
+
+
+def _window_sum_te(x, kernel, stride, out_dtype: str, divide: bool):
+    """Sum of each ``kernel`` window (no padding), in row-major order; ``divide``: then / window (fp32 avg pool)."""
+    from tvm import te, tirx
+
+    n, c, h, w = (int(d) for d in x.shape)
+    (kh, kw), (sh, sw) = kernel, stride
+    oh, ow = (h - kh) // sh + 1, (w - kw) // sw + 1
+
+    def body(b, ch, i, j):
+        total = None
+        for u in range(kh):
+            for v in range(kw):
+                value = x[b, ch, i * sh + u, j * sw + v].astype(out_dtype)
+                total = value if total is None else total + value
+        return total / tirx.const(float(kh * kw), "float32") if divide else total
+
+    return te.compute((n, c, oh, ow), body, name="window_avg" if divide else "window_sum")
+
+
+# --------------------------------------------------------------------------------------------- converters
+class _Lowering:
+    """Walks the program in order, one converter per op (``CONVERT_MAP``), building one Relax function."""
+
+    def __init__(self, program: IntegerProgram, input_shapes: list[tuple[int, ...]], mode: str,
+                 expose: Sequence[str]) -> None:
+        from tvm import relax
+
+        self.program = program
+        self.mode = mode  # "llvm" or "cuda": how exact multiplies are spelled
+        self.by_name = {node.name: node for node in program.nodes}
+        self.bb = relax.BlockBuilder()
+        self.env: dict[str, _Int | _Float] = {}
+        self.param_vars: list[Any] = []
+        self.params: dict[str, np.ndarray] = {}
+        self.inexact: list[str] = []
+        self.expose = list(expose)
+        inputs = [node for node in program.nodes if node.op == "input"]
+        if len(input_shapes) != len(inputs):
+            raise ConfigError(f"the program takes {len(inputs)} input(s), got {len(input_shapes)} input shape(s)")
+        self.input_vars = {node.name: relax.Var(node.name, relax.TensorType(tuple(shape), "float32"))
+                           for node, shape in zip(inputs, input_shapes)}
+        self._scaled_cache: dict[tuple[str, float], Any] = {}
+
+    # ----------------------------------------------------------------------------- building blocks
+    def emit(self, expr):
+        return self.bb.emit(expr)
+
+    def param(self, name: str, array: np.ndarray):
+        from tvm import relax
+
+        var = relax.Var(name, relax.TensorType(array.shape, str(array.dtype)))
+        self.param_vars.append(var)
+        self.params[name] = np.ascontiguousarray(array)
+        return var
+
+    def const(self, tensor: torch.Tensor):
+        from tvm import relax
+
+        return relax.const(tensor.detach().cpu().numpy())
+
+    def mul(self, expr, factor: torch.Tensor):
+        """fp32 ``expr * factor`` (factor an fp32 torch tensor, broadcast), rounded once, never contracted."""
+        return self.bb.emit_te(_exact_mul_te, expr, self.const(factor.to(torch.float32)), mode=self.mode,
+                               primfunc_name_hint="exact_mul")
+
+    def to_f32(self, expr):
+        from tvm.relax import op as R
+
+        return expr if _dtype(expr) == "float32" else self.emit(R.astype(expr, "float32"))
+
+    def dequantize(self, value: _Int | _Float):
+        """The reference's ``_dequantize``: ``fp32(q) * fp32(scale)``."""
+        if isinstance(value, _Float):
+            return value.expr
+        return self.mul(self.to_f32(value.expr), value.scale.to(torch.float32))
+
+    def scaled(self, name: str, s_out: float):
+        """The value of ``name`` in units of ``s_out`` (the reference's ``_scaled``: the requantisation region)."""
+        key = (name, s_out)
+        if key not in self._scaled_cache:
+            self._scaled_cache[key] = self._scaled(name, s_out)
+        return self._scaled_cache[key]
+
+    def _scaled(self, name: str, s_out: float):
+        from tvm import relax
+        from tvm.relax import op as R
+
+        value, node = self.env[name], self.by_name[name]
+        if isinstance(value, _Int):
+            multiplier = (value.scale / s_out).to(torch.float32)
+            return self.mul(self.to_f32(value.expr), multiplier)
+        if node.op == "add":
+            return self.emit(R.add(self.scaled(node.inputs[0], s_out), self.scaled(node.inputs[1], s_out)))
+        if node.op == "relu":
+            return self.emit(R.nn.relu(self.scaled(node.inputs[0], s_out)))
+        if node.op == "clamp":
+            low = relax.const(np.float32(node.attrs["min"] / s_out))
+            high = relax.const(np.float32(node.attrs["max"] / s_out))
+            return self.emit(R.minimum(R.maximum(self.scaled(node.inputs[0], s_out), low), high))
+        if node.op == "max_pool2d":
+            return self.emit(_max_pool(self.scaled(node.inputs[0], s_out), node.attrs))
+        if node.op == "flatten":
+            return self.emit(_flatten(self.scaled(node.inputs[0], s_out), node.attrs["start_dim"]))
+        return self.mul(value.expr, torch.tensor(1.0 / s_out, dtype=torch.float32))
+
+    # ----------------------------------------------------------------------------- the function
+    def build(self):
+        from tvm import relax
+
+        bb = self.bb
+        with bb.function("main"):
+            with bb.dataflow():
+                for node in self.program.nodes:
+                    self.env[node.name] = CONVERT_MAP[node.op].convert(self, node)
+                results = [self.dequantize(self.env[name]) for name in self.program.outputs]
+                results += [self.env[name].expr for name in self.expose]
+                output = results[0] if len(results) == 1 else relax.Tuple(results)
+                output = bb.emit_output(output)
+            bb.emit_func_output(output, params=list(self.input_vars.values()) + self.param_vars)
+        return bb.get()
+
+
+@dataclass(frozen=True)
+class Converter:
+    """How one program op becomes Relax: ``convert(lowering, node) -> value``; ``check(node)`` returns the reason
+    the node cannot be lowered, or None."""
+
+    convert: Callable[[_Lowering, IntNode], _Int | _Float]
+    check: Callable[[IntNode], str | None] = lambda node: None
+
+
+def _max_pool(expr, a: dict):
+    from tvm.relax import op as R
+
+    return R.nn.max_pool2d(expr, a["kernel"], a["stride"], a["padding"], a["dilation"], a["ceil_mode"])
+
+
+def _flatten(expr, start: int):
+    from tvm.relax import op as R
+
+    shape = _shape(expr)
+    start = start % len(shape) if shape else 0
+    return R.reshape(expr, shape[:start] + [math.prod(shape[start:])])
+
+
+def _convert_input(lowering: _Lowering, node: IntNode):
+    return _Float(lowering.input_vars[node.name])
+
+
+def _convert_quantize(lowering: _Lowering, node: IntNode):
+    from tvm.relax import op as R
+
+    s_out = float(node.attrs["scale"])
+    y = lowering.scaled(node.inputs[0], s_out)
+    qmin, qmax = integer_range(node.attrs["bits"], node.attrs["signed"])
+    storage = "int8" if node.attrs["signed"] else "uint8"
+    q = lowering.emit(R.astype(R.clip(R.round(y), qmin, qmax), storage))
+    return _Int(q, torch.tensor(s_out, dtype=torch.float64))
+
+
+def _check_quantize(node: IntNode) -> str | None:
+    if node.attrs["bits"] > 8:
+        return f"{node.attrs['bits']}-bit activations (the TVM target stores activations in 8 bits)"
+    return None
+
+
+def _convert_layer(lowering: _Lowering, node: IntNode):
+    from tvm.relax import op as R
+
+    x = lowering.env[node.inputs[0]]
+    if not isinstance(x, _Int) or _dtype(x.expr) not in ("int8", "uint8"):
+        raise MpqcError(f"layer {node.name!r} reads {node.inputs[0]!r}, which is not an 8-bit quantized value")
+    weight = node.tensors["weight"].to(torch.int8).numpy()
+    bias = node.tensors["bias"].to(torch.int32).numpy()
+    a = node.attrs
+    if node.op == "linear":
+        w = lowering.param(f"{node.name}.weight", np.ascontiguousarray(weight.T))  # [in, out]
+        acc = lowering.emit(R.matmul(x.expr, w, out_dtype="int32"))
+        bias_shape = [1] * (len(_shape(acc)) - 1) + [-1]
+    else:
+        w = lowering.param(f"{node.name}.weight", weight)
+        conv = R.nn.conv2d if node.op == "conv2d" else R.nn.conv1d
+        acc = lowering.emit(conv(x.expr, w, a["stride"], a["padding"], a["dilation"], a["groups"],
+                                 out_dtype="int32"))
+        bias_shape = [1, -1] + [1] * (len(_shape(acc)) - 2)
+    b = lowering.param(f"{node.name}.bias", bias.reshape(bias_shape))
+    acc = lowering.emit(R.add(acc, b))
+    scale = x.scale * node.tensors["weight_scale"].to(torch.float64)  # the reference's _eval_layer
+    return _Int(acc, scale.reshape([1, -1] + [1] * (len(_shape(acc)) - 2)))
+
+
+def _check_layer(node: IntNode) -> str | None:
+    if node.attrs["weight_bits"] > 8:
+        return f"{node.attrs['weight_bits']}-bit weights (the TVM target stores weights in int8)"
+    return None
+
+
+def _convert_relu(lowering: _Lowering, node: IntNode):
+    from tvm import relax
+    from tvm.relax import op as R
+
+    x = lowering.env[node.inputs[0]]
+    if isinstance(x, _Int):
+        if _dtype(x.expr) == "uint8":
+            return x
+        return _Int(lowering.emit(R.maximum(x.expr, relax.const(0, _dtype(x.expr)))), x.scale)
+    return _Float(lowering.emit(R.nn.relu(x.expr)))
+
+
+def _convert_clamp(lowering: _Lowering, node: IntNode):
+    from tvm import relax
+    from tvm.relax import op as R
+
+    x = lowering.dequantize(lowering.env[node.inputs[0]])
+    low, high = np.float32(node.attrs["min"]), np.float32(node.attrs["max"])  # torch.clamp: scalar_t(min)
+    return _Float(lowering.emit(R.minimum(R.maximum(x, relax.const(low)), relax.const(high))))
+
+
+def _convert_max_pool(lowering: _Lowering, node: IntNode):
+    x = lowering.env[node.inputs[0]]
+    if isinstance(x, _Int):
+        return _Int(lowering.emit(_max_pool(x.expr, node.attrs)), x.scale)
+    return _Float(lowering.emit(_max_pool(x.expr, node.attrs)))
+
+
+def _sum_dtype(expr) -> str:
+    return "int32" if _dtype(expr) in ("int8", "uint8") else "int64"
+
+
+def _convert_global_avg_pool(lowering: _Lowering, node: IntNode):
+    from tvm.relax import op as R
+
+    x = lowering.env[node.inputs[0]]
+    shape = _shape(x.expr)
+    window = shape[-1] * shape[-2]
+    if isinstance(x, _Int):
+        summed = lowering.emit(R.sum(R.astype(x.expr, _sum_dtype(x.expr)), axis=[-2, -1], keepdims=True))
+        return _Int(summed, x.scale / window)
+    if window > _CHECKED_FLOAT_MEAN_WINDOW:
+        lowering.inexact.append(f"{node.name}: fp32 mean over {window} elements (PyTorch's summation order is "
+                                f"reproduced and checked only up to {_CHECKED_FLOAT_MEAN_WINDOW})")
+    return _Float(lowering.bb.emit_te(_float_global_avg_pool_te, x.expr, primfunc_name_hint="float_mean"))
+
+
+def _convert_avg_pool(lowering: _Lowering, node: IntNode):
+    x = lowering.env[node.inputs[0]]
+    a = node.attrs
+    if isinstance(x, _Int):
+        summed = lowering.bb.emit_te(_window_sum_te, x.expr, a["kernel"], a["stride"], _sum_dtype(x.expr), False,
+                                     primfunc_name_hint="window_sum")
+        return _Int(summed, x.scale / (a["kernel"][0] * a["kernel"][1]))
+    return _Float(lowering.bb.emit_te(_window_sum_te, x.expr, a["kernel"], a["stride"], "float32", True,
+                                      primfunc_name_hint="window_avg"))
+
+
+def _check_avg_pool(node: IntNode) -> str | None:
+    a = node.attrs
+    if a["padding"] != [0, 0] or a["ceil_mode"]:
+        return "average pooling with padding or ceil_mode"
+    return None
+
+
+def _convert_flatten(lowering: _Lowering, node: IntNode):
+    x, start = lowering.env[node.inputs[0]], node.attrs["start_dim"]
+    if isinstance(x, _Int):
+        shape = _shape(x.expr)
+        scale = x.scale.expand(1, *shape[1:]) if x.scale.dim() == len(shape) else x.scale
+        scale = torch.flatten(scale, start) if scale.dim() else scale
+        return _Int(lowering.emit(_flatten(x.expr, start)), scale)
+    return _Float(lowering.emit(_flatten(x.expr, start)))
+
+
+def _convert_identity(lowering: _Lowering, node: IntNode):
+    return lowering.env[node.inputs[0]]
+
+
+def _convert_add(lowering: _Lowering, node: IntNode):
+    from tvm.relax import op as R
+
+    a, b = (lowering.dequantize(lowering.env[name]) for name in node.inputs)
+    return _Float(lowering.emit(R.add(a, b)))
+
+
+def _convert_cat(lowering: _Lowering, node: IntNode):
+    from tvm.relax import op as R
+
+    parts = [lowering.dequantize(lowering.env[name]) for name in node.inputs]
+    return _Float(lowering.emit(R.concat(parts, axis=node.attrs["dim"])))
+
+
+CONVERT_MAP: dict[str, Converter] = {
+    "input": Converter(_convert_input),
+    "quantize": Converter(_convert_quantize, _check_quantize),
+    "conv1d": Converter(_convert_layer, _check_layer),
+    "conv2d": Converter(_convert_layer, _check_layer),
+    "linear": Converter(_convert_layer, _check_layer),
+    "relu": Converter(_convert_relu),
+    "clamp": Converter(_convert_clamp),
+    "max_pool2d": Converter(_convert_max_pool),
+    "global_avg_pool": Converter(_convert_global_avg_pool),
+    "avg_pool2d": Converter(_convert_avg_pool, _check_avg_pool),
+    "flatten": Converter(_convert_flatten),
+    "identity": Converter(_convert_identity),
+    "add": Converter(_convert_add),
+    "cat": Converter(_convert_cat),
+}
+
+
+def check_supported(program: IntegerProgram) -> None:
+    """Raise one :class:`UnsupportedOpError` listing every node the TVM target cannot lower."""
+    problems = []
+    for node in program.nodes:
+        converter = CONVERT_MAP.get(node.op)
+        reason = f"no TVM converter for op {node.op!r}" if converter is None else converter.check(node)
+        if reason:
+            problems.append(f"{node.name} ({node.op}): {reason}")
+    if problems:
+        raise UnsupportedOpError(f"the TVM target cannot lower {len(problems)} node(s):\n  " + "\n  ".join(problems))
+
+
+def build_module(program: IntegerProgram, input_shapes: Sequence[Sequence[int]], *, mode: str = "llvm",
+                 expose: Sequence[str] = ()) -> tuple[Any, dict[str, np.ndarray], list[str]]:
+    """The Relax IRModule of ``program`` (``main(inputs..., params...)``), its parameters in order, and the list of
+    nodes whose bit-exactness is not guaranteed (empty for the supported zoo)."""
+    from tvm import relax
+
+    check_supported(program)
+    unknown = [name for name in expose if name not in {node.name for node in program.nodes}]
+    if unknown:
+        raise ConfigError(f"expose: no node named {', '.join(map(repr, unknown))} in the program")
+    lowering = _Lowering(program, [tuple(int(d) for d in s) for s in input_shapes], mode, expose)
+    mod = lowering.build()
+    mod = relax.transform.DeadCodeElimination()(mod)
+    return mod, lowering.params, lowering.inexact
+
+
+# --------------------------------------------------------------------------------------------- lowering
+@dataclass
+class LoweredModule:
+    """A program compiled by TVM. ``__call__`` runs it (CPU targets only) with the parameters bound."""
+
+    executable: Any
+    target: Any
+    meta: dict[str, Any]
+    params: dict[str, np.ndarray]
+    ir_module: Any = None
+    build_seconds: float = 0.0
+    inexact: list[str] = field(default_factory=list)
+    schedules: dict[str, int] = field(default_factory=dict)  # CPU: functions, from_database, default_rule
+    _vm: Any = None
+    _param_tensors: list[Any] | None = None
+
+    @property
+    def kind(self) -> str:
+        return self.target.kind.name
+
+    def _machine(self):
+        if self.kind != "llvm":
+            raise MpqcError(f"a {self.kind} module cannot run on this machine's CPU; export it and run it there")
+        if self._vm is None:
+            import tvm
+            from tvm import relax
+
+            self._vm = relax.VirtualMachine(self.executable, tvm.cpu())
+            self._param_tensors = [tvm.runtime.tensor(self.params[name]) for name in self.meta["params"]]
+        return self._vm
+
+    def run(self, *inputs: np.ndarray) -> list[np.ndarray]:
+        """All results as NumPy arrays: the program's outputs, then the exposed nodes' values."""
+        import tvm
+
+        vm = self._machine()
+        arrays = [tvm.runtime.tensor(np.ascontiguousarray(np.asarray(x, dtype=np.float32))) for x in inputs]
+        result = vm["main"](*arrays, *self._param_tensors)
+        results = [result] if isinstance(result, tvm.runtime.Tensor) else list(result)
+        return [r.numpy() for r in results]
+
+    def __call__(self, *inputs):
+        """Outputs (torch tensors for torch inputs, NumPy arrays otherwise); one output unwrapped."""
+        as_torch = any(isinstance(x, torch.Tensor) for x in inputs)
+        arrays = [x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else x for x in inputs]
+        results = self.run(*arrays)[: len(self.meta["outputs"])]
+        if as_torch:
+            results = [torch.from_numpy(r) for r in results]
+        return results[0] if len(results) == 1 else tuple(results)
+
+    def exposed(self, *inputs) -> dict[str, np.ndarray]:
+        """The values of the nodes named in ``lower(..., expose=...)`` (8-bit codes of quantize nodes, ...)."""
+        results = self.run(*[x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else x for x in inputs])
+        return dict(zip(self.meta["exposed"], results[len(self.meta["outputs"]):]))
+
+    def source(self, fmt: str = "") -> str:
+        """The generated device source (CUDA C for cuda; LLVM IR for llvm, or ``fmt="asm"``)."""
+        mod = self.executable.mod
+        if self.kind == "cuda":
+            for imported in _import_tree(mod):
+                if imported.kind == "cuda":
+                    return imported.inspect_source("")
+            raise MpqcError("the CUDA module has no CUDA source")
+        for imported in _import_tree(mod):
+            if imported.kind == "llvm":
+                return imported.inspect_source(fmt or "ll")
+        raise MpqcError("the module has no LLVM code")
+
+    def export(self, directory: str | Path) -> Path:
+        """Write ``model.so``, ``params.bin``, ``model.json`` and ``loader.py`` into ``directory``."""
+        import tvm
+
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        self.executable.export_library(str(directory / "model.so"))
+        blob = tvm.runtime.save_param_dict({name: tvm.runtime.tensor(a) for name, a in self.params.items()})
+        (directory / "params.bin").write_bytes(blob)
+        (directory / "model.json").write_text(json.dumps(self.meta, indent=1))
+        (directory / "loader.py").write_text(LOADER_SOURCE)
+        if self.kind == "cuda":
+            (directory / "kernels.cu").write_text(self.source())
+        return directory
+
+
+def _import_tree(mod):
+    yield mod
+    for imported in mod.imports:
+        yield from _import_tree(imported)
+
+
+def lower(program_or_compiled, *, target: Any = "llvm", out: str | Path | None = None,
+          input_shape: Sequence[int] | Sequence[Sequence[int]] | None = None, trials: int = 0,
+          tuning_db: str | Path | None = None, expose: Sequence[str] = ()) -> LoweredModule:
+    """Compile a frozen program (an :class:`IntegerProgram` or a ``CompiledModel``) with TVM.
+
+    ``target``: ``"llvm"`` (this host, features from /proc/cpuinfo), ``"cuda"`` (sm_80), ``"cuda:sm_90"``, a target
+    dict or a ``tvm.target.Target``. ``input_shape``: the static input shape (a list of shapes for several inputs);
+    taken from a ``CompiledModel``'s report (its first layer's input shape, batch 1) when omitted. ``out``: also export the artifact
+    there. ``expose``: node names whose values ``LoweredModule.exposed`` returns (the 8-bit codes of quantize nodes).
+    ``trials``/``tuning_db`` (llvm): ``trials`` MetaSchedule trials recorded in the database directory
+    ``tuning_db``, whose best schedules are applied (``trials=0`` with a ``tuning_db``: reuse earlier tuning).
+    """
+    import tvm
+
+    program, compiled = _program_and_compiled(program_or_compiled)
+    shapes = _input_shapes(input_shape, compiled)
+    tvm_target = resolve_target(target)
+    kind = tvm_target.kind.name
+    if kind not in ("llvm", "cuda"):
+        raise ConfigError(f"target kind {kind!r}: the TVM lowering supports llvm and cuda")
+    if trials < 0:
+        raise ConfigError(f"trials must be >= 0, got {trials}")
+    if (trials or tuning_db is not None) and kind != "llvm":
+        raise ConfigError("MetaSchedule tuning (trials, tuning_db) is implemented for llvm only (a CUDA target "
+                          "cannot be measured on this machine)")
+    if trials and tuning_db is None:
+        raise ConfigError("trials > 0 needs a tuning_db directory to keep the tuning records in")
+    started = time.perf_counter()
+    mod, params, inexact = build_module(program, shapes, mode=kind, expose=expose)
+    for reason in inexact:
+        log.warning("not guaranteed bit-exact: %s", reason)
+    stats: dict[str, int] = {}
+    executable = compile_module(mod, tvm_target, trials=trials, tuning_db=tuning_db, stats=stats)
+    seconds = time.perf_counter() - started
+    lowered = LoweredModule(executable=executable, target=tvm_target, params=params, ir_module=mod,
+                            build_seconds=seconds, inexact=inexact, schedules=stats,
+                            meta=_metadata(program, shapes, params, tvm_target, expose, inexact, mod))
+    if out is not None:
+        lowered.export(out)
+    return lowered
+
+
+def compile_module(mod, target, *, schedule: bool = True, trials: int = 0, tuning_db: str | Path | None = None,
+                   stats: dict | None = None):
+    """``tvm.compile`` with schedules: on CUDA dlight's GPU rules (TVM's CUDA default pipeline); on CPU the
+    MetaSchedule database ``tuning_db`` (after ``trials`` trials of tuning) and, for the rest,
+    :func:`mpqc.targets.tvm_schedule.default_cpu_rule` (``schedule=False``: TVM's unscheduled CPU code)."""
+    import tvm
+
+    from mpqc.targets.tvm_schedule import cpu_pipeline
+
+    with target:
+        if target.kind.name == "llvm":
+            pipeline = cpu_pipeline(target, trials=trials, tuning_db=None if tuning_db is None else str(tuning_db),
+                                    schedule=schedule, stats=stats)
+            return tvm.compile(mod, target=target, relax_pipeline=pipeline)
+        return tvm.compile(mod, target=target)
+
+
+def _program_and_compiled(obj) -> tuple[IntegerProgram, Any]:
+    if isinstance(obj, IntegerProgram):
+        return obj, None
+    program = getattr(obj, "program", None)
+    if isinstance(program, IntegerProgram) and getattr(obj, "report", None) is not None:
+        return program, obj
+    if isinstance(program, IntegerProgram):
+        return program, None
+    raise ConfigError(f"lower() takes an IntegerProgram or a CompiledModel, got {type(obj).__name__}")
+
+
+def _input_shapes(input_shape, compiled) -> list[tuple[int, ...]]:
+    if input_shape is None and compiled is not None:
+        from mpqc.targets.onnx import input_shape_from_report  # (1, *first layer's input shape) from the report
+
+        input_shape = input_shape_from_report(compiled)
+    if input_shape is None:
+        raise ConfigError("input_shape is required (the report does not tell it), e.g. input_shape=(1, 3, 224, 224)")
+    shapes = list(input_shape)
+    if shapes and all(isinstance(d, (int, np.integer)) for d in shapes):
+        shapes = [shapes]
+    try:
+        return [tuple(int(d) for d in shape) for shape in shapes]
+    except (TypeError, ValueError):
+        raise ConfigError(f"input_shape {input_shape!r} must be a shape or a list of shapes of ints") from None
+
+
+def _metadata(program: IntegerProgram, shapes, params, target, expose, inexact, mod) -> dict[str, Any]:
+    inputs = [node for node in program.nodes if node.op == "input"]
+    ret = mod["main"].ret_ty
+    fields = list(ret.fields) if hasattr(ret, "fields") else [ret]
+
+    def quantizers_of(name: str) -> list[dict[str, Any]]:
+        return [{"name": node.name, "module": node.attrs.get("module"), "bits": node.attrs["bits"],
+                 "signed": node.attrs["signed"], "scale": node.attrs["scale"]}
+                for node in program.nodes if node.op == "quantize" and node.inputs == [name]]
+
+    return {
+        "format": ARTIFACT_FORMAT,
+        "target": str(target),
+        "library": "model.so",
+        "params_file": "params.bin",
+        "inputs": [{"name": node.name, "shape": list(shape), "dtype": "float32", "quantizers": quantizers_of(node.name)}
+                   for node, shape in zip(inputs, shapes)],
+        "outputs": [{"name": name, "shape": [int(d) for d in fields[i].shape], "dtype": str(fields[i].dtype)}
+                    for i, name in enumerate(program.outputs)],
+        "exposed": list(expose),
+        "params": list(params),
+        "param_storage": "one int8 per weight (sub-byte weights not packed), int32 biases",
+        "layers": {module: {"weight_bits": w, "activation_bits": a} for module, (w, a) in program.layer_bits().items()},
+        "layer_nodes": {node.attrs["module"]: node.name for node in program.layers()},
+        "inexact": list(inexact),
+    }
+
+
+# --------------------------------------------------------------------------------------------- runtime loader
+LOADER_SOURCE = '''"""Run an mpqc TVM artifact with the TVM runtime and NumPy only (no mpqc, no torch).
+
+    import numpy as np
+    from loader import load
+    run = load("artifact_dir")                      # reads model.so, params.bin, model.json
+    logits = run(np.zeros((1, 1, 28, 28), "float32"))
+
+Set TVM_NUM_THREADS to the number of physical cores before the first call (TVM's pool starts one thread here).
+"""
+import json
+from pathlib import Path
+
+import numpy as np
+import tvm
+from tvm.runtime.vm import VirtualMachine
+
+
+def load(directory, device=None):
+    directory = Path(directory)
+    meta = json.loads((directory / "model.json").read_text())
+    device = device or tvm.cpu()
+    vm = VirtualMachine(tvm.runtime.load_module(str(directory / meta["library"])), device)
+    params = tvm.runtime.load_param_dict((directory / meta["params_file"]).read_bytes())
+    args = [tvm.runtime.tensor(params[name].numpy(), device) for name in meta["params"]]
+    n_out = len(meta["outputs"])
+
+    def run(*inputs):
+        tensors = [tvm.runtime.tensor(np.ascontiguousarray(x, dtype=np.float32), device) for x in inputs]
+        result = vm["main"](*tensors, *args)
+        results = [result] if isinstance(result, tvm.runtime.Tensor) else list(result)
+        results = [r.numpy() for r in results][:n_out]
+        return results[0] if n_out == 1 else tuple(results)
+
+    run.meta = meta
+    return run
+
+
+if __name__ == "__main__":
+    import sys
+
+    model = load(sys.argv[1] if len(sys.argv) > 1 else Path(__file__).parent)
+    shape = model.meta["inputs"][0]["shape"]
+    print(model(np.zeros(shape, "float32")))
+'''
