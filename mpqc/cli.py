@@ -125,6 +125,16 @@ def load_model_factory(spec: str) -> Callable[..., nn.Module]:
     return factory
 
 
+def _input_shape(text: str | None) -> tuple[int, ...] | None:
+    """``--input-shape 1,1,28,28`` -> (1, 1, 28, 28); None when the option was not given."""
+    if text is None:
+        return None
+    try:
+        return tuple(int(d) for d in text.split(","))
+    except ValueError:
+        raise ConfigError(f"--input-shape {text!r} must look like 1,1,28,28") from None
+
+
 def _bit_range(text: str, flag: str):
     from mpqc.quantizers import BitRange
 
@@ -203,12 +213,8 @@ def _export(args: argparse.Namespace) -> int:
     if args.onnx is None:
         raise ConfigError("give a target to export to, e.g. --onnx model.onnx")
     compiled = CompiledModel.load(args.run_dir)
-    if args.input_shape:
-        try:
-            shape = tuple(int(d) for d in args.input_shape.split(","))
-        except ValueError:
-            raise ConfigError(f"--input-shape {args.input_shape!r} must look like 1,1,28,28") from None
-    else:
+    shape = _input_shape(args.input_shape)
+    if shape is None:
         shape = input_shape_from_report(compiled)
         if shape is None:
             raise ConfigError(f"--input-shape: {args.run_dir}/report.json does not tell the input shape; pass one")
@@ -238,12 +244,7 @@ def _lower(args: argparse.Namespace) -> int:
     from mpqc.compile import CompiledModel
     from mpqc.targets.tvm import lower
 
-    shape = None
-    if args.input_shape:
-        try:
-            shape = tuple(int(d) for d in args.input_shape.split(","))
-        except ValueError:
-            raise ConfigError(f"--input-shape {args.input_shape!r} must look like 1,1,28,28") from None
+    shape = _input_shape(args.input_shape)
     compiled = CompiledModel.load(args.run_dir)
     lowered = lower(compiled, target=args.target, out=args.out, input_shape=shape, trials=args.trials,
                     tuning_db=args.tuning_db)

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import mpqc  # noqa: E402
 from mpqc.budgets import WeightMemory
 from mpqc.config import QuantizerConfig
 from mpqc.passes.analyze_layers import analyze_layers
@@ -48,6 +49,19 @@ def _load_examples():
 
 
 example_models = _load_examples()
+
+
+#: A compile configuration small enough for tests on the digits (2 search epochs, 1 fine-tune epoch).
+FAST = mpqc.CompileConfig(
+    search=mpqc.TrainConfig(epochs=2, quantizer_lr=0.05, checkpoint_every=10),
+    finetune=mpqc.TrainConfig(epochs=1, lr=0.005, penalty_weight=0.0, checkpoint_every=10),
+    progress=False,
+)
+
+
+def example_batch(loaders) -> torch.Tensor:
+    """Two validation images: the example inputs of a compile on ``loaders``."""
+    return next(iter(loaders[1]))[0][:2]
 
 
 @pytest.fixture(scope="session")

@@ -12,21 +12,13 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 import mpqc
-from conftest import ROOT, example_models
+from conftest import FAST, ROOT, example_models
+from conftest import example_batch as _example
 from mpqc.errors import (CaptureError, CheckpointError, ConfigError, DataError, ExampleInputError,
                          InfeasibleBudgetError)
 from mpqc.reference import IntegerProgram
 from mpqc.report import load_report
 
-FAST = mpqc.CompileConfig(
-    search=mpqc.TrainConfig(epochs=2, quantizer_lr=0.05, checkpoint_every=10),
-    finetune=mpqc.TrainConfig(epochs=1, lr=0.005, penalty_weight=0.0, checkpoint_every=10),
-    progress=False,
-)
-
-
-def _example(loaders):
-    return next(iter(loaders[1]))[0][:2]
 
 
 def test_compile_meets_a_tight_budget_and_saves_everything(trained_small_cnn, digits_loaders, tmp_path):

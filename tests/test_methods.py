@@ -17,7 +17,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import mpqc
-from conftest import ROOT, example_models, quantized_graph, randomize_batchnorm
+from conftest import FAST, ROOT, example_models, quantized_graph, randomize_batchnorm
+from conftest import example_batch as _example
 from mpqc.cli import _parser
 from mpqc.passes.freeze import freeze
 from mpqc.passes.insert_quantizers import current_bits, quantized_layers
@@ -543,15 +544,6 @@ def test_freezing_csq_at_the_end_of_the_search_keeps_the_outputs():
 # end to end on digits, every method
 # ---------------------------------------------------------------------------------------------------------------
 
-FAST = mpqc.CompileConfig(
-    search=mpqc.TrainConfig(epochs=2, quantizer_lr=0.05, checkpoint_every=10),
-    finetune=mpqc.TrainConfig(epochs=1, lr=0.005, penalty_weight=0.0, checkpoint_every=10),
-    progress=False,
-)
-
-
-def _example(loaders):
-    return next(iter(loaders[1]))[0][:2]
 
 
 @pytest.mark.parametrize("method", NEW_METHODS)
