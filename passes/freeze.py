@@ -14,7 +14,9 @@ assignment exceeds the budget, bits are lowered one at a time where it costs lea
 saves) is scored by the extra quantization noise it adds per unit of cost it saves, until the assignment fits.
 Noise follows the uniform-noise model (a b-bit tensor of n elements ~ n * 4**-b) measured relative to the noise at
 the bit-width the search settled on (b_s), n * 4**(b_s - b): a quantizer the search left well above its integer
-bit-width is the last to be lowered, one that was rounded up the first.
+bit-width is the last to be lowered, one that was rounded up the first. Since those steps are whole bits of whole
+layers, the result can undershoot the budget; bits are then given back (never above the rounded search result)
+where they remove the most noise per unit of cost, while the budget holds.
 """
 from __future__ import annotations
 
@@ -39,6 +41,7 @@ def integer_bits(gm: GraphModule, budget: Budget) -> dict[str, int]:
     with torch.no_grad():
         searched = {name: float(q.bits()) for name, q in quantizers.items()}
     bits = {name: _rounded(q) for name, q in quantizers.items()}
+    rounded = dict(bits)
     elements = _elements(layers)
     infos = [layer.info for layer in layers]
 
@@ -74,7 +77,29 @@ def integer_bits(gm: GraphModule, budget: Budget) -> dict[str, int]:
             )
         bits[best] = best_lower
         current = best_cost
-    return bits
+    return _fill_slack(bits, rounded, searched, elements, cost, budget)
+
+
+def _fill_slack(bits, rounded, searched, elements, cost, budget: Budget) -> dict[str, int]:
+    """Lowering moves in whole bits of whole layers and can overshoot: give bits back, up to the rounded search
+    result, where they remove the most noise per unit of cost, while the budget still holds."""
+    current = cost(bits)
+    while True:
+        best, best_score, best_cost = None, 0.0, current
+        for name in bits:
+            if bits[name] >= rounded[name]:
+                continue
+            trial_cost = cost(dict(bits, **{name: bits[name] + 1}))
+            if not budget.met(trial_cost):
+                continue
+            removed_noise = elements[name] * (4.0 ** (searched[name] - bits[name]) - 4.0 ** (searched[name] - bits[name] - 1))
+            score = removed_noise / max(trial_cost - current, 1e-12)
+            if score > best_score:
+                best, best_score, best_cost = name, score, trial_cost
+        if best is None:
+            return bits
+        bits[best] += 1
+        current = best_cost
 
 
 def freeze(gm: GraphModule, budget: Budget) -> GraphModule:

@@ -77,3 +77,31 @@ def test_unreachable_budget_is_refused():
     gm, layers, _ = _graph()
     with pytest.raises(InfeasibleBudgetError, match="cannot be met"):
         integer_bits(gm, AverageBits(1.0))
+
+
+def test_slack_left_by_lowering_is_given_back():
+    gm, layers, _ = _graph()
+    set_bits(gm, lambda name: 4)
+    params = sum(layer.params for layer in layers)
+    budget = WeightMemory(params * 3.5 / 8)  # needs some layers at 3, not all
+    bits = integer_bits(gm, budget)
+    cost = float(budget.cost(layers, _assignment(gm, bits)))
+    assert budget.met(cost)
+    weight_bits = [bits[f"{layer.name}.weight_quantizer"] for layer in layers]
+    assert set(weight_bits) == {3, 4}, weight_bits  # mixed: not everything was pushed down to 3
+    # No single layer could go back up to 4 bits without breaking the budget.
+    for layer in layers:
+        key = f"{layer.name}.weight_quantizer"
+        if bits[key] == 3:
+            trial = dict(bits, **{key: 4})
+            assert not budget.met(float(budget.cost(layers, _assignment(gm, trial)))), layer.name
+
+
+def _assignment(gm, bits):
+    from mpqc.budgets import LayerBits
+
+    return {
+        layer.name: LayerBits(torch.tensor(float(bits[f"{layer.name}.weight_quantizer"])),
+                              torch.tensor(float(bits[layer.input_quantizer_name])))
+        for layer in quantized_layers(gm)
+    }
