@@ -73,13 +73,13 @@ def compile(
     num_classes = config.num_classes or _output_width(gm, example_inputs)
     check_loader(train_loader, "train", num_classes)
     teacher = copy.deepcopy(gm).eval()
-    run = RunDirectory(out or tempfile.mkdtemp(prefix="mpqc-run-"), _identity(model, gm, budget, method, config,
-                                                                            train_loader), resume=resume, force=force)
+    identity = _identity(model, gm, budget, method, config, train_loader)
 
     calibration = next(epoch_batches(train_loader, config.seed))[0]
     gm = insert_quantizers(gm, quant_method, config.quantizers, (calibration,))   # 4. learnable-bit quantizers
     IntegerProgram.check_supported(gm)                                             #    refuse unsupported ops
     smallest = budget.check_feasible(layers, smallest_bits(quantized_layers(gm)))  #    refuse infeasible budgets
+    run = RunDirectory(out or tempfile.mkdtemp(prefix="mpqc-run-"), identity, resume=resume, force=force)
     search(gm, budget, layers, train_loader, config.search,                         # 5. differentiable search
            checkpoint=run.checkpoint("search"), seed=config.seed, teacher=teacher, progress=config.progress)
     with torch.no_grad():
@@ -102,7 +102,8 @@ def compile(
                     "integer_reference": evaluate(program.run, val_loader)}
     report = build_report(                                                         # 9. report
         model_name=type(model).__name__, method=method, budget=budget, layers=layers, program=program,
-        searched_bits=searched, fixed_layers=fixed_layers, search_cost=search_cost, smallest_cost=smallest, accuracy=accuracy,
+        searched_bits=searched, fixed_layers=fixed_layers, search_cost=search_cost, smallest_cost=smallest,
+        accuracy=accuracy,
         wall_time={"search": search_done - started, "finetune": finished - search_done,
                    "total": time.perf_counter() - started},
     )

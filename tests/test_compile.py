@@ -140,7 +140,9 @@ def test_bad_inputs_get_one_clear_error(trained_small_cnn, digits_loaders, tmp_p
     with pytest.raises(ConfigError, match="unknown budget kind 'latency'"):
         mpqc.compile(trained_small_cnn, x, budget="latency=3ms", data=digits_loaders, config=FAST)
     with pytest.raises(InfeasibleBudgetError, match=r"smallest achievable is 2\.000 bits"):
-        mpqc.compile(trained_small_cnn, x, budget="avg-bits=1.5", data=digits_loaders, config=FAST)
+        mpqc.compile(trained_small_cnn, x, budget="avg-bits=1.5", data=digits_loaders, config=FAST,
+                     out=tmp_path / "refused")
+    assert not (tmp_path / "refused").exists()  # nothing written: the next try with another budget is not blocked
     with pytest.raises(DataError, match="data=None"):
         mpqc.compile(trained_small_cnn, x, budget="avg-bits=4", data=None, config=FAST)
     bad_labels = DataLoader(TensorDataset(torch.randn(8, 1, 8, 8), torch.full((8,), 12)), batch_size=4)
