@@ -17,8 +17,7 @@ from torch import Tensor, nn
 from torch.fx import GraphModule
 from torch.utils.data import DataLoader
 
-from mpqc.budgets import (ActivationMemory, AverageBits, BitOps, Budget, LayerBits, TargetCost, WeightMemory,
-                          parse_budget)
+from mpqc.budgets import ActivationMemory, AverageBits, BitOps, Budget, LayerBits, WeightMemory, parse_budget
 from mpqc.checkpoint import RunDirectory, atomic_torch_save
 from mpqc.config import CompileConfig
 from mpqc.data import check_loader
@@ -235,9 +234,8 @@ def build_report(
 
 
 def _cost_section(budget: Budget, layers: Sequence[LayerInfo], frozen: dict[str, tuple[int, int]]) -> dict[str, Any]:
-    """``{"cost": ...}``, the modelled cycles per layer (``mpqc.targets.fpga.cost_report``) of a TargetCost run."""
-    if not isinstance(budget, TargetCost):
-        return {}
-    from mpqc.targets.fpga import cost_report
+    """``{"cost": {model: ...}}``: modelled accelerator cycles per layer (``mpqc.targets.fpga.cost_report``) for
+    every registered cost model, so the report and its plot show them whatever the budget was."""
+    from mpqc.targets.fpga import COST_MODELS, cost_report
 
-    return {"cost": cost_report(layers, frozen, budget.target)}
+    return {"cost": {name: cost_report(layers, frozen, name) for name in COST_MODELS}}

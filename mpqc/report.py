@@ -27,6 +27,7 @@ REPORT_FILE = "report.json"
 PLOT_FILE = "bits.png"
 
 _W_COLOR, _A_COLOR, _SHARE_COLOR = "#3b6fb6", "#e8853d", "#8c8c8c"
+_CYCLE_COLORS = ("#6a8caf", "#b07aa1")
 
 
 # ---------------------------------------------------------------------------------------------- save / load
@@ -198,7 +199,14 @@ def plot_bits(report: dict, path: str | Path) -> None:
     FigureCanvasAgg(fig)
     fig.suptitle(f"{report.get('model', '?')} · {report.get('method', '?')}", x=0.01, ha="left",
                  fontweight="bold")
-    if layers:
+    costs = {name: c for name, c in (report.get("cost") or {}).items() if isinstance(c, dict) and c.get("layers")}
+    if layers and costs:
+        fig.set_figheight(7.5)
+        share_ax, cycles_ax, ax = fig.subplots(3, 1, sharex=True, height_ratios=[1, 1.4, 4])
+        _draw_share(share_ax, layers)
+        _draw_cycles(cycles_ax, layers, costs)
+        _draw_bits(ax, layers)
+    elif layers:
         share_ax, ax = fig.subplots(2, 1, sharex=True, height_ratios=[1, 4])
         _draw_share(share_ax, layers)
         _draw_bits(ax, layers)
@@ -223,6 +231,26 @@ def _draw_share(ax, layers: list[dict]) -> None:
     ax.set_ylim(0, 1.15 * max(ax.get_ylim()[1], 1))
     ax.set_ylabel("% of\nparams", fontsize=8)
     ax.tick_params(labelsize=8, bottom=False)
+    ax.grid(axis="y", alpha=0.3)
+    ax.set_axisbelow(True)
+    ax.spines[["top", "right"]].set_visible(False)
+
+
+def _draw_cycles(ax, layers: list[dict], costs: dict[str, dict]) -> None:
+    """Per layer, modelled accelerator cycles relative to the same layer at 8/8 bits (``report["cost"]``)."""
+    width = 0.8 / len(costs)
+    for index, (name, cost) in enumerate(costs.items()):
+        by_layer = {entry["name"]: entry for entry in cost["layers"]}
+        ratios = [by_layer[l["name"]]["cycles"] / by_layer[l["name"]]["cycles_8bit"]
+                  if l.get("name") in by_layer and by_layer[l["name"]]["cycles_8bit"] else 0 for l in layers]
+        xs = [i - 0.4 + width * (index + 0.5) for i in range(len(layers))]
+        ax.bar(xs, ratios, width=width, color=_CYCLE_COLORS[index % len(_CYCLE_COLORS)],
+               label=f"{name}: {cost.get('ratio_vs_8bit', float('nan')):.2f}x of 8-bit in all")
+    ax.axhline(1.0, color="#999999", linewidth=0.8, linestyle="--")
+    ax.set_ylim(0, 1.35)
+    ax.set_ylabel("cycles\nvs 8-bit", fontsize=8)
+    ax.tick_params(labelsize=8, bottom=False)
+    ax.legend(loc="upper left", ncol=len(costs), fontsize=7, frameon=False)
     ax.grid(axis="y", alpha=0.3)
     ax.set_axisbelow(True)
     ax.spines[["top", "right"]].set_visible(False)

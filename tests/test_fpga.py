@@ -287,8 +287,9 @@ def test_compile_under_a_bitfusion_budget_and_report_cost(trained_small_cnn, dig
     report = result.report
     assert report["budget"]["kind"] == "bitfusion" and report["budget"]["unit"] == "cycles"
     assert report["budget"]["met"] and report["budget"]["achieved"] <= 230
-    assert report["cost"]["total_cycles"] == pytest.approx(report["budget"]["achieved"])
-    assert report["cost"]["ratio_vs_8bit"] < 230 / 335 + 1e-9
+    assert report["cost"]["bitfusion"]["total_cycles"] == pytest.approx(report["budget"]["achieved"])
+    assert report["cost"]["bitfusion"]["ratio_vs_8bit"] < 230 / 335 + 1e-9
+    assert set(report["cost"]) == {"bitfusion", "bitserial"}
     assert report["accuracy"]["quantized"] > 50, report["accuracy"]
 
     result.save(tmp_path / "run")
