@@ -212,6 +212,7 @@ class IntegerProgram:
 
 
 LAYER_OPS = ("conv1d", "conv2d", "linear")
+_INT32_MAX = 2**31 - 1
 
 
 # --------------------------------------------------------------------------------------------- describing
@@ -340,7 +341,13 @@ def _describe_layer(gm: GraphModule, node: Node, module: nn.Module) -> IntNode:
         weight_scale = weight_scale.expand(weight_int.shape[0]).clone()
     acc_scale = input_scale * weight_scale.double()
     bias = module.bias.detach().double() if module.bias is not None else torch.zeros(weight_int.shape[0], dtype=torch.float64)
-    bias_int = torch.round(bias / acc_scale).to(torch.int32)
+    bias_steps = torch.round(bias / acc_scale)
+    if bool((bias_steps.abs() > _INT32_MAX).any()):
+        raise MpqcError(
+            f"layer {node.target!r}: its bias needs {float(bias_steps.abs().max()):.3g} accumulator steps "
+            f"(s_in * s_w), more than int32 holds; the input quantizer's range collapsed to {input_scale:.3g}"
+        )
+    bias_int = bias_steps.to(torch.int32)
     storage = torch.int8 if weight_q.bits <= 8 else torch.int16
     attrs: dict[str, Any] = {"module": node.target, "weight_bits": weight_q.bits}
     if isinstance(module, QuantLinear):
@@ -403,6 +410,9 @@ def _eval_layer(program: IntegerProgram, node: IntNode, env: dict) -> IntValue:
     channel_dim = -1 if node.op == "linear" else 1  # a linear layer's output channels are its last dimension
     acc = torch.round(acc).to(torch.int64) + _channel_scale(node.tensors["bias"].to(torch.int64), acc.dim(),
                                                            channel_dim)
+    if acc.numel() and int(acc.abs().max()) > _INT32_MAX:
+        raise MpqcError(f"layer {node.attrs['module']!r}: the accumulator reached {int(acc.abs().max())}, beyond the "
+                        f"int32 range the integer contract guarantees")
     scale = x.scale * node.tensors["weight_scale"].to(torch.float64)
     return IntValue(acc, _channel_scale(scale, acc.dim(), channel_dim))
 

@@ -142,3 +142,19 @@ def test_unsupported_ops_are_all_listed():
     message = str(error.value)
     assert "tanh" in message and "sin" in message and "mean" in message
     assert "3 node(s)" in message
+
+
+def test_a_bias_beyond_int32_is_refused_not_wrapped():
+    from mpqc.errors import MpqcError
+    from mpqc.passes.insert_quantizers import quantized_layers
+
+    model = torch.nn.Sequential(torch.nn.Linear(16, 4))
+    with torch.no_grad():
+        model[0].bias.fill_(1.0)
+    x = torch.randn(4, 16)
+    gm, _ = quantized_graph(model, x)
+    with torch.no_grad():
+        quantized_layers(gm)[0].input_quantizer.log_range.fill_(-20.0)  # a collapsed input range
+    gm, _ = freeze_at_random_bits(gm, seed=0)
+    with pytest.raises(MpqcError, match="more than int32 holds"):
+        IntegerProgram.from_graph(gm)
