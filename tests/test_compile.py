@@ -210,3 +210,20 @@ def test_unsupported_ops_are_refused_before_training(digits_loaders, tmp_path):
                      out=tmp_path / "run")
     assert "amax" in str(error.value)
     assert not (tmp_path / "run" / "checkpoints").exists()  # refused up front, before any search step
+
+
+def test_a_diverging_loss_stops_the_run_and_keeps_the_last_checkpoint(trained_small_cnn, digits_loaders, tmp_path):
+    from mpqc.checkpoint import load_checkpoint
+    from mpqc.errors import TrainingDivergedError
+
+    images, labels = next(iter(DataLoader(digits_loaders[0].dataset, batch_size=256)))
+    images = images.clone()
+    images[128:] = float("nan")  # batches 3 and 4 (of 64) poison the loss
+    poisoned = DataLoader(TensorDataset(images, labels), batch_size=64, shuffle=False)
+    config = mpqc.CompileConfig(search=mpqc.TrainConfig(epochs=1, checkpoint_every=1), progress=False)
+    with pytest.raises(TrainingDivergedError, match="step 3"):
+        mpqc.compile(trained_small_cnn, _example(digits_loaders), budget="avg-bits=4", data=(poisoned, None),
+                     config=config, out=tmp_path / "run")
+    kept = load_checkpoint(tmp_path / "run" / "checkpoints" / "search.pt")
+    assert kept["step_in_epoch"] == 2
+    assert all(bool(torch.isfinite(t).all()) for t in kept["model"].values() if t.is_floating_point())
