@@ -95,6 +95,27 @@ class IntegerProgram:
         program._check_layer_inputs()
         return program
 
+    @classmethod
+    def of(cls, model: Any) -> "IntegerProgram":
+        """The integer program of what a target is handed: an ``IntegerProgram``, a ``CompiledModel``, or a frozen
+        ``GraphModule``. A graph that was not frozen, or anything else, is refused with a clear error."""
+        if isinstance(model, IntegerProgram):
+            return model
+        program = getattr(model, "program", None)
+        if isinstance(program, IntegerProgram):
+            return program
+        if isinstance(model, GraphModule):
+            learnable = [name for name, m in model.named_modules() if isinstance(m, Quantizer) and m.learnable_bits]
+            if learnable:
+                raise MpqcError(
+                    f"the model was not frozen ({len(learnable)} quantizer(s) still learn their bits, e.g. "
+                    f"{learnable[0]!r}): lower the result of mpqc.compile, or run mpqc.passes.freeze.freeze first"
+                )
+            return cls.from_graph(model)
+        raise MpqcError(
+            f"expected an IntegerProgram, a CompiledModel or a frozen GraphModule, got {type(model).__name__}"
+        )
+
     @staticmethod
     def check_supported(gm: GraphModule) -> None:
         """Before any training: raise one :class:`UnsupportedOpError` listing every node of a quantized (not yet

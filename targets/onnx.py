@@ -355,14 +355,6 @@ CONVERTERS: dict[str, Callable[[_Builder, IntNode], None]] = {
 }
 
 
-def _program(model: IntegerProgram | Any) -> IntegerProgram:
-    """The integer program of an :class:`IntegerProgram` or a ``CompiledModel``."""
-    program = getattr(model, "program", model)
-    if not isinstance(program, IntegerProgram):
-        raise ConfigError(f"expected an IntegerProgram or a CompiledModel, got {type(model).__name__}")
-    return program
-
-
 def build_onnx(model: IntegerProgram | Any, *, input_shapes: Sequence[Sequence[int]] | None = None,
                opset: int = DEFAULT_OPSET) -> tuple[onnx.ModelProto, OnnxExport]:
     """The QDQ ``ModelProto`` of ``model`` (an IntegerProgram or a CompiledModel), checked, not written.
@@ -371,7 +363,7 @@ def build_onnx(model: IntegerProgram | Any, *, input_shapes: Sequence[Sequence[i
     ``"N"``); without it an input's rank and channels come from the first conv it feeds, its other sizes are
     left dynamic (``"H"``, ``"W"``).
     """
-    program = _program(model)
+    program = IntegerProgram.of(model)
     if not MIN_OPSET <= opset <= onnx.defs.onnx_opset_version():
         raise ConfigError(f"opset {opset} is outside the supported {MIN_OPSET}..{onnx.defs.onnx_opset_version()}")
     placeholders = [node for node in program.nodes if node.op == "input"]
@@ -458,7 +450,7 @@ def read_metadata(onnx_model: onnx.ModelProto | str | Path) -> dict[str, Any]:
 def input_shape_from_report(compiled: Any) -> tuple[int, ...] | None:
     """A one-example input shape for a ``CompiledModel`` whose single input reaches its first layer through
     quantizers only: ``(1, *input_shape)`` of that layer in the report. None where that cannot be told."""
-    program = _program(compiled)
+    program = IntegerProgram.of(compiled)
     by_name = {node.name: node for node in program.nodes}
     inputs, layers = [node for node in program.nodes if node.op == "input"], program.layers()
     if len(inputs) != 1 or not layers:
@@ -532,7 +524,7 @@ def compare_with_reference(model: IntegerProgram | Any, onnx_model: onnx.ModelPr
     from fusing those Q/DQ pairs. ``optimize=False`` disables onnxruntime's graph optimisations in both.
     """
 
-    program = _program(model)
+    program = IntegerProgram.of(model)
     if not isinstance(onnx_model, onnx.ModelProto):
         onnx_model = onnx.load(str(onnx_model))
     quantizers = read_metadata(onnx_model)["quantizers"]

@@ -748,14 +748,9 @@ def compile_module(mod, target, *, schedule: bool = True, trials: int = 0, tunin
 
 
 def _program_and_compiled(obj) -> tuple[IntegerProgram, Any]:
-    if isinstance(obj, IntegerProgram):
-        return obj, None
-    program = getattr(obj, "program", None)
-    if isinstance(program, IntegerProgram) and getattr(obj, "report", None) is not None:
-        return program, obj
-    if isinstance(program, IntegerProgram):
-        return program, None
-    raise ConfigError(f"lower() takes an IntegerProgram or a CompiledModel, got {type(obj).__name__}")
+    """The program to lower, and the CompiledModel it came from (its report gives the input shape), if any."""
+    program = IntegerProgram.of(obj)
+    return program, obj if getattr(obj, "report", None) is not None else None
 
 
 def _input_shapes(input_shape, compiled) -> list[tuple[int, ...]]:

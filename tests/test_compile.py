@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -81,40 +82,57 @@ def test_cli_compile_and_report(tmp_path):
     assert other.returncode == 2 and "different run" in other.stderr and "budget" in other.stderr
 
 
-def _kill_when(process, path, timeout=300):
+def _kill_at_step(process, checkpoint, step, timeout=300):
+    """SIGKILL ``process`` as soon as ``checkpoint`` records global step >= ``step``."""
+    from mpqc.checkpoint import load_checkpoint
+
     deadline = time.time() + timeout
-    while not path.exists():
+    while True:
         if process.poll() is not None:
-            pytest.fail(f"the run ended before {path.name} appeared: {process.stderr.read()}")
+            pytest.fail(f"the run ended before step {step} of {checkpoint.name}: {process.stderr.read()}")
         if time.time() > deadline:
             process.kill()
-            pytest.fail(f"{path} never appeared")
-        time.sleep(0.01)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
+            pytest.fail(f"{checkpoint} never reached step {step}")
+        try:
+            state = load_checkpoint(checkpoint)
+        except Exception:  # the file may be replaced while we read it; the next poll sees the new one
+            state = None
+        if state is not None and state["epoch"] * STEPS_PER_EPOCH + state["step_in_epoch"] >= step:
+            process.send_signal(signal.SIGKILL)
+            process.wait()
+            return
+        time.sleep(0.005)
 
 
-@pytest.mark.parametrize("phase", ["search", "finetune"])
-def test_resume_after_kill_equals_an_uninterrupted_run(tmp_path, phase):
+STEPS_PER_EPOCH = 45  # 1437 digits training images, batch 32
+
+
+def test_kills_at_random_steps_in_search_and_fine_tuning_then_resume_equal_an_uninterrupted_run(tmp_path):
+    rng = random.Random()
+    search_step, finetune_step = rng.randrange(5, 85, 5), rng.randrange(5, 85, 5)
     reference = _cli(*CLI_RUN, "--out", str(tmp_path / "uninterrupted"))
     assert reference.returncode == 0, reference.stderr
 
     out = tmp_path / "interrupted"
     command = [sys.executable, "-m", "mpqc", *CLI_RUN, "--out", str(out)]
-    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               env={**os.environ, "PYTHONHASHSEED": "0"})
-    _kill_when(process, out / "checkpoints" / f"{phase}.pt")
-    assert not (out / "report.json").exists(), "killed too late: the run had finished"
+    popen = dict(cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                 env={**os.environ, "PYTHONHASHSEED": "0"})
+    _kill_at_step(subprocess.Popen(command, **popen), out / "checkpoints" / "search.pt", search_step)
+    assert not (out / "checkpoints" / "finetune.pt").exists(), f"killed after the search (step {search_step})"
+    _kill_at_step(subprocess.Popen([*command, "--resume"], **popen), out / "checkpoints" / "finetune.pt",
+                  finetune_step)
+    assert not (out / "report.json").exists(), f"killed after fine-tuning (step {finetune_step})"
     resumed = _cli(*CLI_RUN, "--out", str(out), "--resume")
     assert resumed.returncode == 0, resumed.stderr
 
     expected, actual = IntegerProgram.load(tmp_path / "uninterrupted"), IntegerProgram.load(out)
-    assert actual.layer_bits() == expected.layer_bits()
+    context = f"killed at search step {search_step} and fine-tuning step {finetune_step}"
+    assert actual.layer_bits() == expected.layer_bits(), context
     for mine, theirs in zip(actual.nodes, expected.nodes):
-        assert mine.attrs == theirs.attrs
+        assert mine.attrs == theirs.attrs, context
         for key in theirs.tensors:
-            assert torch.equal(mine.tensors[key], theirs.tensors[key]), f"{mine.name}.{key}"
-    assert load_report(out)["accuracy"] == load_report(tmp_path / "uninterrupted")["accuracy"]
+            assert torch.equal(mine.tensors[key], theirs.tensors[key]), f"{mine.name}.{key}, {context}"
+    assert load_report(out)["accuracy"] == load_report(tmp_path / "uninterrupted")["accuracy"], context
 
 
 # ------------------------------------------------------------------------------------------------ bad input

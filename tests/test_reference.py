@@ -158,3 +158,17 @@ def test_a_bias_beyond_int32_is_refused_not_wrapped():
     gm, _ = freeze_at_random_bits(gm, seed=0)
     with pytest.raises(MpqcError, match="more than int32 holds"):
         IntegerProgram.from_graph(gm)
+
+
+def test_targets_refuse_a_model_that_was_not_frozen():
+    from mpqc.errors import MpqcError
+    from mpqc.targets.onnx import export_onnx
+    from mpqc.targets.tvm import lower
+
+    x = torch.randn(2, 1, 8, 8)
+    gm, _ = quantized_graph(example_models.small_cnn(), x)
+    for target in (lambda: lower(gm, input_shape=(1, 1, 8, 8)), lambda: export_onnx(gm, "/tmp/never.onnx")):
+        with pytest.raises(MpqcError, match="not frozen"):
+            target()
+    frozen, _ = freeze_at_random_bits(gm)
+    assert IntegerProgram.of(frozen).layer_bits() == IntegerProgram.from_graph(frozen).layer_bits()
