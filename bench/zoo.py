@@ -91,6 +91,27 @@ TORCHVISION: dict[str, tuple[dict[str, Any], int]] = {
 DEFAULT_MODELS = list(TORCHVISION) + ["data_dependent_if", "shape_dependent_if"]
 
 
+def every_torchvision_classifier() -> list[str]:
+    """Every classification model torchvision registers (``--all``), with sizes and kwargs filled in below."""
+    import torchvision
+
+    names = torchvision.models.list_models(module=torchvision.models)
+    for name in names:
+        if name not in TORCHVISION:
+            if name.startswith("vit_"):
+                side = 70 if name.endswith("_14") else 64  # a multiple of the patch size
+                TORCHVISION[name] = ({"image_size": side}, side)
+            elif name.startswith("inception"):
+                TORCHVISION[name] = ({"aux_logits": False, "init_weights": True}, 75)
+            elif name.startswith("googlenet"):
+                TORCHVISION[name] = ({"aux_logits": False, "init_weights": True}, 64)
+            elif name.startswith("maxvit"):
+                TORCHVISION[name] = ({}, 224)
+            else:
+                TORCHVISION[name] = ({}, 64)
+    return names + ["data_dependent_if", "shape_dependent_if"]
+
+
 # --------------------------------------------------------------------------------------------- custom models
 class DataDependentIf(nn.Module):
     """Control flow on a tensor's values: neither torch.fx nor torch.export can capture it."""
@@ -440,6 +461,7 @@ def _reasons(detail: str) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", default=",".join(DEFAULT_MODELS), help="comma-separated model names")
+    parser.add_argument("--all", action="store_true", help="every torchvision classification model (overrides --models)")
     parser.add_argument("--skip", default="", help="comma-separated model names to leave out")
     parser.add_argument("--tvm", action="store_true", help="also lower with TVM (llvm) and check bit-exactness")
     parser.add_argument("--time-budget", type=float, default=None,
@@ -450,7 +472,8 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(max(1, int(os.environ.get("ZOO_THREADS", "1"))))
 
     skip = {m for m in args.skip.split(",") if m}
-    models = [m for m in args.models.split(",") if m and m not in skip]
+    requested = every_torchvision_classifier() if args.all else args.models.split(",")
+    models = [m for m in requested if m and m not in skip]
     unknown = [m for m in models if m not in TORCHVISION and m not in CUSTOM]
     if unknown:
         parser.error(f"unknown model(s) {unknown}; known: {', '.join(DEFAULT_MODELS)}")
