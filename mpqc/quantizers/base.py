@@ -39,6 +39,11 @@ def positive_levels(bits: Tensor | float, signed: bool) -> Tensor | float:
     return 2 ** (bits - 1) - 1 if signed else 2**bits - 1
 
 
+def channel_max(w: Tensor) -> Tensor:
+    """Per-output-channel largest magnitude of ``w``, flat ``[C]`` and detached (never below 1e-8)."""
+    return w.detach().abs().reshape(w.shape[0], -1).amax(dim=1).clamp_min(1e-8)
+
+
 @dataclass(frozen=True)
 class BitRange:
     """Inclusive range of bit-widths a learnable quantizer may take."""

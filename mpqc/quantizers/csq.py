@@ -46,8 +46,8 @@ import math
 import torch
 from torch import Tensor, nn
 
-from mpqc.quantizers.base import BitRange, FixedQuantizer, Quantizer
-from mpqc.quantizers.uniform import LearnedRangeQuantizer, channel_max
+from mpqc.quantizers.base import BitRange, FixedQuantizer, Quantizer, channel_max
+from mpqc.quantizers.uniform import LearnedRangeQuantizer
 
 #: Temperature at the start and at the end of the search: a factor 200 as in the paper (its 1 -> 200), in logit
 #: units three times smaller, so that Adam at the quantizer learning rate moves a gate across its threshold about

@@ -28,7 +28,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from mpqc.quantizers.base import BitRange, FixedQuantizer, Quantizer, positive_levels, round_ste
+from mpqc.quantizers.base import BitRange, FixedQuantizer, Quantizer, channel_max, positive_levels, round_ste
 
 
 class _DQQuantizer(Quantizer):
@@ -105,9 +105,7 @@ class DQWeightQuantizer(_DQQuantizer):
     @staticmethod
     def channel_max(w: Tensor) -> Tensor:
         """Per-output-channel largest magnitude, shaped to broadcast against ``w`` (detached)."""
-        return w.detach().abs().reshape(w.shape[0], -1).amax(dim=1).clamp_min(1e-8).reshape(
-            [-1] + [1] * (w.dim() - 1)
-        )
+        return channel_max(w).reshape([-1] + [1] * (w.dim() - 1))
 
     def forward(self, w: Tensor) -> Tensor:
         gamma = self.channel_max(w)

@@ -23,19 +23,8 @@ import math
 import torch
 from torch import Tensor, nn
 
-from mpqc.quantizers.base import BitRange, FixedQuantizer, Quantizer, _broadcast_channels, round_ste
-
-
-def channel_max(w: Tensor) -> Tensor:
-    """Per-output-channel largest magnitude of ``w``, flat ``[C]`` and detached (never below 1e-8)."""
-    return w.detach().abs().reshape(w.shape[0], -1).amax(dim=1).clamp_min(1e-8)
-
-
-def levels(bits: int | Tensor, signed: bool) -> int | Tensor:
-    """``qmax`` at ``bits`` (an int, or an integer tensor elementwise)."""
-    if isinstance(bits, Tensor):
-        return (2 ** (bits - 1) - 1) if signed else (2**bits - 1)
-    return 2 ** (bits - 1) - 1 if signed else 2**bits - 1
+from mpqc.quantizers.base import (BitRange, FixedQuantizer, Quantizer, _broadcast_channels, channel_max,
+                                  positive_levels, round_ste)
 
 
 class LearnedRangeQuantizer(Quantizer):
@@ -59,19 +48,19 @@ class LearnedRangeQuantizer(Quantizer):
         """Flat scale(s) at ``bits``: ``[C]`` per output channel of the weight ``x``, or ``[1]``."""
         alpha = self.log_range.exp()
         if self.per_channel:
-            return channel_max(x) * alpha / levels(bits, True)
-        return (alpha / levels(bits, self.signed)).reshape(-1)
+            return channel_max(x) * alpha / positive_levels(bits, True)
+        return (alpha / positive_levels(bits, self.signed)).reshape(-1)
 
     def quantize_at(self, x: Tensor, bits: int | Tensor) -> Tensor:
         """``Q_bits(x)``, computed as ``FixedQuantizer(bits, ...)`` computes it (straight-through round)."""
         scale = self.scale_at(bits, x).abs().clamp_min(1e-12)
         if isinstance(bits, Tensor):
-            q_max = levels(bits, self.signed).to(x.dtype)
+            q_max = positive_levels(bits, self.signed).to(x.dtype)
             q_min = -q_max if self.signed else torch.zeros_like(q_max)
             shape = [-1] + [1] * (x.dim() - 1) if self.per_channel else [1] * x.dim()
             q_min, q_max = q_min.reshape(shape), q_max.reshape(shape)
         else:
-            q_max = levels(bits, self.signed)
+            q_max = positive_levels(bits, self.signed)
             q_min = -q_max if self.signed else 0
         scale = _broadcast_channels(scale, x.dim(), 0) if self.per_channel else scale.reshape([1] * x.dim())
         return round_ste(torch.clamp(x / scale, q_min, q_max)) * scale
