@@ -56,7 +56,7 @@ from torch import nn  # noqa: E402
 
 from mpqc.budgets import WeightMemory  # noqa: E402
 from mpqc.config import QuantizerConfig  # noqa: E402
-from mpqc.errors import CaptureError, MpqcError  # noqa: E402
+from mpqc.errors import MpqcError  # noqa: E402
 from mpqc.passes.analyze_layers import analyze_layers  # noqa: E402
 from mpqc.passes.capture import capture  # noqa: E402
 from mpqc.passes.fold_batchnorm import fold_batchnorm  # noqa: E402

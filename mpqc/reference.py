@@ -29,7 +29,6 @@ at a rounding tie, and the bias rounded here but not there).
 from __future__ import annotations
 
 import json
-import operator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any

@@ -24,12 +24,10 @@ import math
 from collections.abc import Sequence
 
 import torch
-from torch import nn
 from torch.fx import GraphModule
 
 from mpqc.budgets import Budget, LayerBits
 from mpqc.errors import InfeasibleBudgetError
-from mpqc.layers import LayerInfo
 from mpqc.passes.insert_quantizers import QuantizedLayer, replace_submodule, quantized_layers
 from mpqc.quantizers import Quantizer
 

@@ -700,8 +700,6 @@ def lower(program_or_compiled, *, target: Any = "llvm", out: str | Path | None =
     ``trials``/``tuning_db`` (llvm): ``trials`` MetaSchedule trials recorded in the database directory
     ``tuning_db``, whose best schedules are applied (``trials=0`` with a ``tuning_db``: reuse earlier tuning).
     """
-    import tvm
-
     program, compiled = _program_and_compiled(program_or_compiled)
     shapes = _input_shapes(input_shape, compiled)
     tvm_target = resolve_target(target)
