@@ -28,6 +28,8 @@ from mpqc.passes.capture import capture
 from mpqc.passes.fold_batchnorm import fold_batchnorm
 from mpqc.passes.freeze import freeze
 from mpqc.passes.insert_quantizers import current_bits, insert_quantizers, quantized_layers, smallest_bits
+from mpqc.passes.mark_prunable import mark_prunable
+from mpqc.passes.prune_channels import prune_channels
 from mpqc.quantizers import get_method
 from mpqc.reference import IntegerProgram
 from mpqc.report import REPORT_FORMAT, load_report, save_report
@@ -76,6 +78,7 @@ def compile(
 
     calibration = next(epoch_batches(train_loader, config.seed))[0]
     gm = insert_quantizers(gm, quant_method, config.quantizers, (calibration,))   # 4. learnable-bit quantizers
+    gm = mark_prunable(gm)                                                         #    0 bits = pruned channel
     IntegerProgram.check_supported(gm)                                             #    refuse unsupported ops
     smallest = budget.check_feasible(layers, smallest_bits(quantized_layers(gm)))  #    refuse infeasible budgets
     run = RunDirectory(out or tempfile.mkdtemp(prefix="mpqc-run-"), identity, resume=resume, force=force)
@@ -88,20 +91,23 @@ def compile(
     search_done = time.perf_counter()
     fixed_layers = {layer.name for layer in quantized_layers(gm) if not layer.weight_quantizer.learnable_bits}
 
-    gm = freeze(gm, budget)                                                        # 6. integer bits meeting budget
-    finetune(gm, train_loader, config.finetune, checkpoint=run.checkpoint("finetune"),  # 7. fine-tune, bits fixed
+    gm = prune_channels(gm, example_inputs)                                        # 6. drop 0-bit channels
+    unpruned, layers = layers, [layer.info for layer in quantized_layers(gm)]      #    (the smaller layers)
+    gm = freeze(gm, budget)                                                        # 7. integer bits meeting budget
+    finetune(gm, train_loader, config.finetune, checkpoint=run.checkpoint("finetune"),  # 8. fine-tune, bits fixed
              seed=config.seed + 1, teacher=teacher, progress=config.progress)
     gm.eval()
-    program = IntegerProgram.from_graph(gm)                                        # 8. the integer model
+    program = IntegerProgram.from_graph(gm)                                        # 9. the integer model
     finished = time.perf_counter()
 
     accuracy = {"fp32": None, "quantized": None, "integer_reference": None}
     if val_loader is not None:
         accuracy = {"fp32": evaluate(teacher, val_loader), "quantized": evaluate(gm, val_loader),
                     "integer_reference": evaluate(program.run, val_loader)}
-    report = build_report(                                                         # 9. report
+    report = build_report(                                                         # 10. report
         model_name=type(model).__name__, method=method, budget=budget, layers=layers, program=program,
-        searched_bits=searched, fixed_layers=fixed_layers, search_cost=search_cost, smallest_cost=smallest,
+        searched_bits=searched, fixed_layers=fixed_layers, unpruned_layers=unpruned, search_cost=search_cost,
+        smallest_cost=smallest,
         accuracy=accuracy,
         wall_time={"search": search_done - started, "finetune": finished - search_done,
                    "total": time.perf_counter() - started},
@@ -191,8 +197,12 @@ def build_report(
     *, model_name: str, method: str, budget: Budget, layers: Sequence[LayerInfo], program: IntegerProgram,
     searched_bits: dict[str, tuple[float, float]], fixed_layers: set[str], search_cost: float, smallest_cost: float,
     accuracy: dict[str, float | None], wall_time: dict[str, float],
+    unpruned_layers: Sequence[LayerInfo] | None = None,
 ) -> dict[str, Any]:
-    """The ``mpqc-report/1`` dict (see ``mpqc/report.py``) of a frozen program."""
+    """The ``mpqc-report/1`` dict (see ``mpqc/report.py``) of a frozen program; ``layers`` describe the layers as
+    frozen, ``unpruned_layers`` (default: the same) as they were before channel pruning."""
+    unpruned_layers = unpruned_layers or layers
+    pruned_channels = {old.name: old.out_channels - new.out_channels for old, new in zip(unpruned_layers, layers)}
     frozen = program.layer_bits()
     integer = {name: LayerBits(torch.tensor(float(w)), torch.tensor(float(a))) for name, (w, a) in frozen.items()}
     achieved = float(budget.cost(layers, integer))
@@ -209,8 +219,9 @@ def build_report(
         "totals": {
             "params": params,
             "macs": sum(layer.macs for layer in layers),
+            "pruned_channels": sum(pruned_channels.values()),
             "weight_bytes": float(WeightMemory(1).cost(layers, integer)),
-            "fp32_weight_bytes": 4.0 * params,
+            "fp32_weight_bytes": 4.0 * sum(layer.params for layer in unpruned_layers),
             "activation_bytes_max": float(ActivationMemory(1).cost(layers, integer)),
             "activation_bytes_sum": float(ActivationMemory(1, mode="sum").cost(layers, integer)),
             "bitops": float(BitOps(1).cost(layers, integer)),
@@ -225,7 +236,7 @@ def build_report(
              "weight_bits": frozen[layer.name][0], "activation_bits": frozen[layer.name][1],
              "weight_bits_search": searched_bits[layer.name][0],
              "activation_bits_search": searched_bits[layer.name][1],
-             "fixed": layer.name in fixed_layers}
+             "fixed": layer.name in fixed_layers, "pruned_channels": pruned_channels.get(layer.name, 0)}
             for layer in layers
         ],
         "wall_time_s": wall_time,

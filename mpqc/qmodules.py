@@ -1,7 +1,8 @@
 """Conv/linear layers whose weight passes through a quantizer: the only modules ``insert_quantizers`` swaps in.
 
 Each is a subclass of the float layer (so shape analysis and ``isinstance`` checks keep working) with one extra
-submodule, ``weight_quantizer``. The forward pass is the float layer's with the fake-quantized weight.
+submodule, ``weight_quantizer``. The forward pass is the float layer's with the fake-quantized weight (and, while
+a weight quantizer prunes channels, the bias scaled by its ``channel_gate``).
 
 After freezing, ``input_quantizer`` also references the (fixed) quantizer of the layer's input, the same module
 object as ``act_quantizers.<name>`` in the graph: the bias is then rounded to the accumulator's step
@@ -33,6 +34,9 @@ class _QuantWeightMixin:
         return self.weight_quantizer(self.weight)
 
     def quantized_bias(self) -> Tensor | None:
+        gate = self.weight_quantizer.channel_gate()
+        if gate is not None and self.bias is not None:  # a channel on its way to 0 bits (pruned) fades out whole
+            return self.bias * gate
         input_quantizer = self._modules.get("input_quantizer")
         if self.bias is None or not isinstance(input_quantizer, FixedQuantizer) or not isinstance(
             self.weight_quantizer, FixedQuantizer

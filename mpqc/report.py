@@ -151,12 +151,12 @@ def format_report(report: dict) -> str:
         f"accuracy  {_accuracy_line(report) or 'n/a'}",
         "",
     ]
-    headers = ["#", "layer", "op", "params", "MACs", "W bits", "A bits", "W search", "A search", "fixed"]
+    headers = ["#", "layer", "op", "params", "MACs", "W bits", "A bits", "W search", "A search", "notes"]
     rows = [[str(i), l.get("name", "?"), l.get("op", "?"), _fmt(l.get("params"), ",", "-"),
              "-" if l.get("macs") is None else human_count(l["macs"]),
              _fmt(l.get("weight_bits"), "", "-"), _fmt(l.get("activation_bits"), "", "-"),
              _fmt(l.get("weight_bits_search"), ".2f", "-"), _fmt(l.get("activation_bits_search"), ".2f", "-"),
-             "fixed" if l.get("fixed") else ""] for i, l in enumerate(layers)]
+             _notes(l)] for i, l in enumerate(layers)]
     lines += _table(headers, rows, left={1, 2, 9}) if rows else ["(no layers)"]
 
     wb, fp32b = totals.get("weight_bytes"), totals.get("fp32_weight_bytes")
@@ -170,11 +170,19 @@ def format_report(report: dict) -> str:
         f"sum {_human(totals.get('activation_bytes_sum'), 'B')}, "
         f"average {_fmt(totals.get('average_activation_bits'), '.2f')} bits",
         f"compute      {_human(totals.get('params'), 'params')}, {_human(totals.get('macs'), 'MACs')}, "
-        f"{_human(totals.get('bitops'), 'BitOPs')}",
+        f"{_human(totals.get('bitops'), 'BitOPs')}"
+        + (f", {totals['pruned_channels']} channels pruned" if totals.get("pruned_channels") else ""),
     ]
     if wall:
         lines.append("wall time    " + ", ".join(f"{k} {v:.1f} s" for k, v in wall.items() if v is not None))
     return "\n".join(lines)
+
+
+def _notes(layer: dict) -> str:
+    notes = ["fixed"] if layer.get("fixed") else []
+    if layer.get("pruned_channels"):
+        notes.append(f"{layer['pruned_channels']} channels pruned")
+    return ", ".join(notes)
 
 
 def _table(headers: list[str], rows: list[list[str]], left: set[int]) -> list[str]:

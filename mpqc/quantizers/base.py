@@ -123,6 +123,22 @@ class Quantizer(nn.Module):
         """A method-specific regulariser added to the training loss (None where the method has none)."""
         return None
 
+    def enable_pruning(self) -> bool:
+        """Let this weight quantizer take whole output channels down to 0 bits (a pruned channel); returns
+        whether the method supports it. Called by ``mark_prunable`` only for layers whose output channels can
+        be dropped from the graph exactly. No method but FracBits kernel-wise supports it."""
+        return False
+
+    def channel_gate(self) -> Tensor | None:
+        """Per-output-channel factor in [0, 1] that scales the layer's bias along with its quantized weight
+        (0 = pruned channel, whose whole output is then 0), or None where the quantizer prunes nothing."""
+        return None
+
+    def keep_channels_(self, keep: Tensor) -> None:
+        """Drop the output channels not in ``keep`` (indices) from this quantizer's per-channel state: the
+        ``prune_channels`` pass calls it on the quantizers for which ``enable_pruning`` returned True."""
+        raise NotImplementedError(f"{type(self).__name__} does not prune channels")
+
     def encoded_weight(self, weight: Tensor) -> Tensor:
         """The float weight the layer keeps when this (weight) quantizer is frozen: ``weight`` itself, unless the
         method represents the weight its own way during the search (CSQ's bit-planes), then the weight that

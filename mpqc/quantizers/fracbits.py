@@ -26,7 +26,13 @@ costs interpolate the neighbouring integer costs with the same weights ``1 - f``
 After the search, freezing rounds ``b`` (then repairs the budget). Kernel-wise bits are frozen to one bit-width
 per layer, ``round(mean)``, since the integer contract stores one weight bit-width per layer; the per-channel
 search result stays readable through :meth:`FracBitsWeightQuantizer.channel_bits`.
-Not implemented: 0-bit channels (channel pruning through a 0-bit quantizer).
+**0 bit = pruned channel** (kernel-wise, on the layers ``mark_prunable`` found droppable): the channels' bits may
+go below ``min_bits`` down to 0. The integer quantizer at 0 bits is ``Q_0 = 0`` and between 0 and ``min_bits`` the
+output interpolates ``Q_0`` and ``Q_min`` the same way, ``Q_b = (b / min_bits) * Q_min`` (the *channel gate*
+``b / min_bits``, which also scales the channel's bias, so that at 0 bits the channel's whole output is 0). Its
+cost is ``b`` bits per weight, the same linear interpolation of the integer costs (0 and ``min_bits``) as above.
+After the search, ``prune_channels`` removes every channel whose bits round to 0 (nearer to 0 than to
+``min_bits``) from the layer and from the layers that read it.
 """
 from __future__ import annotations
 
@@ -47,14 +53,20 @@ class _FracBitsQuantizer(LearnedRangeQuantizer):
         super().__init__(signed, dynamic_range, bit_range, per_channel, max_range)
         init = float(min(max(init_bits, bit_range.min_bits), bit_range.max_bits))
         self.frac_bits = nn.Parameter(torch.full((channels,), init) if channels else torch.tensor(init))
+        self.prunable = False
 
     @property
     def kernel_wise(self) -> bool:
         return self.frac_bits.dim() == 1
 
+    @property
+    def lowest_bits(self) -> int:
+        """The lowest bit-width a channel may take: 0 where pruning is enabled, else ``min_bits``."""
+        return 0 if self.prunable else self.bit_range.min_bits
+
     def channel_bits(self) -> Tensor:
         """The fractional bit-width(s): a scalar, or one per output channel (kernel-wise)."""
-        low, high = self.bit_range.min_bits, self.bit_range.max_bits
+        low, high = self.lowest_bits, self.bit_range.max_bits
         # Clamped in value, straight-through in gradient (``project_`` keeps the stored value in range).
         return self.frac_bits.detach().clamp(low, high) + (self.frac_bits - self.frac_bits.detach())
 
@@ -64,27 +76,51 @@ class _FracBitsQuantizer(LearnedRangeQuantizer):
     def _interpolate(self, x: Tensor) -> Tensor:
         low, high = self.bit_range.min_bits, self.bit_range.max_bits
         b = self.channel_bits()
+        if self.prunable:
+            b = torch.where(b < low, b.detach().clamp_min(low), b)  # Q_min below min_bits, scaled by the gate
         if high == low:
-            return self.quantize_at(x, low)
-        lower = torch.clamp(torch.floor(b.detach()), low, high - 1).long()
-        frac = b - lower
-        if not self.kernel_wise:
-            lower = int(lower)
+            output = self.quantize_at(x, low)
         else:
-            frac = frac.reshape([-1] + [1] * (x.dim() - 1))
-            if bool((lower == lower[0]).all()):
-                lower = int(lower[0])  # every channel on the same pair: the per-layer path (same values)
-        q_lower, q_upper = self.quantize_at(x, lower), self.quantize_at(x, lower + 1)
-        # (1 - f) * Q_lo + f * Q_hi: exactly Q_lo at f = 0 and exactly Q_hi at f = 1.
-        return (1 - frac) * q_lower + frac * q_upper
+            lower = torch.clamp(torch.floor(b.detach()), low, high - 1).long()
+            frac = b - lower
+            if not self.kernel_wise:
+                lower = int(lower)
+            else:
+                frac = frac.reshape([-1] + [1] * (x.dim() - 1))
+                if bool((lower == lower[0]).all()):
+                    lower = int(lower[0])  # every channel on the same pair: the per-layer path (same values)
+            q_lower, q_upper = self.quantize_at(x, lower), self.quantize_at(x, lower + 1)
+            # (1 - f) * Q_lo + f * Q_hi: exactly Q_lo at f = 0 and exactly Q_hi at f = 1.
+            output = (1 - frac) * q_lower + frac * q_upper
+        gate = self.channel_gate()
+        return output if gate is None else output * gate.reshape([-1] + [1] * (x.dim() - 1))
+
+    def enable_pruning(self) -> bool:
+        if not self.kernel_wise:
+            return False
+        self.prunable = True
+        return True
+
+    def channel_gate(self) -> Tensor | None:
+        if not self.prunable:
+            return None
+        b, low = self.channel_bits(), self.bit_range.min_bits
+        return torch.where(b < low, b / low, torch.ones_like(b))
+
+    @torch.no_grad()
+    def keep_channels_(self, keep: Tensor) -> None:
+        if not self.prunable:
+            raise NotImplementedError("pruning is not enabled on this FracBits quantizer")
+        self.frac_bits = nn.Parameter(self.frac_bits[keep].clone())
 
     @torch.no_grad()
     def project_(self) -> None:
         super().project_()
-        self.frac_bits.clamp_(self.bit_range.min_bits, self.bit_range.max_bits)
+        self.frac_bits.clamp_(self.lowest_bits, self.bit_range.max_bits)
 
     def extra_repr(self) -> str:
-        return super().extra_repr() + (", kernel_wise" if self.kernel_wise else "")
+        return super().extra_repr() + (", kernel_wise" if self.kernel_wise else "") + (
+            ", prunable" if self.prunable else "")
 
 
 class FracBitsWeightQuantizer(_FracBitsQuantizer):

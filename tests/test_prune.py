@@ -1,0 +1,253 @@
+"""FracBits kernel-wise channel pruning: the 0-bit quantizer, mark_prunable, prune_channels, and a compile."""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import mpqc
+from conftest import FAST, example_models, quantized_graph, randomize_batchnorm
+from mpqc.budgets import WeightMemory
+from mpqc.passes.analyze_layers import layer_nodes
+from mpqc.passes.freeze import freeze
+from mpqc.passes.insert_quantizers import quantized_layers
+from mpqc.passes.mark_prunable import mark_prunable
+from mpqc.passes.prune_channels import channel_consumers, prune_channels
+from mpqc.quantizers import BitRange
+from mpqc.quantizers.fracbits import FracBitsWeightQuantizer
+from mpqc.reference import IntegerProgram
+
+
+def _prunable_quantizer(channels: int = 6, seed: int = 0):
+    generator = torch.Generator().manual_seed(seed)
+    weight = torch.randn(channels, 3, 3, 3, generator=generator)
+    quantizer = FracBitsWeightQuantizer(weight, init_bits=4, bit_range=BitRange(2, 8), kernel_wise=True)
+    assert quantizer.enable_pruning()
+    return quantizer, weight
+
+
+# ---------------------------------------------------------------------------------------------- the quantizer
+def test_a_channel_at_0_bits_is_zero_and_below_min_bits_is_the_min_bits_quantizer_scaled_by_its_bits():
+    quantizer, weight = _prunable_quantizer()
+    with torch.no_grad():
+        quantizer.frac_bits.copy_(torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 5.0]))
+    q2 = quantizer.quantize_at(weight, 2)
+    q5 = quantizer.quantize_at(weight, 5)
+    out = quantizer(weight).detach()
+    assert torch.equal(out[0], torch.zeros_like(out[0]))
+    for channel, bits in ((1, 0.5), (2, 1.0), (3, 1.5)):
+        torch.testing.assert_close(out[channel], q2[channel] * bits / 2, rtol=0, atol=1e-7)
+    assert torch.equal(out[4], q2[4].detach()) and torch.equal(out[5], q5[5].detach())
+    torch.testing.assert_close(quantizer.channel_gate(), torch.tensor([0.0, 0.25, 0.5, 0.75, 1.0, 1.0]))
+    assert quantizer.bits().item() == pytest.approx((0 + 0.5 + 1 + 1.5 + 2 + 5) / 6)  # a pruned channel costs 0
+
+
+def test_the_bits_below_min_bits_get_a_gradient_and_project_keeps_them_down_to_0():
+    quantizer, weight = _prunable_quantizer()
+    with torch.no_grad():
+        quantizer.frac_bits.copy_(torch.tensor([1.0, 1.0, 1.0, 3.0, 3.0, 3.0]))
+    quantizer(weight).pow(2).sum().backward()
+    assert (quantizer.frac_bits.grad[:3] != 0).all()
+    with torch.no_grad():
+        quantizer.frac_bits.copy_(torch.tensor([-1.0, 0.3, 1.0, 3.0, 9.0, 3.0]))
+    quantizer.project_()
+    assert quantizer.frac_bits.tolist() == pytest.approx([0.0, 0.3, 1.0, 3.0, 8.0, 3.0])
+
+
+def test_without_pruning_the_bits_stop_at_min_bits_and_layer_wise_fracbits_cannot_prune():
+    weight = torch.randn(4, 3, 3, 3)
+    kernel = FracBitsWeightQuantizer(weight, init_bits=4, kernel_wise=True)
+    with torch.no_grad():
+        kernel.frac_bits.fill_(0.5)
+    kernel.project_()
+    assert kernel.frac_bits.tolist() == [2.0] * 4 and kernel.channel_gate() is None
+    assert not FracBitsWeightQuantizer(weight, init_bits=4).enable_pruning()
+
+
+# ---------------------------------------------------------------------------------------------- mark_prunable
+def test_only_layers_read_by_plain_layers_alone_are_prunable():
+    example = torch.randn(2, 1, 28, 28)
+    gm, _ = quantized_graph(randomize_batchnorm(example_models.resnet20()), example, method="fracbits-kernel")
+    mark_prunable(gm)
+    prunable = {layer.name for layer in quantized_layers(gm) if layer.weight_quantizer.channel_gate() is not None}
+    # a block's first conv feeds only its second; the second conv, the stem, shortcuts feed residual adds; fc the output
+    assert prunable == {f"layer{stage}.{block}.conv1" for stage in (1, 2, 3) for block in range(3)}
+    small, _ = quantized_graph(randomize_batchnorm(example_models.small_cnn()), torch.randn(2, 1, 8, 8),
+                               method="fracbits-kernel")
+    mark_prunable(small)
+    assert [layer.weight_quantizer.channel_gate() is not None for layer in quantized_layers(small)] \
+        == [True, True, False]  # conv2 reaches fc through relu, pool and flatten
+
+
+@pytest.mark.parametrize("method", ["dq", "sdq", "fracbits", "csq"])
+def test_methods_without_channel_pruning_are_left_as_they_are(method):
+    gm, _ = quantized_graph(randomize_batchnorm(example_models.small_cnn()), torch.randn(2, 1, 8, 8), method=method)
+    mark_prunable(gm)
+    assert all(layer.weight_quantizer.channel_gate() is None for layer in quantized_layers(gm))
+
+
+class _FlattenToLinear(nn.Module):
+    """conv -> relu -> flatten of a 4x4 map -> linear -> relu -> linear: channels become blocks of 16 features."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 6, 3, padding=1, stride=2)
+        self.relu = nn.ReLU()
+        self.fc1 = nn.Linear(6 * 16, 12)
+        self.fc2 = nn.Linear(12, 5)
+
+    def forward(self, x):
+        return self.fc2(torch.relu(self.fc1(torch.flatten(self.relu(self.conv(x)), 1))))
+
+
+def test_channel_consumers_follow_a_flatten_into_blocks_of_features():
+    gm, _ = quantized_graph(_FlattenToLinear().eval(), torch.randn(2, 1, 8, 8), method="fracbits-kernel")
+    nodes = {str(node.target): node for node in layer_nodes(gm)}
+    [reader] = channel_consumers(gm, nodes["conv"])
+    assert reader.node is nodes["fc1"] and reader.per_channel == 16
+    assert channel_consumers(gm, nodes["fc1"])[0].node is nodes["fc2"]
+    assert channel_consumers(gm, nodes["fc2"]) is None
+
+
+# ---------------------------------------------------------------------------------------------- prune_channels
+def _set_channel_bits(gm, seed: int, zero_fraction: float = 0.4) -> dict[str, torch.Tensor]:
+    """Random integer bits in 2..8 per channel of every prunable layer, a share of the channels at exactly 0.
+
+    The readers' weights on the 0-bit channels are made small, so that each reader row's largest weight (which sets
+    its quantization scale) sits on a kept channel and removing the dead columns leaves the scales as they were.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    zeroed = {}
+    nodes = {str(node.target): node for node in layer_nodes(gm)}
+    for layer in quantized_layers(gm):
+        quantizer = layer.weight_quantizer
+        if quantizer.channel_gate() is None:
+            continue
+        channels = quantizer.frac_bits.numel()
+        bits = torch.randint(2, 9, (channels,), generator=generator).float()
+        zero = torch.rand(channels, generator=generator) < zero_fraction
+        zero[0] = False
+        bits[zero] = 0.0
+        with torch.no_grad():
+            quantizer.frac_bits.copy_(bits)
+            for reader in channel_consumers(gm, nodes[layer.name]):
+                dead = (torch.nonzero(zero).flatten()[:, None] * reader.per_channel
+                        + torch.arange(reader.per_channel)).flatten()
+                gm.get_submodule(str(reader.node.target)).weight[:, dead] *= 0.01
+        zeroed[layer.name] = zero
+    return zeroed
+
+
+@pytest.mark.parametrize("model, shape", [
+    (example_models.resnet20, (4, 1, 28, 28)),
+    (example_models.small_cnn, (4, 1, 8, 8)),
+    (_FlattenToLinear, (4, 1, 8, 8)),
+])
+def test_removing_0_bit_channels_keeps_the_outputs_and_shrinks_the_layers_and_their_readers(model, shape):
+    torch.manual_seed(0)
+    example = torch.randn(*shape)
+    gm, _ = quantized_graph(randomize_batchnorm(model()), example, method="fracbits-kernel")
+    with torch.no_grad():  # non-zero biases everywhere: the pruned channels' bias must go too
+        for layer in quantized_layers(gm):
+            if layer.module.bias is not None:
+                layer.module.bias.add_(0.3)
+    mark_prunable(gm)
+    zeroed = _set_channel_bits(gm, seed=1)
+    assert sum(int(z.sum()) for z in zeroed.values()) > 0
+    before_infos = {layer.name: layer.info for layer in quantized_layers(gm)}
+    with torch.no_grad():
+        before = gm(example)
+    gm = prune_channels(gm, (example,))
+    with torch.no_grad():
+        after = gm(example)
+    torch.testing.assert_close(after, before, rtol=1e-5, atol=1e-5)
+
+    after_infos = {layer.name: layer.info for layer in quantized_layers(gm)}
+    nodes = {str(node.target): node for node in layer_nodes(gm)}
+    for name, zero in zeroed.items():
+        kept = int((~zero).sum())
+        info, old = after_infos[name], before_infos[name]
+        assert info.out_channels == info.weight_shape[0] == kept and info.params == math.prod(info.weight_shape)
+        assert info.macs * old.params == old.macs * info.params  # MACs shrink with the weight (rows and columns)
+        assert gm.get_submodule(name).weight_quantizer.frac_bits.numel() == kept
+        for reader in channel_consumers(gm, nodes[name]):
+            reader_name = str(reader.node.target)
+            assert after_infos[reader_name].weight_shape[1] == kept * reader.per_channel
+            assert after_infos[reader_name].params < before_infos[reader_name].params
+
+
+def test_a_reader_row_whose_largest_weight_was_on_a_pruned_channel_gets_a_finer_grid():
+    example = torch.randn(4, 1, 8, 8)
+    gm, _ = quantized_graph(randomize_batchnorm(example_models.small_cnn()), example, method="fracbits-kernel")
+    mark_prunable(gm)
+    conv1, conv2 = (layer for layer in quantized_layers(gm)[:2])
+    with torch.no_grad():
+        conv1.weight_quantizer.frac_bits[0] = 0.0
+        conv2.module.weight[0, 0] = 10 * conv2.module.weight[0].abs().max()  # row 0's max on the dead channel
+    old_weight = conv2.module.weight.detach().clone()
+    old_scale = conv2.weight_quantizer.scale_at(4, old_weight)
+    gm = prune_channels(gm, (example,))
+    new_scale = conv2.weight_quantizer.scale_at(4, gm.get_submodule("conv2").weight)
+    assert new_scale[0] < old_scale[0] / 5 and (new_scale <= old_scale).all()
+    assert torch.equal(new_scale, conv2.weight_quantizer.scale_at(4, old_weight[:, 1:]))  # the kept columns' max
+
+
+def test_channels_round_to_0_below_half_of_min_bits_and_a_layer_keeps_at_least_one():
+    example = torch.randn(4, 1, 8, 8)
+    gm, _ = quantized_graph(randomize_batchnorm(example_models.small_cnn()), example, method="fracbits-kernel")
+    mark_prunable(gm)
+    conv1, conv2 = (layer.weight_quantizer for layer in quantized_layers(gm)[:2])
+    with torch.no_grad():
+        conv1.frac_bits.copy_(torch.tensor([0.99, 1.0, 1.01, 3.0] * 4))  # gate 0.495 / 0.5 / 0.505 / 1
+        conv2.frac_bits.copy_(torch.linspace(0.0, 0.6, 32))                # every channel rounds to 0
+    gm = prune_channels(gm, (example,))
+    layers = quantized_layers(gm)
+    assert layers[0].info.out_channels == 12  # the 0.99-bit channels went, 1.0 and up stayed
+    assert layers[1].info.out_channels == 1 and layers[1].weight_quantizer.frac_bits.item() == pytest.approx(0.6)
+    assert layers[2].info.weight_shape == (10, 1)
+
+
+def test_a_pruned_then_frozen_graph_is_an_integer_program_that_agrees_with_it():
+    torch.manual_seed(0)
+    example = torch.randn(8, 1, 28, 28)
+    gm, _ = quantized_graph(randomize_batchnorm(example_models.resnet20()), example, method="fracbits-kernel")
+    mark_prunable(gm)
+    _set_channel_bits(gm, seed=2)
+    gm = freeze(prune_channels(gm, (example,)), WeightMemory(1e12))
+    program = IntegerProgram.from_graph(gm.eval())
+    assert program.layer_bits()["layer1.0.conv1"][0] >= 2
+    with torch.no_grad():
+        expected = gm(example)
+    scale = expected.abs().max()
+    assert (program.run(example) - expected).abs().max() <= 0.02 * scale
+
+
+# ---------------------------------------------------------------------------------------------- compile
+def test_compile_with_fracbits_kernel_prunes_channels_and_the_budget_counts_the_smaller_model(
+        trained_small_cnn, digits_loaders, tmp_path):
+    example = next(iter(digits_loaders[1]))[0][:2]
+    config = mpqc.CompileConfig(
+        quantizers=mpqc.QuantizerConfig(init_bits=2),
+        search=mpqc.TrainConfig(epochs=2, quantizer_lr=0.2, penalty_weight=50.0, checkpoint_every=10),
+        finetune=FAST.finetune, progress=False,
+    )
+    result = mpqc.compile(trained_small_cnn, example, budget="avg-bits=2", data=digits_loaders,
+                          method="fracbits-kernel", config=config, out=tmp_path / "run")
+    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    pruned = {layer["name"]: layer["pruned_channels"] for layer in report["layers"]}
+    assert report["totals"]["pruned_channels"] == sum(pruned.values()) > 0, pruned
+    assert pruned["fc"] == 0
+    layers = {layer["name"]: layer for layer in report["layers"]}
+    assert layers["conv1"]["out_channels"] == 16 - pruned["conv1"]
+    assert layers["conv2"]["weight_shape"][1] == 16 - pruned["conv1"]  # conv2 lost the matching inputs
+    int_layers = {node.attrs["module"]: node for node in result.program.layers()}
+    assert int_layers["conv1"].tensors["weight"].shape[0] == 16 - pruned["conv1"]  # the integer model is smaller
+    weight_bytes = sum(layer["params"] * layer["weight_bits"] for layer in report["layers"]) / 8
+    assert report["totals"]["weight_bytes"] == pytest.approx(weight_bytes)
+    assert report["budget"]["met"]
+    assert report["totals"]["fp32_weight_bytes"] == 4 * (16 * 9 + 32 * 16 * 9 + 10 * 32)  # the unpruned model
+    assert abs(report["accuracy"]["integer_reference"] - report["accuracy"]["quantized"]) < 2.0
+    assert "channels pruned" in mpqc.report.format_report(report)
