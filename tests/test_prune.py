@@ -1,8 +1,10 @@
 """FracBits kernel-wise channel pruning: the 0-bit quantizer, mark_prunable, prune_channels, and a compile."""
 from __future__ import annotations
 
+import functools
 import json
 import math
+import sys
 
 import pytest
 import torch
@@ -19,6 +21,7 @@ from mpqc.passes.prune_channels import channel_consumers, prune_channels
 from mpqc.quantizers import BitRange
 from mpqc.quantizers.fracbits import FracBitsWeightQuantizer
 from mpqc.reference import IntegerProgram
+from mpqc.targets.onnx import AGREEMENT_FLOOR, compare_with_reference, export_onnx
 
 
 def _prunable_quantizer(channels: int = 6, seed: int = 0):
@@ -210,32 +213,43 @@ def test_channels_round_to_0_below_half_of_min_bits_and_a_layer_keeps_at_least_o
     assert layers[2].info.weight_shape == (10, 1)
 
 
-def test_a_pruned_then_frozen_graph_is_an_integer_program_that_agrees_with_it():
+def test_a_pruned_then_frozen_graph_is_an_integer_program_that_agrees_with_it_and_with_onnxruntime(tmp_path):
     torch.manual_seed(0)
     example = torch.randn(8, 1, 28, 28)
     gm, _ = quantized_graph(randomize_batchnorm(example_models.resnet20()), example, method="fracbits-kernel")
     mark_prunable(gm)
-    _set_channel_bits(gm, seed=2)
+    zeroed = _set_channel_bits(gm, seed=2)
     gm = freeze(prune_channels(gm, (example,)), WeightMemory(1e12))
     program = IntegerProgram.from_graph(gm.eval())
-    assert program.layer_bits()["layer1.0.conv1"][0] >= 2
+    layers = {node.attrs["module"]: node for node in program.layers()}
+    kept = int((~zeroed["layer1.0.conv1"]).sum())
+    assert kept < 16 and layers["layer1.0.conv1"].tensors["weight"].shape[0] == kept
+    assert layers["layer1.0.conv2"].tensors["weight"].shape[1] == kept
     with torch.no_grad():
         expected = gm(example)
     scale = expected.abs().max()
     assert (program.run(example) - expected).abs().max() <= 0.02 * scale
 
+    exported = export_onnx(program, tmp_path / "pruned.onnx", input_shapes=[tuple(example.shape)])
+    agreement = compare_with_reference(program, exported.path, example)
+    for name, stats in agreement["quantizers"].items():
+        assert stats["within_1_lsb"] >= AGREEMENT_FLOOR and stats["max_lsb"] <= 1, (name, stats)
+
 
 # ---------------------------------------------------------------------------------------------- compile
+#: A search that starts at 2 bits under a 2-bit average budget: channels the task needs least drift to 0 bits.
+PRUNING = mpqc.CompileConfig(
+    quantizers=mpqc.QuantizerConfig(init_bits=2),
+    search=mpqc.TrainConfig(epochs=2, quantizer_lr=0.2, penalty_weight=50.0, checkpoint_every=10),
+    finetune=FAST.finetune, progress=False,
+)
+
+
 def test_compile_with_fracbits_kernel_prunes_channels_and_the_budget_counts_the_smaller_model(
         trained_small_cnn, digits_loaders, tmp_path):
     example = next(iter(digits_loaders[1]))[0][:2]
-    config = mpqc.CompileConfig(
-        quantizers=mpqc.QuantizerConfig(init_bits=2),
-        search=mpqc.TrainConfig(epochs=2, quantizer_lr=0.2, penalty_weight=50.0, checkpoint_every=10),
-        finetune=FAST.finetune, progress=False,
-    )
     result = mpqc.compile(trained_small_cnn, example, budget="avg-bits=2", data=digits_loaders,
-                          method="fracbits-kernel", config=config, out=tmp_path / "run")
+                          method="fracbits-kernel", config=PRUNING, out=tmp_path / "run")
     report = json.loads((tmp_path / "run" / "report.json").read_text())
     pruned = {layer["name"]: layer["pruned_channels"] for layer in report["layers"]}
     assert report["totals"]["pruned_channels"] == sum(pruned.values()) > 0, pruned
@@ -251,3 +265,28 @@ def test_compile_with_fracbits_kernel_prunes_channels_and_the_budget_counts_the_
     assert report["totals"]["fp32_weight_bytes"] == 4 * (16 * 9 + 32 * 16 * 9 + 10 * 32)  # the unpruned model
     assert abs(report["accuracy"]["integer_reference"] - report["accuracy"]["quantized"]) < 2.0
     assert "channels pruned" in mpqc.report.format_report(report)
+
+
+def test_a_pruned_run_interrupted_in_fine_tuning_resumes_to_the_uninterrupted_result(
+        trained_small_cnn, digits_loaders, tmp_path, monkeypatch):
+    compile_module = sys.modules["mpqc.compile"]
+    example = next(iter(digits_loaders[1]))[0][:2]
+    run = functools.partial(mpqc.compile, trained_small_cnn, example, budget="avg-bits=2", data=digits_loaders,
+                            method="fracbits-kernel", config=PRUNING)
+    uninterrupted = run(out=tmp_path / "a")
+    finetune = compile_module.finetune
+
+    def crash_in_fine_tuning(*args, **kwargs):
+        finetune(*args, **kwargs, stop_after_steps=5)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(compile_module, "finetune", crash_in_fine_tuning)
+    with pytest.raises(KeyboardInterrupt):
+        run(out=tmp_path / "b")
+    monkeypatch.undo()
+    resumed = run(out=tmp_path / "b", resume=True)
+    assert resumed.report["totals"]["pruned_channels"] == uninterrupted.report["totals"]["pruned_channels"] > 0
+    for ours, theirs in zip(resumed.program.nodes, uninterrupted.program.nodes):
+        assert ours.attrs == theirs.attrs and ours.tensors.keys() == theirs.tensors.keys()
+        for key in ours.tensors:
+            assert torch.equal(ours.tensors[key], theirs.tensors[key]), (ours.name, key)
