@@ -29,7 +29,7 @@ from mpqc.passes.fold_batchnorm import fold_batchnorm
 from mpqc.passes.freeze import freeze
 from mpqc.passes.insert_quantizers import current_bits, insert_quantizers, quantized_layers, smallest_bits
 from mpqc.passes.mark_prunable import mark_prunable
-from mpqc.passes.prune_channels import prune_channels
+from mpqc.passes.prune_channels import fewest_channels, prune_channels
 from mpqc.quantizers import get_method
 from mpqc.reference import IntegerProgram
 from mpqc.report import REPORT_FORMAT, load_report, save_report
@@ -80,7 +80,8 @@ def compile(
     gm = insert_quantizers(gm, quant_method, config.quantizers, (calibration,))   # 4. learnable-bit quantizers
     gm = mark_prunable(gm)                                                         #    0 bits = pruned channel
     IntegerProgram.check_supported(gm)                                             #    refuse unsupported ops
-    smallest = budget.check_feasible(layers, smallest_bits(quantized_layers(gm)))  #    refuse infeasible budgets
+    smallest = budget.check_feasible(fewest_channels(gm),                          #    and infeasible budgets
+                                     smallest_bits(quantized_layers(gm)))
     run = RunDirectory(out or tempfile.mkdtemp(prefix="mpqc-run-"), identity, resume=resume, force=force)
     search(gm, budget, layers, train_loader, config.search,                         # 5. differentiable search
            checkpoint=run.checkpoint("search"), seed=config.seed, teacher=teacher, progress=config.progress)
@@ -91,7 +92,7 @@ def compile(
     search_done = time.perf_counter()
     fixed_layers = {layer.name for layer in quantized_layers(gm) if not layer.weight_quantizer.learnable_bits}
 
-    gm = prune_channels(gm, example_inputs)                                        # 6. drop 0-bit channels
+    gm = prune_channels(gm, example_inputs, budget)                                # 6. drop 0-bit channels
     unpruned, layers = layers, [layer.info for layer in quantized_layers(gm)]      #    (the smaller layers)
     gm = freeze(gm, budget)                                                        # 7. integer bits meeting budget
     finetune(gm, train_loader, config.finetune, checkpoint=run.checkpoint("finetune"),  # 8. fine-tune, bits fixed

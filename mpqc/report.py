@@ -181,7 +181,8 @@ def format_report(report: dict) -> str:
 def _notes(layer: dict) -> str:
     notes = ["fixed"] if layer.get("fixed") else []
     if layer.get("pruned_channels"):
-        notes.append(f"{layer['pruned_channels']} channels pruned")
+        count = layer["pruned_channels"]
+        notes.append(f"{count} channel{'s' if count > 1 else ''} pruned")
     return ", ".join(notes)
 
 

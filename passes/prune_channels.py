@@ -8,6 +8,8 @@ Rewrites to: the layer without those output channels (weight rows, bias entries,
             (weight columns; after a flatten, the block of columns each channel became). ``analyze_layers`` then
             runs again, so every ``LayerInfo`` (params, MACs, shapes) describes the smaller layers and every
             budget, the report and the lowered code count what is left.
+            Given the budget, more channels go (fewest searched bits first) until the budget fits with every
+            learnable quantizer at its minimum bits, so that ``freeze`` can meet it.
 Requires:   ``insert_quantizers`` and ``mark_prunable`` have run; the search is over.
 Ensures:    at least one channel stays per layer. A channel at exactly 0 bits outputs exactly 0 (its weight and its
             bias are scaled by its gate, 0) and every op between it and its readers keeps 0 at 0, so removing it
@@ -20,16 +22,19 @@ Ensures:    at least one channel stays per layer. A channel at exactly 0 bits ou
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
 from torch.fx import GraphModule, Node
 
 from mpqc import ops
-from mpqc.errors import MpqcError
+from mpqc.budgets import Budget
+from mpqc.errors import InfeasibleBudgetError, MpqcError
+from mpqc.layers import LayerInfo
 from mpqc.passes.analyze_layers import analyze_layers, layer_nodes
-from mpqc.passes.insert_quantizers import quantized_layers
+from mpqc.passes.insert_quantizers import quantized_layers, smallest_bits
 from mpqc.quantizers import Quantizer
 
 #: Modules that map 0 to 0 element by element and keep the channel dimension (max pooling of an all-zero channel
@@ -84,30 +89,103 @@ def channel_consumers(gm: GraphModule, layer: Node) -> list[ChannelReader] | Non
     return readers or None
 
 
-def prune_channels(gm: GraphModule, example_inputs: tuple) -> GraphModule:
-    """Drop every channel at 0 bits (see the module docstring); returns ``gm`` with its layer infos refreshed."""
-    for layer in quantized_layers(gm):
+def prune_channels(gm: GraphModule, example_inputs: tuple, budget: Budget | None = None) -> GraphModule:
+    """Drop every channel at 0 bits (see the module docstring); returns ``gm`` with its layer infos refreshed.
+
+    With a ``budget``, also make sure that freezing can meet it: while the budget's cost with every learnable
+    quantizer at its minimum bits is over the limit, the kept channel with the fewest searched bits goes too
+    (:class:`InfeasibleBudgetError` if every prunable layer is down to one channel and it still does not fit).
+    """
+    layers = quantized_layers(gm)
+    nodes = {str(node.target): node for node in layer_nodes(gm)}
+    keep = {}
+    for layer in layers:
         gate = layer.weight_quantizer.channel_gate()
-        if gate is None:
+        if gate is not None:
+            keep[layer.name] = gate.detach() >= 0.5
+            if not keep[layer.name].any():  # never remove a whole layer: keep its strongest channel
+                keep[layer.name][gate.detach().argmax()] = True
+    if budget is not None and keep:
+        _prune_to_fit(gm, layers, keep, budget)
+    for layer in layers:
+        if layer.name not in keep or keep[layer.name].all():
             continue
-        keep = torch.nonzero(gate.detach() >= 0.5).flatten()
-        if keep.numel() == 0:  # never remove a whole layer: keep its strongest channel
-            keep = gate.detach().argmax().reshape(1)
-        if keep.numel() == gate.numel():
-            continue
-        node = next(n for n in layer_nodes(gm) if n.target == layer.name)
-        readers = channel_consumers(gm, node)
+        kept = torch.nonzero(keep[layer.name]).flatten()
+        readers = channel_consumers(gm, nodes[layer.name])
         if readers is None:
             raise MpqcError(f"layer {layer.name!r} prunes channels but its output channels cannot be dropped "
                             "(mark_prunable enables pruning only where they can)")
-        _drop_outputs(layer.module, keep)
-        layer.weight_quantizer.keep_channels_(keep)
+        _drop_outputs(layer.module, kept)
+        layer.weight_quantizer.keep_channels_(kept)
         for reader in readers:
-            columns = (keep[:, None] * reader.per_channel + torch.arange(reader.per_channel)).flatten()
+            columns = (kept[:, None] * reader.per_channel + torch.arange(reader.per_channel)).flatten()
             _drop_inputs(gm.get_submodule(reader.node.target), columns, str(reader.node.target))
     analyze_layers(gm, example_inputs)
     gm.recompile()
     return gm
+
+
+def pruned_infos(gm: GraphModule, kept_channels: Mapping[str, int]) -> list[LayerInfo]:
+    """The layer infos (graph order) the layers would have with ``kept_channels[name]`` output channels kept in
+    the named prunable layers, their readers shrunk to match: what ``prune_channels`` followed by
+    ``analyze_layers`` reports (tested), computed without touching the graph."""
+    layers = quantized_layers(gm)
+    nodes = {str(node.target): node for node in layer_nodes(gm)}
+    infos = {layer.name: layer.info for layer in layers}
+    out_fraction: dict[str, float] = {}
+    in_fraction: dict[str, float] = {}
+    for name, count in kept_channels.items():
+        readers = channel_consumers(gm, nodes[name])
+        if readers is None or not 1 <= count <= infos[name].out_channels:
+            raise MpqcError(f"layer {name!r} cannot keep {count} of its {infos[name].out_channels} channels")
+        out_fraction[name] = count / infos[name].out_channels
+        for reader in readers:
+            in_fraction[str(reader.node.target)] = out_fraction[name]
+    return [_shrunk(layer.info, out_fraction.get(layer.name, 1.0), in_fraction.get(layer.name, 1.0))
+            for layer in layers]
+
+
+def fewest_channels(gm: GraphModule) -> list[LayerInfo]:
+    """The layer infos with every layer whose quantizer prunes channels down to one channel: with every learnable
+    quantizer at its minimum bits, the smallest cost the search space reaches (``Budget.check_feasible``)."""
+    prunable = {layer.name: 1 for layer in quantized_layers(gm) if layer.weight_quantizer.channel_gate() is not None}
+    return pruned_infos(gm, prunable)
+
+
+def _prune_to_fit(gm: GraphModule, layers: list, keep: dict[str, torch.Tensor], budget: Budget) -> None:
+    """Prune the kept channels with the fewest searched bits, one at a time, until the budget fits at min bits."""
+    floor = smallest_bits(layers)
+    searched = {name: gm.get_submodule(name).weight_quantizer.channel_bits().detach() for name in keep}
+
+    def cost() -> float:
+        return float(budget.cost(pruned_infos(gm, {name: int(mask.sum()) for name, mask in keep.items()}), floor))
+
+    current = cost()
+    while not budget.met(current):
+        candidates = [(float(searched[name][c]), index, name, int(c)) for index, name in enumerate(keep)
+                      if keep[name].sum() > 1 for c in torch.nonzero(keep[name]).flatten()]
+        if not candidates:
+            raise InfeasibleBudgetError(
+                f"{budget.kind} budget {budget.format(budget.limit)} cannot be met: with every prunable layer down "
+                f"to one channel and every quantizer at its minimum bits the cost is {budget.format(current)}")
+        _, _, name, channel = min(candidates)
+        keep[name][channel] = False
+        current = cost()
+
+
+def _shrunk(info: LayerInfo, out_fraction: float, in_fraction: float) -> LayerInfo:
+    if out_fraction == 1.0 and in_fraction == 1.0:
+        return info
+    weight_shape = (round(info.weight_shape[0] * out_fraction), round(info.weight_shape[1] * in_fraction),
+                    *info.weight_shape[2:])
+    input_shape = (round(info.input_shape[0] * in_fraction), *info.input_shape[1:])
+    output_shape = (round(info.output_shape[0] * out_fraction), *info.output_shape[1:])
+    return replace(
+        info, weight_shape=weight_shape, params=math.prod(weight_shape),
+        bias_params=weight_shape[0] if info.bias_params else 0, out_channels=weight_shape[0],
+        macs=round(info.macs * out_fraction * in_fraction), input_shape=input_shape, output_shape=output_shape,
+        input_elements=math.prod(input_shape), output_elements=math.prod(output_shape),
+    )
 
 
 def _drop_outputs(module: nn.Module, keep: torch.Tensor) -> None:

@@ -13,11 +13,13 @@ from torch import nn
 import mpqc
 from conftest import FAST, example_models, quantized_graph, randomize_batchnorm
 from mpqc.budgets import WeightMemory
+from mpqc.errors import InfeasibleBudgetError
+from mpqc.passes.insert_quantizers import smallest_bits
 from mpqc.passes.analyze_layers import layer_nodes
 from mpqc.passes.freeze import freeze
 from mpqc.passes.insert_quantizers import quantized_layers
 from mpqc.passes.mark_prunable import mark_prunable
-from mpqc.passes.prune_channels import channel_consumers, prune_channels
+from mpqc.passes.prune_channels import channel_consumers, fewest_channels, prune_channels, pruned_infos
 from mpqc.quantizers import BitRange
 from mpqc.quantizers.fracbits import FracBitsWeightQuantizer
 from mpqc.reference import IntegerProgram
@@ -161,9 +163,11 @@ def test_removing_0_bit_channels_keeps_the_outputs_and_shrinks_the_layers_and_th
     zeroed = _set_channel_bits(gm, seed=1)
     assert sum(int(z.sum()) for z in zeroed.values()) > 0
     before_infos = {layer.name: layer.info for layer in quantized_layers(gm)}
+    predicted = pruned_infos(gm, {name: int((~zero).sum()) for name, zero in zeroed.items()})
     with torch.no_grad():
         before = gm(example)
     gm = prune_channels(gm, (example,))
+    assert predicted == [layer.info for layer in quantized_layers(gm)]  # what a budget sees before pruning
     with torch.no_grad():
         after = gm(example)
     torch.testing.assert_close(after, before, rtol=1e-5, atol=1e-5)
@@ -211,6 +215,39 @@ def test_channels_round_to_0_below_half_of_min_bits_and_a_layer_keeps_at_least_o
     assert layers[0].info.out_channels == 12  # the 0.99-bit channels went, 1.0 and up stayed
     assert layers[1].info.out_channels == 1 and layers[1].weight_quantizer.frac_bits.item() == pytest.approx(0.6)
     assert layers[2].info.weight_shape == (10, 1)
+
+
+def test_a_budget_below_what_rounding_leaves_prunes_the_channels_with_the_fewest_bits_first():
+    example = torch.randn(4, 1, 8, 8)
+    gm, _ = quantized_graph(randomize_batchnorm(example_models.small_cnn()), example, method="fracbits-kernel")
+    mark_prunable(gm)
+    conv1, conv2, fc = quantized_layers(gm)
+    with torch.no_grad():
+        conv1.weight_quantizer.frac_bits.copy_(torch.arange(16.0) / 2 + 0.5)  # 0.5 (pruned by rounding) .. 8
+        conv2.weight_quantizer.frac_bits.fill_(8.0)
+    # at 2 bits: conv1 16 x 9, conv2 32 x 16 x 9, fc 10 x 32 weights; a budget that fits with 8 of conv1's channels
+    budget = WeightMemory(2 * (8 * 9 + 32 * 8 * 9 + 10 * 32) / 8)
+    gm = prune_channels(gm, (example,), budget)
+    conv1, conv2, fc = quantized_layers(gm)
+    assert conv1.info.out_channels == 8 and conv2.info.weight_shape[1] == 8
+    assert conv1.weight_quantizer.frac_bits.tolist() == (torch.arange(8.0, 16.0) / 2 + 0.5).tolist()  # the top 8
+    frozen = freeze(gm, budget)
+    assert budget.met(float(budget.cost([layer.info for layer in quantized_layers(frozen)],
+                                        smallest_bits(quantized_layers(frozen)))))
+
+
+def test_budgets_below_the_one_channel_floor_are_refused_before_and_after_the_search():
+    example = torch.randn(4, 1, 8, 8)
+    gm, _ = quantized_graph(randomize_batchnorm(example_models.small_cnn()), example, method="fracbits-kernel")
+    mark_prunable(gm)
+    infos = fewest_channels(gm)
+    assert [info.out_channels for info in infos] == [1, 1, 10]
+    floor = 2 * (1 * 9 + 1 * 1 * 9 + 10 * 1) / 8
+    assert WeightMemory(floor).check_feasible(infos, smallest_bits(quantized_layers(gm))) == pytest.approx(floor)
+    with pytest.raises(InfeasibleBudgetError, match="smallest achievable"):
+        WeightMemory(floor * 0.9).check_feasible(infos, smallest_bits(quantized_layers(gm)))
+    with pytest.raises(InfeasibleBudgetError, match="down to one channel"):
+        prune_channels(gm, (example,), WeightMemory(floor * 0.9))
 
 
 def test_a_pruned_then_frozen_graph_is_an_integer_program_that_agrees_with_it_and_with_onnxruntime(tmp_path):
@@ -265,6 +302,20 @@ def test_compile_with_fracbits_kernel_prunes_channels_and_the_budget_counts_the_
     assert report["totals"]["fp32_weight_bytes"] == 4 * (16 * 9 + 32 * 16 * 9 + 10 * 32)  # the unpruned model
     assert abs(report["accuracy"]["integer_reference"] - report["accuracy"]["quantized"]) < 2.0
     assert "channels pruned" in mpqc.report.format_report(report)
+
+
+def test_pruning_reaches_a_weight_memory_below_two_bits_per_weight_which_no_other_method_can(
+        trained_small_cnn, digits_loaders):
+    example = next(iter(digits_loaders[1]))[0][:2]
+    params = 16 * 9 + 32 * 16 * 9 + 10 * 32
+    budget = mpqc.WeightMemory(1.5 * params / 8)
+    result = mpqc.compile(trained_small_cnn, example, budget=budget, data=digits_loaders, method="fracbits-kernel",
+                          config=PRUNING)
+    assert result.report["budget"]["met"] and result.report["totals"]["weight_bytes"] <= 1.5 * params / 8
+    assert result.report["totals"]["pruned_channels"] > 0
+    with pytest.raises(InfeasibleBudgetError, match="smallest achievable"):
+        mpqc.compile(trained_small_cnn, example, budget=budget, data=digits_loaders, method="fracbits",
+                     config=PRUNING)
 
 
 def test_a_pruned_run_interrupted_in_fine_tuning_resumes_to_the_uninterrupted_result(
