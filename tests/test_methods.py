@@ -623,3 +623,43 @@ def test_cli_compiles_with_every_method(method, tmp_path, capsys):
     assert report["method"] == method and report["budget"]["met"]
     run = json.loads((out / "run.json").read_text())["identity"]
     assert run["config"]["finetune"]["distill"] is METHODS[method].defaults.finetune_distill
+
+
+def _budget_between(kind: str, layers, fraction: float):
+    """A budget of ``kind`` at ``fraction`` of the way from the all-2-bit cost to the all-8-bit cost."""
+    from mpqc.budgets import ActivationMemory, AverageBits, TargetCost
+
+    make = {"weight-memory": WeightMemory, "activation-memory": ActivationMemory, "bitops": BitOps,
+            "avg-bits": AverageBits, "bitfusion": lambda limit: TargetCost("bitfusion", limit),
+            "bitserial": lambda limit: TargetCost("bitserial", limit)}[kind]
+
+    def at(bits: float) -> float:
+        uniform = {layer.name: LayerBits(torch.tensor(bits), torch.tensor(bits)) for layer in layers}
+        return float(make(1.0).cost(layers, uniform))
+
+    return make(at(2) + fraction * (at(8) - at(2)))
+
+
+@pytest.mark.parametrize("kind", ["weight-memory", "activation-memory", "bitops", "avg-bits", "bitfusion",
+                                  "bitserial"])
+@pytest.mark.parametrize("method", ["dq", *NEW_METHODS])
+def test_every_method_meets_every_budget_kind_after_freezing_or_refuses_it_up_front(method, kind, trained_small_cnn,
+                                                                                   digits_loaders):
+    example = _example(digits_loaders)
+    layers = mpqc.passes.analyze_layers.analyze_layers(
+        mpqc.passes.fold_batchnorm.fold_batchnorm(mpqc.passes.capture.capture(trained_small_cnn, (example,))),
+        (example,))
+    config = mpqc.CompileConfig(search=mpqc.TrainConfig(epochs=1, max_steps_per_epoch=8, quantizer_lr=0.05),
+                                finetune=mpqc.TrainConfig(epochs=1, max_steps_per_epoch=2), progress=False)
+    budget = _budget_between(kind, layers, 0.3)
+    result = mpqc.compile(trained_small_cnn, example, budget=budget, data=digits_loaders, method=method,
+                          config=config)
+    assert result.report["budget"]["met"], result.report["budget"]
+    assert budget.met(float(budget.cost(layers, {
+        layer["name"]: LayerBits(torch.tensor(float(layer["weight_bits"])), torch.tensor(float(layer["activation_bits"])))
+        for layer in result.report["layers"]})))  # recomputed from the frozen bits, not taken from the report
+    below_floor = type(budget)(budget.limit * 1e-3) if kind not in ("bitfusion", "bitserial") \
+        else type(budget)(kind, budget.limit * 1e-3)
+    with pytest.raises(mpqc.errors.InfeasibleBudgetError, match="smallest achievable"):
+        mpqc.compile(trained_small_cnn, example, budget=below_floor, data=digits_loaders, method=method,
+                     config=config)
