@@ -24,13 +24,16 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from typing import TYPE_CHECKING
+
 import torch
-import torchvision
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
-from torchvision import transforms
 
 from mpqc.errors import ConfigError, DataError
+
+if TYPE_CHECKING:  # torchvision takes ~2 s to import: only where Fashion-MNIST is loaded
+    import torchvision
 
 #: Where the Debian package ``dataset-fashion-mnist`` installs its files.
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
@@ -81,6 +84,9 @@ def fashion_mnist(root: str | Path | None = None, *, train: bool) -> torchvision
     Raises:
         DataError: the Debian files are missing (and not already in the cache).
     """
+    import torchvision
+    from torchvision import transforms
+
     root = Path(root) if root is not None else cache_root() / "datasets"
     _unpack_fashion_mnist(root / "FashionMNIST" / "raw")
     transform = transforms.Compose(
