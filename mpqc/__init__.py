@@ -11,9 +11,10 @@ from mpqc.config import CompileConfig, QuantizerConfig, TrainConfig
 from mpqc.errors import MpqcError
 from mpqc.quantizers import METHODS, BitRange
 from mpqc.reference import IntegerProgram
+from mpqc.sweep import SweepResult, sweep
 
 __all__ = [
     "ActivationMemory", "AverageBits", "BitOps", "BitRange", "Budget", "CompileConfig", "CompiledModel",
     "IntegerProgram", "METHODS", "MpqcError", "QuantizerConfig", "TargetCost", "TrainConfig", "WeightMemory", "compile",
-    "parse_budget",
+    "parse_budget", "sweep", "SweepResult",
 ]

@@ -25,19 +25,25 @@ def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="mpqc: %(message)s")
+    from mpqc.distributed import RankFailedError, error_prefix, teardown
+
     try:
         return args.run(args)
     except MpqcError as error:
-        print(f"mpqc {args.command}: error: {error}", file=sys.stderr)
+        if not isinstance(error, RankFailedError):  # else the failed process has reported it
+            print(f"mpqc {args.command}: error{error_prefix(str(error))}: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"mpqc {args.command}: interrupted; the last checkpoint is kept (continue with --resume)", file=sys.stderr)
         return 130
+    finally:
+        teardown()  # leave the torchrun process group, if this process joined one
 
 
 def _parser() -> argparse.ArgumentParser:
     from mpqc.budgets import BUDGET_KINDS
     from mpqc.quantizers import METHODS
+    from mpqc.sweep import UNIFORM_BITS
     from mpqc.targets.fpga import COST_MODELS
 
     parser = argparse.ArgumentParser(prog="mpqc", description="Mixed-precision quantization compiler for PyTorch.")
@@ -73,7 +79,33 @@ def _parser() -> argparse.ArgumentParser:
                    help="knowledge distillation from the fp32 model (default: the method's; sdq: on in fine-tuning)")
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("--no-progress", action="store_true", help="no progress bars")
+    c.add_argument("--dist-timeout", type=float, default=10.0, metavar="MINUTES",
+                   help="under torchrun: how long a process waits for the others before failing (default 10)")
     c.set_defaults(run=_compile)
+
+    sw = commands.add_parser("sweep", help="compile at every method x budget x activation bits, plus uniform QAT; "
+                                            "write sweep.json and pareto.png (resumable)")
+    for action in c._actions:  # the model, data and training options are compile's (argparse has no public copy)
+        if action.dest in _SWEEP_SHARED_OPTIONS:
+            sw._add_action(action)
+    sw.add_argument("--method", default="dq", help="comma-separated methods, e.g. dq,fracbits,sdq,csq "
+                                                   f"(known: {', '.join(sorted(METHODS))})")
+    sw.add_argument("--budget", action="append", required=True,
+                    help="KIND=V1,V2,... (repeatable). weight-memory in bits per weight with a lower-case b "
+                         "(weight-memory=1.5b,2b,4b) or in bytes (B, KiB, ...); bitops=1.2G,2.4G; avg-bits=2,3; any "
+                         "kind also WxAy, the cost of uniform x-bit weights and y-bit activations (bitops=W3A8)")
+    sw.add_argument("--act-bits", default="8", help="comma-separated activation bit-widths, the second axis "
+                                                    "(activations fixed at each; default 8)")
+    sw.add_argument("--uniform", default=",".join(map(str, UNIFORM_BITS)),
+                    help="uniform-QAT weight bit-widths for the reference curve, run where their cost falls in the "
+                         "budgets' range (default %(default)s)")
+    sw.add_argument("--no-uniform", action="store_true", help="no uniform-QAT reference points")
+    sw.add_argument("--out", required=True, type=Path, help="sweep directory (sweep.json, pareto.png, points/)")
+    sweep_mode = sw.add_mutually_exclusive_group()
+    sweep_mode.add_argument("--resume", action="store_true", help="continue the sweep in --out (finished points "
+                                                                  "are read back, not recomputed)")
+    sweep_mode.add_argument("--force", action="store_true", help="delete the sweep in --out and start over")
+    sw.set_defaults(run=_sweep)
 
     r = commands.add_parser("report", help="print the per-layer table of a run directory")
     r.add_argument("run_dir", type=Path)
@@ -146,15 +178,59 @@ def _bit_range(text: str, flag: str):
 
 
 def _compile(args: argparse.Namespace) -> int:
-    import torch
+    from datetime import timedelta
 
     import mpqc
-    from mpqc.config import CompileConfig, QuantizerConfig, TrainConfig
-    from mpqc.data import dataset_info, loaders
-    from mpqc.pretrain import cached_fp32
+    from mpqc.distributed import setup
     from mpqc.report import format_report
 
     budget = mpqc.parse_budget(args.budget)  # refuse a bad budget string before any work
+    world = setup(timeout=timedelta(minutes=args.dist_timeout))  # torchrun: join the other processes
+    model, example, train_loader, val_loader, config = _prepare_run(args, args.act_bits)
+    result = mpqc.compile(model, example, budget=budget, data=(train_loader, val_loader), method=args.method,
+                          config=config, out=args.out, resume=args.resume, force=args.force)
+    if world.is_main:
+        print(format_report(result.report))
+        print(f"\nwrote {args.out}/report.json, bits.png, program.json, program.pt")
+    return 0
+
+
+#: ``mpqc sweep`` takes these options of ``mpqc compile`` as they are (``dest`` names).
+_SWEEP_SHARED_OPTIONS = ("model", "data", "weights", "pretrain_epochs", "search_epochs", "finetune_epochs",
+                         "steps_per_epoch", "checkpoint_every", "quantizer_lr", "batch_size", "subset", "val_subset",
+                         "weight_bits", "first_last", "distill", "seed", "no_progress")
+
+
+def _int_list(text: str, flag: str) -> list[int]:
+    try:
+        return [int(item) for item in text.split(",") if item.strip()]
+    except ValueError:
+        raise ConfigError(f"{flag} {text!r} must be comma-separated integers, e.g. 8,4") from None
+
+
+def _sweep(args: argparse.Namespace) -> int:
+    from mpqc.sweep import parse_sweep_budgets, sweep
+
+    budgets = [budget for text in args.budget for budget in parse_sweep_budgets(text)]  # refuse bad ones first
+    act_bits = _int_list(args.act_bits, "--act-bits")
+    uniform = None if args.no_uniform else _int_list(args.uniform, "--uniform")
+    model, example, train_loader, val_loader, config = _prepare_run(args, "2-8")
+    result = sweep(model, example, data=(train_loader, val_loader), budgets=[b.label for b in budgets],
+                   methods=args.method, act_bits=act_bits, uniform_bits=uniform, config=config, out=args.out,
+                   resume=args.resume, force=args.force)
+    print(result.table())
+    print(f"\nwrote {args.out}/sweep.json, pareto.png, points/")
+    return 0
+
+
+def _prepare_run(args: argparse.Namespace, activation_bits: str):
+    """The fp32 model, example inputs, loaders and CompileConfig that ``compile`` and ``sweep`` options describe."""
+    import torch
+
+    from mpqc.config import CompileConfig, QuantizerConfig, TrainConfig
+    from mpqc.data import dataset_info, loaders
+    from mpqc.pretrain import cached_fp32
+
     info = dataset_info(args.data)
     factory = load_model_factory(args.model)
     build = lambda: factory(num_classes=info.num_classes, in_channels=info.in_channels)  # noqa: E731
@@ -173,7 +249,7 @@ def _compile(args: argparse.Namespace) -> int:
                                        val_subset=args.val_subset, seed=args.seed)
     config = CompileConfig(
         quantizers=QuantizerConfig(weight_bits=_bit_range(args.weight_bits, "--weight-bits"),
-                                   activation_bits=_bit_range(args.act_bits, "--act-bits"),
+                                   activation_bits=_bit_range(activation_bits, "--act-bits"),
                                    first_last=args.first_last),
         search=TrainConfig(epochs=args.search_epochs, max_steps_per_epoch=args.steps_per_epoch, distill=args.distill,
                            quantizer_lr=args.quantizer_lr, checkpoint_every=args.checkpoint_every),
@@ -184,16 +260,16 @@ def _compile(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
     )
     example = next(iter(val_loader))[0][:2]
-    result = mpqc.compile(model, example, budget=budget, data=(train_loader, val_loader), method=args.method,
-                          config=config, out=args.out, resume=args.resume, force=args.force)
-    print(format_report(result.report))
-    print(f"\nwrote {args.out}/report.json, bits.png, program.json, program.pt")
-    return 0
+    return model, example, train_loader, val_loader, config
 
 
 def _report(args: argparse.Namespace) -> int:
     from mpqc.report import format_report, load_report
+    from mpqc.sweep import format_sweep, is_sweep_directory, load_sweep
 
+    if is_sweep_directory(args.run_dir):
+        print(format_sweep(load_sweep(args.run_dir).to_dict()))
+        return 0
     report = load_report(args.run_dir)
     print(format_report(report))
     if args.cost:

@@ -21,6 +21,7 @@ from mpqc.budgets import ActivationMemory, AverageBits, BitOps, Budget, LayerBit
 from mpqc.checkpoint import RunDirectory, atomic_torch_save
 from mpqc.config import CompileConfig
 from mpqc.data import check_loader
+from mpqc.distributed import setup as setup_distributed
 from mpqc.errors import ConfigError, DataError
 from mpqc.layers import LayerInfo
 from mpqc.passes.analyze_layers import analyze_layers
@@ -57,8 +58,13 @@ def compile(
     (checkpoints as the run goes, then the results); without it the run works in a temporary directory and
     ``CompiledModel.save`` writes the results where you choose. ``resume=True`` continues an interrupted run in
     ``out``; ``force=True`` overwrites whatever run ``out`` holds.
+
+    Under ``torchrun`` every process calls it with the same arguments: it joins the process group, the search and
+    fine-tuning run data-parallel (``train_loader``'s batch is the global batch, see :mod:`mpqc.distributed`),
+    rank 0 alone writes ``out``, and every process returns the same result.
     """
     started = time.perf_counter()
+    world = setup_distributed()  # one process unless torchrun started several
     budget = parse_budget(budget) if isinstance(budget, str) else budget
     if not isinstance(budget, Budget):
         raise ConfigError(f"budget must be an mpqc Budget or a string like 'weight-memory=20KiB', got {budget!r}")
@@ -82,7 +88,8 @@ def compile(
     IntegerProgram.check_supported(gm)                                             #    refuse unsupported ops
     smallest = budget.check_feasible(fewest_channels(gm),                          #    and infeasible budgets
                                      smallest_bits(quantized_layers(gm)))
-    run = RunDirectory(out or tempfile.mkdtemp(prefix="mpqc-run-"), identity, resume=resume, force=force)
+    run = world.call_on_main(lambda: RunDirectory(out or tempfile.mkdtemp(prefix="mpqc-run-"), identity,
+                                                  resume=resume, force=force))
     search(gm, budget, layers, train_loader, config.search,                         # 5. differentiable search
            checkpoint=run.checkpoint("search"), seed=config.seed, teacher=teacher, progress=config.progress)
     with torch.no_grad():
@@ -103,8 +110,8 @@ def compile(
 
     accuracy = {"fp32": None, "quantized": None, "integer_reference": None}
     if val_loader is not None:
-        accuracy = {"fp32": evaluate(teacher, val_loader), "quantized": evaluate(gm, val_loader),
-                    "integer_reference": evaluate(program.run, val_loader)}
+        accuracy = {"fp32": evaluate(teacher, val_loader, world), "quantized": evaluate(gm, val_loader, world),
+                    "integer_reference": evaluate(program.run, val_loader, world)}
     report = build_report(                                                         # 10. report
         model_name=type(model).__name__, method=method, budget=budget, layers=layers, program=program,
         searched_bits=searched, fixed_layers=fixed_layers, unpruned_layers=unpruned, search_cost=search_cost,
@@ -115,7 +122,7 @@ def compile(
     )
     result = CompiledModel(program=program, report=report, graph=gm, run_dir=run.path)
     if out is not None:
-        result.save(out)
+        world.call_on_main(lambda: result.save(out))  # rank 0 writes; every process returns once it is written
     return result
 
 

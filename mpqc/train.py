@@ -9,6 +9,11 @@ generator, if it has one), so an epoch's batch order is a function of the seed a
 stores the model, both optimizers, the scheduler, the position (epoch, step) and the torch RNG state; resuming
 replays the epoch's data order, skips the batches already seen, restores the RNG and goes on. With deterministic
 CPU kernels the resumed run equals an uninterrupted one bit for bit.
+
+Several processes (``torchrun``, see :mod:`mpqc.distributed`): when torch.distributed is initialised with more than
+one process, every process loads its slice of each global batch, DistributedDataParallel wraps the whole step's
+objective (:class:`_Objective`), and rank 0 alone writes checkpoints and shows progress; a checkpoint to resume
+from is read by rank 0 and sent to the others.
 """
 from __future__ import annotations
 
@@ -26,7 +31,8 @@ from tqdm import tqdm
 from mpqc.budgets import Budget, LayerBits
 from mpqc.checkpoint import load_checkpoint, save_checkpoint
 from mpqc.config import TrainConfig
-from mpqc.errors import CheckpointError, DataError, TrainingDivergedError
+from mpqc.distributed import World, collective_failure, current_world
+from mpqc.errors import CheckpointError, DataError, MpqcError, TrainingDivergedError
 from mpqc.layers import LayerInfo
 from mpqc.quantizers.base import Quantizer
 
@@ -61,11 +67,31 @@ def train_phase(
 ) -> dict[str, float]:
     """Train ``model`` in place for ``config.epochs``; resume from ``checkpoint`` if it holds one of this phase.
 
-    Returns the last step's metrics. ``stop_after_steps`` ends the call early after that many *new* steps
-    (a checkpoint is written first): tests use it to simulate an interruption.
+    Returns the last step's metrics (over the global batch). ``stop_after_steps`` ends the call early after that
+    many *new* steps (a checkpoint is written first): tests use it to simulate an interruption. Under torchrun the
+    phase runs data-parallel on every process of the default process group (:mod:`mpqc.distributed`).
     """
     if len(train_loader) == 0:
         raise DataError(f"{phase}: the train loader is empty")
+    world = current_world()
+    try:
+        return _train_phase(model, train_loader, config, phase=phase, checkpoint=checkpoint, seed=seed,
+                            budget=budget, teacher=teacher, progress=progress, stop_after_steps=stop_after_steps,
+                            world=world)
+    except MpqcError:
+        raise
+    except Exception as error:  # another process stopped: say so, and where the last checkpoint is
+        failure = collective_failure(world, f"{phase} (last checkpoint: {checkpoint})", error)
+        if failure is None:
+            raise
+        raise failure from error
+
+
+def _train_phase(
+    model: nn.Module, train_loader: DataLoader, config: TrainConfig, *, phase: str, checkpoint: Path | None,
+    seed: int, budget: BudgetTerm | None, teacher: nn.Module | None, progress: bool, stop_after_steps: int | None,
+    world: World,
+) -> dict[str, float]:
     steps_per_epoch = min(len(train_loader), config.max_steps_per_epoch or len(train_loader))
     total_steps = steps_per_epoch * config.epochs
     quantizer_params = [p for m in model.modules() if isinstance(m, Quantizer) for p in m.parameters(recurse=False)]
@@ -76,7 +102,8 @@ def train_phase(
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(weight_opt, T_max=max(total_steps, 1))
 
     epoch, step_in_epoch, rng_state = 0, 0, None
-    state = load_checkpoint(checkpoint) if checkpoint is not None else None
+    # Rank 0 reads the checkpoint and sends it to every process (no shared file system needed).
+    state = world.call_on_main(lambda: load_checkpoint(checkpoint)) if checkpoint is not None else None
     if state is not None:
         if state.get("phase") != phase:
             raise CheckpointError(f"checkpoint {checkpoint} belongs to phase {state.get('phase')!r}, not {phase!r}")
@@ -93,7 +120,7 @@ def train_phase(
         metrics = {}
 
     def save(epoch_: int, step_: int) -> None:
-        if checkpoint is None:
+        if checkpoint is None or not world.is_main:
             return
         save_checkpoint({
             "phase": phase, "model": model.state_dict(), "weight_optimizer": weight_opt.state_dict(),
@@ -103,8 +130,10 @@ def train_phase(
         }, checkpoint)
 
     new_steps = 0
-    bar = tqdm(total=total_steps, initial=epoch * steps_per_epoch + step_in_epoch, desc=phase, disable=not progress,
-               dynamic_ncols=True)
+    objective = world.wrap(_Objective(model, config, budget, teacher, world))  # DDP on several processes
+    train_loader = world.shard(train_loader)  # this process's slice of every global batch
+    bar = tqdm(total=total_steps, initial=epoch * steps_per_epoch + step_in_epoch, desc=phase,
+               disable=not (progress and world.is_main), dynamic_ncols=True)
     try:
         while epoch < config.epochs:
             model.train()
@@ -120,7 +149,7 @@ def train_phase(
                 for module in model.modules():
                     if isinstance(module, Quantizer):
                         module.set_progress(progress_fraction)
-                metrics = _step(model, images, labels, config, budget, teacher, weight_opt, quant_opt)
+                metrics = _step(model, objective, images, labels, budget, weight_opt, quant_opt)
                 if not math.isfinite(metrics["loss"]):
                     raise TrainingDivergedError(
                         f"{phase}: the loss became {metrics['loss']} at epoch {epoch + 1}, step {step_in_epoch + 1}; "
@@ -136,6 +165,7 @@ def train_phase(
                 if stop_after_steps is not None and new_steps >= stop_after_steps:
                     save(epoch, step_in_epoch)
                     return metrics
+            world.check_same_batches(train_loader, f"{phase} epoch {epoch + 1}")
             epoch, step_in_epoch = epoch + 1, 0
             save(epoch, 0)
     finally:
@@ -152,27 +182,58 @@ def epoch_batches(loader: DataLoader, epoch_seed: int):
     return iter(loader)
 
 
-def _step(model, images, labels, config: TrainConfig, budget, teacher, weight_opt, quant_opt) -> dict[str, float]:
-    logits = model(images)
-    task_loss = F.cross_entropy(logits, labels)
-    loss = task_loss
-    if teacher is not None and config.distill:
-        with torch.no_grad():
-            teacher_logits = teacher(images)
-        t = config.distill_temperature
-        distill = F.kl_div(F.log_softmax(logits / t, 1), F.softmax(teacher_logits / t, 1), reduction="batchmean") * t * t
-        loss = (1 - config.distill_weight) * task_loss + config.distill_weight * distill
-    for module in model.modules():
-        if isinstance(module, Quantizer):
-            extra = module.extra_loss()
-            if extra is not None:
-                loss = loss + extra
-    metrics = {"task_loss": task_loss.item(), "accuracy": float((logits.argmax(1) == labels).float().mean() * 100)}
-    if budget is not None and config.penalty_weight > 0:
-        penalty = budget.penalty()
-        loss = loss + config.penalty_weight * penalty
-        metrics["penalty"] = penalty.item()
-    metrics["loss"] = loss.item()
+class _Objective(nn.Module):
+    """The whole loss of one training step as one module: cross-entropy (mixed with distillation from ``teacher``)
+    on this process's slice of the global batch, weighted by its share of it, plus every quantizer's
+    ``extra_loss()`` and the weighted budget penalty (both computed identically on every process).
+
+    Being one module lets DDP see every use of every parameter (the budget penalty reads quantizer parameters
+    outside the model's forward). ``forward`` returns ``(loss, metrics)``; ``metrics`` are over the global batch.
+    The teacher is kept out of the registered submodules: it is neither trained nor synchronized.
+    """
+
+    def __init__(self, model: nn.Module, config: TrainConfig, budget: BudgetTerm | None, teacher: nn.Module | None,
+                 world: World) -> None:
+        super().__init__()
+        self.model = model
+        self._fixed = (config, budget, teacher, world)
+
+    def forward(self, images: Tensor, labels: Tensor) -> tuple[Tensor, dict[str, float]]:
+        config, budget, teacher, world = self._fixed
+        logits = self.model(images)
+        task_loss = F.cross_entropy(logits, labels)
+        data_loss = task_loss
+        if teacher is not None and config.distill:
+            with torch.no_grad():
+                teacher_logits = teacher(images)
+            t = config.distill_temperature
+            distill = F.kl_div(F.log_softmax(logits / t, 1), F.softmax(teacher_logits / t, 1),
+                               reduction="batchmean") * t * t
+            data_loss = (1 - config.distill_weight) * task_loss + config.distill_weight * distill
+        accuracy = (logits.argmax(1) == labels).float().mean()
+        share, (task_mean, data_mean, accuracy_mean) = world.global_batch_means(
+            len(labels), torch.stack([task_loss.detach(), data_loss.detach(), accuracy]))
+        loss = data_loss * share  # share = 1.0 in one process
+        data_free = torch.zeros(())
+        for module in self.model.modules():
+            if isinstance(module, Quantizer):
+                extra = module.extra_loss()
+                if extra is not None:
+                    loss = loss + extra
+                    data_free = data_free + extra.detach()
+        metrics = {"task_loss": float(task_mean), "accuracy": float(accuracy_mean * 100)}
+        if budget is not None and config.penalty_weight > 0:
+            penalty = budget.penalty()
+            loss = loss + config.penalty_weight * penalty
+            data_free = data_free + config.penalty_weight * penalty.detach()
+            metrics["penalty"] = penalty.item()
+        metrics["loss"] = float(data_mean) + float(data_free)
+        return loss, metrics
+
+
+def _step(model: nn.Module, objective: nn.Module, images: Tensor, labels: Tensor, budget: BudgetTerm | None,
+          weight_opt, quant_opt) -> dict[str, float]:
+    loss, metrics = objective(images, labels)
     if not math.isfinite(metrics["loss"]):
         return metrics
     weight_opt.zero_grad(set_to_none=True)
@@ -199,23 +260,28 @@ def _postfix(metrics: dict[str, float], budget: BudgetTerm | None) -> dict[str, 
 
 
 @torch.no_grad()
-def evaluate(model: Callable[[Tensor], Tensor], loader: DataLoader) -> float:
+def evaluate(model: Callable[[Tensor], Tensor], loader: DataLoader, world: World | None = None) -> float:
     """Top-1 accuracy in percent of ``model`` on ``loader``: a module (run in eval mode on its parameters' device,
-    its previous mode restored afterwards) or any callable, such as an integer program's ``run``."""
+    its previous mode restored afterwards) or any callable, such as an integer program's ``run``.
+
+    With a multi-process ``world`` every process evaluates its slice of each batch and the counts are summed, so
+    every process returns the accuracy on the whole of ``loader`` (every process must call it)."""
     module = model if isinstance(model, nn.Module) else None
     device = next(module.parameters()).device if module is not None else torch.device("cpu")
     was_training = module.training if module is not None else False
     if module is not None:
         module.eval()
+    world = world or World()
     correct = seen = 0
     try:
-        for images, labels in loader:
+        for images, labels in world.shard(loader, allow_empty=True):
             logits = model(images.to(device))
             correct += int((logits.argmax(1).cpu() == labels).sum())
             seen += len(labels)
     finally:
         if module is not None:
             module.train(was_training)
+    correct, seen = world.sum([correct, seen])
     if seen == 0:
         raise DataError("cannot evaluate on an empty loader")
     return 100.0 * correct / seen
