@@ -159,14 +159,29 @@ def benchmark(name: str, description: str, grid: Callable[[bool], dict[str, Any]
     parser.add_argument("--fresh", action="store_true", help="delete the runs of an earlier sweep and start over")
     parser.add_argument("--runs", type=Path, help=f"sweep directory (default runs/bench/{name}-<mode>)")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / f"{name}.json")
+    parser.add_argument("--methods", help="only these methods of the grid (comma-separated), e.g. to run a part "
+                                          "of a full sweep on each of several machines")
+    parser.add_argument("--budgets", help="only these budgets (KIND=V1,V2 as mpqc sweep reads them)")
+    parser.add_argument("--act-bits", help="only these activation bit-widths (comma-separated)")
+    parser.add_argument("--uniform", help="only these uniform-QAT weight bit-widths (comma-separated; 'none')")
     args = parser.parse_args()
     runs = args.runs or ROOT / "runs" / "bench" / f"{name}-{'quick' if args.quick else 'full'}"
     started = time.perf_counter()
     torch.set_num_threads(min(2, torch.get_num_threads()))
     s = settings(args.quick)
     model, example, data, config = prepare(s)
+    chosen = grid(args.quick)
+    if args.methods:
+        chosen["methods"] = args.methods.split(",")
+    if args.budgets:
+        chosen["budgets"] = args.budgets
+    if args.act_bits:
+        chosen["act_bits"] = [int(bits) for bits in args.act_bits.split(",")]
+    if args.uniform:
+        chosen["uniform_bits"] = [] if args.uniform == "none" else [int(bits) for bits in args.uniform.split(",")]
+    s["grid"] = chosen
     result = mpqc.sweep(model, example, data=data, out=runs, config=config, resume=not args.fresh, force=args.fresh,
-                        **grid(args.quick))
+                        **chosen)
     goals = measure(result.points)
     print(result.table())
     print(f"\n{heading}:\n" + format_goals(goals))
