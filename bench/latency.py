@@ -1,27 +1,59 @@
-"""Latency of the TVM target against PyTorch, on models frozen at random mixed 2-8 bits (random weights).
+"""Latency of mpqc's TVM target (VNNI int8 kernels, tuned register tiles) against PyTorch fp32 and PyTorch int8.
 
-    OMP_WAIT_POLICY=PASSIVE TVM_NUM_THREADS=2 python bench/latency.py --models resnet20 resnet18 mobilenet_v2
-    python bench/latency.py --models resnet18 --trials 256 --tuning-db runs/tune-r18   # MetaSchedule first
+    OMP_WAIT_POLICY=PASSIVE TVM_NUM_THREADS=2 python3 bench/latency.py          # all cases -> results/latency.json
+    TVM_NUM_THREADS=2 python3 bench/latency.py --cases resnet20:1 --no-tvm-fp32 --json /tmp/r20.json
 
-For each model it prints, in milliseconds (median of ``--repeat`` runs after a warm-up): the TVM module
-(default schedules, or the tuning database), the mpqc integer reference (``IntegerProgram.run``, float64 convs)
-and PyTorch fp32 eager on the original model, and checks the TVM outputs equal the reference bit for bit.
-``--json FILE`` also writes the numbers. Set ``TVM_NUM_THREADS`` (TVM's pool otherwise starts one thread here) and
-``OMP_WAIT_POLICY=PASSIVE`` on shared machines; torch uses ``torch.get_num_threads()`` threads.
+Cases (``--cases MODEL:BATCH ...``): torchvision ResNet-18 at 224x224 (batch 1 and 8) and the Fashion-MNIST ResNet-20
+(``examples/models.py``, 1x28x28, batch 1 and 64), each frozen at random mixed 2-8 bits (seeded; random weights, as
+latency does not depend on their values). For each case, median (and min) latency over ``--repeat`` runs after a
+warm-up, every engine on the same number of threads (``TVM_NUM_THREADS``, default 2; ``torch.set_num_threads``),
+each engine in a fresh process of its own, one after the other (TVM's spinning worker threads, PyTorch's OpenMP
+pool and inductor's compile workers never share a process):
+
+* ``mpqc_tvm``: ``mpqc.targets.tvm.lower`` on this host's target, with the tuning database ``--tuning-db``
+  (default ``bench/tuning``: the VNNI register tiles measured per convolution geometry, ``vnni_tiles.json``;
+  the first run measures missing geometries, about 15 s for ResNet-18), checked bit-exact against the reference;
+* ``torch_fp32``: PyTorch eager fp32 (``torch.no_grad``);
+* ``torch_int8_fx``: ``torch.ao.quantization`` FX graph mode, ``get_default_qconfig_mapping("x86")``, x86 engine
+  (8-bit activations and weights everywhere);
+* ``torch_int8_pt2e``: PT2E ``X86InductorQuantizer`` + ``torch.compile`` (inductor, ``freezing=True``), when the
+  ``torchao`` package is importable (PT2E moved there from ``torch.ao``; not an mpqc dependency);
+* ``tvm_fp32_untuned``: the fp32 model through ``relax.frontend.torch.from_exported_program`` and TVM's default
+  CPU pipeline, no schedules (``--no-tvm-fp32`` skips it; it is skipped for batches above 1 of ResNet-18, where
+  one run takes tens of seconds).
+
+Reported per case: latencies, ratios to mpqc_tvm, the int8 GOP/s of the whole network (2 x MACs / latency) and of
+its convolution layers (the VNNI functions, fused requantisation included, timed one by one with the VM's
+instrument hook, minimum over ``--repeat`` runs), and their fraction of the VNNI peak: 256 int8 ops per cycle
+per core (two 512-bit ``vpdpbusd`` per cycle) x threads x clock. The clock is measured with a dependent chain of
+integer adds (one per cycle) compiled with the C compiler when there is one (``/proc/cpuinfo`` MHz otherwise; both
+are recorded), as is one core's measured ``vpdpbusd`` throughput. The load average before and after each case is
+recorded: other processes on a shared machine make every number here slower and noisier, and favour TVM, whose
+thread pool spins between parallel regions while PyTorch's OpenMP threads sleep under ``OMP_WAIT_POLICY=PASSIVE``
+(set ``OMP_WAIT_POLICY=ACTIVE`` on a quiet machine for the fair comparison; the environment is recorded).
+Delete ``bench/tuning`` to re-measure the register tiles on another machine.
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import importlib.util
 import json
+import math
 import os
 import random
+import shutil
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
 from pathlib import Path
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+os.environ.setdefault("TVM_NUM_THREADS", "2")  # before TVM's runtime starts (TVM_NOTES trap 2)
 
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torchvision  # noqa: E402
 
@@ -37,6 +69,7 @@ from mpqc.quantizers.base import positive_levels  # noqa: E402
 from mpqc.reference import IntegerProgram  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
+VNNI_OPS_PER_CYCLE = 256  # per core: two 512-bit vpdpbusd (64 u8 x s8 products each) per cycle
 
 
 def _examples():
@@ -47,12 +80,14 @@ def _examples():
 
 
 MODELS = {
-    "resnet20": (lambda: _examples().resnet20(), (1, 1, 28, 28)),
-    "resnet18": (lambda: torchvision.models.resnet18(num_classes=10), (1, 3, 224, 224)),
-    "mobilenet_v2": (lambda: torchvision.models.mobilenet_v2(num_classes=10), (1, 3, 224, 224)),
+    "resnet20": (lambda: _examples().resnet20(num_classes=10, in_channels=1), (1, 28, 28)),
+    "resnet18": (lambda: torchvision.models.resnet18(num_classes=1000), (3, 224, 224)),
+    "mobilenet_v2": (lambda: torchvision.models.mobilenet_v2(num_classes=1000), (3, 224, 224)),
 }
+DEFAULT_CASES = ["resnet18:1", "resnet18:8", "resnet20:1", "resnet20:64"]
 
 
+# --------------------------------------------------------------------------------------------- the programs
 def frozen_program(model: torch.nn.Module, x: torch.Tensor, seed: int = 0) -> IntegerProgram:
     """capture -> fold BN -> quantizers (calibrated on x) -> random integer bits in [2, 8] -> freeze."""
     gm = fold_batchnorm(capture(model.eval(), (x,)))
@@ -67,59 +102,316 @@ def frozen_program(model: torch.nn.Module, x: torch.Tensor, seed: int = 0) -> In
     return IntegerProgram.from_graph(freeze(gm, WeightMemory(1e12)))
 
 
-def median_ms(fn, repeat: int) -> float:
-    fn()
+def layer_macs(program: IntegerProgram, x: torch.Tensor) -> dict[str, int]:
+    """Multiply-accumulates of each conv/linear layer for input ``x`` (from the reference's accumulator shapes)."""
+    env = program.run_all(x)
+    macs = {}
+    for node in program.layers():
+        out = env[node.name].q
+        weight = node.tensors["weight"]
+        macs[node.name] = out.numel() * (weight[0].numel())
+    return macs
+
+
+# --------------------------------------------------------------------------------------------- timing
+def timed(fn, repeat: int) -> dict[str, float]:
+    """Median and minimum wall time of ``fn()`` in ms, after three warm-up calls."""
+    for _ in range(3):
+        fn()
     times = []
     for _ in range(repeat):
         start = time.perf_counter()
         fn()
         times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3
+    return {"median_ms": statistics.median(times) * 1e3, "min_ms": min(times) * 1e3, "runs": repeat}
+
+
+def function_times(lowered, x: np.ndarray, repeat: int) -> dict[str, float]:
+    """Each packed function of the VM's ``main``: its minimum time (ms) per model run over ``repeat`` runs,
+    measured with ``VirtualMachine.set_instrument``."""
+    import tvm
+    from tvm import relax
+
+    vm = relax.VirtualMachine(lowered.executable, tvm.cpu())
+    lowered._machine()
+    args = [tvm.runtime.tensor(x)] + list(lowered._param_tensors)
+    best: dict[str, float] = {}
+    current: dict[str, float] = {}
+    started: dict[str, float] = {}
+
+    def instrument(func, name, before, ret, *arguments):  # noqa: ARG001 - the VM's instrument signature
+        if before:
+            started[name] = time.perf_counter()
+        else:
+            current[name] = current.get(name, 0.0) + time.perf_counter() - started[name]
+        return 0
+
+    vm.set_instrument(instrument)
+    for _ in range(repeat):
+        current.clear()
+        vm["main"](*args)
+        for name, seconds in current.items():
+            best[name] = min(best.get(name, math.inf), seconds)
+    return {name: seconds * 1e3 for name, seconds in best.items()}
+
+
+# --------------------------------------------------------------------------------------------- the machine
+_CLOCK_C = r"""
+#include <stdio.h>
+#include <time.h>
+static double now(void) { struct timespec t; clock_gettime(CLOCK_MONOTONIC, &t); return t.tv_sec + t.tv_nsec * 1e-9; }
+int main(void) {
+  long n = 200000000, x = 1, y = 3; double best = 1e9, bestv = 1e9;
+  for (int r = 0; r < 5; r++) {
+    double t0 = now();
+    for (long i = 0; i < n; i += 8)
+      __asm__ volatile("add %1,%0\n\tadd %1,%0\n\tadd %1,%0\n\tadd %1,%0\n\tadd %1,%0\n\tadd %1,%0\n\tadd %1,%0\n\t"
+                       "add %1,%0" : "+r"(x) : "r"(y));
+    double t = now() - t0; if (t < best) best = t;
+  }
+  long m = 20000000;
+  for (int r = 0; r < 3; r++) {
+    double t0 = now();
+    for (long i = 0; i < m; i++)
+      __asm__ volatile(
+        "vpdpbusd %%zmm30,%%zmm31,%%zmm0\n\tvpdpbusd %%zmm30,%%zmm31,%%zmm1\n\tvpdpbusd %%zmm30,%%zmm31,%%zmm2\n\t"
+        "vpdpbusd %%zmm30,%%zmm31,%%zmm3\n\tvpdpbusd %%zmm30,%%zmm31,%%zmm4\n\tvpdpbusd %%zmm30,%%zmm31,%%zmm5\n\t"
+        "vpdpbusd %%zmm30,%%zmm31,%%zmm6\n\tvpdpbusd %%zmm30,%%zmm31,%%zmm7\n\tvpdpbusd %%zmm30,%%zmm31,%%zmm8\n\t"
+        "vpdpbusd %%zmm30,%%zmm31,%%zmm9\n\tvpdpbusd %%zmm30,%%zmm31,%%zmm10\n\tvpdpbusd %%zmm30,%%zmm31,%%zmm11\n\t"
+        ::: "xmm0", "xmm1", "xmm2", "xmm3", "xmm4", "xmm5", "xmm6", "xmm7", "xmm8", "xmm9", "xmm10", "xmm11");
+    double t = now() - t0; if (t < bestv) bestv = t;
+  }
+  printf("%.6f %.6f\n", n / best / 1e9, 12.0 * m / bestv / 1e9);
+  return 0;
+}
+"""
+
+
+def measure_clock() -> dict[str, object]:
+    """The core clock (GHz) from a dependent add chain, one core's vpdpbusd rate, and /proc/cpuinfo's MHz."""
+    info: dict[str, object] = {}
+    try:
+        mhz = [float(line.split(":")[1]) for line in Path("/proc/cpuinfo").read_text().splitlines()
+               if line.startswith("cpu MHz")]
+        info["cpuinfo_mhz"] = statistics.mean(mhz) if mhz else None
+        model = [line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                 if line.startswith("model name")]
+        info["cpu"] = model[0] if model else None
+    except OSError:
+        info["cpuinfo_mhz"] = None
+    compiler = shutil.which("cc") or shutil.which("gcc")
+    if compiler:
+        with tempfile.TemporaryDirectory() as work:
+            source, binary = Path(work) / "clock.c", Path(work) / "clock"
+            source.write_text(_CLOCK_C)
+            built = subprocess.run([compiler, "-O2", "-mavx512f", "-mavx512vnni", "-o", str(binary), str(source)],
+                                   capture_output=True, text=True)
+            if built.returncode == 0:
+                ghz, dots = map(float, subprocess.run([str(binary)], capture_output=True, text=True,
+                                                      check=True).stdout.split())
+                info.update(clock_ghz=ghz, clock_method="dependent integer add chain (1 add/cycle), best of 5",
+                            vpdpbusd_per_ns_one_core=dots,
+                            vnni_gops_one_core_measured=dots * 128)
+                return info
+    if info.get("cpuinfo_mhz"):
+        info.update(clock_ghz=info["cpuinfo_mhz"] / 1e3, clock_method="/proc/cpuinfo cpu MHz (nominal)")
+    return info
+
+
+# --------------------------------------------------------------------------------------------- engines
+def torch_int8_fx(model: torch.nn.Module, x: torch.Tensor):
+    from torch.ao.quantization import get_default_qconfig_mapping
+    from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
+
+    torch.backends.quantized.engine = "x86"
+    prepared = prepare_fx(copy.deepcopy(model).eval(), get_default_qconfig_mapping("x86"), (x,))
+    with torch.no_grad():
+        prepared(x)
+        return convert_fx(prepared)
+
+
+def _distinct_relus(model: torch.nn.Module) -> torch.nn.Module:
+    """torchvision's BasicBlock calls one ReLU module twice, which the X86InductorQuantizer's pattern matching
+    refuses ("Input partition has more than one output node"); give each call its own module."""
+    import types
+
+    from torchvision.models.resnet import BasicBlock
+
+    def forward(self, x):
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.bn2(self.conv2(self.relu(self.bn1(self.conv1(x)))))
+        return self.relu_out(out + identity)
+
+    for block in model.modules():
+        if isinstance(block, BasicBlock):
+            block.relu_out = torch.nn.ReLU()
+            block.forward = types.MethodType(forward, block)
+    return model
+
+
+def torch_int8_pt2e(model: torch.nn.Module, x: torch.Tensor):
+    import torch._inductor.config as inductor_config
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+    from torchao.quantization.pt2e.quantizer import x86_inductor_quantizer as xiq
+
+    exported = torch.export.export(_distinct_relus(copy.deepcopy(model).eval()), (x,)).module()
+    quantizer = xiq.X86InductorQuantizer().set_global(xiq.get_default_x86_inductor_quantization_config())
+    prepared = prepare_pt2e(exported, quantizer)
+    with torch.no_grad():
+        prepared(x)
+        converted = convert_pt2e(prepared)
+    inductor_config.freezing = True  # the int8 path: weights constant-folded into onednn quantized convs
+    compiled = torch.compile(converted)
+    with torch.no_grad():
+        compiled(x)
+    return compiled
+
+
+def tvm_fp32_untuned(model: torch.nn.Module, x: torch.Tensor, target):
+    import tvm
+    from tvm import relax
+    from tvm.relax.frontend.torch import from_exported_program
+
+    with torch.no_grad():
+        exported = torch.export.export(copy.deepcopy(model).eval(), (x,))
+    mod = from_exported_program(exported, keep_params_as_input=False)
+    vm = relax.VirtualMachine(tvm.compile(mod, target=target), tvm.cpu())
+    data = tvm.runtime.tensor(x.numpy())
+    return lambda: vm["main"](data)
+
+
+# --------------------------------------------------------------------------------------------- one engine
+ENGINES = ("mpqc_tvm", "torch_fp32", "torch_int8_fx", "torch_int8_pt2e", "tvm_fp32_untuned")
+
+
+def run_engine(engine: str, name: str, batch: int, args) -> dict:
+    """Time one engine on one case (in its own process: thread pools of different engines do not meet)."""
+    from mpqc.targets.tvm import lower, resolve_target
+
+    threads = int(os.environ["TVM_NUM_THREADS"])
+    torch.set_num_threads(threads)
+    build, shape = MODELS[name]
+    torch.manual_seed(0)
+    model = build().eval()
+    x = torch.randn(batch, *shape)
+    if engine == "mpqc_tvm":
+        program = frozen_program(model, x)
+        macs = layer_macs(program, x)
+        started = time.perf_counter()
+        lowered = lower(program, input_shape=tuple(x.shape), tuning_db=args.tuning_db)
+        row = {"build_and_tune_s": time.perf_counter() - started, "schedules": lowered.schedules,
+               "vnni_layers": len(lowered.meta["vnni_layers"]), "layers": len(program.layers()),
+               "weight_bits": sorted(w for w, _ in program.layer_bits().values()),
+               "gmacs": sum(macs.values()) / 1e9,
+               "conv_gmacs": sum(macs[layer] for layer in lowered.meta["vnni_layers"]) / 1e9}
+        row["bit_exact"] = bool(torch.equal(lowered(x), program.run(x)))
+        xs = x.numpy()
+        row.update(timed(lambda: lowered(xs), args.repeat))
+        functions = function_times(lowered, xs, args.repeat)
+        row["conv_layers_ms"] = sum(ms for fn, ms in functions.items() if "vnni_conv" in fn)
+        row["functions_ms"] = dict(sorted(functions.items(), key=lambda item: -item[1])[:12])
+        return row
+    if engine == "tvm_fp32_untuned":
+        return timed(tvm_fp32_untuned(model, x, resolve_target("llvm")), 3)
+    with torch.no_grad():
+        if engine == "torch_fp32":
+            return timed(lambda: model(x), args.repeat)
+        if engine == "torch_int8_fx":
+            fx = torch_int8_fx(model, x)
+            return timed(lambda: fx(x), args.repeat)
+        try:
+            pt2e = torch_int8_pt2e(model, x)
+        except ImportError as error:
+            return {"skipped": f"torchao is not installed ({error})"}
+        except Exception as error:  # noqa: BLE001 - an inductor failure is a finding, recorded as such
+            return {"skipped": f"failed here: {type(error).__name__}: {str(error)[:300]}"}
+        return timed(lambda: pt2e(x), args.repeat)
+
+
+def run_case(name: str, batch: int, args, clock: dict) -> dict:
+    """Every engine on one case, each in a fresh process, one after the other; ratios and GOP/s."""
+    threads = int(os.environ["TVM_NUM_THREADS"])
+    row: dict[str, object] = {"model": name, "batch": batch, "input": [batch, *MODELS[name][1]],
+                              "load_average_before": list(os.getloadavg())}
+    for engine in ENGINES:
+        if engine == "tvm_fp32_untuned" and (not args.tvm_fp32 or (name == "resnet18" and batch > 1)):
+            row[engine] = {"skipped": "not run (--no-tvm-fp32)" if not args.tvm_fp32 else
+                           "not run: unscheduled fp32 ResNet-18 takes tens of seconds per batch-8 run"}
+            continue
+        command = [sys.executable, __file__, "--worker", engine, "--cases", f"{name}:{batch}",
+                   "--repeat", str(args.repeat), "--tuning-db", str(args.tuning_db)]
+        done = subprocess.run(command, capture_output=True, text=True)
+        lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
+        row[engine] = json.loads(lines[-1]) if done.returncode == 0 and lines else \
+            {"skipped": f"the worker failed: {done.stderr.strip().splitlines()[-1] if done.stderr.strip() else '?'}"}
+    tvm_row = row["mpqc_tvm"]
+    if "median_ms" not in tvm_row:
+        raise SystemExit(f"mpqc_tvm on {name}:{batch}: {tvm_row['skipped']}")
+    row["weight_bits"] = tvm_row.pop("weight_bits")
+    row["gmacs"] = tvm_row.pop("gmacs")
+    peak = VNNI_OPS_PER_CYCLE * threads * clock["clock_ghz"]
+    total_ops = 2 * row["gmacs"] * 1e9
+    tvm_row["gops"] = total_ops / tvm_row["median_ms"] / 1e6
+    tvm_row["fraction_of_vnni_peak"] = tvm_row["gops"] / peak
+    tvm_row["conv_layers_gops"] = 2 * tvm_row["conv_gmacs"] * 1e3 / tvm_row["conv_layers_ms"]
+    tvm_row["conv_layers_fraction_of_vnni_peak"] = tvm_row["conv_layers_gops"] / peak
+    for engine in ENGINES[1:]:
+        if "median_ms" in row[engine]:
+            row[engine]["gops"] = total_ops / row[engine]["median_ms"] / 1e6
+            row[engine]["mpqc_tvm_speedup"] = row[engine]["median_ms"] / tvm_row["median_ms"]
+    int8 = [row[e]["median_ms"] for e in ("torch_int8_fx", "torch_int8_pt2e") if "median_ms" in row[e]]
+    row["mpqc_tvm_over_best_torch_int8"] = tvm_row["median_ms"] / min(int8) if int8 else None
+    row["load_average_after"] = list(os.getloadavg())
+    return row
 
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--models", nargs="+", default=["resnet20"], choices=sorted(MODELS))
-    parser.add_argument("--batch", type=int, default=1)
-    parser.add_argument("--resolution", type=int, help="input height and width (default: the model's)")
-    parser.add_argument("--repeat", type=int, default=20)
-    parser.add_argument("--trials", type=int, default=0, help="MetaSchedule trials (needs --tuning-db)")
-    parser.add_argument("--tuning-db", type=Path)
-    parser.add_argument("--json", type=Path)
+    parser.add_argument("--cases", nargs="+", default=DEFAULT_CASES, help="MODEL:BATCH, e.g. resnet18:1")
+    parser.add_argument("--repeat", type=int, default=30)
+    parser.add_argument("--tuning-db", type=Path, default=ROOT / "bench" / "tuning",
+                        help="TVM tuning database (VNNI tiles); measured on first use")
+    parser.add_argument("--no-tvm-fp32", dest="tvm_fp32", action="store_false")
+    parser.add_argument("--json", type=Path, default=ROOT / "bench" / "results" / "latency.json")
+    parser.add_argument("--note", default="", help="free text stored with the results (e.g. machine load)")
+    parser.add_argument("--worker", choices=ENGINES, help=argparse.SUPPRESS)  # one engine, one case: JSON out
     args = parser.parse_args(argv)
+    if args.worker:
+        name, _, batch = args.cases[0].partition(":")
+        print(json.dumps(run_engine(args.worker, name, int(batch or 1), args)))
+        return {}
 
-    from mpqc.targets.tvm import lower
+    clock = measure_clock()
+    if not clock.get("clock_ghz"):
+        sys.exit("cannot measure or read the CPU clock")
+    threads = int(os.environ["TVM_NUM_THREADS"])
+    results = {
+        "machine": {**clock, "threads": threads, "logical_cpus": os.cpu_count(),
+                    "environment": {k: os.environ.get(k) for k in ("OMP_WAIT_POLICY", "TVM_NUM_THREADS",
+                                                                    "TVM_BIND_THREADS", "TVM_THREAD_POOL_SPIN_COUNT")},
+                    "vnni_peak_gops": VNNI_OPS_PER_CYCLE * threads * clock["clock_ghz"],
+                    "peak_formula": f"{VNNI_OPS_PER_CYCLE} int8 ops/cycle/core x {threads} threads x clock"},
+        "torch": torch.__version__, "note": args.note, "cases": [],
+    }
+    header = f"{'case':14s} {'mpqc-TVM':>9s} {'fp32':>8s} {'int8 FX':>8s} {'int8 PT2E':>9s} {'TVM fp32':>9s}" \
+             f" {'GOP/s':>7s} {'conv %peak':>10s} exact"
+    print(f"clock {clock['clock_ghz']:.2f} GHz ({clock['clock_method']}), {threads} threads, VNNI peak "
+          f"{results['machine']['vnni_peak_gops']:.0f} GOP/s\n{header}")
+    for case in args.cases:
+        name, _, batch = case.partition(":")
+        row = run_case(name, int(batch or 1), args, clock)
+        results["cases"].append(row)
 
-    rows = {}
-    print(f"{'model':14s} {'input':>16s} {'build s':>8s} {'tvm ms':>8s} {'ref ms':>8s} {'fp32 ms':>8s}  exact")
-    for name in args.models:
-        build, shape = MODELS[name]
-        shape = (args.batch, shape[1], *(2 * [args.resolution] if args.resolution else shape[2:]))
-        torch.manual_seed(0)
-        model = build().eval()
-        x = torch.randn(shape)
-        program = frozen_program(model, x)
-        db = args.tuning_db / name if args.tuning_db else None
-        lowered = lower(program, input_shape=shape, trials=args.trials, tuning_db=db)
-        exact = torch.equal(lowered(x), program.run(x))
-        with torch.no_grad():
-            row = {
-                "input": list(shape),
-                "build_s": lowered.build_seconds,
-                "tvm_ms": median_ms(lambda: lowered(x), args.repeat),
-                "reference_ms": median_ms(lambda: program.run(x), max(3, args.repeat // 4)),
-                "fp32_eager_ms": median_ms(lambda: model(x), args.repeat),
-                "bit_exact": exact,
-                "schedules": lowered.schedules,
-                "tvm_threads": os.environ.get("TVM_NUM_THREADS", "(unset: 1 here)"),
-                "torch_threads": torch.get_num_threads(),
-            }
-        rows[name] = row
-        print(f"{name:14s} {'x'.join(map(str, shape)):>16s} {row['build_s']:8.1f} {row['tvm_ms']:8.2f} "
-              f"{row['reference_ms']:8.2f} {row['fp32_eager_ms']:8.2f}  {exact}")
-    if args.json:
-        args.json.write_text(json.dumps(rows, indent=1))
-    return rows
+        def ms(engine):
+            return f"{row[engine]['median_ms']:.2f}" if "median_ms" in row[engine] else "-"
+
+        tvm_row = row["mpqc_tvm"]
+        print(f"{case:14s} {tvm_row['median_ms']:9.2f} {ms('torch_fp32'):>8s} {ms('torch_int8_fx'):>8s} "
+              f"{ms('torch_int8_pt2e'):>9s} {ms('tvm_fp32_untuned'):>9s} {tvm_row['gops']:7.0f} "
+              f"{100 * tvm_row['conv_layers_fraction_of_vnni_peak']:9.0f}% {tvm_row['bit_exact']}", flush=True)
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(results, indent=1))
+    return results
 
 
 if __name__ == "__main__":

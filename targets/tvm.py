@@ -9,14 +9,24 @@
 an avg-pool with padding, ...), raise one :class:`~mpqc.errors.UnsupportedOpError` listing every such node.
 
 *Rewrites to* one Relax function ``main(x_0, ..., <node>.weight, <node>.bias, ...)`` built with
-``relax.BlockBuilder`` and ``relax.op``, mirroring ``mpqc.reference`` value for value:
+``relax.BlockBuilder`` and ``relax.op``, mirroring ``mpqc.reference`` value for value, and a second function
+``unpack_weights(packed) -> (weights...)`` (below, *Artifact*):
 
-* ``quantize`` -> the requantisation region in fp32, then ``round`` (Relax ``round`` lowers to a half-to-even
-  rounding, checked numerically on ties), ``clip`` to the b-bit range and a cast to ``int8`` (signed) or ``uint8``.
+* ``quantize`` -> the requantisation region in fp32, then round half to even, ``clip`` to the b-bit range and a
+  cast to ``int8`` (signed) or ``uint8`` (``_round_clip_te``: ``llvm.roundeven`` on CPU, which vectorizes where
+  Relax ``round``'s ``nearbyint`` did not; Relax ``round`` -> ``nearbyintf`` on CUDA; both checked on ties).
   The per-channel multipliers ``M = fp32(float64(s_in) / float64(s_out))`` are computed on the host with the
   reference's own torch float64 expressions and embedded as fp32 constants.
-* ``conv1d`` / ``conv2d`` (grouped and depthwise too) / ``linear`` -> ``conv1d`` / ``conv2d`` / ``matmul`` on the
-  8-bit codes and int8 weights with ``out_dtype="int32"``, plus the int32 bias: the exact accumulator.
+* ``conv2d`` (groups 1) / 2-D ``linear`` on an llvm target with AVX512-VNNI (``target_has_vnni``; ``lower(...,
+  vnni=)`` overrides): the implicit-GEMM kernel of ``targets/tvm_vnni.py`` on NHWC uint8 codes (a signed input
+  is shifted by +128 and ``128 * sum(w)`` is subtracted from the int32 bias, exactly) with the weights packed
+  ``[Co/16, KH*KW*C/4, 16, 4]``, tensorized with ``vpdpbusd`` by a hand schedule. The accumulator stays NHWC, and
+  so does everything computed from it elementwise (requantisation, ReLU, clamps, residual adds, max pooling,
+  integer global pooling); the converters that need the program's NCHW layout (flatten, cat, average pooling,
+  fp32 global mean, TVM's own convs, the outputs) transpose back first (``_Lowering.in_layout``).
+* other ``conv1d`` / ``conv2d`` (grouped and depthwise too) / ``linear``, and every layer on other targets ->
+  ``conv1d`` / ``conv2d`` / ``matmul`` on the 8-bit codes and int8 weights with ``out_dtype="int32"``, plus the
+  int32 bias: the exact accumulator.
 * ``relu``, ``max_pool2d``, ``flatten``, ``identity`` on integers stay integer; ``global_avg_pool`` and
   ``avg_pool2d`` on integers are int sums (int32, or int64 when summing int32 accumulators).
 * every fp32 product is an *exact multiply* (``_exact_mul_te``): TVM's LLVM backend builds with
@@ -37,18 +47,24 @@ are ``torch.equal`` to ``IntegerProgram.run_all`` on ResNet-20, torchvision ResN
 2-8 bits (and on small models covering the other converters); the CPU code holds no FMA instruction; the exported
 artifact runs in a process where torch and mpqc cannot be imported; the CUDA module compiles for sm_80 and sm_90
 and its kernels accumulate in int32. Every schedule (default rule, dlight, MetaSchedule records) only reorders
-loops, so these hold after tuning too (re-checked by the slow tuning test).
+loops (the VNNI kernels: exact int32 dot products, tested against float64 convolutions), so these hold after
+tuning too (re-checked by the slow tuning test); with and without VNNI (a target lacking the feature).
 
-*Artifact* (``out=DIR``): ``model.so`` (``Executable.export_library``), ``params.bin``
-(``tvm.runtime.save_param_dict``: int8 weights and int32 biases, one byte per weight: sub-byte weights are NOT
-packed yet), ``model.json`` (inputs, outputs, parameter order, input quantizer scale/bits, per-layer bits, target)
-and ``loader.py`` (the runtime-only loader in ``LOADER_SOURCE``).
+*Artifact* (``out=DIR``): ``model.so`` (``Executable.export_library``, both functions), ``params.bin``
+(``tvm.runtime.save_param_dict``: ``weights.packed``, every weight bit-packed at its own bit-width in one uint8
+array, within one byte per layer of ``sum(bits * params) / 8`` (``targets/tvm_weights.py``), and the int32
+biases), ``model.json`` (inputs, outputs, parameter order, the packed weights' layout, input quantizer
+scale/bits, per-layer bits, the VNNI layers, target) and ``loader.py`` (the runtime-only loader in
+``LOADER_SOURCE``). The weights are unpacked inside the module: ``unpack_weights`` runs once when the artifact is
+loaded (``loader.load``, or the first call of a ``LoweredModule``) and its outputs are ``main``'s weight arguments
+from then on, so an inference costs no unpacking.
 
 Threads: TVM's runtime here starts one worker unless ``TVM_NUM_THREADS`` is set before the first run; set it to the
 number of physical cores.
 """
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -65,10 +81,14 @@ import torch
 from mpqc.errors import ConfigError, MpqcError, UnsupportedOpError
 from mpqc.quantizers.base import integer_range
 from mpqc.reference import IntegerProgram, IntNode
+from mpqc.targets.tvm_vnni import ConvGeometry, conv2d_te, target_has_vnni
+from mpqc.targets.tvm_weights import WeightLayout, pack_bits, packed_size, place, unpack_te
 
 log = logging.getLogger(__name__)
 
-ARTIFACT_FORMAT = "mpqc-tvm-artifact/1"
+ARTIFACT_FORMAT = "mpqc-tvm-artifact/2"
+PACKED_WEIGHTS = "weights.packed"  # params.bin entry holding every weight, bit-packed (targets/tvm_weights.py)
+UNPACK_FUNCTION = "unpack_weights"  # the module's function that unpacks them, run once at load
 DEFAULT_CUDA_ARCH = "sm_80"
 # Windows up to this many elements were checked equal to PyTorch's float mean (tests and module docstring).
 _CHECKED_FLOAT_MEAN_WINDOW = 1000
@@ -153,18 +173,27 @@ def resolve_target(target: Any):
 
 
 # --------------------------------------------------------------------------------------------- values
+NCHW, NHWC = "NCHW", "NHWC"  # a value's layout: the program's own (channels at dim 1), or channels-last (4-D only)
+
+
 @dataclass
 class _Int:
     """An integer value ``q * scale``: ``q`` a Relax tensor (int8/uint8/int32/int64), ``scale`` the float64 torch
-    tensor the reference computes for it (same expressions, so the multipliers derived from it are the same)."""
+    tensor the reference computes for it (same expressions, so the multipliers derived from it are the same),
+    shaped to broadcast against ``q`` in ``layout``."""
 
     expr: Any
     scale: torch.Tensor
+    layout: str = NCHW
 
 
 @dataclass
 class _Float:
     expr: Any
+    layout: str = NCHW
+
+
+_TO_NHWC, _TO_NCHW = (0, 2, 3, 1), (0, 3, 1, 2)
 
 
 def _shape(expr) -> list[int]:
@@ -190,6 +219,22 @@ def _exact_mul_te(a, b, *, mode: str):
         return tirx.call_llvm_pure_intrin("float32", "llvm.arithmetic.fence", x * y)
 
     return te.compute(a.shape, body, name="exact_mul")
+
+
+def _round_clip_te(y, qmin: int, qmax: int, storage: str):
+    """``clamp(round_half_even(y), qmin, qmax)`` as ``storage``. ``llvm.roundeven`` rather than Relax ``round``:
+    that lowers to ``nearbyint``, which TVM's loop vectorizer cannot vectorize (it scalarised every requantisation
+    loop); ``roundeven`` is the same rounding (half to even, independent of the FP environment) and vectorizes
+    to ``vrndscaleps $8``."""
+    from tvm import te, tirx
+
+    low, high = tirx.const(float(qmin), "float32"), tirx.const(float(qmax), "float32")
+
+    def body(*index):
+        rounded = tirx.call_llvm_pure_intrin("float32", "llvm.roundeven", y[index])
+        return tirx.min(tirx.max(rounded, low), high).astype(storage)
+
+    return te.compute(y.shape, body, name="requantize")
 
 
 def torch_sum_order(values: Sequence[Any], add: Callable[[Any, Any], Any]) -> Any:
@@ -283,19 +328,29 @@ def _window_sum_te(x, kernel, stride, out_dtype: str, divide: bool):
 
 # --------------------------------------------------------------------------------------------- converters
 class _Lowering:
-    """Walks the program in order, one converter per op (``CONVERT_MAP``), building one Relax function."""
+    """Walks the program in order, one converter per op (``CONVERT_MAP``), building the Relax functions ``main``
+    and ``unpack_weights``.
+
+    ``vnni``: conv2d/linear layers use the AVX512-VNNI kernels of ``targets/tvm_vnni.py`` and their results stay
+    channels-last (NHWC) through every op that is layout-blind (requantisation, ReLU, clamps, residual adds, max
+    pooling, integer global pooling); the ops that are not convert back to the program's NCHW layout first.
+    """
 
     def __init__(self, program: IntegerProgram, input_shapes: list[tuple[int, ...]], mode: str,
-                 expose: Sequence[str]) -> None:
+                 expose: Sequence[str], vnni: bool = False) -> None:
         from tvm import relax
 
         self.program = program
-        self.mode = mode  # "llvm" or "cuda": how exact multiplies are spelled
+        self.mode = mode  # "llvm" or "cuda": how exact multiplies and rounding are spelled
+        self.vnni = vnni
         self.by_name = {node.name: node for node in program.nodes}
         self.bb = relax.BlockBuilder()
         self.env: dict[str, _Int | _Float] = {}
         self.param_vars: list[Any] = []
-        self.params: dict[str, np.ndarray] = {}
+        self.param_names: list[str] = []
+        self.params: dict[str, np.ndarray] = {}  # parameters stored as they are (int32 biases)
+        self.weights: list[WeightLayout] = []  # parameters stored bit-packed (the layers' weights)
+        self.weight_codes: dict[str, np.ndarray] = {}
         self.inexact: list[str] = []
         self.expose = list(expose)
         inputs = [node for node in program.nodes if node.op == "input"]
@@ -303,7 +358,8 @@ class _Lowering:
             raise ConfigError(f"the program takes {len(inputs)} input(s), got {len(input_shapes)} input shape(s)")
         self.input_vars = {node.name: relax.Var(node.name, relax.TensorType(tuple(shape), "float32"))
                            for node, shape in zip(inputs, input_shapes)}
-        self._scaled_cache: dict[tuple[str, float], Any] = {}
+        self._scaled_cache: dict[tuple[str, float], _Float] = {}
+        self._relayout_cache: dict[tuple[Any, str], Any] = {}
 
     # ----------------------------------------------------------------------------- building blocks
     def emit(self, expr):
@@ -314,7 +370,23 @@ class _Lowering:
 
         var = relax.Var(name, relax.TensorType(array.shape, str(array.dtype)))
         self.param_vars.append(var)
+        self.param_names.append(name)
         self.params[name] = np.ascontiguousarray(array)
+        return var
+
+    def weight(self, node: IntNode, layout: str):
+        """The parameter holding ``node``'s weight in ``layout`` (see ``targets/tvm_weights.py``); its codes are
+        stored bit-packed and unpacked by ``unpack_weights``."""
+        from tvm import relax
+
+        codes = node.tensors["weight"].to(torch.int8).numpy()
+        spec = WeightLayout(f"{node.name}.weight", node.name, int(node.attrs["weight_bits"]), tuple(codes.shape),
+                            layout)
+        var = relax.Var(spec.name, relax.TensorType(spec.kernel_shape, "int8"))
+        self.param_vars.append(var)
+        self.param_names.append(spec.name)
+        self.weights.append(spec)
+        self.weight_codes[spec.name] = codes
         return var
 
     def const(self, tensor: torch.Tensor):
@@ -332,42 +404,80 @@ class _Lowering:
 
         return expr if _dtype(expr) == "float32" else self.emit(R.astype(expr, "float32"))
 
+    def relayout(self, expr, source: str, target: str):
+        """``expr`` (4-D, laid out ``source``) in ``target`` layout; other ranks and equal layouts pass."""
+        from tvm.relax import op as R
+
+        if source == target or len(_shape(expr)) != 4:
+            return expr
+        key = (expr, target)
+        if key not in self._relayout_cache:
+            self._relayout_cache[key] = self.emit(R.permute_dims(expr, _TO_NHWC if target == NHWC else _TO_NCHW))
+        return self._relayout_cache[key]
+
+    def in_layout(self, value: _Int | _Float, target: str) -> _Int | _Float:
+        """``value`` converted to ``target`` layout (the scale of an integer value follows its channels)."""
+        if value.layout == target or len(_shape(value.expr)) != 4:
+            return value
+        expr = self.relayout(value.expr, value.layout, target)
+        if isinstance(value, _Float):
+            return _Float(expr, target)
+        scale = value.scale
+        if scale.dim() == 4:
+            scale = scale.permute(*(_TO_NHWC if target == NHWC else _TO_NCHW))
+        return _Int(expr, scale, target)
+
     def dequantize(self, value: _Int | _Float):
-        """The reference's ``_dequantize``: ``fp32(q) * fp32(scale)``."""
+        """The reference's ``_dequantize``: ``fp32(q) * fp32(scale)`` (in the value's layout)."""
         if isinstance(value, _Float):
             return value.expr
         return self.mul(self.to_f32(value.expr), value.scale.to(torch.float32))
 
-    def scaled(self, name: str, s_out: float):
+    def scaled(self, name: str, s_out: float) -> _Float:
         """The value of ``name`` in units of ``s_out`` (the reference's ``_scaled``: the requantisation region)."""
         key = (name, s_out)
         if key not in self._scaled_cache:
             self._scaled_cache[key] = self._scaled(name, s_out)
         return self._scaled_cache[key]
 
-    def _scaled(self, name: str, s_out: float):
+    def _scaled(self, name: str, s_out: float) -> _Float:
         from tvm import relax
         from tvm.relax import op as R
 
         value, node = self.env[name], self.by_name[name]
         if isinstance(value, _Int):
             multiplier = (value.scale / s_out).to(torch.float32)
-            return self.mul(self.to_f32(value.expr), multiplier)
+            return _Float(self.mul(self.to_f32(value.expr), multiplier), value.layout)
         if node.op == "add":
-            return self.emit(R.add(self.scaled(node.inputs[0], s_out), self.scaled(node.inputs[1], s_out)))
+            a, b = self.scaled(node.inputs[0], s_out), self.scaled(node.inputs[1], s_out)
+            layout = a.layout if a.layout == b.layout else NHWC
+            a, b = self.in_layout(a, layout), self.in_layout(b, layout)
+            return _Float(self.emit(R.add(a.expr, b.expr)), layout)
         if node.op == "relu":
-            return self.emit(R.nn.relu(self.scaled(node.inputs[0], s_out)))
+            x = self.scaled(node.inputs[0], s_out)
+            return _Float(self.emit(R.nn.relu(x.expr)), x.layout)
         if node.op == "clamp":
+            x = self.scaled(node.inputs[0], s_out)
             low = relax.const(np.float32(node.attrs["min"] / s_out))
             high = relax.const(np.float32(node.attrs["max"] / s_out))
-            return self.emit(R.minimum(R.maximum(self.scaled(node.inputs[0], s_out), low), high))
+            return _Float(self.emit(R.minimum(R.maximum(x.expr, low), high)), x.layout)
         if node.op == "max_pool2d":
-            return self.emit(_max_pool(self.scaled(node.inputs[0], s_out), node.attrs))
+            x = self.scaled(node.inputs[0], s_out)
+            return _Float(self.emit(_max_pool(x.expr, node.attrs, x.layout)), x.layout)
         if node.op == "flatten":
-            return self.emit(_flatten(self.scaled(node.inputs[0], s_out), node.attrs["start_dim"]))
-        return self.mul(value.expr, torch.tensor(1.0 / s_out, dtype=torch.float32))
+            x = self.in_layout(self.scaled(node.inputs[0], s_out), NCHW)
+            return _Float(self.emit(_flatten(x.expr, node.attrs["start_dim"])))
+        return _Float(self.mul(value.expr, torch.tensor(1.0 / s_out, dtype=torch.float32)), value.layout)
 
-    # ----------------------------------------------------------------------------- the function
+    def round_to_codes(self, y, qmin: int, qmax: int, storage: str):
+        """``clamp(round_half_even(y), qmin, qmax)`` cast to ``storage``."""
+        from tvm.relax import op as R
+
+        if self.mode == "cuda":  # Relax round -> nearbyintf (half to even)
+            return self.emit(R.astype(R.clip(R.round(y), qmin, qmax), storage))
+        return self.bb.emit_te(_round_clip_te, y, qmin, qmax, storage, primfunc_name_hint="requantize")
+
+    # ----------------------------------------------------------------------------- the functions
     def build(self):
         from tvm import relax
 
@@ -376,11 +486,19 @@ class _Lowering:
             with bb.dataflow():
                 for node in self.program.nodes:
                     self.env[node.name] = CONVERT_MAP[node.op].convert(self, node)
-                results = [self.dequantize(self.env[name]) for name in self.program.outputs]
-                results += [self.env[name].expr for name in self.expose]
+                results = [self.dequantize(self.in_layout(self.env[name], NCHW)) for name in self.program.outputs]
+                results += [self.in_layout(self.env[name], NCHW).expr for name in self.expose]
                 output = results[0] if len(results) == 1 else relax.Tuple(results)
                 output = bb.emit_output(output)
             bb.emit_func_output(output, params=list(self.input_vars.values()) + self.param_vars)
+        self.weights = place(self.weights)
+        packed = relax.Var(PACKED_WEIGHTS, relax.TensorType((packed_size(self.weights),), "uint8"))
+        with bb.function(UNPACK_FUNCTION, [packed]):
+            with bb.dataflow():
+                unpacked = [bb.emit_te(functools.partial(unpack_te, layout=spec), packed,
+                                       primfunc_name_hint="unpack_weight") for spec in self.weights]
+                output = bb.emit_output(relax.Tuple(unpacked))
+            bb.emit_func_output(output)
         return bb.get()
 
 
@@ -393,10 +511,11 @@ class Converter:
     check: Callable[[IntNode], str | None] = lambda node: None
 
 
-def _max_pool(expr, a: dict):
+def _max_pool(expr, a: dict, layout: str = NCHW):
     from tvm.relax import op as R
 
-    return R.nn.max_pool2d(expr, a["kernel"], a["stride"], a["padding"], a["dilation"], a["ceil_mode"])
+    return R.nn.max_pool2d(expr, a["kernel"], a["stride"], a["padding"], a["dilation"], a["ceil_mode"],
+                           layout=layout)
 
 
 def _flatten(expr, start: int):
@@ -412,14 +531,12 @@ def _convert_input(lowering: _Lowering, node: IntNode):
 
 
 def _convert_quantize(lowering: _Lowering, node: IntNode):
-    from tvm.relax import op as R
-
     s_out = float(node.attrs["scale"])
     y = lowering.scaled(node.inputs[0], s_out)
     qmin, qmax = integer_range(node.attrs["bits"], node.attrs["signed"])
     storage = "int8" if node.attrs["signed"] else "uint8"
-    q = lowering.emit(R.astype(R.clip(R.round(y), qmin, qmax), storage))
-    return _Int(q, torch.tensor(s_out, dtype=torch.float64))
+    return _Int(lowering.round_to_codes(y.expr, qmin, qmax, storage), torch.tensor(s_out, dtype=torch.float64),
+                y.layout)
 
 
 def _check_quantize(node: IntNode) -> str | None:
@@ -428,29 +545,74 @@ def _check_quantize(node: IntNode) -> str | None:
     return None
 
 
+def _uses_vnni(lowering: _Lowering, node: IntNode, x: _Int) -> bool:
+    if not lowering.vnni:
+        return False
+    if node.op == "linear":
+        return len(_shape(x.expr)) == 2
+    return node.op == "conv2d" and node.attrs["groups"] == 1
+
+
 def _convert_layer(lowering: _Lowering, node: IntNode):
     from tvm.relax import op as R
 
     x = lowering.env[node.inputs[0]]
     if not isinstance(x, _Int) or _dtype(x.expr) not in ("int8", "uint8"):
         raise MpqcError(f"layer {node.name!r} reads {node.inputs[0]!r}, which is not an 8-bit quantized value")
-    weight = node.tensors["weight"].to(torch.int8).numpy()
     bias = node.tensors["bias"].to(torch.int32).numpy()
+    scale = x.scale * node.tensors["weight_scale"].to(torch.float64)  # the reference's _eval_layer
+    if _uses_vnni(lowering, node, x):
+        return _convert_layer_vnni(lowering, node, x, bias, scale)
     a = node.attrs
     if node.op == "linear":
-        w = lowering.param(f"{node.name}.weight", np.ascontiguousarray(weight.T))  # [in, out]
+        w = lowering.weight(node, "io")  # [in, out]
         acc = lowering.emit(R.matmul(x.expr, w, out_dtype="int32"))
         bias_shape = [1] * (len(_shape(acc)) - 1) + [-1]
     else:
-        w = lowering.param(f"{node.name}.weight", weight)
+        x = lowering.in_layout(x, NCHW)
+        w = lowering.weight(node, "oihw")
         conv = R.nn.conv2d if node.op == "conv2d" else R.nn.conv1d
         acc = lowering.emit(conv(x.expr, w, a["stride"], a["padding"], a["dilation"], a["groups"],
                                  out_dtype="int32"))
         bias_shape = [1, -1] + [1] * (len(_shape(acc)) - 2)
     b = lowering.param(f"{node.name}.bias", bias.reshape(bias_shape))
     acc = lowering.emit(R.add(acc, b))
-    scale = x.scale * node.tensors["weight_scale"].to(torch.float64)  # the reference's _eval_layer
     return _Int(acc, scale.reshape([1, -1] + [1] * (len(_shape(acc)) - 2)))
+
+
+def _convert_layer_vnni(lowering: _Lowering, node: IntNode, x: _Int, bias: np.ndarray, scale: torch.Tensor):
+    """conv2d / linear on the VNNI kernel (``targets/tvm_vnni.py``): NHWC int32 accumulators, output channels
+    sliced back from a multiple of 16; a signed input is shifted by +128 and ``128 * sum(w)`` leaves the bias."""
+    from tvm.relax import op as R
+
+    weight = node.tensors["weight"].to(torch.int64)
+    out_channels = int(weight.shape[0])
+    signed = _dtype(x.expr) == "int8"
+    if signed:
+        corrected = bias.astype(np.int64) - 128 * weight.reshape(out_channels, -1).sum(1).numpy()
+        if np.abs(corrected).max(initial=0) > np.iinfo(np.int32).max:
+            raise MpqcError(f"layer {node.name!r}: the bias minus 128*sum(w) for the signed input's +128 shift "
+                            f"leaves int32")
+        bias = corrected.astype(np.int32)
+    w = lowering.weight(node, "vnni")
+    if node.op == "linear":
+        geometry = ConvGeometry("NC", signed, int(weight.shape[1]))
+    else:
+        a = node.attrs
+        geometry = ConvGeometry(x.layout, signed, int(weight.shape[1]), tuple(weight.shape[2:]), tuple(a["stride"]),
+                                tuple(a["padding"]), tuple(a["dilation"]))
+    acc = lowering.bb.emit_te(functools.partial(conv2d_te, geometry=geometry), x.expr, w,
+                              primfunc_name_hint="vnni_conv")
+    shape = _shape(acc)
+    if shape[-1] != out_channels:
+        acc = lowering.emit(R.strided_slice(acc, axes=[3], begin=[0], end=[out_channels]))
+    if node.op == "linear":
+        acc = lowering.emit(R.reshape(acc, [shape[2], out_channels]))
+    b = lowering.param(f"{node.name}.bias", bias)
+    acc = lowering.emit(R.add(acc, b))
+    if node.op == "linear":
+        return _Int(acc, scale.reshape(1, -1))
+    return _Int(acc, scale.reshape(1, 1, 1, -1), NHWC)
 
 
 def _check_layer(node: IntNode) -> str | None:
@@ -467,24 +629,26 @@ def _convert_relu(lowering: _Lowering, node: IntNode):
     if isinstance(x, _Int):
         if _dtype(x.expr) == "uint8":
             return x
-        return _Int(lowering.emit(R.maximum(x.expr, relax.const(0, _dtype(x.expr)))), x.scale)
-    return _Float(lowering.emit(R.nn.relu(x.expr)))
+        return _Int(lowering.emit(R.maximum(x.expr, relax.const(0, _dtype(x.expr)))), x.scale, x.layout)
+    return _Float(lowering.emit(R.nn.relu(x.expr)), x.layout)
 
 
 def _convert_clamp(lowering: _Lowering, node: IntNode):
     from tvm import relax
     from tvm.relax import op as R
 
-    x = lowering.dequantize(lowering.env[node.inputs[0]])
+    value = lowering.env[node.inputs[0]]
+    x = lowering.dequantize(value)
     low, high = np.float32(node.attrs["min"]), np.float32(node.attrs["max"])  # torch.clamp: scalar_t(min)
-    return _Float(lowering.emit(R.minimum(R.maximum(x, relax.const(low)), relax.const(high))))
+    return _Float(lowering.emit(R.minimum(R.maximum(x, relax.const(low)), relax.const(high))), value.layout)
 
 
 def _convert_max_pool(lowering: _Lowering, node: IntNode):
     x = lowering.env[node.inputs[0]]
+    pooled = lowering.emit(_max_pool(x.expr, node.attrs, x.layout))
     if isinstance(x, _Int):
-        return _Int(lowering.emit(_max_pool(x.expr, node.attrs)), x.scale)
-    return _Float(lowering.emit(_max_pool(x.expr, node.attrs)))
+        return _Int(pooled, x.scale, x.layout)
+    return _Float(pooled, x.layout)
 
 
 def _sum_dtype(expr) -> str:
@@ -495,11 +659,14 @@ def _convert_global_avg_pool(lowering: _Lowering, node: IntNode):
     from tvm.relax import op as R
 
     x = lowering.env[node.inputs[0]]
+    if isinstance(x, _Int):
+        axes = [1, 2] if x.layout == NHWC else [-2, -1]
+        shape = _shape(x.expr)
+        summed = lowering.emit(R.sum(R.astype(x.expr, _sum_dtype(x.expr)), axis=axes, keepdims=True))
+        return _Int(summed, x.scale / (shape[axes[0]] * shape[axes[1]]), x.layout)
+    x = lowering.in_layout(x, NCHW)
     shape = _shape(x.expr)
     window = shape[-1] * shape[-2]
-    if isinstance(x, _Int):
-        summed = lowering.emit(R.sum(R.astype(x.expr, _sum_dtype(x.expr)), axis=[-2, -1], keepdims=True))
-        return _Int(summed, x.scale / window)
     if window > _CHECKED_FLOAT_MEAN_WINDOW:
         lowering.inexact.append(f"{node.name}: fp32 mean over {window} elements (PyTorch's summation order is "
                                 f"reproduced and checked only up to {_CHECKED_FLOAT_MEAN_WINDOW})")
@@ -507,7 +674,7 @@ def _convert_global_avg_pool(lowering: _Lowering, node: IntNode):
 
 
 def _convert_avg_pool(lowering: _Lowering, node: IntNode):
-    x = lowering.env[node.inputs[0]]
+    x = lowering.in_layout(lowering.env[node.inputs[0]], NCHW)
     a = node.attrs
     if isinstance(x, _Int):
         summed = lowering.bb.emit_te(_window_sum_te, x.expr, a["kernel"], a["stride"], _sum_dtype(x.expr), False,
@@ -525,7 +692,7 @@ def _check_avg_pool(node: IntNode) -> str | None:
 
 
 def _convert_flatten(lowering: _Lowering, node: IntNode):
-    x, start = lowering.env[node.inputs[0]], node.attrs["start_dim"]
+    x, start = lowering.in_layout(lowering.env[node.inputs[0]], NCHW), node.attrs["start_dim"]
     if isinstance(x, _Int):
         shape = _shape(x.expr)
         scale = x.scale.expand(1, *shape[1:]) if x.scale.dim() == len(shape) else x.scale
@@ -541,14 +708,16 @@ def _convert_identity(lowering: _Lowering, node: IntNode):
 def _convert_add(lowering: _Lowering, node: IntNode):
     from tvm.relax import op as R
 
-    a, b = (lowering.dequantize(lowering.env[name]) for name in node.inputs)
-    return _Float(lowering.emit(R.add(a, b)))
+    a, b = (lowering.env[name] for name in node.inputs)
+    layout = a.layout if a.layout == b.layout else NHWC
+    a, b = (lowering.dequantize(lowering.in_layout(v, layout)) for v in (a, b))
+    return _Float(lowering.emit(R.add(a, b)), layout)
 
 
 def _convert_cat(lowering: _Lowering, node: IntNode):
     from tvm.relax import op as R
 
-    parts = [lowering.dequantize(lowering.env[name]) for name in node.inputs]
+    parts = [lowering.dequantize(lowering.in_layout(lowering.env[name], NCHW)) for name in node.inputs]
     return _Float(lowering.emit(R.concat(parts, axis=node.attrs["dim"])))
 
 
@@ -582,35 +751,52 @@ def check_supported(program: IntegerProgram) -> None:
         raise UnsupportedOpError(f"the TVM target cannot lower {len(problems)} node(s):\n  " + "\n  ".join(problems))
 
 
+@dataclass
+class BuiltModule:
+    """A program as Relax: ``main(inputs..., params...)`` and ``unpack_weights(packed) -> weights``."""
+
+    mod: Any
+    param_names: list[str]  # main's parameters after its inputs, in order
+    params: dict[str, np.ndarray]  # those stored as they are (int32 biases)
+    weights: list[WeightLayout]  # those stored bit-packed, in the order unpack_weights returns them
+    packed: np.ndarray  # the packed weights (targets/tvm_weights.py)
+    inexact: list[str]
+    vnni_layers: list[str]  # layers on the VNNI kernels
+
+
 def build_module(program: IntegerProgram, input_shapes: Sequence[Sequence[int]], *, mode: str = "llvm",
-                 expose: Sequence[str] = ()) -> tuple[Any, dict[str, np.ndarray], list[str]]:
-    """The Relax IRModule of ``program`` (``main(inputs..., params...)``), its parameters in order, and the list of
-    nodes whose bit-exactness is not guaranteed (empty for the supported zoo)."""
+                 expose: Sequence[str] = (), vnni: bool = False) -> BuiltModule:
+    """The Relax IRModule of ``program``, its parameters, and the list of nodes whose bit-exactness is not
+    guaranteed (empty for the supported zoo). ``vnni``: conv2d/linear layers on the AVX512-VNNI kernels."""
     from tvm import relax
 
     check_supported(program)
     unknown = [name for name in expose if name not in {node.name for node in program.nodes}]
     if unknown:
         raise ConfigError(f"expose: no node named {', '.join(map(repr, unknown))} in the program")
-    lowering = _Lowering(program, [tuple(int(d) for d in s) for s in input_shapes], mode, expose)
+    lowering = _Lowering(program, [tuple(int(d) for d in s) for s in input_shapes], mode, expose, vnni=vnni)
     mod = lowering.build()
-    mod = relax.transform.DeadCodeElimination()(mod)
-    return mod, lowering.params, lowering.inexact
+    mod = relax.transform.DeadCodeElimination(entry_functions=["main", UNPACK_FUNCTION])(mod)
+    vnni_layers = [spec.layer for spec in lowering.weights if spec.layout == "vnni"]
+    return BuiltModule(mod, lowering.param_names, lowering.params, lowering.weights,
+                       pack_bits(lowering.weights, lowering.weight_codes), lowering.inexact, vnni_layers)
 
 
 # --------------------------------------------------------------------------------------------- lowering
 @dataclass
 class LoweredModule:
-    """A program compiled by TVM. ``__call__`` runs it (CPU targets only) with the parameters bound."""
+    """A program compiled by TVM. ``__call__`` runs it (CPU targets only); the weights are unpacked from their
+    bit-packed storage by the module's ``unpack_weights`` once, on the first run, as the artifact's loader does."""
 
     executable: Any
     target: Any
     meta: dict[str, Any]
-    params: dict[str, np.ndarray]
+    params: dict[str, np.ndarray]  # stored as they are (int32 biases)
+    packed_weights: np.ndarray  # every weight, bit-packed
     ir_module: Any = None
     build_seconds: float = 0.0
     inexact: list[str] = field(default_factory=list)
-    schedules: dict[str, int] = field(default_factory=dict)  # CPU: functions, from_database, default_rule
+    schedules: dict[str, int] = field(default_factory=dict)  # CPU: functions, from_database, vnni, default_rule
     _vm: Any = None
     _param_tensors: list[Any] | None = None
 
@@ -626,8 +812,16 @@ class LoweredModule:
             from tvm import relax
 
             self._vm = relax.VirtualMachine(self.executable, tvm.cpu())
-            self._param_tensors = [tvm.runtime.tensor(self.params[name]) for name in self.meta["params"]]
+            self._param_tensors = bind_params(self._vm, self.meta, {PACKED_WEIGHTS: self.packed_weights,
+                                                                    **self.params}, tvm.cpu())
         return self._vm
+
+    def unpacked_weights(self) -> dict[str, np.ndarray]:
+        """The weights as ``unpack_weights`` gives them to ``main`` (in their kernels' layouts)."""
+        self._machine()
+        names = self.meta["params"]
+        return {name: tensor.numpy() for name, tensor in zip(names, self._param_tensors)
+                if name in self.meta["weights"]["names"]}
 
     def run(self, *inputs: np.ndarray) -> list[np.ndarray]:
         """All results as NumPy arrays: the program's outputs, then the exposed nodes' values."""
@@ -667,19 +861,34 @@ class LoweredModule:
         raise MpqcError("the module has no LLVM code")
 
     def export(self, directory: str | Path) -> Path:
-        """Write ``model.so``, ``params.bin``, ``model.json`` and ``loader.py`` into ``directory``."""
+        """Write ``model.so``, ``params.bin`` (the packed weights and the biases), ``model.json`` and ``loader.py``
+        into ``directory``."""
         import tvm
 
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         self.executable.export_library(str(directory / "model.so"))
-        blob = tvm.runtime.save_param_dict({name: tvm.runtime.tensor(a) for name, a in self.params.items()})
+        stored = {PACKED_WEIGHTS: self.packed_weights, **self.params}
+        blob = tvm.runtime.save_param_dict({name: tvm.runtime.tensor(a) for name, a in stored.items()})
         (directory / "params.bin").write_bytes(blob)
         (directory / "model.json").write_text(json.dumps(self.meta, indent=1))
         (directory / "loader.py").write_text(LOADER_SOURCE)
         if self.kind == "cuda":
             (directory / "kernels.cu").write_text(self.source())
         return directory
+
+
+def bind_params(vm, meta: dict[str, Any], stored: dict[str, Any], device) -> list[Any]:
+    """``main``'s parameters (after its inputs), in order: the weights from ``unpack_weights`` (run once here),
+    the rest from ``stored`` (``params.bin``). The loader holds the same code, written for tvm + numpy only."""
+    import tvm
+
+    def tensor(value):
+        return value if isinstance(value, tvm.runtime.Tensor) else tvm.runtime.tensor(np.asarray(value), device)
+
+    unpacked = vm[meta["weights"]["unpack"]](tensor(stored[meta["weights"]["packed"]]))
+    values = dict(zip(meta["weights"]["names"], unpacked))
+    return [values[name] if name in values else tensor(stored[name]) for name in meta["params"]]
 
 
 def _import_tree(mod):
@@ -690,15 +899,18 @@ def _import_tree(mod):
 
 def lower(program_or_compiled, *, target: Any = "llvm", out: str | Path | None = None,
           input_shape: Sequence[int] | Sequence[Sequence[int]] | None = None, trials: int = 0,
-          tuning_db: str | Path | None = None, expose: Sequence[str] = ()) -> LoweredModule:
+          tuning_db: str | Path | None = None, expose: Sequence[str] = (), vnni: bool | None = None) -> LoweredModule:
     """Compile a frozen program (an :class:`IntegerProgram` or a ``CompiledModel``) with TVM.
 
     ``target``: ``"llvm"`` (this host, features from /proc/cpuinfo), ``"cuda"`` (sm_80), ``"cuda:sm_90"``, a target
     dict or a ``tvm.target.Target``. ``input_shape``: the static input shape (a list of shapes for several inputs);
     taken from a ``CompiledModel``'s report (its first layer's input shape, batch 1) when omitted. ``out``: also export the artifact
     there. ``expose``: node names whose values ``LoweredModule.exposed`` returns (the 8-bit codes of quantize nodes).
-    ``trials``/``tuning_db`` (llvm): ``trials`` MetaSchedule trials recorded in the database directory
-    ``tuning_db``, whose best schedules are applied (``trials=0`` with a ``tuning_db``: reuse earlier tuning).
+    ``trials``/``tuning_db`` (llvm): ``trials`` MetaSchedule trials over the functions other than the VNNI kernels,
+    recorded in the database directory ``tuning_db``, whose best schedules are applied (``trials=0`` with a
+    ``tuning_db``: reuse earlier tuning); with a ``tuning_db`` the VNNI kernels' register tiles are measured once
+    per convolution geometry and recorded there too (``vnni_tiles.json``, ``targets/tvm_schedule.py``).
+    ``vnni``: use the AVX512-VNNI kernels for conv2d/linear; ``None`` (default): when the target has the feature.
     """
     program, compiled = _program_and_compiled(program_or_compiled)
     shapes = _input_shapes(input_shape, compiled)
@@ -713,16 +925,24 @@ def lower(program_or_compiled, *, target: Any = "llvm", out: str | Path | None =
                           "cannot be measured on this machine)")
     if trials and tuning_db is None:
         raise ConfigError("trials > 0 needs a tuning_db directory to keep the tuning records in")
+    has_vnni = target_has_vnni(tvm_target)
+    if vnni and not has_vnni:
+        raise ConfigError(f"vnni=True, but the target {tvm_target} has no avx512vnni")
+    use_vnni = has_vnni if vnni is None else vnni
     started = time.perf_counter()
-    mod, params, inexact = build_module(program, shapes, mode=kind, expose=expose)
-    for reason in inexact:
+    built = build_module(program, shapes, mode=kind, expose=expose, vnni=use_vnni)
+    for reason in built.inexact:
         log.warning("not guaranteed bit-exact: %s", reason)
     stats: dict[str, int] = {}
-    executable = compile_module(mod, tvm_target, trials=trials, tuning_db=tuning_db, stats=stats)
+    executable = compile_module(built.mod, tvm_target, trials=trials, tuning_db=tuning_db, stats=stats)
+    if stats.get("vnni", 0) < stats.get("vnni_functions", 0):
+        log.warning("%d of %d VNNI functions could not be tensorized and run unscheduled (still exact)",
+                    stats["vnni_functions"] - stats["vnni"], stats["vnni_functions"])
     seconds = time.perf_counter() - started
-    lowered = LoweredModule(executable=executable, target=tvm_target, params=params, ir_module=mod,
-                            build_seconds=seconds, inexact=inexact, schedules=stats,
-                            meta=_metadata(program, shapes, params, tvm_target, expose, inexact, mod))
+    lowered = LoweredModule(executable=executable, target=tvm_target, params=built.params,
+                            packed_weights=built.packed, ir_module=built.mod, build_seconds=seconds,
+                            inexact=built.inexact, schedules=stats,
+                            meta=_metadata(program, shapes, built, tvm_target, expose))
     if out is not None:
         lowered.export(out)
     return lowered
@@ -730,9 +950,10 @@ def lower(program_or_compiled, *, target: Any = "llvm", out: str | Path | None =
 
 def compile_module(mod, target, *, schedule: bool = True, trials: int = 0, tuning_db: str | Path | None = None,
                    stats: dict | None = None):
-    """``tvm.compile`` with schedules: on CUDA dlight's GPU rules (TVM's CUDA default pipeline); on CPU the
-    MetaSchedule database ``tuning_db`` (after ``trials`` trials of tuning) and, for the rest,
-    :func:`mpqc.targets.tvm_schedule.default_cpu_rule` (``schedule=False``: TVM's unscheduled CPU code)."""
+    """``tvm.compile`` with schedules: on CUDA dlight's GPU rules (TVM's CUDA default pipeline); on CPU the VNNI
+    kernels' hand schedule, the MetaSchedule database ``tuning_db`` (after ``trials`` trials of tuning) and, for
+    the rest, :func:`mpqc.targets.tvm_schedule.default_cpu_rule` (``schedule=False``: TVM's unscheduled CPU code,
+    VNNI kernels included)."""
     import tvm
 
     from mpqc.targets.tvm_schedule import cpu_pipeline
@@ -767,9 +988,9 @@ def _input_shapes(input_shape, compiled) -> list[tuple[int, ...]]:
         raise ConfigError(f"input_shape {input_shape!r} must be a shape or a list of shapes of ints") from None
 
 
-def _metadata(program: IntegerProgram, shapes, params, target, expose, inexact, mod) -> dict[str, Any]:
+def _metadata(program: IntegerProgram, shapes, built: BuiltModule, target, expose) -> dict[str, Any]:
     inputs = [node for node in program.nodes if node.op == "input"]
-    ret = mod["main"].ret_ty
+    ret = built.mod["main"].ret_ty
     fields = list(ret.fields) if hasattr(ret, "fields") else [ret]
 
     def quantizers_of(name: str) -> list[dict[str, Any]]:
@@ -777,6 +998,7 @@ def _metadata(program: IntegerProgram, shapes, params, target, expose, inexact, 
                  "signed": node.attrs["signed"], "scale": node.attrs["scale"]}
                 for node in program.nodes if node.op == "quantize" and node.inputs == [name]]
 
+    weights = built.weights
     return {
         "format": ARTIFACT_FORMAT,
         "target": str(target),
@@ -787,11 +1009,22 @@ def _metadata(program: IntegerProgram, shapes, params, target, expose, inexact, 
         "outputs": [{"name": name, "shape": [int(d) for d in fields[i].shape], "dtype": str(fields[i].dtype)}
                     for i, name in enumerate(program.outputs)],
         "exposed": list(expose),
-        "params": list(params),
-        "param_storage": "one int8 per weight (sub-byte weights not packed), int32 biases",
+        "params": built.param_names,
+        "weights": {
+            "packed": PACKED_WEIGHTS,
+            "unpack": UNPACK_FUNCTION,
+            "names": [spec.name for spec in weights],
+            "storage": "every weight bit-packed at its own bit-width in one uint8 array (targets/tvm_weights.py), "
+                       "unpacked by the module's unpack_weights once at load; biases int32",
+            "packed_bytes": int(built.packed.size),
+            "bits_over_8": sum(spec.bits * spec.count for spec in weights) / 8,
+            "layers": {spec.name: {"bits": spec.bits, "shape": list(spec.shape), "layout": spec.layout,
+                                   "offset": spec.offset} for spec in weights},
+        },
+        "vnni_layers": built.vnni_layers,
         "layers": {module: {"weight_bits": w, "activation_bits": a} for module, (w, a) in program.layer_bits().items()},
         "layer_nodes": {node.attrs["module"]: node.name for node in program.layers()},
-        "inexact": list(inexact),
+        "inexact": list(built.inexact),
     }
 
 
@@ -803,6 +1036,8 @@ LOADER_SOURCE = '''"""Run an mpqc TVM artifact with the TVM runtime and NumPy on
     run = load("artifact_dir")                      # reads model.so, params.bin, model.json
     logits = run(np.zeros((1, 1, 28, 28), "float32"))
 
+The weights are stored bit-packed in params.bin; ``load`` runs the module's ``unpack_weights`` once to unpack them
+into the layouts the kernels read, then every call reuses them.
 Set TVM_NUM_THREADS to the number of physical cores before the first call (TVM's pool starts one thread here).
 """
 import json
@@ -818,8 +1053,12 @@ def load(directory, device=None):
     meta = json.loads((directory / "model.json").read_text())
     device = device or tvm.cpu()
     vm = VirtualMachine(tvm.runtime.load_module(str(directory / meta["library"])), device)
-    params = tvm.runtime.load_param_dict((directory / meta["params_file"]).read_bytes())
-    args = [tvm.runtime.tensor(params[name].numpy(), device) for name in meta["params"]]
+    stored = tvm.runtime.load_param_dict((directory / meta["params_file"]).read_bytes())
+    weights = meta["weights"]
+    unpacked = vm[weights["unpack"]](tvm.runtime.tensor(stored[weights["packed"]].numpy(), device))
+    values = dict(zip(weights["names"], unpacked))
+    args = [values[name] if name in values else tvm.runtime.tensor(stored[name].numpy(), device)
+            for name in meta["params"]]
     n_out = len(meta["outputs"])
 
     def run(*inputs):

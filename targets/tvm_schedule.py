@@ -1,23 +1,37 @@
-"""A default (untuned) CPU schedule for the PrimFuncs of a lowered integer program.
+"""CPU schedules for the PrimFuncs of a lowered integer program: the VNNI kernels' hand schedule with measured
+register tiles, a default (untuned) rule for the rest, and MetaSchedule tuning into an on-disk database.
 
 TVM's CPU pipeline leaves TIR unscheduled (one scalar loop nest per op, every intermediate in memory) and dlight's
-CPU rules cover only GEMV and softmax-like reductions. This rule schedules the fused functions where a plain shape
-helps:
+CPU rules cover only GEMV and softmax-like reductions. :func:`cpu_pipeline` schedules the fused functions in order:
+
+1. *VNNI functions* (a ``vnni_conv`` block, ``targets/tvm_vnni.py``): ``tvm_vnni.schedule_conv`` with the register
+   tile recorded for the convolution's geometry in ``<tuning_db>/vnni_tiles.json`` (:func:`tune_vnni_tiles` times
+   every candidate tile of a geometry the first time it is seen) or ``tvm_vnni.choose_tile``'s default.
+2. *MetaSchedule records* for the other functions, with a tuning database (:func:`tune` adds ``trials``).
+3. *The default rule* (:func:`schedule_func`) for what is left:
 
 *Matches*: every PrimFunc of the module that dlight's ``normalize_prim_func`` can analyse.
 *Rewrites to*: injective-only functions: everything inlined into the output block, its loops fused, parallelised
-and vectorized. Functions with one reduction block (conv / matmul / pool / sum) whose innermost spatial axis has a
-divisor >= 8 and is read with unit stride: the requantisation epilogue inlined into one block, the reduction tiled
-as ``parallel(spatial outer) -> reduction loops -> vectorized innermost spatial`` with the epilogue computed at the
-parallel loop, the reduction's producers (zero padding) left as their own parallel loops. Anything else (late
-layers' 2x2..7x7 maps, strided convs, several reductions) stays unscheduled: LLVM's own vectorization of TVM's
-plain loops measured faster there (``bench/latency.py``; MetaSchedule, ``tune``, is the way to real speed).
+and vectorized (along the innermost axis alone when the vector would otherwise cross rows). Functions with one
+reduction block (conv / matmul / pool / sum) whose innermost spatial axis has a divisor >= 8 and is read with unit
+stride: the requantisation epilogue inlined into one block, the reduction tiled as ``parallel(spatial outer) ->
+reduction loops -> vectorized innermost spatial`` with the epilogue computed at the parallel loop, the reduction's
+producers (zero padding) left as their own parallel loops, except a channels-last pool's padding, inlined. Anything
+else (late layers' 2x2..7x7 maps, strided convs, several reductions) stays unscheduled: LLVM's own vectorization
+of TVM's plain loops measured faster there (MetaSchedule, ``tune``, is the way to more speed).
 *Ensures*: the same values (scheduling reorders loops, never arithmetic: integer sums are exact and every fp32
 product is fenced, see ``targets/tvm.py``); that inlining puts ``a*M + b*M'`` in one expression is exactly what the
-fence is for, and ``tests/test_tvm.py`` checks the schedule against the reference bit for bit.
+fence is for, and ``tests/test_tvm.py`` checks the schedules against the reference bit for bit.
 """
 from __future__ import annotations
 
+import json
+import logging
+from pathlib import Path
+
+from mpqc.targets.tvm_vnni import CONV_BLOCK, Tile, conv_signature, find_conv, schedule_conv
+
+log = logging.getLogger(__name__)
 
 VECTOR_BYTES = 64  # AVX-512; a narrower machine splits wider vectors, so this only sets the unroll/vector width
 MIN_VECTOR_LANES = 8  # reductions whose innermost spatial axis has no divisor this large are left unscheduled
@@ -53,8 +67,20 @@ def _schedule_injective(sch, block) -> None:
     loops = sch.get_loops(block)
     if not loops:
         return
+    lanes = _lanes(sch, block)
+    innermost = _extent(sch, loops[-1])
+    if len(loops) > 1 and innermost is not None and innermost >= MIN_VECTOR_LANES and innermost % lanes:
+        # vectorize along the innermost axis alone: split off a fused index, a vector whose lanes cross a row
+        # (224 = 3.5 x 64) became gathers, e.g. the input's quantization (0.10 -> 0.02 ms on ResNet-18)
+        outer, inner = _vector_split(sch, loops[-1], lanes)
+        if inner is not None and _extent(sch, inner) >= MIN_VECTOR_LANES:
+            rest = loops[:-1] + ([outer] if outer is not None else [])
+            sch.parallel(sch.fuse(*rest) if len(rest) > 1 else rest[0])
+            sch.vectorize(inner)
+            return
+        loops = sch.get_loops(block)
     fused = sch.fuse(*loops) if len(loops) > 1 else loops[0]
-    outer, inner = _vector_split(sch, fused, _lanes(sch, block))
+    outer, inner = _vector_split(sch, fused, lanes)
     if outer is not None:
         sch.parallel(outer)
     if inner is not None:
@@ -119,6 +145,8 @@ def schedule_func(func):
     from tvm.s_tir.dlight.analysis import normalize_prim_func
     from tvm.s_tir.dlight.base.common_schedules import try_inline
 
+    if is_vnni_func(func):
+        return None  # the VNNI rule's (vnni_cpu_rule); unscheduled it is still exact
     sch = s_tir.Schedule(func)
     infos = normalize_prim_func(sch)
     if not infos:
@@ -128,6 +156,10 @@ def schedule_func(func):
         # Producers of the reduction (the conv's zero padding) stay separate loops: inlined, their bounds checks
         # sat in the innermost loop and made the conv 3-5x slower. The epilogue is inlined into one block.
         producers = infos[:first_reduction]
+        if first_reduction < len(infos) and _channels_last_pool(sch, infos[first_reduction]):
+            # ... except a channels-last pool's padding: its bounds check is constant along the vectorized
+            # channels, and a separate loop copied the whole int32 input (ResNet-18's max pool: 0.14 -> 0.05 ms)
+            producers = [info for info in producers if not _inlined(sch, info.block_rv)]
         infos = producers + try_inline(sch, infos[first_reduction:])
         reductions = [info for info in infos if not info.is_injective()]
         if not reductions:
@@ -144,6 +176,77 @@ def schedule_func(func):
     except Exception:  # noqa: BLE001 - a function this rule does not fit stays unscheduled (and correct)
         return None
     return None
+
+
+def _channels_last_pool(sch, info) -> bool:
+    """A pooling reduction (TVM's ``pool_max``/``pool_sum`` blocks) whose window does not move along the last
+    (channels) axis of what it reads."""
+    from tvm.sym.pattern import detect_linear_equation
+
+    block = sch.get(info.block_rv)
+    if not block.name_hint.startswith("pool_"):
+        return False
+    window = [it.var for it in info.iters if it.kind == "R"]
+    for region in block.reads:
+        last = region.region[-1].min if region.region else None
+        coefficients = detect_linear_equation(last, window) if last is not None else None
+        if not coefficients or any(int(c) != 0 for c in list(coefficients)[:-1]):
+            return False
+    return bool(window)
+
+
+def _inlined(sch, block) -> bool:
+    try:
+        sch.compute_inline(block)
+    except Exception:  # noqa: BLE001 - a producer that cannot be inlined stays a loop of its own
+        return False
+    return True
+
+
+def block_names(func) -> list[str]:
+    """The names of the blocks directly under a PrimFunc's root block (all of them, for fused functions)."""
+    from tvm import s_tir
+
+    try:
+        sch = s_tir.Schedule(func)
+        return [sch.get(block).name_hint for block in sch.get_child_blocks(sch.get_sblock("root"))]
+    except Exception:  # noqa: BLE001 - a function without a root block (already lowered) has none to name
+        return []
+
+
+def is_vnni_func(func) -> bool:
+    """Whether a PrimFunc holds a VNNI convolution block (``targets/tvm_vnni.py``)."""
+    return any(name.startswith(CONV_BLOCK) for name in block_names(func))
+
+
+def schedule_vnni_func(func, tiles: dict[str, Tile] | None = None):
+    """The hand schedule of a VNNI PrimFunc (``tvm_vnni.schedule_conv``) with its tile from ``tiles`` (keyed by
+    ``tvm_vnni.conv_signature``) or the default tile; None where ``func`` holds no VNNI block or tensorization
+    fails (logged: the function then runs unscheduled, still exact)."""
+    from tvm import s_tir
+
+    sch = s_tir.Schedule(func)
+    conv = find_conv(sch)
+    if conv is None:
+        return None
+    try:
+        schedule_conv(sch, (tiles or {}).get(conv_signature(sch, conv)))
+    except Exception as error:  # noqa: BLE001 - reported, and the function stays correct unscheduled
+        log.warning("VNNI schedule failed for %s: %s", conv_signature(sch, conv),
+                    str(error).strip().splitlines()[-1][:300])
+        return None
+    return sch
+
+
+def vnni_cpu_rule(tiles: dict[str, Tile] | None = None):
+    """:func:`schedule_vnni_func` as a dlight ``ScheduleRule``."""
+    from tvm.s_tir import dlight
+
+    class VNNISchedule(dlight.ScheduleRule):
+        def apply(self, func, target, tunable):  # noqa: ARG002 - the tile comes from ``tiles``
+            return schedule_vnni_func(func, tiles)
+
+    return VNNISchedule()
 
 
 def default_cpu_rule():
@@ -168,17 +271,21 @@ def cpu_pipeline(target, *, trials: int = 0, tuning_db: str | None = None, sched
                  stats: dict | None = None):
     """The CPU Relax pipeline (``relax.backend.cpu_generic``) with schedules inserted after fusion:
 
-    1. with ``tuning_db``: ``trials`` MetaSchedule trials (``trials=0``: none) recorded in that directory's JSON
-       database (records keyed by the PrimFunc's structural hash and the target), then every PrimFunc the database
-       has a record for gets its best schedule (``MetaScheduleApplyDatabase``): a second lowering reuses them;
-    2. the functions left get :func:`default_cpu_rule` (``schedule=False``: left unscheduled).
+    1. the VNNI functions get their hand schedule (:func:`vnni_cpu_rule`): with ``tuning_db``, the register
+       tile measured fastest for each convolution geometry (:func:`tune_vnni_tiles` measures the geometries
+       ``tuning_db/vnni_tiles.json`` does not hold yet, seconds each, whatever ``trials`` is), else the default;
+    2. with ``tuning_db``: ``trials`` MetaSchedule trials (``trials=0``: none) over the other functions (not the
+       weights' one-off unpacking), recorded in that directory's JSON database (records keyed by the PrimFunc's
+       structural hash and the target), then every PrimFunc the database has a record for gets its best schedule
+       (``MetaScheduleApplyDatabase``): a second lowering reuses them;
+    3. the functions left get :func:`default_cpu_rule` (``schedule=False``: everything left unscheduled).
 
-    ``stats`` (a dict) receives how many PrimFuncs each step scheduled: ``functions``, ``from_database``,
-    ``default_rule`` (the rest stay unscheduled).
+    ``stats`` (a dict) receives how many PrimFuncs each step scheduled: ``functions``, ``vnni`` (of
+    ``vnni_functions``), ``from_database``, ``default_rule`` (the rest stay unscheduled).
     """
     stats = {} if stats is None else stats
     import tvm
-    from tvm import relax
+    from tvm import relax, tirx
     from tvm.relax.backend.cpu_generic import pipeline as cpu_generic
     from tvm.s_tir import dlight
 
@@ -187,39 +294,131 @@ def cpu_pipeline(target, *, trials: int = 0, tuning_db: str | None = None, sched
         with target:
             mod = tvm.transform.Sequential(cpu_generic.library_dispatch_passes(target)
                                            + cpu_generic.legalize_passes(target))(mod)
+            stats["functions"] = _count_scheduled(mod)[1]
+            stats["vnni_functions"] = sum(is_vnni_func(func) for _, func in mod.functions_items()
+                                          if isinstance(func, tirx.PrimFunc))
+            if schedule:
+                tiles = tune_vnni_tiles(mod, target, tuning_db) if tuning_db is not None else {}
+                mod = dlight.ApplyDefaultSchedule(vnni_cpu_rule(tiles))(mod)
+            stats["vnni"] = _count_scheduled(mod)[0]
             if tuning_db is not None:
                 if trials > 0:
                     tune(mod, target, tuning_db, trials)
-                mod = relax.transform.MetaScheduleApplyDatabase(str(tuning_db))(mod)
-            stats["from_database"], stats["functions"] = _count_scheduled(mod)
+                if (Path(tuning_db) / "database_tuning_record.json").is_file():  # (empty files are not made)
+                    mod = relax.transform.MetaScheduleApplyDatabase(str(tuning_db))(mod)
+            stats["from_database"] = _count_scheduled(mod)[0] - stats["vnni"]
             if schedule:
                 mod = dlight.ApplyDefaultSchedule(default_cpu_rule())(mod)
-            stats["default_rule"] = _count_scheduled(mod)[0] - stats["from_database"]
+            stats["default_rule"] = _count_scheduled(mod)[0] - stats["from_database"] - stats["vnni"]
             rest = cpu_generic.dataflow_lower_passes(target) + cpu_generic.finalize_passes(target)
             return tvm.transform.Sequential(rest)(mod)
 
     return _pipeline
 
 
+def _tunable(func) -> bool:
+    """Functions MetaSchedule tunes: not the VNNI ones (hand-scheduled), not those already scheduled, not the
+    weights' unpacking (run once at load)."""
+    from tvm import tirx
+
+    if not isinstance(func, tirx.PrimFunc) or (func.attrs and func.attrs.get("tirx.is_scheduled", False)):
+        return False
+    return not any(name.startswith((CONV_BLOCK, "unpack_weight")) for name in block_names(func))
+
+
 def tune(mod, target, work_dir, trials: int) -> None:
-    """MetaSchedule's default search over every fused PrimFunc of ``mod``; records go to ``work_dir``.
+    """MetaSchedule's default search over the fused PrimFuncs of ``mod`` that :func:`_tunable` admits; records go
+    to ``work_dir``.
 
     Runs on ``TVM_NUM_THREADS`` threads (set it to the physical cores: TVM_NOTES trap 2); the builder gets a long
     timeout because the machine is shared. Records for workloads already in the database are kept and extended.
     """
-    import logging
-
     from tvm.s_tir import meta_schedule as ms
 
     ms_logger = logging.getLogger("tvm.s_tir.meta_schedule")
     if ms_logger.level == logging.NOTSET:  # its per-round tables go to work_dir/logs, not the console
         ms_logger.setLevel(logging.WARNING)
-    ms.relax_integration.tune_relax(
-        mod, params={}, target=target, work_dir=str(work_dir), max_trials_global=trials,
-        num_trials_per_iter=min(16, trials),
+    extracted = [task for task in ms.relax_integration.extract_tasks(mod, target)
+                 if _tunable(task.dispatched[0]["main"])]
+    if not extracted:
+        return
+    contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
+        extracted, work_dir=str(work_dir),
         # the default population (512 candidates per task and round) took minutes per round on 2 shared cores
-        strategy=ms.search_strategy.EvolutionarySearch(population_size=min(512, max(64, 8 * trials))),
+        strategy=ms.search_strategy.EvolutionarySearch(population_size=min(512, max(64, 8 * trials))))
+    ms.tune.tune_tasks(
+        tasks=contexts, task_weights=weights, work_dir=str(work_dir), max_trials_global=trials,
+        num_trials_per_iter=min(16, trials),
         builder=ms.builder.LocalBuilder(timeout_sec=120),
         runner=ms.runner.LocalRunner(evaluator_config=ms.runner.EvaluatorConfig(number=3, repeat=1,
                                                                                min_repeat_ms=20)),
     )
+
+
+# --------------------------------------------------------------------------------------------- VNNI tiles
+VNNI_TILES_FILE = "vnni_tiles.json"
+
+
+def tune_vnni_tiles(mod, target, work_dir, repeat: int = 20) -> dict[str, Tile]:
+    """Measure every register tile that fits (``tvm_vnni.tile_candidates``, at most 13) for each convolution
+    geometry of ``mod``'s VNNI functions not yet recorded, keep the fastest in ``work_dir/vnni_tiles.json`` (with
+    every candidate's time), and return all records. Each candidate is the whole fused function, compiled alone
+    and timed on random inputs: the median of ``repeat`` runs on ``TVM_NUM_THREADS`` threads."""
+    import os
+    import time
+
+    import numpy as np
+    import tvm
+    from tvm import s_tir, tirx
+
+    from mpqc.targets.tvm_vnni import choose_tile, conv_shape, tile_candidates
+
+    path = Path(work_dir) / VNNI_TILES_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    records = json.loads(path.read_text()) if path.is_file() else {}
+    rng = np.random.default_rng(0)
+    for _, func in mod.functions_items():
+        if not isinstance(func, tirx.PrimFunc):
+            continue
+        sch = s_tir.Schedule(func)
+        conv = find_conv(sch)
+        if conv is None or conv_signature(sch, conv) in records:
+            continue
+        key = conv_signature(sch, conv)
+        out_width, channel_blocks = conv_shape(sch, conv)
+        args = [tvm.runtime.tensor(_random_array(param.ty, rng)) for param in func.params]
+        timings = {}
+        for tile in tile_candidates(out_width, channel_blocks):
+            scheduled = schedule_vnni_func(func, {key: tile})
+            if scheduled is None:
+                continue
+            kernel = tvm.compile(tvm.IRModule({"main": scheduled.mod["main"].with_attr("global_symbol", "main")}),
+                                 target=target)
+            kernel(*args)
+            times = []
+            for _ in range(repeat):
+                start = time.perf_counter()
+                kernel(*args)
+                times.append(time.perf_counter() - start)
+            timings[tile] = float(np.median(times))
+        if not timings:
+            continue
+        best = min(timings, key=timings.get)
+        default = choose_tile(out_width, channel_blocks)
+        records[key] = {"rows": best.rows, "blocks": best.blocks, "ms": round(timings[best] * 1e3, 4),
+                        "default": f"{default.rows}x{default.blocks}",
+                        "candidates_ms": {f"{t.rows}x{t.blocks}": round(v * 1e3, 4) for t, v in timings.items()},
+                        "threads": os.environ.get("TVM_NUM_THREADS", "1")}
+        path.write_text(json.dumps(records, indent=1))
+    return {key: Tile(record["rows"], record["blocks"]) for key, record in records.items()}
+
+
+def _random_array(buffer_type, rng):
+    import numpy as np
+
+    shape = [int(d) for d in buffer_type.shape]
+    dtype = str(buffer_type.dtype)
+    if dtype.startswith(("int", "uint")):
+        info = np.iinfo(dtype)
+        return rng.integers(max(info.min, -100), min(info.max, 100) + 1, shape).astype(dtype)
+    return rng.standard_normal(shape).astype(dtype)

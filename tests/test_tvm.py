@@ -10,7 +10,6 @@ import json  # noqa: E402
 import re
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -19,11 +18,15 @@ import torch.nn.functional as F
 import torchvision
 
 from conftest import example_models, freeze_at_random_bits, quantized_graph, randomize_batchnorm
-from mpqc.errors import ConfigError, UnsupportedOpError
+from mpqc.errors import ConfigError, MpqcError, UnsupportedOpError
 from mpqc.reference import IntegerProgram, IntNode, IntValue
 
 tvm = pytest.importorskip("tvm")
 from mpqc.targets import tvm as mtvm  # noqa: E402
+from mpqc.targets import tvm_vnni, tvm_weights  # noqa: E402
+
+HOST_HAS_VNNI = tvm_vnni.target_has_vnni(tvm.target.Target(mtvm.host_target()))
+needs_vnni = pytest.mark.skipif(not HOST_HAS_VNNI, reason="this CPU has no avx512_vnni")
 
 MODELS = {
     "resnet20": (lambda: example_models.resnet20(), (4, 1, 28, 28)),
@@ -170,12 +173,18 @@ def test_relax_round_is_half_to_even():
     bb = relax.BlockBuilder()
     x = relax.Var("x", relax.TensorType(ties.shape, "float32"))
     with bb.function("main", [x]):
-        with bb.dataflow():
+        with bb.dataflow():  # the CUDA requantisation: Relax round (nearbyintf)
             out = bb.emit_output(R.astype(R.round(x), "int32"))
         bb.emit_func_output(out)
+    with bb.function("requantize", [x]):
+        with bb.dataflow():  # the CPU requantisation: llvm.roundeven (vectorizes; Relax round's nearbyint does not)
+            requantized = bb.emit_output(bb.emit_te(mtvm._round_clip_te, x, -127, 127, "int8"))
+        bb.emit_func_output(requantized)
     vm = relax.VirtualMachine(tvm.compile(bb.get(), target=tvm.target.Target(mtvm.host_target())), tvm.cpu())
-    got = vm["main"](tvm.runtime.tensor(ties)).numpy()
-    assert np.array_equal(got, torch.round(torch.from_numpy(ties)).to(torch.int32).numpy())
+    expected = torch.round(torch.from_numpy(ties))
+    assert np.array_equal(vm["main"](tvm.runtime.tensor(ties)).numpy(), expected.to(torch.int32).numpy())
+    assert np.array_equal(vm["requantize"](tvm.runtime.tensor(ties)).numpy(),
+                          expected.clamp(-127, 127).to(torch.int8).numpy())
 
 
 @pytest.mark.parametrize("hw", [(1, 1), (2, 2), (3, 5), (4, 4), (7, 7), (8, 8), (14, 14), (20, 20), (31, 32)])
@@ -186,6 +195,132 @@ def test_torch_sum_order_reproduces_pytorch_mean(hw):
     ours = np.array([mtvm.torch_sum_order(list(row), lambda p, q: np.float32(p + q)) for row in rows], np.float32)
     ours = ours / np.float32(hw[0] * hw[1])
     assert np.array_equal(ours, F.adaptive_avg_pool2d(x, 1).reshape(-1).numpy())
+
+
+# --------------------------------------------------------------------------------------------- VNNI kernels
+def _vnni_kernel(geometry, x: np.ndarray, weight: np.ndarray, tile=None) -> tuple[np.ndarray, str]:
+    """Build, schedule (tensorized) and run one VNNI convolution; returns its int32 NHWC output and the asm."""
+    from tvm import s_tir, te
+
+    x_te = te.placeholder(x.shape, str(x.dtype), name="x")
+    packed = tvm_weights.vnni_layout(weight)
+    w_te = te.placeholder(packed.shape, "int8", name="w")
+    out = tvm_vnni.conv2d_te(x_te, w_te, geometry)
+    sch = s_tir.Schedule(te.create_prim_func([x_te, w_te, out]).with_attr("global_symbol", "main"))
+    assert tvm_vnni.schedule_conv(sch, tile)
+    kernel = tvm.compile(sch.mod, target=tvm.target.Target(mtvm.host_target()))
+    result = tvm.runtime.tensor(np.zeros([int(d) for d in out.shape], np.int32))
+    kernel(tvm.runtime.tensor(x), tvm.runtime.tensor(packed), result)
+    asm = "".join(m.inspect_source("asm") for m in mtvm._import_tree(kernel.mod) if m.kind == "llvm")
+    return result.numpy(), asm
+
+
+@needs_vnni
+@pytest.mark.parametrize("layout, signed, channels, out, kernel, stride, padding, dilation, size, tile", [
+    ("NHWC", False, 64, 32, (3, 3), (1, 1), (1, 1), (1, 1), 14, None),  # a ResNet 3x3 conv, default 7x2 tile
+    ("NCHW", True, 3, 10, (7, 7), (2, 2), (3, 3), (1, 1), 30, (5, 1)),  # a stem: signed NCHW input, C=3, Co=10
+    ("NHWC", False, 32, 48, (1, 1), (2, 2), (0, 0), (1, 1), 8, (4, 3)),  # a strided 1x1 shortcut: no copy stage
+    ("NHWC", True, 8, 16, (3, 3), (1, 1), (2, 2), (2, 2), 9, (3, 1)),  # dilated, signed
+    ("NC", True, 100, 10, (1, 1), (1, 1), (0, 0), (1, 1), 5, None),  # a linear layer on a batch of 5
+])
+def test_vnni_kernel_is_exact(layout, signed, channels, out, kernel, stride, padding, dilation, size, tile):
+    """The hand-scheduled, tensorized VNNI convolution equals an exact float64 convolution, signed inputs included
+    (the kernel sees x + 128; subtracting 128 * sum(w) per channel, as the lowering folds into the bias, is exact)."""
+    rng = np.random.default_rng(0)
+    dtype = np.int8 if signed else np.uint8
+    low, high = (-127, 128) if signed else (0, 256)
+    nchw = rng.integers(low, high, (2, channels, size, size) if layout != "NC" else (size, channels)).astype(dtype)
+    weight = rng.integers(-127, 128, (out, channels, *kernel) if layout != "NC" else (out, channels)).astype(np.int8)
+    x = nchw.transpose(0, 2, 3, 1).copy() if layout == "NHWC" else nchw
+    geometry = tvm_vnni.ConvGeometry(layout, signed, channels, kernel, stride, padding, dilation)
+    got, asm = _vnni_kernel(geometry, x, weight, tvm_vnni.Tile(*tile) if tile else None)
+    assert re.search(r"vpdpbusd\s+%zmm", asm)
+    if layout == "NC":
+        expected = torch.from_numpy(nchw).double() @ torch.from_numpy(weight).double().T
+        got = got.reshape(size, -1)
+    else:
+        expected = F.conv2d(torch.from_numpy(nchw).double(), torch.from_numpy(weight).double(), None, stride, padding,
+                            dilation).permute(0, 2, 3, 1)
+    if signed:
+        got = got - 128 * np.pad(weight.reshape(out, -1).astype(np.int64).sum(1), (0, got.shape[-1] - out))
+    assert np.array_equal(got[..., :out], expected.round().long().numpy())
+    assert not got[..., out:].any()  # padded output channels read zero weights
+
+
+@needs_vnni
+def test_vnni_intrinsic_refuses_a_weight_that_is_not_packed():
+    """TVM_NOTES trap 3: tensorizing a plain [N, K] weight compiled into silently wrong code. The intrinsic's
+    buffers declare their strides, so such a match is refused (when the match is lowered) instead."""
+    from tvm import s_tir, te
+
+    a = te.placeholder((16, 64), "uint8", name="a")
+    w = te.placeholder((32, 64), "int8", name="w")
+    k = te.reduce_axis((0, 64), "k")
+    c = te.compute((16, 32), lambda i, j: te.sum(a[i, k].astype("int32") * w[j, k].astype("int32"), axis=k),
+                   name="c")
+    sch = s_tir.Schedule(te.create_prim_func([a, w, c]).with_attr("global_symbol", "main"))
+    i, j, kk = sch.get_loops(sch.get_sblock("c"))
+    j_outer, j_inner = sch.split(j, [None, 16])
+    k_outer, k_inner = sch.split(kk, [None, 4])
+    sch.reorder(i, j_outer, k_outer, j_inner, k_inner)
+    sch.decompose_reduction(sch.get_sblock("c"), k_outer)
+    sch.tensorize(j_inner, tvm_vnni.register_intrinsic())
+    with pytest.raises(Exception, match="strides"):
+        tvm.compile(sch.mod, target=tvm.target.Target(mtvm.host_target()))
+
+
+@needs_vnni
+def test_the_vnni_choice_follows_the_target_features(resnet20):
+    """Layers use the VNNI kernels where the target has avx512vnni (this host) and TVM's own int8 ops where it does
+    not (the same CPU described without the feature); both are bit-exact."""
+    program, x, lowered = resnet20
+    layers = [node.name for node in program.layers()]
+    assert lowered.meta["vnni_layers"] == layers
+    assert lowered.schedules["vnni"] == lowered.schedules["vnni_functions"] > 0
+    zmm_dot = re.compile(r"vpdpbusd\s+%zmm")  # the kernels' 512-bit dot products (LLVM may use xmm ones anyway)
+    assert zmm_dot.search(lowered.source("asm"))
+    host = mtvm.host_target()
+    without = {**host, "mattr": [f for f in host["mattr"] if f != "+avx512vnni"]}
+    assert not tvm_vnni.target_has_vnni(tvm.target.Target(without))
+    plain = mtvm.lower(program, target=without, input_shape=tuple(x.shape))
+    assert plain.meta["vnni_layers"] == [] and plain.schedules["vnni_functions"] == 0
+    assert not zmm_dot.search(plain.source("asm"))
+    assert torch.equal(plain(x), program.run(x))
+    with pytest.raises(ConfigError, match="avx512vnni"):
+        mtvm.lower(program, target=without, input_shape=tuple(x.shape), vnni=True)
+
+
+# --------------------------------------------------------------------------------------------- packed weights
+@pytest.mark.parametrize("layout", ["oihw", "io", "vnni"])
+def test_bit_packed_weights_unpack_exactly(layout):
+    """Every bit-width 2..8, odd sizes (streams that end mid-byte), each kernel layout: pack in NumPy, unpack with
+    the module's TE function, get the codes back (placed in the kernel's layout)."""
+    from tvm import relax
+
+    rng = np.random.default_rng(int.from_bytes(layout.encode(), "little") % 1000)
+    shapes = {bits: (5, 3, 3, 3) if layout != "io" else (7, 13) for bits in range(2, 9)}
+    specs = tvm_weights.place([tvm_weights.WeightLayout(f"w{bits}", f"layer{bits}", bits, shape, layout)
+                               for bits, shape in shapes.items()])
+    half = {bits: 2 ** (bits - 1) - 1 for bits in shapes}
+    codes = {spec.name: rng.integers(-half[spec.bits], half[spec.bits] + 1, spec.shape).astype(np.int8)
+             for spec in specs}
+    packed = tvm_weights.pack_bits(specs, codes)
+    assert packed.size == sum((spec.count * spec.bits + 7) // 8 for spec in specs) + 1
+    bb = relax.BlockBuilder()
+    var = relax.Var("packed", relax.TensorType(packed.shape, "uint8"))
+    with bb.function("main", [var]):
+        with bb.dataflow():
+            out = bb.emit_output(relax.Tuple([bb.emit_te(lambda p, s=spec: tvm_weights.unpack_te(p, s), var)
+                                              for spec in specs]))
+        bb.emit_func_output(out)
+    vm = relax.VirtualMachine(tvm.compile(bb.get(), target=tvm.target.Target(mtvm.host_target())), tvm.cpu())
+    unpacked = vm["main"](tvm.runtime.tensor(packed))
+    arrange = {"oihw": lambda w: w, "io": lambda w: w.T, "vnni": tvm_weights.vnni_layout}[layout]
+    for spec, got in zip(specs, unpacked):
+        assert np.array_equal(got.numpy(), arrange(codes[spec.name])), f"{spec.bits}-bit {layout}"
+    codes["w3"][0, 0] = 4  # outside the signed 3-bit range
+    with pytest.raises(MpqcError, match="layer3"):
+        tvm_weights.pack_bits(specs, codes)
 
 
 # --------------------------------------------------------------------------------------------- artifacts
@@ -223,6 +358,30 @@ assert not leaked, leaked
     assert done.returncode == 0, done.stderr[-2000:]
     assert torch.equal(torch.from_numpy(np.load(tmp_path / "y.npy")), program.run(x))
     assert torch.equal(lowered(x), program.run(x))
+
+
+def test_artifact_weights_are_bit_packed(resnet20, tmp_path):
+    """params.bin holds the weights at their own bit-widths (ResNet-20 at random 2-8 bits): within 2% of
+    sum(bits * params) / 8; the module's unpack_weights gives back exactly the codes, in the kernels' layouts."""
+    program, x, lowered = resnet20
+    lowered.export(tmp_path)
+    stored = tvm.runtime.load_param_dict((tmp_path / "params.bin").read_bytes())
+    meta = json.loads((tmp_path / "model.json").read_text())
+    layers = program.layers()
+    assert len({node.attrs["weight_bits"] for node in layers}) > 3
+    ideal = sum(node.attrs["weight_bits"] * node.tensors["weight"].numel() for node in layers) / 8
+    weight_bytes = stored[meta["weights"]["packed"]].numpy().nbytes
+    assert abs(weight_bytes - ideal) <= 0.02 * ideal
+    assert meta["weights"]["packed_bytes"] == weight_bytes and meta["weights"]["bits_over_8"] == ideal
+    biases = sum(stored[name].numpy().nbytes for name in meta["params"] if name.endswith(".bias"))
+    assert sum(array.numpy().nbytes for array in stored.values()) == weight_bytes + biases  # nothing else stored
+    unpacked = lowered.unpacked_weights()
+    assert sorted(unpacked) == sorted(f"{node.name}.weight" for node in layers)
+    for node in layers:
+        codes = node.tensors["weight"].numpy()
+        layout = meta["weights"]["layers"][f"{node.name}.weight"]["layout"]
+        arrange = {"oihw": lambda w: w, "io": lambda w: w.T, "vnni": tvm_weights.vnni_layout}[layout]
+        assert np.array_equal(unpacked[f"{node.name}.weight"], arrange(codes)), node.name
 
 
 def test_unsupported_nodes_are_all_listed():
@@ -275,10 +434,17 @@ def test_tuning_arguments_are_checked(tmp_path):
         mtvm.lower(program, input_shape=tuple(x.shape), trials=4)
     with pytest.raises(ConfigError, match="llvm only"):
         mtvm.lower(program, input_shape=tuple(x.shape), target="cuda", tuning_db=tmp_path)
-    # an empty database applies nothing: every function gets the default schedule, still bit-exact
+    # an empty database applies no MetaSchedule record: the functions get the default schedule, still bit-exact;
+    # the VNNI kernels' register tiles are measured (every candidate) and recorded per convolution geometry
     lowered = mtvm.lower(program, input_shape=tuple(x.shape), tuning_db=tmp_path / "db")
     assert lowered.schedules["from_database"] == 0 and lowered.schedules["default_rule"] > 0
     assert torch.equal(lowered(x), program.run(x))
+    if HOST_HAS_VNNI:
+        tiles = json.loads((tmp_path / "db" / "vnni_tiles.json").read_text())
+        assert len(tiles) == 3  # conv1, conv2 (strided), fc
+        for record in tiles.values():
+            assert f"{record['rows']}x{record['blocks']}" in record["candidates_ms"]
+            assert record["ms"] == min(record["candidates_ms"].values())
 
 
 @pytest.mark.slow  # MetaSchedule: minutes on 2 shared cores, even for 8 trials
@@ -289,10 +455,14 @@ def test_tuned_schedules_are_bit_exact_and_reused(tmp_path):
     assert (db / "database_tuning_record.json").stat().st_size > 0
     assert tuned.schedules["from_database"] > 0
     assert torch.equal(tuned(x), program.run(x))
+    tiles = (db / "vnni_tiles.json").read_text() if HOST_HAS_VNNI else None
     reused = mtvm.lower(program, input_shape=tuple(x.shape), tuning_db=db)  # no trials: the records are reused
     assert reused.schedules["from_database"] == tuned.schedules["from_database"]
+    assert reused.schedules["vnni"] == tuned.schedules["vnni"] == tuned.schedules["vnni_functions"]
     assert reused.build_seconds < tuned.build_seconds / 5
     assert torch.equal(reused(x), program.run(x))
+    if HOST_HAS_VNNI:
+        assert (db / "vnni_tiles.json").read_text() == tiles  # nothing measured again
 
 
 # --------------------------------------------------------------------------------------------- cuda

@@ -1,0 +1,321 @@
+"""AVX512-VNNI kernels for the int8 layers of a lowered program: an implicit-GEMM NHWC convolution, tensorized by hand.
+
+*Matches*: ``conv2d`` with ``groups == 1`` and 2-D ``linear`` layers, on an llvm target that has ``avx512vnni``
+(:func:`target_has_vnni`, asked of LLVM for the target's ``mcpu``/``mattr``, so it follows the detected features).
+Grouped and depthwise convs, ``conv1d`` and targets without the feature keep TVM's own int8 operators.
+
+*Rewrites to* (:func:`conv2d_te`, one TE function per layer, emitted by ``targets/tvm.py``):
+
+* ``vnni_pad``: the input (NCHW, NHWC, or a ``[batch, features]`` matrix) copied into a zero-padded NHWC ``uint8``
+  buffer with the channels padded to a multiple of 4. Signed (int8) activations are shifted by +128 on the way
+  (``x + 128`` as uint8; padding then holds 128, the shifted zero); ``targets/tvm.py`` subtracts the exact
+  correction ``128 * sum(w)`` per output channel from the int32 bias. Skipped when there is nothing to do
+  (an unsigned NHWC input, no padding, channels a multiple of 4: 1x1 convs).
+* ``vnni_conv``: ``out[n, oh, ow, co] = sum_{kh, kw, c} int32(xp[n, oh*s + kh*d, ow*s + kw*d, c]) *
+  int32(w[co // 16, (kh*KW + kw)*C4 + c // 4, co % 16, c % 4])``, the weight packed ``[Co/16, KH*KW*C4, 16, 4]``
+  (``targets/tvm_weights.py``), output channels padded to 16 (``targets/tvm.py`` slices them off).
+
+*Schedule* (:func:`schedule_conv`, applied by ``targets/tvm_schedule.py``; a hand schedule, not MetaSchedule): the
+output is tiled ``R`` pixels of a row by ``CB`` blocks of 16 channels (:func:`choose_tile`; ``R*CB`` int32x16
+accumulators stay in zmm registers), the tiles run in parallel, the reduction loops ``kh, kw, c/4`` go around the
+unrolled ``CB x R`` micro-kernel, whose 16x4 inner block is tensorized with :data:`INTRIN` (one ``vpdpbusd``: the 4
+activation bytes broadcast to 64 lanes times the 16x4 weight block, added to 16 int32 lanes). The fused epilogue
+(bias, requantisation or residual terms, the channel slice) is inlined and computed per tile right after it, while
+the accumulators are in cache; ``vnni_pad`` runs first, in parallel, vectorized over channels.
+
+*Ensures*: int32 accumulation is exact (``vpdpbusd`` adds four u8 x s8 products, each at most 2^15 in size, to an
+int32 lane without saturation; |sums| stay far below 2^31 for <= 8-bit codes), so the layers are bit-exact with
+``mpqc.reference`` (``tests/test_tvm.py``). The intrinsic's buffers declare their strides: a weight block that is not
+the packed ``16x4`` layout is refused by ``tensorize`` instead of silently reading the wrong bytes (TVM_NOTES trap 3).
+
+TVM's own ``dot_16x4_vnni`` intrinsic passes ``int32x16`` operands to ``llvm.x86.avx512.vpdpbusd.512``, which takes
+``<64 x i8>`` since LLVM 21, so it does not build with this TVM (TVM_NOTES trap 1). :data:`INTRIN` is registered
+under its own name and TVM's is left as it is: fixing it in place would let MetaSchedule's auto-tensorization
+match unpacked int8 weights elsewhere, which compiles into wrong code (trap 3).
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from mpqc.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+INTRIN = "mpqc_x86_vnni_u8s8s32_16x4"
+PAD_BLOCK, CONV_BLOCK = "vnni_pad", "vnni_conv"
+MAX_ROWS = 8  # output pixels per register tile
+MAX_ACCUMULATORS = 24  # R * CB int32x16 accumulators, of the 32 zmm registers (the rest: weights, a broadcast)
+
+
+def target_has_vnni(target: Any) -> bool:
+    """Whether an llvm ``target`` (a ``tvm.target.Target``) can run the VNNI kernels: LLVM's answer for its
+    ``mcpu`` and ``mattr`` (``host_target()`` fills them from /proc/cpuinfo)."""
+    from tvm.target import codegen
+
+    if target.kind.name != "llvm":
+        return False
+    return bool(codegen.target_has_features("avx512vnni", target) and codegen.target_has_features("avx512bw", target))
+
+
+_registered = False
+
+
+def register_intrinsic() -> str:
+    """Register :data:`INTRIN` (once per process) and return its name."""
+    global _registered
+    if _registered:
+        return INTRIN
+    from tvm.s_tir import TensorIntrin
+    from tvm.script import tirx as T
+
+    def buffers(a_handle, b_handle, c_handle):
+        # explicit strides: tensorize refuses a region that is not this compact 16x4 block (TVM_NOTES trap 3)
+        return (T.match_buffer(a_handle, (4,), "uint8", offset_factor=1, strides=[1]),
+                T.match_buffer(b_handle, (16, 4), "int8", offset_factor=1, strides=[4, 1]),
+                T.match_buffer(c_handle, (16,), "int32", offset_factor=1, strides=[1]))
+
+    @T.prim_func(s_tir=True)
+    def desc(a_handle: T.handle, b_handle: T.handle, c_handle: T.handle) -> None:
+        a, b, c = buffers(a_handle, b_handle, c_handle)
+        with T.sblock("root"):
+            T.reads(c[0:16], a[0:4], b[0:16, 0:4])
+            T.writes(c[0:16])
+            for i in T.serial(0, 16):
+                for k in T.serial(0, 4):
+                    with T.sblock("update"):
+                        vi, vk = T.axis.remap("SR", [i, k])
+                        c[vi] = c[vi] + T.cast(a[vk], "int32") * T.cast(b[vi, vk], "int32")
+
+    @T.prim_func(s_tir=True)
+    def impl(a_handle: T.handle, b_handle: T.handle, c_handle: T.handle) -> None:
+        a, b, c = buffers(a_handle, b_handle, c_handle)
+        with T.sblock("root"):
+            T.reads(c[0:16], a[0:4], b[0:16, 0:4])
+            T.writes(c[0:16])
+            c[T.ramp(T.int32(0), 1, 16)] = T.call_llvm_pure_intrin(
+                "int32x16", "llvm.x86.avx512.vpdpbusd.512",
+                c[T.ramp(T.int32(0), 1, 16)],
+                T.reinterpret(T.broadcast(T.reinterpret(a.vload([0], "uint8x4"), dtype="int32"), 16),
+                              dtype="uint8x64"),
+                b.vload([0, 0], dtype="int8x64"))
+
+    TensorIntrin.register(INTRIN, desc, impl, override=True)
+    _registered = True
+    return INTRIN
+
+
+# --------------------------------------------------------------------------------------------- compute
+@dataclass(frozen=True)
+class ConvGeometry:
+    """The static shape facts of one VNNI layer."""
+
+    in_layout: str  # "NCHW", "NHWC" or "NC" (a linear layer's [batch, features], seen as a 1 x batch image)
+    signed: bool
+    channels: int
+    kernel: tuple[int, int] = (1, 1)
+    stride: tuple[int, int] = (1, 1)
+    padding: tuple[int, int] = (0, 0)
+    dilation: tuple[int, int] = (1, 1)
+
+    def __post_init__(self) -> None:
+        if self.in_layout not in ("NCHW", "NHWC", "NC"):
+            raise ConfigError(f"ConvGeometry.in_layout must be NCHW, NHWC or NC, got {self.in_layout!r}")
+        if self.channels < 1 or min(*self.kernel, *self.stride, *self.dilation) < 1 or min(self.padding) < 0:
+            raise ConfigError(f"ConvGeometry: channels, kernel, stride and dilation must be >= 1 and padding >= 0, "
+                              f"got {self}")
+
+    @property
+    def channels4(self) -> int:
+        return -(-self.channels // 4)
+
+
+def conv2d_te(x, weight, geometry: ConvGeometry):
+    """TE of the VNNI convolution: ``x`` (uint8/int8, ``geometry.in_layout``), ``weight`` int8
+    ``[Co/16, KH*KW*C4, 16, 4]``; returns int32 ``[N, OH, OW, Co16]`` (NHWC; a linear layer gives
+    ``[1, 1, batch, Co16]``)."""
+    from tvm import te, tirx
+
+    g = geometry
+    shape = [int(d) for d in x.shape]
+    if g.in_layout == "NCHW":
+        n, c, h, w = shape
+    elif g.in_layout == "NHWC":
+        n, h, w, c = shape
+    else:
+        (w, c), n, h = shape, 1, 1
+    if c != g.channels:
+        raise ConfigError(f"VNNI conv: the input has {c} channels, its geometry says {g.channels}")
+    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = g.kernel, g.stride, g.padding, g.dilation
+    c4 = g.channels4
+    out16 = int(weight.shape[0]) * 16
+    if int(weight.shape[1]) != kh * kw * c4:
+        raise ConfigError(f"VNNI conv: packed weight rows {int(weight.shape[1])} != {kh}*{kw}*{c4}")
+
+    def read(b, i, j, k):
+        if g.in_layout == "NCHW":
+            value = x[b, k, i, j]
+        elif g.in_layout == "NHWC":
+            value = x[b, i, j, k]
+        else:
+            value = x[j, k]
+        return (value.astype("int32") + 128).astype("uint8") if g.signed else value
+
+    needs_copy = g.signed or g.in_layout != "NHWC" or ph or pw or c4 * 4 != c
+    if needs_copy:
+        hp, wp = h + 2 * ph, w + 2 * pw
+        fill = tirx.const(128 if g.signed else 0, "uint8")
+
+        def padded(b, i, j, k):
+            inside = [cond for cond, needed in ((i >= ph, ph), (i < h + ph, ph), (j >= pw, pw), (j < w + pw, pw),
+                                                (k < c, c4 * 4 != c)) if needed]
+            value = read(b, i - ph, j - pw, tirx.min(k, c - 1) if c4 * 4 != c else k)
+            return tirx.if_then_else(tirx.all(*inside), value, fill) if inside else value
+
+        xp = te.compute((n, hp, wp, c4 * 4), padded, name=PAD_BLOCK)
+
+        def source(b, i, j, k):
+            return xp[b, i, j, k]
+    else:
+        hp, wp = h, w
+        source = read
+    oh, ow = (hp - dh * (kh - 1) - 1) // sh + 1, (wp - dw * (kw - 1) - 1) // sw + 1
+    rh, rw = te.reduce_axis((0, kh), "kh"), te.reduce_axis((0, kw), "kw")
+    rc, rq = te.reduce_axis((0, c4), "c4"), te.reduce_axis((0, 4), "ci")
+
+    def body(b, i, j, o):
+        a = source(b, i * sh + rh * dh, j * sw + rw * dw, rc * 4 + rq)
+        wgt = weight[o // 16, (rh * kw + rw) * c4 + rc, o % 16, rq]
+        return te.sum(a.astype("int32") * wgt.astype("int32"), axis=[rh, rw, rc, rq])
+
+    return te.compute((n, oh, ow, out16), body, name=CONV_BLOCK)
+
+
+# --------------------------------------------------------------------------------------------- schedule
+@dataclass(frozen=True)
+class Tile:
+    """Register tile of the micro-kernel: ``rows`` output pixels of one row x ``blocks`` 16-channel blocks."""
+
+    rows: int
+    blocks: int
+
+    def __post_init__(self) -> None:
+        if self.rows < 1 or self.blocks < 1 or self.rows * self.blocks > 32:
+            raise ConfigError(f"tile {self.rows}x{self.blocks}: needs rows, blocks >= 1 and rows*blocks <= 32")
+
+
+def tile_candidates(out_width: int, channel_blocks: int) -> list[Tile]:
+    """Every register tile that fits: ``rows`` divides the output width, ``blocks`` the 16-channel blocks."""
+    rows = [r for r in range(1, min(MAX_ROWS, out_width) + 1) if out_width % r == 0]
+    blocks = [b for b in range(1, min(4, channel_blocks) + 1) if channel_blocks % b == 0]
+    return [Tile(r, b) for r in rows for b in blocks if r * b <= MAX_ACCUMULATORS]
+
+
+def choose_tile(out_width: int, channel_blocks: int) -> Tile:
+    """The default tile: about 14 accumulators, more rows first (each weight load feeds ``rows`` ``vpdpbusd``).
+    7x2 measured fastest on every ResNet-18 layer here (of 5-13 candidates each, ``tvm_schedule.tune_vnni_tiles``):
+    56x56x64 7x2 0.22 ms, 8x2 0.24, 4x4 0.23, 8x1 0.26; 28x28x128 7x2 0.21, 4x4 0.22; 7x7x512 7x2 0.21, 7x1 0.27."""
+    candidates = tile_candidates(out_width, channel_blocks)
+    return max(candidates, key=lambda t: (-abs(t.rows * t.blocks - 14), t.rows))
+
+
+def find_conv(sch):
+    """The :data:`CONV_BLOCK` under the root of the PrimFunc in ``sch``, or None."""
+    for block in sch.get_child_blocks(sch.get_sblock("root")):
+        if sch.get(block).name_hint.startswith(CONV_BLOCK):
+            return block
+    return None
+
+
+def conv_signature(sch, conv) -> str:
+    """The convolution's geometry as text (its loop extents and the shapes it reads): the key of its tile, the
+    same for every layer of that shape whatever its epilogue or bit-widths."""
+    extents = "x".join(str(int(sch.get(loop).extent)) for loop in sch.get_loops(conv))
+    reads = ";".join("x".join(str(int(d)) for d in region.source.ty.shape) for region in sch.get(conv).reads)
+    return f"conv {extents} reads {reads}"
+
+
+def conv_shape(sch, conv) -> tuple[int, int]:
+    """(output width, 16-channel blocks) of the ``vnni_conv`` block."""
+    loops = sch.get_loops(conv)
+    return int(sch.get(loops[2]).extent), int(sch.get(loops[3]).extent) // 16
+
+
+def _is_output(sch, block, outputs) -> bool:
+    return any(region.source.same_as(out) for region in sch.get(block).writes for out in outputs)
+
+
+def schedule_conv(sch, tile: Tile | None = None) -> bool:
+    """Schedule the (fused) PrimFunc in ``sch`` holding a :data:`CONV_BLOCK`; False where it holds none."""
+    register_intrinsic()
+    blocks = list(sch.get_child_blocks(sch.get_sblock("root")))
+    names = [sch.get(b).name_hint for b in blocks]
+    conv_index = next((i for i, name in enumerate(names) if name.startswith(CONV_BLOCK)), None)
+    if conv_index is None:
+        return False
+    conv = blocks[conv_index]
+    producers, epilogue = blocks[:conv_index], blocks[conv_index + 1:]
+    outputs = list(sch.mod["main"].params)
+    kept = []
+    for block in epilogue:  # inline the epilogue into the blocks that write the function's outputs
+        if _is_output(sch, block, outputs):
+            kept.append(block)
+        else:
+            try:
+                sch.compute_inline(block)
+            except Exception:  # noqa: BLE001 - a block that cannot be inlined is computed per tile instead
+                kept.append(block)
+    out_width, channel_blocks = conv_shape(sch, conv)
+    tile = tile or choose_tile(out_width, channel_blocks)
+    n, oh, ow, co, rh, rw, rc, rq = sch.get_loops(conv)
+    co_outer, co_inner = sch.split(co, [None, 16])
+    co_tiles, co_tile = sch.split(co_outer, [None, tile.blocks])
+    ow_tiles, ow_tile = sch.split(ow, [None, tile.rows])
+    sch.reorder(co_tiles, n, oh, ow_tiles, rh, rw, rc, co_tile, ow_tile, co_inner, rq)
+    parallel = sch.fuse(co_tiles, n, oh, ow_tiles)
+    sch.parallel(parallel)
+    for block in kept:
+        try:
+            sch.reverse_compute_at(block, parallel)
+        except Exception:  # noqa: BLE001 - an epilogue that cannot follow the tile runs after the conv, still right
+            log.debug("VNNI epilogue %s left at the root", sch.get(block).name_hint)
+            _vectorize_root(sch, block)
+            continue
+        _vectorize_inner(sch, block)
+    init = sch.decompose_reduction(conv, rh)
+    sch.vectorize(sch.get_loops(init)[-1])
+    sch.unroll(co_tile)
+    sch.unroll(ow_tile)
+    sch.tensorize(co_inner, INTRIN)
+    for block in producers:
+        _vectorize_root(sch, block)
+    return True
+
+
+def _vectorize_inner(sch, block) -> None:
+    """Vectorize a block placed under the tile loop along its innermost (channel) loop."""
+    loops = sch.get_loops(block)[1:]
+    if not loops:
+        return
+    extent = int(sch.get(loops[-1]).extent)
+    if extent % 16 == 0 and extent > 16:
+        _, loops[-1] = sch.split(loops[-1], [None, 16])
+    elif extent > 16 or extent == 1:
+        return
+    sch.vectorize(loops[-1])
+
+
+def _vectorize_root(sch, block) -> None:
+    """A root-level producer/epilogue: outer loops fused in parallel, the innermost one vectorized."""
+    loops = sch.get_loops(block)
+    if len(loops) > 1:
+        sch.parallel(sch.fuse(*loops[:-1]))
+    extent = int(sch.get(loops[-1]).extent)
+    lanes = next((v for v in (64, 32, 16) if extent % v == 0), extent if extent <= 64 else 0)
+    if lanes > 1:
+        if lanes != extent:
+            _, inner = sch.split(loops[-1], [None, lanes])
+        else:
+            inner = loops[-1]
+        sch.vectorize(inner)
