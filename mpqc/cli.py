@@ -130,6 +130,9 @@ def _parser() -> argparse.ArgumentParser:
     lo.add_argument("--trials", type=int, default=0, help="MetaSchedule trials (default 0: default schedules)")
     lo.add_argument("--tuning-db", type=Path, help="MetaSchedule database directory, reused by later lowerings")
     lo.add_argument("--no-check", action="store_true", help="skip the bit-exact check against the reference (llvm)")
+    lo.add_argument("--vnni", choices=("auto", "on", "off"), default="auto",
+                    help="mpqc's VNNI int8 kernels for conv/linear: auto (where the target has avx512vnni), on "
+                         "(refused on a target without it), off (TVM's own int8 operators)")
     lo.set_defaults(run=_lower)
     return parser
 
@@ -323,7 +326,7 @@ def _lower(args: argparse.Namespace) -> int:
     shape = _input_shape(args.input_shape)
     compiled = CompiledModel.load(args.run_dir)
     lowered = lower(compiled, target=args.target, out=args.out, input_shape=shape, trials=args.trials,
-                    tuning_db=args.tuning_db)
+                    tuning_db=args.tuning_db, vnni={"auto": None, "on": True, "off": False}[args.vnni])
     print(f"wrote {args.out}/model.so, params.bin, model.json, loader.py ({lowered.kind}, "
           f"built in {lowered.build_seconds:.1f} s)")
     if args.no_check or lowered.kind != "llvm":

@@ -507,5 +507,11 @@ def test_cli_lower_writes_a_checked_artifact(tmp_path, capsys):
     assert main(["lower", str(run_dir), "--target", "llvm", "--out", str(out), "--input-shape", "1,1,8,8"]) == 0
     printed = capsys.readouterr().out
     assert "bit for bit" in printed and (out / "model.so").is_file()
+    with_vnni = json.loads((out / "model.json").read_text())["vnni_layers"]
+    assert with_vnni == (["conv1", "conv2", "fc"] if tvm_vnni.target_has_vnni(mtvm.resolve_target("llvm")) else [])
+    plain = tmp_path / "plain"
+    assert main(["lower", str(run_dir), "--out", str(plain), "--input-shape", "1,1,8,8", "--vnni", "off"]) == 0
+    assert "bit for bit" in capsys.readouterr().out
+    assert json.loads((plain / "model.json").read_text())["vnni_layers"] == []
     assert main(["lower", str(run_dir), "--out", str(out)]) == 2  # no input shape anywhere: one-line error
     assert "input" in capsys.readouterr().err
