@@ -39,7 +39,7 @@ sys.path.insert(0, str(ROOT / "examples"))
 import mpqc  # noqa: E402
 from mpqc.data import loaders  # noqa: E402
 from mpqc.pretrain import cached_fp32  # noqa: E402
-from mpqc.sweep import DONE, UNIFORM, SweepPoint, SweepResult  # noqa: E402
+from mpqc.sweep import DONE, UNIFORM, SweepPoint, SweepResult, merge_sweeps  # noqa: E402
 from models import resnet20  # noqa: E402
 
 #: The recipe of a full run: the README's Fashion-MNIST example (fp32 8 epochs, search 3 epochs, fine-tuning 2 epochs
@@ -164,6 +164,9 @@ def benchmark(name: str, description: str, grid: Callable[[bool], dict[str, Any]
     parser.add_argument("--budgets", help="only these budgets (KIND=V1,V2 as mpqc sweep reads them)")
     parser.add_argument("--act-bits", help="only these activation bit-widths (comma-separated)")
     parser.add_argument("--uniform", help="only these uniform-QAT weight bit-widths (comma-separated; 'none')")
+    parser.add_argument("--merge", nargs="+", type=Path, metavar="DIR",
+                        help="run nothing: merge finished parts of this benchmark's sweep (run with --methods etc., "
+                             "e.g. on several machines) into --runs, then evaluate and write the JSON")
     args = parser.parse_args()
     runs = args.runs or ROOT / "runs" / "bench" / f"{name}-{'quick' if args.quick else 'full'}"
     started = time.perf_counter()
@@ -180,8 +183,12 @@ def benchmark(name: str, description: str, grid: Callable[[bool], dict[str, Any]
     if args.uniform:
         chosen["uniform_bits"] = [] if args.uniform == "none" else [int(bits) for bits in args.uniform.split(",")]
     s["grid"] = chosen
-    result = mpqc.sweep(model, example, data=data, out=runs, config=config, resume=not args.fresh, force=args.fresh,
-                        **chosen)
+    if args.merge:
+        s["grid"] = f"merged from {', '.join(map(str, args.merge))}"
+        result = merge_sweeps(args.merge, runs)
+    else:
+        result = mpqc.sweep(model, example, data=data, out=runs, config=config, resume=not args.fresh,
+                            force=args.fresh, **chosen)
     goals = measure(result.points)
     print(result.table())
     print(f"\n{heading}:\n" + format_goals(goals))

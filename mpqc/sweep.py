@@ -413,6 +413,37 @@ def sweep(
     return result
 
 
+def merge_sweeps(parts: Sequence[str | Path], out: str | Path) -> SweepResult:
+    """One sweep in ``out`` from finished parts of one grid (e.g. run on several machines with the same model, data
+    and config): their points (run directories copied into ``out/points``), Pareto front, ``sweep.json`` and
+    ``pareto.png``. :class:`CheckpointError` if the parts are not the same sweep or ``out`` is not empty."""
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        raise CheckpointError(f"{out} is not empty; merge sweeps into a new directory")
+    loaded = [load_sweep(part) for part in parts]
+    if not loaded:
+        raise ConfigError("merge_sweeps needs at least one sweep directory")
+    identity = loaded[0].info.get("identity")
+    for part, result in zip(parts, loaded):
+        if result.info.get("identity") != identity:
+            raise CheckpointError(f"{part} is another sweep than {parts[0]} (model, data or config differ)")
+    points: dict[str, SweepPoint] = {}
+    for result in loaded:
+        for point in result.points:
+            if point.slug in points and points[point.slug].status == DONE:
+                continue  # the same point finished in two parts: keep the first
+            points[point.slug] = point
+            source = result.path / POINTS_DIR / point.slug
+            if source.is_dir():
+                shutil.copytree(source, out / POINTS_DIR / point.slug, dirs_exist_ok=True)
+    merged = SweepResult(out, list(points.values()), loaded[0].fp32_top1,
+                         {**loaded[0].info, "merged_from": [str(part) for part in parts]})
+    _mark_pareto(merged.points)
+    _save(merged)
+    plot_sweep(merged.to_dict(), out / PLOT_FILE)
+    return merged
+
+
 def _split(data) -> tuple[DataLoader, DataLoader]:
     if not (isinstance(data, (tuple, list)) and len(data) == 2 and all(isinstance(d, DataLoader) for d in data)):
         raise DataError("a sweep needs data=(train_loader, val_loader): it measures every point's validation top-1")

@@ -240,3 +240,27 @@ def test_cli_sweep_and_report(tmp_path):
     assert again.returncode == 2 and "--resume" in again.stderr
     bad = cli(*[a if a != "weight-memory=1b,3b" else "weight-memory=3 parsecs" for a in run])
     assert bad.returncode == 2 and "parsecs" in bad.stderr
+
+
+def test_parts_of_one_grid_merge_into_one_sweep_and_other_sweeps_are_refused(trained_small_cnn, digits_loaders,
+                                                                           tmp_path):
+    example = _example(digits_loaders)
+    run = dict(data=digits_loaders, config=TINY, uniform_bits=None)
+    first = mpqc.sweep(trained_small_cnn, example, budgets="weight-memory=3b", methods="dq", out=tmp_path / "a", **run)
+    second = mpqc.sweep(trained_small_cnn, example, budgets="weight-memory=4b", methods="dq,fracbits",
+                        out=tmp_path / "b", **run)
+    merged = sweep_module.merge_sweeps([tmp_path / "a", tmp_path / "b"], tmp_path / "merged")
+    names = sorted(p.name for p in merged.points)
+    assert names == sorted(p.name for p in first.points + second.points) and len(names) == 3
+    assert all(p.status == DONE for p in merged.points) and merged.pareto()
+    for point in merged.points:  # every run directory came along: a resumed sweep reads them back
+        assert (tmp_path / "merged" / "points" / point.slug / "report.json").is_file()
+    assert (tmp_path / "merged" / "pareto.png").read_bytes().startswith(PNG_SIGNATURE)
+    assert [p.name for p in load_sweep(tmp_path / "merged").points] == [p.name for p in merged.points]
+    with pytest.raises(CheckpointError, match="not empty"):
+        sweep_module.merge_sweeps([tmp_path / "a"], tmp_path / "merged")
+    other = dataclasses.replace(TINY, seed=1)
+    mpqc.sweep(trained_small_cnn, example, budgets="weight-memory=3b", methods="dq", out=tmp_path / "c",
+               data=digits_loaders, config=other, uniform_bits=None)
+    with pytest.raises(CheckpointError, match="another sweep"):
+        sweep_module.merge_sweeps([tmp_path / "a", tmp_path / "c"], tmp_path / "merged2")
