@@ -30,7 +30,9 @@ integer adds (one per cycle) compiled with the C compiler when there is one (``/
 are recorded), as is one core's measured ``vpdpbusd`` throughput. The load average before and after each case is
 recorded: other processes on a shared machine make every number here slower and noisier, and favour TVM, whose
 thread pool spins between parallel regions while PyTorch's OpenMP threads sleep under ``OMP_WAIT_POLICY=PASSIVE``
-(set ``OMP_WAIT_POLICY=ACTIVE`` on a quiet machine for the fair comparison; the environment is recorded).
+(set ``OMP_WAIT_POLICY=ACTIVE`` on a quiet machine for the fair comparison: it applies to the PyTorch engines, the
+TVM engines' processes always get ``PASSIVE``, or torch's spinning OpenMP threads would compete with TVM's; the
+environment is recorded).
 Delete ``bench/tuning`` to re-measure the register tiles on another machine.
 """
 from __future__ import annotations
@@ -282,6 +284,8 @@ def tvm_fp32_untuned(model: torch.nn.Module, x: torch.Tensor, target):
 
 # --------------------------------------------------------------------------------------------- one engine
 ENGINES = ("mpqc_tvm", "torch_fp32", "torch_int8_fx", "torch_int8_pt2e", "tvm_fp32_untuned")
+#: Engines whose work runs on TVM's thread pool (their processes get ``OMP_WAIT_POLICY=PASSIVE`` whatever it is set to).
+TVM_ENGINES = ("mpqc_tvm", "tvm_fp32_untuned")
 
 
 def run_engine(engine: str, name: str, batch: int, args) -> dict:
@@ -340,7 +344,10 @@ def run_case(name: str, batch: int, args, clock: dict) -> dict:
             continue
         command = [sys.executable, __file__, "--worker", engine, "--cases", f"{name}:{batch}",
                    "--repeat", str(args.repeat), "--tuning-db", str(args.tuning_db)]
-        done = subprocess.run(command, capture_output=True, text=True)
+        env = dict(os.environ)
+        if engine in TVM_ENGINES:  # torch only builds and checks there: its OpenMP pool must not spin against TVM's
+            env["OMP_WAIT_POLICY"] = "PASSIVE"
+        done = subprocess.run(command, capture_output=True, text=True, env=env)
         lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
         row[engine] = json.loads(lines[-1]) if done.returncode == 0 and lines else \
             {"skipped": f"the worker failed: {done.stderr.strip().splitlines()[-1] if done.stderr.strip() else '?'}"}
