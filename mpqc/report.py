@@ -284,7 +284,8 @@ def _draw_bits(ax, layers: list[dict]) -> None:
     ax.set_axisbelow(True)
     ax.spines[["top", "right"]].set_visible(False)
     ax.set_xlim(-0.6, len(layers) - 0.4)
-    ax.set_xticks(list(x), [_short(l.get("name", "?")) for l in layers], rotation=60, ha="right",
+    ax.set_xticks(list(x), [_short(l.get("name", "?")) + (f" (-{l['pruned_channels']} ch)" if l.get("pruned_channels")
+                                                           else "") for l in layers], rotation=60, ha="right",
                   rotation_mode="anchor", fontsize=8)
     for tick, l in zip(ax.get_xticklabels(), layers):
         if l.get("fixed"):
