@@ -68,6 +68,9 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--steps-per-epoch", type=int, help="cut every epoch to N batches")
     c.add_argument("--checkpoint-every", type=int, default=50, help="write a checkpoint every N steps (and per epoch)")
     c.add_argument("--quantizer-lr", type=float, default=0.01, help="Adam learning rate of quantizer parameters")
+    c.add_argument("--penalty-ramp", type=float, default=0.0,
+                   help="grow the budget penalty's weight linearly over the search to (1 + RAMP) times its start, "
+                        "so that the search itself reaches the budget (default 0: constant)")
     c.add_argument("--batch-size", type=int, default=128)
     c.add_argument("--subset", type=int, help="train on the first N examples of a seeded permutation")
     c.add_argument("--val-subset", type=int, help="validate on N examples")
@@ -200,7 +203,7 @@ def _compile(args: argparse.Namespace) -> int:
 
 #: ``mpqc sweep`` takes these options of ``mpqc compile`` as they are (``dest`` names).
 _SWEEP_SHARED_OPTIONS = ("model", "data", "weights", "pretrain_epochs", "search_epochs", "finetune_epochs",
-                         "steps_per_epoch", "checkpoint_every", "quantizer_lr", "batch_size", "subset", "val_subset",
+                         "steps_per_epoch", "checkpoint_every", "quantizer_lr", "penalty_ramp", "batch_size", "subset", "val_subset",
                          "weight_bits", "first_last", "distill", "seed", "no_progress")
 
 
@@ -255,7 +258,8 @@ def _prepare_run(args: argparse.Namespace, activation_bits: str):
                                    activation_bits=_bit_range(activation_bits, "--act-bits"),
                                    first_last=args.first_last),
         search=TrainConfig(epochs=args.search_epochs, max_steps_per_epoch=args.steps_per_epoch, distill=args.distill,
-                           quantizer_lr=args.quantizer_lr, checkpoint_every=args.checkpoint_every),
+                           quantizer_lr=args.quantizer_lr, checkpoint_every=args.checkpoint_every,
+                           penalty_ramp=args.penalty_ramp),
         finetune=TrainConfig(epochs=args.finetune_epochs, max_steps_per_epoch=args.steps_per_epoch, lr=0.005,
                              penalty_weight=0.0, distill=args.distill, quantizer_lr=args.quantizer_lr,
                              checkpoint_every=args.checkpoint_every),

@@ -47,7 +47,9 @@ class TrainConfig:
 
     ``epochs`` passes over the training data, each cut to ``max_steps_per_epoch`` batches when set.
     Weights use SGD (momentum 0.9, cosine schedule) at ``lr``; quantizer parameters use Adam at ``quantizer_lr``.
-    ``penalty_weight`` scales the budget penalty (search only). ``distill`` adds knowledge distillation from the
+    ``penalty_weight`` scales the budget penalty (search only); with ``penalty_ramp`` > 0 that weight grows linearly
+    over the phase to ``penalty_weight * (1 + penalty_ramp)`` at its last step, which drives a search that would
+    settle above its budget (the task loss holding the bits up) onto it by the end. ``distill`` adds knowledge distillation from the
     fp32 model (KL at ``distill_temperature``, weight ``distill_weight``); ``None`` (the default) means the method's
     default (``QuantMethod.defaults``: off, except SDQ's fine-tuning). A checkpoint is written every
     ``checkpoint_every`` steps and at every epoch end.
@@ -59,6 +61,7 @@ class TrainConfig:
     weight_decay: float = 5e-5
     quantizer_lr: float = 0.01
     penalty_weight: float = 5.0
+    penalty_ramp: float = 0.0
     distill: bool | None = None
     distill_weight: float = 0.5
     distill_temperature: float = 4.0
@@ -72,7 +75,7 @@ class TrainConfig:
         for name in ("lr", "quantizer_lr", "distill_temperature"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"{name} must be > 0, got {getattr(self, name)}")
-        for name in ("weight_decay", "penalty_weight", "distill_weight"):
+        for name in ("weight_decay", "penalty_weight", "penalty_ramp", "distill_weight"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.checkpoint_every < 1:

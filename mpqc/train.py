@@ -1,7 +1,8 @@
 """The one training loop, used by the bit-width search and by fine-tuning, checkpointed and exactly resumable.
 
 Loss = cross-entropy (optionally mixed with knowledge distillation from the fp32 teacher)
-       + ``penalty_weight`` * budget penalty (search only) + every quantizer's ``extra_loss()``.
+       + ``penalty_weight`` * (1 + ``penalty_ramp`` * progress) * budget penalty (search only)
+       + every quantizer's ``extra_loss()``;  progress goes from 0 at the phase's first step to 1 at its last.
 Weights train with SGD (momentum 0.9, cosine schedule), quantizer parameters with Adam.
 
 Exact resume: each epoch starts from ``torch.manual_seed(seed + epoch)`` (and re-seeds the train loader's own
@@ -149,7 +150,7 @@ def _train_phase(
                 for module in model.modules():
                     if isinstance(module, Quantizer):
                         module.set_progress(progress_fraction)
-                metrics = _step(model, objective, images, labels, budget, weight_opt, quant_opt)
+                metrics = _step(model, objective, images, labels, budget, weight_opt, quant_opt, progress_fraction)
                 if not math.isfinite(metrics["loss"]):
                     raise TrainingDivergedError(
                         f"{phase}: the loss became {metrics['loss']} at epoch {epoch + 1}, step {step_in_epoch + 1}; "
@@ -198,7 +199,7 @@ class _Objective(nn.Module):
         self.model = model
         self._fixed = (config, budget, teacher, world)
 
-    def forward(self, images: Tensor, labels: Tensor) -> tuple[Tensor, dict[str, float]]:
+    def forward(self, images: Tensor, labels: Tensor, progress: float = 0.0) -> tuple[Tensor, dict[str, float]]:
         config, budget, teacher, world = self._fixed
         logits = self.model(images)
         task_loss = F.cross_entropy(logits, labels)
@@ -224,16 +225,17 @@ class _Objective(nn.Module):
         metrics = {"task_loss": float(task_mean), "accuracy": float(accuracy_mean * 100)}
         if budget is not None and config.penalty_weight > 0:
             penalty = budget.penalty()
-            loss = loss + config.penalty_weight * penalty
-            data_free = data_free + config.penalty_weight * penalty.detach()
+            weight = config.penalty_weight * (1.0 + config.penalty_ramp * progress)
+            loss = loss + weight * penalty
+            data_free = data_free + weight * penalty.detach()
             metrics["penalty"] = penalty.item()
         metrics["loss"] = float(data_mean) + float(data_free)
         return loss, metrics
 
 
 def _step(model: nn.Module, objective: nn.Module, images: Tensor, labels: Tensor, budget: BudgetTerm | None,
-          weight_opt, quant_opt) -> dict[str, float]:
-    loss, metrics = objective(images, labels)
+          weight_opt, quant_opt, progress: float) -> dict[str, float]:
+    loss, metrics = objective(images, labels, progress)
     if not math.isfinite(metrics["loss"]):
         return metrics
     weight_opt.zero_grad(set_to_none=True)
