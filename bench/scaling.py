@@ -39,7 +39,7 @@ def _worker(args: argparse.Namespace) -> None:
     from mpqc.budgets import parse_budget
     from mpqc.config import QuantizerConfig, TrainConfig
     from mpqc.data import loaders
-    from mpqc.distributed import setup
+    from mpqc.distributed import setup, teardown
     from mpqc.passes.analyze_layers import analyze_layers
     from mpqc.passes.capture import capture
     from mpqc.passes.fold_batchnorm import fold_batchnorm
@@ -80,6 +80,7 @@ def _worker(args: argparse.Namespace) -> None:
             "seconds": seconds, "samples_per_second": args.steps * args.batch_size / seconds,
             "step_ms": 1e3 * seconds / args.steps,
         }))
+    teardown()
 
 
 def _launch(processes: int, args: argparse.Namespace, cores: int) -> dict:

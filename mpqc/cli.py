@@ -27,8 +27,11 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="mpqc: %(message)s")
     from mpqc.distributed import RankFailedError, error_prefix, teardown
 
+    succeeded = False
     try:
-        return args.run(args)
+        status = args.run(args)
+        succeeded = True
+        return status
     except MpqcError as error:
         if not isinstance(error, RankFailedError):  # else the failed process has reported it
             print(f"mpqc {args.command}: error{error_prefix(str(error))}: {error}", file=sys.stderr)
@@ -37,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"mpqc {args.command}: interrupted; the last checkpoint is kept (continue with --resume)", file=sys.stderr)
         return 130
     finally:
-        teardown()  # leave the torchrun process group, if this process joined one
+        teardown(synchronize=succeeded)  # leave the torchrun process group, if this process joined one
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -337,9 +337,17 @@ def current_world() -> World:
     return World(rank=dist.get_rank(), size=dist.get_world_size(), local_rank=int(os.environ.get("LOCAL_RANK", 0)))
 
 
-def teardown() -> None:
-    """Leave the default process group, if this process is in one."""
+def teardown(synchronize: bool = True) -> None:
+    """Leave the default process group, if this process is in one.
+
+    ``synchronize``: wait for every process first (a barrier). A process that tears its group down while a peer
+    still talks to it can abort inside gloo ("terminate called without an active exception"), which is what an
+    unsynchronised exit after a successful run did now and then on a loaded machine. Pass False on an error path,
+    where a peer may be gone and the barrier would wait for the collective timeout.
+    """
     if dist.is_available() and dist.is_initialized():
+        if synchronize and dist.get_world_size() > 1:
+            dist.barrier()
         dist.destroy_process_group()
 
 

@@ -141,13 +141,14 @@ def _train_briefly(method: str) -> dict[str, torch.Tensor]:
 
 def _worker(out: Path) -> None:
     """torchrun entry point: every process trains; rank 0 saves what it got."""
-    from mpqc.distributed import setup
+    from mpqc.distributed import setup, teardown
 
     world = setup()
     assert world.size == 2, world
     results = {method: _train_briefly(method) for method in METHODS}
     if world.is_main:
         torch.save(results, out)
+    teardown()  # every process leaves together (an unsynchronised exit can abort inside gloo)
 
 
 @pytest.fixture(scope="module")
