@@ -29,10 +29,13 @@ from mpqc.report import human_bytes, human_count
 
 
 class LayerBits(NamedTuple):
-    """Bit-widths of one layer: of its weight and of its input activation (0-d tensors)."""
+    """Bit-widths of one layer: of its weight and of its input activation (0-d tensors); and the share of its
+    input channels still there while the search prunes the channels of the layer producing them (1 otherwise):
+    weight memory, BitOPs and activation memory scale with it, as they do once those channels are removed."""
 
     weight: Tensor
     activation: Tensor
+    input_kept: Tensor | float = 1.0
 
 
 _BYTE_UNITS = {"b": 1, "kb": 1e3, "mb": 1e6, "gb": 1e9, "kib": 1024, "mib": 1024**2, "gib": 1024**3}
@@ -94,7 +97,7 @@ def _stack(layers: Sequence[LayerInfo], bits: Mapping[str, LayerBits], which: st
     missing = [layer.name for layer in layers if layer.name not in bits]
     if missing:
         raise ConfigError(f"no bit-widths for layer(s) {', '.join(missing)}")
-    return torch.stack([getattr(bits[layer.name], which).reshape(()).float() for layer in layers])
+    return torch.stack([torch.as_tensor(getattr(bits[layer.name], which)).reshape(()).float() for layer in layers])
 
 
 def _counts(layers: Sequence[LayerInfo], field: str) -> Tensor:
@@ -121,7 +124,8 @@ class WeightMemory(Budget):
         return f"{self.kind}={self.limit:.17g}B"
 
     def cost(self, layers, bits):
-        return (_counts(layers, "params") * _stack(layers, bits, "weight")).sum() / 8
+        kept_params = _counts(layers, "params") * _stack(layers, bits, "input_kept")
+        return (kept_params * _stack(layers, bits, "weight")).sum() / 8
 
     def format(self, value: float) -> str:
         return human_bytes(value)
@@ -153,7 +157,8 @@ class ActivationMemory(Budget):
         return f"{self.kind}={self.limit:.17g}B" + ("" if self.mode == "max" else ",sum")
 
     def cost(self, layers, bits):
-        per_layer = _counts(layers, "input_elements") * _stack(layers, bits, "activation") / 8
+        per_layer = (_counts(layers, "input_elements") * _stack(layers, bits, "activation")
+                     * _stack(layers, bits, "input_kept") / 8)
         return per_layer.max() if self.mode == "max" else per_layer.sum()
 
     def format(self, value: float) -> str:
@@ -177,7 +182,8 @@ class BitOps(Budget):
         return float(self.bitops)
 
     def cost(self, layers, bits):
-        return (_counts(layers, "macs") * _stack(layers, bits, "weight") * _stack(layers, bits, "activation")).sum()
+        return (_counts(layers, "macs") * _stack(layers, bits, "weight") * _stack(layers, bits, "activation")
+                * _stack(layers, bits, "input_kept")).sum()
 
     def format(self, value: float) -> str:
         return f"{human_count(value)} BitOPs"
@@ -185,7 +191,8 @@ class BitOps(Budget):
 
 @dataclass(frozen=True)
 class AverageBits(Budget):
-    """Parameter-weighted average weight bit-width. ``AverageBits(2.0)``."""
+    """Parameter-weighted average weight bit-width. ``AverageBits(2.0)``. (A channel being pruned counts as 0-bit
+    weights of its own layer during the search; the columns its readers lose are not counted out of the average.)"""
 
     bits: float
     kind = "avg-bits"
@@ -272,7 +279,9 @@ class TargetCost(Budget):
     ``TargetCost("bitfusion", cycles=2.5e6)``, ``TargetCost("bitserial", 8e5)``; CLI ``bitfusion=2.5M``.
 
     The cost is the model's total cycles, ``sum_l max(compute_l, memory_l)``, at the integer bits freezing rounds
-    to, with straight-through gradients (see ``mpqc/targets/fpga.py``). ``kind`` is the target's name.
+    to, with straight-through gradients (see ``mpqc/targets/fpga.py``). ``kind`` is the target's name. While the
+    search prunes channels, the readers' input channels count in full (``input_kept`` is not modelled: the cycle
+    model is not linear in them); the cost of the frozen, pruned layers is exact.
     """
 
     target: str

@@ -40,6 +40,9 @@ from mpqc.quantizers.base import positive_levels
 
 #: ``node.meta[INPUT_QUANTIZER_META]`` on a quantized layer node: qualified name of its input's quantizer module.
 INPUT_QUANTIZER_META = "mpqc.input_quantizer"
+#: ``node.meta[INPUT_CHANNELS_META]`` on a layer node reading the output channels of a layer whose weight quantizer
+#: may prune them (set by ``mark_prunable``): the qualified name of that producing layer.
+INPUT_CHANNELS_META = "mpqc.input_channels_from"
 #: Root submodule (an ``nn.ModuleDict``) holding the activation quantizers.
 ACT_QUANTIZERS = "act_quantizers"
 
@@ -51,6 +54,7 @@ class QuantizedLayer:
     module: nn.Module  # a mpqc.qmodules layer: .weight, .weight_quantizer
     input_quantizer: Quantizer
     input_quantizer_name: str
+    input_channels_from: nn.Module | None = None  # the layer producing this one's input channels, if prunable
 
     @property
     def name(self) -> str:
@@ -60,6 +64,13 @@ class QuantizedLayer:
     def weight_quantizer(self) -> Quantizer:
         return self.module.weight_quantizer
 
+    def input_kept(self) -> Tensor | float:
+        """The share of this layer's input channels still there: the mean channel gate of the layer producing
+        them where its weight quantizer prunes channels (differentiable), else 1."""
+        producer = self.input_channels_from
+        gate = None if producer is None else producer.weight_quantizer.channel_gate()
+        return 1.0 if gate is None else gate.mean()
+
 
 def quantized_layers(gm: GraphModule) -> list[QuantizedLayer]:
     """The quantized layers of a graph that went through :func:`insert_quantizers`, in graph order."""
@@ -68,13 +79,17 @@ def quantized_layers(gm: GraphModule) -> list[QuantizedLayer]:
         if INPUT_QUANTIZER_META not in node.meta:
             raise MpqcError(f"layer {node.target!r} has no input quantizer; run insert_quantizers first")
         name = node.meta[INPUT_QUANTIZER_META]
-        result.append(QuantizedLayer(node.meta[LAYER_META], gm.get_submodule(node.target), gm.get_submodule(name), name))
+        producer = node.meta.get(INPUT_CHANNELS_META)
+        result.append(QuantizedLayer(node.meta[LAYER_META], gm.get_submodule(node.target), gm.get_submodule(name), name,
+                                     None if producer is None else gm.get_submodule(producer)))
     return result
 
 
 def current_bits(layers: list[QuantizedLayer]) -> dict[str, LayerBits]:
-    """Each layer's (weight, input activation) bit-widths as differentiable tensors: what budgets read."""
-    return {layer.name: LayerBits(layer.weight_quantizer.bits(), layer.input_quantizer.bits()) for layer in layers}
+    """Each layer's (weight, input activation) bit-widths and kept share of input channels as differentiable
+    tensors: what budgets read."""
+    return {layer.name: LayerBits(layer.weight_quantizer.bits(), layer.input_quantizer.bits(), layer.input_kept())
+            for layer in layers}
 
 
 def smallest_bits(layers: list[QuantizedLayer]) -> dict[str, LayerBits]:

@@ -5,7 +5,9 @@ Matches:    every quantized layer whose output channels :func:`~mpqc.passes.prun
             flatten; not by a residual add, a concat, a grouped conv or the graph output).
 Rewrites to: nothing in the graph; calls ``enable_pruning()`` on those layers' weight quantizers. Only methods
             that prune channels act on it (FracBits kernel-wise: "0 bit = pruned channel"); for the others it is
-            a no-op, so running it is always safe.
+            a no-op, so running it is always safe. Where a quantizer accepts, every layer reading the channels
+            gets ``node.meta[INPUT_CHANNELS_META]`` = the producing layer's name, so that budgets count the
+            readers' input columns that pruning removes too (``QuantizedLayer.input_kept``).
 Requires:   ``insert_quantizers`` has run.
 Ensures:    a quantizer that reports pruning enabled sits on a layer ``prune_channels`` can shrink exactly;
             the graph's outputs are unchanged (pruning starts from the current bits, all >= ``min_bits``).
@@ -15,12 +17,15 @@ from __future__ import annotations
 from torch.fx import GraphModule
 
 from mpqc.passes.analyze_layers import layer_nodes
+from mpqc.passes.insert_quantizers import INPUT_CHANNELS_META
 from mpqc.passes.prune_channels import channel_consumers
 
 
 def mark_prunable(gm: GraphModule) -> GraphModule:
     for node in layer_nodes(gm):
         quantizer = getattr(gm.get_submodule(node.target), "weight_quantizer", None)
-        if quantizer is not None and quantizer.learnable_bits and channel_consumers(gm, node) is not None:
-            quantizer.enable_pruning()
+        readers = channel_consumers(gm, node) if quantizer is not None and quantizer.learnable_bits else None
+        if readers is not None and quantizer.enable_pruning():
+            for reader in readers:
+                reader.node.meta[INPUT_CHANNELS_META] = str(node.target)
     return gm

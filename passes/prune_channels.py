@@ -1,23 +1,33 @@
-"""Remove the output channels the search took to 0 bits, from their layer and from the layers that read them.
+"""Remove the output channels the search took below ``min_bits`` toward 0 bits, from their layer and from the layers
+that read them.
 
 Matches:    every quantized layer whose weight quantizer prunes channels (``channel_gate()`` is not None: FracBits
-            kernel-wise on a layer ``mark_prunable`` found droppable) and has channels whose bits round to 0,
-            i.e. lie nearer to 0 than to ``min_bits`` (gate < 0.5).
-Rewrites to: the layer without those output channels (weight rows, bias entries, the quantizer's per-channel
-            bits), and every layer reading them (:func:`channel_consumers`) without the matching input channels
-            (weight columns; after a flatten, the block of columns each channel became). ``analyze_layers`` then
-            runs again, so every ``LayerInfo`` (params, MACs, shapes) describes the smaller layers and every
-            budget, the report and the lowered code count what is left.
+            kernel-wise on a layer ``mark_prunable`` found droppable) and has channels below ``min_bits``
+            (gate ``b / min_bits`` < 1).
+Rounds:     per layer, not per channel, so that the frozen layer costs what the searched one did: every channel
+            at ``min_bits`` or more stays, and of the channels below, the ``round(sum of their gates)`` with the
+            largest gates stay (:func:`channels_to_keep`). A channel at ``b < min_bits`` costs ``b`` bits per
+            weight in the search, so ``n`` channels at gate 0.3 cost what ``0.3 n`` channels at ``min_bits``
+            cost; rounding each channel to its nearest end instead would remove all of them, and a search that
+            drives a whole layer below ``min_bits`` (as a strong budget penalty does) would lose that layer.
+Rewrites to: the layer without the other channels (weight rows, bias entries, the quantizer's per-channel bits),
+            each kept channel's gate folded into its weight row and bias (its bits go to ``min_bits``, gate 1),
+            and every layer reading them (:func:`channel_consumers`) without the matching input channels (weight
+            columns; after a flatten, the block of columns each channel became). ``analyze_layers`` then runs
+            again, so every ``LayerInfo`` (params, MACs, shapes) describes the smaller layers and every budget,
+            the report and the lowered code count what is left.
             Given the budget, more channels go (fewest searched bits first) until the budget fits with every
             learnable quantizer at its minimum bits, so that ``freeze`` can meet it.
 Requires:   ``insert_quantizers`` and ``mark_prunable`` have run; the search is over.
-Ensures:    at least one channel stays per layer. A channel at exactly 0 bits outputs exactly 0 (its weight and its
-            bias are scaled by its gate, 0) and every op between it and its readers keeps 0 at 0, so removing it
-            leaves the graph's output unchanged (tested), with one exception by design: a reader whose
-            per-channel weight scale follows its row's largest weight (the learned-range quantizers do) and whose
-            largest weight was on a removed column gets a finer grid for that row, as the dead column no longer
-            counts. A channel pruned at 0 < bits < min_bits/2 still contributed ``gate * Q_min``: removing it is
-            the same kind of rounding as freezing the bits.
+Ensures:    at least one channel stays per layer. Every kept channel outputs what it did: the per-channel weight
+            scale follows the row's largest weight, so ``Q(g w) = g Q(w)`` for the folded gate ``g``. A removed
+            channel at exactly 0 bits output exactly 0 (its weight and bias were scaled by its gate, 0) and
+            every op between it and its readers keeps 0 at 0, so removing it leaves the graph's output unchanged
+            (tested), with one exception by design: a reader whose per-channel weight scale follows its row's
+            largest weight (the learned-range quantizers do) and whose largest weight was on a removed column
+            gets a finer grid for that row, as the dead column no longer counts. A removed channel at
+            ``0 < b < min_bits`` still contributed ``(b / min_bits) Q_min``: removing it is the same kind of
+            rounding as freezing the bits.
 """
 from __future__ import annotations
 
@@ -98,17 +108,13 @@ def prune_channels(gm: GraphModule, example_inputs: tuple, budget: Budget | None
     """
     layers = quantized_layers(gm)
     nodes = {str(node.target): node for node in layer_nodes(gm)}
-    keep = {}
-    for layer in layers:
-        gate = layer.weight_quantizer.channel_gate()
-        if gate is not None:
-            keep[layer.name] = gate.detach() >= 0.5
-            if not keep[layer.name].any():  # never remove a whole layer: keep its strongest channel
-                keep[layer.name][gate.detach().argmax()] = True
+    gates = {layer.name: layer.weight_quantizer.channel_gate() for layer in layers}
+    gates = {name: gate.detach() for name, gate in gates.items() if gate is not None}
+    keep = {name: channels_to_keep(gate) for name, gate in gates.items()}
     if budget is not None and keep:
         _prune_to_fit(gm, layers, keep, budget)
     for layer in layers:
-        if layer.name not in keep or keep[layer.name].all():
+        if layer.name not in keep or bool((gates[layer.name] == 1).all()):
             continue
         kept = torch.nonzero(keep[layer.name]).flatten()
         readers = channel_consumers(gm, nodes[layer.name])
@@ -116,6 +122,7 @@ def prune_channels(gm: GraphModule, example_inputs: tuple, budget: Budget | None
             raise MpqcError(f"layer {layer.name!r} prunes channels but its output channels cannot be dropped "
                             "(mark_prunable enables pruning only where they can)")
         _drop_outputs(layer.module, kept)
+        _scale_outputs(layer.module, gates[layer.name][kept])
         layer.weight_quantizer.keep_channels_(kept)
         for reader in readers:
             columns = (kept[:, None] * reader.per_channel + torch.arange(reader.per_channel)).flatten()
@@ -123,6 +130,23 @@ def prune_channels(gm: GraphModule, example_inputs: tuple, budget: Budget | None
     analyze_layers(gm, example_inputs)
     gm.recompile()
     return gm
+
+
+def channels_to_keep(gate: torch.Tensor) -> torch.Tensor:
+    """Which output channels a layer with channel gates ``gate`` (``b / min_bits`` clipped to 1) keeps: those at
+    gate 1, and of the others the ``round(sum of their gates)`` with the largest gates (the first of equal ones),
+    so that the kept channels at ``min_bits`` cost what the others cost in the search; at least one channel.
+
+    >>> channels_to_keep(torch.tensor([1.0, 0.3, 0.3, 0.3, 0.3, 0.0, 0.45])).tolist()
+    [True, True, False, False, False, False, True]
+    """
+    keep = gate >= 1
+    below = torch.nonzero(~keep).flatten()
+    count = math.floor(float(gate[below].sum()) + 0.5)
+    keep[below[torch.argsort(gate[below], descending=True, stable=True)[:count]]] = True
+    if not keep.any():  # never remove a whole layer: keep its strongest channel
+        keep[gate.argmax()] = True
+    return keep
 
 
 def pruned_infos(gm: GraphModule, kept_channels: Mapping[str, int]) -> list[LayerInfo]:
@@ -186,6 +210,14 @@ def _shrunk(info: LayerInfo, out_fraction: float, in_fraction: float) -> LayerIn
         macs=round(info.macs * out_fraction * in_fraction), input_shape=input_shape, output_shape=output_shape,
         input_elements=math.prod(input_shape), output_elements=math.prod(output_shape),
     )
+
+
+def _scale_outputs(module: nn.Module, factors: torch.Tensor) -> None:
+    """Multiply each output channel's weight row and bias by its factor."""
+    with torch.no_grad():
+        module.weight.mul_(factors.reshape([-1] + [1] * (module.weight.dim() - 1)))
+        if module.bias is not None:
+            module.bias.mul_(factors)
 
 
 def _drop_outputs(module: nn.Module, keep: torch.Tensor) -> None:

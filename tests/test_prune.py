@@ -12,12 +12,11 @@ from torch import nn
 
 import mpqc
 from conftest import FAST, example_models, quantized_graph, randomize_batchnorm
-from mpqc.budgets import WeightMemory
+from mpqc.budgets import ActivationMemory, BitOps, LayerBits, WeightMemory
 from mpqc.errors import InfeasibleBudgetError
-from mpqc.passes.insert_quantizers import smallest_bits
 from mpqc.passes.analyze_layers import layer_nodes
 from mpqc.passes.freeze import freeze
-from mpqc.passes.insert_quantizers import quantized_layers
+from mpqc.passes.insert_quantizers import current_bits, quantized_layers, smallest_bits
 from mpqc.passes.mark_prunable import mark_prunable
 from mpqc.passes.prune_channels import channel_consumers, fewest_channels, prune_channels, pruned_infos
 from mpqc.quantizers import BitRange
@@ -119,7 +118,8 @@ def test_channel_consumers_follow_a_flatten_into_blocks_of_features():
 
 # ---------------------------------------------------------------------------------------------- prune_channels
 def _set_channel_bits(gm, seed: int, zero_fraction: float = 0.4) -> dict[str, torch.Tensor]:
-    """Random integer bits in 2..8 per channel of every prunable layer, a share of the channels at exactly 0.
+    """Random integer bits in 2..8 per channel of every prunable layer, a share of the channels at exactly 0, and
+    two below ``min_bits`` that are kept (their gates folded into their weights).
 
     The readers' weights on the 0-bit channels are made small, so that each reader row's largest weight (which sets
     its quantization scale) sits on a kept channel and removing the dead columns leaves the scales as they were.
@@ -134,8 +134,9 @@ def _set_channel_bits(gm, seed: int, zero_fraction: float = 0.4) -> dict[str, to
         channels = quantizer.frac_bits.numel()
         bits = torch.randint(2, 9, (channels,), generator=generator).float()
         zero = torch.rand(channels, generator=generator) < zero_fraction
-        zero[0] = False
+        zero[:2] = False
         bits[zero] = 0.0
+        bits[:2] = torch.tensor([0.8, 0.75]) * quantizer.bit_range.min_bits  # gates summing to 1.55: both kept
         with torch.no_grad():
             quantizer.frac_bits.copy_(bits)
             for reader in channel_consumers(gm, nodes[layer.name]):
@@ -151,7 +152,7 @@ def _set_channel_bits(gm, seed: int, zero_fraction: float = 0.4) -> dict[str, to
     (example_models.small_cnn, (4, 1, 8, 8)),
     (_FlattenToLinear, (4, 1, 8, 8)),
 ])
-def test_removing_0_bit_channels_keeps_the_outputs_and_shrinks_the_layers_and_their_readers(model, shape):
+def test_removing_0_bit_channels_and_folding_the_kept_gates_keeps_the_outputs_and_shrinks_the_layers(model, shape):
     torch.manual_seed(0)
     example = torch.randn(*shape)
     gm, _ = quantized_graph(randomize_batchnorm(model()), example, method="fracbits-kernel")
@@ -186,6 +187,36 @@ def test_removing_0_bit_channels_keeps_the_outputs_and_shrinks_the_layers_and_th
             assert after_infos[reader_name].params < before_infos[reader_name].params
 
 
+@pytest.mark.parametrize("budget", [WeightMemory(1), BitOps(1), ActivationMemory(1, mode="sum")],
+                         ids=lambda budget: budget.kind)
+def test_the_search_cost_counts_the_readers_columns_of_channels_at_0_bits_as_gone(budget):
+    """With every channel either at 0 bits or whole, the differentiable cost the search minimises is the cost of
+    the pruned model: the channel's own weights (its bits) and its readers' columns (``input_kept``)."""
+    torch.manual_seed(0)
+    example = torch.randn(4, 1, 28, 28)
+    gm, _ = quantized_graph(randomize_batchnorm(example_models.resnet20()), example, method="fracbits-kernel")
+    mark_prunable(gm)
+    zeroed = _set_channel_bits(gm, seed=3)
+    with torch.no_grad():
+        for layer in quantized_layers(gm):
+            if layer.name in zeroed:
+                layer.weight_quantizer.frac_bits[:2] = 4.0  # no channel between 0 and min_bits
+    layers = quantized_layers(gm)
+    searched = budget.cost([layer.info for layer in layers], current_bits(layers))
+    assert searched.requires_grad
+    readers = [layer.name for layer in layers if layer.input_kept() != 1.0]
+    assert len(readers) == len(zeroed) == 9
+
+    kept_bits = {}
+    for layer in layers:
+        bits = layer.weight_quantizer.bits().detach()
+        if layer.name in zeroed:
+            bits = layer.weight_quantizer.channel_bits().detach()[~zeroed[layer.name]].mean()
+        kept_bits[layer.name] = LayerBits(bits, layer.input_quantizer.bits().detach())
+    pruned = pruned_infos(gm, {name: int((~zero).sum()) for name, zero in zeroed.items()})
+    assert float(searched.detach()) == pytest.approx(float(budget.cost(pruned, kept_bits)), rel=1e-6)
+
+
 def test_a_reader_row_whose_largest_weight_was_on_a_pruned_channel_gets_a_finer_grid():
     example = torch.randn(4, 1, 8, 8)
     gm, _ = quantized_graph(randomize_batchnorm(example_models.small_cnn()), example, method="fracbits-kernel")
@@ -202,19 +233,43 @@ def test_a_reader_row_whose_largest_weight_was_on_a_pruned_channel_gets_a_finer_
     assert torch.equal(new_scale, conv2.weight_quantizer.scale_at(4, old_weight[:, 1:]))  # the kept columns' max
 
 
-def test_channels_round_to_0_below_half_of_min_bits_and_a_layer_keeps_at_least_one():
+def test_channels_below_min_bits_round_per_layer_to_their_summed_gates_and_a_layer_keeps_at_least_one():
     example = torch.randn(4, 1, 8, 8)
     gm, _ = quantized_graph(randomize_batchnorm(example_models.small_cnn()), example, method="fracbits-kernel")
     mark_prunable(gm)
     conv1, conv2 = (layer.weight_quantizer for layer in quantized_layers(gm)[:2])
+    assert conv1.bit_range.min_bits == 2
+    bits = torch.tensor([3.0] * 8 + [0.6, 0.6, 0.6, 0.7, 0.6, 0.6, 0.6, 0.6])  # 8 whole, 8 at gate 0.3 and 0.35
     with torch.no_grad():
-        conv1.frac_bits.copy_(torch.tensor([0.99, 1.0, 1.01, 3.0] * 4))  # gate 0.495 / 0.5 / 0.505 / 1
-        conv2.frac_bits.copy_(torch.linspace(0.0, 0.6, 32))                # every channel rounds to 0
+        conv1.frac_bits.copy_(bits)
+        conv2.frac_bits.zero_()  # every channel at 0 bits
+    weight = gm.get_submodule("conv1").weight.detach().clone()
     gm = prune_channels(gm, (example,))
     layers = quantized_layers(gm)
-    assert layers[0].info.out_channels == 12  # the 0.99-bit channels went, 1.0 and up stayed
-    assert layers[1].info.out_channels == 1 and layers[1].weight_quantizer.frac_bits.item() == pytest.approx(0.6)
+    # 8 whole + round(0.35 + 7 * 0.3 = 2.45) = 2 of the others: the strongest, then the first of the equal ones
+    assert layers[0].info.out_channels == 10
+    assert layers[0].weight_quantizer.frac_bits.tolist() == [3.0] * 8 + [2.0, 2.0]  # kept ones now at min_bits
+    kept_weight = layers[0].module.weight.detach()
+    torch.testing.assert_close(kept_weight[:8], weight[:8], rtol=0, atol=0)
+    torch.testing.assert_close(kept_weight[8:], weight[[8, 11]] * torch.tensor([0.3, 0.35])[:, None, None, None])
+    assert layers[1].info.out_channels == 1 and layers[1].weight_quantizer.frac_bits.item() == 2.0
     assert layers[2].info.weight_shape == (10, 1)
+
+
+def test_per_channel_rounding_would_remove_a_layer_the_search_took_below_min_bits_and_this_keeps_its_share():
+    """A strong budget penalty can take every channel of a layer to, say, 0.6 of 2 bits; nearest rounding per
+    channel would then leave one channel. Rounded per layer, 32 channels at gate 0.3 keep round(9.6) = 10."""
+    example = torch.randn(4, 1, 8, 8)
+    gm, _ = quantized_graph(randomize_batchnorm(example_models.small_cnn()), example, method="fracbits-kernel")
+    mark_prunable(gm)
+    with torch.no_grad():
+        quantized_layers(gm)[1].weight_quantizer.frac_bits.fill_(0.6)
+    conv2 = quantized_layers(gm)[1]
+    searched_bits = float(conv2.weight_quantizer.bits().detach()) * conv2.info.params
+    gm = prune_channels(gm, (example,))
+    conv2 = quantized_layers(gm)[1]
+    assert conv2.info.out_channels == 10
+    assert float(conv2.weight_quantizer.bits().detach()) * conv2.info.params == pytest.approx(searched_bits, rel=0.05)
 
 
 def test_a_budget_below_what_rounding_leaves_prunes_the_channels_with_the_fewest_bits_first():

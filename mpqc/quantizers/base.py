@@ -135,8 +135,9 @@ class Quantizer(nn.Module):
         return None
 
     def keep_channels_(self, keep: Tensor) -> None:
-        """Drop the output channels not in ``keep`` (indices) from this quantizer's per-channel state: the
-        ``prune_channels`` pass calls it on the quantizers for which ``enable_pruning`` returned True."""
+        """Drop the output channels not in ``keep`` (indices) from this quantizer's per-channel state and open the
+        kept ones' gates to 1 (the ``prune_channels`` pass folds each kept channel's gate into the layer's weight
+        and bias first); called on the quantizers for which ``enable_pruning`` returned True."""
         raise NotImplementedError(f"{type(self).__name__} does not prune channels")
 
     def encoded_weight(self, weight: Tensor) -> Tensor:

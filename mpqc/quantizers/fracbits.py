@@ -31,8 +31,9 @@ go below ``min_bits`` down to 0. The integer quantizer at 0 bits is ``Q_0 = 0`` 
 output interpolates ``Q_0`` and ``Q_min`` the same way, ``Q_b = (b / min_bits) * Q_min`` (the *channel gate*
 ``b / min_bits``, which also scales the channel's bias, so that at 0 bits the channel's whole output is 0). Its
 cost is ``b`` bits per weight, the same linear interpolation of the integer costs (0 and ``min_bits``) as above.
-After the search, ``prune_channels`` removes every channel whose bits round to 0 (nearer to 0 than to
-``min_bits``) from the layer and from the layers that read it.
+After the search, ``prune_channels`` rounds each layer's channels below ``min_bits`` as a whole: of those, it keeps
+the ``round(sum of gates)`` strongest (their gates folded into the weight, so they output what they did, now at
+``min_bits``) and removes the others from the layer and from the layers that read it.
 """
 from __future__ import annotations
 
@@ -111,7 +112,7 @@ class _FracBitsQuantizer(LearnedRangeQuantizer):
     def keep_channels_(self, keep: Tensor) -> None:
         if not self.prunable:
             raise NotImplementedError("pruning is not enabled on this FracBits quantizer")
-        self.frac_bits = nn.Parameter(self.frac_bits[keep].clone())
+        self.frac_bits = nn.Parameter(self.frac_bits[keep].clamp_min(self.bit_range.min_bits))
 
     @torch.no_grad()
     def project_(self) -> None:
