@@ -114,7 +114,7 @@ def prune_channels(gm: GraphModule, example_inputs: tuple, budget: Budget | None
     if budget is not None and keep:
         _prune_to_fit(gm, layers, keep, budget)
     for layer in layers:
-        if layer.name not in keep or bool((gates[layer.name] == 1).all()):
+        if layer.name not in keep or bool(keep[layer.name].all() and (gates[layer.name] == 1).all()):
             continue
         kept = torch.nonzero(keep[layer.name]).flatten()
         readers = channel_consumers(gm, nodes[layer.name])

@@ -272,20 +272,21 @@ def test_per_channel_rounding_would_remove_a_layer_the_search_took_below_min_bit
     assert float(conv2.weight_quantizer.bits().detach()) * conv2.info.params == pytest.approx(searched_bits, rel=0.05)
 
 
-def test_a_budget_below_what_rounding_leaves_prunes_the_channels_with_the_fewest_bits_first():
+@pytest.mark.parametrize("lowest", [0.5, 2.0], ids=["some-below-min-bits", "all-whole"])
+def test_a_budget_below_what_rounding_leaves_prunes_the_channels_with_the_fewest_bits_first(lowest):
     example = torch.randn(4, 1, 8, 8)
     gm, _ = quantized_graph(randomize_batchnorm(example_models.small_cnn()), example, method="fracbits-kernel")
     mark_prunable(gm)
     conv1, conv2, fc = quantized_layers(gm)
     with torch.no_grad():
-        conv1.weight_quantizer.frac_bits.copy_(torch.arange(16.0) / 2 + 0.5)  # 0.5 (pruned by rounding) .. 8
+        conv1.weight_quantizer.frac_bits.copy_(torch.arange(16.0) / 2 + lowest)  # from 0.5 (rounding prunes it) or 2
         conv2.weight_quantizer.frac_bits.fill_(8.0)
     # at 2 bits: conv1 16 x 9, conv2 32 x 16 x 9, fc 10 x 32 weights; a budget that fits with 8 of conv1's channels
     budget = WeightMemory(2 * (8 * 9 + 32 * 8 * 9 + 10 * 32) / 8)
     gm = prune_channels(gm, (example,), budget)
     conv1, conv2, fc = quantized_layers(gm)
     assert conv1.info.out_channels == 8 and conv2.info.weight_shape[1] == 8
-    assert conv1.weight_quantizer.frac_bits.tolist() == (torch.arange(8.0, 16.0) / 2 + 0.5).tolist()  # the top 8
+    assert conv1.weight_quantizer.frac_bits.tolist() == (torch.arange(8.0, 16.0) / 2 + lowest).tolist()  # the top 8
     frozen = freeze(gm, budget)
     assert budget.met(float(budget.cost([layer.info for layer in quantized_layers(frozen)],
                                         smallest_bits(quantized_layers(frozen)))))
