@@ -49,10 +49,10 @@ class TrainConfig:
     Weights use SGD (momentum 0.9, cosine schedule) at ``lr``; quantizer parameters use Adam at ``quantizer_lr``.
     ``penalty_weight`` scales the budget penalty (search only); with ``penalty_ramp`` > 0 that weight grows linearly
     over the phase to ``penalty_weight * (1 + penalty_ramp)`` at its last step, which drives a search that would
-    settle above its budget (the task loss holding the bits up) onto it by the end. ``distill`` adds knowledge distillation from the
-    fp32 model (KL at ``distill_temperature``, weight ``distill_weight``); ``None`` (the default) means the method's
-    default (``QuantMethod.defaults``: off, except SDQ's fine-tuning). A checkpoint is written every
-    ``checkpoint_every`` steps and at every epoch end.
+    settle above its budget (the task loss holding the bits up) onto it by the end. ``distill`` adds knowledge
+    distillation from the fp32 model (KL at ``distill_temperature``, weight ``distill_weight``); ``None`` (the
+    default) means the method's default (``QuantMethod.defaults``: off, except SDQ's fine-tuning). A checkpoint is
+    written every ``checkpoint_every`` steps and at every epoch end.
     """
 
     epochs: int = 2
