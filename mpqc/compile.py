@@ -99,7 +99,7 @@ def compile(
     search_done = time.perf_counter()
     fixed_layers = {layer.name for layer in quantized_layers(gm) if not layer.weight_quantizer.learnable_bits}
 
-    gm = prune_channels(gm, example_inputs, budget)                                # 6. drop 0-bit channels
+    gm = prune_channels(gm, example_inputs, budget, (calibration,))                # 6. drop 0-bit channels
     unpruned, layers = layers, [layer.info for layer in quantized_layers(gm)]      #    (the smaller layers)
     gm = freeze(gm, budget)                                                        # 7. integer bits meeting budget
     finetune(gm, train_loader, config.finetune, checkpoint=run.checkpoint("finetune"),  # 8. fine-tune, bits fixed

@@ -27,7 +27,9 @@ Ensures:    at least one channel stays per layer. Every kept channel outputs wha
             largest weight (the learned-range quantizers do) and whose largest weight was on a removed column
             gets a finer grid for that row, as the dead column no longer counts. A removed channel at
             ``0 < b < min_bits`` still contributed ``(b / min_bits) Q_min``: removing it is the same kind of
-            rounding as freezing the bits.
+            rounding as freezing the bits, and its mean over the calibration inputs goes into the bias of each
+            reader that has one (for a linear reader the output's mean over those inputs is unchanged, tested;
+            a conv reader sums its kernel, exact away from the zero-padded borders).
 """
 from __future__ import annotations
 
@@ -99,12 +101,15 @@ def channel_consumers(gm: GraphModule, layer: Node) -> list[ChannelReader] | Non
     return readers or None
 
 
-def prune_channels(gm: GraphModule, example_inputs: tuple, budget: Budget | None = None) -> GraphModule:
+def prune_channels(gm: GraphModule, example_inputs: tuple, budget: Budget | None = None,
+                   calibration_inputs: tuple | None = None) -> GraphModule:
     """Drop every channel at 0 bits (see the module docstring); returns ``gm`` with its layer infos refreshed.
 
     With a ``budget``, also make sure that freezing can meet it: while the budget's cost with every learnable
     quantizer at its minimum bits is over the limit, the kept channel with the fewest searched bits goes too
     (:class:`InfeasibleBudgetError` if every prunable layer is down to one channel and it still does not fit).
+    A removed channel that still output something (``0 < b < min_bits``) is replaced by its mean over
+    ``calibration_inputs`` (default: ``example_inputs``) in the bias of each reader that has one.
     """
     layers = quantized_layers(gm)
     nodes = {str(node.target): node for node in layer_nodes(gm)}
@@ -113,23 +118,57 @@ def prune_channels(gm: GraphModule, example_inputs: tuple, budget: Budget | None
     keep = {name: channels_to_keep(gate) for name, gate in gates.items()}
     if budget is not None and keep:
         _prune_to_fit(gm, layers, keep, budget)
-    for layer in layers:
-        if layer.name not in keep or bool(keep[layer.name].all() and (gates[layer.name] == 1).all()):
-            continue
-        kept = torch.nonzero(keep[layer.name]).flatten()
-        readers = channel_consumers(gm, nodes[layer.name])
-        if readers is None:
-            raise MpqcError(f"layer {layer.name!r} prunes channels but its output channels cannot be dropped "
+    pruned = [layer for layer in layers
+              if layer.name in keep and not bool(keep[layer.name].all() and (gates[layer.name] == 1).all())]
+    readers = {layer.name: channel_consumers(gm, nodes[layer.name]) for layer in pruned}
+    for name, channel_readers in readers.items():
+        if channel_readers is None:
+            raise MpqcError(f"layer {name!r} prunes channels but its output channels cannot be dropped "
                             "(mark_prunable enables pruning only where they can)")
+    input_means = _input_means(gm, [str(reader.node.target) for group in readers.values() for reader in group],
+                               calibration_inputs or example_inputs)
+    for layer in pruned:
+        kept = torch.nonzero(keep[layer.name]).flatten()
         _drop_outputs(layer.module, kept)
         _scale_outputs(layer.module, gates[layer.name][kept])
         layer.weight_quantizer.keep_channels_(kept)
-        for reader in readers:
+        for reader in readers[layer.name]:
+            name = str(reader.node.target)
             columns = (kept[:, None] * reader.per_channel + torch.arange(reader.per_channel)).flatten()
-            _drop_inputs(gm.get_submodule(reader.node.target), columns, str(reader.node.target))
+            _add_removed_means_to_bias(gm.get_submodule(name), columns, input_means[name])
+            _drop_inputs(gm.get_submodule(name), columns, name)
     analyze_layers(gm, example_inputs)
     gm.recompile()
     return gm
+
+
+def _input_means(gm: GraphModule, names: list[str], inputs: tuple) -> dict[str, torch.Tensor]:
+    """Mean of each named layer's input over ``inputs``, per input column (conv: per channel)."""
+    means: dict[str, torch.Tensor] = {}
+    hooks = [gm.get_submodule(name).register_forward_pre_hook(
+        lambda module, args, name=name: means.__setitem__(
+            name, args[0].detach().transpose(0, 1).reshape(args[0].shape[1], -1).mean(1)))
+        for name in names]
+    try:
+        with torch.no_grad():
+            gm(*inputs)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return means
+
+
+def _add_removed_means_to_bias(module: nn.Module, kept_columns: torch.Tensor, means: torch.Tensor) -> None:
+    """Add to ``module``'s bias what its input columns outside ``kept_columns`` contribute at their ``means``."""
+    if module.bias is None:
+        return
+    removed = torch.ones(means.numel(), dtype=torch.bool)
+    removed[kept_columns] = False
+    with torch.no_grad():
+        weight = module.quantized_weight().detach()
+        if weight.dim() > 2:  # a conv: a constant input map contributes the sum of the kernel (borders aside)
+            weight = weight.flatten(2).sum(2)
+        module.bias.add_(weight[:, removed] @ means[removed])
 
 
 def channels_to_keep(gate: torch.Tensor) -> torch.Tensor:

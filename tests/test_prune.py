@@ -61,6 +61,23 @@ def test_the_bits_below_min_bits_get_a_gradient_and_project_keeps_them_down_to_0
     assert quantizer.frac_bits.tolist() == pytest.approx([0.0, 0.3, 1.0, 3.0, 8.0, 3.0])
 
 
+def test_the_polarisation_term_is_zero_at_pruned_and_whole_channels_and_pushes_the_others_apart():
+    quantizer, _ = _prunable_quantizer()
+    with torch.no_grad():
+        quantizer.frac_bits.copy_(torch.tensor([0.0, 2.0, 5.0, 0.0, 2.0, 8.0]))  # gates 0 or 1
+    assert float(quantizer.extra_loss()) == 0.0
+    with torch.no_grad():
+        quantizer.frac_bits.copy_(torch.tensor([0.6, 1.4, 5.0, 0.0, 2.0, 8.0]))  # gates 0.3 and 0.7
+    loss = quantizer.extra_loss()
+    assert float(loss) == pytest.approx(quantizer.polarization * 2 * 0.3 * 0.7)
+    loss.backward()
+    assert quantizer.frac_bits.grad[0] > 0 > quantizer.frac_bits.grad[1]  # descent: 0.6 bits down, 1.4 bits up
+    assert quantizer.frac_bits.grad[3] > 0  # a pruned channel stays pruned (projected at 0 bits)
+    assert torch.equal(quantizer.frac_bits.grad[[2, 4, 5]], torch.zeros(3))  # whole channels feel nothing
+    plain = FracBitsWeightQuantizer(torch.randn(6, 3, 3, 3), init_bits=4, kernel_wise=True)
+    assert plain.extra_loss() is None  # pruning not enabled
+
+
 def test_without_pruning_the_bits_stop_at_min_bits_and_layer_wise_fracbits_cannot_prune():
     weight = torch.randn(4, 3, 3, 3)
     kernel = FracBitsWeightQuantizer(weight, init_bits=4, kernel_wise=True)
@@ -215,6 +232,28 @@ def test_the_search_cost_counts_the_readers_columns_of_channels_at_0_bits_as_gon
         kept_bits[layer.name] = LayerBits(bits, layer.input_quantizer.bits().detach())
     pruned = pruned_infos(gm, {name: int((~zero).sum()) for name, zero in zeroed.items()})
     assert float(searched.detach()) == pytest.approx(float(budget.cost(pruned, kept_bits)), rel=1e-6)
+
+
+def test_a_removed_channel_that_still_output_something_leaves_its_mean_in_the_readers_bias():
+    """fc1's channel 0 at 0.4 of 2 bits rounds away (gate 0.2); fc2 (the output layer, linear) gets its mean over
+    the calibration inputs in its bias, so the output's mean over them is what it was (without it, it would move
+    by what the bias moved)."""
+    torch.manual_seed(0)
+    example, calibration = torch.randn(2, 1, 8, 8), torch.randn(64, 1, 8, 8)
+    gm, _ = quantized_graph(_FlattenToLinear().eval(), example, method="fracbits-kernel")
+    mark_prunable(gm)
+    fc1, fc2 = quantized_layers(gm)[1:]
+    with torch.no_grad():
+        fc1.weight_quantizer.frac_bits[0] = 0.4
+        fc1.module.bias[0] = 2.0  # a clearly positive channel after the ReLU
+        fc2.module.weight[:, 0] = fc2.module.weight[:, 1:].abs().amax(1) / 2  # not a row's max: scales stay
+        before = gm(calibration).mean(0)
+    bias = fc2.module.bias.detach().clone()
+    gm = prune_channels(gm, (example,), calibration_inputs=(calibration,))
+    assert quantized_layers(gm)[1].info.out_channels == 11
+    with torch.no_grad():
+        torch.testing.assert_close(gm(calibration).mean(0), before, rtol=0, atol=1e-5)
+    assert (gm.get_submodule("fc2").bias - bias).abs().min() > 0.05  # what the removed channel contributed
 
 
 def test_a_reader_row_whose_largest_weight_was_on_a_pruned_channel_gets_a_finer_grid():

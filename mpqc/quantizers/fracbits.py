@@ -44,6 +44,10 @@ from mpqc.quantizers.base import BitRange
 from mpqc.quantizers.uniform import LearnedRangeQuantizer
 
 
+#: Weight of the polarisation term on the channel gates of a pruning (kernel-wise) weight quantizer.
+POLARIZATION_WEIGHT = 0.01
+
+
 class _FracBitsQuantizer(LearnedRangeQuantizer):
     """A fractional bit-width ``frac_bits`` (scalar, or ``[C]`` kernel-wise) and the interpolation."""
 
@@ -138,13 +142,23 @@ class FracBitsWeightQuantizer(_FracBitsQuantizer):
     """
 
     def __init__(
-        self, weight: Tensor, init_bits: int = 8, bit_range: BitRange = BitRange(), kernel_wise: bool = False
+        self, weight: Tensor, init_bits: int = 8, bit_range: BitRange = BitRange(), kernel_wise: bool = False,
+        polarization: float = POLARIZATION_WEIGHT,
     ) -> None:
         super().__init__(True, 1.0, init_bits, bit_range, per_channel=True,
                          channels=weight.shape[0] if kernel_wise else None, max_range=1.0)
+        self.polarization = polarization
 
     def forward(self, w: Tensor) -> Tensor:
         return self._interpolate(w)
+
+    def extra_loss(self) -> Tensor | None:
+        """Where channels may be pruned: ``polarization * sum_c g_c (1 - g_c)`` over the channel gates, zero at
+        gates 0 (pruned) and 1 (whole), so that the search decides per channel instead of fading all of them."""
+        gate = self.channel_gate()
+        if gate is None or self.polarization == 0:
+            return None
+        return self.polarization * (gate * (1 - gate)).sum()
 
 
 class FracBitsActivationQuantizer(_FracBitsQuantizer):
