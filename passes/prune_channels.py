@@ -127,14 +127,15 @@ def prune_channels(gm: GraphModule, example_inputs: tuple, budget: Budget | None
                             "(mark_prunable enables pruning only where they can)")
     input_means = _input_means(gm, [str(reader.node.target) for group in readers.values() for reader in group],
                                calibration_inputs or example_inputs)
-    for layer in pruned:
-        kept = torch.nonzero(keep[layer.name]).flatten()
-        _drop_outputs(layer.module, kept)
-        _scale_outputs(layer.module, gates[layer.name][kept])
-        layer.weight_quantizer.keep_channels_(kept)
+    kept = {layer.name: torch.nonzero(keep[layer.name]).flatten() for layer in pruned}
+    for layer in pruned:  # first every layer's own channels (a reader may prune its own outputs too) ...
+        _drop_outputs(layer.module, kept[layer.name])
+        _scale_outputs(layer.module, gates[layer.name][kept[layer.name]])
+        layer.weight_quantizer.keep_channels_(kept[layer.name])
+    for layer in pruned:  # ... then the readers' columns, their weights now ungated (gates folded, all 1)
         for reader in readers[layer.name]:
             name = str(reader.node.target)
-            columns = (kept[:, None] * reader.per_channel + torch.arange(reader.per_channel)).flatten()
+            columns = (kept[layer.name][:, None] * reader.per_channel + torch.arange(reader.per_channel)).flatten()
             _add_removed_means_to_bias(gm.get_submodule(name), columns, input_means[name])
             _drop_inputs(gm.get_submodule(name), columns, name)
     analyze_layers(gm, example_inputs)

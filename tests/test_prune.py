@@ -256,6 +256,30 @@ def test_a_removed_channel_that_still_output_something_leaves_its_mean_in_the_re
     assert (gm.get_submodule("fc2").bias - bias).abs().min() > 0.05  # what the removed channel contributed
 
 
+def test_a_reader_that_prunes_its_own_channels_too_gets_the_mean_through_its_folded_gate():
+    """conv's channel 0 (gate 0.2) goes; fc1, which reads it, keeps its own channels 0 and 1 at gates 0.8 and 0.75
+    (folded). fc1's output mean over the calibration inputs stays what it was."""
+    torch.manual_seed(0)
+    example, calibration = torch.randn(2, 1, 8, 8), torch.randn(64, 1, 8, 8)
+    gm, _ = quantized_graph(_FlattenToLinear().eval(), example, method="fracbits-kernel")
+    mark_prunable(gm)
+    conv, fc1, _ = quantized_layers(gm)
+    with torch.no_grad():
+        conv.weight_quantizer.frac_bits[0] = 0.4
+        conv.module.bias[0] = 2.0
+        fc1.weight_quantizer.frac_bits[:2] = torch.tensor([1.6, 1.5])
+        fc1.module.weight[:, :16] = fc1.module.weight[:, 16:].abs().amax(1, keepdim=True) / 2  # scales stay
+    outputs = []
+    hook = gm.get_submodule("fc1").register_forward_hook(lambda module, args, output: outputs.append(output))
+    with torch.no_grad():
+        gm(calibration)
+        gm = prune_channels(gm, (example,), calibration_inputs=(calibration,))
+        gm(calibration)
+    hook.remove()
+    assert quantized_layers(gm)[0].info.out_channels == 5 and quantized_layers(gm)[1].info.out_channels == 12
+    torch.testing.assert_close(outputs[-1].mean(0), outputs[0].mean(0), rtol=0, atol=1e-5)
+
+
 def test_a_reader_row_whose_largest_weight_was_on_a_pruned_channel_gets_a_finer_grid():
     example = torch.randn(4, 1, 8, 8)
     gm, _ = quantized_graph(randomize_batchnorm(example_models.small_cnn()), example, method="fracbits-kernel")
