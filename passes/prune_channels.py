@@ -144,8 +144,11 @@ def prune_channels(gm: GraphModule, example_inputs: tuple, budget: Budget | None
 
 
 def _input_means(gm: GraphModule, names: list[str], inputs: tuple) -> dict[str, torch.Tensor]:
-    """Mean of each named layer's input over ``inputs``, per input column (conv: per channel)."""
+    """Mean of each named layer's input over ``inputs``, per input column (conv: per channel); no forward pass
+    when there are no names."""
     means: dict[str, torch.Tensor] = {}
+    if not names:
+        return means
     hooks = [gm.get_submodule(name).register_forward_pre_hook(
         lambda module, args, name=name: means.__setitem__(
             name, args[0].detach().transpose(0, 1).reshape(args[0].shape[1], -1).mean(1)))
