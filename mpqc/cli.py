@@ -206,8 +206,8 @@ def _compile(args: argparse.Namespace) -> int:
 
 #: ``mpqc sweep`` takes these options of ``mpqc compile`` as they are (``dest`` names).
 _SWEEP_SHARED_OPTIONS = ("model", "data", "weights", "pretrain_epochs", "search_epochs", "finetune_epochs",
-                         "steps_per_epoch", "checkpoint_every", "quantizer_lr", "penalty_ramp", "batch_size", "subset", "val_subset",
-                         "weight_bits", "first_last", "distill", "seed", "no_progress")
+                         "steps_per_epoch", "checkpoint_every", "quantizer_lr", "penalty_ramp", "batch_size",
+                         "subset", "val_subset", "weight_bits", "first_last", "distill", "seed", "no_progress")
 
 
 def _int_list(text: str, flag: str) -> list[int]:

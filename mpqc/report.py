@@ -265,6 +265,12 @@ def _draw_cycles(ax, layers: list[dict], costs: dict[str, dict]) -> None:
     ax.spines[["top", "right"]].set_visible(False)
 
 
+def _tick_label(layer: dict) -> str:
+    """The layer's short name, and the channels pruning took from it."""
+    pruned = layer.get("pruned_channels")
+    return _short(layer.get("name", "?")) + (f" (-{pruned} ch)" if pruned else "")
+
+
 def _draw_bits(ax, layers: list[dict]) -> None:
     x = range(len(layers))
     hatch = ["////" if l.get("fixed") else "" for l in layers]
@@ -284,9 +290,8 @@ def _draw_bits(ax, layers: list[dict]) -> None:
     ax.set_axisbelow(True)
     ax.spines[["top", "right"]].set_visible(False)
     ax.set_xlim(-0.6, len(layers) - 0.4)
-    ax.set_xticks(list(x), [_short(l.get("name", "?")) + (f" (-{l['pruned_channels']} ch)" if l.get("pruned_channels")
-                                                           else "") for l in layers], rotation=60, ha="right",
-                  rotation_mode="anchor", fontsize=8)
+    ax.set_xticks(list(x), [_tick_label(l) for l in layers], rotation=60, ha="right", rotation_mode="anchor",
+                  fontsize=8)
     for tick, l in zip(ax.get_xticklabels(), layers):
         if l.get("fixed"):
             tick.set_color("#777777")
