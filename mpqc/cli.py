@@ -123,7 +123,13 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("run_dir", type=Path)
     e.add_argument("--onnx", type=Path, help="write a QDQ ONNX model here (mpqc.targets.onnx)")
     e.add_argument("--input-shape", help="example input shape, batch first, e.g. 1,1,28,28 (default: the report's)")
-    e.add_argument("--opset", type=int, default=21, help="ONNX opset (default 21: INT4 weights)")
+    e.add_argument("--opset", type=int, default=21, help="ONNX opset (default 21; 16-bit codes need 21)")
+    e.add_argument("--compact-weights", action="store_true",
+                   help="store weights of <= 4 bits as INT4 (half the file; onnxruntime then computes those layers "
+                        "in fp32, within 1 LSB per step but not end to end, so the check fails: see --no-check)")
+    e.add_argument("--cpu", action="append", default=[], metavar="QEMU_CPU",
+                   help="also check onnxruntime on an emulated CPU (qemu-x86_64 -cpu NAME, e.g. Haswell for AVX2 "
+                        "without AVX-512); repeatable")
     e.add_argument("--no-check", action="store_true", help="skip the onnxruntime check against the reference")
     e.set_defaults(run=_export)
 
@@ -293,8 +299,8 @@ def _export(args: argparse.Namespace) -> int:
     import torch
 
     from mpqc.compile import CompiledModel
-    from mpqc.targets.onnx import (AGREEMENT_FLOOR, compare_with_reference, export_onnx, format_agreement,
-                                   input_shape_from_report)
+    from mpqc.targets.onnx import export_onnx, input_shape_from_report
+    from mpqc.targets.onnx_check import check_agreement, compare_with_reference, format_agreement
 
     if args.onnx is None:
         raise ConfigError("give a target to export to, e.g. --onnx model.onnx")
@@ -309,18 +315,16 @@ def _export(args: argparse.Namespace) -> int:
         compiled.program.run(examples)
     except (RuntimeError, MpqcError) as error:
         raise ConfigError(f"--input-shape {','.join(map(str, shape))}: the model does not run on it: {error}") from None
-    exported = export_onnx(compiled, args.onnx, input_shapes=[shape], opset=args.opset)
+    exported = export_onnx(compiled, args.onnx, input_shapes=[shape], opset=args.opset,
+                           compact_weights=args.compact_weights)
     storage = ", ".join(f"{count} {kind}" for kind, count in exported.storage_counts().items())
     print(f"wrote {exported.path} (opset {exported.opset}; weights and activation codes stored as {storage})")
     if args.no_check:
         return 0
-    agreement = compare_with_reference(compiled, exported.path, examples)
-    print(f"onnxruntime vs the integer reference on 16 random inputs, per requantisation step:\n"
-          f"{format_agreement(agreement)}")
-    worst = min(((q["within_1_lsb"], name) for name, q in agreement["quantizers"].items()), default=None)
-    if worst and worst[0] < AGREEMENT_FLOOR:
-        raise MpqcError(f"{exported.path} disagrees with the reference at {worst[1]}: only {worst[0]:.4%} of its codes "
-                        f"within 1 LSB (the contract asks {AGREEMENT_FLOOR:.1%})")
+    for cpu in [None, *args.cpu]:
+        agreement = compare_with_reference(compiled, exported.path, examples, cpu=cpu)
+        print(f"onnxruntime vs the integer reference on 16 random inputs:\n{format_agreement(agreement)}")
+        check_agreement(agreement, what=str(exported.path))
     return 0
 
 

@@ -19,8 +19,10 @@ from mpqc.errors import UnsupportedOpError
 from mpqc.quantizers import BitRange
 from mpqc.quantizers.base import integer_range
 from mpqc.reference import IntegerProgram, IntNode
-from mpqc.targets.onnx import (AGREEMENT_FLOOR, CONVERTERS, build_onnx, compare_with_reference, export_onnx,
-                               inference_session, read_metadata)
+from mpqc.targets.onnx import CONVERTERS, build_onnx, export_onnx, read_metadata
+from mpqc.targets.onnx_check import (AGREEMENT_FLOOR, OnnxMismatchError, check_agreement, compare_with_reference,
+                                     contract_violations)
+from mpqc.targets.onnx_runner import inference_session
 
 
 class AllOps2d(nn.Module):
@@ -78,14 +80,11 @@ def resnet20_export(tmp_path_factory):
 
 
 def _assert_agrees(agreement: dict) -> None:
-    """The contract: every requantisation step within 1 LSB on >= 99.9% of elements (stepwise, see
-    compare_with_reference); end to end, where one flip at a tie propagates, only loosely."""
-    for name, stats in agreement["quantizers"].items():
-        assert stats["within_1_lsb"] >= AGREEMENT_FLOOR and stats["max_lsb"] <= 1, (name, stats)
+    """The contract: every requantisation step and every integer output within 1 LSB on >= 99.9% of elements,
+    stepwise (see compare_with_reference) and end to end; nearly all codes exact."""
+    assert contract_violations(agreement) == [], agreement["cpu"]
     assert agreement["overall"]["exact"] >= AGREEMENT_FLOOR, agreement["overall"]
-    assert agreement["overall"]["end_to_end_within_1_lsb"] >= 0.98, agreement["overall"]
     for name, stats in agreement["outputs"].items():
-        assert stats["within_1_lsb"] >= AGREEMENT_FLOOR, (name, stats)
         assert stats["max_abs_error"] <= 0.05 * stats["max_abs_reference"], (name, stats)
 
 
@@ -100,8 +99,72 @@ def test_onnxruntime_agrees_with_the_reference_at_mixed_bits(name, tmp_path):
     agreement = compare_with_reference(program, exported.path, x)
     _assert_agrees(agreement)
     (output,) = program.outputs
-    ours = inference_session(exported.path).run([output], {"x": x.numpy()})[0]
+    ours = inference_session(str(exported.path)).run([output], {"x": x.numpy()})[0]
     assert (ours.argmax(1) == program.run(x).argmax(1).numpy()).mean() >= 0.5
+
+
+# ------------------------------------------------------------------------------------------------ every x86 CPU
+#: QEMU's AVX2 CPU model (no AVX-512, no VNNI): onnxruntime under it runs its AVX2 kernels whatever the host.
+AVX2_CPU = "Haswell"
+
+
+def _matmul_integer(weight_type: int, zero_point: int) -> onnx.ModelProto:
+    """``y = a @ (w - zero_point)`` as one MatMulInteger: uint8 ``a`` [1, 64] times weights that are all 127."""
+    dtype = np.uint8 if weight_type == onnx.TensorProto.UINT8 else np.int8
+    weight = onnx.numpy_helper.from_array(np.full((64, 16), 127 + zero_point).astype(dtype), "w")
+    zeros = [onnx.numpy_helper.from_array(np.array(0, np.uint8), "a_zero"),
+             onnx.numpy_helper.from_array(np.array(zero_point, dtype), "w_zero")]
+    graph = onnx.helper.make_graph(
+        [onnx.helper.make_node("MatMulInteger", ["a", "w", "a_zero", "w_zero"], ["y"])], "matmul_integer",
+        [onnx.helper.make_tensor_value_info("a", onnx.TensorProto.UINT8, [1, 64])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.INT32, [1, 16])], [weight, *zeros])
+    return onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 13)], ir_version=8)
+
+
+def test_the_emulated_avx2_cpu_runs_onnxruntimes_saturating_u8s8_kernel():
+    """Why the export stores weights as UINT8: on AVX2 without VNNI, onnxruntime's u8 x s8 kernel sums pairs of
+    products into saturating int16 (2 * 255 * 127 > 32767) and returns half the true 255 * 127 * 64; its u8 x u8
+    kernel widens first and is exact. Under QEMU's Haswell model this happens on any host, which is what makes the
+    emulated agreement tests below exercise the kernels of AVX2-only machines."""
+    from mpqc.targets.onnx_check import run_models
+
+    a = np.full((1, 64), 255, dtype=np.uint8)
+    (signed,), (unsigned,) = run_models([(_matmul_integer(onnx.TensorProto.INT8, 0), ["y"]),
+                                         (_matmul_integer(onnx.TensorProto.UINT8, 128), ["y"])], {"a": a}, cpu=AVX2_CPU)
+    exact = 255 * 127 * 64
+    assert signed[0, 0] == 32 * 32767 != exact  # 32 saturated pairs: onnxruntime's AVX2 u8s8 kernel ran
+    assert np.all(unsigned == exact)
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_onnxruntime_agrees_end_to_end_on_an_emulated_avx2_cpu(name, tmp_path):
+    program, shape = _program(name)
+    exported = export_onnx(program, tmp_path / f"{name}.onnx", input_shapes=[shape])
+    x = 1.5 * torch.randn(shape, generator=torch.Generator().manual_seed(7))
+    agreement = compare_with_reference(program, exported.path, x, cpu=AVX2_CPU)
+    assert agreement["cpu"] == f"emulated {AVX2_CPU}"
+    _assert_agrees(agreement)
+    assert agreement["overall"]["end_to_end_exact"] == 1.0 and all(
+        stats["end_to_end_exact"] == 1.0 for stats in agreement["outputs"].values())
+
+
+def test_check_agreement_names_every_tensor_that_breaks_the_contract():
+    good = {"within_1_lsb": 1.0, "max_lsb": 0.0, "end_to_end_within_1_lsb": 1.0, "end_to_end_max_lsb": 0.0}
+    agreement = {"cpu": "emulated Haswell", "quantizers": {"q1": good, "q2": {**good, "max_lsb": 2.0}},
+                 "outputs": {"fc": {**good, "within_1_lsb": 0.75, "max_lsb": 18452.0},
+                             "codes": {**good, "end_to_end_within_1_lsb": 0.75, "end_to_end_max_lsb": 3.0},
+                             "logits": {**good, "end_to_end_within_1_lsb": 0.0, "end_to_end_max_lsb": 135.0,
+                                        "accumulator": True},
+                             "probs": {"max_abs_error": 0.0, "max_abs_reference": 1.0}}}
+    check_agreement({**agreement, "quantizers": {"q1": good}, "outputs": {}})  # kept: no error
+    with pytest.raises(OnnxMismatchError) as error:
+        check_agreement(agreement, what="m.onnx")
+    message = str(error.value)
+    assert "m.onnx" in message and "emulated Haswell" in message
+    assert "quantizer q2, stepwise" in message and "max 2 LSB" in message
+    assert "output fc, stepwise: 75.0000% within 1 LSB, max 1.85e+04 LSB" in message
+    assert "output codes, end to end: 75.0000% within 1 LSB, max 3 LSB" in message
+    assert "q1" not in message and "probs" not in message and "logits" not in message
 
 
 def test_the_test_models_cover_every_converter():
@@ -113,17 +176,18 @@ def test_without_input_shapes_the_model_takes_any_batch_and_size(resnet20_export
     program, _, _ = resnet20_export
     exported = export_onnx(program, tmp_path / "dynamic.onnx")
     assert exported.inputs == {"x": ["N", 1, "H", "W"]}
-    x = torch.randn(3, 1, 20, 20)
+    x = torch.randn(3, 1, 20, 20, generator=torch.Generator().manual_seed(4))
     _assert_agrees(compare_with_reference(program, exported.path, x))
 
 
-def test_opsets_below_21_store_every_weight_in_int8(resnet20_export, tmp_path):
+def test_opsets_below_21_store_every_code_in_uint8(resnet20_export, tmp_path):
     program, shape, _ = resnet20_export
-    exported = export_onnx(program, tmp_path / "opset19.onnx", input_shapes=[shape], opset=19)
-    assert set(exported.storage_counts()) == {"INT8", "UINT8"}
+    exported = export_onnx(program, tmp_path / "opset19.onnx", input_shapes=[shape], opset=19, compact_weights=True)
+    assert set(exported.storage_counts()) == {"UINT8"}  # no INT4 below opset 21, even when asked
     model = onnx.load(exported.path)
     assert model.opset_import[0].version == 19 and read_metadata(model)["opset"] == 19
-    _assert_agrees(compare_with_reference(program, exported.path, torch.randn(shape)))
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(3))
+    _assert_agrees(compare_with_reference(program, exported.path, x))
 
 
 def test_more_than_8_bits_are_stored_in_16_bit_types(tmp_path):
@@ -134,7 +198,7 @@ def test_more_than_8_bits_are_stored_in_16_bit_types(tmp_path):
     gm, _ = freeze_at_random_bits(gm, seed=1, low=2, high=12)
     program = IntegerProgram.from_graph(gm)
     exported = export_onnx(program, tmp_path / "wide.onnx", input_shapes=[tuple(x.shape)])
-    assert {"INT4", "INT8", "INT16", "UINT8", "UINT16"} <= set(exported.storage_counts())
+    assert {"INT16", "UINT8", "UINT16"} <= set(exported.storage_counts())
     _assert_agrees(compare_with_reference(program, exported.path, x))
 
 
@@ -155,7 +219,7 @@ def test_clip_then_quantize_is_the_integer_clamp_of_the_rounded_value(bits, sign
         np.array([-1e30, 1e30, 0.0], dtype=np.float32),
     ]).astype(np.float32)
     model, _ = build_onnx(program, input_shapes=[x.shape])
-    codes = np.rint(inference_session(model).run(["q"], {"x": x})[0] / s)
+    codes = np.rint(inference_session(model.SerializeToString()).run(["q"], {"x": x})[0] / s)
     assert np.array_equal(codes, np.clip(np.rint(x / s), qmin, qmax))
 
 
@@ -175,13 +239,11 @@ def test_metadata_records_every_quantized_tensor_and_names_follow_the_layers(res
         assert nodes[module].op_type in ("Conv", "Gemm")
         assert meta["bits"][f"{module}.weight"] == entry["weight_bits"] == bits
         assert meta["bits"][f"{module}.bias"] == 32
-        weight = initializers[f"{module}.weight"]
-        if bits <= 4:  # sub-byte weights are INT4, packed two to a byte
-            assert weight.data_type == onnx.TensorProto.INT4
-            assert len(weight.raw_data) == math.ceil(layer.tensors["weight"].numel() / 2)
-        else:
-            assert weight.data_type == onnx.TensorProto.INT8
-        assert np.array_equal(onnx.numpy_helper.to_array(weight).astype(np.int8), layer.tensors["weight"].numpy())
+        weight, zero = initializers[f"{module}.weight"], initializers[f"{module}.weight_zero_point"]
+        assert weight.data_type == zero.data_type == onnx.TensorProto.UINT8 and entry["weight_zero_point"] == 128
+        assert np.all(onnx.numpy_helper.to_array(zero) == 128)
+        stored = onnx.numpy_helper.to_array(weight).astype(np.int64) - 128
+        assert np.array_equal(stored, layer.tensors["weight"].numpy())
         assert initializers[f"{module}.bias"].data_type == onnx.TensorProto.INT32
         source = by_name[layer.inputs[0]]
         assert entry["input_bits"] == source.attrs["bits"] and entry["input"] == f"{source.attrs['module']}.q"
@@ -191,10 +253,37 @@ def test_metadata_records_every_quantized_tensor_and_names_follow_the_layers(res
     for node in quantize:
         module = node.attrs["module"]
         assert meta["bits"][f"{module}.q"] == node.attrs["bits"]
+        zero = initializers[f"{module}.zero_point"]
+        assert zero.data_type == onnx.TensorProto.UINT8  # every code UINT8: onnxruntime's exact u8 x u8 kernels
+        assert int(onnx.numpy_helper.to_array(zero)) == meta["quantizers"][node.name]["zero_point"] == (
+            128 if node.attrs["signed"] else 0)
         assert nodes[f"{module}/QuantizeLinear"].output == [f"{module}.q"]
         assert nodes[f"{module}/DequantizeLinear"].output == [node.name]
         assert (f"{module}/Clip" in nodes) == (node.attrs["signed"] or node.attrs["bits"] != 8)
     assert {n.op_type for n in model.graph.node} >= {"QuantizeLinear", "DequantizeLinear", "Conv", "Gemm", "Clip"}
+
+
+def test_compact_weights_are_int4_packed_two_to_a_byte(resnet20_export, tmp_path):
+    program, shape, _ = resnet20_export
+    exported = export_onnx(program, tmp_path / "compact.onnx", input_shapes=[shape], compact_weights=True)
+    initializers = {t.name: t for t in onnx.load(exported.path).graph.initializer}
+    layers = program.layers()
+    assert any(layer.attrs["weight_bits"] <= 4 for layer in layers) and any(
+        layer.attrs["weight_bits"] > 4 for layer in layers)
+    for layer in layers:
+        module, weight = layer.attrs["module"], initializers[f"{layer.attrs['module']}.weight"]
+        if layer.attrs["weight_bits"] <= 4:
+            assert weight.data_type == onnx.TensorProto.INT4
+            assert len(weight.raw_data) == math.ceil(layer.tensors["weight"].numel() / 2)
+            stored = onnx.numpy_helper.to_array(weight).astype(np.int64)
+        else:
+            assert weight.data_type == onnx.TensorProto.UINT8
+            stored = onnx.numpy_helper.to_array(weight).astype(np.int64) - 128
+        assert np.array_equal(stored, layer.tensors["weight"].numpy()), module
+    assert exported.path.stat().st_size < export_onnx(program, tmp_path / "full.onnx").path.stat().st_size
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(5))
+    for name, stats in compare_with_reference(program, exported.path, x)["quantizers"].items():
+        assert stats["within_1_lsb"] >= AGREEMENT_FLOOR and stats["max_lsb"] <= 1, (name, stats)  # per step
 
 
 def test_unsupported_ops_are_all_listed():
@@ -227,9 +316,10 @@ def tiny_run(tmp_path_factory, digits_loaders):
 
 
 def test_cli_export_writes_the_model_and_prints_the_agreement(tiny_run, tmp_path, capsys):
-    assert main(["export", str(tiny_run), "--onnx", str(tmp_path / "m.onnx")]) == 0
+    assert main(["export", str(tiny_run), "--onnx", str(tmp_path / "m.onnx"), "--cpu", AVX2_CPU]) == 0
     printed = capsys.readouterr().out
     assert "opset 21" in printed and "all quantizers: 100.0000% within 1 LSB" in printed, printed
+    assert f"onnxruntime on emulated {AVX2_CPU}" in printed and "end to end: 100.0000%" in printed, printed
     model = onnx.load(tmp_path / "m.onnx")
     assert [d.dim_param or d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim] == ["N", 1, 8, 8]
     assert {"conv1", "conv2", "fc"} <= {n.name for n in model.graph.node}
@@ -239,3 +329,20 @@ def test_cli_export_writes_the_model_and_prints_the_agreement(tiny_run, tmp_path
     assert main(["export", str(tiny_run), "--onnx", str(tmp_path / "n.onnx"), "--input-shape", "1,x"]) == 2
     assert main(["export", str(tiny_run)]) == 2
     assert "--onnx" in capsys.readouterr().err
+
+
+def test_cli_export_fails_when_onnxruntime_breaks_the_contract_end_to_end(tiny_run, tmp_path, capsys, monkeypatch):
+    import mpqc.targets.onnx_check as onnx_check
+
+    compare = onnx_check.compare_with_reference
+
+    def off_by_two_at_the_output(*args, **kwargs):
+        agreement = compare(*args, **kwargs)
+        for stats in agreement["outputs"].values():
+            stats.update(within_1_lsb=0.5, max_lsb=2.0)
+        return agreement
+
+    monkeypatch.setattr(onnx_check, "compare_with_reference", off_by_two_at_the_output)
+    assert main(["export", str(tiny_run), "--onnx", str(tmp_path / "m.onnx")]) == 2
+    error = capsys.readouterr().err
+    assert "disagrees with the integer reference" in error and "output fc, stepwise: 50.0000%" in error, error

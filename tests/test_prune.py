@@ -22,7 +22,8 @@ from mpqc.passes.prune_channels import channel_consumers, fewest_channels, prune
 from mpqc.quantizers import BitRange
 from mpqc.quantizers.fracbits import FracBitsWeightQuantizer
 from mpqc.reference import IntegerProgram
-from mpqc.targets.onnx import AGREEMENT_FLOOR, compare_with_reference, export_onnx
+from mpqc.targets.onnx import export_onnx
+from mpqc.targets.onnx_check import AGREEMENT_FLOOR, compare_with_reference
 
 
 def _prunable_quantizer(channels: int = 6, seed: int = 0):
