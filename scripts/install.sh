@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Install everything mpqc needs on a fresh Debian machine (run as root, non-interactive):
-# the Fashion-MNIST data (Debian package dataset-fashion-mnist) and the Python package with its dev extras.
+# the Fashion-MNIST data (Debian package dataset-fashion-mnist), QEMU's user-mode emulator (Debian package qemu-user:
+# the tests run onnxruntime on an emulated AVX2 CPU, whatever this machine's CPU) and the Python package with its
+# dev extras.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
@@ -14,12 +16,15 @@ have_fashion_mnist() {
     done
 }
 
-if have_fashion_mnist; then
-    step "Fashion-MNIST already in $FASHION_MNIST_DIR"
+missing=()
+have_fashion_mnist || missing+=(dataset-fashion-mnist)
+command -v qemu-x86_64 >/dev/null || missing+=(qemu-user)
+if [[ ${#missing[@]} -eq 0 ]]; then
+    step "Fashion-MNIST in $FASHION_MNIST_DIR and qemu-x86_64 already installed"
 else
-    step "apt-get install dataset-fashion-mnist"
+    step "apt-get install ${missing[*]}"
     DEBIAN_FRONTEND=noninteractive apt-get update
-    DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends dataset-fashion-mnist
+    DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends "${missing[@]}"
 fi
 
 step "pip install -e '.[dev]'"
