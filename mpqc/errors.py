@@ -6,7 +6,10 @@ class MpqcError(Exception):
 
 
 class CaptureError(MpqcError):
-    """The model could not be traced into a graph (both torch.fx and torch.export failed)."""
+    """The model could not be traced into a graph (both torch.fx and torch.export failed). ``torch_log`` holds what
+    torch printed or logged while it tried (kept off stderr)."""
+
+    torch_log: str = ""
 
 
 class ExampleInputError(MpqcError):

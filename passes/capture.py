@@ -18,6 +18,10 @@ Later passes find conv/linear/batchnorm layers as ``call_module`` nodes and read
    keeps export's shape guard (a ``call_module`` node ``_guards_fn`` with no users), so calling it with other
    non-batch shapes raises instead of silently taking a branch traced for different shapes.
 
+While ``torch.export`` runs, torch's own log records (a failing export warns with pages of graph code) are kept
+off stderr: a failure is one :class:`CaptureError` naming both tracers' errors; the records stay on the error
+(``CaptureError.torch_log``) and go to this module's logger at INFO level (``mpqc -v`` prints them).
+
 A trace is accepted only if it reproduces the eager model's output on the example inputs; that run is a
 ``ShapeProp``, so every tensor-valued node of the returned graph carries ``node.meta["tensor_meta"]`` for the
 example inputs.
@@ -28,7 +32,10 @@ of the model's parameters and buffers, so later passes (folding, quantizer inser
 """
 from __future__ import annotations
 
+import contextlib
 import copy
+import io
+import logging
 import os
 import sysconfig
 import traceback
@@ -71,6 +78,8 @@ _EXPORT_LAYER_OPS: dict[Any, type[nn.Module]] = {
 _CONV_OPERANDS = {1: "weight", 2: "bias"}
 _BATCHNORM_OPERANDS = {1: "weight", 2: "bias", 3: "running_mean", 4: "running_var"}
 
+log = logging.getLogger(__name__)
+
 _TORCH_DIR = os.path.dirname(torch.__file__) + os.sep
 _STDLIB_DIR = sysconfig.get_paths()["stdlib"]
 _SITE_DIRS = (sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"])
@@ -98,15 +107,52 @@ def capture(model: nn.Module, example_inputs: tuple) -> fx.GraphModule:
         return _accept(_trace_fx(model_copy), example_inputs, expected)
     except Exception as error:
         fx_failure = error
+    torch_log: list[str] = []
     try:
-        return _trace_export(model_copy, example_inputs, expected)
+        with _torch_log_kept(torch_log):
+            return _trace_export(model_copy, example_inputs, expected)
     except Exception as error:
         export_failure = error
-    raise CaptureError(
+    finally:
+        for line in torch_log:
+            log.info("torch: %s", line)
+    failure = CaptureError(
         f"cannot capture {type(model).__name__} as a graph:\n"
         f"  torch.fx.symbolic_trace failed: {_describe(fx_failure)}\n"
         f"  torch.export.export(strict=False) failed: {_describe(export_failure)}"
-    ) from export_failure
+    )
+    failure.torch_log = "\n".join(torch_log)
+    raise failure from export_failure
+
+
+class _KeepRecords(logging.Handler):
+    def __init__(self, into: list[str]) -> None:
+        super().__init__(logging.DEBUG)
+        self.into = into
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.into.append(f"{record.levelname} {record.name}: {record.getMessage()}")
+
+
+@contextlib.contextmanager
+def _torch_log_kept(into: list[str]):
+    """For the duration, what torch writes to stderr goes into ``into`` (one entry a line): every ``torch.*``
+    logger's handlers (torch installs a stderr handler on many, none propagating) are replaced by one that keeps
+    the records, and ``sys.stderr`` is redirected (a failing ``torch.export`` prints its graph with ``print``)."""
+    keeper = _KeepRecords(into)
+    loggers = [logging.getLogger(name) for name in list(logging.root.manager.loggerDict)
+               if name == "torch" or name.startswith("torch.")]
+    saved = {logger: logger.handlers[:] for logger in loggers if logger.handlers}
+    for logger in saved:
+        logger.handlers = [keeper]
+    printed = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(printed):
+            yield
+    finally:
+        for logger, handlers in saved.items():
+            logger.handlers = handlers
+        into.extend(line for line in printed.getvalue().splitlines() if line.strip())
 
 
 def _run_eager(model: nn.Module, example_inputs: tuple) -> Any:

@@ -1,6 +1,8 @@
 """capture: both tracing paths keep conv/linear/batchnorm as call_module nodes and reproduce the eager model."""
 from __future__ import annotations
 
+import logging
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -258,6 +260,18 @@ def test_data_dependent_control_flow_raises_capture_error_naming_model_and_both_
     assert "torch.export.export(strict=False) failed:" in message
     assert message.count("if x.sum() > 0:") == 2
     assert "test_capture.py" in message
+
+
+def test_a_failed_capture_prints_one_error_not_torchs_graph_dumps(capfd, caplog) -> None:
+    """torch.export prints the graph it traced (and logs warnings) when it fails; mpqc keeps that off stderr, on
+    the error and at INFO level of mpqc's capture logger (``mpqc -v``)."""
+    with caplog.at_level(logging.INFO, logger="mpqc.passes.capture"), pytest.raises(CaptureError) as failure:
+        capture(DataBranch(), (torch.randn(1, 3, 8, 8),))
+    printed = capfd.readouterr()
+    assert printed.err == "" and printed.out == ""
+    assert "def forward" in failure.value.torch_log  # the graph torch.export printed, kept on the error
+    assert any("def forward" in record.getMessage() for record in caplog.records)
+    assert len(str(failure.value).splitlines()) == 3
 
 
 def test_inputs_that_do_not_run_raise_example_input_error() -> None:
