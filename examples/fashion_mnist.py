@@ -8,8 +8,8 @@ Trains the fp32 baseline once (cached under ~/.cache/mpqc/fp32), then runs mpqc.
 WeightMemory(params * avg_bits / 8), saves the run (report.json, bits.png, program.json/.pt, checkpoints) and
 prints fp32 vs quantized accuracy. Re-running with --resume continues an interrupted compile.
 
-The recipes (``RECIPES``): ``quick-start`` (the default) trains fp32 for 3 epochs and gives the search and the
-fine-tuning 150 steps of 128 images each (a third of an epoch); ``full`` is 8 fp32 epochs, 3 search and 2
+The recipes (``RECIPES``): ``quick-start`` (the default) trains fp32 for one epoch and gives the search and the
+fine-tuning 100 steps of 128 images each (a fifth of an epoch each); ``full`` is 8 fp32 epochs, 3 search and 2
 fine-tuning epochs over all 60,000 images. Both evaluate on the whole 10,000-image test set.
 """
 from __future__ import annotations
@@ -43,7 +43,7 @@ class Recipe:
 
 
 RECIPES = {
-    "quick-start": Recipe(fp32_epochs=3, search_epochs=1, finetune_epochs=1, steps_per_epoch=150),
+    "quick-start": Recipe(fp32_epochs=1, search_epochs=1, finetune_epochs=1, steps_per_epoch=100),
     "full": Recipe(fp32_epochs=8, search_epochs=3, finetune_epochs=2),
     "smoke": Recipe(fp32_epochs=2, search_epochs=1, finetune_epochs=1, steps_per_epoch=60, subset=6000,
                     val_subset=2000),
