@@ -416,22 +416,40 @@ def _channel_scale(scale: Tensor, ndim: int, channel_dim: int = 1) -> Tensor:
     return scale.reshape(shape)
 
 
+_FP32_EXACT = 2**24  # every integer of smaller magnitude is an fp32 value, and so is every partial sum below it
+
+
+def _largest_magnitude(values: Tensor) -> int:
+    """``max |values|`` (0 for an empty tensor), without an ``abs`` copy."""
+    if not values.numel():
+        return 0
+    low, high = torch.aminmax(values)
+    return max(-int(low), int(high))
+
+
+def integer_layer_sum(op: str, q: Tensor, weight: Tensor, attrs: dict) -> Tensor:
+    """``sum(q * w)`` of a ``conv1d``/``conv2d``/``linear`` layer on integer tensors, exactly, as float values.
+
+    Computed in fp32 where no partial sum can leave the integers fp32 holds exactly (``max|q| * max|w| * fan_in <
+    2**24``, true of most layers at <= 6 bits), else in float64 (exact below 2**53; PyTorch's float64 convolution
+    is several times slower). Either way the sums are the exact integers, whatever the summation order."""
+    bound = _largest_magnitude(q) * _largest_magnitude(weight) * weight[0].numel()
+    dtype = torch.float32 if bound < _FP32_EXACT else torch.float64
+    q, w = q.to(dtype), weight.to(dtype)
+    if op == "linear":
+        return F.linear(q, w)
+    conv = F.conv2d if op == "conv2d" else F.conv1d
+    return conv(q, w, None, attrs["stride"], attrs["padding"], attrs["dilation"], attrs["groups"])
+
+
 def _eval_layer(program: IntegerProgram, node: IntNode, env: dict) -> IntValue:
     x: IntValue = env[node.inputs[0]]
-    q = x.q.to(torch.float64)
-    w = node.tensors["weight"].to(torch.float64)
-    a = node.attrs
-    if node.op == "linear":
-        acc = F.linear(q, w)
-    elif node.op == "conv2d":
-        acc = F.conv2d(q, w, None, a["stride"], a["padding"], a["dilation"], a["groups"])
-    else:
-        acc = F.conv1d(q, w, None, a["stride"], a["padding"], a["dilation"], a["groups"])
+    acc = integer_layer_sum(node.op, x.q, node.tensors["weight"], node.attrs)
     channel_dim = -1 if node.op == "linear" else 1  # a linear layer's output channels are its last dimension
     acc = torch.round(acc).to(torch.int64) + _channel_scale(node.tensors["bias"].to(torch.int64), acc.dim(),
                                                            channel_dim)
-    if acc.numel() and int(acc.abs().max()) > _INT32_MAX:
-        raise MpqcError(f"layer {node.attrs['module']!r}: the accumulator reached {int(acc.abs().max())}, beyond the "
+    if _largest_magnitude(acc) > _INT32_MAX:
+        raise MpqcError(f"layer {node.attrs['module']!r}: the accumulator reached {_largest_magnitude(acc)}, beyond the "
                         f"int32 range the integer contract guarantees")
     scale = x.scale * node.tensors["weight_scale"].to(torch.float64)
     return IntValue(acc, _channel_scale(scale, acc.dim(), channel_dim))

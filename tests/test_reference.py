@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 import torchvision
 from torch.fx import Interpreter
 
@@ -172,3 +173,27 @@ def test_targets_refuse_a_model_that_was_not_frozen():
             target()
     frozen, _ = freeze_at_random_bits(gm)
     assert IntegerProgram.of(frozen).layer_bits() == IntegerProgram.from_graph(frozen).layer_bits()
+
+
+@pytest.mark.parametrize("op, weight_shape, attrs, input_shape", [
+    ("conv2d", (8, 128, 3, 3), {"stride": [1, 1], "padding": [1, 1], "dilation": [1, 1], "groups": 1}, (2, 128, 6, 6)),
+    ("conv2d", (16, 1, 3, 3), {"stride": [2, 2], "padding": [1, 1], "dilation": [1, 1], "groups": 16}, (2, 16, 7, 7)),
+    ("conv1d", (4, 64, 5), {"stride": [1], "padding": [2], "dilation": [2], "groups": 2}, (3, 128, 20)),
+    ("linear", (10, 1152), {}, (5, 1152)),
+])
+@pytest.mark.parametrize("weight_max", [57, 127])  # 255 * 57 * 1152 is just below 2**24; 127 needs float64
+def test_integer_layer_sums_are_exact_in_fp32_and_float64(op, weight_shape, attrs, input_shape, weight_max):
+    """The fp32 fast path is taken only where every partial sum is an integer fp32 holds; the sums equal float64's,
+    also with every code at its extreme (the largest possible sums)."""
+    from mpqc.reference import integer_layer_sum
+
+    generator = torch.Generator().manual_seed(weight_max)
+    weight = torch.randint(-weight_max, weight_max + 1, weight_shape, generator=generator)
+    weight[0] = weight_max
+    for q in (torch.randint(0, 256, input_shape, generator=generator), torch.full(input_shape, 255)):
+        exact = integer_layer_sum(op, q, weight, attrs)
+        expected = {"linear": lambda: F.linear(q.double(), weight.double()),
+                    "conv2d": lambda: F.conv2d(q.double(), weight.double(), None, **attrs),
+                    "conv1d": lambda: F.conv1d(q.double(), weight.double(), None, **attrs)}[op]()
+        assert torch.equal(exact.double(), expected)
+        assert float(expected.abs().max()) % 1 == 0
