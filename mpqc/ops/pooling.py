@@ -1,0 +1,230 @@
+"""Pooling: max_pool2d, global_avg_pool (adaptive average pooling to 1x1), avg_pool2d without padding.
+
+``max_pool2d`` keeps integers (and is a step of a requantisation region on floats); ``global_avg_pool`` and
+``avg_pool2d`` on integers become the exact integer *sum* with scale ``s / window``; on floats they are PyTorch's
+fp32 mean (TVM reproduces its summation order).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mpqc.ops.registry import IntNode, IntValue, OpDef, Unsupported, arg, pair, register_op
+
+aten = torch.ops.aten
+
+_TESTS = ("tests/test_tvm.py::test_less_common_ops_are_bit_exact",
+          "tests/test_tvm.py::test_resnet20_is_bit_exact_with_the_reference",
+          "tests/test_onnx.py::test_onnxruntime_agrees_with_the_reference_at_mixed_bits")
+
+
+def pool_attrs(kernel, stride, padding, dilation, ceil_mode) -> dict:
+    return {"kernel": list(pair(kernel)), "stride": list(pair(stride if stride else kernel)),
+            "padding": list(pair(padding)), "dilation": list(pair(dilation)), "ceil_mode": bool(ceil_mode)}
+
+
+def max_pool(x, a: dict):
+    return F.max_pool2d(x, a["kernel"], a["stride"], a["padding"], a["dilation"], a["ceil_mode"])
+
+
+@register_op
+class MaxPool2d(OpDef):
+    names = ("max_pool2d",)
+    modules = (nn.MaxPool2d,)
+    functions = (F.max_pool2d, aten.max_pool2d.default)
+    keeps_integers = True
+    sign = "preserving"  # padding never wins a max against a value >= 0
+    keeps_zero = True
+    fuses_into_requantize = True
+    numerics_tests = _TESTS
+
+    def describe(self, gm, node, frozen):
+        if node.op == "call_module":
+            m = gm.get_submodule(node.target)
+            attrs = pool_attrs(m.kernel_size, m.stride, m.padding, m.dilation, m.ceil_mode)
+        else:
+            kernel = arg(node, 1, "kernel_size", None)
+            attrs = pool_attrs(kernel, arg(node, 2, "stride", None), arg(node, 3, "padding", 0),
+                               arg(node, 4, "dilation", 1), arg(node, 5, "ceil_mode", False))
+        return IntNode(node.name, "max_pool2d", [node.all_input_nodes[0].name], attrs)
+
+    def evaluate(self, program, node, env):
+        x = env[node.inputs[0]]
+        if isinstance(x, IntValue):
+            return IntValue(torch.round(max_pool(x.q.to(torch.float64), node.attrs)).to(torch.int64), x.scale)
+        return max_pool(x, node.attrs)
+
+    def requantize_step(self, node, inputs, s_out):
+        return max_pool(inputs[0], node.attrs)
+
+    def relax(self, lowering, node):
+        from mpqc.targets.tvm import _Float, _Int, _max_pool
+
+        x = lowering.env[node.inputs[0]]
+        pooled = lowering.emit(_max_pool(x.expr, node.attrs, x.layout))
+        if isinstance(x, _Int):
+            return _Int(pooled, x.scale, x.layout)
+        return _Float(pooled, x.layout)
+
+    def relax_requantize_step(self, lowering, node, inputs, s_out):
+        from mpqc.targets.tvm import _Float, _max_pool
+
+        x = inputs[0]
+        return _Float(lowering.emit(_max_pool(x.expr, node.attrs, x.layout)), x.layout)
+
+    def onnx(self, builder, node):
+        a = node.attrs
+        builder.add("MaxPool", [node.inputs[0]], [node.name], builder.label(node), kernel_shape=a["kernel"],
+                    strides=a["stride"], pads=list(a["padding"]) * 2, dilations=a["dilation"],
+                    ceil_mode=int(a["ceil_mode"]))
+        builder.rank[node.name] = 4
+
+
+@register_op
+class GlobalAvgPool(OpDef):
+    """Adaptive average pooling to 1x1."""
+
+    names = ("global_avg_pool",)
+    modules = (nn.AdaptiveAvgPool2d,)
+    functions = (F.adaptive_avg_pool2d, aten.adaptive_avg_pool2d.default)
+    keeps_integers = True
+    sign = "preserving"
+    keeps_zero = True
+    averages = True
+    numerics_tests = _TESTS + ("tests/test_tvm.py::test_torch_sum_order_reproduces_pytorch_mean",)
+
+    def describe(self, gm, node, frozen):
+        if node.op == "call_module":
+            size = gm.get_submodule(node.target).output_size
+        else:
+            size = arg(node, 1, "output_size", None)
+        if pair(size) != (1, 1):
+            raise Unsupported("adaptive average pooling to a size other than 1x1")
+        return IntNode(node.name, "global_avg_pool", [node.all_input_nodes[0].name])
+
+    def evaluate(self, program, node, env):
+        x = env[node.inputs[0]]
+        if isinstance(x, IntValue):
+            window = x.q.shape[-1] * x.q.shape[-2]
+            return IntValue(x.q.sum(dim=(-2, -1), keepdim=True), x.scale / window)
+        return F.adaptive_avg_pool2d(x, 1)
+
+    def relax(self, lowering, node):
+        from tvm.relax import op as R
+
+        from mpqc.targets.tvm import (_CHECKED_FLOAT_MEAN_WINDOW, NCHW, NHWC, _Float, _float_global_avg_pool_te, _Int,
+                                      _shape, _sum_dtype)
+
+        x = lowering.env[node.inputs[0]]
+        if isinstance(x, _Int):
+            axes = [1, 2] if x.layout == NHWC else [-2, -1]
+            shape = _shape(x.expr)
+            summed = lowering.emit(R.sum(R.astype(x.expr, _sum_dtype(x.expr)), axis=axes, keepdims=True))
+            return _Int(summed, x.scale / (shape[axes[0]] * shape[axes[1]]), x.layout)
+        x = lowering.in_layout(x, NCHW)
+        shape = _shape(x.expr)
+        window = shape[-1] * shape[-2]
+        if window > _CHECKED_FLOAT_MEAN_WINDOW:
+            lowering.inexact.append(f"{node.name}: fp32 mean over {window} elements (PyTorch's summation order is "
+                                    f"reproduced and checked only up to {_CHECKED_FLOAT_MEAN_WINDOW})")
+        return _Float(lowering.bb.emit_te(_float_global_avg_pool_te, x.expr, primfunc_name_hint="float_mean"))
+
+    def onnx(self, builder, node):
+        builder.add("GlobalAveragePool", [node.inputs[0]], [node.name], builder.label(node))
+        builder.rank[node.name] = builder.rank.get(node.inputs[0])
+
+
+@register_op
+class AvgPool2d(OpDef):
+    """Average pooling without padding, ceil_mode or divisor_override."""
+
+    names = ("avg_pool2d",)
+    modules = (nn.AvgPool2d,)
+    functions = (F.avg_pool2d, aten.avg_pool2d.default)
+    keeps_integers = True
+    sign = "preserving"
+    keeps_zero = True
+    averages = True
+    numerics_tests = _TESTS
+
+    def describe(self, gm, node, frozen):
+        if node.op == "call_module":
+            m = gm.get_submodule(node.target)
+            kernel, stride, padding, ceil_mode, divisor = (m.kernel_size, m.stride, m.padding, m.ceil_mode,
+                                                           m.divisor_override)
+        else:
+            kernel, stride = arg(node, 1, "kernel_size", None), arg(node, 2, "stride", None)
+            padding, ceil_mode = arg(node, 3, "padding", 0), arg(node, 4, "ceil_mode", False)
+            divisor = arg(node, 6, "divisor_override", None)
+        attrs = pool_attrs(kernel, stride, padding, 1, ceil_mode)
+        if attrs["padding"] != [0, 0] or ceil_mode or divisor:
+            raise Unsupported("average pooling with padding, ceil_mode or divisor_override")
+        return IntNode(node.name, "avg_pool2d", [node.all_input_nodes[0].name], attrs)
+
+    def evaluate(self, program, node, env):
+        x, a = env[node.inputs[0]], node.attrs
+        if isinstance(x, IntValue):
+            window = a["kernel"][0] * a["kernel"][1]
+            summed = F.avg_pool2d(x.q.to(torch.float64), a["kernel"], a["stride"]) * window
+            return IntValue(torch.round(summed).to(torch.int64), x.scale / window)
+        return F.avg_pool2d(x, a["kernel"], a["stride"])
+
+    def relax(self, lowering, node):
+        from mpqc.targets.tvm import NCHW, _Float, _Int, _sum_dtype, _window_sum_te
+
+        x = lowering.in_layout(lowering.env[node.inputs[0]], NCHW)
+        a = node.attrs
+        if isinstance(x, _Int):
+            summed = lowering.bb.emit_te(_window_sum_te, x.expr, a["kernel"], a["stride"], _sum_dtype(x.expr), False,
+                                         primfunc_name_hint="window_sum")
+            return _Int(summed, x.scale / (a["kernel"][0] * a["kernel"][1]))
+        return _Float(lowering.bb.emit_te(_window_sum_te, x.expr, a["kernel"], a["stride"], "float32", True,
+                                          primfunc_name_hint="window_avg"))
+
+    def relax_check(self, node):
+        a = node.attrs
+        if a["padding"] != [0, 0] or a["ceil_mode"]:
+            return "average pooling with padding or ceil_mode"
+        return None
+
+    def onnx(self, builder, node):
+        a = node.attrs
+        if list(a["padding"]) != [0, 0] or a["ceil_mode"]:
+            raise Unsupported("average pooling with padding or ceil_mode")
+        builder.add("AveragePool", [node.inputs[0]], [node.name], builder.label(node), kernel_shape=a["kernel"],
+                    strides=a["stride"])
+        builder.rank[node.name] = 4
+
+
+# ------------------------------------------------------------------------- facts only (no integer semantics yet)
+@register_op
+class MaxPool1d(OpDef):
+    modules = (nn.MaxPool1d,)
+    sign = "preserving"
+    keeps_zero = True
+
+
+@register_op
+class AvgPool1d(OpDef):
+    modules = (nn.AvgPool1d, nn.AdaptiveAvgPool1d)
+    sign = "preserving"
+    keeps_zero = True
+    averages = True
+
+
+@register_op
+class AdaptiveMaxPool2d(OpDef):
+    modules = (nn.AdaptiveMaxPool2d,)
+    functions = (F.adaptive_max_pool2d,)
+    sign = "preserving"
+
+
+@register_op
+class Mean(OpDef):
+    """``x.mean(dims)`` / ATen ``mean.dim``."""
+
+    functions = (aten.mean.dim,)
+    methods = ("mean",)
+    sign = "preserving"
+    averages = True
