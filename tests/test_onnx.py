@@ -55,12 +55,27 @@ class Conv1dNet(nn.Module):
         return self.fc(torch.flatten(self.relu(self.conv(x)), 1))
 
 
+class Reductions(nn.Module):
+    """mean over spatial dims (keepdim) and sum over the last dim of an accumulator."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.c2 = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 4, 3, padding=1)
+        self.fc = nn.Linear(8 + 4 * 8, 5)
+
+    def forward(self, x):
+        a = torch.relu(self.c1(x))
+        pooled = a.mean((2, 3), keepdim=True).flatten(1)
+        return self.fc(torch.cat([pooled, self.c2(a).sum(-1).flatten(1)], 1))
+
+
 MODELS = {
     "resnet20": (lambda: example_models.resnet20(), (4, 1, 28, 28)),
     "resnet18": (lambda: torchvision.models.resnet18(num_classes=10), (2, 3, 64, 64)),
     "mobilenet_v2": (lambda: torchvision.models.mobilenet_v2(num_classes=10), (2, 3, 64, 64)),
     "all_ops_2d": (AllOps2d, (4, 3, 16, 16)),
     "conv1d": (Conv1dNet, (4, 2, 32)),
+    "reductions": (Reductions, (4, 3, 8, 8)),
 }
 
 

@@ -72,7 +72,7 @@ def test_fx_nodes_find_their_family():
     gm = symbolic_trace(Net())
     families = {node.name: type(ops.op_of(gm, node)).__name__ for node in gm.graph.nodes if node.op != "output"}
     assert families == {"x": "Input", "conv": "Layer", "act": "Clamp", "pool": "GlobalAvgPool", "relu": "ReLU",
-                        "mean": "Mean", "add": "Add", "flatten": "Flatten", "sigmoid": "NonNegativeActivation"}
+                        "mean": "Reduce", "add": "Add", "flatten": "Flatten", "sigmoid": "NonNegativeActivation"}
     nodes = {node.name: node for node in gm.graph.nodes}
     assert ops.is_nonnegative(gm, nodes["act"]) and ops.is_nonnegative(gm, nodes["pool"])
     assert ops.is_nonnegative(gm, nodes["add"]) and not ops.is_nonnegative(gm, nodes["conv"])

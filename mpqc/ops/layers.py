@@ -32,6 +32,8 @@ class Layer(OpDef):
 
     names = ("conv1d", "conv2d", "linear")
     modules = (QuantConv1d, QuantConv2d, QuantLinear, nn.Conv1d, nn.Conv2d, nn.Linear)
+    #: the quantizable module types and their program ops (subclasses, e.g. the quantized versions, count too)
+    layer_types: dict[type[nn.Module], str] = {nn.Conv1d: "conv1d", nn.Conv2d: "conv2d", nn.Linear: "linear"}
     is_layer = True
     quantized_inputs = (0,)
     numerics_tests = _TESTS
