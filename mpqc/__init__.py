@@ -11,6 +11,8 @@ the compiler, the sweep or matplotlib.
 from __future__ import annotations
 
 import importlib
+import sys
+import types
 from typing import Any
 
 _EXPORTS = {
@@ -39,3 +41,16 @@ def __getattr__(name: str) -> Any:
 
 def __dir__() -> list[str]:
     return sorted(set(globals()) | set(_EXPORTS))
+
+
+class _Package(types.ModuleType):
+    """``mpqc.compile`` and ``mpqc.sweep`` stay the functions when their modules are imported (an import binds the
+    submodule on its package; the functions' names are the API)."""
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in ("compile", "sweep") and isinstance(value, types.ModuleType):
+            value = getattr(value, name)
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package

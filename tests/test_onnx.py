@@ -69,6 +69,20 @@ class Reductions(nn.Module):
         return self.fc(torch.cat([pooled, self.c2(a).sum(-1).flatten(1)], 1))
 
 
+class PaddedPools(nn.Module):
+    """Average pools with padding, count_include_pad both ways, ceil_mode."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.c2 = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 4, 1)
+        self.pool = nn.AvgPool2d(3, stride=2, padding=1, ceil_mode=True, count_include_pad=False)
+        self.fc = nn.Linear(4 * 5 * 5, 5)
+
+    def forward(self, x):
+        a = nn.functional.avg_pool2d(torch.relu(self.c1(x)), 3, 1, 1)
+        return self.fc(torch.flatten(self.pool(self.c2(a)), 1))
+
+
 MODELS = {
     "resnet20": (lambda: example_models.resnet20(), (4, 1, 28, 28)),
     "resnet18": (lambda: torchvision.models.resnet18(num_classes=10), (2, 3, 64, 64)),
@@ -76,6 +90,7 @@ MODELS = {
     "all_ops_2d": (AllOps2d, (4, 3, 16, 16)),
     "conv1d": (Conv1dNet, (4, 2, 32)),
     "reductions": (Reductions, (4, 3, 8, 8)),
+    "padded_pools": (PaddedPools, (4, 3, 9, 9)),
 }
 
 

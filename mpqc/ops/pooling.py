@@ -1,4 +1,5 @@
-"""Pooling: max_pool2d, global_avg_pool (adaptive average pooling to 1x1), avg_pool2d without padding.
+"""Pooling: max_pool2d, global_avg_pool (adaptive average pooling to 1x1), avg_pool2d (any padding, ceil_mode,
+count_include_pad).
 
 ``max_pool2d`` keeps integers (and is a step of a requantisation region on floats); ``global_avg_pool`` and
 ``avg_pool2d`` on integers become the exact integer *sum* with scale ``s / window``; on floats they are PyTorch's
@@ -29,6 +30,65 @@ def pool_attrs(kernel, stride, padding, dilation, ceil_mode) -> dict:
 
 def max_pool(x, a: dict):
     return F.max_pool2d(x, a["kernel"], a["stride"], a["padding"], a["dilation"], a["ceil_mode"])
+
+
+def window_bounds(size: int, out: int, kernel: int, stride: int, padding: int) -> list[tuple[int, int]]:
+    """Per output index along one dim: the input range ``[start, end)`` its window sums (clipped to the input;
+    padding adds zeros)."""
+    return [(max(i * stride - padding, 0), min(i * stride - padding + kernel, size)) for i in range(out)]
+
+
+def _pool(x: torch.Tensor, a: dict, **kwargs) -> torch.Tensor:
+    return F.avg_pool2d(x, a["kernel"], a["stride"], a["padding"], a["ceil_mode"], **kwargs)
+
+
+def pool_divisors(node: IntNode, height: int, width: int) -> torch.Tensor:
+    """The divisor of each output position (float64, ``[1, 1, oh, ow]``): what PyTorch divides each window's sum
+    by, found by pooling ones (so every padding / ceil_mode / count_include_pad rule is PyTorch's own)."""
+    a = node.attrs
+    ones = torch.ones(1, 1, height, width, dtype=torch.float64)
+    sums = _pool(ones, a, count_include_pad=True, divisor_override=1)
+    return torch.round(sums / _pool(ones, a, count_include_pad=a.get("count_include_pad", True)))
+
+
+def window_sums(node: IntNode, q: torch.Tensor) -> torch.Tensor:
+    """The exact integer sum of each pooling window of ``q`` (int64; padding adds zeros)."""
+    sums = _pool(q.to(torch.float64), node.attrs, count_include_pad=True, divisor_override=1)
+    return torch.round(sums).to(torch.int64)
+
+
+def _padded_window_sum_te(x, rows, cols, out_dtype: str):
+    """TVM: the sum of each window (``rows``/``cols``: per output index, its clipped input range), in row-major
+    order; every window's bounds are constants of the generated code."""
+    from tvm import te, tirx
+
+    n, c = (int(d) for d in x.shape[:2])
+
+    def window(index, bounds):
+        # the per-output bounds as a select chain on the output index (a handful of distinct windows)
+        start, end = tirx.const(bounds[-1][0], "int32"), tirx.const(bounds[-1][1], "int32")
+        for k in range(len(bounds) - 2, -1, -1):
+            start = tirx.Select(index == k, tirx.const(bounds[k][0], "int32"), start)
+            end = tirx.Select(index == k, tirx.const(bounds[k][1], "int32"), end)
+        return start, end
+
+    kh = max(r1 - r0 for r0, r1 in rows)
+    kw = max(c1 - c0 for c0, c1 in cols)
+    height, width = int(x.shape[2]), int(x.shape[3])
+
+    def body(b, ch, i, j):
+        (r0, r1), (c0, c1) = window(i, rows), window(j, cols)
+        total = None
+        for u in range(kh):
+            for v in range(kw):
+                h, w = r0 + u, c0 + v
+                inside = tirx.all(h < r1, w < c1)
+                value = x[b, ch, tirx.min(h, height - 1), tirx.min(w, width - 1)].astype(out_dtype)
+                value = tirx.Select(inside, value, tirx.const(0, out_dtype))
+                total = value if total is None else total + value
+        return total
+
+    return te.compute((n, c, len(rows), len(cols)), body, name="window_sum")
 
 
 @register_op
@@ -138,9 +198,37 @@ class GlobalAvgPool(OpDef):
         builder.rank[node.name] = builder.rank.get(node.inputs[0])
 
 
+def pooled_integer(node: IntNode, x) -> IntValue:
+    """The reference of an average pool on an integer value: exact window sums, scale ``s / divisor`` per
+    position (``[1, C or 1, oh, ow]``)."""
+    if not isinstance(x, IntValue):
+        raise MpqcError(f"node {node.name!r}: {node.op} reads a float value (its input must be quantized)")
+    divisors = pool_divisors(node, x.q.shape[-2], x.q.shape[-1])
+    return IntValue(window_sums(node, x.q), x.scale / divisors)
+
+
+def relax_pooled_integer(lowering, node: IntNode):
+    """TVM: ``pooled_integer`` (the same divisors and scales, from the same torch code)."""
+    from mpqc.targets.tvm import NCHW, _Int, _shape, _sum_dtype
+
+    x = lowering.in_layout(lowering.env[node.inputs[0]], NCHW)
+    if not isinstance(x, _Int):
+        raise MpqcError(f"node {node.name!r}: {node.op} reads a float value (its input must be quantized)")
+    n, c, height, width = _shape(x.expr)
+    divisors = pool_divisors(node, height, width)
+    oh, ow = divisors.shape[-2:]
+    a = node.attrs
+    rows = window_bounds(height, oh, a["kernel"][0], a["stride"][0], a["padding"][0])
+    cols = window_bounds(width, ow, a["kernel"][1], a["stride"][1], a["padding"][1])
+    summed = lowering.bb.emit_te(_padded_window_sum_te, x.expr, rows, cols, _sum_dtype(x.expr),
+                                 primfunc_name_hint="window_sum")
+    return _Int(summed, x.scale / divisors)
+
+
 @register_op
 class AvgPool2d(OpDef):
-    """Average pooling without padding, ceil_mode or divisor_override."""
+    """Average pooling with any padding, ``ceil_mode`` and ``count_include_pad``: exact integer window sums, each
+    position's scale ``s / PyTorch's divisor there``; ``divisor_override`` is refused."""
 
     names = ("avg_pool2d",)
     modules = (nn.AvgPool2d,)
@@ -149,54 +237,48 @@ class AvgPool2d(OpDef):
     sign = "preserving"
     keeps_zero = True
     averages = True
-    numerics_tests = _TESTS
+    numerics_tests = _TESTS + ("tests/test_tvm.py::test_padded_avg_pools_are_bit_exact",)
 
     def describe(self, gm, node, frozen):
         if node.op == "call_module":
             m = gm.get_submodule(node.target)
-            kernel, stride, padding, ceil_mode, divisor = (m.kernel_size, m.stride, m.padding, m.ceil_mode,
-                                                           m.divisor_override)
+            kernel, stride, padding, ceil_mode, include_pad, divisor = (
+                m.kernel_size, m.stride, m.padding, m.ceil_mode, m.count_include_pad, m.divisor_override)
         else:
             kernel, stride = arg(node, 1, "kernel_size", None), arg(node, 2, "stride", None)
             padding, ceil_mode = arg(node, 3, "padding", 0), arg(node, 4, "ceil_mode", False)
-            divisor = arg(node, 6, "divisor_override", None)
+            include_pad, divisor = arg(node, 5, "count_include_pad", True), arg(node, 6, "divisor_override", None)
+        if divisor:
+            raise Unsupported("average pooling with divisor_override")
         attrs = pool_attrs(kernel, stride, padding, 1, ceil_mode)
-        if attrs["padding"] != [0, 0] or ceil_mode or divisor:
-            raise Unsupported("average pooling with padding, ceil_mode or divisor_override")
+        attrs["count_include_pad"] = bool(include_pad)
         return IntNode(node.name, "avg_pool2d", [node.all_input_nodes[0].name], attrs)
 
     def evaluate(self, program, node, env):
         x, a = env[node.inputs[0]], node.attrs
         if isinstance(x, IntValue):
-            window = a["kernel"][0] * a["kernel"][1]
-            summed = F.avg_pool2d(x.q.to(torch.float64), a["kernel"], a["stride"]) * window
-            return IntValue(torch.round(summed).to(torch.int64), x.scale / window)
-        return F.avg_pool2d(x, a["kernel"], a["stride"])
+            return pooled_integer(node, x)
+        return F.avg_pool2d(x, a["kernel"], a["stride"], a["padding"], a["ceil_mode"],
+                            a.get("count_include_pad", True))
 
     def relax(self, lowering, node):
-        from mpqc.targets.tvm import NCHW, _Float, _Int, _sum_dtype, _window_sum_te
+        from mpqc.targets.tvm import NCHW, _Float, _Int, _window_sum_te as float_window_avg
 
         x = lowering.in_layout(lowering.env[node.inputs[0]], NCHW)
         a = node.attrs
         if isinstance(x, _Int):
-            summed = lowering.bb.emit_te(_window_sum_te, x.expr, a["kernel"], a["stride"], _sum_dtype(x.expr), False,
-                                         primfunc_name_hint="window_sum")
-            return _Int(summed, x.scale / (a["kernel"][0] * a["kernel"][1]))
-        return _Float(lowering.bb.emit_te(_window_sum_te, x.expr, a["kernel"], a["stride"], "float32", True,
-                                          primfunc_name_hint="window_avg"))
-
-    def relax_check(self, node):
-        a = node.attrs
+            return relax_pooled_integer(lowering, node)
         if a["padding"] != [0, 0] or a["ceil_mode"]:
-            return "average pooling with padding or ceil_mode"
-        return None
+            raise MpqcError(f"node {node.name!r}: a padded or ceil_mode average pool of a float value")
+        return _Float(lowering.bb.emit_te(float_window_avg, x.expr, a["kernel"], a["stride"], "float32", True,
+                                          primfunc_name_hint="window_avg"))
 
     def onnx(self, builder, node):
         a = node.attrs
-        if list(a["padding"]) != [0, 0] or a["ceil_mode"]:
-            raise Unsupported("average pooling with padding or ceil_mode")
+        pads = list(a["padding"]) * 2
         builder.add("AveragePool", [node.inputs[0]], [node.name], builder.label(node), kernel_shape=a["kernel"],
-                    strides=a["stride"])
+                    strides=a["stride"], pads=pads, ceil_mode=int(a["ceil_mode"]),
+                    count_include_pad=int(a.get("count_include_pad", True)))
         builder.rank[node.name] = 4
 
 
