@@ -25,7 +25,6 @@ from torch import Tensor
 
 from mpqc.errors import ConfigError, InfeasibleBudgetError
 from mpqc.layers import LayerInfo
-from mpqc.report import human_bytes, human_count
 
 
 class LayerBits(NamedTuple):
@@ -313,3 +312,17 @@ class TargetCost(Budget):
 
     def format(self, value: float) -> str:
         return f"{human_count(value)} cycles"
+
+
+def human_bytes(n: float) -> str:
+    """``mpqc.report.human_bytes``, imported when first needed (the report module loads matplotlib)."""
+    from mpqc.report import human_bytes as fmt
+
+    return fmt(n)
+
+
+def human_count(n: float) -> str:
+    """``mpqc.report.human_count``, imported when first needed."""
+    from mpqc.report import human_count as fmt
+
+    return fmt(n)

@@ -1,4 +1,4 @@
-"""``mpqc.compile``: the whole compiler, every stage in order, in one function."""
+"""``mpqc.compile``: the whole compiler, every stage in order (``mpqc.pipeline.STAGES``), in one function."""
 from __future__ import annotations
 
 import copy
@@ -24,12 +24,9 @@ from mpqc.data import check_loader
 from mpqc.distributed import setup as setup_distributed
 from mpqc.errors import ConfigError, DataError
 from mpqc.layers import LayerInfo
-from mpqc.passes.analyze_layers import analyze_layers
-from mpqc.passes.capture import capture
-from mpqc.passes.fold_batchnorm import fold_batchnorm
+from mpqc import pipeline
 from mpqc.passes.freeze import freeze
-from mpqc.passes.insert_quantizers import current_bits, insert_quantizers, quantized_layers, smallest_bits
-from mpqc.passes.mark_prunable import mark_prunable
+from mpqc.passes.insert_quantizers import current_bits, quantized_layers, smallest_bits
 from mpqc.passes.prune_channels import fewest_channels, prune_channels
 from mpqc.quantizers import get_method
 from mpqc.reference import IntegerProgram
@@ -74,18 +71,17 @@ def compile(
     train_loader, val_loader = _split_data(data)
     torch.manual_seed(config.seed)
 
-    gm = capture(model, example_inputs)                                            # 1. trace to torch.fx
-    gm = fold_batchnorm(gm)                                                        # 2. fold BatchNorm
-    layers = analyze_layers(gm, example_inputs)                                    # 3. params, MACs, activations
+    gm, layers = pipeline.trace(model, example_inputs)                             # 1-3. torch.fx, fold BatchNorm,
+                                                                                   #      params, MACs, activations
     num_classes = config.num_classes or _output_width(gm, example_inputs)
     check_loader(train_loader, "train", num_classes)
     teacher = copy.deepcopy(gm).eval()
     identity = _identity(model, gm, budget, method, config, train_loader)
 
     calibration = next(epoch_batches(train_loader, config.seed))[0]
-    gm = insert_quantizers(gm, quant_method, config.quantizers, (calibration,))   # 4. learnable-bit quantizers
-    gm = mark_prunable(gm)                                                         #    0 bits = pruned channel
-    IntegerProgram.check_supported(gm)                                             #    refuse unsupported ops
+    gm = pipeline.quantize(gm, quant_method, config.quantizers, (calibration,))   # 4. learnable-bit quantizers,
+                                                                                   #    0 bits = pruned channel,
+                                                                                   #    refuse unsupported ops
     smallest = budget.check_feasible(fewest_channels(gm),                          #    and infeasible budgets
                                      smallest_bits(quantized_layers(gm)))
     run = world.call_on_main(lambda: RunDirectory(out or tempfile.mkdtemp(prefix="mpqc-run-"), identity,
@@ -105,7 +101,7 @@ def compile(
     finetune(gm, train_loader, config.finetune, checkpoint=run.checkpoint("finetune"),  # 8. fine-tune, bits fixed
              seed=config.seed + 1, teacher=teacher, progress=config.progress)
     gm.eval()
-    program = IntegerProgram.from_graph(gm)                                        # 9. the integer model
+    program = pipeline.to_integer_program(gm)                                      # 9. the integer model
     finished = time.perf_counter()
 
     accuracy = {"fp32": None, "quantized": None, "integer_reference": None}

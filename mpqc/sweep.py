@@ -63,9 +63,7 @@ from mpqc.compile import CompiledModel, compile
 from mpqc.config import CompileConfig
 from mpqc.errors import CheckpointError, ConfigError, DataError, InfeasibleBudgetError, MpqcError
 from mpqc.layers import LayerInfo
-from mpqc.passes.analyze_layers import analyze_layers
-from mpqc.passes.capture import capture
-from mpqc.passes.fold_batchnorm import fold_batchnorm
+from mpqc import pipeline
 from mpqc.quantizers import BitRange, get_method
 from mpqc.report import _table, human_bytes, human_count, load_report
 from mpqc.train import evaluate
@@ -379,7 +377,7 @@ def sweep(
     train_loader, val_loader = _split(data)
     example_inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
 
-    layers = analyze_layers(fold_batchnorm(capture(model, example_inputs)), example_inputs)
+    _, layers = pipeline.trace(model, example_inputs)
     points = plan_points(specs, layers, methods=methods, act_bits=act_axis, uniform_bits=uniform_bits or ())
     identity = _identity(model, example_inputs, train_loader, val_loader, config)
     out = Path(out)

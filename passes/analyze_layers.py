@@ -22,9 +22,11 @@ from torch.fx.passes.shape_prop import ShapeProp
 
 from mpqc.errors import ExampleInputError, MpqcError
 from mpqc.layers import LAYER_META, LayerInfo
+from mpqc.ops import op_named
 
-#: Quantizable layer types and their op names; subclasses (e.g. quantized versions) count as their base type.
-LAYER_OPS: dict[type[nn.Module], str] = {nn.Conv1d: "conv1d", nn.Conv2d: "conv2d", nn.Linear: "linear"}
+#: Quantizable layer types and their op names (the op registry's layer family); subclasses (e.g. quantized versions)
+#: count as their base type.
+LAYER_OPS: dict[type[nn.Module], str] = op_named("conv2d").layer_types
 
 
 def layer_nodes(gm: fx.GraphModule) -> list[fx.Node]:

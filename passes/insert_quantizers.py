@@ -21,7 +21,6 @@ Ensures:    every quantized layer node has ``node.meta[INPUT_QUANTIZER_META]`` =
 """
 from __future__ import annotations
 
-import operator
 from dataclasses import dataclass
 
 import torch
@@ -120,7 +119,7 @@ def insert_quantizers(
 
     def signed_and_range(source: Node) -> tuple[bool, float]:
         low, high = stats[source]
-        signed = not (_nonnegative(gm, source) or (source.op == "placeholder" and low >= 0))
+        signed = not (ops.is_nonnegative(gm, source) or (source.op == "placeholder" and low >= 0))
         return signed, max(high, -low if signed else 0.0, 1e-4)
 
     def fixed_quantizer(source: Node, bits: int) -> FixedQuantizer:
@@ -181,39 +180,27 @@ def _requantize_points(gm: GraphModule, layers: list[Node], quantized_sources: s
             points.append(node)
 
     for node in gm.graph.nodes:
-        if ops.is_tensor_add(node):
+        if ops.op_of(gm, node) is ops.op_named("add") and _is_tensor_add(node):
             end = node
-            while len(end.users) == 1 and _is_elementwise_clamp(gm, next(iter(end.users))):
+            while len(end.users) == 1 and ops.has_property(gm, next(iter(end.users)), "clamps"):
                 end = next(iter(end.users))
             add(end)
-        elif _is_average_pool(gm, node) and isinstance(node.args[0], Node):
+        elif ops.has_property(gm, node, "averages") and isinstance(node.args[0], Node):
             if not _is_integer_valued(gm, node.args[0], set(layers) | quantized_sources):
                 add(node.args[0])
     return points
 
 
-def _is_elementwise_clamp(gm: GraphModule, node: Node) -> bool:
-    return ops.is_call(node, ops.ELEMENTWISE_CLAMP_FUNCTIONS) or (
-        node.op == "call_module" and isinstance(gm.get_submodule(node.target), ops.ELEMENTWISE_CLAMP_MODULES)
-    )
-
-
-def _is_average_pool(gm: GraphModule, node: Node) -> bool:
-    if node.op == "call_module":
-        return isinstance(gm.get_submodule(node.target), (nn.AdaptiveAvgPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool1d,
-                                                          nn.AvgPool1d))
-    return ops.is_call(node, ops.GLOBAL_AVG_POOL_FUNCTIONS | ops.AVG_POOL_FUNCTIONS)
+def _is_tensor_add(node: Node) -> bool:
+    """``a + b`` of two graph tensors (no scalar, no alpha)."""
+    return len(node.args) == 2 and all(isinstance(a, Node) for a in node.args) and not node.kwargs
 
 
 def _is_integer_valued(gm: GraphModule, node: Node, integer_sources: set[Node]) -> bool:
     """Whether the integer program holds ``node`` as integers: a layer output or a quantized tensor, seen through
-    ReLU, max pooling and reshapes (which the contract keeps integer)."""
+    the ops that keep integers (ReLU, max pooling, reshapes: ``keeps_integers`` in the op registry)."""
     while node not in integer_sources:
-        keeps_integers = ops.is_call(node, ops.RELU_FUNCTIONS | ops.MAX_POOL_FUNCTIONS | ops.FLATTEN_FUNCTIONS) or (
-            node.op == "call_module"
-            and isinstance(gm.get_submodule(node.target), (nn.ReLU, nn.MaxPool2d, nn.Flatten, nn.Dropout, nn.Identity))
-        )
-        if not keeps_integers or not isinstance(node.args[0], Node):
+        if not ops.has_property(gm, node, "keeps_integers") or not node.args or not isinstance(node.args[0], Node):
             return False
         node = node.args[0]
     return True
@@ -240,40 +227,3 @@ def _calibrate(gm: GraphModule, nodes: set[Node], inputs: tuple) -> dict[Node, t
     with torch.no_grad():
         Recorder(gm).run(*inputs)
     return stats
-
-
-def _nonnegative(gm: GraphModule, node: Node) -> bool:
-    """Whether ``node``'s value is >= 0 for every input, by construction."""
-    if node.op == "call_module":
-        module = gm.get_submodule(node.target)
-        if isinstance(module, Quantizer):
-            return not module.signed
-        if isinstance(module, ops.NONNEGATIVE_MODULES):
-            return True
-        if isinstance(module, nn.Hardtanh):
-            return module.min_val >= 0
-        if isinstance(module, ops.SIGN_PRESERVING_MODULES):
-            return _all_inputs_nonnegative(gm, node)
-        return False
-    if node.op == "call_function":
-        if node.target in ops.NONNEGATIVE_FUNCTIONS:
-            return True
-        if node.target in ops.HARDTANH_FUNCTIONS:
-            low = node.kwargs.get("min_val", node.args[1] if len(node.args) > 1 else -1.0)
-            return low >= 0
-        if node.target in ops.SIGN_PRESERVING_FUNCTIONS:
-            return _all_inputs_nonnegative(gm, node)
-        if node.target in ops.ADD_FUNCTIONS | {operator.mul, torch.mul, ops.aten.mul.Tensor}:
-            constants = [a for a in node.args if not isinstance(a, Node)]
-            return all(isinstance(c, (int, float)) and c >= 0 for c in constants) and _all_inputs_nonnegative(gm, node)
-        return False
-    if node.op == "call_method":
-        if node.target in ("relu", "sigmoid"):
-            return True
-        if node.target in ops.SIGN_PRESERVING_METHODS:
-            return _all_inputs_nonnegative(gm, node)
-    return False
-
-
-def _all_inputs_nonnegative(gm: GraphModule, node: Node) -> bool:
-    return bool(node.all_input_nodes) and all(_nonnegative(gm, arg) for arg in node.all_input_nodes)

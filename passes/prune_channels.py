@@ -49,15 +49,6 @@ from mpqc.passes.analyze_layers import analyze_layers, layer_nodes
 from mpqc.passes.insert_quantizers import quantized_layers, smallest_bits
 from mpqc.quantizers import Quantizer
 
-#: Modules that map 0 to 0 element by element and keep the channel dimension (max pooling of an all-zero channel
-#: is 0 since padding never wins a max against 0; mpqc quantizers are symmetric, zero point 0).
-ZERO_PRESERVING_MODULES = (Quantizer, nn.ReLU, nn.ReLU6, nn.MaxPool1d, nn.MaxPool2d, nn.AvgPool1d, nn.AvgPool2d,
-                           nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.Dropout, nn.Identity)
-ZERO_PRESERVING_FUNCTIONS = (ops.RELU_FUNCTIONS | ops.RELU6_FUNCTIONS | ops.MAX_POOL_FUNCTIONS
-                             | ops.GLOBAL_AVG_POOL_FUNCTIONS | {torch.nn.functional.avg_pool2d,
-                                                                torch.nn.functional.dropout})
-
-
 @dataclass(frozen=True)
 class ChannelReader:
     """A layer reading a producer's output channels: channel ``c`` is its input columns
@@ -292,31 +283,23 @@ def _groups(module: nn.Module) -> int:
 
 
 def _keeps_zero(gm: GraphModule, node: Node) -> bool:
-    if node.op == "call_module":
-        module = gm.get_submodule(node.target)
-        if isinstance(module, nn.Hardtanh):
-            return module.min_val <= 0 <= module.max_val
-        return isinstance(module, ZERO_PRESERVING_MODULES)
-    if node.op == "call_method":
-        return node.target == "relu"
-    return ops.is_call(node, ZERO_PRESERVING_FUNCTIONS)
+    """Maps 0 to 0 element by element and keeps the channel dimension (``keeps_zero`` in the op registry: max
+    pooling of an all-zero channel is 0 since padding never wins a max against 0; mpqc quantizers are symmetric,
+    zero point 0)."""
+    return ops.keeps_zero(gm, node)
 
 
 def _is_elementwise(gm: GraphModule, node: Node) -> bool:
     """Zero-preserving ops that also work on flattened features (no pooling)."""
-    if node.op == "call_module":
-        module = gm.get_submodule(node.target)
-        return isinstance(module, (Quantizer, nn.ReLU, nn.ReLU6, nn.Hardtanh, nn.Dropout, nn.Identity))
-    return node.op == "call_method" or ops.is_call(node, ops.RELU_FUNCTIONS | ops.RELU6_FUNCTIONS)
+    return ops.has_property(gm, node, "elementwise")
 
 
 def _is_flatten(gm: GraphModule, node: Node) -> bool:
-    """``flatten(x, 1)`` (or ``nn.Flatten()``): every dimension after the batch into one."""
-    if node.op == "call_module":
-        module = gm.get_submodule(node.target)
-        return isinstance(module, nn.Flatten) and module.start_dim == 1 and module.end_dim == -1
-    if ops.is_call(node, ops.FLATTEN_FUNCTIONS) or (node.op == "call_method" and node.target == "flatten"):
-        start = node.args[1] if len(node.args) > 1 else node.kwargs.get("start_dim", 0)
-        end = node.args[2] if len(node.args) > 2 else node.kwargs.get("end_dim", -1)
-        return start == 1 and end == -1
-    return False
+    """``flatten(x, 1)`` (or ``nn.Flatten()``, ``x.view(x.size(0), -1)``): every dimension after the batch into one."""
+    flatten = ops.op_named("flatten")
+    if ops.op_of(gm, node) is not flatten:
+        return False
+    try:
+        return flatten.start_dim(gm, node) == 1
+    except ops.Unsupported:
+        return False

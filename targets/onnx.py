@@ -34,7 +34,8 @@ wider layers onnxruntime computed the INT4 layers in fp32 (FusedConv) and flippe
 opt-in: ``mpqc export --compact-weights`` holds it to the same check. Weights of more than 8 bits are INT16 with
 activation codes INT16/UINT16 (opset 21; onnxruntime computes those layers in fp32; tested on ResNet-20).
 
-*Matches*: every node of an :class:`~mpqc.reference.IntegerProgram` (table ``CONVERTERS``, keyed by op); the ops
+*Matches*: every node of an :class:`~mpqc.reference.IntegerProgram` through its op family in the registry
+(``mpqc/ops/``: ``OpDef.onnx``; ``quantize`` and the layers call ``_convert_quantize`` / ``_convert_layer`` here); the ops
 that have no converter, or a converter that refuses the node's attributes, raise one
 :class:`~mpqc.errors.UnsupportedOpError` listing every such node.
 
@@ -92,7 +93,7 @@ of all codes within 1 LSB end to end, 94.6% of the last quantizer's).
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -103,6 +104,7 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 from torch import Tensor
 
+from mpqc import ops
 from mpqc.errors import ConfigError, MpqcError, UnsupportedOpError
 from mpqc.quantizers.base import integer_range
 from mpqc.reference import IntegerProgram, IntNode
@@ -203,8 +205,7 @@ class OnnxExport:
 
 
 # --------------------------------------------------------------------------------------------- building
-class _Unsupported(Exception):
-    pass
+_Unsupported = ops.Unsupported  # what a converter raises for a node it cannot express
 
 
 class _Builder:
@@ -240,9 +241,6 @@ class _Builder:
         return tensor.name
 
 
-_SHAPE_KEEPING = ("quantize", "relu", "clamp", "identity", "add")
-
-
 def _convert_input(b: _Builder, node: IntNode, shape: Sequence[int] | None) -> None:
     if shape is None:
         shape = _input_dims(b.program, node)
@@ -263,7 +261,7 @@ def _input_dims(program: IntegerProgram, node: IntNode) -> list[int | str]:
                 if user.op in ("conv1d", "conv2d"):
                     weight = user.tensors["weight"]
                     return [BATCH_DIM, weight.shape[1] * user.attrs["groups"], *["H", "W"][: weight.dim() - 2]]
-                if user.op in _SHAPE_KEEPING:
+                if getattr(ops.op_named(user.op), "keeps_shape", False):
                     frontier.append(user.name)
     raise ConfigError(f"the rank of input {node.name!r} cannot be told from the program: pass input_shapes")
 
@@ -342,80 +340,6 @@ def _convert_layer(b: _Builder, node: IntNode) -> None:
                      "input_storage": quantizer["storage"], "input_zero_point": quantizer["zero_point"], "bias": f"{label}.bias", "output": node.name})
 
 
-def _unary(onnx_op: str, **attrs) -> Callable[[_Builder, IntNode], None]:
-    def convert(b: _Builder, node: IntNode) -> None:
-        b.add(onnx_op, [node.inputs[0]], [node.name], b.label(node), **attrs)
-        b.rank[node.name] = b.rank.get(node.inputs[0])
-
-    return convert
-
-
-def _convert_clamp(b: _Builder, node: IntNode) -> None:
-    label = b.label(node)
-    low = b.initializer(_float_tensor(node.attrs["min"], f"{label}.min"))
-    high = b.initializer(_float_tensor(node.attrs["max"], f"{label}.max"))
-    b.add("Clip", [node.inputs[0], low, high], [node.name], label)
-    b.rank[node.name] = b.rank.get(node.inputs[0])
-
-
-def _convert_add(b: _Builder, node: IntNode) -> None:
-    b.add("Add", list(node.inputs), [node.name], b.label(node))
-    ranks = [b.rank.get(name) for name in node.inputs]
-    b.rank[node.name] = None if None in ranks else max(ranks)
-
-
-def _convert_max_pool(b: _Builder, node: IntNode) -> None:
-    a = node.attrs
-    b.add("MaxPool", [node.inputs[0]], [node.name], b.label(node), kernel_shape=a["kernel"], strides=a["stride"],
-          pads=list(a["padding"]) * 2, dilations=a["dilation"], ceil_mode=int(a["ceil_mode"]))
-    b.rank[node.name] = 4
-
-
-def _convert_avg_pool(b: _Builder, node: IntNode) -> None:
-    a = node.attrs
-    if list(a["padding"]) != [0, 0] or a["ceil_mode"]:
-        raise _Unsupported("average pooling with padding or ceil_mode")
-    b.add("AveragePool", [node.inputs[0]], [node.name], b.label(node), kernel_shape=a["kernel"], strides=a["stride"])
-    b.rank[node.name] = 4
-
-
-def _convert_flatten(b: _Builder, node: IntNode) -> None:
-    label, x, start = b.label(node), node.inputs[0], node.attrs["start_dim"]
-    rank = b.rank.get(x)
-    if start < 0:
-        if rank is None:
-            raise _Unsupported(f"flatten(start_dim={start}) of a tensor of unknown rank: pass input_shapes")
-        start += rank
-    if start == 1:
-        b.add("Flatten", [x], [node.name], label, axis=1)
-    else:  # torch.flatten(x, start): keep the first `start` dims (0 copies a dim in Reshape), merge the rest
-        shape = b.initializer(numpy_helper.from_array(np.array([0] * start + [-1], dtype=np.int64), f"{label}.shape"))
-        b.add("Reshape", [x, shape], [node.name], label)
-    b.rank[node.name] = start + 1
-
-
-def _convert_cat(b: _Builder, node: IntNode) -> None:
-    b.add("Concat", list(node.inputs), [node.name], b.label(node), axis=node.attrs["dim"])
-    b.rank[node.name] = b.rank.get(node.inputs[0])
-
-
-CONVERTERS: dict[str, Callable[[_Builder, IntNode], None]] = {
-    "quantize": _convert_quantize,
-    "conv1d": _convert_layer,
-    "conv2d": _convert_layer,
-    "linear": _convert_layer,
-    "relu": _unary("Relu"),
-    "clamp": _convert_clamp,
-    "add": _convert_add,
-    "max_pool2d": _convert_max_pool,
-    "global_avg_pool": _unary("GlobalAveragePool"),
-    "avg_pool2d": _convert_avg_pool,
-    "flatten": _convert_flatten,
-    "identity": _unary("Identity"),
-    "cat": _convert_cat,
-}
-
-
 def build_onnx(model: IntegerProgram | Any, *, input_shapes: Sequence[Sequence[int]] | None = None,
                opset: int = DEFAULT_OPSET, compact_weights: bool = False) -> tuple[onnx.ModelProto, OnnxExport]:
     """The QDQ ``ModelProto`` of ``model`` (an IntegerProgram or a CompiledModel), checked, not written.
@@ -440,11 +364,11 @@ def build_onnx(model: IntegerProgram | Any, *, input_shapes: Sequence[Sequence[i
         if node.op == "input":
             _convert_input(builder, node, shapes[node.name])
             continue
-        convert = CONVERTERS.get(node.op)
+        op = ops.op_named(node.op)
         try:
-            if convert is None:
+            if op is None or not op.has_backend("onnx"):
                 raise _Unsupported(f"no ONNX converter for op {node.op!r}")
-            convert(builder, node)
+            op.onnx(builder, node)
         except _Unsupported as reason:
             unsupported.append(f"{node.name} = {node.op}({', '.join(node.inputs)})  ({reason})")
             builder.rank[node.name] = builder.rank.get(node.inputs[0]) if node.inputs else None  # go on listing

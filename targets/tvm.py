@@ -4,15 +4,16 @@
 >>> lowered(images)            # fp32 outputs, torch.equal to compiled.program.run(images)            # doctest: +SKIP
 >>> lower(compiled, target="cuda:sm_90", input_shape=(1, 1, 28, 28)).source()[:80]                    # doctest: +SKIP
 
-*Matches*: every node of an :class:`~mpqc.reference.IntegerProgram` through the table ``CONVERT_MAP`` (keyed by
-``IntNode.op``); nodes whose op has no converter, or whose attributes the converter refuses (more than 8 bits,
+*Matches*: every node of an :class:`~mpqc.reference.IntegerProgram` through its op family in the registry
+(``mpqc/ops/``: ``OpDef.relax``, ``relax_check``); nodes whose op has no converter, or whose attributes the converter refuses (more than 8 bits,
 an avg-pool with padding, ...), raise one :class:`~mpqc.errors.UnsupportedOpError` listing every such node.
 
 *Rewrites to* one Relax function ``main(x_0, ..., <node>.weight, <node>.bias, ...)`` built with
 ``relax.BlockBuilder`` and ``relax.op``, mirroring ``mpqc.reference`` value for value, and a second function
 ``unpack_weights(packed) -> (weights...)`` (below, *Artifact*):
 
-* ``quantize`` -> the requantisation region in fp32, then round half to even, ``clip`` to the b-bit range and a
+* ``quantize`` -> its requantisation region (the node's ``region``: leaves, then steps, each op's
+  ``relax_requantize_step``) in fp32, then round half to even, ``clip`` to the b-bit range and a
   cast to ``int8`` (signed) or ``uint8`` (``_round_clip_te``: ``llvm.roundeven`` on CPU, which vectorizes where
   Relax ``round``'s ``nearbyint`` did not; Relax ``round`` -> ``nearbyintf`` on CUDA; both checked on ties).
   The per-channel multipliers ``M = fp32(float64(s_in) / float64(s_out))`` are computed on the host with the
@@ -78,8 +79,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from mpqc import ops
 from mpqc.errors import ConfigError, MpqcError, UnsupportedOpError
-from mpqc.quantizers.base import integer_range
 from mpqc.reference import IntegerProgram, IntNode
 from mpqc.targets.tvm_vnni import ConvGeometry, conv2d_te, target_has_vnni
 from mpqc.targets.tvm_weights import WeightLayout, pack_bits, packed_size, place, unpack_te
@@ -328,7 +329,7 @@ def _window_sum_te(x, kernel, stride, out_dtype: str, divide: bool):
 
 # --------------------------------------------------------------------------------------------- converters
 class _Lowering:
-    """Walks the program in order, one converter per op (``CONVERT_MAP``), building the Relax functions ``main``
+    """Walks the program in order, one converter per op (``OpDef.relax`` in the op registry), building the Relax functions ``main``
     and ``unpack_weights``.
 
     ``vnni``: conv2d/linear layers use the AVX512-VNNI kernels of ``targets/tvm_vnni.py`` and their results stay
@@ -433,40 +434,31 @@ class _Lowering:
             return value.expr
         return self.mul(self.to_f32(value.expr), value.scale.to(torch.float32))
 
-    def scaled(self, name: str, s_out: float) -> _Float:
-        """The value of ``name`` in units of ``s_out`` (the reference's ``_scaled``: the requantisation region)."""
-        key = (name, s_out)
+    def requantize_region(self, node: IntNode, s_out: float) -> _Float:
+        """The value of ``node``'s requantisation region (``attrs["region"]``, built by
+        ``passes/to_integer_program.py``) in units of ``s_out``: the leaves scaled, then each step's
+        ``relax_requantize_step`` in order, as the reference's ``Quantize.region_value``. Shared by the quantize
+        nodes of equal scale over the same values (cached)."""
+        region = node.attrs["region"]
+        units: dict[str, _Float] = {}
+        for name in region["leaves"]:
+            units[name] = self._cached((name, s_out), lambda name=name: self._scaled_leaf(name, s_out))
+        for name in region["steps"]:
+            step = self.by_name[name]
+            units[name] = self._cached((name, s_out), lambda step=step: ops.op_named(step.op).relax_requantize_step(
+                self, step, [units[i] for i in step.inputs], s_out))
+        return units[node.inputs[0]]
+
+    def _cached(self, key: tuple[str, float], build: Callable[[], _Float]) -> _Float:
         if key not in self._scaled_cache:
-            self._scaled_cache[key] = self._scaled(name, s_out)
+            self._scaled_cache[key] = build()
         return self._scaled_cache[key]
 
-    def _scaled(self, name: str, s_out: float) -> _Float:
-        from tvm import relax
-        from tvm.relax import op as R
-
-        value, node = self.env[name], self.by_name[name]
+    def _scaled_leaf(self, name: str, s_out: float) -> _Float:
+        value = self.env[name]
         if isinstance(value, _Int):
             multiplier = (value.scale / s_out).to(torch.float32)
             return _Float(self.mul(self.to_f32(value.expr), multiplier), value.layout)
-        if node.op == "add":
-            a, b = self.scaled(node.inputs[0], s_out), self.scaled(node.inputs[1], s_out)
-            layout = a.layout if a.layout == b.layout else NHWC
-            a, b = self.in_layout(a, layout), self.in_layout(b, layout)
-            return _Float(self.emit(R.add(a.expr, b.expr)), layout)
-        if node.op == "relu":
-            x = self.scaled(node.inputs[0], s_out)
-            return _Float(self.emit(R.nn.relu(x.expr)), x.layout)
-        if node.op == "clamp":
-            x = self.scaled(node.inputs[0], s_out)
-            low = relax.const(np.float32(node.attrs["min"] / s_out))
-            high = relax.const(np.float32(node.attrs["max"] / s_out))
-            return _Float(self.emit(R.minimum(R.maximum(x.expr, low), high)), x.layout)
-        if node.op == "max_pool2d":
-            x = self.scaled(node.inputs[0], s_out)
-            return _Float(self.emit(_max_pool(x.expr, node.attrs, x.layout)), x.layout)
-        if node.op == "flatten":
-            x = self.in_layout(self.scaled(node.inputs[0], s_out), NCHW)
-            return _Float(self.emit(_flatten(x.expr, node.attrs["start_dim"])))
         return _Float(self.mul(value.expr, torch.tensor(1.0 / s_out, dtype=torch.float32)), value.layout)
 
     def round_to_codes(self, y, qmin: int, qmax: int, storage: str):
@@ -485,7 +477,7 @@ class _Lowering:
         with bb.function("main"):
             with bb.dataflow():
                 for node in self.program.nodes:
-                    self.env[node.name] = CONVERT_MAP[node.op].convert(self, node)
+                    self.env[node.name] = ops.op_named(node.op).relax(self, node)
                 results = [self.dequantize(self.in_layout(self.env[name], NCHW)) for name in self.program.outputs]
                 results += [self.in_layout(self.env[name], NCHW).expr for name in self.expose]
                 output = results[0] if len(results) == 1 else relax.Tuple(results)
@@ -502,15 +494,6 @@ class _Lowering:
         return bb.get()
 
 
-@dataclass(frozen=True)
-class Converter:
-    """How one program op becomes Relax: ``convert(lowering, node) -> value``; ``check(node)`` returns the reason
-    the node cannot be lowered, or None."""
-
-    convert: Callable[[_Lowering, IntNode], _Int | _Float]
-    check: Callable[[IntNode], str | None] = lambda node: None
-
-
 def _max_pool(expr, a: dict, layout: str = NCHW):
     from tvm.relax import op as R
 
@@ -524,25 +507,6 @@ def _flatten(expr, start: int):
     shape = _shape(expr)
     start = start % len(shape) if shape else 0
     return R.reshape(expr, shape[:start] + [math.prod(shape[start:])])
-
-
-def _convert_input(lowering: _Lowering, node: IntNode):
-    return _Float(lowering.input_vars[node.name])
-
-
-def _convert_quantize(lowering: _Lowering, node: IntNode):
-    s_out = float(node.attrs["scale"])
-    y = lowering.scaled(node.inputs[0], s_out)
-    qmin, qmax = integer_range(node.attrs["bits"], node.attrs["signed"])
-    storage = "int8" if node.attrs["signed"] else "uint8"
-    return _Int(lowering.round_to_codes(y.expr, qmin, qmax, storage), torch.tensor(s_out, dtype=torch.float64),
-                y.layout)
-
-
-def _check_quantize(node: IntNode) -> str | None:
-    if node.attrs["bits"] > 8:
-        return f"{node.attrs['bits']}-bit activations (the TVM target stores activations in 8 bits)"
-    return None
 
 
 def _uses_vnni(lowering: _Lowering, node: IntNode, x: _Int) -> bool:
@@ -615,136 +579,17 @@ def _convert_layer_vnni(lowering: _Lowering, node: IntNode, x: _Int, bias: np.nd
     return _Int(acc, scale.reshape(1, 1, 1, -1), NHWC)
 
 
-def _check_layer(node: IntNode) -> str | None:
-    if node.attrs["weight_bits"] > 8:
-        return f"{node.attrs['weight_bits']}-bit weights (the TVM target stores weights in int8)"
-    return None
-
-
-def _convert_relu(lowering: _Lowering, node: IntNode):
-    from tvm import relax
-    from tvm.relax import op as R
-
-    x = lowering.env[node.inputs[0]]
-    if isinstance(x, _Int):
-        if _dtype(x.expr) == "uint8":
-            return x
-        return _Int(lowering.emit(R.maximum(x.expr, relax.const(0, _dtype(x.expr)))), x.scale, x.layout)
-    return _Float(lowering.emit(R.nn.relu(x.expr)), x.layout)
-
-
-def _convert_clamp(lowering: _Lowering, node: IntNode):
-    from tvm import relax
-    from tvm.relax import op as R
-
-    value = lowering.env[node.inputs[0]]
-    x = lowering.dequantize(value)
-    low, high = np.float32(node.attrs["min"]), np.float32(node.attrs["max"])  # torch.clamp: scalar_t(min)
-    return _Float(lowering.emit(R.minimum(R.maximum(x, relax.const(low)), relax.const(high))), value.layout)
-
-
-def _convert_max_pool(lowering: _Lowering, node: IntNode):
-    x = lowering.env[node.inputs[0]]
-    pooled = lowering.emit(_max_pool(x.expr, node.attrs, x.layout))
-    if isinstance(x, _Int):
-        return _Int(pooled, x.scale, x.layout)
-    return _Float(pooled, x.layout)
-
-
 def _sum_dtype(expr) -> str:
     return "int32" if _dtype(expr) in ("int8", "uint8") else "int64"
-
-
-def _convert_global_avg_pool(lowering: _Lowering, node: IntNode):
-    from tvm.relax import op as R
-
-    x = lowering.env[node.inputs[0]]
-    if isinstance(x, _Int):
-        axes = [1, 2] if x.layout == NHWC else [-2, -1]
-        shape = _shape(x.expr)
-        summed = lowering.emit(R.sum(R.astype(x.expr, _sum_dtype(x.expr)), axis=axes, keepdims=True))
-        return _Int(summed, x.scale / (shape[axes[0]] * shape[axes[1]]), x.layout)
-    x = lowering.in_layout(x, NCHW)
-    shape = _shape(x.expr)
-    window = shape[-1] * shape[-2]
-    if window > _CHECKED_FLOAT_MEAN_WINDOW:
-        lowering.inexact.append(f"{node.name}: fp32 mean over {window} elements (PyTorch's summation order is "
-                                f"reproduced and checked only up to {_CHECKED_FLOAT_MEAN_WINDOW})")
-    return _Float(lowering.bb.emit_te(_float_global_avg_pool_te, x.expr, primfunc_name_hint="float_mean"))
-
-
-def _convert_avg_pool(lowering: _Lowering, node: IntNode):
-    x = lowering.in_layout(lowering.env[node.inputs[0]], NCHW)
-    a = node.attrs
-    if isinstance(x, _Int):
-        summed = lowering.bb.emit_te(_window_sum_te, x.expr, a["kernel"], a["stride"], _sum_dtype(x.expr), False,
-                                     primfunc_name_hint="window_sum")
-        return _Int(summed, x.scale / (a["kernel"][0] * a["kernel"][1]))
-    return _Float(lowering.bb.emit_te(_window_sum_te, x.expr, a["kernel"], a["stride"], "float32", True,
-                                      primfunc_name_hint="window_avg"))
-
-
-def _check_avg_pool(node: IntNode) -> str | None:
-    a = node.attrs
-    if a["padding"] != [0, 0] or a["ceil_mode"]:
-        return "average pooling with padding or ceil_mode"
-    return None
-
-
-def _convert_flatten(lowering: _Lowering, node: IntNode):
-    x, start = lowering.in_layout(lowering.env[node.inputs[0]], NCHW), node.attrs["start_dim"]
-    if isinstance(x, _Int):
-        shape = _shape(x.expr)
-        scale = x.scale.expand(1, *shape[1:]) if x.scale.dim() == len(shape) else x.scale
-        scale = torch.flatten(scale, start) if scale.dim() else scale
-        return _Int(lowering.emit(_flatten(x.expr, start)), scale)
-    return _Float(lowering.emit(_flatten(x.expr, start)))
-
-
-def _convert_identity(lowering: _Lowering, node: IntNode):
-    return lowering.env[node.inputs[0]]
-
-
-def _convert_add(lowering: _Lowering, node: IntNode):
-    from tvm.relax import op as R
-
-    a, b = (lowering.env[name] for name in node.inputs)
-    layout = a.layout if a.layout == b.layout else NHWC
-    a, b = (lowering.dequantize(lowering.in_layout(v, layout)) for v in (a, b))
-    return _Float(lowering.emit(R.add(a, b)), layout)
-
-
-def _convert_cat(lowering: _Lowering, node: IntNode):
-    from tvm.relax import op as R
-
-    parts = [lowering.dequantize(lowering.in_layout(lowering.env[name], NCHW)) for name in node.inputs]
-    return _Float(lowering.emit(R.concat(parts, axis=node.attrs["dim"])))
-
-
-CONVERT_MAP: dict[str, Converter] = {
-    "input": Converter(_convert_input),
-    "quantize": Converter(_convert_quantize, _check_quantize),
-    "conv1d": Converter(_convert_layer, _check_layer),
-    "conv2d": Converter(_convert_layer, _check_layer),
-    "linear": Converter(_convert_layer, _check_layer),
-    "relu": Converter(_convert_relu),
-    "clamp": Converter(_convert_clamp),
-    "max_pool2d": Converter(_convert_max_pool),
-    "global_avg_pool": Converter(_convert_global_avg_pool),
-    "avg_pool2d": Converter(_convert_avg_pool, _check_avg_pool),
-    "flatten": Converter(_convert_flatten),
-    "identity": Converter(_convert_identity),
-    "add": Converter(_convert_add),
-    "cat": Converter(_convert_cat),
-}
 
 
 def check_supported(program: IntegerProgram) -> None:
     """Raise one :class:`UnsupportedOpError` listing every node the TVM target cannot lower."""
     problems = []
     for node in program.nodes:
-        converter = CONVERT_MAP.get(node.op)
-        reason = f"no TVM converter for op {node.op!r}" if converter is None else converter.check(node)
+        op = ops.op_named(node.op)
+        reason = f"no TVM converter for op {node.op!r}" if op is None or not op.has_backend("relax") else \
+            op.relax_check(node)
         if reason:
             problems.append(f"{node.name} ({node.op}): {reason}")
     if problems:

@@ -17,9 +17,7 @@ import torch
 import mpqc  # noqa: E402
 from mpqc.budgets import WeightMemory
 from mpqc.config import QuantizerConfig
-from mpqc.passes.analyze_layers import analyze_layers
-from mpqc.passes.capture import capture
-from mpqc.passes.fold_batchnorm import fold_batchnorm
+from mpqc import pipeline
 from mpqc.passes.freeze import freeze
 from mpqc.passes.insert_quantizers import insert_quantizers, quantized_layers
 from mpqc.quantizers import get_method
@@ -105,8 +103,7 @@ def randomize_batchnorm(model: torch.nn.Module, seed: int = 0) -> torch.nn.Modul
 
 def quantized_graph(model: torch.nn.Module, example: torch.Tensor, method: str = "dq", **config):
     """capture -> fold -> analyze -> insert quantizers (calibrated on ``example``)."""
-    gm = fold_batchnorm(capture(model.eval(), (example,)))
-    layers = analyze_layers(gm, (example,))
+    gm, layers = pipeline.trace(model.eval(), (example,))
     gm = insert_quantizers(gm, get_method(method), QuantizerConfig(**config), (example,))
     return gm, layers
 

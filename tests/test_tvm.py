@@ -134,6 +134,63 @@ def test_less_common_ops_are_bit_exact(model, shape):
 
 
 # --------------------------------------------------------------------------------------------- the traps
+class _Reductions(torch.nn.Module):
+    """mean over the spatial dims (an integer sum of 8-bit codes), sum over the last dim of an int32 accumulator
+    (an int64 sum), keepdim both ways."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.c2 = torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.Conv2d(8, 4, 3, padding=1)
+        self.fc = torch.nn.Linear(8 + 4 * 8, 5)
+
+    def forward(self, x):
+        a = torch.relu(self.c1(x))
+        pooled = torch.mean(a, dim=[-2, -1], keepdim=True).flatten(1)
+        summed = self.c2(a).sum(-1)
+        return self.fc(torch.cat([pooled, summed.flatten(1)], 1))
+
+
+@pytest.mark.parametrize("seed", [2, 5])
+def test_reductions_are_bit_exact(seed):
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 8, 8)
+    gm, _ = quantized_graph(_Reductions(), x)
+    gm, _ = freeze_at_random_bits(gm, seed=seed)
+    program = IntegerProgram.from_graph(gm)
+    assert [node.op for node in program.nodes if node.op in ("mean", "sum")] == ["mean", "sum"]
+    quantizers = [node.name for node in program.nodes if node.op == "quantize"]
+    _assert_bit_exact(program, mtvm.lower(program, input_shape=x.shape, expose=quantizers), x)
+
+
+class _PaddedPools(torch.nn.Module):
+    """Average pools with padding: count_include_pad both ways, ceil_mode (a partial last window)."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.c2 = torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.Conv2d(8, 4, 1)
+        self.pool = torch.nn.AvgPool2d(3, stride=2, padding=1, ceil_mode=True, count_include_pad=False)
+        self.fc = torch.nn.Linear(4 * 5 * 5, 5)
+
+    def forward(self, x):
+        a = torch.nn.functional.avg_pool2d(torch.relu(self.c1(x)), 3, 1, 1)
+        return self.fc(torch.flatten(self.pool(self.c2(a)), 1))
+
+
+@pytest.mark.parametrize("seed", [1, 3])
+def test_padded_avg_pools_are_bit_exact(seed):
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 9, 9)
+    gm, _ = quantized_graph(_PaddedPools(), x)
+    gm, _ = freeze_at_random_bits(gm, seed=seed)
+    program = IntegerProgram.from_graph(gm)
+    pools = [node for node in program.nodes if node.op == "avg_pool2d"]
+    assert [p.attrs["count_include_pad"] for p in pools] == [True, False] and pools[1].attrs["ceil_mode"]
+    with torch.no_grad():
+        assert (program.run(x) - gm(x)).abs().max() < 0.1 * gm(x).abs().max()  # the fake-quant graph agrees
+    quantizers = [node.name for node in program.nodes if node.op == "quantize"]
+    _assert_bit_exact(program, mtvm.lower(program, input_shape=x.shape, expose=quantizers), x)
+
+
 def test_exact_multiply_is_not_contracted_into_fma():
     """a*M1 + b*M2 over vectors, inlined and vectorized: a plain product is fused into FMAs by TVM's LLVM backend
     (results change); the fenced product of ``_exact_mul_te`` is not (equal to NumPy's fp32 arithmetic)."""

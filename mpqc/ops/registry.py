@@ -1,0 +1,267 @@
+"""The op registry: one :class:`OpDef` per op family, registered with :func:`register_op`, and the questions every
+pass and target asks of it.
+
+An ``OpDef`` holds everything mpqc knows about one family of graph nodes:
+
+* *matching*: ``modules`` (``nn.Module`` types), ``functions`` (Python callables and the ATen overloads of the
+  torch.export path) and ``methods`` (``Tensor`` method names) of the fx nodes it covers;
+* *properties* the passes read: ``keeps_integers`` (an integer value stays an exact integer value),
+  ``sign`` (``"nonnegative"``, ``"preserving"`` or ``"signed"``), ``keeps_zero`` (maps 0 to 0 channel by channel:
+  channel pruning may look through it), ``elementwise``, ``clamps`` (an elementwise clamp a residual add's quantizer
+  moves past), ``averages`` (an average pool: its input must be integer), ``fuses_into_requantize`` (a float op a
+  ``quantize`` node computes inside its requantisation region), ``keeps_shape``, ``is_layer`` and
+  ``quantized_inputs`` (the inputs that get activation quantizers);
+* its *program ops* (``names``: the ``IntNode.op`` values it produces) and ``describe`` (fx node -> ``IntNode``);
+* its *integer semantics*: ``evaluate`` (the reference; ``mpqc/reference.py`` runs it) and ``requantize_step``
+  (its meaning inside a requantisation region);
+* its *backends*: ``relax`` / ``relax_requantize_step`` / ``relax_check`` (TVM, ``targets/tvm.py``) and ``onnx``
+  (QDQ, ``targets/onnx.py``);
+* ``numerics_tests``: the tests that check it in every backend.
+
+Backends are imported lazily, inside the converter methods (``from mpqc.targets.tvm import _Int``): importing the
+registry, a pass or a target costs torch and nothing else; TVM and ONNX load when a converter first runs. The
+converters live in the op's class rather than being attached from the backend modules so that an op is one class
+in one file; the backends keep the building blocks shared by many ops (exact multiplies, layouts, storage types)
+and the ISA-specific layer kernels.
+
+An ``OpDef`` with no ``names`` records facts only (e.g. ``sigmoid`` is nonnegative, which sign inference needs):
+the integer program refuses it with a clear error until it has semantics and backends. ``tests/test_ops_registry.py``
+walks the registry and fails when an op with program names lacks a reference, TVM or ONNX backend, or a test.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, ClassVar
+
+import torch
+from torch import Tensor, nn
+from torch.fx import GraphModule, Node
+
+
+# --------------------------------------------------------------------------------------------- program values
+@dataclass
+class IntNode:
+    """One step of an integer program."""
+
+    name: str
+    op: str
+    inputs: list[str]
+    attrs: dict[str, Any] = field(default_factory=dict)
+    tensors: dict[str, Tensor] = field(default_factory=dict)
+
+
+@dataclass
+class IntValue:
+    """An integer value of the program: ``q * scale``."""
+
+    q: Tensor  # int64
+    scale: Tensor  # float64, broadcastable to q
+
+
+def dequantize(value: Tensor | IntValue) -> Tensor:
+    """``fp32(q) * fp32(scale)`` for an integer value; a float value as it is."""
+    if isinstance(value, IntValue):
+        return value.q.to(torch.float32) * value.scale.to(torch.float32)
+    return value
+
+
+class Unsupported(Exception):
+    """Raised by ``describe`` or a converter: the node cannot be expressed (the message says why)."""
+
+
+# --------------------------------------------------------------------------------------------- the base class
+class OpDef:
+    """One op family. Subclass, set the class attributes, override what the family needs, ``@register_op``."""
+
+    names: ClassVar[tuple[str, ...]] = ()  # program ops (IntNode.op) it produces; () = facts only
+    modules: ClassVar[tuple[type, ...]] = ()
+    functions: ClassVar[tuple[Any, ...]] = ()
+    methods: ClassVar[tuple[str, ...]] = ()
+    placeholder: ClassVar[bool] = False  # matches graph inputs
+    bookkeeping: ClassVar[bool] = False  # computes no tensor of the model (shape queries)
+    keeps_integers: ClassVar[bool] = False
+    sign: ClassVar[str] = "signed"
+    keeps_zero: ClassVar[bool] = False
+    elementwise: ClassVar[bool] = False
+    clamps: ClassVar[bool] = False
+    averages: ClassVar[bool] = False
+    fuses_into_requantize: ClassVar[bool] = False
+    keeps_shape: ClassVar[bool] = False
+    is_layer: ClassVar[bool] = False
+    quantized_inputs: ClassVar[tuple[int, ...]] = ()  # input positions that get an activation quantizer
+    #: tests (``tests/<file>.py::<function>``) that check its numerics against the reference in every backend
+    numerics_tests: ClassVar[tuple[str, ...]] = ()
+
+    # ----------------------------------------------------------------------------- graph facts
+    def is_nonnegative(self, gm: GraphModule, node: Node, inputs_nonnegative: Callable[[], bool]) -> bool:
+        """Whether ``node``'s value is >= 0 for every input, by construction."""
+        if self.sign == "nonnegative":
+            return True
+        if self.sign == "preserving":
+            return inputs_nonnegative()
+        return False
+
+    def zero_preserving(self, gm: GraphModule, node: Node) -> bool:
+        """Whether ``node`` maps 0 to 0 (channel pruning looks through it)."""
+        return self.keeps_zero
+
+    # ----------------------------------------------------------------------------- the integer program
+    def describe(self, gm: GraphModule, node: Node, frozen: bool) -> IntNode:
+        """The program node of ``node``; raises :class:`Unsupported` with the reason where it has none."""
+        if not self.names:
+            raise Unsupported(f"{type(self).__name__}: no integer semantics yet")
+        return IntNode(node.name, self.names[0], [arg.name for arg in node.all_input_nodes])
+
+    def evaluate(self, program: Any, node: IntNode, env: dict) -> Any:
+        """The reference: the node's value from the values in ``env``."""
+        raise NotImplementedError(f"{type(self).__name__} has no reference semantics")
+
+    def requantize_step(self, node: IntNode, inputs: list[Tensor], s_out: float) -> Tensor:
+        """Inside a requantisation region: the node's value in units of ``s_out`` (fp32) from its inputs' values in
+        the same units."""
+        raise NotImplementedError(f"{type(self).__name__} does not fuse into a requantisation")
+
+    # ----------------------------------------------------------------------------- backends
+    def relax(self, lowering: Any, node: IntNode) -> Any:
+        """TVM: the node as Relax, built with ``lowering`` (``targets/tvm.py``'s ``_Lowering``)."""
+        raise NotImplementedError(f"{type(self).__name__} has no TVM converter")
+
+    def relax_requantize_step(self, lowering: Any, node: IntNode, inputs: list[Any], s_out: float) -> Any:
+        """TVM: ``requantize_step`` as Relax."""
+        raise NotImplementedError(f"{type(self).__name__} does not fuse into a requantisation on TVM")
+
+    def relax_check(self, node: IntNode) -> str | None:
+        """Why TVM cannot lower this node, or None."""
+        return None
+
+    def onnx(self, builder: Any, node: IntNode) -> None:
+        """ONNX: append the node's QDQ nodes to ``builder`` (``targets/onnx.py``'s ``_Builder``)."""
+        raise NotImplementedError(f"{type(self).__name__} has no ONNX converter")
+
+    def has_backend(self, method: str) -> bool:
+        """Whether this family overrides ``method`` (``"evaluate"``, ``"relax"``, ``"onnx"``, ...)."""
+        return getattr(type(self), method) is not getattr(OpDef, method)
+
+
+# --------------------------------------------------------------------------------------------- the registry
+_OPS: list[OpDef] = []
+_BY_NAME: dict[str, OpDef] = {}
+_BY_FUNCTION: dict[Any, OpDef] = {}
+_BY_METHOD: dict[str, OpDef] = {}
+_BY_MODULE: dict[type, OpDef] = {}
+_PLACEHOLDER: list[OpDef] = []
+
+
+def register_op(cls: type[OpDef]) -> type[OpDef]:
+    """Register an op family (a class decorator); a program op, function, method or module type claimed twice is
+    a programming error."""
+    op = cls()
+    for table, keys in ((_BY_NAME, cls.names), (_BY_FUNCTION, cls.functions), (_BY_METHOD, cls.methods),
+                        (_BY_MODULE, cls.modules)):
+        for key in keys:
+            if key in table:
+                raise ValueError(f"{cls.__name__}: {key!r} is already registered by {type(table[key]).__name__}")
+            table[key] = op
+    if cls.placeholder:
+        _PLACEHOLDER.append(op)
+    _OPS.append(op)
+    return cls
+
+
+def all_ops() -> list[OpDef]:
+    return list(_OPS)
+
+
+def op_named(name: str) -> OpDef | None:
+    """The family of a program op (``IntNode.op``)."""
+    return _BY_NAME.get(name)
+
+
+def op_of(gm: GraphModule, node: Node) -> OpDef | None:
+    """The family an fx node belongs to, or None (an op mpqc knows nothing of)."""
+    if node.op == "placeholder":
+        return _PLACEHOLDER[0] if _PLACEHOLDER else None
+    if node.op == "call_function":
+        try:
+            return _BY_FUNCTION.get(node.target)
+        except TypeError:  # an unhashable target
+            return None
+    if node.op == "call_method":
+        return _BY_METHOD.get(node.target)
+    if node.op == "call_module":
+        return module_op(gm.get_submodule(node.target))
+    return None
+
+
+def module_op(module: nn.Module) -> OpDef | None:
+    """The family of a module (its class or the nearest registered base class)."""
+    for cls in type(module).__mro__:
+        if cls in _BY_MODULE:
+            return _BY_MODULE[cls]
+    return None
+
+
+def layer_ops() -> tuple[str, ...]:
+    """The program ops of layers (conv/linear: integer accumulators read from a quantize node)."""
+    return tuple(name for op in _OPS if op.is_layer for name in op.names)
+
+
+# --------------------------------------------------------------------------------------------- questions of passes
+def is_bookkeeping(gm: GraphModule, node: Node) -> bool:
+    """Nodes that compute no tensor of the model: shape queries and export's unused guard module."""
+    op = op_of(gm, node)
+    if op is not None and op.bookkeeping:
+        return True
+    return node.op == "call_module" and not node.users
+
+
+def is_nonnegative(gm: GraphModule, node: Node) -> bool:
+    """Whether ``node``'s value is >= 0 for every input, by construction (unknown ops: no)."""
+    op = op_of(gm, node)
+    if op is None:
+        return False
+    return op.is_nonnegative(gm, node, lambda: bool(node.all_input_nodes) and all(
+        is_nonnegative(gm, arg) for arg in node.all_input_nodes))
+
+
+def keeps_zero(gm: GraphModule, node: Node) -> bool:
+    """Whether ``node`` maps 0 to 0 channel by channel (channel pruning looks through it)."""
+    op = op_of(gm, node)
+    return op is not None and op.zero_preserving(gm, node)
+
+
+def has_property(gm: GraphModule, node: Node, name: str) -> bool:
+    """``keeps_integers``, ``elementwise``, ``clamps``, ``averages``, ... of ``node``'s family (False if none)."""
+    op = op_of(gm, node)
+    return op is not None and bool(getattr(op, name))
+
+
+def describe(gm: GraphModule, node: Node, frozen: bool = True) -> IntNode:
+    """``node`` as a program node; raises :class:`Unsupported` naming the op where mpqc has no semantics for it."""
+    op = op_of(gm, node)
+    if op is None:
+        raise Unsupported(_unknown(gm, node))
+    return op.describe(gm, node, frozen)
+
+
+def _unknown(gm: GraphModule, node: Node) -> str:
+    if node.op == "call_module":
+        return f"module type {type(gm.get_submodule(node.target)).__name__}"
+    if node.op == "call_function":
+        return f"function {getattr(node.target, '__name__', node.target)}"
+    if node.op == "call_method":
+        return f"method .{node.target}()"
+    if node.op == "get_attr":
+        return "constant tensors are not supported"
+    return f"node kind {node.op}"
+
+
+def pair(value) -> tuple:
+    return tuple(value) if isinstance(value, (tuple, list)) else (value, value)
+
+
+def arg(node: Node, index: int, name: str, default: Any) -> Any:
+    """Argument ``index`` (positional) or ``name`` (keyword) of a call, else ``default``."""
+    if len(node.args) > index:
+        return node.args[index]
+    return node.kwargs.get(name, default)

@@ -1,0 +1,65 @@
+"""The compiler's stages, in order: written once here, used by ``mpqc.compile``, ``mpqc.sweep``, ``bench/zoo.py``
+and the tests' helpers.
+
+>>> gm, layers = trace(model, (x,))                                     # doctest: +SKIP
+>>> gm = quantize(gm, get_method("dq"), QuantizerConfig(), (x,))       # doctest: +SKIP
+
+``STAGES`` names every stage of ``mpqc.compile`` in order; the functions below run the fixed runs of them that
+every caller shares (``trace``: the fp32 graph and its layers; ``quantize``: learnable quantizers, pruning marks and
+the unsupported-op check before any training; ``to_integer_program``: the frozen graph as an integer program).
+The search, pruning, freezing and fine-tuning between them take the caller's budget, data and checkpoints, so
+``mpqc/compile.py`` calls them itself, in this order.
+"""
+from __future__ import annotations
+
+from torch import Tensor
+from torch.fx import GraphModule
+from torch import nn
+
+from mpqc.layers import LayerInfo
+
+STAGES: tuple[str, ...] = (
+    "capture",             # passes/capture.py: torch.fx, torch.export fallback
+    "fold_batchnorm",      # passes/fold_batchnorm.py
+    "analyze_layers",      # passes/analyze_layers.py: params, MACs, activation sizes per layer
+    "insert_quantizers",   # passes/insert_quantizers.py: learnable-bit quantizers
+    "mark_prunable",       # passes/mark_prunable.py: 0 bits = a pruned channel
+    "check_supported",     # passes/to_integer_program.py: unsupported ops refused, all listed
+    "search",              # mpqc/search.py: differentiable, budget-penalised
+    "prune_channels",      # passes/prune_channels.py: drop 0-bit channels
+    "freeze",              # passes/freeze.py: integer bits meeting the budget
+    "finetune",            # mpqc/train.py: bits fixed
+    "to_integer_program",  # passes/to_integer_program.py: the integer model
+)
+
+TRACE_STAGES = STAGES[:STAGES.index("analyze_layers") + 1]
+QUANTIZE_STAGES = STAGES[len(TRACE_STAGES):STAGES.index("check_supported") + 1]
+
+
+def trace(model: nn.Module, example_inputs: tuple[Tensor, ...]) -> tuple[GraphModule, list[LayerInfo]]:
+    """``capture`` -> ``fold_batchnorm`` -> ``analyze_layers``: the fp32 graph and its layers."""
+    from mpqc.passes.analyze_layers import analyze_layers
+    from mpqc.passes.capture import capture
+    from mpqc.passes.fold_batchnorm import fold_batchnorm
+
+    gm = fold_batchnorm(capture(model, example_inputs))
+    return gm, analyze_layers(gm, example_inputs)
+
+
+def quantize(gm: GraphModule, method, config, calibration_inputs: tuple[Tensor, ...]) -> GraphModule:
+    """``insert_quantizers`` -> ``mark_prunable`` -> ``check_supported``: the graph with learnable-bit quantizers,
+    refused (every unsupported node listed at once) before any training if the integer program cannot express it."""
+    from mpqc.passes.insert_quantizers import insert_quantizers
+    from mpqc.passes.mark_prunable import mark_prunable
+    from mpqc.passes.to_integer_program import check_supported
+
+    gm = mark_prunable(insert_quantizers(gm, method, config, calibration_inputs))
+    check_supported(gm)
+    return gm
+
+
+def to_integer_program(gm: GraphModule):
+    """The frozen graph as an :class:`~mpqc.reference.IntegerProgram`."""
+    from mpqc.passes.to_integer_program import to_integer_program as build
+
+    return build(gm)
