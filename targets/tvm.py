@@ -552,7 +552,8 @@ def _check_quantize(node: IntNode) -> str | None:
 def _layer_facts(lowering: _Lowering, node: IntNode, x: _Int) -> tvm_kernels.LayerFacts:
     producer = lowering.by_name[node.inputs[0]]
     return tvm_kernels.LayerFacts(node.op, int(node.attrs.get("groups", 1)), int(node.attrs["weight_bits"]),
-                                  int(producer.attrs.get("bits", 8)), _dtype(x.expr) == "int8", len(_shape(x.expr)))
+                                  int(producer.attrs.get("bits", 8)), _dtype(x.expr) == "int8", len(_shape(x.expr)),
+                                  int(node.tensors["weight"].shape[1]))
 
 
 def _layer_kernel(lowering: _Lowering, node: IntNode, x: _Int) -> tvm_kernels.Kernel | None:

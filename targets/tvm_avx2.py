@@ -90,3 +90,93 @@ def register_wide() -> str:
 
 NARROW = MicroKernel("avx2_conv", register_narrow, MAX_ACCUMULATORS, PREFERRED_ACCUMULATORS)
 WIDE = MicroKernel("avx2wide_conv", register_wide, MAX_ACCUMULATORS, PREFERRED_ACCUMULATORS)
+
+
+# --------------------------------------------------------------------------------------------- per-bit speed
+STEP_CHOICES = (8, 4, 2)  # int16 steps of a multi-step micro-kernel (each must divide the layer's channels / 4)
+
+
+def int16_steps(weight_bits: int, activation_bits: int) -> int:
+    """How many 4-deep steps of ``vpmaddubsw`` pair sums fit in one int16 lane for these bits (1: none to spare):
+    ``steps * pair_bound <= 32767``, so the lane's final sum is exact (``vpaddw`` wraps, and a final sum that
+    fits in int16 is exact modulo 2^16 whatever the order)."""
+    if needs_wide(weight_bits, activation_bits):
+        return 1
+    return max(1, INT16_MAX // pair_bound(weight_bits, activation_bits))
+
+
+def _multi_step_value(steps: int):
+    def value(a, b, c, start):
+        from tvm.script import tirx as T
+
+        pairs = None
+        for step in range(steps):
+            activations = T.reinterpret(T.broadcast(T.reinterpret(a.vload([step * 4], "uint8x4"), dtype="int32"), 8),
+                                        dtype="uint8x32")
+            term = T.call_llvm_pure_intrin("int16x16", "llvm.x86.avx2.pmadd.ub.sw", activations,
+                                           b.vload([step, start, 0], dtype="int8x32"))
+            pairs = term if pairs is None else pairs + term  # vpaddw: wraps, exact for a final sum in int16
+        widened = T.call_llvm_pure_intrin("int32x8", "llvm.x86.avx2.pmadd.wd", pairs, T.broadcast(T.int16(1), 16))
+        return c[T.ramp(T.int32(start), 1, 8)] + widened
+
+    return value
+
+
+def _register_multi_step(steps: int) -> str:
+    """The intrinsic of a ``16 x (4*steps)`` block: ``steps`` ``vpmaddubsw`` summed in int16 (``vpaddw``), one
+    ``vpmaddwd`` widening per half: ``1 + 1/steps`` multiplies per 32 products instead of 2."""
+    name = f"mpqc_x86_avx2_int16x{steps}_u8s8s32_16x4"
+    if name in _MULTI_REGISTERED:
+        return name
+    from tvm.s_tir import TensorIntrin
+    from tvm.script import tirx as T
+
+    value = _multi_step_value(steps)
+    depth = 4 * steps
+
+    def buffers(a_handle, b_handle, c_handle):
+        return (T.match_buffer(a_handle, (depth,), "uint8", offset_factor=1, strides=[1]),
+                T.match_buffer(b_handle, (steps, 16, 4), "int8", offset_factor=1, strides=[64, 4, 1]),
+                T.match_buffer(c_handle, (16,), "int32", offset_factor=1, strides=[1]))
+
+    @T.prim_func(s_tir=True)
+    def desc(a_handle: T.handle, b_handle: T.handle, c_handle: T.handle) -> None:
+        a, b, c = buffers(a_handle, b_handle, c_handle)
+        with T.sblock("root"):
+            T.reads(c[0:16], a[0:depth], b[0:steps, 0:16, 0:4])
+            T.writes(c[0:16])
+            for j in T.serial(0, steps):
+                for i in T.serial(0, 16):
+                    for k in T.serial(0, 4):
+                        with T.sblock("update"):
+                            vi, vj, vk = T.axis.remap("SRR", [i, j, k])
+                            c[vi] = c[vi] + T.cast(a[vj * 4 + vk], "int32") * T.cast(b[vj, vi, vk], "int32")
+
+    @T.prim_func(s_tir=True)
+    def impl(a_handle: T.handle, b_handle: T.handle, c_handle: T.handle) -> None:
+        a, b, c = buffers(a_handle, b_handle, c_handle)
+        with T.sblock("root"):
+            T.reads(c[0:16], a[0:depth], b[0:steps, 0:16, 0:4])
+            T.writes(c[0:16])
+            c[T.ramp(T.int32(0), 1, 8)] = value(a, b, c, 0)
+            c[T.ramp(T.int32(8), 1, 8)] = value(a, b, c, 8)
+
+    TensorIntrin.register(name, desc, impl, override=True)
+    _MULTI_REGISTERED.add(name)
+    return name
+
+
+_MULTI_REGISTERED: set[str] = set()
+MULTI_STEP = {steps: MicroKernel(f"avx2s{steps}_conv", lambda steps=steps: _register_multi_step(steps),
+                                 MAX_ACCUMULATORS, PREFERRED_ACCUMULATORS, steps)
+              for steps in STEP_CHOICES}
+
+
+def micro_kernel(weight_bits: int, activation_bits: int, channels: int) -> MicroKernel:
+    """The AVX2 micro-kernel for a layer: wide (8 x 8 bits), a multi-step one where its bits leave int16 room for
+    2+ steps and its ``ceil(channels/4)`` is a multiple of the steps, else narrow."""
+    if needs_wide(weight_bits, activation_bits):
+        return WIDE
+    room, quads = int16_steps(weight_bits, activation_bits), -(-channels // 4)
+    steps = next((s for s in STEP_CHOICES if s <= room and quads % s == 0), 1)
+    return MULTI_STEP[steps] if steps > 1 else NARROW

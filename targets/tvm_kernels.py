@@ -40,6 +40,7 @@ class LayerFacts:
     activation_bits: int
     signed: bool  # signed (int8) activations
     rank: int  # rank of the layer's input (a linear layer is taken on 2-D inputs only)
+    channels: int = 0  # input channels (in features of a linear layer): multi-step kernels need C/4 to divide
 
 
 @dataclass(frozen=True)
@@ -68,12 +69,11 @@ class Kernel:
 KERNELS: tuple[Kernel, ...] = (
     Kernel("avx512vnni", ("avx512vnni", "avx512bw"), lambda layer: tvm_vnni.VNNI, lambda layer: 128),
     Kernel("avx2", ("avx2",),
-           lambda layer: tvm_avx2.WIDE if tvm_avx2.needs_wide(layer.weight_bits, layer.activation_bits)
-           else tvm_avx2.NARROW,
+           lambda layer: tvm_avx2.micro_kernel(layer.weight_bits, layer.activation_bits, layer.channels),
            lambda layer: tvm_avx2.activation_shift(layer.activation_bits)),
 )
 BY_ISA = {kernel.isa: kernel for kernel in KERNELS}
-MICRO_KERNELS: tuple[MicroKernel, ...] = (tvm_vnni.VNNI, tvm_avx2.NARROW, tvm_avx2.WIDE)
+MICRO_KERNELS: tuple[MicroKernel, ...] = (tvm_vnni.VNNI, tvm_avx2.NARROW, tvm_avx2.WIDE, *tvm_avx2.MULTI_STEP.values())
 
 
 def target_isas(target: Any) -> list[str]:

@@ -148,6 +148,7 @@ class MicroKernel:
     register: Any  # () -> intrinsic name
     max_accumulators: int
     preferred_accumulators: int
+    steps: int = 1  # 4-deep reduction steps per intrinsic call (its weight block is [steps, 16, 4])
 
 
 VNNI = MicroKernel(CONV_BLOCK, register_intrinsic, MAX_ACCUMULATORS, 14)
@@ -330,7 +331,11 @@ def schedule_conv(sch, tile: Tile | None = None, kernel: MicroKernel = VNNI) -> 
     co_outer, co_inner = sch.split(co, [None, 16])
     co_tiles, co_tile = sch.split(co_outer, [None, tile.blocks])
     ow_tiles, ow_tile = sch.split(ow, [None, tile.rows])
-    sch.reorder(co_tiles, n, oh, ow_tiles, rh, rw, rc, co_tile, ow_tile, co_inner, rq)
+    if kernel.steps > 1:  # the intrinsic covers `steps` reduction steps: rc_inner goes inside the tile loops
+        rc, rc_inner = sch.split(rc, [None, kernel.steps])
+        sch.reorder(co_tiles, n, oh, ow_tiles, rh, rw, rc, co_tile, ow_tile, rc_inner, co_inner, rq)
+    else:
+        sch.reorder(co_tiles, n, oh, ow_tiles, rh, rw, rc, co_tile, ow_tile, co_inner, rq)
     parallel = sch.fuse(co_tiles, n, oh, ow_tiles)
     sch.parallel(parallel)
     for block in kept:
@@ -345,7 +350,7 @@ def schedule_conv(sch, tile: Tile | None = None, kernel: MicroKernel = VNNI) -> 
     sch.vectorize(sch.get_loops(init)[-1])
     sch.unroll(co_tile)
     sch.unroll(ow_tile)
-    sch.tensorize(co_inner, intrinsic)
+    sch.tensorize(rc_inner if kernel.steps > 1 else co_inner, intrinsic)
     for block in producers:
         _vectorize_root(sch, block)
     return True
