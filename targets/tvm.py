@@ -17,10 +17,12 @@ an avg-pool with padding, ...), raise one :class:`~mpqc.errors.UnsupportedOpErro
   Relax ``round``'s ``nearbyint`` did not; Relax ``round`` -> ``nearbyintf`` on CUDA; both checked on ties).
   The per-channel multipliers ``M = fp32(float64(s_in) / float64(s_out))`` are computed on the host with the
   reference's own torch float64 expressions and embedded as fp32 constants.
-* ``conv2d`` (groups 1) / 2-D ``linear`` on an llvm target with AVX512-VNNI (``target_has_vnni``; ``lower(...,
-  vnni=)`` overrides): the implicit-GEMM kernel of ``targets/tvm_vnni.py`` on NHWC uint8 codes (a signed input
-  is shifted by +128 and ``128 * sum(w)`` is subtracted from the int32 bias, exactly) with the weights packed
-  ``[Co/16, KH*KW*C/4, 16, 4]``, tensorized with ``vpdpbusd`` by a hand schedule. The accumulator stays NHWC, and
+* ``conv2d`` (groups 1) / 2-D ``linear`` on an llvm target with AVX512-VNNI or AVX2 (the kernel table
+  ``targets/tvm_kernels.py``, asked per layer; ``lower(..., isa=)`` / ``vnni=`` force a choice): the implicit-GEMM
+  kernel of ``targets/tvm_vnni.py`` on NHWC uint8 codes (a signed input is shifted by the kernel's shift, VNNI
+  128, AVX2 ``2^(bits-1)``, and ``shift * sum(w)`` is subtracted from the int32 bias, exactly) with the weights
+  packed ``[Co/16, KH*KW*C/4, 16, 4]``, tensorized by a hand schedule with ``vpdpbusd`` (VNNI) or the AVX2
+  micro-kernels of ``targets/tvm_avx2.py`` (narrow, wide or int16 multi-step, from the layer's bits). The accumulator stays NHWC, and
   so does everything computed from it elementwise (requantisation, ReLU, clamps, residual adds, max pooling,
   integer global pooling); the converters that need the program's NCHW layout (flatten, cat, average pooling,
   fp32 global mean, TVM's own convs, the outputs) transpose back first (``_Lowering.in_layout``).

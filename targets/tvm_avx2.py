@@ -11,7 +11,11 @@ the same schedule and register tiles, fewer of them: 16 ymm registers) with the 
   weight block: adjacent u8 x s8 products summed in pairs into **saturating** int16) -> ``vpmaddwd`` with ones
   (int16 pairs summed into int32) -> ``vpaddd`` into the accumulator;
 * :data:`WIDE`: the activation bytes split as ``a = (a & 127) + (a & 128)``, each part through ``vpmaddubsw`` ->
-  ``vpmaddwd`` (ones) and both added: twice the work, for the layers where the narrow form could saturate.
+  ``vpmaddwd`` (ones) and both added: twice the work, for the layers where the narrow form could saturate;
+* :data:`MULTI_STEP` (per-bit speed): ``steps`` (2, 4 or 8) consecutive 4-deep ``vpmaddubsw`` results summed in
+  int16 (``vpaddw``) and widened once (``vpmaddwd``), where ``steps * pair_bound <= 32767``
+  (:func:`int16_steps`; 4-bit weights x 8-bit activations: 2*255*7 = 3570, 9 steps) and ``steps`` divides the
+  layer's ``ceil(C/4)``: ``1 + 1/steps`` multiplies per 32 products instead of 2 (:func:`micro_kernel` chooses).
 
 *Ensures* (saturation impossible by construction): a layer takes :data:`NARROW` only where
 :func:`pair_bound` ``= 2 * max|a| * max|w| <= 32767`` for its bits: activations stored unsigned in ``[0, 2^a - 1]``
