@@ -22,8 +22,8 @@ an avg-pool with padding, ...), raise one :class:`~mpqc.errors.UnsupportedOpErro
   kernel of ``targets/tvm_vnni.py`` on NHWC uint8 codes (a signed input is shifted by the kernel's shift, VNNI
   128, AVX2 ``2^(bits-1)``, and ``shift * sum(w)`` is subtracted from the int32 bias, exactly) with the weights
   packed ``[Co/16, KH*KW*C/4, 16, 4]``, tensorized by a hand schedule with ``vpdpbusd`` (VNNI) or the AVX2
-  micro-kernels of ``targets/tvm_avx2.py`` (narrow, wide or int16 multi-step, from the layer's bits). The accumulator stays NHWC, and
-  so does everything computed from it elementwise (requantisation, ReLU, clamps, residual adds, max pooling,
+  micro-kernels of ``targets/tvm_avx2.py`` (narrow, wide or int16 multi-step, from the layer's bits). The
+  accumulator stays NHWC, and so does everything computed from it elementwise (requantisation, ReLU, clamps, residual adds, max pooling,
   integer global pooling); the converters that need the program's NCHW layout (flatten, cat, average pooling,
   fp32 global mean, TVM's own convs, the outputs) transpose back first (``_Lowering.in_layout``).
 * other ``conv1d`` / ``conv2d`` (grouped and depthwise too) / ``linear``, and every layer on other targets ->
@@ -954,6 +954,8 @@ def lower(program_or_compiled, *, target: Any = "llvm", out: str | Path | None =
                           "cannot be measured on this machine)")
     if trials and tuning_db is None:
         raise ConfigError("trials > 0 needs a tuning_db directory to keep the tuning records in")
+    if kind != "llvm" and (isa not in ("auto", "generic") or vnni):
+        raise ConfigError(f"isa={isa!r}/vnni={vnni}: the x86 int8 kernels are for llvm targets, not {kind}")
     isa = tvm_kernels.resolve_isa(tvm_target, isa, vnni) if kind == "llvm" else "generic"
     tvm_target = tvm_kernels.isa_target(tvm_target, isa)
     started = time.perf_counter()
