@@ -72,6 +72,10 @@ from mpqc.reference import IntegerProgram  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 VNNI_OPS_PER_CYCLE = 256  # per core: two 512-bit vpdpbusd (64 u8 x s8 products each) per cycle
+#: int8 ops per cycle per core of each kernel ISA (targets/tvm_kernels.py): AVX-512 VNNI two 512-bit vpdpbusd;
+#: AVX2 with int32 accumulation two 256-bit vpmaddubsw (32 products) whose vpmaddwd/vpaddd share the ports: 32
+#: MACs; "generic" (TVM's own operators) is held to the AVX2 figure.
+OPS_PER_CYCLE = {"avx512vnni": VNNI_OPS_PER_CYCLE, "avx2": 64, "generic": 64}
 
 
 def _examples():
@@ -163,8 +167,8 @@ _CLOCK_C = r"""
 #include <time.h>
 static double now(void) { struct timespec t; clock_gettime(CLOCK_MONOTONIC, &t); return t.tv_sec + t.tv_nsec * 1e-9; }
 int main(void) {
-  long n = 200000000, x = 1, y = 3; double best = 1e9, bestv = 1e9;
-  for (int r = 0; r < 5; r++) {
+  long n = 20000000, x = 1, y = 3; double best = 1e9, bestv = 1e9;
+  for (int r = 0; r < 40; r++) {  /* short runs, many: on a shared machine one of them runs uncontended */
     double t0 = now();
     for (long i = 0; i < n; i += 8)
       __asm__ volatile("add %1,%0\n\tadd %1,%0\n\tadd %1,%0\n\tadd %1,%0\n\tadd %1,%0\n\tadd %1,%0\n\tadd %1,%0\n\t"
@@ -172,6 +176,7 @@ int main(void) {
     double t = now() - t0; if (t < best) best = t;
   }
   long m = 20000000;
+#ifdef PROBE_VNNI
   for (int r = 0; r < 3; r++) {
     double t0 = now();
     for (long i = 0; i < m; i++)
@@ -183,14 +188,29 @@ int main(void) {
         ::: "xmm0", "xmm1", "xmm2", "xmm3", "xmm4", "xmm5", "xmm6", "xmm7", "xmm8", "xmm9", "xmm10", "xmm11");
     double t = now() - t0; if (t < bestv) bestv = t;
   }
+#else  /* AVX2: 12 independent 256-bit vpmaddubsw per iteration */
+  m = m / 4;  /* 5M iterations (~50 ms at 0.5/cycle), best of 10 */
+  for (int r = 0; r < 10; r++) {
+    double t0 = now();
+    for (long i = 0; i < m; i++)
+      __asm__ volatile(
+        "vpmaddubsw %%ymm14,%%ymm15,%%ymm0\n\tvpmaddubsw %%ymm14,%%ymm15,%%ymm1\n\tvpmaddubsw %%ymm14,%%ymm15,%%ymm2\n\t"
+        "vpmaddubsw %%ymm14,%%ymm15,%%ymm3\n\tvpmaddubsw %%ymm14,%%ymm15,%%ymm4\n\tvpmaddubsw %%ymm14,%%ymm15,%%ymm5\n\t"
+        "vpmaddubsw %%ymm14,%%ymm15,%%ymm6\n\tvpmaddubsw %%ymm14,%%ymm15,%%ymm7\n\tvpmaddubsw %%ymm14,%%ymm15,%%ymm8\n\t"
+        "vpmaddubsw %%ymm14,%%ymm15,%%ymm9\n\tvpmaddubsw %%ymm14,%%ymm15,%%ymm10\n\tvpmaddubsw %%ymm14,%%ymm15,%%ymm11\n\t"
+        ::: "xmm0", "xmm1", "xmm2", "xmm3", "xmm4", "xmm5", "xmm6", "xmm7", "xmm8", "xmm9", "xmm10", "xmm11");
+    double t = now() - t0; if (t < bestv) bestv = t;
+  }
+#endif
   printf("%.6f %.6f\n", n / best / 1e9, 12.0 * m / bestv / 1e9);
   return 0;
 }
 """
 
 
-def measure_clock() -> dict[str, object]:
-    """The core clock (GHz) from a dependent add chain, one core's vpdpbusd rate, and /proc/cpuinfo's MHz."""
+def measure_clock(vnni: bool) -> dict[str, object]:
+    """The core clock (GHz) from a dependent add chain, one core's multiply rate (``vpdpbusd`` where ``vnni``, the
+    host having avx512_vnni; ``vpmaddubsw`` otherwise: never an instruction the CPU lacks), /proc/cpuinfo's MHz."""
     info: dict[str, object] = {}
     try:
         mhz = [float(line.split(":")[1]) for line in Path("/proc/cpuinfo").read_text().splitlines()
@@ -206,14 +226,17 @@ def measure_clock() -> dict[str, object]:
         with tempfile.TemporaryDirectory() as work:
             source, binary = Path(work) / "clock.c", Path(work) / "clock"
             source.write_text(_CLOCK_C)
-            built = subprocess.run([compiler, "-O2", "-mavx512f", "-mavx512vnni", "-o", str(binary), str(source)],
+            flags = ["-mavx512f", "-mavx512vnni", "-DPROBE_VNNI"] if vnni else ["-mavx2"]
+            built = subprocess.run([compiler, "-O2", *flags, "-o", str(binary), str(source)],
                                    capture_output=True, text=True)
             if built.returncode == 0:
                 ghz, dots = map(float, subprocess.run([str(binary)], capture_output=True, text=True,
                                                       check=True).stdout.split())
-                info.update(clock_ghz=ghz, clock_method="dependent integer add chain (1 add/cycle), best of 5",
-                            vpdpbusd_per_ns_one_core=dots,
-                            vnni_gops_one_core_measured=dots * 128)
+                info.update(clock_ghz=ghz, clock_method="dependent integer add chain (1 add/cycle), best of 40 runs of 7 ms")
+                if vnni:
+                    info.update(vpdpbusd_per_ns_one_core=dots, vnni_gops_one_core_measured=dots * 128)
+                else:  # 32 u8 x s8 products each, summed in int16 pairs: 64 ops before the widening vpmaddwd
+                    info.update(vpmaddubsw_per_ns_one_core=dots, vpmaddubsw_gops_one_core_measured=dots * 64)
                 return info
     if info.get("cpuinfo_mhz"):
         info.update(clock_ghz=info["cpuinfo_mhz"] / 1e3, clock_method="/proc/cpuinfo cpu MHz (nominal)")
@@ -302,17 +325,30 @@ def run_engine(engine: str, name: str, batch: int, args) -> dict:
         program = frozen_program(model, x)
         macs = layer_macs(program, x)
         started = time.perf_counter()
-        lowered = lower(program, input_shape=tuple(x.shape), tuning_db=args.tuning_db)
+        lowered = lower(program, input_shape=tuple(x.shape), tuning_db=args.tuning_db, isa=args.isa)
+        kernel_layers = lowered.meta["kernel_layers"]  # layer node -> micro-kernel block
         row = {"build_and_tune_s": time.perf_counter() - started, "schedules": lowered.schedules,
-               "vnni_layers": len(lowered.meta["vnni_layers"]), "layers": len(program.layers()),
+               "isa": lowered.meta["isa"], "target": lowered.meta["target"],
+               "vnni_layers": len(lowered.meta["vnni_layers"]), "kernel_layers": len(kernel_layers),
+               "layers": len(program.layers()),
                "weight_bits": sorted(w for w, _ in program.layer_bits().values()),
+               "layer_bits": {lowered.meta["layer_nodes"][m]: list(b) for m, b in program.layer_bits().items()},
                "gmacs": sum(macs.values()) / 1e9,
-               "conv_gmacs": sum(macs[layer] for layer in lowered.meta["vnni_layers"]) / 1e9}
+               "conv_gmacs": sum(macs[layer] for layer in kernel_layers) / 1e9}
         row["bit_exact"] = bool(torch.equal(lowered(x), program.run(x)))
         xs = x.numpy()
         row.update(timed(lambda: lowered(xs), args.repeat))
         functions = function_times(lowered, xs, args.repeat)
-        row["conv_layers_ms"] = sum(ms for fn, ms in functions.items() if "vnni_conv" in fn)
+        blocks = sorted(set(kernel_layers.values()))
+        row["conv_layers_ms"] = sum(ms for fn, ms in functions.items() if any(b in fn for b in blocks))
+        # per micro-kernel class (e.g. AVX2 narrow / wide): its layers' MACs and its functions' time
+        row["kernel_classes"] = {
+            block: {"layers": sum(v == block for v in kernel_layers.values()),
+                    "gmacs": sum(macs[layer] for layer, v in kernel_layers.items() if v == block) / 1e9,
+                    "ms": sum(ms for fn, ms in functions.items()
+                              if block in fn and not any(o != block and o in fn and len(o) > len(block)
+                                                         for o in blocks))}
+            for block in blocks}
         row["functions_ms"] = dict(sorted(functions.items(), key=lambda item: -item[1])[:12])
         return row
     if engine == "tvm_fp32_untuned":
@@ -343,7 +379,7 @@ def run_case(name: str, batch: int, args, clock: dict) -> dict:
                            "not run: unscheduled fp32 ResNet-18 takes tens of seconds per batch-8 run"}
             continue
         command = [sys.executable, __file__, "--worker", engine, "--cases", f"{name}:{batch}",
-                   "--repeat", str(args.repeat), "--tuning-db", str(args.tuning_db)]
+                   "--repeat", str(args.repeat), "--tuning-db", str(args.tuning_db), "--isa", args.isa]
         env = dict(os.environ)
         if engine in TVM_ENGINES:  # torch only builds and checks there: its OpenMP pool must not spin against TVM's
             env["OMP_WAIT_POLICY"] = "PASSIVE"
@@ -356,12 +392,17 @@ def run_case(name: str, batch: int, args, clock: dict) -> dict:
         raise SystemExit(f"mpqc_tvm on {name}:{batch}: {tvm_row['skipped']}")
     row["weight_bits"] = tvm_row.pop("weight_bits")
     row["gmacs"] = tvm_row.pop("gmacs")
-    peak = VNNI_OPS_PER_CYCLE * threads * clock["clock_ghz"]
+    peak = OPS_PER_CYCLE[tvm_row["isa"]] * threads * clock["clock_ghz"]
     total_ops = 2 * row["gmacs"] * 1e9
+    tvm_row["peak_gops"] = peak
     tvm_row["gops"] = total_ops / tvm_row["median_ms"] / 1e6
-    tvm_row["fraction_of_vnni_peak"] = tvm_row["gops"] / peak
-    tvm_row["conv_layers_gops"] = 2 * tvm_row["conv_gmacs"] * 1e3 / tvm_row["conv_layers_ms"]
-    tvm_row["conv_layers_fraction_of_vnni_peak"] = tvm_row["conv_layers_gops"] / peak
+    tvm_row["fraction_of_peak"] = tvm_row["gops"] / peak
+    conv_ms = tvm_row["conv_layers_ms"]
+    tvm_row["conv_layers_gops"] = 2 * tvm_row["conv_gmacs"] * 1e3 / conv_ms if conv_ms else None
+    tvm_row["conv_layers_fraction_of_peak"] = tvm_row["conv_layers_gops"] / peak if conv_ms else None
+    for klass in tvm_row.get("kernel_classes", {}).values():
+        klass["gops"] = 2 * klass["gmacs"] * 1e3 / klass["ms"] if klass["ms"] else None
+        klass["fraction_of_peak"] = klass["gops"] / peak if klass["gops"] else None
     for engine in ENGINES[1:]:
         if "median_ms" in row[engine]:
             row[engine]["gops"] = total_ops / row[engine]["median_ms"] / 1e6
@@ -372,6 +413,16 @@ def run_case(name: str, batch: int, args, clock: dict) -> dict:
     return row
 
 
+def _lscpu_model() -> str | None:
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    fields = {k.strip(): v.strip() for k, _, v in (line.partition(":") for line in out.splitlines())}
+    return "; ".join(f"{k}: {fields[k]}" for k in ("Model name", "CPU family", "Model", "Hypervisor vendor")
+                     if k in fields)
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--cases", nargs="+", default=DEFAULT_CASES, help="MODEL:BATCH, e.g. resnet18:1")
@@ -379,6 +430,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--tuning-db", type=Path, default=ROOT / "bench" / "tuning",
                         help="TVM tuning database (VNNI tiles); measured on first use")
     parser.add_argument("--no-tvm-fp32", dest="tvm_fp32", action="store_false")
+    parser.add_argument("--clock-ghz", type=float, help="the core clock for the peak, where the machine is too busy "
+                                                        "to measure it (the measured one is recorded too)")
+    parser.add_argument("--isa", choices=("auto", "avx512vnni", "avx2", "generic"), default="auto",
+                        help="mpqc-TVM's int8 kernels: auto (the best this CPU has) or forced, e.g. avx2 on a VNNI "
+                             "host (targets/tvm_kernels.py)")
     parser.add_argument("--json", type=Path, default=ROOT / "bench" / "results" / "latency.json")
     parser.add_argument("--note", default="", help="free text stored with the results (e.g. machine load)")
     parser.add_argument("--worker", choices=ENGINES, help=argparse.SUPPRESS)  # one engine, one case: JSON out
@@ -388,12 +444,26 @@ def main(argv: list[str] | None = None) -> dict:
         print(json.dumps(run_engine(args.worker, name, int(batch or 1), args)))
         return {}
 
-    clock = measure_clock()
+    from mpqc.cpu import cpu_flags, int8_isa
+    from mpqc.targets.tvm import resolve_target
+    from mpqc.targets.tvm_kernels import resolve_isa
+
+    isa = resolve_isa(resolve_target("llvm"), args.isa)
+    clock = measure_clock(vnni=int8_isa() == "avx512vnni")
+    if args.clock_ghz:  # a busy shared machine measures a low clock; the peak then uses the given one
+        clock.update(measured_clock_ghz=clock.get("clock_ghz"), clock_ghz=args.clock_ghz,
+                     clock_method=f"given (--clock-ghz); measured here: {clock.get('clock_ghz')}")
     if not clock.get("clock_ghz"):
         sys.exit("cannot measure or read the CPU clock")
     threads = int(os.environ["TVM_NUM_THREADS"])
+    peak_gops = OPS_PER_CYCLE[isa] * threads * clock["clock_ghz"]
     results = {
-        "machine": {**clock, "threads": threads, "logical_cpus": os.cpu_count(),
+        "machine": {**clock, "threads": threads, "logical_cpus": os.cpu_count(), "host_int8_isa": int8_isa(),
+                    "kernel_isa": isa, "cpu_flags": sorted(cpu_flags()),
+                    "lscpu_model": _lscpu_model(),
+                    "peak_gops": peak_gops,
+                    "peak_formula_kernel_isa": f"{OPS_PER_CYCLE[isa]} int8 ops/cycle/core ({isa}) x {threads} "
+                                               f"threads x clock",
                     "environment": {k: os.environ.get(k) for k in ("OMP_WAIT_POLICY", "TVM_NUM_THREADS",
                                                                     "TVM_BIND_THREADS", "TVM_THREAD_POOL_SPIN_COUNT")},
                     "vnni_peak_gops": VNNI_OPS_PER_CYCLE * threads * clock["clock_ghz"],
@@ -402,8 +472,8 @@ def main(argv: list[str] | None = None) -> dict:
     }
     header = f"{'case':14s} {'mpqc-TVM':>9s} {'fp32':>8s} {'int8 FX':>8s} {'int8 PT2E':>9s} {'TVM fp32':>9s}" \
              f" {'GOP/s':>7s} {'conv %peak':>10s} exact"
-    print(f"clock {clock['clock_ghz']:.2f} GHz ({clock['clock_method']}), {threads} threads, VNNI peak "
-          f"{results['machine']['vnni_peak_gops']:.0f} GOP/s\n{header}")
+    print(f"clock {clock['clock_ghz']:.2f} GHz ({clock['clock_method']}), {threads} threads, kernels {isa}, peak "
+          f"{peak_gops:.0f} GOP/s\n{header}")
     for case in args.cases:
         name, _, batch = case.partition(":")
         row = run_case(name, int(batch or 1), args, clock)
@@ -415,7 +485,7 @@ def main(argv: list[str] | None = None) -> dict:
         tvm_row = row["mpqc_tvm"]
         print(f"{case:14s} {tvm_row['median_ms']:9.2f} {ms('torch_fp32'):>8s} {ms('torch_int8_fx'):>8s} "
               f"{ms('torch_int8_pt2e'):>9s} {ms('tvm_fp32_untuned'):>9s} {tvm_row['gops']:7.0f} "
-              f"{100 * tvm_row['conv_layers_fraction_of_vnni_peak']:9.0f}% {tvm_row['bit_exact']}", flush=True)
+              f"{100 * (tvm_row['conv_layers_fraction_of_peak'] or 0):9.0f}% {tvm_row['bit_exact']}", flush=True)
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(results, indent=1))
     return results

@@ -145,6 +145,9 @@ def _parser() -> argparse.ArgumentParser:
     lo.add_argument("--vnni", choices=("auto", "on", "off"), default="auto",
                     help="mpqc's VNNI int8 kernels for conv/linear: auto (where the target has avx512vnni), on "
                          "(refused on a target without it), off (TVM's own int8 operators)")
+    lo.add_argument("--isa", choices=("auto", "avx512vnni", "avx2", "generic"), default="auto",
+                    help="the conv/linear int8 kernels: auto (the best the target has), or forced: avx512vnni, avx2 "
+                         "(on an AVX-512 host the module is built for x86-64-v3 and runs there), generic (TVM's own)")
     lo.set_defaults(run=_lower)
     return parser
 
@@ -337,7 +340,8 @@ def _lower(args: argparse.Namespace) -> int:
     shape = _input_shape(args.input_shape)
     compiled = CompiledModel.load(args.run_dir)
     lowered = lower(compiled, target=args.target, out=args.out, input_shape=shape, trials=args.trials,
-                    tuning_db=args.tuning_db, vnni={"auto": None, "on": True, "off": False}[args.vnni])
+                    tuning_db=args.tuning_db, vnni={"auto": None, "on": True, "off": False}[args.vnni],
+                    isa=args.isa)
     print(f"wrote {args.out}/model.so, params.bin, model.json, loader.py ({lowered.kind}, "
           f"built in {lowered.build_seconds:.1f} s)")
     if args.no_check or lowered.kind != "llvm":

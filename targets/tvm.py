@@ -18,11 +18,13 @@ an avg-pool with padding, ...), raise one :class:`~mpqc.errors.UnsupportedOpErro
   Relax ``round``'s ``nearbyint`` did not; Relax ``round`` -> ``nearbyintf`` on CUDA; both checked on ties).
   The per-channel multipliers ``M = fp32(float64(s_in) / float64(s_out))`` are computed on the host with the
   reference's own torch float64 expressions and embedded as fp32 constants.
-* ``conv2d`` (groups 1) / 2-D ``linear`` on an llvm target with AVX512-VNNI (``target_has_vnni``; ``lower(...,
-  vnni=)`` overrides): the implicit-GEMM kernel of ``targets/tvm_vnni.py`` on NHWC uint8 codes (a signed input
-  is shifted by +128 and ``128 * sum(w)`` is subtracted from the int32 bias, exactly) with the weights packed
-  ``[Co/16, KH*KW*C/4, 16, 4]``, tensorized with ``vpdpbusd`` by a hand schedule. The accumulator stays NHWC, and
-  so does everything computed from it elementwise (requantisation, ReLU, clamps, residual adds, max pooling,
+* ``conv2d`` (groups 1) / 2-D ``linear`` on an llvm target with AVX512-VNNI or AVX2 (the kernel table
+  ``targets/tvm_kernels.py``, asked per layer; ``lower(..., isa=)`` / ``vnni=`` force a choice): the implicit-GEMM
+  kernel of ``targets/tvm_vnni.py`` on NHWC uint8 codes (a signed input is shifted by the kernel's shift, VNNI
+  128, AVX2 ``2^(bits-1)``, and ``shift * sum(w)`` is subtracted from the int32 bias, exactly) with the weights
+  packed ``[Co/16, KH*KW*C/4, 16, 4]``, tensorized by a hand schedule with ``vpdpbusd`` (VNNI) or the AVX2
+  micro-kernels of ``targets/tvm_avx2.py`` (narrow, wide or int16 multi-step, from the layer's bits). The
+  accumulator stays NHWC, and so does everything computed from it elementwise (requantisation, ReLU, clamps, residual adds, max pooling,
   integer global pooling); the converters that need the program's NCHW layout (flatten, cat, average pooling,
   fp32 global mean, TVM's own convs, the outputs) transpose back first (``_Lowering.in_layout``).
 * other ``conv1d`` / ``conv2d`` (grouped and depthwise too) / ``linear``, and every layer on other targets ->
@@ -82,7 +84,8 @@ import torch
 from mpqc import ops
 from mpqc.errors import ConfigError, MpqcError, UnsupportedOpError
 from mpqc.reference import IntegerProgram, IntNode
-from mpqc.targets.tvm_vnni import ConvGeometry, conv2d_te, target_has_vnni
+from mpqc.targets import tvm_kernels
+from mpqc.targets.tvm_vnni import ConvGeometry, conv2d_te
 from mpqc.targets.tvm_weights import WeightLayout, pack_bits, packed_size, place, unpack_te
 
 log = logging.getLogger(__name__)
@@ -338,12 +341,15 @@ class _Lowering:
     """
 
     def __init__(self, program: IntegerProgram, input_shapes: list[tuple[int, ...]], mode: str,
-                 expose: Sequence[str], vnni: bool = False) -> None:
+                 expose: Sequence[str], vnni: bool = False, isa: str | None = None) -> None:
         from tvm import relax
 
         self.program = program
         self.mode = mode  # "llvm" or "cuda": how exact multiplies and rounding are spelled
-        self.vnni = vnni
+        # the ISA of the conv/linear kernels (targets/tvm_kernels.py); ``vnni`` is the older switch
+        self.isa = isa if isa is not None else ("avx512vnni" if vnni else "generic")
+        self.vnni = self.isa == "avx512vnni"
+        self.kernel_layers: dict[str, str] = {}  # layer node -> the micro-kernel block it runs on
         self.by_name = {node.name: node for node in program.nodes}
         self.bb = relax.BlockBuilder()
         self.env: dict[str, _Int | _Float] = {}
@@ -509,12 +515,20 @@ def _flatten(expr, start: int):
     return R.reshape(expr, shape[:start] + [math.prod(shape[start:])])
 
 
+def _layer_facts(lowering: _Lowering, node: IntNode, x: _Int) -> tvm_kernels.LayerFacts:
+    producer = lowering.by_name[node.inputs[0]]
+    return tvm_kernels.LayerFacts(node.op, int(node.attrs.get("groups", 1)), int(node.attrs["weight_bits"]),
+                                  int(producer.attrs.get("bits", 8)), _dtype(x.expr) == "int8", len(_shape(x.expr)),
+                                  int(node.tensors["weight"].shape[1]))
+
+
+def _layer_kernel(lowering: _Lowering, node: IntNode, x: _Int) -> tvm_kernels.Kernel | None:
+    """The kernel of ``lowering.isa`` that takes this layer (``targets/tvm_kernels.py``), or None."""
+    return tvm_kernels.choose(lowering.isa, _layer_facts(lowering, node, x))
+
+
 def _uses_vnni(lowering: _Lowering, node: IntNode, x: _Int) -> bool:
-    if not lowering.vnni:
-        return False
-    if node.op == "linear":
-        return len(_shape(x.expr)) == 2
-    return node.op == "conv2d" and node.attrs["groups"] == 1
+    return _layer_kernel(lowering, node, x) is not None and lowering.isa == "avx512vnni"
 
 
 def _convert_layer(lowering: _Lowering, node: IntNode):
@@ -525,8 +539,9 @@ def _convert_layer(lowering: _Lowering, node: IntNode):
         raise MpqcError(f"layer {node.name!r} reads {node.inputs[0]!r}, which is not an 8-bit quantized value")
     bias = node.tensors["bias"].to(torch.int32).numpy()
     scale = x.scale * node.tensors["weight_scale"].to(torch.float64)  # the reference's _eval_layer
-    if _uses_vnni(lowering, node, x):
-        return _convert_layer_vnni(lowering, node, x, bias, scale)
+    kernel = _layer_kernel(lowering, node, x)
+    if kernel is not None:
+        return _convert_layer_vnni(lowering, node, x, bias, scale, kernel)
     a = node.attrs
     if node.op == "linear":
         w = lowering.weight(node, "io")  # [in, out]
@@ -544,29 +559,35 @@ def _convert_layer(lowering: _Lowering, node: IntNode):
     return _Int(acc, scale.reshape([1, -1] + [1] * (len(_shape(acc)) - 2)))
 
 
-def _convert_layer_vnni(lowering: _Lowering, node: IntNode, x: _Int, bias: np.ndarray, scale: torch.Tensor):
-    """conv2d / linear on the VNNI kernel (``targets/tvm_vnni.py``): NHWC int32 accumulators, output channels
-    sliced back from a multiple of 16; a signed input is shifted by +128 and ``128 * sum(w)`` leaves the bias."""
+def _convert_layer_vnni(lowering: _Lowering, node: IntNode, x: _Int, bias: np.ndarray, scale: torch.Tensor,
+                       kernel: tvm_kernels.Kernel | None = None):
+    """conv2d / linear on an implicit-GEMM kernel (``targets/tvm_vnni.py``; ``kernel``'s micro-kernel, VNNI by
+    default): NHWC int32 accumulators, output channels sliced back from a multiple of 16; a signed input is shifted
+    by the kernel's shift (VNNI: +128) and ``shift * sum(w)`` leaves the bias."""
     from tvm.relax import op as R
 
+    kernel = kernel or tvm_kernels.BY_ISA["avx512vnni"]
+    facts = _layer_facts(lowering, node, x)
+    micro, shift = kernel.micro(facts), kernel.shift(facts)
     weight = node.tensors["weight"].to(torch.int64)
     out_channels = int(weight.shape[0])
     signed = _dtype(x.expr) == "int8"
     if signed:
-        corrected = bias.astype(np.int64) - 128 * weight.reshape(out_channels, -1).sum(1).numpy()
+        corrected = bias.astype(np.int64) - shift * weight.reshape(out_channels, -1).sum(1).numpy()
         if np.abs(corrected).max(initial=0) > np.iinfo(np.int32).max:
-            raise MpqcError(f"layer {node.name!r}: the bias minus 128*sum(w) for the signed input's +128 shift "
-                            f"leaves int32")
+            raise MpqcError(f"layer {node.name!r}: the bias minus {shift}*sum(w) for the signed input's +{shift} "
+                            f"shift leaves int32")
         bias = corrected.astype(np.int32)
     w = lowering.weight(node, "vnni")
     if node.op == "linear":
-        geometry = ConvGeometry("NC", signed, int(weight.shape[1]))
+        geometry = ConvGeometry("NC", signed, int(weight.shape[1]), shift=shift)
     else:
         a = node.attrs
         geometry = ConvGeometry(x.layout, signed, int(weight.shape[1]), tuple(weight.shape[2:]), tuple(a["stride"]),
-                                tuple(a["padding"]), tuple(a["dilation"]))
-    acc = lowering.bb.emit_te(functools.partial(conv2d_te, geometry=geometry), x.expr, w,
-                              primfunc_name_hint="vnni_conv")
+                                tuple(a["padding"]), tuple(a["dilation"]), shift=shift)
+    lowering.kernel_layers[node.name] = micro.block
+    acc = lowering.bb.emit_te(functools.partial(conv2d_te, geometry=geometry, name=micro.block), x.expr, w,
+                              primfunc_name_hint=micro.block)
     shape = _shape(acc)
     if shape[-1] != out_channels:
         acc = lowering.emit(R.strided_slice(acc, axes=[3], begin=[0], end=[out_channels]))
@@ -607,24 +628,28 @@ class BuiltModule:
     packed: np.ndarray  # the packed weights (targets/tvm_weights.py)
     inexact: list[str]
     vnni_layers: list[str]  # layers on the VNNI kernels
+    kernel_layers: dict[str, str] = field(default_factory=dict)  # layer -> micro-kernel block (tvm_kernels)
 
 
 def build_module(program: IntegerProgram, input_shapes: Sequence[Sequence[int]], *, mode: str = "llvm",
-                 expose: Sequence[str] = (), vnni: bool = False) -> BuiltModule:
+                 expose: Sequence[str] = (), vnni: bool = False, isa: str | None = None) -> BuiltModule:
     """The Relax IRModule of ``program``, its parameters, and the list of nodes whose bit-exactness is not
-    guaranteed (empty for the supported zoo). ``vnni``: conv2d/linear layers on the AVX512-VNNI kernels."""
+    guaranteed (empty for the supported zoo). ``isa``: the conv/linear kernels' ISA (``targets/tvm_kernels.py``;
+    ``None``: ``vnni`` says, True for the AVX512-VNNI kernels, False for TVM's own operators)."""
     from tvm import relax
 
     check_supported(program)
     unknown = [name for name in expose if name not in {node.name for node in program.nodes}]
     if unknown:
         raise ConfigError(f"expose: no node named {', '.join(map(repr, unknown))} in the program")
-    lowering = _Lowering(program, [tuple(int(d) for d in s) for s in input_shapes], mode, expose, vnni=vnni)
+    lowering = _Lowering(program, [tuple(int(d) for d in s) for s in input_shapes], mode, expose, vnni=vnni,
+                         isa=isa)
     mod = lowering.build()
     mod = relax.transform.DeadCodeElimination(entry_functions=["main", UNPACK_FUNCTION])(mod)
-    vnni_layers = [spec.layer for spec in lowering.weights if spec.layout == "vnni"]
+    vnni_layers = [layer for layer, block in lowering.kernel_layers.items() if block == tvm_kernels.VNNI_BLOCK]
     return BuiltModule(mod, lowering.param_names, lowering.params, lowering.weights,
-                       pack_bits(lowering.weights, lowering.weight_codes), lowering.inexact, vnni_layers)
+                       pack_bits(lowering.weights, lowering.weight_codes), lowering.inexact, vnni_layers,
+                       dict(lowering.kernel_layers))
 
 
 # --------------------------------------------------------------------------------------------- lowering
@@ -744,7 +769,8 @@ def _import_tree(mod):
 
 def lower(program_or_compiled, *, target: Any = "llvm", out: str | Path | None = None,
           input_shape: Sequence[int] | Sequence[Sequence[int]] | None = None, trials: int = 0,
-          tuning_db: str | Path | None = None, expose: Sequence[str] = (), vnni: bool | None = None) -> LoweredModule:
+          tuning_db: str | Path | None = None, expose: Sequence[str] = (), vnni: bool | None = None,
+          isa: str = "auto") -> LoweredModule:
     """Compile a frozen program (an :class:`IntegerProgram` or a ``CompiledModel``) with TVM.
 
     ``target``: ``"llvm"`` (this host, features from /proc/cpuinfo), ``"cuda"`` (sm_80), ``"cuda:sm_90"``, a target
@@ -755,7 +781,10 @@ def lower(program_or_compiled, *, target: Any = "llvm", out: str | Path | None =
     recorded in the database directory ``tuning_db``, whose best schedules are applied (``trials=0`` with a
     ``tuning_db``: reuse earlier tuning); with a ``tuning_db`` the VNNI kernels' register tiles are measured once
     per convolution geometry and recorded there too (``vnni_tiles.json``, ``targets/tvm_schedule.py``).
-    ``vnni``: use the AVX512-VNNI kernels for conv2d/linear; ``None`` (default): when the target has the feature.
+    ``isa``: the conv2d/linear kernels (``targets/tvm_kernels.py``): ``"auto"`` (default) the best the target has
+    (``avx512vnni``, else ``avx2``, else TVM's own operators), or forced: ``"avx512vnni"``, ``"avx2"`` (on an
+    AVX-512 target the module is built for ``x86-64-v3``, so it holds AVX2 code only), ``"generic"``.
+    ``vnni`` (the older switch): True forces ``avx512vnni``, False ``generic``; ``None`` (default) leaves ``isa``.
     """
     program, compiled = _program_and_compiled(program_or_compiled)
     shapes = _input_shapes(input_shape, compiled)
@@ -770,24 +799,24 @@ def lower(program_or_compiled, *, target: Any = "llvm", out: str | Path | None =
                           "cannot be measured on this machine)")
     if trials and tuning_db is None:
         raise ConfigError("trials > 0 needs a tuning_db directory to keep the tuning records in")
-    has_vnni = target_has_vnni(tvm_target)
-    if vnni and not has_vnni:
-        raise ConfigError(f"vnni=True, but the target {tvm_target} has no avx512vnni")
-    use_vnni = has_vnni if vnni is None else vnni
+    if kind != "llvm" and (isa not in ("auto", "generic") or vnni):
+        raise ConfigError(f"isa={isa!r}/vnni={vnni}: the x86 int8 kernels are for llvm targets, not {kind}")
+    isa = tvm_kernels.resolve_isa(tvm_target, isa, vnni) if kind == "llvm" else "generic"
+    tvm_target = tvm_kernels.isa_target(tvm_target, isa)
     started = time.perf_counter()
-    built = build_module(program, shapes, mode=kind, expose=expose, vnni=use_vnni)
+    built = build_module(program, shapes, mode=kind, expose=expose, isa=isa)
     for reason in built.inexact:
         log.warning("not guaranteed bit-exact: %s", reason)
     stats: dict[str, int] = {}
     executable = compile_module(built.mod, tvm_target, trials=trials, tuning_db=tuning_db, stats=stats)
-    if stats.get("vnni", 0) < stats.get("vnni_functions", 0):
-        log.warning("%d of %d VNNI functions could not be tensorized and run unscheduled (still exact)",
-                    stats["vnni_functions"] - stats["vnni"], stats["vnni_functions"])
+    if stats.get("kernels", 0) < stats.get("kernel_functions", 0):
+        log.warning("%d of %d %s kernel functions could not be tensorized and run unscheduled (still exact)",
+                    stats["kernel_functions"] - stats["kernels"], stats["kernel_functions"], isa)
     seconds = time.perf_counter() - started
     lowered = LoweredModule(executable=executable, target=tvm_target, params=built.params,
                             packed_weights=built.packed, ir_module=built.mod, build_seconds=seconds,
                             inexact=built.inexact, schedules=stats,
-                            meta=_metadata(program, shapes, built, tvm_target, expose))
+                            meta={**_metadata(program, shapes, built, tvm_target, expose), "isa": isa})
     if out is not None:
         lowered.export(out)
     return lowered
@@ -867,6 +896,7 @@ def _metadata(program: IntegerProgram, shapes, built: BuiltModule, target, expos
                                    "offset": spec.offset} for spec in weights},
         },
         "vnni_layers": built.vnni_layers,
+        "kernel_layers": built.kernel_layers,
         "layers": {module: {"weight_bits": w, "activation_bits": a} for module, (w, a) in program.layer_bits().items()},
         "layer_nodes": {node.attrs["module"]: node.name for node in program.layers()},
         "inexact": list(built.inexact),

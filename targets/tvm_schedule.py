@@ -4,9 +4,10 @@ register tiles, a default (untuned) rule for the rest, and MetaSchedule tuning i
 TVM's CPU pipeline leaves TIR unscheduled (one scalar loop nest per op, every intermediate in memory) and dlight's
 CPU rules cover only GEMV and softmax-like reductions. :func:`cpu_pipeline` schedules the fused functions in order:
 
-1. *VNNI functions* (a ``vnni_conv`` block, ``targets/tvm_vnni.py``): ``tvm_vnni.schedule_conv`` with the register
-   tile recorded for the convolution's geometry in ``<tuning_db>/vnni_tiles.json`` (:func:`tune_vnni_tiles` times
-   every candidate tile of a geometry the first time it is seen) or ``tvm_vnni.choose_tile``'s default.
+1. *Kernel functions* (a micro-kernel's conv block, ``targets/tvm_kernels.py``: ``vnni_conv``, ``avx2_conv``,
+   ``avx2wide_conv``): ``tvm_vnni.schedule_conv`` with that micro-kernel and the register tile recorded for the
+   convolution's geometry in ``<tuning_db>/vnni_tiles.json`` (:func:`tune_vnni_tiles` times every candidate tile
+   of a geometry the first time it is seen) or ``tvm_vnni.choose_tile``'s default.
 2. *MetaSchedule records* for the other functions, with a tuning database (:func:`tune` adds ``trials``).
 3. *The default rule* (:func:`schedule_func`) for what is left:
 
@@ -29,7 +30,8 @@ import json
 import logging
 from pathlib import Path
 
-from mpqc.targets.tvm_vnni import CONV_BLOCK, Tile, conv_signature, find_conv, schedule_conv
+from mpqc.targets.tvm_kernels import VNNI_BLOCK, find_micro_kernel, is_kernel_block
+from mpqc.targets.tvm_vnni import Tile, conv_signature, schedule_conv
 
 log = logging.getLogger(__name__)
 
@@ -145,8 +147,8 @@ def schedule_func(func):
     from tvm.s_tir.dlight.analysis import normalize_prim_func
     from tvm.s_tir.dlight.base.common_schedules import try_inline
 
-    if is_vnni_func(func):
-        return None  # the VNNI rule's (vnni_cpu_rule); unscheduled it is still exact
+    if is_kernel_func(func):
+        return None  # the kernels' rule's (vnni_cpu_rule); unscheduled it is still exact
     sch = s_tir.Schedule(func)
     infos = normalize_prim_func(sch)
     if not infos:
@@ -216,7 +218,12 @@ def block_names(func) -> list[str]:
 
 def is_vnni_func(func) -> bool:
     """Whether a PrimFunc holds a VNNI convolution block (``targets/tvm_vnni.py``)."""
-    return any(name.startswith(CONV_BLOCK) for name in block_names(func))
+    return any(name.startswith(VNNI_BLOCK) for name in block_names(func))
+
+
+def is_kernel_func(func) -> bool:
+    """Whether a PrimFunc holds the conv block of one of the micro-kernels (``targets/tvm_kernels.py``)."""
+    return any(is_kernel_block(name) for name in block_names(func))
 
 
 def schedule_vnni_func(func, tiles: dict[str, Tile] | None = None):
@@ -226,11 +233,11 @@ def schedule_vnni_func(func, tiles: dict[str, Tile] | None = None):
     from tvm import s_tir
 
     sch = s_tir.Schedule(func)
-    conv = find_conv(sch)
+    conv, micro = find_micro_kernel(sch)
     if conv is None:
         return None
     try:
-        schedule_conv(sch, (tiles or {}).get(conv_signature(sch, conv)))
+        schedule_conv(sch, (tiles or {}).get(conv_signature(sch, conv)), micro)
     except Exception as error:  # noqa: BLE001 - reported, and the function stays correct unscheduled
         log.warning("VNNI schedule failed for %s: %s", conv_signature(sch, conv),
                     str(error).strip().splitlines()[-1][:300])
@@ -295,21 +302,24 @@ def cpu_pipeline(target, *, trials: int = 0, tuning_db: str | None = None, sched
             mod = tvm.transform.Sequential(cpu_generic.library_dispatch_passes(target)
                                            + cpu_generic.legalize_passes(target))(mod)
             stats["functions"] = _count_scheduled(mod)[1]
-            stats["vnni_functions"] = sum(is_vnni_func(func) for _, func in mod.functions_items()
-                                          if isinstance(func, tirx.PrimFunc))
+            funcs = [func for _, func in mod.functions_items() if isinstance(func, tirx.PrimFunc)]
+            stats["kernel_functions"] = sum(is_kernel_func(func) for func in funcs)
+            stats["vnni_functions"] = sum(is_vnni_func(func) for func in funcs)
             if schedule:
                 tiles = tune_vnni_tiles(mod, target, tuning_db) if tuning_db is not None else {}
                 mod = dlight.ApplyDefaultSchedule(vnni_cpu_rule(tiles))(mod)
-            stats["vnni"] = _count_scheduled(mod)[0]
+            stats["kernels"] = _count_scheduled(mod)[0]
+            stats["vnni"] = sum(is_vnni_func(func) and bool(func.attrs and func.attrs.get("tirx.is_scheduled", False))
+                                for _, func in mod.functions_items() if isinstance(func, tirx.PrimFunc))
             if tuning_db is not None:
                 if trials > 0:
                     tune(mod, target, tuning_db, trials)
                 if (Path(tuning_db) / "database_tuning_record.json").is_file():  # (empty files are not made)
                     mod = relax.transform.MetaScheduleApplyDatabase(str(tuning_db))(mod)
-            stats["from_database"] = _count_scheduled(mod)[0] - stats["vnni"]
+            stats["from_database"] = _count_scheduled(mod)[0] - stats["kernels"]
             if schedule:
                 mod = dlight.ApplyDefaultSchedule(default_cpu_rule())(mod)
-            stats["default_rule"] = _count_scheduled(mod)[0] - stats["from_database"] - stats["vnni"]
+            stats["default_rule"] = _count_scheduled(mod)[0] - stats["from_database"] - stats["kernels"]
             rest = cpu_generic.dataflow_lower_passes(target) + cpu_generic.finalize_passes(target)
             return tvm.transform.Sequential(rest)(mod)
 
@@ -323,7 +333,7 @@ def _tunable(func) -> bool:
 
     if not isinstance(func, tirx.PrimFunc) or (func.attrs and func.attrs.get("tirx.is_scheduled", False)):
         return False
-    return not any(name.startswith((CONV_BLOCK, "unpack_weight")) for name in block_names(func))
+    return not any(is_kernel_block(name) or name.startswith("unpack_weight") for name in block_names(func))
 
 
 def tune(mod, target, work_dir, trials: int) -> None:
@@ -381,14 +391,14 @@ def tune_vnni_tiles(mod, target, work_dir, repeat: int = 20) -> dict[str, Tile]:
         if not isinstance(func, tirx.PrimFunc):
             continue
         sch = s_tir.Schedule(func)
-        conv = find_conv(sch)
+        conv, micro = find_micro_kernel(sch)
         if conv is None or conv_signature(sch, conv) in records:
             continue
         key = conv_signature(sch, conv)
         out_width, channel_blocks = conv_shape(sch, conv)
         args = [tvm.runtime.tensor(_random_array(param.ty, rng)) for param in func.params]
         timings = {}
-        for tile in tile_candidates(out_width, channel_blocks):
+        for tile in tile_candidates(out_width, channel_blocks, micro.max_accumulators):
             scheduled = schedule_vnni_func(func, {key: tile})
             if scheduled is None:
                 continue
@@ -404,7 +414,7 @@ def tune_vnni_tiles(mod, target, work_dir, repeat: int = 20) -> dict[str, Tile]:
         if not timings:
             continue
         best = min(timings, key=timings.get)
-        default = choose_tile(out_width, channel_blocks)
+        default = choose_tile(out_width, channel_blocks, micro)
         records[key] = {"rows": best.rows, "blocks": best.blocks, "ms": round(timings[best] * 1e3, 4),
                         "default": f"{default.rows}x{default.blocks}",
                         "candidates_ms": {f"{t.rows}x{t.blocks}": round(v * 1e3, 4) for t, v in timings.items()},

@@ -59,14 +59,14 @@ def target_has_vnni(target: Any) -> bool:
     return bool(codegen.target_has_features("avx512vnni", target) and codegen.target_has_features("avx512bw", target))
 
 
-_registered = False
-
-
-def register_intrinsic() -> str:
-    """Register :data:`INTRIN` (once per process) and return its name."""
-    global _registered
-    if _registered:
-        return INTRIN
+def register_dot_16x4(name: str, value, lanes: int = 16) -> str:
+    """Register the tensor intrinsic ``name`` for the 16x4 u8 x s8 -> s32 block that every micro-kernel of this
+    implicit GEMM computes (``c[i] += sum_k a[k] * b[i, k]``, ``a`` 4 uint8, ``b`` the packed 16x4 int8 weight block,
+    ``c`` 16 int32). Its body stores ``value(a, b, c, start)`` (a PrimExpr: the new ``int32 x lanes`` of ``c`` from
+    lane ``start``) into ``c[start:start+lanes]`` for ``start = 0, lanes, ...``. Once per process and name; returns
+    the name."""
+    if name in _REGISTERED:
+        return name
     from tvm.s_tir import TensorIntrin
     from tvm.script import tirx as T
 
@@ -88,22 +88,70 @@ def register_intrinsic() -> str:
                         vi, vk = T.axis.remap("SR", [i, k])
                         c[vi] = c[vi] + T.cast(a[vk], "int32") * T.cast(b[vi, vk], "int32")
 
-    @T.prim_func(s_tir=True)
-    def impl(a_handle: T.handle, b_handle: T.handle, c_handle: T.handle) -> None:
-        a, b, c = buffers(a_handle, b_handle, c_handle)
-        with T.sblock("root"):
-            T.reads(c[0:16], a[0:4], b[0:16, 0:4])
-            T.writes(c[0:16])
-            c[T.ramp(T.int32(0), 1, 16)] = T.call_llvm_pure_intrin(
-                "int32x16", "llvm.x86.avx512.vpdpbusd.512",
-                c[T.ramp(T.int32(0), 1, 16)],
-                T.reinterpret(T.broadcast(T.reinterpret(a.vload([0], "uint8x4"), dtype="int32"), 16),
-                              dtype="uint8x64"),
-                b.vload([0, 0], dtype="int8x64"))
+    if lanes not in (8, 16):
+        raise ConfigError(f"intrinsic {name}: lanes must be 8 or 16, got {lanes}")
+    if lanes == 16:  # (each body is parsed only where it is the one used: the store's lanes must match)
+        @T.prim_func(s_tir=True)
+        def whole(a_handle: T.handle, b_handle: T.handle, c_handle: T.handle) -> None:
+            a, b, c = buffers(a_handle, b_handle, c_handle)
+            with T.sblock("root"):
+                T.reads(c[0:16], a[0:4], b[0:16, 0:4])
+                T.writes(c[0:16])
+                c[T.ramp(T.int32(0), 1, 16)] = value(a, b, c, 0)
+        impl = whole
+    else:
+        @T.prim_func(s_tir=True)
+        def halves(a_handle: T.handle, b_handle: T.handle, c_handle: T.handle) -> None:
+            a, b, c = buffers(a_handle, b_handle, c_handle)
+            with T.sblock("root"):
+                T.reads(c[0:16], a[0:4], b[0:16, 0:4])
+                T.writes(c[0:16])
+                c[T.ramp(T.int32(0), 1, 8)] = value(a, b, c, 0)
+                c[T.ramp(T.int32(8), 1, 8)] = value(a, b, c, 8)
+        impl = halves
+    TensorIntrin.register(name, desc, impl, override=True)
+    _REGISTERED.add(name)
+    return name
 
-    TensorIntrin.register(INTRIN, desc, impl, override=True)
-    _registered = True
-    return INTRIN
+
+_REGISTERED: set[str] = set()
+
+
+def broadcast_activations(a, copies: int):
+    """The 4 activation bytes of ``a`` repeated ``copies`` times, as ``uint8x(4*copies)`` (one 32-bit broadcast)."""
+    from tvm.script import tirx as T
+
+    return T.reinterpret(T.broadcast(T.reinterpret(a.vload([0], "uint8x4"), dtype="int32"), copies),
+                         dtype=f"uint8x{4 * copies}")
+
+
+def _vnni_16x4(a, b, c, start):  # noqa: ARG001 - one vpdpbusd covers the whole block
+    from tvm.script import tirx as T
+
+    return T.call_llvm_pure_intrin(
+        "int32x16", "llvm.x86.avx512.vpdpbusd.512", c[T.ramp(T.int32(0), 1, 16)], broadcast_activations(a, 16),
+        b.vload([0, 0], dtype="int8x64"))
+
+
+def register_intrinsic() -> str:
+    """Register :data:`INTRIN` (``vpdpbusd`` on the 16x4 block; once per process) and return its name."""
+    return register_dot_16x4(INTRIN, _vnni_16x4)
+
+
+@dataclass(frozen=True)
+class MicroKernel:
+    """One tensorized inner block of the implicit GEMM: the TE block name that selects it (a prefix no other
+    kernel's block name starts with), its intrinsic, and how many int32x16 accumulators its register tile holds
+    (at most / preferred)."""
+
+    block: str
+    register: Any  # () -> intrinsic name
+    max_accumulators: int
+    preferred_accumulators: int
+    steps: int = 1  # 4-deep reduction steps per intrinsic call (its weight block is [steps, 16, 4])
+
+
+VNNI = MicroKernel(CONV_BLOCK, register_intrinsic, MAX_ACCUMULATORS, 14)
 
 
 # --------------------------------------------------------------------------------------------- compute
@@ -118,8 +166,11 @@ class ConvGeometry:
     stride: tuple[int, int] = (1, 1)
     padding: tuple[int, int] = (0, 0)
     dilation: tuple[int, int] = (1, 1)
+    shift: int = 128  # added to signed activations to make them unsigned (the padding then holds it)
 
     def __post_init__(self) -> None:
+        if not 1 <= self.shift <= 128:
+            raise ConfigError(f"ConvGeometry.shift must be in [1, 128], got {self.shift}")
         if self.in_layout not in ("NCHW", "NHWC", "NC"):
             raise ConfigError(f"ConvGeometry.in_layout must be NCHW, NHWC or NC, got {self.in_layout!r}")
         if self.channels < 1 or min(*self.kernel, *self.stride, *self.dilation) < 1 or min(self.padding) < 0:
@@ -131,10 +182,11 @@ class ConvGeometry:
         return -(-self.channels // 4)
 
 
-def conv2d_te(x, weight, geometry: ConvGeometry):
-    """TE of the VNNI convolution: ``x`` (uint8/int8, ``geometry.in_layout``), ``weight`` int8
+def conv2d_te(x, weight, geometry: ConvGeometry, name: str = CONV_BLOCK):
+    """TE of the implicit-GEMM convolution: ``x`` (uint8/int8, ``geometry.in_layout``), ``weight`` int8
     ``[Co/16, KH*KW*C4, 16, 4]``; returns int32 ``[N, OH, OW, Co16]`` (NHWC; a linear layer gives
-    ``[1, 1, batch, Co16]``)."""
+    ``[1, 1, batch, Co16]``). ``name``: the conv block's name, which selects its micro-kernel
+    (:class:`MicroKernel`.block: :data:`CONV_BLOCK` for VNNI)."""
     from tvm import te, tirx
 
     g = geometry
@@ -160,12 +212,12 @@ def conv2d_te(x, weight, geometry: ConvGeometry):
             value = x[b, i, j, k]
         else:
             value = x[j, k]
-        return (value.astype("int32") + 128).astype("uint8") if g.signed else value
+        return (value.astype("int32") + g.shift).astype("uint8") if g.signed else value
 
     needs_copy = g.signed or g.in_layout != "NHWC" or ph or pw or c4 * 4 != c
     if needs_copy:
         hp, wp = h + 2 * ph, w + 2 * pw
-        fill = tirx.const(128 if g.signed else 0, "uint8")
+        fill = tirx.const(g.shift if g.signed else 0, "uint8")
 
         def padded(b, i, j, k):
             inside = [cond for cond, needed in ((i >= ph, ph), (i < h + ph, ph), (j >= pw, pw), (j < w + pw, pw),
@@ -189,7 +241,7 @@ def conv2d_te(x, weight, geometry: ConvGeometry):
         wgt = weight[o // 16, (rh * kw + rw) * c4 + rc, o % 16, rq]
         return te.sum(a.astype("int32") * wgt.astype("int32"), axis=[rh, rw, rc, rq])
 
-    return te.compute((n, oh, ow, out16), body, name=CONV_BLOCK)
+    return te.compute((n, oh, ow, out16), body, name=name)
 
 
 # --------------------------------------------------------------------------------------------- schedule
@@ -205,35 +257,42 @@ class Tile:
             raise ConfigError(f"tile {self.rows}x{self.blocks}: needs rows, blocks >= 1 and rows*blocks <= 32")
 
 
-def tile_candidates(out_width: int, channel_blocks: int) -> list[Tile]:
-    """Every register tile that fits: ``rows`` divides the output width, ``blocks`` the 16-channel blocks."""
+def tile_candidates(out_width: int, channel_blocks: int, max_accumulators: int = MAX_ACCUMULATORS) -> list[Tile]:
+    """Every register tile that fits: ``rows`` divides the output width, ``blocks`` the 16-channel blocks, and
+    ``rows * blocks <= max_accumulators``."""
     rows = [r for r in range(1, min(MAX_ROWS, out_width) + 1) if out_width % r == 0]
     blocks = [b for b in range(1, min(4, channel_blocks) + 1) if channel_blocks % b == 0]
-    return [Tile(r, b) for r in rows for b in blocks if r * b <= MAX_ACCUMULATORS]
+    return [Tile(r, b) for r in rows for b in blocks if r * b <= max_accumulators]
 
 
-def choose_tile(out_width: int, channel_blocks: int) -> Tile:
+def choose_tile(out_width: int, channel_blocks: int, kernel: MicroKernel = VNNI) -> Tile:
     """The default tile: about 14 accumulators, more rows first (each weight load feeds ``rows`` ``vpdpbusd``).
     7x2 measured fastest on every ResNet-18 layer here (of 5-13 candidates each, ``tvm_schedule.tune_vnni_tiles``):
     56x56x64 7x2 0.22 ms, 8x2 0.24, 4x4 0.23, 8x1 0.26; 28x28x128 7x2 0.21, 4x4 0.22; 7x7x512 7x2 0.21, 7x1 0.27."""
-    candidates = tile_candidates(out_width, channel_blocks)
-    return max(candidates, key=lambda t: (-abs(t.rows * t.blocks - 14), t.rows))
+    candidates = tile_candidates(out_width, channel_blocks, kernel.max_accumulators)
+    return max(candidates, key=lambda t: (-abs(t.rows * t.blocks - kernel.preferred_accumulators), t.rows))
 
 
-def find_conv(sch):
-    """The :data:`CONV_BLOCK` under the root of the PrimFunc in ``sch``, or None."""
+def find_conv(sch, kernels: tuple[MicroKernel, ...] = (VNNI,)):
+    """(the conv block under the root of the PrimFunc in ``sch``, its micro-kernel of ``kernels``), or
+    (None, None)."""
     for block in sch.get_child_blocks(sch.get_sblock("root")):
-        if sch.get(block).name_hint.startswith(CONV_BLOCK):
-            return block
-    return None
+        name = sch.get(block).name_hint
+        for kernel in kernels:
+            if name.startswith(kernel.block):
+                return block, kernel
+    return None, None
 
 
 def conv_signature(sch, conv) -> str:
     """The convolution's geometry as text (its loop extents and the shapes it reads): the key of its tile, the
-    same for every layer of that shape whatever its epilogue or bit-widths."""
+    same for every layer of that shape whatever its epilogue; other micro-kernels' blocks than VNNI's (whose keys
+    have no prefix) are prefixed with their block's name (``avx2_conv ...``)."""
     extents = "x".join(str(int(sch.get(loop).extent)) for loop in sch.get_loops(conv))
     reads = ";".join("x".join(str(int(d)) for d in region.source.ty.shape) for region in sch.get(conv).reads)
-    return f"conv {extents} reads {reads}"
+    name = sch.get(conv).name_hint
+    prefix = "" if name.startswith(CONV_BLOCK) else name[: name.index("_conv") + 5] + " "
+    return f"{prefix}conv {extents} reads {reads}"
 
 
 def conv_shape(sch, conv) -> tuple[int, int]:
@@ -246,12 +305,12 @@ def _is_output(sch, block, outputs) -> bool:
     return any(region.source.same_as(out) for region in sch.get(block).writes for out in outputs)
 
 
-def schedule_conv(sch, tile: Tile | None = None) -> bool:
-    """Schedule the (fused) PrimFunc in ``sch`` holding a :data:`CONV_BLOCK`; False where it holds none."""
-    register_intrinsic()
+def schedule_conv(sch, tile: Tile | None = None, kernel: MicroKernel = VNNI) -> bool:
+    """Schedule the (fused) PrimFunc in ``sch`` holding ``kernel``'s conv block; False where it holds none."""
+    intrinsic = kernel.register()
     blocks = list(sch.get_child_blocks(sch.get_sblock("root")))
     names = [sch.get(b).name_hint for b in blocks]
-    conv_index = next((i for i, name in enumerate(names) if name.startswith(CONV_BLOCK)), None)
+    conv_index = next((i for i, name in enumerate(names) if name.startswith(kernel.block)), None)
     if conv_index is None:
         return False
     conv = blocks[conv_index]
@@ -267,12 +326,16 @@ def schedule_conv(sch, tile: Tile | None = None) -> bool:
             except Exception:  # noqa: BLE001 - a block that cannot be inlined is computed per tile instead
                 kept.append(block)
     out_width, channel_blocks = conv_shape(sch, conv)
-    tile = tile or choose_tile(out_width, channel_blocks)
+    tile = tile or choose_tile(out_width, channel_blocks, kernel)
     n, oh, ow, co, rh, rw, rc, rq = sch.get_loops(conv)
     co_outer, co_inner = sch.split(co, [None, 16])
     co_tiles, co_tile = sch.split(co_outer, [None, tile.blocks])
     ow_tiles, ow_tile = sch.split(ow, [None, tile.rows])
-    sch.reorder(co_tiles, n, oh, ow_tiles, rh, rw, rc, co_tile, ow_tile, co_inner, rq)
+    if kernel.steps > 1:  # the intrinsic covers `steps` reduction steps: rc_inner goes inside the tile loops
+        rc, rc_inner = sch.split(rc, [None, kernel.steps])
+        sch.reorder(co_tiles, n, oh, ow_tiles, rh, rw, rc, co_tile, ow_tile, rc_inner, co_inner, rq)
+    else:
+        sch.reorder(co_tiles, n, oh, ow_tiles, rh, rw, rc, co_tile, ow_tile, co_inner, rq)
     parallel = sch.fuse(co_tiles, n, oh, ow_tiles)
     sch.parallel(parallel)
     for block in kept:
@@ -287,7 +350,7 @@ def schedule_conv(sch, tile: Tile | None = None) -> bool:
     sch.vectorize(sch.get_loops(init)[-1])
     sch.unroll(co_tile)
     sch.unroll(ow_tile)
-    sch.tensorize(co_inner, INTRIN)
+    sch.tensorize(rc_inner if kernel.steps > 1 else co_inner, intrinsic)
     for block in producers:
         _vectorize_root(sch, block)
     return True

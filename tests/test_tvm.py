@@ -23,10 +23,13 @@ from mpqc.reference import IntegerProgram, IntNode, IntValue
 
 tvm = pytest.importorskip("tvm")
 from mpqc.targets import tvm as mtvm  # noqa: E402
-from mpqc.targets import tvm_vnni, tvm_weights  # noqa: E402
+from mpqc.targets import tvm_avx2, tvm_kernels, tvm_vnni, tvm_weights  # noqa: E402
 
 HOST_HAS_VNNI = tvm_vnni.target_has_vnni(tvm.target.Target(mtvm.host_target()))
 needs_vnni = pytest.mark.skipif(not HOST_HAS_VNNI, reason="this CPU has no avx512_vnni")
+HOST_HAS_AVX2 = tvm_avx2.target_has_avx2(tvm.target.Target(mtvm.host_target()))
+needs_avx2 = pytest.mark.skipif(not HOST_HAS_AVX2, reason="this CPU has no avx2")
+AVX2_TARGET = {"kind": "llvm", "mcpu": "x86-64-v3"}  # AVX2 code only, on any AVX2 host (VNNI ones included)
 
 MODELS = {
     "resnet20": (lambda: example_models.resnet20(), (4, 1, 28, 28)),
@@ -255,21 +258,33 @@ def test_torch_sum_order_reproduces_pytorch_mean(hw):
 
 
 # --------------------------------------------------------------------------------------------- VNNI kernels
-def _vnni_kernel(geometry, x: np.ndarray, weight: np.ndarray, tile=None) -> tuple[np.ndarray, str]:
-    """Build, schedule (tensorized) and run one VNNI convolution; returns its int32 NHWC output and the asm."""
+def _build_kernel(geometry, x_shape, x_dtype: str, weight_shape, tile=None, micro=tvm_vnni.VNNI, target=None):
+    """Build and schedule (tensorized) one implicit-GEMM convolution on ``micro``; returns (run, asm):
+    ``run(x, packed_weight)`` gives its int32 NHWC output."""
     from tvm import s_tir, te
 
-    x_te = te.placeholder(x.shape, str(x.dtype), name="x")
-    packed = tvm_weights.vnni_layout(weight)
-    w_te = te.placeholder(packed.shape, "int8", name="w")
-    out = tvm_vnni.conv2d_te(x_te, w_te, geometry)
+    x_te = te.placeholder(x_shape, x_dtype, name="x")
+    w_te = te.placeholder(weight_shape, "int8", name="w")
+    out = tvm_vnni.conv2d_te(x_te, w_te, geometry, name=micro.block)
     sch = s_tir.Schedule(te.create_prim_func([x_te, w_te, out]).with_attr("global_symbol", "main"))
-    assert tvm_vnni.schedule_conv(sch, tile)
-    kernel = tvm.compile(sch.mod, target=tvm.target.Target(mtvm.host_target()))
-    result = tvm.runtime.tensor(np.zeros([int(d) for d in out.shape], np.int32))
-    kernel(tvm.runtime.tensor(x), tvm.runtime.tensor(packed), result)
-    asm = "".join(m.inspect_source("asm") for m in mtvm._import_tree(kernel.mod) if m.kind == "llvm")
-    return result.numpy(), asm
+    assert tvm_vnni.schedule_conv(sch, tile, micro)
+    kernel = tvm.compile(sch.mod, target=tvm.target.Target(target or mtvm.host_target()))
+
+    def run(x, packed):
+        result = tvm.runtime.tensor(np.zeros([int(d) for d in out.shape], np.int32))
+        kernel(tvm.runtime.tensor(x), tvm.runtime.tensor(packed), result)
+        return result.numpy()
+
+    return run, "".join(m.inspect_source("asm") for m in mtvm._import_tree(kernel.mod) if m.kind == "llvm")
+
+
+def _vnni_kernel(geometry, x: np.ndarray, weight: np.ndarray, tile=None, micro=tvm_vnni.VNNI,
+                 target=None) -> tuple[np.ndarray, str]:
+    """Build, schedule (tensorized) and run one convolution on ``micro`` (VNNI by default); returns its int32
+    NHWC output and the asm."""
+    packed = tvm_weights.vnni_layout(weight)
+    run, asm = _build_kernel(geometry, x.shape, str(x.dtype), packed.shape, tile, micro, target)
+    return run(x, packed), asm
 
 
 @needs_vnni
@@ -348,6 +363,131 @@ def test_the_vnni_choice_follows_the_target_features(resnet20):
 
 
 # --------------------------------------------------------------------------------------------- packed weights
+# --------------------------------------------------------------------------------------------- AVX2 kernels
+def _extreme_codes(rng, shape, low: int, high: int) -> np.ndarray:
+    """Random codes in [low, high] whose first half (along the first axis) sits at the extremes: ``high`` in
+    the first quarter, ``low`` in the second (the values that saturate a naive vpmaddubsw kernel)."""
+    codes = rng.integers(low, high + 1, shape)
+    quarter = max(shape[0] // 4, 1)
+    codes[:quarter], codes[quarter:2 * quarter] = high, low
+    return codes
+
+
+def _conv_reference(nchw: np.ndarray, weight: np.ndarray, padding) -> np.ndarray:
+    expected = F.conv2d(torch.from_numpy(nchw).double(), torch.from_numpy(weight).double(), None, 1, padding)
+    return expected.permute(0, 2, 3, 1).round().long().numpy()
+
+
+@needs_avx2
+@pytest.mark.parametrize("signed", [False, True])
+def test_avx2_kernel_is_exact_at_every_bit_pair(signed):
+    """Every weight x activation bit pair in 2..8 on the micro-kernel and shift the registry chooses for those bits
+    (narrow, wide at 8 x 8, int16 multi-step ones where the bits leave room), with extreme codes (all-max and
+    all-min activations against all-max / all-min weights): equal to an exact float64 convolution (signed: the
+    kernel sees x + 2^(a-1); the lowering's bias correction ``2^(a-1) * sum(w)`` is subtracted here). Built for
+    x86-64-v3, so the same code runs on every AVX2 host."""
+    rng = np.random.default_rng(7)
+    kernel = tvm_kernels.BY_ISA["avx2"]
+    channels, out, size, padding = 32, 32, 5, (1, 1)
+    built = {}
+    for activation_bits in range(2, 9):
+        for weight_bits in range(2, 9):
+            facts = tvm_kernels.LayerFacts("conv2d", 1, weight_bits, activation_bits, signed, 4, channels)
+            micro, shift = kernel.micro(facts), kernel.shift(facts)
+            assert (micro is tvm_avx2.WIDE) == (weight_bits == 8 and activation_bits == 8)
+            geometry = tvm_vnni.ConvGeometry("NHWC", signed, channels, (3, 3), (1, 1), padding, shift=shift)
+            key = (micro.block, signed, shift)
+            if key not in built:
+                built[key] = _build_kernel(geometry, (4, size, size, channels), "int8" if signed else "uint8",
+                                           (out // 16, 9 * channels // 4, 16, 4), micro=micro, target=AVX2_TARGET)
+            run, asm = built[key]
+            assert "vpmaddubsw" in asm and "zmm" not in asm
+            low, high = (-(2 ** (activation_bits - 1) - 1), 2 ** (activation_bits - 1) - 1) if signed else \
+                (0, 2**activation_bits - 1)
+            x = _extreme_codes(rng, (4, channels, size, size), low, high)  # all high, all low, 2 random
+            half = 2 ** (weight_bits - 1) - 1
+            weight = _extreme_codes(rng, (out, channels, 3, 3), -half, half).astype(np.int8)
+            got = run(np.ascontiguousarray(x.transpose(0, 2, 3, 1)).astype("int8" if signed else "uint8"),
+                      tvm_weights.vnni_layout(weight))
+            if signed:
+                got = got - shift * weight.reshape(out, -1).astype(np.int64).sum(1)
+            assert np.array_equal(got, _conv_reference(x, weight, padding)), \
+                f"w{weight_bits} a{activation_bits} signed={signed}"
+    blocks = {block for block, _, _ in built}
+    assert blocks == {"avx2_conv", "avx2wide_conv", "avx2s2_conv", "avx2s4_conv", "avx2s8_conv"}
+
+
+@needs_avx2
+def test_narrow_avx2_form_would_saturate_at_8x8_bits():
+    """The test above can fail: 8-bit weights x 8-bit unsigned activations on the narrow form (``vpmaddubsw``'s
+    int16 pair sums, 2*255*127 > 32767) are wrong, which is why the registry gives them the wide form."""
+    assert tvm_avx2.needs_wide(8, 8) and not tvm_avx2.needs_wide(7, 8) and not tvm_avx2.needs_wide(8, 7)
+    assert tvm_avx2.pair_bound(8, 7) <= 32767 and tvm_avx2.pair_bound(7, 8) <= 32767
+    rng = np.random.default_rng(3)
+    x = np.full((1, 8, 4, 4), 255, np.uint8)
+    weight = _extreme_codes(rng, (16, 8, 1, 1), -127, 127).astype(np.int8)
+    geometry = tvm_vnni.ConvGeometry("NHWC", False, 8)
+    nhwc = np.ascontiguousarray(x.transpose(0, 2, 3, 1))
+    expected = _conv_reference(x, weight, (0, 0))
+    narrow, _ = _vnni_kernel(geometry, nhwc, weight, micro=tvm_avx2.NARROW, target=AVX2_TARGET)
+    wide, _ = _vnni_kernel(geometry, nhwc, weight, micro=tvm_avx2.WIDE, target=AVX2_TARGET)
+    assert not np.array_equal(narrow, expected)
+    assert np.array_equal(wide, expected)
+    # int16 multi-step kernels: 8 steps hold only when 8 * pair_bound fits (4-bit weights: yes; 7-bit: no)
+    assert tvm_avx2.int16_steps(4, 8) >= 8 and tvm_avx2.int16_steps(7, 8) == 1
+    x = np.full((1, 32, 2, 2), 255, np.uint8)
+    nhwc = np.ascontiguousarray(x.transpose(0, 2, 3, 1))
+    geometry = tvm_vnni.ConvGeometry("NHWC", False, 32)
+    for half, exact in ((7, True), (63, False)):
+        weight = _extreme_codes(rng, (16, 32, 1, 1), -half, half).astype(np.int8)
+        got, _ = _vnni_kernel(geometry, nhwc, weight, micro=tvm_avx2.MULTI_STEP[8], target=AVX2_TARGET)
+        assert np.array_equal(got, _conv_reference(x, weight, (0, 0))) == exact
+
+
+@needs_avx2
+def test_forced_avx2_lowering_is_bit_exact_on_any_host():
+    """``isa="avx2"``: conv/linear layers on the AVX2 kernels (narrow or wide per layer from its bits), x86-64-v3
+    code (no AVX-512 instruction, so it runs on VNNI hosts too), bit-exact with the reference, codes included."""
+    program, x = _program("resnet20", seed=2)
+    quantizers = [node.name for node in program.nodes if node.op == "quantize"]
+    lowered = mtvm.lower(program, input_shape=tuple(x.shape), expose=quantizers, isa="avx2")
+    assert lowered.meta["isa"] == "avx2" and lowered.meta["vnni_layers"] == []
+    bits = {lowered.meta["layer_nodes"][m]: b for m, b in program.layer_bits().items()}
+    channels = {node.name: int(node.tensors["weight"].shape[1]) for node in program.layers()}
+    expected = {layer: tvm_avx2.micro_kernel(w, a, channels[layer]).block for layer, (w, a) in bits.items()}
+    assert lowered.meta["kernel_layers"] == expected
+    assert lowered.schedules["kernels"] == lowered.schedules["kernel_functions"] > 0
+    asm = lowered.source("asm")
+    assert "vpmaddubsw" in asm and "%zmm" not in asm and "vpdpbusd" not in asm
+    assert not FMA.findall(asm)
+    _assert_bit_exact(program, lowered, x)
+
+
+def test_isa_choice_and_its_errors():
+    """``auto`` takes the best ISA the target has; a forced one the target lacks is refused naming the feature;
+    ``vnni=`` keeps its meaning; forcing AVX2 on an AVX-512 target builds for x86-64-v3."""
+    v2, v3 = tvm.target.Target({"kind": "llvm", "mcpu": "x86-64-v2"}), tvm.target.Target(AVX2_TARGET)
+    v4 = tvm.target.Target({"kind": "llvm", "mcpu": "x86-64-v4", "mattr": ["+avx512vnni"]})
+    assert tvm_kernels.target_isas(v4) == ["avx512vnni", "avx2"] and tvm_kernels.target_isas(v3) == ["avx2"]
+    assert [tvm_kernels.resolve_isa(t) for t in (v4, v3, v2)] == ["avx512vnni", "avx2", "generic"]
+    assert tvm_kernels.resolve_isa(v4, "avx2") == "avx2" and tvm_kernels.resolve_isa(v4, vnni=False) == "generic"
+    assert tvm_kernels.resolve_isa(v4, vnni=True) == "avx512vnni"
+    with pytest.raises(ConfigError, match="avx2"):
+        tvm_kernels.resolve_isa(v2, "avx2")
+    with pytest.raises(ConfigError, match="avx512vnni"):
+        tvm_kernels.resolve_isa(v3, vnni=True)
+    with pytest.raises(ConfigError, match="contradicts"):
+        tvm_kernels.resolve_isa(v4, "avx2", vnni=True)
+    with pytest.raises(ConfigError, match="isa must be"):
+        tvm_kernels.resolve_isa(v4, "sse")
+    forced = tvm_kernels.isa_target(v4, "avx2")
+    assert tvm_avx2.target_has_avx2(forced) and not tvm_vnni.target_has_vnni(forced)
+    assert not tvm.target.codegen.target_has_features("avx512f", forced)
+    assert tvm_kernels.isa_target(v3, "avx2") is v3
+    depthwise = tvm_kernels.LayerFacts("conv2d", 8, 4, 4, False, 4)
+    assert tvm_kernels.choose("avx2", depthwise) is None and tvm_kernels.choose("generic", depthwise) is None
+
+
 @pytest.mark.parametrize("layout", ["oihw", "io", "vnni"])
 def test_bit_packed_weights_unpack_exactly(layout):
     """Every bit-width 2..8, odd sizes (streams that end mid-byte), each kernel layout: pack in NumPy, unpack with

@@ -1,0 +1,135 @@
+"""The int8 layer kernels of the TVM target, one row per instruction set, and the choice of one per layer.
+
+*Matches*: every conv/linear layer of a lowered program, on an llvm target.
+
+*Rewrites to*: the kernel :func:`choose` returns for the layer: the first row of :data:`KERNELS` whose ISA the
+target has (:func:`target_isas`, LLVM's answer for the target's ``mcpu``/``mattr``, so it follows the host's
+detected features or a forced target) and whose :meth:`Kernel.takes` accepts the layer (op, groups, weight and
+activation bits); ``None`` (TVM's own int8 operators, the ``generic`` ISA) where none does. A kernel names the
+micro-kernel (``tvm_vnni.MicroKernel``) for the layer's bits: the block name of its TE, by which
+``targets/tvm_schedule.py`` schedules and tensorizes it.
+
+*Ensures*: a kernel is only chosen for a target that has every LLVM feature it needs, so the module never holds an
+instruction the target lacks; and only for bits where its arithmetic is exact (AVX2: narrow or wide form from the
+bits, ``targets/tvm_avx2.py``).
+
+ISAs, best first: ``avx512vnni`` (``targets/tvm_vnni.py``), ``avx2`` (``targets/tvm_avx2.py``), ``generic``.
+``--isa avx2`` on an AVX-512 host builds for :func:`isa_target` (``x86-64-v3``: AVX-512 switched off) so the AVX2
+kernels run there.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from mpqc.errors import ConfigError
+from mpqc.targets import tvm_avx2, tvm_vnni
+from mpqc.targets.tvm_vnni import MicroKernel
+
+ISAS = ("auto", "avx512vnni", "avx2", "generic")
+
+
+@dataclass(frozen=True)
+class LayerFacts:
+    """What a kernel needs to know of a layer to take it."""
+
+    op: str  # "conv2d", "linear", "conv1d"
+    groups: int
+    weight_bits: int
+    activation_bits: int
+    signed: bool  # signed (int8) activations
+    rank: int  # rank of the layer's input (a linear layer is taken on 2-D inputs only)
+    channels: int = 0  # input channels (in features of a linear layer): multi-step kernels need C/4 to divide
+
+
+@dataclass(frozen=True)
+class Kernel:
+    """One ISA's implicit-GEMM int8 kernel."""
+
+    isa: str
+    features: tuple[str, ...]  # LLVM features the target must have, all of them
+    micro: Callable[[LayerFacts], MicroKernel]  # the micro-kernel for a layer's bits
+    shift: Callable[[LayerFacts], int]  # what signed activations are shifted by (the bias absorbs shift * sum(w))
+
+    def takes(self, layer: LayerFacts) -> bool:
+        """conv2d with groups 1, or linear on a 2-D input; weights and activations of at most 8 bits."""
+        if layer.weight_bits > 8 or layer.activation_bits > 8:
+            return False
+        if layer.op == "linear":
+            return layer.rank == 2
+        return layer.op == "conv2d" and layer.groups == 1
+
+    def available(self, target: Any) -> bool:
+        from tvm.target import codegen
+
+        return target.kind.name == "llvm" and all(codegen.target_has_features(f, target) for f in self.features)
+
+
+KERNELS: tuple[Kernel, ...] = (
+    Kernel("avx512vnni", ("avx512vnni", "avx512bw"), lambda layer: tvm_vnni.VNNI, lambda layer: 128),
+    Kernel("avx2", ("avx2",),
+           lambda layer: tvm_avx2.micro_kernel(layer.weight_bits, layer.activation_bits, layer.channels),
+           lambda layer: tvm_avx2.activation_shift(layer.activation_bits)),
+)
+BY_ISA = {kernel.isa: kernel for kernel in KERNELS}
+MICRO_KERNELS: tuple[MicroKernel, ...] = (tvm_vnni.VNNI, tvm_avx2.NARROW, tvm_avx2.WIDE, *tvm_avx2.MULTI_STEP.values())
+
+
+def target_isas(target: Any) -> list[str]:
+    """The ISAs of :data:`KERNELS` the target can run, best first."""
+    return [kernel.isa for kernel in KERNELS if kernel.available(target)]
+
+
+def resolve_isa(target: Any, isa: str = "auto", vnni: bool | None = None) -> str:
+    """The ISA the lowering uses for ``target``: ``isa`` (``auto``: the best the target has), or the older
+    ``vnni`` switch (``True``: ``avx512vnni``, ``False``: ``generic``). Errors name what is missing."""
+    if isa not in ISAS:
+        raise ConfigError(f"isa must be one of {ISAS}, got {isa!r}")
+    if vnni is not None:
+        wanted = "avx512vnni" if vnni else "generic"
+        if isa not in ("auto", wanted):
+            raise ConfigError(f"vnni={vnni} contradicts isa={isa!r}")
+        isa = wanted
+    available = target_isas(target)
+    if isa == "auto":
+        return available[0] if available else "generic"
+    if isa != "generic" and isa not in available:
+        needed = "+".join(BY_ISA[isa].features)
+        raise ConfigError(f"isa={isa!r}{' (vnni=True)' if vnni else ''}: the target {target} has no {needed}")
+    return isa
+
+
+def isa_target(target: Any, isa: str):
+    """``target`` restricted to what ``isa`` needs: for ``avx2`` on a target with AVX-512, an ``x86-64-v3`` target
+    (AVX-512 switched off, so the AVX2 code runs on every AVX2 CPU and measures as it would there); otherwise
+    ``target`` itself."""
+    import tvm
+
+    if isa != "avx2" or target.kind.name != "llvm":
+        return target
+    from tvm.target import codegen
+
+    if not codegen.target_has_features("avx512f", target):
+        return target
+    cores = target.attrs.get("num-cores")
+    spec: dict[str, Any] = {"kind": "llvm", "mcpu": "x86-64-v3"}
+    if cores is not None:
+        spec["num-cores"] = int(cores)
+    return tvm.target.Target(spec)
+
+
+def choose(isa: str, layer: LayerFacts) -> Kernel | None:
+    """The kernel for ``layer`` under ``isa`` (None: TVM's own operators)."""
+    kernel = BY_ISA.get(isa)
+    return kernel if kernel is not None and kernel.takes(layer) else None
+
+
+def find_micro_kernel(sch):
+    """(conv block, its micro-kernel) of the PrimFunc in ``sch``, or (None, None)."""
+    return tvm_vnni.find_conv(sch, MICRO_KERNELS)
+
+
+def is_kernel_block(name: str) -> bool:
+    return any(name.startswith(micro.block) for micro in MICRO_KERNELS)
+VNNI_BLOCK = tvm_vnni.CONV_BLOCK
