@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.fx import GraphModule, Node
+from torch.utils import _pytree as pytree
 
 from mpqc import ops
 from mpqc.errors import CheckpointError, MpqcError, UnsupportedOpError
@@ -81,9 +82,8 @@ class IntegerProgram:
         unsupported: list[str] = []
         outputs: list[str] = []
         for node in gm.graph.nodes:
-            if node.op == "output":
-                flat = node.args[0] if isinstance(node.args[0], (tuple, list)) else (node.args[0],)
-                outputs = [arg.name for arg in flat]
+            if node.op == "output":  # a tensor, or a tuple/list/dict of them: the program's outputs in order
+                outputs = [arg.name for arg in pytree.tree_leaves(node.args[0]) if isinstance(arg, Node)]
             elif not _is_bookkeeping(node):
                 try:
                     nodes.append(_describe(gm, node))
@@ -134,18 +134,29 @@ class IntegerProgram:
             if node.op in LAYER_OPS and self._by_name[node.inputs[0]].op != "quantize":
                 raise MpqcError(f"layer {node.name!r} reads {node.inputs[0]!r}, which is not quantized")
 
+    @property
+    def input_names(self) -> list[str]:
+        """The program's inputs in order, named as the captured model's ``forward`` names them."""
+        return [node.name for node in self.nodes if node.op == "input"]
+
     # ----------------------------------------------------------------------------------------- running
     @torch.no_grad()
-    def run(self, *inputs: Tensor) -> Tensor | tuple[Tensor, ...]:
-        """The program's outputs (fp32, dequantized) for ``inputs``."""
-        env = self.run_all(*inputs)
+    def run(self, *inputs: Tensor, **named: Tensor) -> Tensor | tuple[Tensor, ...]:
+        """The program's outputs (fp32, dequantized) for ``inputs``, given in order or by name (``input_names``)."""
+        env = self.run_all(*inputs, **named)
         results = tuple(_dequantize(env[name]) for name in self.outputs)
         return results[0] if len(results) == 1 else results
 
     @torch.no_grad()
-    def run_all(self, *inputs: Tensor) -> dict[str, Tensor | IntValue]:
+    def run_all(self, *inputs: Tensor, **named: Tensor) -> dict[str, Tensor | IntValue]:
         """Every node's value: ``IntValue(q, scale)`` for integer values, fp32 tensors otherwise."""
         placeholders = [node for node in self.nodes if node.op == "input"]
+        if named:
+            unknown = sorted(set(named) - set(self.input_names))
+            if unknown:
+                raise MpqcError(f"the program has no input named {unknown[0]!r} (its inputs: "
+                                f"{', '.join(self.input_names)})")
+            inputs = inputs + tuple(named[name] for name in self.input_names[len(inputs):] if name in named)
         if len(inputs) != len(placeholders):
             raise MpqcError(f"the program takes {len(placeholders)} input(s), got {len(inputs)}")
         env: dict[str, Tensor | IntValue] = {node.name: x.float() for node, x in zip(placeholders, inputs)}
