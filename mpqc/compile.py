@@ -37,7 +37,8 @@ from mpqc.reference import IntegerProgram
 from mpqc.report import REPORT_FORMAT, load_report, save_report
 from mpqc.search import search
 from mpqc.task import Inputs, Task, resolve_task
-from mpqc.train import epoch_batches, evaluate_metrics, finetune
+from mpqc.train import epoch_batches, finetune
+from mpqc.train import evaluate_metrics as evaluate  # every value of the task's metric, not only the reported one
 
 Data = tuple[DataLoader, DataLoader | None]
 
@@ -91,10 +92,8 @@ def compile(
     layers = analyze_layers(gm, example_inputs)                                    # 3. params, MACs, activations
     teacher = copy.deepcopy(gm).eval()
     first_batch = _first_batch(train_loader, config.seed)
-    task = _task(gm, example_inputs, first_batch, loss, forward, metric)           #    what it is trained for
-    if task.step_accuracy is not None:                                             #    (classification: labels)
-        check_loader(train_loader, "train", config.num_classes or _output_width(gm, example_inputs))
-    task = task.checked(teacher, first_batch)                                      #    its callables run once
+    task = prepare_task(teacher, example_inputs, train_loader, config,             #    what it is trained for
+                        loss=loss, forward=forward, metric=metric)
     identity = _identity(model, gm, budget, method, config, train_loader, task)
 
     calibration = _model_inputs(task, gm, first_batch)
@@ -128,7 +127,7 @@ def compile(
     metrics = {"fp32": None, "quantized": None, "integer_reference": None}
     if val_loader is not None:
         integer = CompiledModel(program=program, report={}, output_spec=output_spec)
-        metrics = {name: evaluate_metrics(candidate, val_loader, world, task=task, teacher=teacher)
+        metrics = {name: evaluate(candidate, val_loader, world, task=task, teacher=teacher)
                    for name, candidate in (("fp32", teacher), ("quantized", gm), ("integer_reference", integer))}
     accuracy = {name: values and values[task.metric_name] for name, values in metrics.items()}
     report = build_report(                                                         # 10. report
@@ -216,12 +215,19 @@ def _first_batch(train_loader: DataLoader, seed: int) -> Any:
     raise DataError("train loader is empty")
 
 
-def _task(gm: GraphModule, example_inputs: tuple, first_batch: Any, loss: Any, forward: Any, metric: Any) -> Task:
-    """The task compile's ``loss``/``forward``/``metric`` mean (mpqc.task)."""
+def prepare_task(gm: GraphModule, example_inputs: tuple, train_loader: DataLoader, config: CompileConfig, *,
+                 loss: Callable | str | None, forward: Callable | None, metric: Callable | None) -> Task:
+    """The task that ``loss``/``forward``/``metric`` mean (:func:`mpqc.task.resolve_task`) for the captured fp32
+    graph ``gm`` on ``train_loader``'s batches, checked by one run of its callables on the first batch; a
+    classification's labels are checked against the model's classes first."""
     inputs = Inputs(tuple(str(node.target) for node in gm.graph.nodes if node.op == "placeholder"))
     with torch.no_grad():
         example_outputs = gm(*example_inputs)
-    return resolve_task(inputs, first_batch, example_outputs, loss=loss, forward=forward, metric=metric)
+    first_batch = _first_batch(train_loader, config.seed)
+    task = resolve_task(inputs, first_batch, example_outputs, loss=loss, forward=forward, metric=metric)
+    if task.step_accuracy is not None:  # classification: labels in [0, classes)
+        check_loader(train_loader, "train", config.num_classes or _output_width(gm, example_inputs))
+    return task.checked(gm, first_batch)
 
 
 def _model_inputs(task: Task, gm: GraphModule, batch: Any) -> tuple:

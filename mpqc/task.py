@@ -84,7 +84,8 @@ class Task:
     means (weighted by batch size over a loader), ``metric_name`` its key to report and maximise. ``uses_teacher``:
     the loss or metric reads the fp32 model's outputs. ``kd``: the distillation term mixed into the loss when a
     ``TrainConfig`` asks for distillation (None: the task is distillation already). ``step_accuracy``: a
-    training-step accuracy shown on the progress bar (classification only).
+    training-step accuracy shown on the progress bar (classification only). ``metric_uses_teacher``: evaluation
+    runs the fp32 model too (distillation's agreement metrics).
     """
 
     name: str
@@ -97,6 +98,7 @@ class Task:
     uses_teacher: bool = False
     kd: Callable[[Outputs, Outputs, float], Tensor] | None = None
     step_accuracy: Callable[[Outputs, Batch], Tensor] | None = None
+    metric_uses_teacher: bool = False
 
     # ------------------------------------------------------------------------------------------ checked calls
     def run_forward(self, model: Any, batch: Batch, where: str) -> Outputs:
@@ -151,7 +153,9 @@ class Task:
         where = "checking the task on the first training batch (fp32 model)"
         with torch.no_grad():
             outputs = self.run_forward(model, batch, f"{where}, batch 0")
-            self.compute_loss(outputs, batch, outputs, where)
+            loss = self.compute_loss(outputs, batch, outputs, where)
+            if not torch.isfinite(loss):
+                raise TaskError(f"{where}: loss {_name(self.loss)} returned {float(loss)} before any training")
             names = list(self.compute_metric(outputs, batch, outputs, where))
         return dataclasses.replace(self, metric_name=self.metric_name or names[0])
 
@@ -207,7 +211,7 @@ def distillation(inputs: Inputs, example_outputs: Outputs, kind: str = "auto", t
 
     return Task(f"distillation ({kind})", inputs, forward or _default_forward(inputs), loss, metric,
                 "top-1 agreement" if first_kind == "kl" else "cosine to fp32", "%" if first_kind == "kl" else "",
-                uses_teacher=True)
+                uses_teacher=True, metric_uses_teacher=True)
 
 
 def user_task(inputs: Inputs, loss: Callable | None, forward: Callable | None, metric: Callable | None,
@@ -219,17 +223,18 @@ def user_task(inputs: Inputs, loss: Callable | None, forward: Callable | None, m
         def scored(outputs: Outputs, batch: Batch, teacher_outputs: Outputs | None) -> dict[str, float]:
             return {"-loss": -float(loss(outputs, batch, teacher_outputs))}
         scored.__qualname__ = f"-{_name(loss)}"
-        metric_name, metric_fn = "-loss", scored
+        metric_name, metric_fn, metric_uses_teacher = "-loss", scored, True
     else:
         def metric_fn(outputs: Outputs, batch: Batch, teacher_outputs: Outputs | None) -> Mapping[str, float]:
             return metric(outputs, batch)
         metric_fn.__qualname__ = _name(metric)
-        metric_name = ""  # known after the first evaluation: the first key the metric returns
+        metric_name, metric_uses_teacher = "", False  # the name: the metric's first key (Task.checked)
 
     def kd(outputs: Outputs, teacher_outputs: Outputs, t: float) -> Tensor:
         return distillation_loss(outputs, teacher_outputs, "auto", t)
 
-    return Task(_name(loss), inputs, forward, loss, metric_fn, metric_name, uses_teacher=True, kd=kd)
+    return Task(_name(loss), inputs, forward, loss, metric_fn, metric_name, uses_teacher=True, kd=kd,
+                metric_uses_teacher=metric_uses_teacher)
 
 
 def resolve_task(inputs: Inputs, first_batch: Batch, example_outputs: Outputs, *, loss: Callable | str | None,
@@ -318,7 +323,7 @@ def _with_metric(task: Task, metric: Callable | None) -> Task:
     def metric_fn(outputs: Outputs, batch: Batch, teacher_outputs: Outputs | None) -> Mapping[str, float]:
         return metric(outputs, batch)
     metric_fn.__qualname__ = _name(metric)
-    return dataclasses.replace(task, metric=metric_fn, metric_name="", metric_unit="")
+    return dataclasses.replace(task, metric=metric_fn, metric_name="", metric_unit="", metric_uses_teacher=False)
 
 
 def _labels(inputs: Inputs, batch: Batch, logits: Tensor) -> Tensor:

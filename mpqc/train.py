@@ -293,8 +293,8 @@ def evaluate_metrics(model: Callable[..., Any], loader: DataLoader, world: World
                      task: Task = DEFAULT_TASK, teacher: Callable[..., Any] | None = None) -> dict[str, float]:
     """Every value of the task's metric of ``model`` on ``loader``, each the mean over the examples (per-batch
     values weighted by batch size). ``model`` is a module (run in eval mode on its parameters' device, its previous
-    mode restored afterwards) or any callable, such as an integer program's ``run``; ``teacher`` (the fp32 model)
-    where the task's metric reads its outputs.
+    mode restored afterwards) or any callable, such as an integer program's ``run``; ``teacher``: the fp32 model,
+    run where the task's metric reads its outputs (``Task.metric_uses_teacher``).
 
     With a multi-process ``world`` every process evaluates its slice of each batch and the sums are added, so
     every process returns the metric on the whole of ``loader`` (every process must call it)."""
@@ -311,7 +311,9 @@ def evaluate_metrics(model: Callable[..., Any], loader: DataLoader, world: World
             batch = pytree.tree_map(lambda x: x.to(device) if isinstance(x, Tensor) else x, batch)
             where = f"evaluation, batch {index}"
             outputs = task.run_forward(model, batch, where)
-            teacher_outputs = task.run_forward(teacher, batch, where + " (fp32 teacher)") if teacher else None
+            teacher_outputs = None
+            if teacher is not None and task.metric_uses_teacher:
+                teacher_outputs = task.run_forward(teacher, batch, where + " (fp32 teacher)")
             count = task.batch_size(batch)
             values = task.compute_metric(outputs, batch, teacher_outputs, where)
             if sums and list(values) != list(sums):
