@@ -300,3 +300,53 @@ def test_bad_task_callables_get_one_clear_error(trained_small_cnn, unlabeled):
         _compile(trained_small_cnn, unlabeled, metric=lambda outputs, batch: {})
     with pytest.raises(DataError, match="data=None"):
         mpqc.compile(trained_small_cnn, torch.randn(2, 1, 8, 8), budget="avg-bits=4", data=None, loss="distill")
+
+
+# --------------------------------------------------------------------------------------------- CLI and sweep
+TASK_FILE = '''
+import torch.nn.functional as F
+
+def smooth_loss(outputs, batch, teacher_outputs):
+    return F.cross_entropy(outputs, batch[1], label_smoothing=0.1)
+
+def top1_and_nll(outputs, batch):
+    return {"top-1 (smoothed)": float((outputs.argmax(1) == batch[1]).float().mean() * 100),
+            "nll": float(F.cross_entropy(outputs, batch[1]))}
+'''
+
+
+def test_cli_takes_the_task_as_file_callables_and_report_names_the_metric(tmp_path, capsys, monkeypatch):
+    from conftest import ROOT
+    from mpqc.cli import main
+
+    monkeypatch.chdir(ROOT)
+    (tmp_path / "task.py").write_text(TASK_FILE)
+    common = ["--model", "examples/models.py:small_cnn", "--data", "digits", "--budget", "avg-bits=4",
+              "--search-epochs", "1", "--finetune-epochs", "1", "--steps-per-epoch", "4", "--batch-size", "32",
+              "--no-progress"]
+    assert main(["compile", *common, "--loss", f"{tmp_path}/task.py:smooth_loss",
+                 "--metric", f"{tmp_path}/task.py:top1_and_nll", "--out", str(tmp_path / "run")]) == 0
+    capsys.readouterr()
+    assert main(["report", str(tmp_path / "run")]) == 0
+    shown = capsys.readouterr().out
+    assert "top-1 (smoothed)" in shown and "accuracy" not in shown.split("\n")[2]
+    assert main(["compile", *common, "--loss", f"{tmp_path}/task.py:missing", "--out", str(tmp_path / "bad")]) == 2
+    error = capsys.readouterr().err
+    assert "--loss" in error and "'missing'" in error
+
+
+def test_a_sweep_with_a_user_task_names_its_metric(denoising, tmp_path):
+    from mpqc.sweep import format_sweep
+
+    model, (train, val) = denoising
+    example = next(iter(val))["noisy"][:2]
+    result = mpqc.sweep(model, example, data=(train, val), budgets="avg-bits=4", methods="dq", act_bits=8,
+                        uniform_bits=None, config=SHORT, out=tmp_path / "sweep", loss=denoise_loss,
+                        forward=denoise_forward, metric=psnr)
+    data = result.to_dict()
+    assert data["metric"] == {"name": "psnr", "unit": ""} and data["fp32_top1"] > 10
+    (point,) = result.points
+    assert point.status == "done" and point.top1 > data["fp32_top1"] - 1.5
+    text = format_sweep(data)
+    assert "psnr" in text and "top-1" not in text
+    assert (tmp_path / "sweep" / "pareto.png").stat().st_size > 0
