@@ -298,6 +298,9 @@ def evaluate_metrics(model: Callable[..., Any], loader: DataLoader, world: World
 
     With a multi-process ``world`` every process evaluates its slice of each batch and the sums are added, so
     every process returns the metric on the whole of ``loader`` (every process must call it)."""
+    if task.metric_uses_teacher and teacher is None:
+        raise MpqcError(f"evaluating {task.name}: its metric {task.metric_name!r} compares with the fp32 model's "
+                        "outputs; pass teacher=")
     module = model if isinstance(model, nn.Module) else None
     device = next(module.parameters()).device if module is not None else torch.device("cpu")
     was_training = module.training if module is not None else False
