@@ -15,6 +15,7 @@ import logging
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from torch import nn
 
@@ -83,6 +84,13 @@ def _parser() -> argparse.ArgumentParser:
                    help="learn the first/last layers' precision (DQ, default) or keep them at 8 bits")
     c.add_argument("--distill", action=argparse.BooleanOptionalAction, default=None,
                    help="knowledge distillation from the fp32 model (default: the method's; sdq: on in fine-tuning)")
+    c.add_argument("--loss", help="the task's loss(outputs, batch, teacher_outputs) -> scalar, as FILE.py:CALLABLE or "
+                                   "module:CALLABLE; or distill (distill-kl, distill-mse, distill-cosine): agree with "
+                                   "the fp32 model's outputs (default: classification, or distill without labels)")
+    c.add_argument("--forward", help="forward(model, batch) -> outputs, as FILE.py:CALLABLE or module:CALLABLE "
+                                      "(default: the model on the batch's inputs)")
+    c.add_argument("--metric", help="metric(outputs, batch) -> {name: value}, first key maximised, as "
+                                     "FILE.py:CALLABLE or module:CALLABLE (default: the task's)")
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("--no-progress", action="store_true", help="no progress bars")
     c.add_argument("--dist-timeout", type=float, default=10.0, metavar="MINUTES",
@@ -154,13 +162,18 @@ def _parser() -> argparse.ArgumentParser:
 
 def load_model_factory(spec: str) -> Callable[..., nn.Module]:
     """``path/to/file.py:name`` or ``package.module:name`` -> the callable it names."""
+    return load_callable(spec, "--model")
+
+
+def load_callable(spec: str, flag: str) -> Callable[..., Any]:
+    """``path/to/file.py:name`` or ``package.module:name`` -> the callable it names; errors name ``flag``."""
     location, sep, name = spec.rpartition(":")
     if not sep or not location or not name:
-        raise ConfigError(f"--model {spec!r} must look like FILE.py:CALLABLE or package.module:CALLABLE")
+        raise ConfigError(f"{flag} {spec!r} must look like FILE.py:CALLABLE or package.module:CALLABLE")
     if location.endswith(".py"):
         path = Path(location)
         if not path.is_file():
-            raise ConfigError(f"--model: file {path} does not exist")
+            raise ConfigError(f"{flag}: file {path} does not exist")
         module_spec = importlib.util.spec_from_file_location(f"mpqc_user_{path.stem}", path)
         module = importlib.util.module_from_spec(module_spec)
         module_spec.loader.exec_module(module)
@@ -168,11 +181,19 @@ def load_model_factory(spec: str) -> Callable[..., nn.Module]:
         try:
             module = importlib.import_module(location)
         except ImportError as error:
-            raise ConfigError(f"--model: cannot import {location!r}: {error}") from error
+            raise ConfigError(f"{flag}: cannot import {location!r}: {error}") from error
     factory = getattr(module, name, None)
     if not callable(factory):
-        raise ConfigError(f"--model: {location} has no callable named {name!r}")
+        raise ConfigError(f"{flag}: {location} has no callable named {name!r}")
     return factory
+
+
+def _task_arguments(args: argparse.Namespace) -> dict[str, Any]:
+    """``loss``/``forward``/``metric`` of ``mpqc.compile`` from ``--loss``/``--forward``/``--metric``."""
+    loss = args.loss if args.loss is None or args.loss.startswith("distill") else load_callable(args.loss, "--loss")
+    return {"loss": loss,
+            "forward": None if args.forward is None else load_callable(args.forward, "--forward"),
+            "metric": None if args.metric is None else load_callable(args.metric, "--metric")}
 
 
 def _input_shape(text: str | None) -> tuple[int, ...] | None:
@@ -206,7 +227,7 @@ def _compile(args: argparse.Namespace) -> int:
     world = setup(timeout=timedelta(minutes=args.dist_timeout))  # torchrun: join the other processes
     model, example, train_loader, val_loader, config = _prepare_run(args, args.act_bits)
     result = mpqc.compile(model, example, budget=budget, data=(train_loader, val_loader), method=args.method,
-                          config=config, out=args.out, resume=args.resume, force=args.force)
+                          config=config, out=args.out, resume=args.resume, force=args.force, **_task_arguments(args))
     if world.is_main:
         print(format_report(result.report))
         print(f"\nwrote {args.out}/report.json, bits.png, program.json, program.pt")
@@ -216,7 +237,8 @@ def _compile(args: argparse.Namespace) -> int:
 #: ``mpqc sweep`` takes these options of ``mpqc compile`` as they are (``dest`` names).
 _SWEEP_SHARED_OPTIONS = ("model", "data", "weights", "pretrain_epochs", "search_epochs", "finetune_epochs",
                          "steps_per_epoch", "checkpoint_every", "quantizer_lr", "penalty_ramp", "batch_size",
-                         "subset", "val_subset", "weight_bits", "first_last", "distill", "seed", "no_progress")
+                         "subset", "val_subset", "weight_bits", "first_last", "distill", "seed", "no_progress",
+                         "loss", "forward", "metric")
 
 
 def _int_list(text: str, flag: str) -> list[int]:
@@ -235,7 +257,7 @@ def _sweep(args: argparse.Namespace) -> int:
     model, example, train_loader, val_loader, config = _prepare_run(args, "2-8")
     result = sweep(model, example, data=(train_loader, val_loader), budgets=[b.label for b in budgets],
                    methods=args.method, act_bits=act_bits, uniform_bits=uniform, config=config, out=args.out,
-                   resume=args.resume, force=args.force)
+                   resume=args.resume, force=args.force, **_task_arguments(args))
     print(result.table())
     print(f"\nwrote {args.out}/sweep.json, pareto.png, points/")
     return 0

@@ -10,11 +10,12 @@ import time
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import Tensor, nn
 from torch.fx import GraphModule
+from torch.utils import _pytree as pytree
 from torch.utils.data import DataLoader
 
 from mpqc.budgets import ActivationMemory, AverageBits, BitOps, Budget, LayerBits, WeightMemory, parse_budget
@@ -32,14 +33,16 @@ from mpqc.quantizers import get_method
 from mpqc.reference import IntegerProgram
 from mpqc.report import REPORT_FORMAT, load_report, save_report
 from mpqc.search import search
-from mpqc.train import epoch_batches, evaluate, finetune
+from mpqc.task import Inputs, Task, resolve_task
+from mpqc.train import epoch_batches, finetune
+from mpqc.train import evaluate_metrics as evaluate  # every value of the task's metric, not only the reported one
 
 Data = tuple[DataLoader, DataLoader | None]
 
 
 def compile(
     model: nn.Module,
-    example_inputs: Tensor | tuple[Tensor, ...],
+    example_inputs: Tensor | tuple[Tensor, ...] | dict[str, Tensor],
     *,
     budget: Budget | str,
     data: Data | DataLoader | None = None,
@@ -48,10 +51,18 @@ def compile(
     out: str | Path | None = None,
     resume: bool = False,
     force: bool = False,
+    loss: Callable | str | None = None,
+    forward: Callable | None = None,
+    metric: Callable | None = None,
 ) -> "CompiledModel":
     """Quantize ``model`` to mixed precision under ``budget`` and return the frozen integer model and its report.
 
-    ``data`` is ``(train_loader, val_loader)`` (the validation loader may be None). ``out`` is the run directory
+    ``example_inputs``: a tensor, a tuple of positional inputs, or a dict of keyword inputs. ``data`` is
+    ``(train_loader, val_loader)`` (the validation loader may be None). The task (:mod:`mpqc.task`): by default
+    classification of ``(inputs, labels)`` batches, or label-free distillation from the fp32 model when the batches
+    hold inputs only; ``loss(outputs, batch, teacher_outputs) -> scalar``, ``forward(model, batch) -> outputs`` and
+    ``metric(outputs, batch) -> {name: value}`` (first key reported and maximised) make any other;
+    ``loss="distill"`` (or ``"distill-kl"``, ``"distill-mse"``, ``"distill-cosine"``) distills even with labels. ``out`` is the run directory
     (checkpoints as the run goes, then the results); without it the run works in a temporary directory and
     ``CompiledModel.save`` writes the results where you choose. ``resume=True`` continues an interrupted run in
     ``out``; ``force=True`` overwrites whatever run ``out`` holds.
@@ -67,19 +78,22 @@ def compile(
         raise ConfigError(f"budget must be an mpqc Budget or a string like 'weight-memory=20KiB', got {budget!r}")
     quant_method = get_method(method)
     config = quant_method.configure(config)  # the method's defaults where the config leaves them None
-    example_inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
+    if not isinstance(example_inputs, (tuple, dict)):
+        example_inputs = (example_inputs,)
     train_loader, val_loader = _split_data(data)
     torch.manual_seed(config.seed)
 
     gm, layers = pipeline.trace(model, example_inputs)                             # 1-3. torch.fx, fold BatchNorm,
                                                                                    #      params, MACs, activations
-    num_classes = config.num_classes or _output_width(gm, example_inputs)
-    check_loader(train_loader, "train", num_classes)
+    example_inputs = pipeline.positional_inputs(gm, example_inputs)                #    keywords in the graph's order
     teacher = copy.deepcopy(gm).eval()
-    identity = _identity(model, gm, budget, method, config, train_loader)
+    first_batch = _first_batch(train_loader, config.seed)
+    task = prepare_task(teacher, example_inputs, train_loader, config,             #    what it is trained for
+                        loss=loss, forward=forward, metric=metric)
+    identity = _identity(model, gm, budget, method, config, train_loader, task)
 
-    calibration = next(epoch_batches(train_loader, config.seed))[0]
-    gm = pipeline.quantize(gm, quant_method, config.quantizers, (calibration,))   # 4. learnable-bit quantizers,
+    calibration = _model_inputs(task, gm, first_batch)
+    gm = pipeline.quantize(gm, quant_method, config.quantizers, calibration)      # 4. learnable-bit quantizers,
                                                                                    #    0 bits = pruned channel,
                                                                                    #    refuse unsupported ops
     smallest = budget.check_feasible(fewest_channels(gm),                          #    and infeasible budgets
@@ -87,7 +101,8 @@ def compile(
     run = world.call_on_main(lambda: RunDirectory(out or tempfile.mkdtemp(prefix="mpqc-run-"), identity,
                                                   resume=resume, force=force))
     search(gm, budget, layers, train_loader, config.search,                         # 5. differentiable search
-           checkpoint=run.checkpoint("search"), seed=config.seed, teacher=teacher, progress=config.progress)
+           checkpoint=run.checkpoint("search"), seed=config.seed, teacher=teacher, progress=config.progress,
+           task=task)
     with torch.no_grad():
         bits = current_bits(quantized_layers(gm))
         searched = {name: (float(b.weight), float(b.activation)) for name, b in bits.items()}
@@ -95,28 +110,31 @@ def compile(
     search_done = time.perf_counter()
     fixed_layers = {layer.name for layer in quantized_layers(gm) if not layer.weight_quantizer.learnable_bits}
 
-    gm = prune_channels(gm, example_inputs, budget, (calibration,))                # 6. drop 0-bit channels
+    gm = prune_channels(gm, example_inputs, budget, calibration)                   # 6. drop 0-bit channels
     unpruned, layers = layers, [layer.info for layer in quantized_layers(gm)]      #    (the smaller layers)
     gm = freeze(gm, budget)                                                        # 7. integer bits meeting budget
     finetune(gm, train_loader, config.finetune, checkpoint=run.checkpoint("finetune"),  # 8. fine-tune, bits fixed
-             seed=config.seed + 1, teacher=teacher, progress=config.progress)
+             seed=config.seed + 1, teacher=teacher, progress=config.progress, task=task)
     gm.eval()
     program = pipeline.to_integer_program(gm)                                      # 9. the integer model
     finished = time.perf_counter()
+    output_spec = _output_spec(gm)
 
-    accuracy = {"fp32": None, "quantized": None, "integer_reference": None}
+    metrics = {"fp32": None, "quantized": None, "integer_reference": None}
     if val_loader is not None:
-        accuracy = {"fp32": evaluate(teacher, val_loader, world), "quantized": evaluate(gm, val_loader, world),
-                    "integer_reference": evaluate(program.run, val_loader, world)}
+        integer = CompiledModel(program=program, report={}, output_spec=output_spec)
+        metrics = {name: evaluate(candidate, val_loader, world, task=task, teacher=teacher)
+                   for name, candidate in (("fp32", teacher), ("quantized", gm), ("integer_reference", integer))}
+    accuracy = {name: values and values[task.metric_name] for name, values in metrics.items()}
     report = build_report(                                                         # 10. report
         model_name=type(model).__name__, method=method, budget=budget, layers=layers, program=program,
         searched_bits=searched, fixed_layers=fixed_layers, unpruned_layers=unpruned, search_cost=search_cost,
         smallest_cost=smallest,
-        accuracy=accuracy,
+        accuracy=accuracy, metric=_metric_section(task, metrics),
         wall_time={"search": search_done - started, "finetune": finished - search_done,
                    "total": time.perf_counter() - started},
     )
-    result = CompiledModel(program=program, report=report, graph=gm, run_dir=run.path)
+    result = CompiledModel(program=program, report=report, graph=gm, run_dir=run.path, output_spec=output_spec)
     if out is not None:
         world.call_on_main(lambda: result.save(out))  # rank 0 writes; every process returns once it is written
     return result
@@ -126,16 +144,22 @@ def compile(
 class CompiledModel:
     """The result of :func:`compile`: the integer program (the frozen model), its report, and the fake-quant graph.
 
-    Calling it runs the integer reference. ``graph`` is None for a model loaded from disk.
+    Calling it runs the integer reference, on inputs given in order or by name, and returns the outputs in the
+    model's structure (tensor, tuple or dict; a flat tuple for a model loaded from disk). ``graph`` is None for a
+    model loaded from disk.
     """
 
     program: IntegerProgram
     report: dict[str, Any]
     graph: GraphModule | None = None
     run_dir: Path | None = None
+    output_spec: pytree.TreeSpec | None = None
 
-    def __call__(self, *inputs: Tensor) -> Tensor:
-        return self.program.run(*inputs)
+    def __call__(self, *inputs: Tensor, **named: Tensor) -> Any:
+        outputs = self.program.run(*inputs, **named)
+        if self.output_spec is None:
+            return outputs
+        return pytree.tree_unflatten(list(outputs) if isinstance(outputs, tuple) else [outputs], self.output_spec)
 
     def save(self, path: str | Path) -> Path:
         """Write ``program.json``/``program.pt`` (the frozen model), ``report.json``, ``bits.png``, the fine-tuned
@@ -174,6 +198,53 @@ def _split_data(data: Data | DataLoader | None) -> Data:
     raise DataError(f"data must be a DataLoader or a (train_loader, val_loader) pair, got {type(data).__name__}")
 
 
+def _first_batch(train_loader: DataLoader, seed: int) -> Any:
+    for batch in epoch_batches(train_loader, seed):
+        return batch
+    raise DataError("train loader is empty")
+
+
+def prepare_task(gm: GraphModule, example_inputs: tuple, train_loader: DataLoader, config: CompileConfig, *,
+                 loss: Callable | str | None, forward: Callable | None, metric: Callable | None) -> Task:
+    """The task that ``loss``/``forward``/``metric`` mean (:func:`mpqc.task.resolve_task`) for the captured fp32
+    graph ``gm`` on ``train_loader``'s batches, checked by one run of its callables on the first batch; a
+    classification's labels are checked against the model's classes first."""
+    inputs = Inputs(tuple(str(node.target) for node in gm.graph.nodes if node.op == "placeholder"))
+    with torch.no_grad():
+        example_outputs = gm(*example_inputs)
+    first_batch = _first_batch(train_loader, config.seed)
+    task = resolve_task(inputs, first_batch, example_outputs, loss=loss, forward=forward, metric=metric)
+    if task.step_accuracy is not None:  # classification: labels in [0, classes)
+        check_loader(train_loader, "train", config.num_classes or _output_width(gm, example_inputs))
+    return task.checked(gm, first_batch)
+
+
+def _model_inputs(task: Task, gm: GraphModule, batch: Any) -> tuple:
+    """The positional inputs the task's ``forward`` gives the model for ``batch`` (calibration data)."""
+    seen: list[tuple] = []
+
+    def recording(*args: Any, **kwargs: Any) -> Any:
+        seen.append(task.inputs.positional(args, kwargs))
+        return gm(*seen[-1])
+
+    with torch.no_grad():
+        task.run_forward(recording, batch, "calibration, batch 0")
+    if len(seen) != 1:
+        raise DataError(f"forward must call the model once per batch; it called it {len(seen)} times")
+    return seen[0]
+
+
+def _output_spec(gm: GraphModule) -> pytree.TreeSpec | None:
+    """The structure of the graph's outputs (the integer program returns their tensors flat), if all are tensors."""
+    leaves, spec = pytree.tree_flatten(gm.graph.output_node().args[0])
+    return spec if all(isinstance(leaf, torch.fx.Node) for leaf in leaves) else None
+
+
+def _metric_section(task: Task, metrics: dict[str, dict[str, float] | None]) -> dict[str, Any]:
+    """``{"metric": ...}``: the task and its metric's name (what ``accuracy`` holds), and every value it returned."""
+    return {"task": task.name, "name": task.metric_name, "unit": task.metric_unit, "values": metrics}
+
+
 def _output_width(gm: GraphModule, example_inputs: tuple) -> int:
     with torch.no_grad():
         output = gm(*example_inputs)
@@ -183,11 +254,11 @@ def _output_width(gm: GraphModule, example_inputs: tuple) -> int:
 
 
 def _identity(model: nn.Module, gm: GraphModule, budget: Budget, method: str, config: CompileConfig,
-              train_loader: DataLoader) -> dict[str, Any]:
+              train_loader: DataLoader, task: Task | None = None) -> dict[str, Any]:
     """What makes two runs the same run (and a resumed run the continuation of an interrupted one)."""
     settings = asdict(config)
     settings.pop("progress")
-    return {
+    identity = {
         "model": type(model).__qualname__,
         "graph": hashlib.sha256(gm.code.encode()).hexdigest()[:16],
         "budget": budget.text,
@@ -195,13 +266,16 @@ def _identity(model: nn.Module, gm: GraphModule, budget: Budget, method: str, co
         "config": json.loads(json.dumps(settings, default=str)),
         "train_data": {"examples": len(train_loader.dataset), "batch_size": train_loader.batch_size},
     }
+    if task is not None and task.step_accuracy is None:  # a run of another task than classification
+        identity["task"] = {"name": task.name, "metric": task.metric_name}
+    return identity
 
 
 def build_report(
     *, model_name: str, method: str, budget: Budget, layers: Sequence[LayerInfo], program: IntegerProgram,
     searched_bits: dict[str, tuple[float, float]], fixed_layers: set[str], search_cost: float, smallest_cost: float,
     accuracy: dict[str, float | None], wall_time: dict[str, float],
-    unpruned_layers: Sequence[LayerInfo] | None = None,
+    unpruned_layers: Sequence[LayerInfo] | None = None, metric: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The ``mpqc-report/1`` dict (see ``mpqc/report.py``) of a frozen program; ``layers`` describe the layers as
     frozen, ``unpruned_layers`` (default: the same) as they were before channel pruning."""
@@ -233,6 +307,7 @@ def build_report(
             "average_activation_bits": sum(layer.input_elements * frozen[layer.name][1] for layer in layers) / elements,
         },
         "accuracy": accuracy,
+        **({"metric": metric} if metric is not None else {}),
         "layers": [
             {**{key: getattr(layer, key) for key in ("name", "op", "params", "macs", "input_elements",
                                                       "output_elements", "out_channels", "bias_params")},

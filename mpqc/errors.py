@@ -38,3 +38,8 @@ class CheckpointError(MpqcError):
 
 class TrainingDivergedError(MpqcError):
     """The loss became NaN or infinite; the last good checkpoint is kept."""
+
+
+class TaskError(ConfigError):
+    """The task's own callables (``forward``, ``loss``, ``metric``) failed or returned something unusable; the
+    message names the callable, the phase and the batch or step."""

@@ -36,14 +36,23 @@ TRACE_STAGES = STAGES[:STAGES.index("analyze_layers") + 1]
 QUANTIZE_STAGES = STAGES[len(TRACE_STAGES):STAGES.index("check_supported") + 1]
 
 
-def trace(model: nn.Module, example_inputs: tuple[Tensor, ...]) -> tuple[GraphModule, list[LayerInfo]]:
-    """``capture`` -> ``fold_batchnorm`` -> ``analyze_layers``: the fp32 graph and its layers."""
+def trace(model: nn.Module, example_inputs: tuple[Tensor, ...] | dict[str, Tensor]
+          ) -> tuple[GraphModule, list[LayerInfo]]:
+    """``capture`` -> ``fold_batchnorm`` -> ``analyze_layers``: the fp32 graph and its layers (``example_inputs``
+    positional, or keyword inputs by name)."""
     from mpqc.passes.analyze_layers import analyze_layers
     from mpqc.passes.capture import capture
     from mpqc.passes.fold_batchnorm import fold_batchnorm
 
     gm = fold_batchnorm(capture(model, example_inputs))
-    return gm, analyze_layers(gm, example_inputs)
+    return gm, analyze_layers(gm, positional_inputs(gm, example_inputs))
+
+
+def positional_inputs(gm: GraphModule, example_inputs: tuple | dict[str, Tensor]) -> tuple:
+    """Keyword example inputs as the captured graph takes them: positionally, in its inputs' order."""
+    if not isinstance(example_inputs, dict):
+        return example_inputs
+    return tuple(example_inputs[str(node.target)] for node in gm.graph.nodes if node.op == "placeholder")
 
 
 def quantize(gm: GraphModule, method, config, calibration_inputs: tuple[Tensor, ...]) -> GraphModule:

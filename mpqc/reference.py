@@ -110,18 +110,29 @@ class IntegerProgram:
     def node(self, name: str) -> IntNode:
         return self._by_name[name]
 
+    @property
+    def input_names(self) -> list[str]:
+        """The program's inputs in order, named as the captured model's ``forward`` names them."""
+        return [node.name for node in self.nodes if node.op == "input"]
+
     # ----------------------------------------------------------------------------------------- running
     @torch.no_grad()
-    def run(self, *inputs: Tensor) -> Tensor | tuple[Tensor, ...]:
-        """The program's outputs (fp32, dequantized) for ``inputs``."""
-        env = self.run_all(*inputs)
+    def run(self, *inputs: Tensor, **named: Tensor) -> Tensor | tuple[Tensor, ...]:
+        """The program's outputs (fp32, dequantized) for ``inputs``, given in order or by name (``input_names``)."""
+        env = self.run_all(*inputs, **named)
         results = tuple(dequantize(env[name]) for name in self.outputs)
         return results[0] if len(results) == 1 else results
 
     @torch.no_grad()
-    def run_all(self, *inputs: Tensor) -> dict[str, Tensor | IntValue]:
+    def run_all(self, *inputs: Tensor, **named: Tensor) -> dict[str, Tensor | IntValue]:
         """Every node's value: ``IntValue(q, scale)`` for integer values, fp32 tensors otherwise."""
         placeholders = [node for node in self.nodes if node.op == "input"]
+        if named:
+            unknown = sorted(set(named) - set(self.input_names))
+            if unknown:
+                raise MpqcError(f"the program has no input named {unknown[0]!r} (its inputs: "
+                                f"{', '.join(self.input_names)})")
+            inputs = inputs + tuple(named[name] for name in self.input_names[len(inputs):] if name in named)
         if len(inputs) != len(placeholders):
             raise MpqcError(f"the program takes {len(placeholders)} input(s), got {len(inputs)}")
         env: dict[str, Tensor | IntValue] = {node.name: x.float() for node, x in zip(placeholders, inputs)}

@@ -2,7 +2,9 @@
 
 The report itself is a plain JSON-able dict built by the compiler (schema ``"format": "mpqc-report/1"``):
 ``model``, ``method``, ``created``, ``budget``, ``totals``, ``accuracy``, ``layers``, ``wall_time_s`` and an
-optional ``cost``. This module only reads it; optional keys may be absent or ``None`` and unknown keys are ignored.
+optional ``cost``. ``accuracy`` holds the task's metric for the fp32, fake-quantized and integer models; the optional
+``metric`` says which (``task``, ``name``, ``unit``, and every value the metric returned under ``values``):
+classification's top-1 %, or a user's metric, named in the printed table and the plot. This module only reads it; optional keys may be absent or ``None`` and unknown keys are ignored.
 
 >>> human_bytes(20480), human_count(1.2e9), human_count(4e7)
 ('20.00 KiB', '1.20 G', '40.0 M')
@@ -130,13 +132,24 @@ def _budget_line(report: dict) -> str:
     return line
 
 
+def metric_name(report: dict) -> str:
+    """What ``report["accuracy"]`` measures: ``"accuracy"`` (classification top-1 %, and reports written before
+    tasks existed) or the task's metric (``report["metric"]["name"]``, e.g. ``"psnr"``, ``"top-1 agreement"``)."""
+    metric = report.get("metric") or {}
+    if not metric or metric.get("task") == "classification":
+        return "accuracy"
+    return metric.get("name") or "metric"
+
+
 def _accuracy_line(report: dict) -> str | None:
     acc = report.get("accuracy") or {}
     if not any(acc.get(k) is not None for k in ("fp32", "quantized", "integer_reference")):
         return None
     fp32, quant, ref = acc.get("fp32"), acc.get("quantized"), acc.get("integer_reference")
-    drop = f"{fp32 - quant:.2f} pp" if None not in (fp32, quant) else "n/a"
-    return f"fp32 {_pct(fp32)}, quantized {_pct(quant)} (drop {drop}), integer reference {_pct(ref)}"
+    percent = (report.get("metric") or {}).get("unit", "%") == "%"
+    show = _pct if percent else (lambda value: _fmt(value, ".4g"))
+    drop = "n/a" if None in (fp32, quant) else f"{fp32 - quant:.2f} pp" if percent else f"{fp32 - quant:.4g}"
+    return f"fp32 {show(fp32)}, quantized {show(quant)} (drop {drop}), integer reference {show(ref)}"
 
 
 # ---------------------------------------------------------------------------------------------- text table
@@ -148,7 +161,7 @@ def format_report(report: dict) -> str:
         f"mpqc report: model {report.get('model', '?')}, method {report.get('method', '?')}"
         + (f", created {report['created']}" if report.get("created") else ""),
         f"budget    {_budget_line(report)}",
-        f"accuracy  {_accuracy_line(report) or 'n/a'}",
+        f"{metric_name(report):<9} {_accuracy_line(report) or 'n/a'}",
         "",
     ]
     headers = ["#", "layer", "op", "params", "MACs", "W bits", "A bits", "W search", "A search", "notes"]
@@ -225,7 +238,7 @@ def plot_bits(report: dict, path: str | Path) -> None:
         share_ax.set_axis_off()
     met = (report.get("budget") or {}).get("met")
     acc = _accuracy_line(report)
-    share_ax.set_title(f"budget {_budget_line(report)}" + (f"\naccuracy {acc}" if acc else ""), loc="left",
+    share_ax.set_title(f"budget {_budget_line(report)}" + (f"\n{metric_name(report)} {acc}" if acc else ""), loc="left",
                        fontsize=9, color="#b00020" if met is False else "black")
     fig.tight_layout()
     buf = io.BytesIO()

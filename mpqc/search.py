@@ -17,7 +17,8 @@ from mpqc.budgets import Budget
 from mpqc.config import TrainConfig
 from mpqc.layers import LayerInfo
 from mpqc.passes.insert_quantizers import current_bits, quantized_layers
-from mpqc.train import BudgetTerm, train_phase
+from mpqc.task import Task
+from mpqc.train import DEFAULT_TASK, BudgetTerm, train_phase
 
 
 def search(
@@ -32,11 +33,12 @@ def search(
     teacher: nn.Module | None = None,
     progress: bool = True,
     stop_after_steps: int | None = None,
+    task: Task = DEFAULT_TASK,
 ) -> dict[str, float]:
-    """Run the search in place on ``gm``; resumes from ``checkpoint`` when it holds a search checkpoint."""
+    """Run the search in place on ``gm`` for ``task``; resumes from ``checkpoint`` when it holds a search checkpoint."""
     quantized = quantized_layers(gm)
     term = BudgetTerm(budget, layers, lambda: current_bits(quantized))
     return train_phase(
         gm, train_loader, config, phase="search", checkpoint=checkpoint, seed=seed, budget=term, teacher=teacher,
-        progress=progress, stop_after_steps=stop_after_steps,
+        progress=progress, stop_after_steps=stop_after_steps, task=task,
     )

@@ -48,7 +48,7 @@ import time
 from dataclasses import asdict, dataclass, field, fields, replace
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -59,7 +59,7 @@ from tqdm import tqdm
 
 from mpqc.budgets import Budget, LayerBits, parse_budget
 from mpqc.checkpoint import atomic_write_bytes
-from mpqc.compile import CompiledModel, compile
+from mpqc.compile import CompiledModel, compile, prepare_task
 from mpqc.config import CompileConfig
 from mpqc.errors import CheckpointError, ConfigError, DataError, InfeasibleBudgetError, MpqcError
 from mpqc.layers import LayerInfo
@@ -336,7 +336,7 @@ class SweepResult:
 
 def sweep(
     model: nn.Module,
-    example_inputs: Tensor | tuple[Tensor, ...],
+    example_inputs: Tensor | tuple[Tensor, ...] | dict[str, Tensor],
     *,
     data: tuple[DataLoader, DataLoader],
     budgets: str | Budget | Iterable[str | Budget],
@@ -347,6 +347,9 @@ def sweep(
     config: CompileConfig = CompileConfig(),
     resume: bool = False,
     force: bool = False,
+    loss: Callable | str | None = None,
+    forward: Callable | None = None,
+    metric: Callable | None = None,
 ) -> SweepResult:
     """Compile ``model`` at every (method, budget, activation bits) point, plus uniform QAT, into ``out``.
 
@@ -358,6 +361,8 @@ def sweep(
 
     ``out`` that already holds a sweep is refused unless ``resume`` (continue it; it must be the same model,
     data and config, while methods, budgets and activation bits may change) or ``force`` (delete it first).
+    ``loss``, ``forward``, ``metric``: the task, as for :func:`mpqc.compile`; the table and the plot name its metric
+    (``fp32_top1``/``top1`` in ``sweep.json`` then hold that metric).
 
     Raises:
         ConfigError: a bad budget, method or activation bit-width (before any work).
@@ -375,17 +380,24 @@ def sweep(
         raise ConfigError("a sweep needs at least one method and one activation bit-width")
     specs = _as_sweep_budgets(budgets)
     train_loader, val_loader = _split(data)
-    example_inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
+    example_inputs = example_inputs if isinstance(example_inputs, (tuple, dict)) else (example_inputs,)
 
-    _, layers = pipeline.trace(model, example_inputs)
+    gm, layers = pipeline.trace(model, example_inputs)
+    positional = pipeline.positional_inputs(gm, example_inputs)
     points = plan_points(specs, layers, methods=methods, act_bits=act_axis, uniform_bits=uniform_bits or ())
-    identity = _identity(model, example_inputs, train_loader, val_loader, config)
+    task = prepare_task(gm, positional, train_loader, config, loss=loss, forward=forward, metric=metric)
+    identity = _identity(model, positional, train_loader, val_loader, config)
+    if task.step_accuracy is None:  # another task than classification
+        identity["task"] = {"name": task.name, "metric": task.metric_name}
     out = Path(out)
     previous = _open_directory(out, identity, resume=resume, force=force)
     fp32 = previous.get("fp32_top1") if previous else None
     if fp32 is None:
-        fp32 = evaluate(model, val_loader)
+        fp32_model = gm if isinstance(example_inputs, dict) else model  # the eager model takes positional inputs
+        fp32 = evaluate(fp32_model, val_loader, task=task, teacher=fp32_model)
     result = SweepResult(out, points, fp32, info={
+        "metric": {"name": "top-1" if task.step_accuracy else task.metric_name,
+                   "unit": task.metric_unit},
         "created": (previous or {}).get("created") or _now(), "model": type(model).__name__,
         "params": sum(layer.params for layer in layers), "identity": identity, "methods": methods,
         "budgets": [spec.label for spec in specs], "act_bits": act_axis, "uniform_bits": list(uniform_bits or ()),
@@ -397,11 +409,12 @@ def sweep(
     try:
         for point in points:
             bar.set_postfix_str(point.name, refresh=True)
-            _run_point(point, model, example_inputs, (train_loader, val_loader), config, out)
+            _run_point(point, model, example_inputs, (train_loader, val_loader), config, out,
+                       {"loss": loss, "forward": forward, "metric": metric})
             _mark_pareto(result.points)
             _save(result)
             if config.progress:
-                tqdm.write(_one_line(point))
+                tqdm.write(_one_line(point, metric_label(result.info)))
             bar.update(1)
     finally:
         bar.close()
@@ -449,7 +462,7 @@ def _split(data) -> tuple[DataLoader, DataLoader]:
 
 
 def _run_point(point: SweepPoint, model: nn.Module, example_inputs: tuple, data: tuple, config: CompileConfig,
-               out: Path) -> None:
+               out: Path, task: dict[str, Any] | None = None) -> None:
     """Run (or read back) one point, recording its outcome in ``point``; see the module docstring for errors."""
     directory = out / POINTS_DIR / point.slug
     if (directory / "report.json").is_file():
@@ -467,7 +480,8 @@ def _run_point(point: SweepPoint, model: nn.Module, example_inputs: tuple, data:
         return
     try:
         compiled: CompiledModel = compile(model, example_inputs, budget=parse_budget(point.budget_text), data=data,
-                                          method=_method(point), config=point_config, out=directory, resume=True)
+                                          method=_method(point), config=point_config, out=directory, resume=True,
+                                          **(task or {}))
     except InfeasibleBudgetError as error:
         point.status, point.message = INFEASIBLE, str(error)
         point.smallest_feasible = _smallest_from(error)
@@ -598,10 +612,17 @@ def _status(point: SweepPoint) -> str:
     return point.status
 
 
-def _one_line(point: SweepPoint) -> str:
+def metric_label(data: dict[str, Any]) -> tuple[str, str]:
+    """``(name, unit)`` of what a sweep's ``top1`` values measure: ``("top-1", "%")`` unless a task said otherwise."""
+    metric = data.get("metric") or {}
+    return metric.get("name") or "top-1", metric.get("unit", "%")
+
+
+def _one_line(point: SweepPoint, label: tuple[str, str] = ("top-1", "%")) -> str:
     if point.status != DONE:
         return f"{point.name}: {point.status}" + (f" ({point.message})" if point.message else "")
-    return (f"{point.name}: top-1 {point.top1:.2f}% (drop {point.drop:.2f}), {_in_unit(point.achieved, point.budget_unit)}"
+    return (f"{point.name}: {label[0]} {point.top1:.2f}{label[1]} (drop {point.drop:.2f}), "
+            f"{_in_unit(point.achieved, point.budget_unit)}"
             f" ({_status(point)}), {point.average_weight_bits:.2f} bits/weight, {point.wall_time_s or 0:.0f} s")
 
 
@@ -610,11 +631,13 @@ def format_sweep(data: dict[str, Any]) -> str:
     the points that did not finish and the Pareto-optimal points."""
     points = [SweepPoint.from_dict(row) for row in data.get("points", [])]
     fp32 = data.get("fp32_top1")
+    name, unit = metric_label(data)
     counts = {s: sum(p.status == s for p in points) for s in (DONE, INFEASIBLE, NOT_EXPRESSIBLE, FAILED, PENDING)}
     lines = [f"mpqc sweep: model {data.get('model', '?')}, {len(points)} points ("
              + ", ".join(f"{n} {s}" for s, n in counts.items() if n) + ")"
              + (f", wall time {data['wall_time_s']:.0f} s" if data.get("wall_time_s") else ""), ""]
-    headers = ["method", "budget", "A", "status", "achieved", "W bits", "weights", "top-1 %", "drop", "wall s",
+    headers = ["method", "budget", "A", "status", "achieved", "W bits", "weights", f"{name} {unit}".strip(), "drop",
+               "wall s",
                "Pareto"]
     rows = [["fp32", "-", "32", "", "", "32.00", human_bytes(4 * data["params"]) if data.get("params") else "-",
              f"{fp32:.2f}" if fp32 is not None else "-", "", "", ""]]
@@ -634,8 +657,8 @@ def format_sweep(data: dict[str, Any]) -> str:
         lines += ["", "not run:"]
         lines += [f"  {', '.join(names)}: {status}: {message}" for (status, message), names in reasons.items()]
     front = [p for p in points if p.pareto]
-    lines += ["", "Pareto-optimal (top-1 vs weight memory, per activation bit-width):"]
-    lines += [f"  {p.name}: {p.top1:.2f}% at {human_bytes(p.weight_bytes)} ({p.average_weight_bits:.2f} bits/weight)"
+    lines += ["", f"Pareto-optimal ({name} vs weight memory, per activation bit-width):"]
+    lines += [f"  {p.name}: {p.top1:.2f}{unit} at {human_bytes(p.weight_bytes)} ({p.average_weight_bits:.2f} bits/weight)"
               for p in sorted(front, key=lambda p: (-p.act_bits, p.weight_bytes))] or ["  (no finished point)"]
     return "\n".join(lines)
 
@@ -649,6 +672,7 @@ def plot_sweep(data: dict[str, Any], path: str | Path) -> None:
     (through its weight-memory and average-bits points; other budget kinds as open markers) plus uniform QAT
     (black, dashed), the fp32 top-1 dotted, the Pareto front as a red step line with ringed points."""
     points = [SweepPoint.from_dict(row) for row in data.get("points", [])]
+    name, unit = metric_label(data)
     done = [p for p in points if p.status == DONE and None not in (p.top1, p.weight_bytes)]
     axes_bits = list(dict.fromkeys(p.act_bits for p in points)) or [None]
     fig = Figure(figsize=(6.0 * len(axes_bits), 4.8), dpi=120)
@@ -679,20 +703,20 @@ def plot_sweep(data: dict[str, Any], path: str | Path) -> None:
                        edgecolors="#d62728", linewidths=1.5, label="Pareto front", zorder=4)
         if data.get("fp32_top1") is not None:
             ax.axhline(data["fp32_top1"], color="#777777", linestyle=":", linewidth=1,
-                       label=f"fp32 {data['fp32_top1']:.2f}%")
+                       label=f"fp32 {data['fp32_top1']:.2f}{unit}")
         skipped = [p for p in points if p.act_bits == a and p.status != DONE]
         ax.set_title(f"activations {a} bits" + (f" ({len(skipped)} points not run: "
                                                 + ", ".join(sorted({p.status for p in skipped})) + ")"
                                                 if skipped else ""), fontsize=9)
         ax.set_xlabel("weight memory (KiB)")
-        ax.set_ylabel("top-1 (%)")
+        ax.set_ylabel(f"{name} ({unit})" if unit else name)
         if params:
             top = ax.secondary_xaxis("top", functions=(lambda kib: kib * 1024 * 8 / params,
                                                        lambda bpw: bpw * params / 8 / 1024))
             top.set_xlabel("bits per weight", fontsize=8)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7, loc="lower right")
-    fig.suptitle(f"{data.get('model', '?')}: top-1 vs weight memory", x=0.01, ha="left", fontweight="bold")
+    fig.suptitle(f"{data.get('model', '?')}: {name} vs weight memory", x=0.01, ha="left", fontweight="bold")
     fig.tight_layout()
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png")

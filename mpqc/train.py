@@ -1,6 +1,7 @@
 """The one training loop, used by the bit-width search and by fine-tuning, checkpointed and exactly resumable.
 
-Loss = cross-entropy (optionally mixed with knowledge distillation from the fp32 teacher)
+Loss = the task's loss (:mod:`mpqc.task`; classification: cross-entropy), optionally mixed with knowledge
+       distillation from the fp32 teacher
        + ``penalty_weight`` * (1 + ``penalty_ramp`` * progress) * budget penalty (search only)
        + every quantizer's ``extra_loss()``;  progress goes from 0 at the phase's first step to 1 at its last.
 Weights train with SGD (momentum 0.9, cosine schedule), quantizer parameters with Adam.
@@ -22,10 +23,11 @@ import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils import _pytree as pytree
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
@@ -33,9 +35,13 @@ from mpqc.budgets import Budget, LayerBits
 from mpqc.checkpoint import load_checkpoint, save_checkpoint
 from mpqc.config import TrainConfig
 from mpqc.distributed import World, collective_failure, current_world
-from mpqc.errors import CheckpointError, DataError, MpqcError, TrainingDivergedError
+from mpqc.errors import CheckpointError, DataError, MpqcError, TaskError, TrainingDivergedError
 from mpqc.layers import LayerInfo
 from mpqc.quantizers.base import Quantizer
+from mpqc.task import Inputs, Task, classification
+
+#: The task of a caller that names none: classification of a one-input model.
+DEFAULT_TASK = classification(Inputs(("input",)))
 
 
 @dataclass(frozen=True)
@@ -65,8 +71,10 @@ def train_phase(
     teacher: nn.Module | None = None,
     progress: bool = True,
     stop_after_steps: int | None = None,
+    task: Task = DEFAULT_TASK,
 ) -> dict[str, float]:
-    """Train ``model`` in place for ``config.epochs``; resume from ``checkpoint`` if it holds one of this phase.
+    """Train ``model`` in place for ``config.epochs`` on ``task``; resume from ``checkpoint`` if it holds one of
+    this phase.
 
     Returns the last step's metrics (over the global batch). ``stop_after_steps`` ends the call early after that
     many *new* steps (a checkpoint is written first): tests use it to simulate an interruption. Under torchrun the
@@ -78,7 +86,7 @@ def train_phase(
     try:
         return _train_phase(model, train_loader, config, phase=phase, checkpoint=checkpoint, seed=seed,
                             budget=budget, teacher=teacher, progress=progress, stop_after_steps=stop_after_steps,
-                            world=world)
+                            world=world, task=task)
     except MpqcError:
         raise
     except Exception as error:  # another process stopped: say so, and where the last checkpoint is
@@ -91,7 +99,7 @@ def train_phase(
 def _train_phase(
     model: nn.Module, train_loader: DataLoader, config: TrainConfig, *, phase: str, checkpoint: Path | None,
     seed: int, budget: BudgetTerm | None, teacher: nn.Module | None, progress: bool, stop_after_steps: int | None,
-    world: World,
+    world: World, task: Task,
 ) -> dict[str, float]:
     steps_per_epoch = min(len(train_loader), config.max_steps_per_epoch or len(train_loader))
     total_steps = steps_per_epoch * config.epochs
@@ -131,7 +139,7 @@ def _train_phase(
         }, checkpoint)
 
     new_steps = 0
-    objective = world.wrap(_Objective(model, config, budget, teacher, world))  # DDP on several processes
+    objective = world.wrap(_Objective(model, config, budget, teacher, world, task))  # DDP on several processes
     train_loader = world.shard(train_loader)  # this process's slice of every global batch
     bar = tqdm(total=total_steps, initial=epoch * steps_per_epoch + step_in_epoch, desc=phase,
                disable=not (progress and world.is_main), dynamic_ncols=True)
@@ -145,16 +153,18 @@ def _train_phase(
                 torch.set_rng_state(rng_state)
                 rng_state = None
             while step_in_epoch < steps_per_epoch:
-                images, labels = next(batches)
+                batch = next(batches)
                 progress_fraction = (epoch * steps_per_epoch + step_in_epoch) / max(total_steps - 1, 1)
                 for module in model.modules():
                     if isinstance(module, Quantizer):
                         module.set_progress(progress_fraction)
-                metrics = _step(model, objective, images, labels, budget, weight_opt, quant_opt, progress_fraction)
+                where = f"{phase} epoch {epoch + 1}, batch {step_in_epoch}"
+                metrics = _step(model, objective, batch, budget, weight_opt, quant_opt, progress_fraction, where)
                 if not math.isfinite(metrics["loss"]):
                     raise TrainingDivergedError(
-                        f"{phase}: the loss became {metrics['loss']} at epoch {epoch + 1}, step {step_in_epoch + 1}; "
-                        f"the last good checkpoint ({checkpoint}) is kept. Lower the learning rates."
+                        f"{phase}: the loss became {metrics['loss']} at epoch {epoch + 1}, step {step_in_epoch + 1} "
+                        f"(task loss {task.name}: {metrics['task_loss']}); the last good checkpoint ({checkpoint}) "
+                        "is kept. Lower the learning rates, or check the loss."
                     )
                 scheduler.step()
                 step_in_epoch += 1
@@ -184,7 +194,7 @@ def epoch_batches(loader: DataLoader, epoch_seed: int):
 
 
 class _Objective(nn.Module):
-    """The whole loss of one training step as one module: cross-entropy (mixed with distillation from ``teacher``)
+    """The whole loss of one training step as one module: the task's loss (mixed with distillation from ``teacher``)
     on this process's slice of the global batch, weighted by its share of it, plus every quantizer's
     ``extra_loss()`` and the weighted budget penalty (both computed identically on every process).
 
@@ -194,26 +204,31 @@ class _Objective(nn.Module):
     """
 
     def __init__(self, model: nn.Module, config: TrainConfig, budget: BudgetTerm | None, teacher: nn.Module | None,
-                 world: World) -> None:
+                 world: World, task: Task) -> None:
         super().__init__()
         self.model = model
-        self._fixed = (config, budget, teacher, world)
+        self._fixed = (config, budget, teacher, world, task)
 
-    def forward(self, images: Tensor, labels: Tensor, progress: float = 0.0) -> tuple[Tensor, dict[str, float]]:
-        config, budget, teacher, world = self._fixed
-        logits = self.model(images)
-        task_loss = F.cross_entropy(logits, labels)
-        data_loss = task_loss
-        if teacher is not None and config.distill:
+    def forward(self, batch, progress: float = 0.0, where: str = "training") -> tuple[Tensor, dict[str, float]]:
+        config, budget, teacher, world, task = self._fixed
+        outputs = task.run_forward(self.model, batch, where)
+        mix = task.kd is not None and teacher is not None and bool(config.distill)
+        teacher_outputs = None
+        if teacher is not None and (task.uses_teacher or mix):
             with torch.no_grad():
-                teacher_logits = teacher(images)
-            t = config.distill_temperature
-            distill = F.kl_div(F.log_softmax(logits / t, 1), F.softmax(teacher_logits / t, 1),
-                               reduction="batchmean") * t * t
+                teacher_outputs = task.run_forward(teacher, batch, f"{where} (fp32 teacher)")
+        elif task.uses_teacher:
+            raise MpqcError(f"{where}: the task {task.name} needs the fp32 model's outputs, but no teacher was given")
+        task_loss = task.compute_loss(outputs, batch, teacher_outputs, where)
+        data_loss = task_loss
+        if mix:
+            distill = task.kd(outputs, teacher_outputs, config.distill_temperature)
             data_loss = (1 - config.distill_weight) * task_loss + config.distill_weight * distill
-        accuracy = (logits.argmax(1) == labels).float().mean()
-        share, (task_mean, data_mean, accuracy_mean) = world.global_batch_means(
-            len(labels), torch.stack([task_loss.detach(), data_loss.detach(), accuracy]))
+        means = [task_loss.detach(), data_loss.detach()]
+        if task.step_accuracy is not None:
+            means.append(task.step_accuracy(outputs, batch))
+        share, global_means = world.global_batch_means(task.batch_size(batch), torch.stack(means))
+        task_mean, data_mean = global_means[0], global_means[1]
         loss = data_loss * share  # share = 1.0 in one process
         data_free = torch.zeros(())
         for module in self.model.modules():
@@ -222,7 +237,9 @@ class _Objective(nn.Module):
                 if extra is not None:
                     loss = loss + extra
                     data_free = data_free + extra.detach()
-        metrics = {"task_loss": float(task_mean), "accuracy": float(accuracy_mean * 100)}
+        metrics = {"task_loss": float(task_mean)}
+        if task.step_accuracy is not None:
+            metrics["accuracy"] = float(global_means[2] * 100)
         if budget is not None and config.penalty_weight > 0:
             penalty = budget.penalty()
             weight = config.penalty_weight * (1.0 + config.penalty_ramp * progress)
@@ -233,9 +250,9 @@ class _Objective(nn.Module):
         return loss, metrics
 
 
-def _step(model: nn.Module, objective: nn.Module, images: Tensor, labels: Tensor, budget: BudgetTerm | None,
-          weight_opt, quant_opt, progress: float) -> dict[str, float]:
-    loss, metrics = objective(images, labels, progress)
+def _step(model: nn.Module, objective: nn.Module, batch, budget: BudgetTerm | None,
+          weight_opt, quant_opt, progress: float, where: str) -> dict[str, float]:
+    loss, metrics = objective(batch, progress, where)
     if not math.isfinite(metrics["loss"]):
         return metrics
     weight_opt.zero_grad(set_to_none=True)
@@ -255,38 +272,67 @@ def _step(model: nn.Module, objective: nn.Module, images: Tensor, labels: Tensor
 
 
 def _postfix(metrics: dict[str, float], budget: BudgetTerm | None) -> dict[str, str]:
-    shown = {"loss": f"{metrics['loss']:.3f}", "acc": f"{metrics['accuracy']:.1f}%"}
+    shown = {"loss": f"{metrics['loss']:.3f}"}
+    if "accuracy" in metrics:
+        shown["acc"] = f"{metrics['accuracy']:.1f}%"
     if budget is not None and "cost" in metrics:
         shown["cost"] = f"{budget.budget.format(metrics['cost'])} / {budget.budget.format(budget.budget.limit)}"
     return shown
 
 
 @torch.no_grad()
-def evaluate(model: Callable[[Tensor], Tensor], loader: DataLoader, world: World | None = None) -> float:
-    """Top-1 accuracy in percent of ``model`` on ``loader``: a module (run in eval mode on its parameters' device,
-    its previous mode restored afterwards) or any callable, such as an integer program's ``run``.
+def evaluate(model: Callable[..., Any], loader: DataLoader, world: World | None = None, *,
+             task: Task = DEFAULT_TASK, teacher: Callable[..., Any] | None = None) -> float:
+    """The task's metric (classification: top-1 accuracy in percent) of ``model`` on ``loader``; see
+    :func:`evaluate_metrics`."""
+    return evaluate_metrics(model, loader, world, task=task, teacher=teacher)[task.metric_name]
 
-    With a multi-process ``world`` every process evaluates its slice of each batch and the counts are summed, so
-    every process returns the accuracy on the whole of ``loader`` (every process must call it)."""
+
+@torch.no_grad()
+def evaluate_metrics(model: Callable[..., Any], loader: DataLoader, world: World | None = None, *,
+                     task: Task = DEFAULT_TASK, teacher: Callable[..., Any] | None = None) -> dict[str, float]:
+    """Every value of the task's metric of ``model`` on ``loader``, each the mean over the examples (per-batch
+    values weighted by batch size). ``model`` is a module (run in eval mode on its parameters' device, its previous
+    mode restored afterwards) or any callable, such as an integer program's ``run``; ``teacher``: the fp32 model,
+    run where the task's metric reads its outputs (``Task.metric_uses_teacher``).
+
+    With a multi-process ``world`` every process evaluates its slice of each batch and the sums are added, so
+    every process returns the metric on the whole of ``loader`` (every process must call it)."""
+    if task.metric_uses_teacher and teacher is None:
+        raise MpqcError(f"evaluating {task.name}: its metric {task.metric_name!r} compares with the fp32 model's "
+                        "outputs; pass teacher=")
     module = model if isinstance(model, nn.Module) else None
     device = next(module.parameters()).device if module is not None else torch.device("cpu")
     was_training = module.training if module is not None else False
     if module is not None:
         module.eval()
     world = world or World()
-    correct = seen = 0
+    sums: dict[str, float] = {}
+    seen = 0
     try:
-        for images, labels in world.shard(loader, allow_empty=True):
-            logits = model(images.to(device))
-            correct += int((logits.argmax(1).cpu() == labels).sum())
-            seen += len(labels)
+        for index, batch in enumerate(world.shard(loader, allow_empty=True)):
+            batch = pytree.tree_map(lambda x: x.to(device) if isinstance(x, Tensor) else x, batch)
+            where = f"evaluation, batch {index}"
+            outputs = task.run_forward(model, batch, where)
+            teacher_outputs = None
+            if teacher is not None and task.metric_uses_teacher:
+                teacher_outputs = task.run_forward(teacher, batch, where + " (fp32 teacher)")
+            count = task.batch_size(batch)
+            values = task.compute_metric(outputs, batch, teacher_outputs, where)
+            if sums and list(values) != list(sums):
+                raise TaskError(f"{where}: the metric returned keys {list(values)}, the first batch {list(sums)}")
+            for key, value in values.items():
+                sums[key] = sums.get(key, 0.0) + value * count
+            seen += count
     finally:
         if module is not None:
             module.train(was_training)
-    correct, seen = world.sum([correct, seen])
+    keys = list(sums) or [task.metric_name]
+    totals = world.sum([sums.get(key, 0.0) for key in keys] + [seen])
+    seen = totals[-1]
     if seen == 0:
         raise DataError("cannot evaluate on an empty loader")
-    return 100.0 * correct / seen
+    return {key: total / seen for key, total in zip(keys, totals)}
 
 
 def finetune(
@@ -299,9 +345,11 @@ def finetune(
     teacher: nn.Module | None = None,
     progress: bool = True,
     stop_after_steps: int | None = None,
+    task: Task = DEFAULT_TASK,
 ) -> dict[str, float]:
-    """Fine-tune a frozen-precision model (weights and quantizer scales), with KD from ``teacher`` if configured."""
+    """Fine-tune a frozen-precision model (weights and quantizer scales) on ``task``, with KD from ``teacher`` if
+    configured."""
     return train_phase(
         model, train_loader, config, phase="finetune", checkpoint=checkpoint, seed=seed, teacher=teacher,
-        progress=progress, stop_after_steps=stop_after_steps,
+        progress=progress, stop_after_steps=stop_after_steps, task=task,
     )

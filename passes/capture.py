@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import inspect
 import io
 import logging
 import os
@@ -85,32 +86,63 @@ _STDLIB_DIR = sysconfig.get_paths()["stdlib"]
 _SITE_DIRS = (sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"])
 
 
-def capture(model: nn.Module, example_inputs: tuple) -> fx.GraphModule:
+def capture(model: nn.Module, example_inputs: tuple | dict[str, Any]) -> fx.GraphModule:
     """Trace ``model`` on ``example_inputs`` into a GraphModule with conv/linear/batchnorm as ``call_module`` nodes.
+
+    ``example_inputs`` is a tuple of positional inputs or a dict of keyword inputs. With keywords the graph's inputs
+    are the given ones, named as the model names them, in the order of its ``forward`` signature (see
+    :func:`keyword_order`); the parameters not given keep their defaults and are not inputs of the graph. Either
+    way the returned graph takes its inputs positionally (or by those names).
 
     Puts ``model`` in eval mode (not restored). Raises :class:`ExampleInputError` if the inputs do not run through
     the model, and :class:`CaptureError` naming both tracers' failures if neither can capture it.
     """
+    if isinstance(example_inputs, dict):
+        names = keyword_order(model, example_inputs)
+        model.eval()
+        expected = _run_eager(model, (), example_inputs)
+        positional = tuple(example_inputs[name] for name in names)
+        return _capture(model, positional, expected, {name: example_inputs[name] for name in names})
     if not isinstance(example_inputs, tuple):
         raise ExampleInputError(
-            f"example_inputs for {type(model).__name__} must be a tuple of positional inputs, "
-            f"got {type(example_inputs).__name__}"
+            f"example_inputs for {type(model).__name__} must be a tuple of positional inputs or a dict of keyword "
+            f"inputs, got {type(example_inputs).__name__}"
         )
     model.eval()
     expected = _run_eager(model, example_inputs)
+    return _capture(model, example_inputs, expected, None)
+
+
+def keyword_order(model: nn.Module, example_inputs: dict[str, Any]) -> list[str]:
+    """The names of the keyword ``example_inputs`` in the order of ``model.forward``'s parameters; raises
+    :class:`ExampleInputError` for a name ``forward`` does not take or a parameter without default left out."""
+    parameters = inspect.signature(model.forward).parameters
+    unknown = [name for name in example_inputs if name not in parameters]
+    if unknown:
+        raise ExampleInputError(f"{type(model).__name__}.forward takes no input named {unknown[0]!r} "
+                                f"(its inputs: {', '.join(parameters)})")
+    missing = [name for name, p in parameters.items() if name not in example_inputs and p.default is p.empty
+               and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+    if missing:
+        raise ExampleInputError(f"the keyword example inputs leave out {type(model).__name__}.forward's input "
+                                f"{missing[0]!r}, which has no default")
+    return [name for name in parameters if name in example_inputs]
+
+
+def _capture(model: nn.Module, example_inputs: tuple, expected: Any, keywords: dict[str, Any] | None) -> fx.GraphModule:
     try:
         model_copy = copy.deepcopy(model)
     except Exception as error:
         raise CaptureError(f"cannot copy {type(model).__name__} to capture it: {_describe(error)}") from error
 
     try:
-        return _accept(_trace_fx(model_copy), example_inputs, expected)
+        return _accept(_trace_fx(model_copy, keywords), example_inputs, expected)
     except Exception as error:
         fx_failure = error
     torch_log: list[str] = []
     try:
         with _torch_log_kept(torch_log):
-            return _trace_export(model_copy, example_inputs, expected)
+            return _trace_export(model_copy, example_inputs, expected, keywords)
     except Exception as error:
         export_failure = error
     finally:
@@ -155,13 +187,14 @@ def _torch_log_kept(into: list[str]):
         into.extend(line for line in printed.getvalue().splitlines() if line.strip())
 
 
-def _run_eager(model: nn.Module, example_inputs: tuple) -> Any:
+def _run_eager(model: nn.Module, example_inputs: tuple, keywords: dict[str, Any] | None = None) -> Any:
     try:
         with torch.no_grad():
-            return model(*example_inputs)
+            return model(*example_inputs, **(keywords or {}))
     except Exception as error:
+        described = _describe_inputs(example_inputs) if keywords is None else _describe_keywords(keywords)
         raise ExampleInputError(
-            f"the example inputs {_describe_inputs(example_inputs)} do not run through {type(model).__name__} "
+            f"the example inputs {described} do not run through {type(model).__name__} "
             f"(eval mode, torch.no_grad): {_describe(error)}"
         ) from error
 
@@ -192,25 +225,53 @@ class _LayerTracer(fx.Tracer):
         return is_kept_module(m) or super().is_leaf_module(m, module_qualified_name)
 
 
-def _trace_fx(model: nn.Module) -> fx.GraphModule:
-    graph = _LayerTracer().trace(model)
+def _trace_fx(model: nn.Module, keywords: dict[str, Any] | None = None) -> fx.GraphModule:
+    """Trace ``forward``; with ``keywords``, its other parameters are fixed to their defaults and dropped from the
+    graph's inputs (with fx's ``_assert_is_none`` checks on them), so the inputs are exactly the given names."""
+    if keywords is None:
+        return fx.GraphModule(model, _LayerTracer().trace(model), type(model).__name__)
+    parameters = inspect.signature(model.forward).parameters
+    fixed = {name: p.default for name, p in parameters.items()
+             if name not in keywords and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
+    graph = _LayerTracer().trace(model, concrete_args=fixed)
+    placeholders = [node for node in graph.nodes if node.op == "placeholder"]
+    given = [name for name in parameters if name in keywords]
+    kept = [node for node in placeholders if node.target in given]
+    for node in placeholders:
+        if node in kept:
+            continue
+        for user in list(node.users):
+            if user.op == "call_function" and getattr(user.target, "__name__", "") == "_assert_is_none" \
+                    and not user.users:
+                graph.erase_node(user)
+        if node.users:
+            raise AssertionError(f"torch.fx kept the fixed input {node.target!r} in the graph")
+        graph.erase_node(node)
+    graph.lint()
     return fx.GraphModule(model, graph, type(model).__name__)
 
 
 # --- torch.export -----------------------------------------------------------------------------------------------
 
 
-def _trace_export(model: nn.Module, example_inputs: tuple, expected: Any) -> fx.GraphModule:
-    """Export with a symbolic batch dimension; if that fails, with the exact example inputs."""
+def _trace_export(model: nn.Module, example_inputs: tuple, expected: Any,
+                  keywords: dict[str, Any] | None = None) -> fx.GraphModule:
+    """Export with a symbolic batch dimension; if that fails, with the exact example inputs. With ``keywords``
+    (the same inputs as ``example_inputs``, by name) the model is exported called by keyword."""
+    def export(inputs: tuple, dynamic_shapes: tuple | None) -> torch.export.ExportedProgram:
+        if keywords is None:
+            return torch.export.export(model, inputs, dynamic_shapes=dynamic_shapes, strict=False)
+        named = dict(zip(keywords, inputs))
+        shapes = None if dynamic_shapes is None else dict(zip(keywords, dynamic_shapes))
+        return torch.export.export(model, (), kwargs=named, dynamic_shapes=shapes, strict=False)
+
     inputs, dynamic_shapes = _with_symbolic_batch(example_inputs)
     try:
-        program = torch.export.export(model, inputs, dynamic_shapes=dynamic_shapes, strict=False)
-        return _accept(_to_module_graph(program, model), example_inputs, expected)
+        return _accept(_to_module_graph(export(inputs, dynamic_shapes), model), example_inputs, expected)
     except Exception:
         if dynamic_shapes is None:
             raise
-    program = torch.export.export(model, example_inputs, strict=False)
-    return _accept(_to_module_graph(program, model), example_inputs, expected)
+    return _accept(_to_module_graph(export(example_inputs, None), model), example_inputs, expected)
 
 
 def _with_symbolic_batch(example_inputs: tuple) -> tuple[tuple, tuple | None]:
@@ -274,7 +335,9 @@ def _use_plain_codegen(graph: fx.Graph, program: torch.export.ExportedProgram) -
     """Drop export's pytree calling convention where the inputs are flat, so ``forward`` looks like the model's."""
     placeholders = [n for n in graph.nodes if n.op == "placeholder"]
     in_spec, out_spec = program.call_spec.in_spec, program.call_spec.out_spec
-    if in_spec != pytree.tree_flatten((tuple(placeholders), {}))[1]:
+    by_keyword = {str(n.target): n for n in placeholders}
+    if in_spec not in (pytree.tree_flatten((tuple(placeholders), {}))[1],
+                       pytree.tree_flatten(((), by_keyword))[1]):
         return
     output = graph.output_node()
     output.args = (pytree.tree_unflatten(list(output.args[0]), out_spec),)
@@ -304,6 +367,10 @@ def _is_library_file(filename: str) -> bool:
     if filename.startswith(("<", _TORCH_DIR)) or filename == __file__:
         return True
     return filename.startswith(_STDLIB_DIR) and not filename.startswith(_SITE_DIRS)
+
+
+def _describe_keywords(keywords: dict[str, Any]) -> str:
+    return "{" + ", ".join(f"{name}: {_describe_inputs((x,))[1:-1]}" for name, x in keywords.items()) + "}"
 
 
 def _describe_inputs(example_inputs: tuple) -> str:

@@ -19,7 +19,8 @@ small graphs).
 """
 from __future__ import annotations
 
-from torch.fx import GraphModule
+from torch.fx import GraphModule, Node
+from torch.utils import _pytree as pytree
 
 from mpqc import ops
 from mpqc.errors import UnsupportedOpError
@@ -34,9 +35,8 @@ def to_integer_program(gm: GraphModule):
     unsupported: list[str] = []
     outputs: list[str] = []
     for node in gm.graph.nodes:
-        if node.op == "output":
-            flat = node.args[0] if isinstance(node.args[0], (tuple, list)) else (node.args[0],)
-            outputs = [arg.name for arg in flat]
+        if node.op == "output":  # a tensor, or a tuple/list/dict of them: the program's outputs in order
+            outputs = [arg.name for arg in pytree.tree_leaves(node.args[0]) if isinstance(arg, Node)]
         elif not ops.is_bookkeeping(gm, node):
             try:
                 nodes.append(ops.describe(gm, node, frozen=True))

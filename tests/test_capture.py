@@ -292,3 +292,45 @@ def test_errors_point_at_the_model_source_line_even_in_an_installed_package() ->
 def test_inputs_must_be_a_tuple() -> None:
     with pytest.raises(ExampleInputError, match="SmallNet.*tuple.*Tensor"):
         capture(SmallNet(), torch.randn(1, 3, 8, 8))
+
+
+class _KeywordModel(nn.Module):
+    """Called by keyword; ``scale`` is left at its default, ``context`` changes the graph when given."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.fc = nn.Conv2d(1, 4, 3), nn.Linear(4, 3)
+
+    def forward(self, image, scale=None, context=None):
+        y = torch.relu(self.conv(image))
+        if context is not None:
+            y = y + context
+        if y.shape[-1] > 100:  # shape control flow: torch.fx fails, torch.export takes over
+            y = y * 2
+        return {"logits": self.fc(y.mean((2, 3)))}
+
+
+@pytest.mark.parametrize("tracer", ["fx", "export"])
+def test_keyword_example_inputs_become_named_graph_inputs_in_forward_order(tracer, monkeypatch):
+    import mpqc.passes.capture as capture_module
+
+    torch.manual_seed(0)
+    model = _KeywordModel()
+    if tracer == "fx":  # without the shape branch fx traces it; with it, export does
+        monkeypatch.setattr(_KeywordModel, "forward", lambda self, image, scale=None, context=None: {
+            "logits": self.fc((torch.relu(self.conv(image)) + context).mean((2, 3)))})
+    example = {"context": torch.randn(2, 4, 4, 4), "image": torch.randn(2, 1, 6, 6)}
+    gm = capture(model, example)
+    placeholders = [str(n.target) for n in gm.graph.nodes if n.op == "placeholder"]
+    assert placeholders == ["image", "context"]
+    assert any(n.op == "call_module" and n.target == "conv" for n in gm.graph.nodes)
+    is_export = any(str(n.target).startswith("aten.") for n in gm.graph.nodes if n.op == "call_function")
+    assert is_export == (tracer == "export")
+    expected = model(**example)["logits"]
+    torch.testing.assert_close(gm(example["image"], example["context"])["logits"], expected)
+    torch.testing.assert_close(gm(**example)["logits"], expected)
+    assert capture_module.keyword_order(model, example) == ["image", "context"]
+    with pytest.raises(ExampleInputError, match="no input named 'mask'"):
+        capture(model, {"image": example["image"], "mask": example["image"]})
+    with pytest.raises(ExampleInputError, match="leave out .*'image'"):
+        capture(model, {"context": example["context"]})

@@ -230,6 +230,17 @@ def test_torchrun_compile_matches_one_process(tmp_path, two_process_run):
                 torch.testing.assert_close(value, reference, rtol=SCALE_RTOL, atol=0)
 
 
+def test_torchrun_runs_a_label_free_distillation(tmp_path):
+    """A user task under torchrun: ``--loss distill`` trains on both processes and rank 0 reports its metric."""
+    short = [*RUN[:RUN.index("--checkpoint-every")], "--no-progress", "--steps-per-epoch", "2", "--loss", "distill"]
+    done = _mpqc(*short, "--out", str(tmp_path / "run"), processes=2)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("top-1 agreement") == 1  # rank 0 alone prints the report, naming the metric
+    report = load_report(tmp_path / "run")
+    assert report["metric"]["task"] == "distillation (auto)" and report["accuracy"]["fp32"] == 100.0
+    assert report["accuracy"]["integer_reference"] > 50
+
+
 def _rank_pid(launcher: subprocess.Popen, rank: int) -> int:
     """The process id of the worker of ``rank`` that torchrun (``launcher``) started."""
     for entry in Path("/proc").iterdir():
