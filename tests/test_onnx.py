@@ -181,9 +181,11 @@ def test_onnxruntime_agrees_end_to_end_on_an_emulated_avx2_cpu(name, tmp_path):
 
 def test_check_agreement_names_every_tensor_that_breaks_the_contract():
     good = {"within_1_lsb": 1.0, "max_lsb": 0.0, "end_to_end_within_1_lsb": 1.0, "end_to_end_max_lsb": 0.0}
-    agreement = {"cpu": "emulated Haswell", "quantizers": {"q1": good, "q2": {**good, "max_lsb": 2.0}},
+    overall = {"end_to_end_within_1_lsb": 1.0, "end_to_end_max_lsb": 0.0}
+    agreement = {"cpu": "emulated Haswell", "overall": overall,
+                 "quantizers": {"q1": {**good, "end_to_end_within_1_lsb": 0.9, "end_to_end_max_lsb": 7.0},
+                                "q2": {**good, "max_lsb": 2.0}},
                  "outputs": {"fc": {**good, "within_1_lsb": 0.75, "max_lsb": 18452.0},
-                             "codes": {**good, "end_to_end_within_1_lsb": 0.75, "end_to_end_max_lsb": 3.0},
                              "logits": {**good, "end_to_end_within_1_lsb": 0.0, "end_to_end_max_lsb": 135.0,
                                         "accumulator": True},
                              "probs": {"max_abs_error": 0.0, "max_abs_reference": 1.0}}}
@@ -194,8 +196,11 @@ def test_check_agreement_names_every_tensor_that_breaks_the_contract():
     assert "m.onnx" in message and "emulated Haswell" in message
     assert "quantizer q2, stepwise" in message and "max 2 LSB" in message
     assert "output fc, stepwise: 75.0000% within 1 LSB, max 1.85e+04 LSB" in message
-    assert "output codes, end to end: 75.0000% within 1 LSB, max 3 LSB" in message
-    assert "q1" not in message and "probs" not in message and "logits" not in message
+    assert "q1" not in message and "probs" not in message and "logits" not in message  # per tensor e2e: reported
+
+    with pytest.raises(OnnxMismatchError, match=r"all quantizers, end to end: 99\.8000% within 1 LSB, max 3 LSB"):
+        check_agreement({**agreement, "quantizers": {"q1": good}, "outputs": {},
+                         "overall": {"end_to_end_within_1_lsb": 0.998, "end_to_end_max_lsb": 3.0}})
 
 
 def test_the_test_models_cover_every_converter():
