@@ -41,7 +41,7 @@ def to_integer_program(gm: GraphModule):
             try:
                 nodes.append(ops.describe(gm, node, frozen=True))
             except Unsupported as reason:
-                unsupported.append(f"{node.format_node()}  ({reason})")
+                unsupported.append(_listed(node, reason))
     raise_unsupported(unsupported)
     program = IntegerProgram(nodes, outputs)  # (which builds the regions: fuse_requantize)
     program.check_layer_inputs()
@@ -58,8 +58,18 @@ def check_supported(gm: GraphModule) -> None:
         try:
             ops.describe(gm, node, frozen=False)
         except Unsupported as reason:
-            unsupported.append(f"{node.format_node()}  ({reason})")
+            unsupported.append(_listed(node, reason))
     raise_unsupported(unsupported)
+
+
+def _listed(node, reason: Exception) -> str:
+    """One line of the error: the fx node, why, and the model's source line where the capture recorded it."""
+    line = f"{node.format_node()}  ({reason})"
+    trace = (node.meta.get("stack_trace") or "").strip().splitlines()
+    frames = [text.strip() for text in trace if text.strip().startswith("File ")]
+    if frames:
+        line += f"  [{frames[-1]}]"
+    return line
 
 
 def raise_unsupported(unsupported: list[str]) -> None:

@@ -6,7 +6,7 @@
 
 *Matches*: every node of an :class:`~mpqc.reference.IntegerProgram` through its op family in the registry
 (``mpqc/ops/``: ``OpDef.relax``, ``relax_check``); nodes whose op has no converter, or whose attributes the converter refuses (more than 8 bits,
-an avg-pool with padding, ...), raise one :class:`~mpqc.errors.UnsupportedOpError` listing every such node.
+a 16-bit activation, ...), raise one :class:`~mpqc.errors.UnsupportedOpError` listing every such node.
 
 *Rewrites to* one Relax function ``main(x_0, ..., <node>.weight, <node>.bias, ...)`` built with
 ``relax.BlockBuilder`` and ``relax.op``, mirroring ``mpqc.reference`` value for value, and a second function
@@ -31,7 +31,8 @@ an avg-pool with padding, ...), raise one :class:`~mpqc.errors.UnsupportedOpErro
   ``conv1d`` / ``conv2d`` / ``matmul`` on the 8-bit codes and int8 weights with ``out_dtype="int32"``, plus the
   int32 bias: the exact accumulator.
 * ``relu``, ``max_pool2d``, ``flatten``, ``identity`` on integers stay integer; ``global_avg_pool`` and
-  ``avg_pool2d`` on integers are int sums (int32, or int64 when summing int32 accumulators).
+  ``avg_pool2d`` (any padding, ``ceil_mode``), ``mean``/``sum`` on integers are int sums (int32, or int64 when
+  summing int32 accumulators), scaled per position by PyTorch's divisor.
 * every fp32 product is an *exact multiply* (``_exact_mul_te``): TVM's LLVM backend builds with
   ``AllowFPOpFusion=Fast`` (hard-coded in ``llvm_instance.cc``; no target option turns it off), so ``a*b + c``
   becomes one FMA with a single rounding (a quarter of such sums changed in a test here). The product is

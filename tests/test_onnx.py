@@ -328,14 +328,13 @@ def test_unsupported_ops_are_all_listed():
     program = IntegerProgram([
         IntNode("x", "input", []), IntNode("q", "quantize", ["x"], q),
         IntNode("t", "tanh", ["q"]), IntNode("sm", "softmax", ["t"], {"dim": 1}),
-        IntNode("pool", "avg_pool2d", ["sm"], {"kernel": [2, 2], "stride": [2, 2], "padding": [1, 1],
-                                                 "dilation": [1, 1], "ceil_mode": False}),
+        IntNode("pool", "adaptive_avg_pool2d", ["sm"], {"output_size": [2, 2]}),  # (padded avg pools export now)
     ], ["pool"])
     with pytest.raises(UnsupportedOpError) as error:
         export_onnx(program, "unused.onnx", input_shapes=[(1, 1, 4, 4)])
     message = str(error.value)
     assert "3 node(s)" in message
-    assert "t = tanh(q)" in message and "sm = softmax(t)" in message and "pool = avg_pool2d(sm)" in message
+    assert "t = tanh(q)" in message and "sm = softmax(t)" in message and "pool = adaptive_avg_pool2d(sm)" in message
 
 
 # ------------------------------------------------------------------------------------------------ CLI
