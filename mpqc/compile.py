@@ -62,10 +62,10 @@ def compile(
     classification of ``(inputs, labels)`` batches, or label-free distillation from the fp32 model when the batches
     hold inputs only; ``loss(outputs, batch, teacher_outputs) -> scalar``, ``forward(model, batch) -> outputs`` and
     ``metric(outputs, batch) -> {name: value}`` (first key reported and maximised) make any other;
-    ``loss="distill"`` (or ``"distill-kl"``, ``"distill-mse"``, ``"distill-cosine"``) distills even with labels. ``out`` is the run directory
-    (checkpoints as the run goes, then the results); without it the run works in a temporary directory and
-    ``CompiledModel.save`` writes the results where you choose. ``resume=True`` continues an interrupted run in
-    ``out``; ``force=True`` overwrites whatever run ``out`` holds.
+    ``loss="distill"`` (or ``"distill-kl"``, ``"distill-mse"``, ``"distill-cosine"``) distills even with labels.
+    ``out`` is the run directory (checkpoints as the run goes, then the results); without it the run works in a
+    temporary directory and ``CompiledModel.save`` writes the results where you choose. ``resume=True`` continues
+    an interrupted run in ``out``; ``force=True`` overwrites whatever run ``out`` holds.
 
     Under ``torchrun`` every process calls it with the same arguments: it joins the process group, the search and
     fine-tuning run data-parallel (``train_loader``'s batch is the global batch, see :mod:`mpqc.distributed`),

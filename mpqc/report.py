@@ -2,9 +2,10 @@
 
 The report itself is a plain JSON-able dict built by the compiler (schema ``"format": "mpqc-report/1"``):
 ``model``, ``method``, ``created``, ``budget``, ``totals``, ``accuracy``, ``layers``, ``wall_time_s`` and an
-optional ``cost``. ``accuracy`` holds the task's metric for the fp32, fake-quantized and integer models; the optional
-``metric`` says which (``task``, ``name``, ``unit``, and every value the metric returned under ``values``):
-classification's top-1 %, or a user's metric, named in the printed table and the plot. This module only reads it; optional keys may be absent or ``None`` and unknown keys are ignored.
+optional ``cost``. ``accuracy`` holds the task's metric for the fp32, fake-quantized and integer models; the
+optional ``metric`` says which (``task``, ``name``, ``unit``, and every value the metric returned under
+``values``): classification's top-1 %, or a user's metric, named in the printed table and the plot. This module
+only reads it; optional keys may be absent or ``None`` and unknown keys are ignored.
 
 >>> human_bytes(20480), human_count(1.2e9), human_count(4e7)
 ('20.00 KiB', '1.20 G', '40.0 M')

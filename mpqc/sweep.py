@@ -658,7 +658,8 @@ def format_sweep(data: dict[str, Any]) -> str:
         lines += [f"  {', '.join(names)}: {status}: {message}" for (status, message), names in reasons.items()]
     front = [p for p in points if p.pareto]
     lines += ["", f"Pareto-optimal ({name} vs weight memory, per activation bit-width):"]
-    lines += [f"  {p.name}: {p.top1:.2f}{unit} at {human_bytes(p.weight_bytes)} ({p.average_weight_bits:.2f} bits/weight)"
+    lines += [f"  {p.name}: {p.top1:.2f}{unit} at {human_bytes(p.weight_bytes)}"
+              f" ({p.average_weight_bits:.2f} bits/weight)"
               for p in sorted(front, key=lambda p: (-p.act_bits, p.weight_bytes))] or ["  (no finished point)"]
     return "\n".join(lines)
 

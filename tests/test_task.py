@@ -138,7 +138,8 @@ def test_distillation_rule_and_explicit_kinds():
     inputs = Inputs(("x",))
     labelled = (torch.randn(4, 1, 8, 8), torch.zeros(4, dtype=torch.long))
     assert resolve_task(inputs, labelled, logits, loss=None, forward=None, metric=None).name == "classification"
-    assert resolve_task(inputs, labelled, logits, loss="distill", forward=None, metric=None).name == "distillation (auto)"
+    distilled = resolve_task(inputs, labelled, logits, loss="distill", forward=None, metric=None)
+    assert distilled.name == "distillation (auto)"
     assert resolve_task(inputs, labelled[:1], logits, loss=None, forward=None, metric=None).metric_name \
         == "top-1 agreement"
     embedding = distillation(inputs, torch.randn(4, 384), kind="cosine")
