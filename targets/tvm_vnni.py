@@ -44,6 +44,7 @@ from mpqc.errors import ConfigError
 log = logging.getLogger(__name__)
 
 INTRIN = "mpqc_x86_vnni_u8s8s32_16x4"
+KERNEL_ATTR = "mpqc_micro_kernel"  # the conv block's annotation naming its micro-kernel (MicroKernel.block)
 PAD_BLOCK, CONV_BLOCK = "vnni_pad", "vnni_conv"
 MAX_ROWS = 8  # output pixels per register tile
 MAX_ACCUMULATORS = 24  # R * CB int32x16 accumulators, of the 32 zmm registers (the rest: weights, a broadcast)
@@ -241,7 +242,9 @@ def conv2d_te(x, weight, geometry: ConvGeometry, name: str = CONV_BLOCK):
         wgt = weight[o // 16, (rh * kw + rw) * c4 + rc, o % 16, rq]
         return te.sum(a.astype("int32") * wgt.astype("int32"), axis=[rh, rw, rc, rq])
 
-    return te.compute((n, oh, ow, out16), body, name=name)
+    # the kernel's name as an annotation too: block names do not take part in structural equality, so without it
+    # Relax would merge two layers of one geometry on different micro-kernels into one PrimFunc (and one kernel)
+    return te.compute((n, oh, ow, out16), body, name=name, attrs={KERNEL_ATTR: name})
 
 
 # --------------------------------------------------------------------------------------------- schedule

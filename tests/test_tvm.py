@@ -463,6 +463,23 @@ def test_forced_avx2_lowering_is_bit_exact_on_any_host():
     _assert_bit_exact(program, lowered, x)
 
 
+def test_layers_on_different_micro_kernels_are_never_merged():
+    """Relax merges structurally equal PrimFuncs, and block names take no part in that equality: two layers of one
+    geometry on different micro-kernels (e.g. 2 int16 steps and 4) once became one function, running one layer on
+    a kernel its bits could overflow. The kernel is an annotation of the conv block, so every chosen micro-kernel
+    keeps a function of its own (this program lost ``avx2s2_conv`` before)."""
+    from tvm import tirx
+
+    from mpqc.targets.tvm_schedule import block_names
+
+    program, x = _program("resnet20", seed=1)
+    built = mtvm.build_module(program, [tuple(x.shape)], isa="avx2")
+    present = {name for _, func in built.mod.functions_items() if isinstance(func, tirx.PrimFunc)
+               for name in block_names(func) if tvm_kernels.is_kernel_block(name)}
+    assert len(set(built.kernel_layers.values())) >= 4
+    assert present == set(built.kernel_layers.values())
+
+
 def test_isa_choice_and_its_errors():
     """``auto`` takes the best ISA the target has; a forced one the target lacks is refused naming the feature;
     ``vnni=`` keeps its meaning; forcing AVX2 on an AVX-512 target builds for x86-64-v3."""
