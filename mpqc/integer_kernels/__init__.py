@@ -1,0 +1,1 @@
+"""Integer kernels of transformer ops (placeholder docstring)."""
