@@ -13,22 +13,34 @@ import sys
 import torch
 
 # Which building block covers an aten op (None: none needed / not covered); the note says how.
+MASK = "attention-mask construction from the int `attention_mask` input (bool graph, no activation): not quantized"
+SHAPE = "shape op on codes (exact in every backend; the registry's shape family)"
 COVERAGE: dict[str, str] = {
-    "aten.embedding.default": "lut.embedding_* (per-row quantized table gather)",
-    "aten.layer_norm.default": "norm.layer_norm_* (integer mean/variance, Newton isqrt)",
-    "aten.native_layer_norm.default": "norm.layer_norm_*",
-    "aten._softmax.default": "softmax.softmax_* (exp table over distance from row max, integer normalization)",
-    "aten.softmax.int": "softmax.softmax_*",
-    "aten.gelu.default": "lut.gelu_table + lut.table_lookup_* (erf or tanh form)",
-    "aten.matmul.default": "matmul.matmul_* (activation x activation, int32 accumulation)",
-    "aten.bmm.default": "matmul.matmul_*",
+    "aten.embedding.default": "**lut.IntegerEmbedding** (per-row quantized table; gather rows + row scales, "
+                              "or the table requantized to one scale at freeze time)",
+    "aten.layer_norm.default": "**norm.IntegerNorm** (center=True; RMSNorm center=False)",
+    "aten.native_layer_norm.default": "**norm.IntegerNorm**",
+    "aten._softmax.default": "**softmax.IntegerSoftmax**",
+    "aten.softmax.int": "**softmax.IntegerSoftmax**",
+    "aten.gelu.default": "**lut.IntegerTable('gelu')** / `'gelu_tanh'` for approximate='tanh'",
+    "aten.tanh.default": "**lut.IntegerTable('tanh')** (pooler)",
+    "aten.matmul.default": "**matmul.IntegerMatmul**",
+    "aten.bmm.default": "**matmul.IntegerMatmul**",
     "aten.scaled_dot_product_attention.default":
-        "decompose at capture: matmul_* (Q.K^T) -> scale folded into the softmax input scale -> softmax_* "
-        "(additive mask -> keep mask) -> matmul_* (attn.V)",
-    "aten.linear.default": "existing linear (rank >= 3 input: flatten tokens; not in this package)",
-    "aten.add.Tensor": "existing add (residual) / attention-mask arithmetic at capture",
-    "aten.tanh.default": "lut.table (pooler tanh: 2^b-entry table like GELU)",
+        "decompose at capture into **IntegerMatmul** (Q.K^T) -> **IntegerSoftmax** (1/sqrt(d) folded into its "
+        "input scale; the bool mask is its `keep`) -> **IntegerMatmul** (P.V)",
+    "aten.linear.default": "existing linear, on rank-3 token inputs (flatten to 2-D): not in this package",
+    "aten.add.Tensor": "existing add (residuals, embedding sums: integer add at a common scale)",
+    "aten.dropout.default": "identity in eval",
+    **{f"aten.{op}": SHAPE for op in ("transpose.int", "view.default", "reshape.default", "unsqueeze.default",
+                                       "expand.default", "select.int", "slice.Tensor")},
+    **{f"aten.{op}": MASK for op in ("arange.default", "_assert_tensor_metadata.default", "__and__.Tensor",
+                                      "to.dtype_layout", "gather.default", "ge.Scalar", "index.Tensor",
+                                      "new_ones.default", "to.device")},
 }
+
+
+SDPA_NOTES: set = set()
 
 
 def _aten_counts(model: torch.nn.Module, kwargs: dict) -> collections.Counter:
@@ -37,6 +49,11 @@ def _aten_counts(model: torch.nn.Module, kwargs: dict) -> collections.Counter:
     for node in ep.graph.nodes:
         if node.op == "call_function":
             counts[str(node.target)] += 1
+            if "scaled_dot_product_attention" in str(node.target):
+                mask = node.args[3] if len(node.args) > 3 else node.kwargs.get("attn_mask")
+                meta = mask.meta.get("val") if mask is not None else None
+                SDPA_NOTES.add(f"attn_mask dtype {getattr(meta, 'dtype', None)}, shape "
+                               f"{tuple(getattr(meta, 'shape', ()))}; other args {node.args[4:]} {node.kwargs}")
     return counts
 
 
@@ -45,6 +62,8 @@ def _table(title: str, counts: collections.Counter) -> str:
              "| aten op | count | covered by |", "|---|---:|---|"]
     for op, n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])):
         lines.append(f"| `{op}` | {n} | {COVERAGE.get(op, '—')} |")
+    lines += ["", "scaled_dot_product_attention calls: " + "; ".join(sorted(SDPA_NOTES)), ""]
+    SDPA_NOTES.clear()
     return "\n".join(lines) + "\n"
 
 

@@ -52,9 +52,11 @@ def _onnx_type(dtype: np.dtype) -> int:
     return helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
 
 
-def run_onnx(build: Callable[..., str | Sequence[str]], inputs: Sequence[np.ndarray]) -> list[np.ndarray]:
-    """Build a model whose graph inputs are ``inputs`` (names ``in0``, ``in1``, ...), let ``build(g, *names)``
-    append the kernel and return its output name(s), and run it in onnxruntime on the CPU (default options)."""
+def onnx_callable(build: Callable[..., str | Sequence[str]], inputs: Sequence[tuple[tuple[int, ...], Any]]
+                  ) -> Callable[..., list[np.ndarray]]:
+    """Build a model whose graph inputs have the given ``(shape, dtype)`` (names ``in0``, ``in1``, ...), let
+    ``build(g, *names)`` append the kernel and return its output name(s); returns a function running it in
+    onnxruntime on the CPU with default session options."""
     import onnx
     import onnxruntime as ort
     from onnx import helper
@@ -68,30 +70,49 @@ def run_onnx(build: Callable[..., str | Sequence[str]], inputs: Sequence[np.ndar
         g.nodes.append(helper.make_node("Identity", [o], [go]))
     graph = helper.make_graph(
         g.nodes, "kernel",
-        [helper.make_tensor_value_info(n, _onnx_type(a.dtype), list(a.shape)) for n, a in zip(names, inputs)],
+        [helper.make_tensor_value_info(n, _onnx_type(dtype), list(shape)) for n, (shape, dtype) in zip(names, inputs)],
         [onnx.ValueInfoProto(name=n) for n in graph_outs],
         g.initializers)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", ONNX_OPSET)])
     model.ir_version = 10
-    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-    return sess.run(None, dict(zip(names, inputs)))
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return lambda *arrays: session.run(None, dict(zip(names, arrays)))
 
 
-def run_relax(build: Callable[..., Any], inputs: Sequence[np.ndarray]) -> list[np.ndarray]:
-    """Build a Relax function whose parameters take ``inputs``, let ``build(bb, *vars)`` emit the kernel and
-    return its output expr (or a tuple of them), compile for llvm and run it on the CPU."""
+def relax_callable(build: Callable[..., Any], inputs: Sequence[tuple[tuple[int, ...], Any]]
+                   ) -> Callable[..., list[np.ndarray]]:
+    """Build a Relax function whose parameters have the given ``(shape, dtype)``, let ``build(bb, *vars)`` emit the
+    kernel and return its output expr (or a tuple of them), compile for llvm; returns a function running it."""
     import tvm
     from tvm import relax
 
     bb = relax.BlockBuilder()
-    params = [relax.Var(f"in{i}", relax.TensorType(tuple(a.shape), str(a.dtype))) for i, a in enumerate(inputs)]
+    params = [relax.Var(f"in{i}", relax.TensorType(tuple(shape), str(np.dtype(dtype))))
+              for i, (shape, dtype) in enumerate(inputs)]
     with bb.function("main", params):
         with bb.dataflow():
             out = build(bb, *params)
             outs = list(out) if isinstance(out, (tuple, list)) else [out]
             outs = [bb.emit_output(o) for o in outs]
         bb.emit_func_output(outs[0] if len(outs) == 1 else relax.Tuple(outs))
-    exe = tvm.compile(bb.get(), target="llvm")
-    vm = relax.VirtualMachine(exe, tvm.cpu())
-    res = vm["main"](*[tvm.runtime.tensor(a) for a in inputs])
-    return [res.numpy()] if hasattr(res, "numpy") else [r.numpy() for r in res]
+    vm = relax.VirtualMachine(tvm.compile(bb.get(), target="llvm"), tvm.cpu())
+
+    def run(*arrays: np.ndarray) -> list[np.ndarray]:
+        res = vm["main"](*[tvm.runtime.tensor(np.ascontiguousarray(a)) for a in arrays])
+        return [res.numpy()] if isinstance(res, tvm.runtime.Tensor) else [r.numpy() for r in res]
+
+    return run
+
+
+def _signature(arrays: Sequence[np.ndarray]) -> list[tuple[tuple[int, ...], Any]]:
+    return [(tuple(a.shape), a.dtype) for a in arrays]
+
+
+def run_onnx(build: Callable[..., str | Sequence[str]], inputs: Sequence[np.ndarray]) -> list[np.ndarray]:
+    """Build (see :func:`onnx_callable`) and run once on ``inputs``."""
+    return onnx_callable(build, _signature(inputs))(*inputs)
+
+
+def run_relax(build: Callable[..., Any], inputs: Sequence[np.ndarray]) -> list[np.ndarray]:
+    """Build (see :func:`relax_callable`) and run once on ``inputs``."""
+    return relax_callable(build, _signature(inputs))(*inputs)

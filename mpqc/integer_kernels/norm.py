@@ -6,16 +6,18 @@ Semantics (:func:`norm_reference`) for input codes ``q`` (int64, up to 16 bits, 
 
     LayerNorm:  c = N * q - sum(q)     (= N * (q - mean), exact: no division)   E = round(N^3 * eps / s^2)
     RMSNorm:    c = q                                                          E = round(N * eps / s^2)
-    D = isqrt(sum(c^2) + E)            (floor square root by unrolled Newton steps, :func:`~.arith.isqrt`)
+    D = isqrt((sum(c^2) + E) * 4^P)    (floor square root by unrolled Newton steps, :func:`~.arith.isqrt`)
     G = round_half_even(gamma * sqrt(N) / s_out * 2^16),  B = round_half_even(beta / s_out * 2^16)   (per channel)
-    out = clamp(round_half_even((G * c + B * D) / (D * 2^16)), qmin, qmax)
+    out = clamp(round_half_even((G * c * 2^P + B * D) / (D * 2^16)), qmin, qmax)
 
 because ``(x - mean) / sqrt(var + eps) = c * sqrt(N) / sqrt(sum(c^2) + N^3 eps / s^2)`` for ``x = s * q``
 (``q * sqrt(N) / sqrt(sum(q^2) + N eps / s^2)`` for RMSNorm). Everything at run time is int64: sums, squares, the
 Newton square root (floor semantics in every backend: floor division in torch and TVM, ``Mod`` then exact
 ``Div`` in ONNX) and one exact rational rounded half to even. ``G``, ``B`` and ``E`` are frozen constants
 computed once in float64. Versus float LayerNorm the error is the rounding of ``G``/``B`` (2^-16 relative) and of
-``D`` (below ``1/D``): well under one output LSB (tested).
+``D`` (below ``1/D``, ``D ~ 2^P sqrt(sum c^2)``): well under one output LSB (tested). ``P`` (``sqrt_shift``, up to
+16) is the largest shift the int64 bounds allow for the size and bits; without it a low-variance row of 2-bit
+codes has ``D`` near 50, and the floor square root alone moved outputs of about 30 codes by 0.6 LSB (measured).
 
 Bounds: ``sum(c^2) <= N^3 * 2^(2 * in_bits)`` and ``|G c| + |B| D`` must stay below 2^62; :meth:`IntegerNorm.check`
 refuses sizes and affine values that could overflow, with the numbers.
@@ -35,6 +37,7 @@ from mpqc.quantizers.base import integer_range
 
 AFFINE_FRACTION_BITS = 16
 INT64_HEADROOM = 2**62
+MAX_SQRT_SHIFT = 16
 
 
 @dataclass(frozen=True, eq=False)
@@ -86,15 +89,23 @@ class IntegerNorm:
         n = self.size**3 if self.center else self.size
         return int(round(n * self.eps / self.in_scale**2))
 
-    def check(self) -> None:
+    def _fits(self, shift: int) -> bool:
         n, top = self.size, 2**self.in_bits
         c_max = n * top if self.center else top // 2
-        sum_sq = n * c_max**2 + self.epsilon_steps()
+        sum_sq = (n * c_max**2 + self.epsilon_steps()) * 4**shift
         d_max = math.isqrt(sum_sq) + 1
-        affine = int(self.gain().abs().max()) * c_max + int(self.offset().abs().max()) * d_max
-        if sum_sq >= INT64_HEADROOM or affine >= INT64_HEADROOM or d_max * 2**AFFINE_FRACTION_BITS >= INT64_HEADROOM:
-            raise ConfigError(f"IntegerNorm: size {n} at {self.in_bits} input bits with this gamma/beta/out_scale "
-                              f"can overflow int64 (sum(c^2) <= {sum_sq}, |G c| + |B| D <= {affine})")
+        affine = int(self.gain().abs().max()) * c_max * 2**shift + int(self.offset().abs().max()) * d_max
+        return max(sum_sq, affine, d_max * 2**AFFINE_FRACTION_BITS) < INT64_HEADROOM
+
+    @property
+    def sqrt_shift(self) -> int:
+        """``P``: the square root's extra fraction bits, the largest (<= 16) the int64 bounds allow."""
+        return max(p for p in range(MAX_SQRT_SHIFT + 1) if self._fits(p))
+
+    def check(self) -> None:
+        if not self._fits(0):
+            raise ConfigError(f"IntegerNorm: size {self.size} at {self.in_bits} input bits with this "
+                              f"gamma/beta/out_scale can overflow int64 (sum(c^2), G*c or B*D beyond 2^62)")
 
     @property
     def out_range(self) -> tuple[int, int]:
@@ -108,8 +119,9 @@ def norm_reference(q: Tensor, spec: IntegerNorm) -> Tensor:
         raise ConfigError(f"IntegerNorm: input's last axis is {q.shape[-1]}, the norm's size is {spec.size}")
     q = q.to(torch.int64)
     c = spec.size * q - q.sum(-1, keepdim=True) if spec.center else q
-    d = arith.isqrt((c * c).sum(-1, keepdim=True) + spec.epsilon_steps())
-    out = arith.div_round_half_even(spec.gain() * c + spec.offset() * d, d * 2**AFFINE_FRACTION_BITS)
+    shift = 2**spec.sqrt_shift
+    d = arith.isqrt(((c * c).sum(-1, keepdim=True) + spec.epsilon_steps()) * shift * shift)
+    out = arith.div_round_half_even(spec.gain() * shift * c + spec.offset() * d, d * 2**AFFINE_FRACTION_BITS)
     return torch.clamp(out, *spec.out_range)
 
 
@@ -123,9 +135,11 @@ def norm_relax(bb, q, spec: IntegerNorm):
         c = bb.emit(op.subtract(op.multiply(q, c_(spec.size)), op.sum(q, axis=[-1], keepdims=True)))
     else:
         c = q
-    sum_sq = bb.emit(op.add(op.sum(op.multiply(c, c), axis=[-1], keepdims=True), c_(spec.epsilon_steps())))
+    shift = 2**spec.sqrt_shift
+    sum_sq = bb.emit(op.multiply(op.add(op.sum(op.multiply(c, c), axis=[-1], keepdims=True),
+                                        c_(spec.epsilon_steps())), c_(shift * shift)))
     d = arith.isqrt_relax(bb, sum_sq)
-    num = bb.emit(op.add(op.multiply(relax.const(spec.gain().numpy(), "int64"), c),
+    num = bb.emit(op.add(op.multiply(relax.const((spec.gain() * shift).numpy(), "int64"), c),
                          op.multiply(relax.const(spec.offset().numpy(), "int64"), d)))
     out = arith.div_round_half_even_relax(bb, num, bb.emit(op.multiply(d, c_(2**AFFINE_FRACTION_BITS))))
     lo, hi = spec.out_range
@@ -141,10 +155,11 @@ def norm_onnx(g, q: str, spec: IntegerNorm) -> str:
         c = g.node("Sub", [g.node("Mul", [q, g.const(i64(spec.size))]), g.node("ReduceSum", [q, axes], keepdims=1)])
     else:
         c = q
-    sum_sq = g.node("Add", [g.node("ReduceSum", [g.node("Mul", [c, c]), axes], keepdims=1),
-                            g.const(i64(spec.epsilon_steps()))])
+    shift = 2**spec.sqrt_shift
+    sum_sq = g.node("Mul", [g.node("Add", [g.node("ReduceSum", [g.node("Mul", [c, c]), axes], keepdims=1),
+                                           g.const(i64(spec.epsilon_steps()))]), g.const(i64(shift * shift))])
     d = arith.isqrt_onnx(g, sum_sq)
-    num = g.node("Add", [g.node("Mul", [g.const(spec.gain().numpy(), "gain"), c]),
+    num = g.node("Add", [g.node("Mul", [g.const((spec.gain() * shift).numpy(), "gain"), c]),
                          g.node("Mul", [g.const(spec.offset().numpy(), "offset"), d])])
     out = arith.div_round_half_even_onnx(g, num, g.node("Mul", [d, g.const(i64(2**AFFINE_FRACTION_BITS))]))
     lo, hi = spec.out_range
