@@ -312,3 +312,31 @@ def test_embedding_requantized_table_is_rounded_product(bits, out_bits, out_scal
     exact = spec.codes.double() * spec.row_scale.double()[:, None] / out_scale
     lo, hi = integer_range(out_bits, True)
     assert torch.all((table - exact.clamp(lo, hi)).abs() <= 0.5 + 1e-9)
+
+
+# --------------------------------------------------------------------------------------------- composed attention
+def _quantize(x: torch.Tensor, bits: int, signed: bool = True) -> tuple[torch.Tensor, float]:
+    hi = integer_range(bits, signed)[1]
+    scale = float(x.abs().max()) / hi
+    return torch.clamp(torch.round(x.double() / scale), *integer_range(bits, signed)).to(torch.int64), scale
+
+
+def test_attention_composed_from_kernels_tracks_float_sdpa():
+    """Q.K^T -> requantize -> softmax (1/sqrt(d) folded into its input scale, bool mask as keep) -> P.V, as
+    torch.export's scaled_dot_product_attention would be decomposed: within a few percent of float SDPA."""
+    g = torch.Generator().manual_seed(0)
+    b, h, length, d = 2, 2, 12, 16
+    q, k, v = (torch.randn(b, h, length, d, generator=g) for _ in range(3))
+    keep = torch.ones(b, 1, length, length, dtype=torch.bool)
+    keep[1, ..., 8:] = False                       # padding in the second sequence
+    qq, sq = _quantize(q, 8)
+    kq, sk = _quantize(k, 8)
+    vq, sv = _quantize(v, 8)
+    acc = matmul_reference(qq, kq.transpose(-1, -2), IntegerMatmul(8, 8, d))
+    scores = acc.double() * (sq * sk / math.sqrt(d))
+    codes, s_scores = _quantize(scores, 8)         # the contract's requantize step, here in float64
+    soft = IntegerSoftmax(in_bits=8, in_scale=s_scores, out_bits=8)
+    p = softmax_reference(codes, soft, keep)
+    out = matmul_reference(p, vq, IntegerMatmul(8, 8, length, a_signed=False)).double() * (soft.output_scale * sv)
+    expected = torch.nn.functional.scaled_dot_product_attention(q.double(), k.double(), v.double(), attn_mask=keep)
+    assert (out - expected).abs().max() < 0.05 * expected.abs().max()
