@@ -1,8 +1,8 @@
 """Integer kernels of transformer ops (mpqc/integer_kernels): each reference against exact math and float, and
 TVM (llvm) and onnxruntime (CPU, default options) against the reference bit for bit.
 
-Backends compile once per spec (cached); Hypothesis draws the data run through them. Bits 2, 5 and 8 run in the
-fast suite, the others under ``slow``."""
+Backends compile once per spec (cached); Hypothesis draws the data run through them. Bits 2 and 8 run in the fast
+suite, 3..7 under ``slow``."""
 from __future__ import annotations
 
 import functools
@@ -27,8 +27,7 @@ from mpqc.integer_kernels.softmax import (IntegerSoftmax, keep_from_additive_mas
                                           softmax_reference, softmax_relax)
 from mpqc.quantizers.base import integer_range
 
-BITS = [2, pytest.param(3, marks=pytest.mark.slow), pytest.param(4, marks=pytest.mark.slow), 5,
-        pytest.param(6, marks=pytest.mark.slow), pytest.param(7, marks=pytest.mark.slow), 8]
+BITS = [2, *(pytest.param(b, marks=pytest.mark.slow) for b in range(3, 8)), 8]
 I64 = np.int64
 SETTINGS = settings(max_examples=25, deadline=None, derandomize=True)
 
@@ -225,7 +224,7 @@ def _matmul_backends(spec: IntegerMatmul):
 
 @pytest.mark.parametrize("signs", [(True, True), (False, True), (True, False), (False, False)],
                          ids=["s*s", "u*s", "s*u", "u*u"])
-@pytest.mark.parametrize("bits", [2, 5, 8])
+@pytest.mark.parametrize("bits", [2, pytest.param(5, marks=pytest.mark.slow), 8])
 def test_matmul_backends_bit_exact(bits, signs):
     spec = IntegerMatmul(bits, bits, 64, *signs)
     tvm_fn, onnx_fn = _matmul_backends(spec)
@@ -340,3 +339,23 @@ def test_attention_composed_from_kernels_tracks_float_sdpa():
     out = matmul_reference(p, vq, IntegerMatmul(8, 8, length, a_signed=False)).double() * (soft.output_scale * sv)
     expected = torch.nn.functional.scaled_dot_product_attention(q.double(), k.double(), v.double(), attn_mask=keep)
     assert (out - expected).abs().max() < 0.05 * expected.abs().max()
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_group_norm_as_reshaped_norm(bits):
+    g = torch.Generator().manual_seed(bits)
+    batch, channels, groups, hw = 2, 6, 3, (3, 4)
+    weight, bias = torch.randn(channels, generator=g) * 0.5 + 1, torch.randn(channels, generator=g) * 0.3
+    spec = IntegerNorm.group_norm(groups, channels, 12, weight=weight, bias=bias, in_bits=bits,
+                                  in_scale=2.0 / 2**bits, out_bits=8, out_scale=4.0 / 127, eps=1e-5)
+    lo, hi = integer_range(bits, True)
+    q = torch.randint(lo, hi + 1, (batch, channels, *hw), generator=g)
+    q[0, :2] = hi                                  # a constant group
+    grouped = q.reshape(batch, groups, -1)
+    ref = norm_reference(grouped, spec)
+    expected = torch.nn.functional.group_norm(q.double() * spec.in_scale, groups, weight.double(), bias.double(),
+                                              1e-5) / spec.out_scale
+    assert (ref.reshape(q.shape) - expected.clamp(*spec.out_range)).abs().max() <= 0.52
+    tvm_fn, onnx_fn = _backends(lambda bb, x: norm_relax(bb, x, spec), lambda g_, x: norm_onnx(g_, x, spec),
+                                [(tuple(grouped.shape), I64)])
+    _assert_backends_equal(ref, tvm_fn, onnx_fn, grouped.numpy())

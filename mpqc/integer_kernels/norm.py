@@ -21,6 +21,9 @@ codes has ``D`` near 50, and the floor square root alone moved outputs of about 
 
 Bounds: ``sum(c^2) <= N^3 * 2^(2 * in_bits)`` and ``|G c| + |B| D`` must stay below 2^62; :meth:`IntegerNorm.check`
 refuses sizes and affine values that could overflow, with the numbers.
+
+GroupNorm is the same kernel on the input reshaped to ``[B, G, (C/G) * H * W]``, with gain and offset of shape
+``[G, (C/G) * H * W]`` (:meth:`IntegerNorm.group_norm`).
 """
 from __future__ import annotations
 
@@ -66,14 +69,29 @@ class IntegerNorm:
                 raise ConfigError(f"{name}: {arg} must be positive and finite, got {value}")
         for arg in ("weight", "bias"):
             t = getattr(self, arg)
-            if t is not None and tuple(t.shape) != (self.size,):
-                raise ConfigError(f"{name}: {arg} must have shape ({self.size},), got {tuple(t.shape)}")
+            if t is not None and (t.dim() == 0 or t.shape[-1] != self.size):
+                raise ConfigError(f"{name}: {arg} must have shape (..., {self.size}), got {tuple(t.shape)}")
         if self.eps < 0:
             raise ConfigError(f"{name}: eps must be >= 0, got {self.eps}")
         self.check()
 
     def _float(self, t: Tensor | None, default: float) -> Tensor:
         return torch.full((self.size,), default, dtype=torch.float64) if t is None else t.detach().double()
+
+    @classmethod
+    def group_norm(cls, num_groups: int, channels: int, spatial: int, *, weight: Tensor | None = None,
+                   bias: Tensor | None = None, **kwargs) -> "IntegerNorm":
+        """GroupNorm of ``[B, C, *spatial]`` codes as this kernel over ``[B, G, (C/G) * prod(spatial)]`` (reshape the
+        input that way, and the output back): LayerNorm statistics per group, the per-channel affine repeated over
+        the spatial positions into a ``[G, (C/G) * prod(spatial)]`` gain and offset."""
+        if channels % num_groups:
+            raise ConfigError(f"IntegerNorm.group_norm: {channels} channels do not split into {num_groups} groups")
+
+        def per_position(t: Tensor | None) -> Tensor | None:
+            return None if t is None else t.detach().double().repeat_interleave(spatial).reshape(num_groups, -1)
+
+        return cls(size=channels // num_groups * spatial, weight=per_position(weight), bias=per_position(bias),
+                   center=True, **kwargs)
 
     def gain(self) -> Tensor:
         """``G`` per channel (int64)."""
