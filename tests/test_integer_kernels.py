@@ -359,3 +359,16 @@ def test_group_norm_as_reshaped_norm(bits):
     tvm_fn, onnx_fn = _backends(lambda bb, x: norm_relax(bb, x, spec), lambda g_, x: norm_onnx(g_, x, spec),
                                 [(tuple(grouped.shape), I64)])
     _assert_backends_equal(ref, tvm_fn, onnx_fn, grouped.numpy())
+
+
+def test_softmax_from_qdq_storage_round_trips():
+    """In an exported QDQ graph the kernel reads QuantizeLinear's uint8 storage and feeds DequantizeLinear."""
+    from mpqc.integer_kernels.backends import codes_from_storage_onnx, run_onnx, storage_from_codes_onnx
+
+    spec = _softmax_spec(8)
+    q = torch.randint(-127, 128, (3, 16), generator=torch.Generator().manual_seed(1))
+    storage = (q + 128).to(torch.uint8).numpy()
+    out = run_onnx(lambda g, s: storage_from_codes_onnx(
+        g, softmax_onnx(g, codes_from_storage_onnx(g, s, 128), spec), 0), [storage])[0]
+    assert out.dtype == np.uint8
+    np.testing.assert_array_equal(out.astype(I64), softmax_reference(q, spec).numpy())

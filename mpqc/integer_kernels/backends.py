@@ -116,3 +116,16 @@ def run_onnx(build: Callable[..., str | Sequence[str]], inputs: Sequence[np.ndar
 def run_relax(build: Callable[..., Any], inputs: Sequence[np.ndarray]) -> list[np.ndarray]:
     """Build (see :func:`relax_callable`) and run once on ``inputs``."""
     return relax_callable(build, _signature(inputs))(*inputs)
+
+
+def codes_from_storage_onnx(g: OnnxGraph, storage: str, zero_point: int) -> str:
+    """QDQ storage (a QuantizeLinear output, uint8 holding ``code + zero_point``) -> int64 codes, for the kernels."""
+    codes = g.node("Cast", [storage], to=7)
+    return g.node("Sub", [codes, g.const(np.int64(zero_point))]) if zero_point else codes
+
+
+def storage_from_codes_onnx(g: OnnxGraph, codes: str, zero_point: int) -> str:
+    """int64 codes (within the b-bit range, b <= 8) -> uint8 storage ``code + zero_point``, for DequantizeLinear."""
+    if zero_point:
+        codes = g.node("Add", [codes, g.const(np.int64(zero_point))])
+    return g.node("Cast", [codes], to=2)

@@ -83,9 +83,9 @@ def matmul_onnx_storage(g, a_u8: str, b_u8: str, spec: IntegerMatmul) -> str:
 
 def to_storage_onnx(g, codes: str, signed: bool) -> str:
     """int64 codes -> uint8 storage (``code + 128`` for signed codes)."""
-    if signed:
-        codes = g.node("Add", [codes, g.const(np.int64(SIGNED_ZERO_POINT))])
-    return g.node("Cast", [codes], to=2)
+    from mpqc.integer_kernels.backends import storage_from_codes_onnx
+
+    return storage_from_codes_onnx(g, codes, SIGNED_ZERO_POINT if signed else 0)
 
 
 def matmul_onnx(g, a: str, b: str, spec: IntegerMatmul) -> str:
