@@ -4,9 +4,9 @@ output step), in three backends of one semantics.
 Semantics (:func:`norm_reference`) for input codes ``q`` (int64, up to 16 bits, scale ``s``), normalized size
 ``N`` (the last axis), affine ``gamma``/``beta`` (float, per channel), output ``b_out`` bits at scale ``s_out``::
 
-    LayerNorm:  c = N * q - sum(q)     (= N * (q - mean), exact: no division)   E = round(N^3 * eps / s^2)
-    RMSNorm:    c = q                                                          E = round(N * eps / s^2)
-    D = isqrt((sum(c^2) + E) * 4^P)    (floor square root by unrolled Newton steps, :func:`~.arith.isqrt`)
+    LayerNorm:  c = N * q - sum(q)     (= N * (q - mean), exact: no division)   E = round(4^P * N^3 * eps / s^2)
+    RMSNorm:    c = q                                                          E = round(4^P * N * eps / s^2)
+    D = isqrt(sum(c^2) * 4^P + E)      (floor square root by unrolled Newton steps, :func:`~.arith.isqrt`)
     G = round_half_even(gamma * sqrt(N) / s_out * 2^16),  B = round_half_even(beta / s_out * 2^16)   (per channel)
     out = clamp(round_half_even((G * c * 2^P + B * D) / (D * 2^16)), qmin, qmax)
 
@@ -16,7 +16,8 @@ Newton square root (floor semantics in every backend: floor division in torch an
 ``Div`` in ONNX) and one exact rational rounded half to even. ``G``, ``B`` and ``E`` are frozen constants
 computed once in float64. Versus float LayerNorm the error is the rounding of ``G``/``B`` (2^-16 relative) and of
 ``D`` (below ``1/D``, ``D ~ 2^P sqrt(sum c^2)``): well under one output LSB (tested). ``P`` (``sqrt_shift``, up to
-16) is the largest shift the int64 bounds allow for the size and bits; without it a low-variance row of 2-bit
+16) is the largest shift the int64 bounds allow; it refines ``E`` too (eps of 1e-5 at s = 1/32 is 0.25 squared
+codes: rounded alone it vanished and moved RMSNorm outputs by 0.6 LSB, measured) for the size and bits; without it a low-variance row of 2-bit
 codes has ``D`` near 50, and the floor square root alone moved outputs of about 30 codes by 0.6 LSB (measured).
 
 Bounds: ``sum(c^2) <= N^3 * 2^(2 * in_bits)`` and ``|G c| + |B| D`` must stay below 2^62; :meth:`IntegerNorm.check`
@@ -102,15 +103,16 @@ class IntegerNorm:
         """``B`` per channel (int64)."""
         return torch.round(self._float(self.bias, 0.0) / self.out_scale * 2.0**AFFINE_FRACTION_BITS).to(torch.int64)
 
-    def epsilon_steps(self) -> int:
-        """``E``: eps in units of the squared input codes, times N^3 (LayerNorm) or N (RMSNorm)."""
+    def epsilon_steps(self, shift: int | None = None) -> int:
+        """``E``: eps in units of the squared input codes, times N^3 (LayerNorm) or N (RMSNorm), times 4^P."""
         n = self.size**3 if self.center else self.size
-        return int(round(n * self.eps / self.in_scale**2))
+        shift = self.sqrt_shift if shift is None else shift
+        return int(round(n * self.eps / self.in_scale**2 * 4**shift))
 
     def _fits(self, shift: int) -> bool:
         n, top = self.size, 2**self.in_bits
         c_max = n * top if self.center else top // 2
-        sum_sq = (n * c_max**2 + self.epsilon_steps()) * 4**shift
+        sum_sq = n * c_max**2 * 4**shift + self.epsilon_steps(shift)
         d_max = math.isqrt(sum_sq) + 1
         affine = int(self.gain().abs().max()) * c_max * 2**shift + int(self.offset().abs().max()) * d_max
         return max(sum_sq, affine, d_max * 2**AFFINE_FRACTION_BITS) < INT64_HEADROOM
@@ -138,7 +140,7 @@ def norm_reference(q: Tensor, spec: IntegerNorm) -> Tensor:
     q = q.to(torch.int64)
     c = spec.size * q - q.sum(-1, keepdim=True) if spec.center else q
     shift = 2**spec.sqrt_shift
-    d = arith.isqrt(((c * c).sum(-1, keepdim=True) + spec.epsilon_steps()) * shift * shift)
+    d = arith.isqrt((c * c).sum(-1, keepdim=True) * (shift * shift) + spec.epsilon_steps())
     out = arith.div_round_half_even(spec.gain() * shift * c + spec.offset() * d, d * 2**AFFINE_FRACTION_BITS)
     return torch.clamp(out, *spec.out_range)
 
@@ -154,8 +156,8 @@ def norm_relax(bb, q, spec: IntegerNorm):
     else:
         c = q
     shift = 2**spec.sqrt_shift
-    sum_sq = bb.emit(op.multiply(op.add(op.sum(op.multiply(c, c), axis=[-1], keepdims=True),
-                                        c_(spec.epsilon_steps())), c_(shift * shift)))
+    sum_sq = bb.emit(op.add(op.multiply(op.sum(op.multiply(c, c), axis=[-1], keepdims=True), c_(shift * shift)),
+                            c_(spec.epsilon_steps())))
     d = arith.isqrt_relax(bb, sum_sq)
     num = bb.emit(op.add(op.multiply(relax.const((spec.gain() * shift).numpy(), "int64"), c),
                          op.multiply(relax.const(spec.offset().numpy(), "int64"), d)))
@@ -174,8 +176,8 @@ def norm_onnx(g, q: str, spec: IntegerNorm) -> str:
     else:
         c = q
     shift = 2**spec.sqrt_shift
-    sum_sq = g.node("Mul", [g.node("Add", [g.node("ReduceSum", [g.node("Mul", [c, c]), axes], keepdims=1),
-                                           g.const(i64(spec.epsilon_steps()))]), g.const(i64(shift * shift))])
+    sum_sq = g.node("Add", [g.node("Mul", [g.node("ReduceSum", [g.node("Mul", [c, c]), axes], keepdims=1),
+                                           g.const(i64(shift * shift))]), g.const(i64(spec.epsilon_steps()))])
     d = arith.isqrt_onnx(g, sum_sq)
     num = g.node("Add", [g.node("Mul", [g.const((spec.gain() * shift).numpy(), "gain"), c]),
                          g.node("Mul", [g.const(spec.offset().numpy(), "offset"), d])])
