@@ -47,7 +47,7 @@ from mpqc.errors import InfeasibleBudgetError, MpqcError
 from mpqc.layers import LayerInfo
 from mpqc.passes.analyze_layers import analyze_layers, layer_nodes
 from mpqc.passes.insert_quantizers import quantized_layers, smallest_bits
-from mpqc.quantizers import Quantizer
+
 
 @dataclass(frozen=True)
 class ChannelReader:

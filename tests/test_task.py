@@ -10,7 +10,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 import mpqc
-from conftest import FAST, quantized_graph
+from conftest import quantized_graph
 from mpqc.data import digits
 from mpqc.errors import DataError, TaskError, TrainingDivergedError
 from mpqc.report import format_report
