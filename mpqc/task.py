@@ -103,13 +103,7 @@ class Task:
     # ------------------------------------------------------------------------------------------ checked calls
     def run_forward(self, model: Any, batch: Batch, where: str) -> Outputs:
         """``forward(model, batch)``; a failure or an output without tensors is a :class:`TaskError` at ``where``."""
-        try:
-            outputs = self.forward(model, batch)
-        except MpqcError:
-            raise
-        except Exception as error:
-            raise TaskError(f"{where}: forward {_name(self.forward)} raised {type(error).__name__}: "
-                            f"{_first_line(error)}") from error
+        outputs = _checked_call("forward", self.forward, where, model, batch)
         if not output_tensors(outputs):
             raise TaskError(f"{where}: forward {_name(self.forward)} returned no tensor "
                             f"(got {type(outputs).__name__}); outputs must be a tensor, or a tuple, list, dict or "
@@ -118,13 +112,7 @@ class Task:
 
     def compute_loss(self, outputs: Outputs, batch: Batch, teacher_outputs: Outputs | None, where: str) -> Tensor:
         """``loss(...)``, refused unless it is a one-element floating-point tensor."""
-        try:
-            value = self.loss(outputs, batch, teacher_outputs)
-        except MpqcError:
-            raise
-        except Exception as error:
-            raise TaskError(f"{where}: loss {_name(self.loss)} raised {type(error).__name__}: "
-                            f"{_first_line(error)}") from error
+        value = _checked_call("loss", self.loss, where, outputs, batch, teacher_outputs)
         if not isinstance(value, Tensor) or value.numel() != 1 or not value.dtype.is_floating_point:
             got = f"a tensor of shape {tuple(value.shape)}" if isinstance(value, Tensor) else type(value).__name__
             raise TaskError(f"{where}: loss {_name(self.loss)} must return a scalar floating-point tensor, got {got}")
@@ -134,13 +122,7 @@ class Task:
                        where: str) -> dict[str, float]:
         """``metric(...)`` as ``{name: float}``, refused unless it holds numbers and its first key is the one
         this task reports."""
-        try:
-            values = self.metric(outputs, batch, teacher_outputs)
-        except MpqcError:
-            raise
-        except Exception as error:
-            raise TaskError(f"{where}: metric {_name(self.metric)} raised {type(error).__name__}: "
-                            f"{_first_line(error)}") from error
+        values = _checked_call("metric", self.metric, where, outputs, batch, teacher_outputs)
         numbers = _numbers(values)
         if numbers is None:
             raise TaskError(f"{where}: metric {_name(self.metric)} must return a non-empty dict of numbers "
@@ -352,6 +334,17 @@ def _numbers(values: Any) -> dict[str, float] | None:
             return None
         numbers[str(key)] = float(value)
     return numbers
+
+
+def _checked_call(kind: str, fn: Callable, where: str, *args: Any) -> Any:
+    """``fn(*args)``; an exception from the user's callable becomes one :class:`TaskError` naming ``where``, the
+    kind of callable and its name (mpqc's own errors pass through)."""
+    try:
+        return fn(*args)
+    except MpqcError:
+        raise
+    except Exception as error:
+        raise TaskError(f"{where}: {kind} {_name(fn)} raised {type(error).__name__}: {_first_line(error)}") from error
 
 
 def _name(fn: Callable) -> str:
