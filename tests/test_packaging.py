@@ -60,7 +60,7 @@ def test_wheel_contains_all_packages_and_the_console_script(tmp_path):
 
     with zipfile.ZipFile(wheel) as archive:
         names = set(archive.namelist())
-        for package in ("mpqc", "mpqc/passes", "mpqc/targets", "mpqc/quantizers"):
+        for package in ("mpqc", "mpqc/passes", "mpqc/targets", "mpqc/quantizers", "mpqc/ops", "mpqc/integer_kernels"):
             assert f"{package}/__init__.py" in names, f"{package}/__init__.py missing from {wheel.name}"
         (entry_points,) = [name for name in names if name.endswith(".dist-info/entry_points.txt")]
         parser = configparser.ConfigParser()
