@@ -83,6 +83,7 @@ import numpy as np
 import torch
 
 from mpqc import ops
+from mpqc.cpu import cpu_flags
 from mpqc.errors import ConfigError, MpqcError, UnsupportedOpError
 from mpqc.reference import IntegerProgram, IntNode
 from mpqc.targets import tvm_kernels
@@ -106,7 +107,7 @@ def host_target() -> dict[str, Any]:
     x86-64 hosts get the highest ``x86-64-v2/v3/v4`` level their flags cover, plus the extensions that matter to
     int8 code (VNNI, VBMI, BF16, ...) as ``mattr``; other hosts get LLVM's generic CPU.
     """
-    flags = _cpu_flags()
+    flags = cpu_flags()
     target: dict[str, Any] = {"kind": "llvm", "num-cores": _physical_cores()}
     if not flags:
         return target
@@ -129,17 +130,6 @@ def host_target() -> dict[str, Any]:
     if mattr and "mcpu" in target:
         target["mattr"] = mattr
     return target
-
-
-def _cpu_flags() -> set[str]:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return set()
-    for line in text.splitlines():
-        if line.startswith("flags"):
-            return set(line.partition(":")[2].split())
-    return set()
 
 
 def _physical_cores() -> int:

@@ -620,14 +620,14 @@ def test_input_shape_is_required_for_a_bare_program(resnet20):
 
 
 def test_host_target_comes_from_cpu_flags(monkeypatch):
-    monkeypatch.setattr(mtvm, "_cpu_flags", lambda: {"avx2", "fma", "bmi1", "bmi2", "movbe", "f16c", "sse4_2",
+    monkeypatch.setattr(mtvm, "cpu_flags", lambda: {"avx2", "fma", "bmi1", "bmi2", "movbe", "f16c", "sse4_2",
                                                      "popcnt", "ssse3", "avx_vnni"})
     target = mtvm.host_target()
     assert target["mcpu"] == "x86-64-v3" and target["mattr"] == ["+avxvnni"]
-    monkeypatch.setattr(mtvm, "_cpu_flags", lambda: set())
+    monkeypatch.setattr(mtvm, "cpu_flags", lambda: set())
     assert "mcpu" not in mtvm.host_target()
     monkeypatch.undo()
-    flags = mtvm._cpu_flags()
+    flags = mtvm.cpu_flags()
     if "avx512_vnni" in flags:
         assert "+avx512vnni" in mtvm.host_target()["mattr"]
 
