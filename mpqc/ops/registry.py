@@ -5,7 +5,8 @@ An ``OpDef`` holds everything mpqc knows about one family of graph nodes:
 
 * *matching*: ``modules`` (``nn.Module`` types), ``functions`` (Python callables and the ATen overloads of the
   torch.export path) and ``methods`` (``Tensor`` method names) of the fx nodes it covers;
-* *properties* the passes read: ``keeps_integers`` (an integer value stays an exact integer value),
+* *properties* the passes read: ``keeps_integers`` (an integer value stays an exact integer value;
+  ``output_is_integer`` says it per program node, e.g. a product of two integers),
   ``sign`` (``"nonnegative"``, ``"preserving"`` or ``"signed"``), ``keeps_zero`` (maps 0 to 0 channel by channel:
   channel pruning may look through it), ``elementwise``, ``clamps`` (an elementwise clamp a residual add's quantizer
   moves past), ``averages`` (an average pool: its input must be integer), ``fuses_into_requantize`` (a float op a
@@ -111,6 +112,12 @@ class OpDef:
         if not self.names:
             raise Unsupported(f"{type(self).__name__}: no integer semantics yet")
         return IntNode(node.name, self.names[0], [arg.name for arg in node.all_input_nodes])
+
+    def output_is_integer(self, node: IntNode, integer_inputs: list[bool]) -> bool:
+        """Whether the program node's value is integer (``q * scale``), given which of its inputs are (in
+        ``node.inputs`` order). Default: ``keeps_integers`` and its first input is integer. ``quantize`` and layers
+        make integers whatever their inputs (``passes/to_integer_program.py``); a product asks all its inputs."""
+        return self.keeps_integers and bool(integer_inputs) and integer_inputs[0]
 
     def evaluate(self, program: Any, node: IntNode, env: dict) -> Any:
         """The reference: the node's value from the values in ``env``."""
