@@ -1,4 +1,5 @@
-"""Elementwise ops: relu, clamp (ReLU6, Hardtanh), add, identity (Dropout and Identity in eval mode).
+"""Elementwise ops: relu, clamp (ReLU6, Hardtanh), add, identity (Dropout and Identity in eval mode); products,
+differences, constants and scale changes are in ``mpqc/ops/arith.py``.
 
 ``relu`` on an integer value stays integer (exact); ``clamp`` and ``add`` on integers dequantize
 (``fp32(q) * fp32(s)``) and compute in fp32. Inside a requantisation region (units of ``s_out``): ``add`` sums,
@@ -14,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.fx import Node
 
+from mpqc.ops.arith import add_constant, common_layout
 from mpqc.ops.registry import IntNode, IntValue, OpDef, Unsupported, arg, dequantize, register_op
 
 aten = torch.ops.aten
@@ -149,10 +151,12 @@ class Clamp(OpDef):
 
 @register_op
 class Add(OpDef):
-    """``a + b`` of two graph tensors (a residual add); with a constant, only its sign is known (no semantics)."""
+    """``a + b`` of two graph tensors (a residual add, broadcasting); ``x + c`` with a Python number ``c`` is an
+    ``add_const`` node (``mpqc/ops/arith.py``)."""
 
     names = ("add",)
-    functions = (operator.add, torch.add, aten.add.Tensor)
+    functions = (operator.add, torch.add, aten.add.Tensor, aten.add.Scalar)
+    methods = ("add",)
     fuses_into_requantize = True
     keeps_shape = True
     numerics_tests = _MIXED_BITS + ("tests/test_reference.py::test_residual_add_is_requantized_in_one_region",)
@@ -167,7 +171,9 @@ class Add(OpDef):
 
     def describe(self, gm, node, frozen):
         if not self.is_tensor_add(node):
-            raise Unsupported(f"function {getattr(node.target, '__name__', node.target)} with a constant or alpha")
+            return add_constant(gm, node)  # x + c (alpha and other forms refused there)
+        if any(a.op == "get_attr" for a in node.args):
+            raise Unsupported("addition of a constant tensor (only a Python number or a graph tensor)")
         return IntNode(node.name, "add", [a.name for a in node.args])
 
     def evaluate(self, program, node, env):
@@ -179,35 +185,23 @@ class Add(OpDef):
     def relax(self, lowering, node):
         from tvm.relax import op as R
 
-        from mpqc.targets.tvm import NHWC, _Float
+        from mpqc.targets.tvm import _Float
 
-        a, b = (lowering.env[name] for name in node.inputs)
-        layout = a.layout if a.layout == b.layout else NHWC
-        a, b = (lowering.dequantize(lowering.in_layout(v, layout)) for v in (a, b))
-        return _Float(lowering.emit(R.add(a, b)), layout)
+        (a, b), layout = common_layout(lowering, [lowering.env[name] for name in node.inputs])
+        return _Float(lowering.emit(R.add(lowering.dequantize(a), lowering.dequantize(b))), layout)
 
     def relax_requantize_step(self, lowering, node, inputs, s_out):
         from tvm.relax import op as R
 
-        from mpqc.targets.tvm import NHWC, _Float
+        from mpqc.targets.tvm import _Float
 
-        a, b = inputs
-        layout = a.layout if a.layout == b.layout else NHWC
-        a, b = lowering.in_layout(a, layout), lowering.in_layout(b, layout)
+        (a, b), layout = common_layout(lowering, inputs)
         return _Float(lowering.emit(R.add(a.expr, b.expr)), layout)
 
     def onnx(self, builder, node):
         builder.add("Add", list(node.inputs), [node.name], builder.label(node))
         ranks = [builder.rank.get(name) for name in node.inputs]
         builder.rank[node.name] = None if None in ranks else max(ranks)
-
-
-@register_op
-class Mul(OpDef):
-    """``a * b``: only its sign is known (nonnegative factors give a nonnegative product); no semantics yet."""
-
-    functions = (operator.mul, torch.mul, aten.mul.Tensor)
-    is_nonnegative = Add.is_nonnegative
 
 
 @register_op
