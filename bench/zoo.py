@@ -2,7 +2,7 @@
 
 For each model the stages run in order:
 
-``capture`` -> ``fold_batchnorm`` -> ``analyze_layers`` -> ``insert_quantizers`` (DQ, then
+``capture`` -> ``functional_layers`` -> ``fold_batchnorm`` -> ``analyze_layers`` -> ``insert_quantizers`` (DQ, then
 ``IntegerProgram.check_supported`` as ``mpqc.compile`` does) -> ``search`` (a few forward/backward steps of task
 loss on random data, weights and quantizer parameters updated) -> ``freeze`` (random mixed 2-8 bits, a loose
 budget) -> ``integer`` (``IntegerProgram.from_graph`` + ``run``, compared with the fake-quant graph) -> ``onnx``
@@ -60,6 +60,7 @@ from mpqc.errors import MpqcError  # noqa: E402
 from mpqc.passes.analyze_layers import analyze_layers  # noqa: E402
 from mpqc.passes.capture import capture  # noqa: E402
 from mpqc.passes.fold_batchnorm import fold_batchnorm  # noqa: E402
+from mpqc.passes.functional_layers import functional_layers  # noqa: E402
 from mpqc.passes.freeze import freeze  # noqa: E402
 from mpqc.passes.insert_quantizers import quantized_layers  # noqa: E402
 from mpqc.quantizers import get_method  # noqa: E402
@@ -361,6 +362,10 @@ def run_model(name: str, *, tvm: bool = False, verbose: bool = False) -> dict[st
         state["gm"] = capture(model, (state["x"],))
         return {"nodes": len(state["gm"].graph.nodes)}
 
+    def stage_functional():
+        state["gm"] = functional_layers(state["gm"])
+        return {}
+
     def stage_fold():
         state["gm"] = fold_batchnorm(state["gm"])
         return {}
@@ -393,9 +398,9 @@ def run_model(name: str, *, tvm: bool = False, verbose: bool = False) -> dict[st
     def stage_tvm():
         return check_tvm(state["program"], state["x_eval"])
 
-    functions = {"capture": stage_capture, "fold_batchnorm": stage_fold, "analyze_layers": stage_analyze,
-                 "insert_quantizers": stage_insert, "search": stage_search, "freeze": stage_freeze,
-                 "integer": stage_integer, "onnx": stage_onnx, "tvm": stage_tvm}
+    functions = {"capture": stage_capture, "functional_layers": stage_functional, "fold_batchnorm": stage_fold,
+                 "analyze_layers": stage_analyze, "insert_quantizers": stage_insert, "search": stage_search,
+                 "freeze": stage_freeze, "integer": stage_integer, "onnx": stage_onnx, "tvm": stage_tvm}
     failed = False
     for stage in STAGES:
         if failed or (stage == "tvm" and not tvm):
@@ -427,7 +432,8 @@ def run_model(name: str, *, tvm: bool = False, verbose: bool = False) -> dict[st
 
 
 def format_table(all_results: dict[str, dict[str, dict[str, Any]]], stages: list[str] = STAGES) -> str:
-    short = {"capture": "capture", "fold_batchnorm": "fold_bn", "analyze_layers": "analyze",
+    short = {"capture": "capture", "functional_layers": "functional", "fold_batchnorm": "fold_bn",
+             "analyze_layers": "analyze",
              "insert_quantizers": "insert_q", "search": "search", "freeze": "freeze", "integer": "integer",
              "onnx": "onnx", "tvm": "tvm"}
     width = max([len(n) for n in all_results] + [5])
