@@ -1,0 +1,355 @@
+"""Arithmetic ops (mpqc/ops/arith.py, mpqc/ops/batchnorm.py) and passes/functional_layers.py: products of two
+activations, scalar multiplication/division, subtraction, adding a constant, BatchNorm that cannot be folded, conv
+and linear called functionally. Each model runs at random mixed 2-8 bits: reference vs TVM bit-exact at every
+quantize node, reference vs onnxruntime within 1 LSB, reference vs the fake-quant graph."""
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TVM_NUM_THREADS", "2")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+import torchvision  # noqa: E402
+from torch import fx, nn  # noqa: E402
+
+from conftest import freeze_at_random_bits, quantized_graph, randomize_batchnorm  # noqa: E402
+from mpqc import pipeline  # noqa: E402
+from mpqc.errors import MpqcError, UnsupportedOpError  # noqa: E402
+from mpqc.ops import IntNode, IntValue  # noqa: E402
+from mpqc.passes.capture import capture  # noqa: E402
+from mpqc.passes.fold_batchnorm import fold_batchnorm  # noqa: E402
+from mpqc.passes.functional_layers import functional_layers  # noqa: E402
+from mpqc.passes.insert_quantizers import ACT_QUANTIZERS  # noqa: E402
+from mpqc.passes.to_integer_program import fuse_requantize, integer_values  # noqa: E402
+from mpqc.reference import IntegerProgram  # noqa: E402
+
+aten = torch.ops.aten
+
+
+# --------------------------------------------------------------------------------------------- models
+class Products(nn.Module):
+    """x * gate with an int32-accumulator gate broadcast over H, W (squeeze-excitation with a ReLU gate); a product of
+    two quantized values (ONNX's exact int32 path); a quantized value times a float (ReLU6)."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.c2, self.se = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1), nn.Conv2d(8, 8, 1)
+        self.c3, self.c4, self.fc = nn.Conv2d(8, 8, 1), nn.Conv2d(8, 4, 1), nn.Linear(4, 5)
+
+    def forward(self, x):
+        a = torch.relu(self.c1(x))  # quantized (unsigned): it feeds c2
+        b = self.c2(a)  # quantized (signed): it feeds c3
+        c = self.c3(b)
+        y = a * torch.relu(self.se(F.adaptive_avg_pool2d(a, 1)))
+        p = torch.mul(b, a) + F.relu6(c).mul(a) - y
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(self.c4(p), 1), 1))
+
+
+class Scalars(nn.Module):
+    """Scalar multiplication and division of integers (negative factors too) and of floats, differences, constants
+    added and subtracted, hardswish written by hand; fused into a requantisation and (through a cat) not."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.c2, self.c3 = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1), nn.Conv2d(8, 8, 1)
+        self.c4, self.fc = nn.Conv2d(16, 4, 1), nn.Linear(64, 5)
+
+    def forward(self, x):
+        a = torch.relu(self.c1(x))
+        s = -0.5 * a
+        t = self.c2(a) / 6 - 2 * s
+        u = t * F.relu6(t + 3) / 6
+        v = self.c3(u)
+        z = torch.cat([(1 - torch.relu(v)) * 0.25, v.sub(u) + 0.5], 1)
+        return self.fc(torch.flatten(F.avg_pool2d(self.c4(z - 1), 2), 1))
+
+
+class Functional(nn.Module):
+    """Conv and linear called functionally on parameters and a buffer; a BatchNorm after a functional conv (folds)
+    and one after a cat (stays); torch.export's ATen forms when ``export`` (shape-dependent control flow)."""
+
+    def __init__(self, export: bool = False):
+        super().__init__()
+        self.export = export
+        self.w1, self.b1 = nn.Parameter(torch.randn(8, 3, 3, 3) * 0.3), nn.Parameter(torch.randn(8) * 0.1)
+        self.register_buffer("w2", torch.randn(8, 4, 3, 3) * 0.3)
+        self.bn1, self.bn2 = nn.BatchNorm2d(8), nn.BatchNorm2d(16)
+        self.w3 = nn.Parameter(torch.randn(4, 16, 1, 1) * 0.3)
+        self.w4, self.b4 = nn.Parameter(torch.randn(5, 64) * 0.2), nn.Parameter(torch.randn(5) * 0.1)
+
+    def forward(self, x):
+        if self.export and x.shape[-1] > 4:  # torch.fx cannot trace this: capture takes torch.export's path
+            x = x * 1.0
+        a = torch.relu(self.bn1(F.conv2d(x, self.w1, self.b1, 1, 1)))
+        b = F.conv2d(a, self.w2, None, stride=1, padding=2, dilation=2, groups=2)
+        h = torch.relu(self.bn2(torch.cat([a, b * 0.5], 1)))
+        z = F.avg_pool2d(F.conv2d(h, self.w3), 2)
+        return F.linear(torch.flatten(z, 1), self.w4, self.b4)
+
+
+def tiny_densenet() -> nn.Module:
+    """torchvision's DenseNet: pre-activation BatchNorm after every concatenation and pooling."""
+    return torchvision.models.DenseNet(growth_rate=4, block_config=(2, 2), num_init_features=8, bn_size=2,
+                                       num_classes=5)
+
+
+MODELS = {
+    "products": (Products, (2, 3, 8, 8)),
+    "scalars": (Scalars, (2, 3, 8, 8)),
+    "functional": (Functional, (2, 3, 8, 8)),
+    "functional_export": (lambda: Functional(export=True), (2, 3, 8, 8)),
+    "densenet": (tiny_densenet, (2, 3, 32, 32)),
+}
+
+
+def _program(name: str, seed: int = 2):
+    torch.manual_seed(0)
+    build, shape = MODELS[name]
+    x = torch.randn(shape)
+    gm, _ = quantized_graph(randomize_batchnorm(build()), x)
+    gm, chosen = freeze_at_random_bits(gm, seed=seed)
+    assert len(set(chosen.values())) > 2, "the test needs really mixed bit-widths"
+    return gm, IntegerProgram.from_graph(gm), x
+
+
+# --------------------------------------------------------------------------------------------- numerics
+@pytest.mark.parametrize("name", list(MODELS))
+def test_arithmetic_is_bit_exact_on_tvm(name):
+    pytest.importorskip("tvm")
+    from mpqc.targets import tvm as mtvm
+
+    _, program, x = _program(name)
+    quantizers = [node.name for node in program.nodes if node.op == "quantize"]
+    lowered = mtvm.lower(program, input_shape=tuple(x.shape), expose=quantizers)
+    assert not lowered.inexact
+    for inputs in (x, 3 * torch.randn(x.shape, generator=torch.Generator().manual_seed(5))):
+        assert torch.equal(lowered(inputs), program.run(inputs))
+        env, codes = program.run_all(inputs), lowered.exposed(inputs)
+        for node in quantizers:
+            assert torch.equal(torch.from_numpy(codes[node]).to(torch.int64), env[node].q), node
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_onnxruntime_agrees_on_arithmetic(name, tmp_path):
+    from mpqc.targets.onnx import export_onnx
+    from mpqc.targets.onnx_check import AGREEMENT_FLOOR, compare_with_reference, contract_violations
+
+    _, program, x = _program(name)
+    exported = export_onnx(program, tmp_path / f"{name}.onnx", input_shapes=[tuple(x.shape)])
+    agreement = compare_with_reference(program, exported.path, 1.5 * torch.randn(x.shape, generator=torch.Generator()
+                                                                                  .manual_seed(7)))
+    assert contract_violations(agreement) == [], agreement
+    assert agreement["overall"]["exact"] >= AGREEMENT_FLOOR, agreement["overall"]
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_reference_agrees_with_fake_quant(name):
+    gm, program, x = _program(name)
+    codes = {}
+
+    class Recorder(fx.Interpreter):
+        def run_node(self, n):
+            value = super().run_node(n)
+            if n.op == "call_module" and n.target.startswith(ACT_QUANTIZERS + "."):
+                codes[n.name] = torch.round(value / self.module.get_submodule(n.target).scale.abs()).to(torch.int64)
+            return value
+
+    with torch.no_grad():
+        fake = Recorder(gm).run(x)
+    env = program.run_all(x)
+    diffs = torch.cat([(env[node].q - fake_codes).abs().reshape(-1) for node, fake_codes in codes.items()])
+    assert int(diffs.max()) <= 1 and float((diffs > 0).float().mean()) < 2e-3
+    ref = program.run(x)
+    assert (ref - fake).abs().max() <= 0.05 * fake.abs().max()
+
+
+def test_products_of_integers_are_exact_integers():
+    _, program, x = _program("products")
+    env = program.run_all(x)
+    products = {node.name: node for node in program.nodes if node.op == "mul"}
+    integer = integer_values(program.nodes)
+    gate, codes_times_codes, with_float = products["mul"], products["mul_1"], products["mul_2"]
+    assert {gate.name, codes_times_codes.name} <= integer and with_float.name not in integer
+    for node in (gate, codes_times_codes):
+        a, b = (env[name] for name in node.inputs)
+        assert isinstance(env[node.name], IntValue) and torch.equal(env[node.name].q, a.q * b.q)
+        assert torch.equal(env[node.name].scale, a.scale * b.scale)
+    assert not isinstance(env[with_float.name], IntValue)
+
+
+def test_scalar_factors_change_the_scale_of_integers():
+    _, program, x = _program("scalars")
+    env = program.run_all(x)
+    scaled = [node for node in program.nodes if node.op == "scale" and isinstance(env[node.inputs[0]], IntValue)]
+    assert {node.attrs["factor"] for node in scaled} >= {-0.5, 1 / 6}
+    for node in scaled:
+        source, value = env[node.inputs[0]], env[node.name]
+        factor = node.attrs["factor"]
+        assert torch.equal(value.q, source.q if factor > 0 else -source.q)
+        assert torch.equal(value.scale, source.scale * abs(factor))
+
+
+def test_unfoldable_batchnorm_stays_and_is_exact():
+    """BatchNorm after a cat or a pool stays in the graph (fold_batchnorm leaves it) and becomes a per-channel affine
+    fused into the requantisation that follows; the one after a functional conv folds."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 8, 8)
+    gm = fold_batchnorm(functional_layers(capture(randomize_batchnorm(Functional()), (x,))))
+    assert [n.target for n in gm.graph.nodes if n.op == "call_module" and "bn" in n.target] == ["bn2"]
+    dense = fold_batchnorm(capture(randomize_batchnorm(tiny_densenet()), (torch.randn(2, 3, 32, 32),)))
+    kept = [n.target for n in dense.graph.nodes if n.op == "call_module"
+            and isinstance(dense.get_submodule(n.target), nn.BatchNorm2d)]
+    assert kept == ["features.denseblock1.denselayer1.norm1", "features.denseblock1.denselayer2.norm1",
+                    "features.transition1.norm", "features.denseblock2.denselayer1.norm1",
+                    "features.denseblock2.denselayer2.norm1", "features.norm5"]
+    _, program, _ = _program("densenet")
+    norms = [node for node in program.nodes if node.op == "batch_norm"]
+    assert len(norms) == 6
+    fused = {step for node in program.nodes if node.op == "quantize" for step in node.attrs["region"]["steps"]}
+    assert {node.name for node in norms} <= fused
+    bn = dense.get_submodule("features.norm5")
+    norm = next(node for node in norms if node.attrs["module"] == "features.norm5")
+    expected = bn.weight.double() / torch.sqrt(bn.running_var.double() + bn.eps)
+    torch.testing.assert_close(norm.tensors["multiplier"], expected.detach(), rtol=1e-12, atol=0)
+
+
+# --------------------------------------------------------------------------------------------- regions
+Q = {"bits": 8, "signed": True, "scale": 0.1}
+CONV = {"stride": [1, 1], "padding": [0, 0], "dilation": [1, 1], "groups": 1, "weight_bits": 4, "module": "c"}
+
+
+def test_scale_keeps_integers_and_float_arithmetic_fuses():
+    before = [IntNode("x", "input", []), IntNode("q0", "quantize", ["x"], dict(Q)),
+              IntNode("c", "conv2d", ["q0"], dict(CONV)), IntNode("s", "scale", ["c"], {"factor": 0.5}),
+              IntNode("p", "mul", ["q0", "s"]), IntNode("k", "clamp", ["c"], {"min": 0.0, "max": 6.0}),
+              IntNode("f", "mul", ["q0", "k"]), IntNode("fs", "scale", ["f"], {"factor": -2.0}),
+              IntNode("d", "sub", ["p", "fs"]), IntNode("a", "add_const", ["d"], {"constant": 3.0, "negate": True}),
+              IntNode("q1", "quantize", ["a"], dict(Q))]
+    assert integer_values(before) == {"q0", "c", "s", "p", "q1"}
+    regions = {node.name: node.attrs["region"] for node in fuse_requantize(before) if node.op == "quantize"}
+    assert regions["q1"] == {"steps": ["fs", "d", "a"], "leaves": ["p", "f"]}
+
+
+# --------------------------------------------------------------------------------------------- functional layers
+def test_functional_layers_become_modules_with_the_same_numerics():
+    torch.manual_seed(0)
+    model, x = Functional().eval(), torch.randn(2, 3, 8, 8)
+    before = capture(model, (x,))
+    expected = before(x)
+    assert {n.target for n in before.graph.nodes if n.op == "call_function"} >= {torch.conv2d, F.linear}
+    after = functional_layers(before)
+    calls = {n.target: type(after.get_submodule(n.target)) for n in after.graph.nodes if n.op == "call_module"}
+    assert calls == {"conv2d": nn.Conv2d, "bn1": nn.BatchNorm2d, "conv2d_1": nn.Conv2d, "bn2": nn.BatchNorm2d,
+                     "conv2d_2": nn.Conv2d, "linear": nn.Linear}
+    assert not any(n.op == "get_attr" for n in after.graph.nodes)
+    assert not any(n.op == "call_function" and n.target in (torch.conv2d, F.linear) for n in after.graph.nodes)
+    dilated = after.get_submodule("conv2d_1")
+    assert (dilated.padding, dilated.dilation, dilated.groups, dilated.bias) == ((2, 2), (2, 2), 2, None)
+    assert not dilated.weight.requires_grad  # it was a buffer
+    assert after.get_submodule("conv2d").weight.requires_grad
+    assert not hasattr(after, "w1") and not hasattr(after, "w2")  # moved into the modules
+    assert torch.equal(after(x), expected)
+
+
+def test_functional_layers_on_the_export_path():
+    torch.manual_seed(0)
+    model, x = Functional(export=True).eval(), torch.randn(2, 3, 8, 8)
+    before = capture(model, (x,))
+    expected = before(x)
+    targets = {n.target for n in before.graph.nodes if n.op == "call_function"}
+    assert {aten.conv2d.default, aten.linear.default, aten.mul.Tensor} <= targets
+    after = functional_layers(before)
+    layers = [n.target for n in after.graph.nodes if n.op == "call_module"
+              and isinstance(after.get_submodule(n.target), (nn.Conv2d, nn.Linear))]
+    assert len(layers) == 4
+    assert torch.equal(after(x), expected)
+    assert pipeline.STAGES[:3] == ("capture", "functional_layers", "fold_batchnorm")
+
+
+def test_aten_convolution_becomes_a_conv():
+    gm = fx.GraphModule(nn.Module(), fx.Graph())
+    gm.register_parameter("w", nn.Parameter(torch.randn(4, 2, 3)))
+    graph = gm.graph
+    x, w = graph.placeholder("x"), graph.get_attr("w")
+    y = graph.call_function(aten.convolution.default, (x, w, None, [2], [1], [1], False, [0], 1))
+    graph.output(y)
+    gm.recompile()
+    inputs = torch.randn(2, 2, 9)
+    expected = gm(inputs)
+    functional_layers(gm)
+    (node,) = [n for n in gm.graph.nodes if n.op == "call_module"]
+    conv = gm.get_submodule(node.target)
+    assert isinstance(conv, nn.Conv1d) and (conv.stride, conv.padding) == ((2,), (1,))
+    assert torch.equal(gm(inputs), expected)
+
+
+# --------------------------------------------------------------------------------------------- clear errors
+class _ComputedWeight(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(4, 3, 3, 3))
+
+    def forward(self, x):
+        return F.conv2d(x, self.w * 2)
+
+
+class _SharedWeight(_ComputedWeight):
+    def forward(self, x):
+        return F.conv2d(F.conv2d(x, self.w, padding=1)[:, :3], self.w)
+
+
+def test_functional_layers_refuse_weights_computed_at_run_time_or_shared():
+    x = torch.randn(1, 3, 8, 8)
+    with pytest.raises(MpqcError, match=r"conv2d.*weight is computed at run time.*not a parameter or buffer"):
+        pipeline.trace(_ComputedWeight(), (x,))
+    with pytest.raises(MpqcError, match=r"weight 'w' is shared with another layer call"):
+        pipeline.trace(_SharedWeight(), (x,))
+
+
+class _Refused(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c = nn.Conv2d(3, 4, 3)
+        self.register_buffer("gain", torch.ones(1, 4, 1, 1))
+
+    def forward(self, x):
+        y = self.c(x)
+        return (y * self.gain) + y / torch.relu(y)
+
+
+def test_constant_tensors_and_tensor_divisors_are_refused_clearly():
+    x = torch.randn(1, 3, 8, 8)
+    gm, _ = quantized_graph(_Refused(), x)
+    with pytest.raises(UnsupportedOpError) as error:
+        IntegerProgram.check_supported(gm)
+    message = str(error.value)
+    assert "multiplication by the constant tensor 'gain'" in message
+    assert "division by a tensor (only by a Python number)" in message
+
+
+class _WideProduct(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c1, self.c2, self.fc = nn.Conv2d(32, 8, 5), nn.Conv2d(32, 8, 5), nn.Linear(8, 2)
+
+    def forward(self, x):
+        return self.fc(F.adaptive_avg_pool2d(self.c1(x) * self.c2(x), 1).flatten(1))
+
+
+def test_a_product_beyond_int32_is_refused_with_the_node_name():
+    torch.manual_seed(0)
+    x = torch.randn(2, 32, 8, 8)
+    gm, _ = quantized_graph(_WideProduct(), x)
+    gm, _ = freeze_at_random_bits(gm, low=8, high=8)
+    with pytest.raises(MpqcError, match=r"node 'mul': the product of two integer values reached \d+, beyond the "
+                                         r"int32 range"):
+        IntegerProgram.from_graph(gm).run(x)
+
+
+def test_batchnorm_in_training_mode_is_refused():
+    gm, _ = quantized_graph(tiny_densenet(), torch.randn(2, 3, 32, 32))
+    gm.get_submodule("features.norm5").train()
+    with pytest.raises(UnsupportedOpError, match=r"BatchNorm 'features.norm5' in training mode"):
+        IntegerProgram.check_supported(gm)
