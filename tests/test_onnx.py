@@ -14,6 +14,7 @@ from torch import nn
 
 import mpqc
 from conftest import example_models, freeze_at_random_bits, quantized_graph, randomize_batchnorm
+from test_ops_arith import AllArith
 from mpqc.cli import main
 from mpqc.errors import UnsupportedOpError
 from mpqc.quantizers import BitRange
@@ -91,6 +92,7 @@ MODELS = {
     "conv1d": (Conv1dNet, (4, 2, 32)),
     "reductions": (Reductions, (4, 3, 8, 8)),
     "padded_pools": (PaddedPools, (4, 3, 9, 9)),
+    "arith": (AllArith, (4, 3, 8, 8)),  # mul, scale, sub, add_const, batch_norm (tests/test_ops_arith.py)
 }
 
 

@@ -66,6 +66,21 @@ class Scalars(nn.Module):
         return self.fc(torch.flatten(F.avg_pool2d(self.c4(z - 1), 2), 1))
 
 
+class AllArith(nn.Module):
+    """Every arithmetic op in one small net (``tests/test_onnx.py`` runs it too, for its converter coverage)."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.c2, self.c3 = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 1), nn.Conv2d(16, 4, 1)
+        self.bn, self.fc = nn.BatchNorm2d(16), nn.Linear(64, 5)
+
+    def forward(self, x):
+        a = torch.relu(self.c1(x))  # quantized: it feeds c2
+        b = self.c2(a)
+        h = torch.cat([a * torch.relu(b) / 4, (1.5 - b) - a], 1)
+        return self.fc(torch.flatten(F.avg_pool2d(self.c3(torch.relu(self.bn(h))), 2), 1))
+
+
 class Functional(nn.Module):
     """Conv and linear called functionally on parameters and a buffer; a BatchNorm after a functional conv (folds)
     and one after a cat (stays); torch.export's ATen forms when ``export`` (shape-dependent control flow)."""
@@ -89,6 +104,20 @@ class Functional(nn.Module):
         return F.linear(torch.flatten(z, 1), self.w4, self.b4)
 
 
+class Norm1d(nn.Module):
+    """BatchNorm1d after a cat, on rank-3 (conv1d) and rank-2 (linear) values."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.c2, self.c3 = nn.Conv1d(2, 4, 3, padding=1), nn.Conv1d(2, 4, 3, padding=1), nn.Conv1d(8, 4, 1)
+        self.fc1, self.fc2, self.fc3 = nn.Linear(64, 6), nn.Linear(64, 6), nn.Linear(12, 3)
+        self.bn1, self.bn2 = nn.BatchNorm1d(8), nn.BatchNorm1d(12)
+
+    def forward(self, x):
+        f = torch.flatten(self.c3(torch.relu(self.bn1(torch.cat([self.c1(x), self.c2(x)], 1)))), 1)
+        return self.fc3(torch.relu(self.bn2(torch.cat([torch.relu(self.fc1(f)), self.fc2(f)], 1))))
+
+
 def tiny_densenet() -> nn.Module:
     """torchvision's DenseNet: pre-activation BatchNorm after every concatenation and pooling."""
     return torchvision.models.DenseNet(growth_rate=4, block_config=(2, 2), num_init_features=8, bn_size=2,
@@ -101,6 +130,8 @@ MODELS = {
     "functional": (Functional, (2, 3, 8, 8)),
     "functional_export": (lambda: Functional(export=True), (2, 3, 8, 8)),
     "densenet": (tiny_densenet, (2, 3, 32, 32)),
+    "norm1d": (Norm1d, (2, 2, 16)),
+    "all_arith": (AllArith, (4, 3, 8, 8)),
 }
 
 
@@ -230,6 +261,72 @@ def test_scale_keeps_integers_and_float_arithmetic_fuses():
     assert integer_values(before) == {"q0", "c", "s", "p", "q1"}
     regions = {node.name: node.attrs["region"] for node in fuse_requantize(before) if node.op == "quantize"}
     assert regions["q1"] == {"steps": ["fs", "d", "a"], "leaves": ["p", "f"]}
+
+
+def _hand_built_program() -> IntegerProgram:
+    """Operands the models above (with quantizers on every product input) do not give: float and broadcast
+    products (one side smaller, both sides), a negative scale of int8 codes and of an int32 accumulator, a
+    difference of a rank-4 accumulator and a rank-2 value, BatchNorm, a constant and a scale outside a region, and
+    every float step fused into one region."""
+    generator = torch.Generator().manual_seed(3)
+    conv = {"weight": torch.randint(-7, 8, (4, 4, 1, 1), generator=generator, dtype=torch.int8),
+            "weight_scale": torch.rand(4, generator=generator) * 0.1 + 0.01,
+            "bias": torch.randint(-50, 50, (4,), generator=generator, dtype=torch.int32)}
+    bn = {"multiplier": torch.rand(4, generator=generator, dtype=torch.float64) + 0.5,
+          "shift": torch.randn(4, generator=generator, dtype=torch.float64)}
+
+    def node(name, op, inputs, attrs=None, tensors=None):
+        return IntNode(name, op, inputs, dict(attrs or {}), dict(tensors or {}))
+
+    clamp = {"min": 0.0, "max": 0.3}
+    nodes = [
+        node("x", "input", []), node("q0", "quantize", ["x"], {"bits": 6, "signed": True, "scale": 0.05}),
+        node("c", "conv2d", ["q0"], {**CONV, "weight_bits": 4}, conv),
+        node("k", "clamp", ["q0"], clamp), node("g", "global_avg_pool", ["q0"]),
+        node("f", "mul", ["k", "g"]), node("h", "mul", ["g", "k"]),
+        node("r2", "sum", ["q0"], {"dims": [2], "keepdim": True}),
+        node("r3", "sum", ["q0"], {"dims": [3], "keepdim": True}),
+        node("m", "mul", ["r2", "r3"]), node("k2", "clamp", ["r2"], clamp), node("k3", "clamp", ["r3"], clamp),
+        node("e", "mul", ["k2", "k3"]), node("s", "scale", ["c"], {"factor": -0.25}),
+        node("u", "scale", ["q0"], {"factor": -2.0}), node("r", "sum", ["q0"], {"dims": [1, 2], "keepdim": False}),
+        node("d", "sub", ["c", "r"]), node("n", "batch_norm", ["k"], {"module": "bn"}, bn),
+        node("a", "add_const", ["g"], {"constant": 1.5, "negate": False}), node("p", "mul", ["a", "k"]),
+        node("fs", "scale", ["k"], {"factor": 0.5}),
+        node("cat", "cat", ["f", "h", "m", "e", "s", "u", "d", "n", "p", "fs"], {"dim": 1}),
+        node("q1", "quantize", ["cat"], {"bits": 8, "signed": True, "scale": 1.0}),
+        node("w", "scale", ["k"], {"factor": 3.0}), node("v", "add_const", ["w"], {"constant": -0.1, "negate": True}),
+        node("b2", "batch_norm", ["v"], {"module": "bn2"}, bn), node("q2", "quantize", ["b2"],
+                                                                       {"bits": 5, "signed": True, "scale": 0.05}),
+    ]
+    for name in ("q0", "q1", "q2"):
+        next(n for n in nodes if n.name == name).attrs["module"] = name
+    return IntegerProgram(nodes, ["q1", "q2", "s"])
+
+
+def test_float_and_broadcast_operands_on_a_hand_built_program(tmp_path):
+    from mpqc.targets.onnx import export_onnx
+    from mpqc.targets.onnx_check import compare_with_reference, contract_violations
+
+    program, x = _hand_built_program(), torch.randn(1, 4, 6, 6, generator=torch.Generator().manual_seed(4))
+    cat = program.run_all(x)["cat"]
+    program.node("q1").attrs["scale"] = float(cat.abs().max()) / 100  # a few values clamp
+    assert program.node("q2").attrs["region"] == {"steps": ["k", "w", "v", "b2"], "leaves": ["q0"]}
+    assert program.node("q1").attrs["region"] == {"steps": [], "leaves": ["cat"]}
+    env = program.run_all(x)
+    assert {name for name in ("m", "s", "u") if isinstance(env[name], IntValue)} == {"m", "s", "u"}
+    assert torch.equal(env["u"].q, -env["q0"].q) and torch.equal(env["s"].q, -env["c"].q)
+
+    exported = export_onnx(program, tmp_path / "hand.onnx", input_shapes=[tuple(x.shape)])
+    assert contract_violations(compare_with_reference(program, exported.path, x)) == []
+    pytest.importorskip("tvm")
+    from mpqc.targets import tvm as mtvm
+
+    lowered = mtvm.lower(program, input_shape=tuple(x.shape), expose=["q1", "q2"])
+    for ours, ref in zip(lowered(x), program.run(x)):
+        assert torch.equal(ours, ref)
+    codes = lowered.exposed(x)
+    for name in ("q1", "q2"):
+        assert torch.equal(torch.from_numpy(codes[name]).to(torch.int64), env[name].q), name
 
 
 # --------------------------------------------------------------------------------------------- functional layers

@@ -39,7 +39,8 @@ aten = torch.ops.aten
 
 TESTS = ("tests/test_ops_arith.py::test_arithmetic_is_bit_exact_on_tvm",
          "tests/test_ops_arith.py::test_onnxruntime_agrees_on_arithmetic",
-         "tests/test_ops_arith.py::test_reference_agrees_with_fake_quant")
+         "tests/test_ops_arith.py::test_reference_agrees_with_fake_quant",
+         "tests/test_ops_arith.py::test_float_and_broadcast_operands_on_a_hand_built_program")
 
 
 # --------------------------------------------------------------------------------------------- fx operands
