@@ -6,8 +6,9 @@ Matches:      ``call_function`` nodes of ``F.conv1d`` / ``F.conv2d`` / ``F.linea
               ``aten.convolution`` when it is not transposed and its weight is 3-D or 4-D), whose weight and bias
               (if any) are ``get_attr`` nodes: parameters, buffers or constant tensors of the graph module.
 Rewrites to:  a ``call_module`` node on a new ``nn.Conv1d`` / ``nn.Conv2d`` / ``nn.Linear`` holding those tensors
-              (the same ``Parameter`` objects, moved: the attribute leaves its old owner when no other node reads it;
-              a buffer or constant becomes a ``Parameter`` with ``requires_grad=False``). The module is named after
+              (the same ``Parameter`` objects, moved: the attribute leaves its old owner when no other node reads it
+              and the owner is not itself called; a buffer or constant becomes a ``Parameter`` with
+              ``requires_grad=False``). The module is named after
               the fx node, under the module that owned the weight (``block.conv2d``), in the graph's train/eval
               mode; the node keeps the old node's metadata (shapes from ``capture``). Padding ``"valid"`` becomes 0.
 Requires:     a GraphModule from ``capture``; runs before ``fold_batchnorm`` (``mpqc.pipeline.trace``), so a BatchNorm
@@ -164,6 +165,8 @@ def _drop_unused(gm: fx.GraphModule, value: Any) -> None:
     if any(n.op == "get_attr" and n.target == target for n in gm.graph.nodes):
         return
     owner, _, name = target.rpartition(".")
+    if owner and any(n.op == "call_module" and n.target == owner for n in gm.graph.nodes):
+        return  # the module that owns it is still called (a tied weight): it keeps its attribute
     parent = gm.get_submodule(owner)
     if name in parent._parameters:
         del parent._parameters[name]

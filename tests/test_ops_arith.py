@@ -49,14 +49,18 @@ class Products(nn.Module):
 
 class Scalars(nn.Module):
     """Scalar multiplication and division of integers (negative factors too) and of floats, differences, constants
-    added and subtracted, hardswish written by hand; fused into a requantisation and (through a cat) not."""
+    added and subtracted, hardswish written by hand; fused into a requantisation and (through a cat) not; torch.export's
+    ATen forms when ``export`` (shape-dependent control flow)."""
 
-    def __init__(self):
+    def __init__(self, export: bool = False):
         super().__init__()
+        self.export = export
         self.c1, self.c2, self.c3 = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1), nn.Conv2d(8, 8, 1)
         self.c4, self.fc = nn.Conv2d(16, 4, 1), nn.Linear(64, 5)
 
     def forward(self, x):
+        if self.export and x.shape[-1] > 4:  # torch.fx cannot trace this: capture takes torch.export's path
+            x = x + 0
         a = torch.relu(self.c1(x))
         s = -0.5 * a
         t = self.c2(a) / 6 - 2 * s
@@ -127,6 +131,7 @@ def tiny_densenet() -> nn.Module:
 MODELS = {
     "products": (Products, (2, 3, 8, 8)),
     "scalars": (Scalars, (2, 3, 8, 8)),
+    "scalars_export": (lambda: Scalars(export=True), (2, 3, 8, 8)),
     "functional": (Functional, (2, 3, 8, 8)),
     "functional_export": (lambda: Functional(export=True), (2, 3, 8, 8)),
     "densenet": (tiny_densenet, (2, 3, 32, 32)),
@@ -208,6 +213,16 @@ def test_products_of_integers_are_exact_integers():
         assert isinstance(env[node.name], IntValue) and torch.equal(env[node.name].q, a.q * b.q)
         assert torch.equal(env[node.name].scale, a.scale * b.scale)
     assert not isinstance(env[with_float.name], IntValue)
+
+
+def test_the_export_path_gives_the_same_program_ops():
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 8, 8)
+    exported = capture(Scalars(export=True).eval(), (x,))
+    targets = {n.target for n in exported.graph.nodes if n.op == "call_function"}
+    assert {aten.mul.Tensor, aten.div.Tensor, aten.sub.Tensor, aten.rsub.Scalar, aten.add.Tensor} <= targets
+    ops_of = {name: [node.op for node in _program(name)[1].nodes] for name in ("scalars", "scalars_export")}
+    assert ops_of["scalars_export"] == ["input", "add_const"] + ops_of["scalars"][1:]  # x + 0 first
 
 
 def test_scalar_factors_change_the_scale_of_integers():
@@ -422,7 +437,7 @@ def test_constant_tensors_and_tensor_divisors_are_refused_clearly():
     with pytest.raises(UnsupportedOpError) as error:
         IntegerProgram.check_supported(gm)
     message = str(error.value)
-    assert "multiplication by the constant tensor 'gain'" in message
+    assert "multiplication with a constant tensor operand 'gain'" in message
     assert "division by a tensor (only by a Python number)" in message
 
 

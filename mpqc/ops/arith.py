@@ -75,10 +75,10 @@ def _tensor_operands(gm: GraphModule, what: str, *values: Any) -> list[Node]:
     tensors = [v for v in values if isinstance(v, Node)]
     for v in tensors:
         if v.op == "get_attr":
-            raise Unsupported(f"{what} by the constant tensor {v.target!r} (only a Python number or a graph "
-                              "tensor computed from the inputs)")
+            raise Unsupported(f"{what} with a constant tensor operand {v.target!r} (only a Python number or a "
+                              "graph tensor computed from the inputs)")
         if is_bookkeeping(gm, v):
-            raise Unsupported(f"{what} by the shape value {v.name} (a Python number or a graph tensor only)")
+            raise Unsupported(f"{what} with a shape value {v.name} (only a Python number or a graph tensor)")
     return tensors
 
 
@@ -94,14 +94,17 @@ def _nonnegative_with_constants(node: Node, inputs_nonnegative, positive: bool =
     return ok and inputs_nonnegative()
 
 
-def add_constant(gm: GraphModule, node: Node, *, subtract: bool = False) -> IntNode:
-    """``x + c``, ``c + x`` (``subtract``: ``x - c``, ``c - x``, ATen ``rsub(x, c)``) as an ``add_const`` node."""
+def sum_node(gm: GraphModule, node: Node, *, subtract: bool = False) -> IntNode:
+    """``a + b`` (``subtract``: ``a - b``) of two graph tensors as an ``add`` (``sub``) node; with a Python number
+    ``c``: ``x + c``, ``c + x``, ``x - c``, ``c - x`` (ATen ``rsub(x, c)``) as an ``add_const`` node."""
     what = "subtraction" if subtract else "addition"
     a, b = _operands(node, what)
     if node.target is aten.rsub.Scalar:
         a, b = b, a  # rsub(x, c) = c - x
     tensors = _tensor_operands(gm, what, a, b)
-    if len(tensors) != 1:
+    if len(tensors) == 2:
+        return IntNode(node.name, "sub" if subtract else "add", [a.name, b.name])
+    if not tensors:
         raise Unsupported(f"{what} of two numbers")
     x, constant = (a, b) if isinstance(a, Node) else (b, a)
     c = _number(constant, what)
@@ -233,10 +236,7 @@ class Sub(OpDef):
     numerics_tests = TESTS
 
     def describe(self, gm, node, frozen):
-        a, b = _operands(node, "subtraction")
-        if len(_tensor_operands(gm, "subtraction", a, b)) == 2 and node.target is not aten.rsub.Scalar:
-            return IntNode(node.name, "sub", [a.name, b.name])
-        return add_constant(gm, node, subtract=True)
+        return sum_node(gm, node, subtract=True)
 
     def evaluate(self, program, node, env):
         return dequantize(env[node.inputs[0]]) - dequantize(env[node.inputs[1]])

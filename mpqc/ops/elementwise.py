@@ -15,8 +15,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.fx import Node
 
-from mpqc.ops.arith import add_constant, common_layout
-from mpqc.ops.registry import IntNode, IntValue, OpDef, Unsupported, arg, dequantize, register_op
+from mpqc.ops.arith import common_layout, sum_node
+from mpqc.ops.registry import IntNode, IntValue, OpDef, arg, dequantize, register_op
 
 aten = torch.ops.aten
 
@@ -82,7 +82,7 @@ class Clamp(OpDef):
 
     names = ("clamp",)
     modules = (nn.ReLU6, nn.Hardtanh)  # (nn.ReLU6 subclasses nn.Hardtanh)
-    functions = (F.relu6, F.hardtanh, aten.hardtanh.default)
+    functions = (F.relu6, F.hardtanh, aten.hardtanh.default, aten.relu6.default)
     elementwise = True
     clamps = True
     fuses_into_requantize = True
@@ -94,7 +94,7 @@ class Clamp(OpDef):
         if node.op == "call_module":
             module = gm.get_submodule(node.target)
             return float(module.min_val), float(module.max_val)
-        if node.target is F.relu6:
+        if node.target in (F.relu6, aten.relu6.default):
             return 0.0, 6.0
         return float(arg(node, 1, "min_val", -1.0)), float(arg(node, 2, "max_val", 1.0))
 
@@ -170,11 +170,7 @@ class Add(OpDef):
         return all(isinstance(c, (int, float)) and c >= 0 for c in constants) and inputs_nonnegative()
 
     def describe(self, gm, node, frozen):
-        if not self.is_tensor_add(node):
-            return add_constant(gm, node)  # x + c (alpha and other forms refused there)
-        if any(a.op == "get_attr" for a in node.args):
-            raise Unsupported("addition of a constant tensor (only a Python number or a graph tensor)")
-        return IntNode(node.name, "add", [a.name for a in node.args])
+        return sum_node(gm, node)  # add, or add_const for x + c; constant tensors and alpha refused
 
     def evaluate(self, program, node, env):
         return dequantize(env[node.inputs[0]]) + dequantize(env[node.inputs[1]])
