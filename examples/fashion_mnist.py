@@ -22,7 +22,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import mpqc
@@ -71,11 +71,17 @@ def main() -> None:
                         help="the full recipe: 8 fp32, 3 search and 2 fine-tuning epochs over all the data")
     recipe.add_argument("--smoke", "--quick", dest="recipe", action="store_const", const="smoke",
                         help="smoke run: 2 fp32 epochs, 60 steps per phase, subset")
+    parser.add_argument("--fp32-epochs", type=int, default=None, help="override the recipe's fp32 epochs")
+    parser.add_argument("--steps", type=int, default=None,
+                        help="override the recipe's steps per search / fine-tuning epoch")
     parser.add_argument("--resume", action="store_true")
     parser.add_argument("--force", action="store_true")
     args = parser.parse_args()
     name = args.recipe or "quick-start"
     r = RECIPES[name]
+    if args.fp32_epochs is not None or args.steps is not None:
+        r = replace(r, fp32_epochs=args.fp32_epochs or r.fp32_epochs,
+                    steps_per_epoch=args.steps if args.steps is not None else r.steps_per_epoch)
 
     started = time.perf_counter()
     print(f"recipe {name}: {r}\non {describe_cpu()}")
