@@ -4,7 +4,8 @@
     TVM_NUM_THREADS=2 python3 bench/latency.py --cases resnet20:1 --no-tvm-fp32 --json /tmp/r20.json
 
 Cases (``--cases MODEL:BATCH ...``): torchvision ResNet-18 at 224x224 (batch 1 and 8) and the Fashion-MNIST ResNet-20
-(``examples/models.py``, 1x28x28, batch 1 and 64), each frozen at random mixed 2-8 bits (seeded; random weights, as
+(``examples/models.py``, 1x28x28, batch 1 and 64) by default; also ``mobilenet_v2``, ``mobilenet_v3_small``
+(224x224) and ``mobilenet_se`` (the MobileNetV3-style Fashion-MNIST net: hardswish, squeeze-excitation), each frozen at random mixed 2-8 bits (seeded; random weights, as
 latency does not depend on their values). For each case, median (and min) latency over ``--repeat`` runs after a
 warm-up, every engine on the same number of threads (``TVM_NUM_THREADS``, default 2; ``torch.set_num_threads``),
 each engine in a fresh process of its own, one after the other (TVM's spinning worker threads, PyTorch's OpenMP
@@ -89,6 +90,9 @@ MODELS = {
     "resnet20": (lambda: _examples().resnet20(num_classes=10, in_channels=1), (1, 28, 28)),
     "resnet18": (lambda: torchvision.models.resnet18(num_classes=1000), (3, 224, 224)),
     "mobilenet_v2": (lambda: torchvision.models.mobilenet_v2(num_classes=1000), (3, 224, 224)),
+    # the MobileNetV3-style Fashion-MNIST net (hardswish lookup tables, squeeze-excitation products, depthwise)
+    "mobilenet_se": (lambda: _examples().mobilenet_se(num_classes=10, in_channels=1), (1, 28, 28)),
+    "mobilenet_v3_small": (lambda: torchvision.models.mobilenet_v3_small(num_classes=1000), (3, 224, 224)),
 }
 DEFAULT_CASES = ["resnet18:1", "resnet18:8", "resnet20:1", "resnet20:64"]
 

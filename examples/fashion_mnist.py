@@ -1,8 +1,13 @@
-"""Compile the Fashion-MNIST ResNet-20 to mixed precision under a ~2-bit (2.25) average weight budget.
+"""Compile a Fashion-MNIST model to mixed precision under an average weight-bits budget.
 
     python examples/fashion_mnist.py --out runs/fmnist                 # quick start: under 10 minutes on 2 cores
     python examples/fashion_mnist.py --out runs/fmnist-full --full     # the full recipe (~30-60 minutes)
     python examples/fashion_mnist.py --out runs/smoke --smoke          # a few minutes, small subset
+    python examples/fashion_mnist.py --model mobilenet-se --avg-bits 4 --act-bits 8 --full --out runs/mbse
+
+The models (``MODELS``): ``resnet20`` (the default, at 2.25 bits per weight) and ``mobilenet-se``, a
+MobileNetV3-style net (hardswish as lookup tables, squeeze-excitation products, depthwise convs; see
+``examples/models.py``). ``--act-bits 8`` fixes every activation at 8 bits (A8) instead of learning 2-8.
 
 Trains the fp32 baseline once (cached under ~/.cache/mpqc/fp32), then runs mpqc.compile with DQ under
 WeightMemory(params * avg_bits / 8), saves the run (report.json, bits.png, program.json/.pt, checkpoints) and
@@ -17,7 +22,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import mpqc
@@ -27,7 +32,9 @@ from mpqc.pretrain import cached_fp32
 from mpqc.report import format_report, human_bytes
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from models import resnet20  # noqa: E402
+from models import mobilenet_se, resnet20  # noqa: E402
+
+MODELS = {"resnet20": resnet20, "mobilenet-se": mobilenet_se}
 
 
 @dataclass(frozen=True)
@@ -56,30 +63,42 @@ def main() -> None:
     parser.add_argument("--avg-bits", type=float, default=2.25,
                         help="weight budget as average bits per weight (2.0 would force every layer to 2 bits)")
     parser.add_argument("--method", default="dq", choices=sorted(mpqc.METHODS))
+    parser.add_argument("--model", default="resnet20", choices=sorted(MODELS))
+    parser.add_argument("--act-bits", type=int, default=None,
+                        help="fix every activation quantizer at this many bits (default: learn 2-8)")
     recipe = parser.add_mutually_exclusive_group()
     recipe.add_argument("--full", dest="recipe", action="store_const", const="full",
                         help="the full recipe: 8 fp32, 3 search and 2 fine-tuning epochs over all the data")
     recipe.add_argument("--smoke", "--quick", dest="recipe", action="store_const", const="smoke",
                         help="smoke run: 2 fp32 epochs, 60 steps per phase, subset")
+    parser.add_argument("--fp32-epochs", type=int, default=None, help="override the recipe's fp32 epochs")
+    parser.add_argument("--steps", type=int, default=None,
+                        help="override the recipe's steps per search / fine-tuning epoch")
     parser.add_argument("--resume", action="store_true")
     parser.add_argument("--force", action="store_true")
     args = parser.parse_args()
     name = args.recipe or "quick-start"
     r = RECIPES[name]
+    if args.fp32_epochs is not None or args.steps is not None:
+        r = replace(r, fp32_epochs=args.fp32_epochs or r.fp32_epochs,
+                    steps_per_epoch=args.steps if args.steps is not None else r.steps_per_epoch)
 
     started = time.perf_counter()
     print(f"recipe {name}: {r}\non {describe_cpu()}")
-    model = cached_fp32(resnet20, "fashion-mnist", epochs=r.fp32_epochs, subset=r.subset)
+    model = cached_fp32(MODELS[args.model], "fashion-mnist", epochs=r.fp32_epochs, subset=r.subset)
     train_loader, val_loader = loaders("fashion-mnist", batch_size=128, subset=r.subset, val_subset=r.val_subset)
     params = sum(m.weight.numel() for m in model.modules() if hasattr(m, "weight") and m.weight is not None
                  and m.weight.dim() > 1)
     budget = mpqc.WeightMemory(params * args.avg_bits / 8)
-    print(f"ResNet-20: {params:,} weights; budget {human_bytes(budget.limit)} = {args.avg_bits} bits/weight")
+    print(f"{args.model}: {params:,} weights; budget {human_bytes(budget.limit)} = {args.avg_bits} bits/weight")
+    quantizers = mpqc.QuantizerConfig() if args.act_bits is None else mpqc.QuantizerConfig(
+        activation_bits=mpqc.BitRange(args.act_bits, args.act_bits), residual_bits=args.act_bits)
 
     config = mpqc.CompileConfig(
         search=mpqc.TrainConfig(epochs=r.search_epochs, max_steps_per_epoch=r.steps_per_epoch),
         finetune=mpqc.TrainConfig(epochs=r.finetune_epochs, max_steps_per_epoch=r.steps_per_epoch,
                                   lr=0.005, penalty_weight=0.0, distill=True),
+        quantizers=quantizers,
     )
     example = next(iter(val_loader))[0][:2]
     result = mpqc.compile(model, example, budget=budget, data=(train_loader, val_loader), method=args.method,

@@ -11,6 +11,8 @@ This file is loaded by path (``examples/models.py:resnet20``); it imports nothin
 torch.Size([2, 10])
 >>> small_cnn()(torch.zeros(2, 1, 8, 8)).shape
 torch.Size([2, 10])
+>>> mobilenet_se()(torch.zeros(2, 1, 28, 28)).shape
+torch.Size([2, 10])
 """
 from __future__ import annotations
 
@@ -110,6 +112,75 @@ class SmallCNN(nn.Module):
 def small_cnn(num_classes: int = 10, in_channels: int = 1) -> nn.Module:
     """A tiny CNN for fast tests on 8x8 digits (works on any input of at least 2x2)."""
     return SmallCNN(num_classes=num_classes, in_channels=in_channels)
+
+
+class SqueezeExcite(nn.Module):
+    """Squeeze-excitation (MobileNetV3): ``x * hardsigmoid(fc2(relu(fc1(mean(x)))))``, the fcs as 1x1 convs."""
+
+    def __init__(self, channels: int, reduced: int) -> None:
+        super().__init__()
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc1, self.relu = nn.Conv2d(channels, reduced, 1), nn.ReLU()
+        self.fc2, self.gate = nn.Conv2d(reduced, channels, 1), nn.Hardsigmoid()
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x * self.gate(self.fc2(self.relu(self.fc1(self.pool(x)))))
+
+
+class InvertedResidual(nn.Module):
+    """MobileNetV3's block: 1x1 expand-bn-hardswish, 3x3 depthwise-bn-hardswish, optional squeeze-excitation,
+    1x1 project-bn, and the identity shortcut where the shape allows."""
+
+    def __init__(self, in_channels: int, expanded: int, out_channels: int, stride: int, se: bool) -> None:
+        super().__init__()
+        self.expand, self.bn1 = _conv_bn(in_channels, expanded, 1)
+        self.act1 = nn.Hardswish()
+        self.depthwise = nn.Conv2d(expanded, expanded, 3, stride, padding=1, groups=expanded, bias=False)
+        self.bn2, self.act2 = nn.BatchNorm2d(expanded), nn.Hardswish()
+        self.se = SqueezeExcite(expanded, max(8, expanded // 4)) if se else nn.Identity()
+        self.project, self.bn3 = _conv_bn(expanded, out_channels, 1)
+        self.shortcut = stride == 1 and in_channels == out_channels
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = self.act1(self.bn1(self.expand(x)))
+        y = self.se(self.act2(self.bn2(self.depthwise(y))))
+        y = self.bn3(self.project(y))
+        return x + y if self.shortcut else y
+
+
+class MobileNetSE(nn.Module):
+    """A MobileNetV3-style net for 28x28 grey images: hardswish, depthwise convs, squeeze-excitation.
+
+    Stem 3x3 stride 2 (16 channels, hardswish) to 14x14; five inverted-residual blocks (16 -> 16 with SE, 24 at
+    7x7, 24, 40 at 4x4 with SE, 40 with SE); 1x1 head (128 channels, hardswish), global average pool, linear.
+    About 60 k parameters."""
+
+    def __init__(self, num_classes: int = 10, in_channels: int = 1) -> None:
+        super().__init__()
+        self.stem, self.stem_bn = _conv_bn(in_channels, 16, 3, stride=2)
+        self.stem_act = nn.Hardswish()
+        self.blocks = nn.Sequential(
+            InvertedResidual(16, 32, 16, 1, se=True),
+            InvertedResidual(16, 64, 24, 2, se=False),
+            InvertedResidual(24, 72, 24, 1, se=False),
+            InvertedResidual(24, 96, 40, 2, se=True),
+            InvertedResidual(40, 120, 40, 1, se=True),
+        )
+        self.head, self.head_bn = _conv_bn(40, 128, 1)
+        self.head_act = nn.Hardswish()
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(128, num_classes)
+        _init_weights(self)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.blocks(self.stem_act(self.stem_bn(self.stem(x))))
+        x = self.head_act(self.head_bn(self.head(x)))
+        return self.fc(torch.flatten(self.pool(x), 1))
+
+
+def mobilenet_se(num_classes: int = 10, in_channels: int = 1) -> nn.Module:
+    """The MobileNetV3-style net of the second Fashion-MNIST example (hardswish, SE, depthwise convs)."""
+    return MobileNetSE(num_classes=num_classes, in_channels=in_channels)
 
 
 def _init_weights(model: nn.Module) -> None:

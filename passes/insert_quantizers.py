@@ -15,7 +15,9 @@ Ensures:    every quantized layer node has ``node.meta[INPUT_QUANTIZER_META]`` =
             quantizer ranges are initialised from calibration data (``calibration_inputs``).
             A residual add whose result (after ReLU/clamp) is not itself a layer's input, and the float input
             of an average pool, get a fixed ``residual_bits`` quantizer (``act_quantizers.<node>_out``), so the
-            integer program never sums floats.
+            integer program never sums floats. So do the operands other ops need as codes (the op registry's
+            ``quantized_inputs`` / ``quantized_output``: a lookup table's input and output, a product's factors)
+            where they are not codes already.
             With ``first_last="fixed"`` the first layer (weight and input) and the last layer (weight) are
             ``FixedQuantizer``s at ``first_last_bits``.
 """
@@ -110,8 +112,10 @@ def insert_quantizers(
     for node, source in sources.items():
         if not isinstance(source, Node):
             raise MpqcError(f"layer input is not a graph value: {node.format_node()}")
-    residual_ends = _requantize_points(gm, layers, set(sources.values()))
-    stats = _calibrate(gm, set(sources.values()) | set(residual_ends), calibration_inputs)
+    operands = _operand_points(gm, set(sources.values()))
+    residual_ends = _requantize_points(gm, layers, set(sources.values()) | set(operands))
+    fixed_points = operands + [end for end in residual_ends if end not in operands]
+    stats = _calibrate(gm, set(sources.values()) | set(fixed_points), calibration_inputs)
     gm.add_submodule(ACT_QUANTIZERS, nn.ModuleDict())
     quantizer_of: dict[Node, str] = {}
     first, last = layers[0], layers[-1]
@@ -126,7 +130,7 @@ def insert_quantizers(
         signed, dynamic_range = signed_and_range(source)
         return FixedQuantizer(bits, signed, torch.tensor([dynamic_range / positive_levels(bits, signed)]))
 
-    for end in residual_ends:
+    for end in fixed_points:
         quantizer_of[end] = _quantize_tensor(gm, end, f"{end.name}_out", fixed_quantizer(end, config.residual_bits))
 
     for node in layers:
@@ -188,6 +192,31 @@ def _requantize_points(gm: GraphModule, layers: list[Node], quantized_sources: s
         elif ops.has_property(gm, node, "averages") and isinstance(node.args[0], Node):
             if not _is_integer_valued(gm, node.args[0], set(layers) | quantized_sources):
                 add(node.args[0])
+    return points
+
+
+def _operand_points(gm: GraphModule, layer_sources: set[Node]) -> list[Node]:
+    """Tensors a non-layer op needs as b-bit codes (the op registry's ``quantized_inputs`` and
+    ``quantized_output``): a lookup table's input and output, the factors of a product. Those already codes (a
+    layer's quantized input, seen through ops that keep integers) get none; a layer's int32 accumulator is not
+    codes, so it gets one."""
+    codes = set(layer_sources)
+    points: list[Node] = []
+
+    def add(node: Node) -> None:
+        if not _is_integer_valued(gm, node, codes):
+            codes.add(node)
+            points.append(node)
+
+    for node in gm.graph.nodes:
+        op = ops.op_of(gm, node)
+        if op is None or op.is_layer:
+            continue
+        for index in op.quantized_inputs:
+            if index < len(node.args) and isinstance(node.args[index], Node):
+                add(node.args[index])
+        if op.quantized_output:
+            add(node)
     return points
 
 

@@ -9,9 +9,9 @@ family in the registry (``mpqc.ops.describe``); shape queries and unused modules
 ``attrs["region"] = {"steps": [...], "leaves": [...]}``: its *fused sub-expression*, the program nodes whose float
 values it computes itself in units of its scale (``steps``: ops with ``fuses_into_requantize`` -- add, relu,
 clamp, max_pool2d, flatten -- whose value is a float, in program order), over ``leaves`` (integer values, or float
-values of other ops). Whether a value is integer is known statically: ``quantize`` and layers make integers, ops
-with ``keeps_integers`` keep them (``OpDef.output_is_integer``: a product of two integers is one), every other
-op makes floats (``integer_values``).
+values of other ops). Whether a value is integer is known statically: ``quantize``, layers and ops whose output is
+quantized (lookup tables) make integers, ops with ``keeps_integers`` keep them (``OpDef.output_is_integer``: a
+product of two integers is one), every other op makes floats (``integer_values``).
 
 *Ensures*: nodes the registry cannot express are listed all at once in one :class:`UnsupportedOpError`, each with
 its fx node; every layer reads a ``quantize`` node; the reference (``mpqc/reference.py``) and the TVM target
@@ -85,7 +85,7 @@ def integer_values(nodes: list[IntNode]) -> set[str]:
     integer: set[str] = set()
     for node in nodes:
         op = ops.op_named(node.op)
-        if node.op == "quantize" or (op is not None and op.is_layer):
+        if node.op == "quantize" or (op is not None and (op.is_layer or op.quantized_output)):
             integer.add(node.name)
         elif op is not None and op.output_is_integer(node, [name in integer for name in node.inputs]):
             integer.add(node.name)

@@ -7,7 +7,7 @@ from mpqc.ops.registry import (IntNode, IntValue, OpDef, Unsupported, all_ops, d
                                is_bookkeeping, is_nonnegative, keeps_zero, layer_ops, module_op, op_named, op_of,
                                register_op)
 # (importing them registers the families)
-from mpqc.ops import quantize, layers, arith, batchnorm, elementwise, pooling, shape  # noqa: E402,F401
+from mpqc.ops import quantize, layers, arith, batchnorm, elementwise, pooling, shape, lookup  # noqa: E402,F401
 
 __all__ = ["IntNode", "IntValue", "OpDef", "Unsupported", "all_ops", "dequantize", "describe", "has_property",
            "is_bookkeeping", "is_nonnegative", "keeps_zero", "layer_ops", "module_op", "op_named", "op_of",

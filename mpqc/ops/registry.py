@@ -10,8 +10,9 @@ An ``OpDef`` holds everything mpqc knows about one family of graph nodes:
   ``sign`` (``"nonnegative"``, ``"preserving"`` or ``"signed"``), ``keeps_zero`` (maps 0 to 0 channel by channel:
   channel pruning may look through it), ``elementwise``, ``clamps`` (an elementwise clamp a residual add's quantizer
   moves past), ``averages`` (an average pool: its input must be integer), ``fuses_into_requantize`` (a float op a
-  ``quantize`` node computes inside its requantisation region), ``keeps_shape``, ``is_layer`` and
-  ``quantized_inputs`` (the inputs that get activation quantizers);
+  ``quantize`` node computes inside its requantisation region), ``keeps_shape``, ``is_layer``,
+  ``quantized_inputs`` (the inputs that must be b-bit codes: they get activation quantizers where they are not
+  codes already) and ``quantized_output`` (its output gets one: a lookup table maps codes to codes);
 * its *program ops* (``names``: the ``IntNode.op`` values it produces) and ``describe`` (fx node -> ``IntNode``);
 * its *integer semantics*: ``evaluate`` (the reference; ``mpqc/reference.py`` runs it) and ``requantize_step``
   (its meaning inside a requantisation region);
@@ -90,6 +91,7 @@ class OpDef:
     keeps_shape: ClassVar[bool] = False
     is_layer: ClassVar[bool] = False
     quantized_inputs: ClassVar[tuple[int, ...]] = ()  # input positions that get an activation quantizer
+    quantized_output: ClassVar[bool] = False  # its output gets an activation quantizer (a lookup table's codes)
     #: tests (``tests/<file>.py::<function>``) that check its numerics against the reference in every backend
     numerics_tests: ClassVar[tuple[str, ...]] = ()
 

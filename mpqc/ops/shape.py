@@ -149,10 +149,10 @@ class DataMovement(OpDef):
 
 @register_op
 class NonNegativeActivation(OpDef):
-    """Sigmoid, hardsigmoid, softmax: nonnegative outputs (the sign inference needs it); no semantics yet."""
+    """Softmax: nonnegative outputs (the sign inference needs it); no semantics yet (sigmoid and hardsigmoid are
+    lookup tables: ``mpqc/ops/lookup.py``)."""
 
-    modules = (nn.Sigmoid, nn.Hardsigmoid, nn.Softmax)
-    functions = (torch.sigmoid, torch.nn.functional.sigmoid, torch.nn.functional.hardsigmoid,
-                 torch.nn.functional.softmax, aten.sigmoid.default, aten.hardsigmoid.default)
-    methods = ("sigmoid",)
+    modules = (nn.Softmax,)
+    functions = (torch.nn.functional.softmax, torch.softmax, aten._softmax.default, aten.softmax.int)
+    methods = ("softmax",)
     sign = "nonnegative"
