@@ -133,6 +133,10 @@ class Mul(OpDef):
     def zero_preserving(self, gm, node):
         return sum(isinstance(a, Node) for a in node.args) == 1  # x * c: 0 stays 0 in every channel
 
+    def quantized_operands(self, gm, node):
+        tensors = [a for a in node.args if isinstance(a, Node)]
+        return tensors if len(tensors) == 2 else []  # x * c is a scale change: integer or float, no codes needed
+
     def describe(self, gm, node, frozen):
         a, b = _operands(node, "multiplication")
         tensors = _tensor_operands(gm, "multiplication", a, b)

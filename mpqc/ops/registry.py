@@ -104,6 +104,12 @@ class OpDef:
             return inputs_nonnegative()
         return False
 
+    def quantized_operands(self, gm: GraphModule, node: Node) -> list[Node]:
+        """The operands of ``node`` that must be b-bit codes (an activation quantizer where they are not codes
+        already): the graph tensors at ``quantized_inputs``. A family whose need depends on the call overrides it
+        (``Mul``: both factors of a product of two tensors; none for a tensor times a number, a scale change)."""
+        return [node.args[i] for i in self.quantized_inputs if i < len(node.args) and isinstance(node.args[i], Node)]
+
     def zero_preserving(self, gm: GraphModule, node: Node) -> bool:
         """Whether ``node`` maps 0 to 0 (channel pruning looks through it)."""
         return self.keeps_zero
