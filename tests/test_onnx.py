@@ -14,7 +14,7 @@ from torch import nn
 
 import mpqc
 from conftest import example_models, freeze_at_random_bits, quantized_graph, randomize_batchnorm
-from test_ops_arith import AllArith
+from test_ops_arith import AllArith, SqueezeExcite
 from mpqc.cli import main
 from mpqc.errors import UnsupportedOpError
 from mpqc.quantizers import BitRange
@@ -93,6 +93,7 @@ MODELS = {
     "reductions": (Reductions, (4, 3, 8, 8)),
     "padded_pools": (PaddedPools, (4, 3, 9, 9)),
     "arith": (AllArith, (4, 3, 8, 8)),  # mul, scale, sub, add_const, batch_norm (tests/test_ops_arith.py)
+    "squeeze_excite": (SqueezeExcite, (4, 3, 8, 8)),  # x * sigmoid(...): a lookup table times codes
 }
 
 
