@@ -64,9 +64,10 @@ def _operands(node: Node, what: str) -> tuple[Any, Any]:
 def _number(value: Any, what: str) -> float:
     """A Python int/float operand as a float; anything else refused."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise Unsupported(f"{what} by {type(value).__name__} {value!r} (a Python number or a graph tensor only)")
+        raise Unsupported(f"{what} with the {type(value).__name__} operand {value!r} (only a Python number or a "
+                          "graph tensor)")
     if not math.isfinite(value):
-        raise Unsupported(f"{what} by {value!r}")
+        raise Unsupported(f"{what} with {value!r}")
     return float(value)
 
 
