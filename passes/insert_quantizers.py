@@ -196,7 +196,7 @@ def _requantize_points(gm: GraphModule, layers: list[Node], quantized_sources: s
 
 
 def _operand_points(gm: GraphModule, layer_sources: set[Node]) -> list[Node]:
-    """Tensors a non-layer op needs as b-bit codes (the op registry's ``quantized_inputs`` and
+    """Tensors a non-layer op needs as b-bit codes (the op registry's ``quantized_operands`` and
     ``quantized_output``): a lookup table's input and output, the factors of a product. Those already codes (a
     layer's quantized input, seen through ops that keep integers) get none; a layer's int32 accumulator is not
     codes, so it gets one."""
@@ -212,9 +212,8 @@ def _operand_points(gm: GraphModule, layer_sources: set[Node]) -> list[Node]:
         op = ops.op_of(gm, node)
         if op is None or op.is_layer:
             continue
-        for index in op.quantized_inputs:
-            if index < len(node.args) and isinstance(node.args[index], Node):
-                add(node.args[index])
+        for operand in op.quantized_operands(gm, node):
+            add(operand)
         if op.quantized_output:
             add(node)
     return points
