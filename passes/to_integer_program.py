@@ -86,8 +86,8 @@ def integer_values(nodes: list[IntNode]) -> set[str]:
         op = ops.op_named(node.op)
         if node.op == "quantize" or (op is not None and op.is_layer):
             integer.add(node.name)
-        elif op is not None and op.keeps_integers and node.inputs and node.inputs[0] in integer:
-            integer.add(node.name)
+        elif op is not None and op.keeps_integers and node.inputs and all(i in integer for i in node.inputs):
+            integer.add(node.name)  # (every input: a cat of an integer and a float value is a float value)
     return integer
 
 

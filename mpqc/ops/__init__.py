@@ -6,7 +6,8 @@ Importing this package registers the families below; passes and targets ask the 
 from mpqc.ops.registry import (IntNode, IntValue, OpDef, Unsupported, all_ops, dequantize, describe, has_property,
                                is_bookkeeping, is_nonnegative, keeps_zero, layer_ops, module_op, op_named, op_of,
                                register_op)
-from mpqc.ops import quantize, layers, elementwise, pooling, shape  # noqa: E402,F401  (registers the families)
+from mpqc.ops import (quantize, layers, elementwise, movement, indexing, concat, pooling, adaptive,  # noqa: E402,F401
+                      reduce, shape)  # (importing them registers the families)
 
 __all__ = ["IntNode", "IntValue", "OpDef", "Unsupported", "all_ops", "dequantize", "describe", "has_property",
            "is_bookkeeping", "is_nonnegative", "keeps_zero", "layer_ops", "module_op", "op_named", "op_of",

@@ -212,7 +212,26 @@ def is_bookkeeping(gm: GraphModule, node: Node) -> bool:
     op = op_of(gm, node)
     if op is not None and op.bookkeeping:
         return True
-    return node.op == "call_module" and not node.users
+    return (node.op == "call_module" and not node.users) or _shape_arithmetic(gm, node)
+
+
+def _shape_arithmetic(gm: GraphModule, node: Node) -> bool:
+    """Whether ``node`` computes on shape queries only (``x.size()[1] // 2``): a getitem, ``//``, ``*`` ... whose
+    inputs all lead back to shape queries, never to a tensor (a value with ``tensor_meta``) or a graph input."""
+    stack, seen = [node], set()
+    while stack:
+        current = stack.pop()
+        if current in seen:
+            continue
+        seen.add(current)
+        op = op_of(gm, current)
+        if op is not None and op.bookkeeping:
+            continue
+        if current.op not in ("call_function", "call_method") or not current.all_input_nodes \
+                or current.meta.get("tensor_meta") is not None:
+            return False
+        stack.extend(current.all_input_nodes)
+    return True
 
 
 def is_nonnegative(gm: GraphModule, node: Node) -> bool:

@@ -1,0 +1,224 @@
+"""Data movement (``mpqc/ops/movement.py``, ``indexing.py``, ``concat.py``) and pools (``pooling.py``,
+``adaptive.py``) in the integer program: at random mixed 2-8 bits, TVM is bit-exact with the reference at every
+quantize node, onnxruntime agrees within 1 LSB, the fake-quant graph agrees step by step; scales move with their
+channels; what cannot be exact is refused with the node's name."""
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TVM_NUM_THREADS", "2")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+import torchvision  # noqa: E402
+from torch import nn  # noqa: E402
+
+from conftest import freeze_at_random_bits, quantized_graph, randomize_batchnorm  # noqa: E402
+from mpqc.errors import MpqcError, UnsupportedOpError  # noqa: E402
+from mpqc.reference import IntegerProgram, IntValue  # noqa: E402
+from test_reference import _fake_quant_codes  # noqa: E402
+
+
+# --------------------------------------------------------------------------------------------- models
+class ShuffleNetBlocks(nn.Module):
+    """torchvision's ShuffleNetV2 units (chunk, cat, view/transpose/contiguous/view channel shuffle), then
+    ``nn.ChannelShuffle``."""
+
+    def __init__(self):
+        super().__init__()
+        from torchvision.models.shufflenetv2 import InvertedResidual
+
+        self.stem = nn.Sequential(nn.Conv2d(3, 16, 3, 2, 1, bias=False), nn.BatchNorm2d(16), nn.ReLU())
+        self.down, self.unit = InvertedResidual(16, 32, 2), InvertedResidual(32, 32, 1)
+        self.shuffle, self.head, self.fc = nn.ChannelShuffle(4), nn.Conv2d(32, 16, 1), nn.Linear(16, 5)
+
+    def forward(self, x):
+        y = self.head(self.shuffle(self.unit(self.down(self.stem(x)))))
+        return self.fc(y.mean([2, 3]))
+
+
+class Movement(nn.Module):
+    """Integer values moved: cat of two differently scaled quantized values and an accumulator (per-channel
+    scales), a 5-d view/permute/reshape, slicing with a step, constant padding (the channel dim too), stack,
+    flatten(1, 2), transpose and indexing with ``...``/``None``/ints."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.c2, self.c3 = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1), nn.Conv2d(8, 4, 1)
+        self.c4, self.pad = nn.Conv2d(16, 8, 3), nn.ZeroPad2d((0, 1, 1, 0))
+        self.fc = nn.Linear(4 * 5 * 5 + 8 * 4, 5)
+
+    def forward(self, x):
+        n = x.size(0)
+        a = torch.relu(self.c1(x))  # quantized for c2 and c3
+        b = torch.relu(self.c2(a))  # an accumulator
+        c = self.c3(a)  # an accumulator of another scale
+        j = torch.cat([a, b, c], 1)  # [n, 20, 10, 10]
+        j = j[:, 2:18].view(n, 4, 4, 10, 10).permute(0, 2, 1, 3, 4).reshape(n, 16, 10, 10)
+        p = self.pad(F.pad(j[:, :, 1:, ::2], (1, 0, 0, 1)))  # [n, 16, 11, 7]
+        s = torch.stack([p[:, :8], p[:, 8:]], 2).flatten(1, 2)  # [n, 16, 11, 7]
+        y = self.c4(s)  # [n, 8, 9, 5]
+        z = y.transpose(2, 3)[..., None, 1:5, 0]  # [n, 8, 1, 4]: ..., None, a slice, an int
+        w = F.pad(torch.relu(y), (0, 0, 0, 0, 1, 1))[:, 2:6, ::2]  # channel padding: [n, 4, 5, 5]
+        return self.fc(torch.cat([w.flatten(1), z[:, :, 0].flatten(1)], 1))
+
+
+class FloatSteps(nn.Module):
+    """Movement of float values (ReLU6 outputs): every op as a step of the quantize node's region, a padding value
+    that is not 0, a cat of an integer and a float value."""
+
+    def __init__(self):
+        super().__init__()
+        self.c0, self.c1, self.c2 = nn.Conv2d(3, 12, 3, padding=1), nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(16, 8, 3)
+        self.fc = nn.Linear(8 * 3 * 4, 5)
+
+    def forward(self, x):
+        a = F.relu6(self.c1(x))  # float [n, 8, 8, 8]
+        b = torch.relu(self.c0(x))  # integer [n, 12, 8, 8]
+        u, v = a.chunk(2, 1)
+        m = torch.cat([v, b[:, 4:], u], 1)  # a float cat with an integer part
+        m = F.channel_shuffle(m, 2).transpose(2, 3).reshape(-1, 16, 8, 8)
+        m = F.pad(m, (1, 1, 1, 1), value=0.5)
+        q, r = torch.split(m, [6, 10], 1)
+        m = torch.stack([q[:, :4], r[:, :4]], 1).flatten(1, 2)[:, :, 1:, 2:]  # [n, 8, 9, 8]
+        m = torch.cat([m, torch.relu(m)], 1)
+        y = F.relu6(self.c2(m))  # [n, 8, 7, 6]
+        return self.fc(y[:, :, ::3, 1:5].flatten(1))
+
+
+class Pools2d(nn.Module):
+    """Adaptive average pooling to sizes whose windows differ and overlap and to a divisor of the input, adaptive
+    max pooling on integers and (ReLU6) floats, average pools with ceil_mode / count_include_pad both ways."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.c2 = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1)
+        self.aap, self.aap_even, self.amp = nn.AdaptiveAvgPool2d((3, 4)), nn.AdaptiveAvgPool2d(5), \
+            nn.AdaptiveMaxPool2d((4, 3))
+        self.ap = nn.AvgPool2d(3, 2, 1, ceil_mode=True, count_include_pad=True)
+        self.fc = nn.Linear(8 * (12 + 25 + 12 + 12 + 36 + 16), 5)
+
+    def forward(self, x):
+        a = torch.relu(self.c1(x))  # [n, 8, 10, 10]
+        f = F.relu6(self.c2(a))  # float
+        parts = [self.aap(a), self.aap_even(a), self.amp(a), F.adaptive_max_pool2d(f, (3, 4)),
+                 self.ap(a)[:, :, :6, :6], F.avg_pool2d(f, 3, 3, 1, ceil_mode=True, count_include_pad=False)]
+        return self.fc(torch.cat([p.flatten(1) for p in parts], 1))
+
+
+class Pools1d(nn.Module):
+    """MaxPool1d (padding, dilation, ceil_mode), AvgPool1d both ways, AdaptiveAvgPool1d/AdaptiveMaxPool1d to sizes
+    that do not divide the input."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv1d(2, 6, 3, padding=1)
+        self.mp, self.ap = nn.MaxPool1d(3, 2, 1, dilation=2, ceil_mode=True), nn.AvgPool1d(3, 2, 1, ceil_mode=True)
+        self.aap, self.amp = nn.AdaptiveAvgPool1d(5), nn.AdaptiveMaxPool1d(7)
+        self.fc = nn.Linear(6 * (8 + 9 + 5 + 7 + 6), 3)
+
+    def forward(self, x):
+        a = torch.relu(self.c1(x))  # [n, 6, 17]
+        parts = [self.mp(a), self.ap(a), self.aap(a), self.amp(F.relu6(a)),
+                 F.avg_pool1d(a, 4, 3, 2, count_include_pad=False)]
+        return self.fc(torch.cat([p.flatten(1) for p in parts], 1))
+
+
+MOVEMENT_MODELS = {
+    "shufflenet_blocks": (ShuffleNetBlocks, (2, 3, 32, 32)),
+    "movement": (Movement, (2, 3, 10, 10)),
+    "float_steps": (FloatSteps, (2, 3, 8, 8)),
+}
+POOL_MODELS = {"pools2d": (Pools2d, (2, 3, 10, 10)), "pools1d": (Pools1d, (2, 2, 17))}
+MODELS = {**MOVEMENT_MODELS, **POOL_MODELS}
+
+
+SEEDS = {"pools1d": 4}  # (two layers: a seed that draws 3+ distinct bit-widths for their 4 quantizers)
+
+
+def program_of(name: str):
+    """The model's fake-quant graph frozen at random mixed 2-8 bits, its program and an input."""
+    seed = SEEDS.get(name, 3)
+    torch.manual_seed(0)
+    build, shape = MODELS[name]
+    x = torch.randn(shape)
+    gm, _ = quantized_graph(randomize_batchnorm(build()), x)
+    gm, chosen = freeze_at_random_bits(gm, seed=seed)
+    assert len(set(chosen.values())) > 2, "the test needs really mixed bit-widths"
+    return gm, IntegerProgram.from_graph(gm), x
+
+
+# --------------------------------------------------------------------------------------------- checks
+def assert_bit_exact_on_tvm(program: IntegerProgram, x: torch.Tensor) -> None:
+    mtvm = pytest.importorskip("mpqc.targets.tvm")
+    quantizers = [node.name for node in program.nodes if node.op == "quantize"]
+    lowered = mtvm.lower(program, input_shape=tuple(x.shape), expose=quantizers)
+    assert not lowered.inexact
+    assert torch.equal(lowered(x), program.run(x))
+    env, codes = program.run_all(x), lowered.exposed(x)
+    for name in quantizers:
+        assert torch.equal(torch.from_numpy(codes[name]).to(torch.int64), env[name].q), f"{name}: codes differ"
+
+
+def assert_agrees_with_onnxruntime(program: IntegerProgram, x: torch.Tensor, tmp_path) -> None:
+    from mpqc.targets.onnx import export_onnx
+    from mpqc.targets.onnx_check import compare_with_reference, contract_violations
+
+    exported = export_onnx(program, tmp_path / "model.onnx", input_shapes=[tuple(x.shape)])
+    x2 = 1.5 * torch.randn(x.shape, generator=torch.Generator().manual_seed(7))
+    agreement = compare_with_reference(program, exported.path, x2)
+    assert contract_violations(agreement) == [], agreement
+    for stats in agreement["quantizers"].values():
+        assert stats["max_lsb"] <= 1 and stats["end_to_end_max_lsb"] <= 1, stats
+
+
+def assert_agrees_with_fake_quant(gm, program: IntegerProgram, x: torch.Tensor) -> None:
+    """Step by step (the reference re-run on the fake-quant codes): every code within 1 LSB; the outputs close."""
+    codes, fake = _fake_quant_codes(gm, x)
+    stepwise = {node.name: x for node in program.nodes if node.op == "input"}
+    flips = total = 0
+    for node in program.nodes:
+        if node.op == "input":
+            continue
+        value = program.step(node, stepwise)
+        if node.name in codes:
+            diff = (value.q - codes[node.name]).abs()
+            assert int(diff.max()) <= 1, f"{node.name}: {int(diff.max())} LSB from the fake-quant graph"
+            flips, total = flips + int((diff > 0).sum()), total + diff.numel()
+            value = IntValue(codes[node.name], value.scale)
+        stepwise[node.name] = value
+    assert total and flips / total < 5e-3, f"{flips}/{total} codes flipped"
+    with torch.no_grad():
+        assert (program.run(x) - fake).abs().max() <= 0.05 * fake.abs().max()
+
+
+# --------------------------------------------------------------------------------------------- numerics
+@pytest.mark.parametrize("name", list(MOVEMENT_MODELS))
+def test_movement_is_bit_exact_on_tvm(name):
+    _, program, x = program_of(name)
+    assert_bit_exact_on_tvm(program, x)
+
+
+@pytest.mark.parametrize("name", list(MOVEMENT_MODELS))
+def test_movement_agrees_with_onnxruntime(name, tmp_path):
+    _, program, x = program_of(name)
+    assert_agrees_with_onnxruntime(program, x, tmp_path)
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_movement_agrees_with_the_fake_quant_graph(name):
+    gm, program, x = program_of(name)
+    assert_agrees_with_fake_quant(gm, program, x)
+
+
+@pytest.mark.parametrize("name", list(POOL_MODELS))
+def test_pools_are_bit_exact_on_tvm(name):
+    _, program, x = program_of(name)
+    assert_bit_exact_on_tvm(program, x)
+
+
+@pytest.mark.parametrize("name", list(POOL_MODELS))
+def test_pools_agree_with_onnxruntime(name, tmp_path):
+    _, program, x = program_of(name)
+    assert_agrees_with_onnxruntime(program, x, tmp_path)
