@@ -28,7 +28,7 @@ from torch import nn
 
 from mpqc.ops.movement import compact_scale, traced_shape
 from mpqc.ops.pooling import (_TESTS, POOL_TESTS, check_uniform, integer_input, on_2d_view, relax_on_2d_view,
-                              window_te)
+                              window_te, windows)
 from mpqc.ops.registry import IntNode, IntValue, OpDef, Unsupported, arg, op_of, pair, register_op
 
 aten = torch.ops.aten
@@ -39,12 +39,17 @@ def adaptive_bounds(size: int, out: int) -> list[tuple[int, int]]:
     return [((i * size) // out, -((-(i + 1) * size) // out)) for i in range(out)]
 
 
-def window_grid(node: IntNode, height: int, width: int) -> tuple[list, list]:
-    """The row and column windows of a (2-d view of a) value of ``height`` x ``width``."""
+def window_specs(node: IntNode, height: int, width: int) -> tuple[tuple, tuple]:
+    """The row and column windows (``pooling.windows``) of a (2-d view of a) value of ``height`` x ``width``."""
     sizes = node.attrs["output_size"]
     if len(sizes) == 1:
-        return [(0, 1)], adaptive_bounds(width, sizes[0] or width)
-    return adaptive_bounds(height, sizes[0] or height), adaptive_bounds(width, sizes[1] or width)
+        return windows("adaptive", 1, 1), windows("adaptive", sizes[0] or width, width)
+    return windows("adaptive", sizes[0] or height, height), windows("adaptive", sizes[1] or width, width)
+
+
+def window_grid(node: IntNode, height: int, width: int) -> tuple[list, list]:
+    """The row and column windows as lists of ``(start, end)``."""
+    return tuple(adaptive_bounds(size, count) for _, count, size in window_specs(node, height, width))
 
 
 def window_counts(rows: list, cols: list) -> torch.Tensor:
@@ -157,9 +162,9 @@ class GlobalAvgPool(OpDef):
 
         x = lowering.in_layout(x, NCHW)
         check_uniform(node, x.scale, 4)
-        rows, cols = window_grid(node, *_shape(x.expr)[-2:])
+        rows, cols = window_specs(node, *_shape(x.expr)[-2:])
         summed = lowering.bb.emit_te(window_te, x.expr, rows, cols, _sum_dtype(x.expr), primfunc_name_hint="window_sum")
-        return _Int(summed, compact_scale(x.scale / window_counts(rows, cols)))
+        return _Int(summed, compact_scale(x.scale / window_counts(*window_grid(node, *_shape(x.expr)[-2:]))))
 
     # ----------------------------------------------------------------------------- ONNX
     def onnx(self, builder, node):
@@ -263,7 +268,7 @@ class AdaptiveMaxPool(OpDef):
 
         def pool(x):
             x = lowering.in_layout(x, NCHW)
-            rows, cols = window_grid(node, *_shape(x.expr)[-2:])
+            rows, cols = window_specs(node, *_shape(x.expr)[-2:])
             pooled = lowering.bb.emit_te(window_te, x.expr, rows, cols, _dtype(x.expr), "max",
                                          primfunc_name_hint="window_max")
             if isinstance(x, _Int):

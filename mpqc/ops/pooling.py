@@ -81,12 +81,6 @@ def max_pool(x, a: dict):
     return F.max_pool2d(x, a["kernel"], a["stride"], a["padding"], a["dilation"], a["ceil_mode"])
 
 
-def window_bounds(size: int, out: int, kernel: int, stride: int, padding: int) -> list[tuple[int, int]]:
-    """Per output index along one dim: the input range ``[start, end)`` its window sums (clipped to the input;
-    padding adds zeros)."""
-    return [(max(i * stride - padding, 0), min(i * stride - padding + kernel, size)) for i in range(out)]
-
-
 def _pool(x: torch.Tensor, a: dict, **kwargs) -> torch.Tensor:
     return F.avg_pool2d(x, a["kernel"], a["stride"], a["padding"], a["ceil_mode"], **kwargs)
 
@@ -105,41 +99,45 @@ def window_sums(attrs: dict, q: torch.Tensor) -> torch.Tensor:
     return torch.round(sums).to(torch.int64)
 
 
-def window_te(x, rows, cols, out_dtype: str, reduce: str = "sum"):
-    """TVM: the sum (or max) of each window (``rows``/``cols``: per output index, its clipped input range ``[start,
-    end)``), in row-major order; every window's bounds are constants of the generated code. A max reads
-    ``min(start + u, end - 1)``: a window's own element again past its end, which leaves the max unchanged."""
+def windows(kind: str, count: int, size: int, *args: int) -> tuple:
+    """The windows along one dim as TVM computes them: ``("window", count, size, kernel, stride, padding)`` (a pool's,
+    clipped to the input) or ``("adaptive", count, size)`` (PyTorch's adaptive windows)."""
+    return (kind, count, size, *args)
+
+
+def window_range(spec: tuple, i):
+    """``[start, end)`` of window ``i`` (a Python int or a TIR expression) of ``spec`` (:func:`windows`)."""
+    from tvm import tirx
+
+    kind, count, size, *args = spec
+    if kind == "adaptive":
+        return (i * size) // count, ((i + 1) * size + count - 1) // count
+    kernel, stride, padding = args
+    if isinstance(i, int):
+        return max(i * stride - padding, 0), min(i * stride - padding + kernel, size)
+    return tirx.max(i * stride - padding, 0), tirx.min(i * stride - padding + kernel, size)
+
+
+def window_te(x, rows: tuple, cols: tuple, out_dtype: str, reduce: str = "sum"):
+    """TVM: the sum (or max) of each window of ``x`` (``[N, C, H, W]``; ``rows``/``cols``: :func:`windows`), a
+    reduction over the largest window's extent with each window's bounds in closed form of the output index. A
+    sum masks what lies past a window's end; a max reads ``min(start + u, end - 1)`` there (the window's own last
+    element again, which leaves the max unchanged). Integer sums and maxima are exact in any order."""
     from tvm import te, tirx
 
-    def window(index, bounds):
-        # the per-output bounds as a select chain on the output index (a handful of distinct windows)
-        start, end = tirx.const(bounds[-1][0], "int32"), tirx.const(bounds[-1][1], "int32")
-        for k in range(len(bounds) - 2, -1, -1):
-            start = tirx.Select(index == k, tirx.const(bounds[k][0], "int32"), start)
-            end = tirx.Select(index == k, tirx.const(bounds[k][1], "int32"), end)
-        return start, end
-
     n, c, height, width = (int(d) for d in x.shape)
-    kh = max(r1 - r0 for r0, r1 in rows)
-    kw = max(c1 - c0 for c0, c1 in cols)
+    kh = max(b - a for a, b in (window_range(rows, i) for i in range(rows[1])))
+    kw = max(b - a for a, b in (window_range(cols, j) for j in range(cols[1])))
+    u, v = te.reduce_axis((0, kh), name="u"), te.reduce_axis((0, kw), name="v")
 
     def body(b, ch, i, j):
-        (r0, r1), (c0, c1) = window(i, rows), window(j, cols)
-        total = None
-        for u in range(kh):
-            for v in range(kw):
-                h, w = r0 + u, c0 + v
-                if reduce == "max":
-                    value = x[b, ch, tirx.min(h, r1 - 1), tirx.min(w, c1 - 1)].astype(out_dtype)
-                    total = value if total is None else tirx.max(total, value)
-                    continue
-                inside = tirx.all(h < r1, w < c1)
-                value = x[b, ch, tirx.min(h, height - 1), tirx.min(w, width - 1)].astype(out_dtype)
-                value = tirx.Select(inside, value, tirx.const(0, out_dtype))
-                total = value if total is None else total + value
-        return total
+        (r0, r1), (c0, c1) = window_range(rows, i), window_range(cols, j)
+        if reduce == "max":
+            return te.max(x[b, ch, tirx.min(r0 + u, r1 - 1), tirx.min(c0 + v, c1 - 1)].astype(out_dtype), axis=[u, v])
+        value = x[b, ch, tirx.min(r0 + u, height - 1), tirx.min(c0 + v, width - 1)].astype(out_dtype)
+        return te.sum(tirx.Select(tirx.all(r0 + u < r1, c0 + v < c1), value, tirx.const(0, out_dtype)), axis=[u, v])
 
-    return te.compute((n, c, len(rows), len(cols)), body, name=f"window_{reduce}")
+    return te.compute((n, c, rows[1], cols[1]), body, name=f"window_{reduce}")
 
 
 def integer_input(node: IntNode, x):
@@ -165,8 +163,8 @@ def relax_pooled_integer(lowering, node: IntNode, x, attrs: dict):
     check_uniform(node, x.scale, 4)
     divisors = pool_divisors(attrs, height, width)
     oh, ow = divisors.shape[-2:]
-    rows = window_bounds(height, oh, attrs["kernel"][0], attrs["stride"][0], attrs["padding"][0])
-    cols = window_bounds(width, ow, attrs["kernel"][1], attrs["stride"][1], attrs["padding"][1])
+    rows = windows("window", oh, height, attrs["kernel"][0], attrs["stride"][0], attrs["padding"][0])
+    cols = windows("window", ow, width, attrs["kernel"][1], attrs["stride"][1], attrs["padding"][1])
     summed = lowering.bb.emit_te(window_te, x.expr, rows, cols, _sum_dtype(x.expr), primfunc_name_hint="window_sum")
     return _Int(summed, compact_scale(x.scale / divisors))
 
