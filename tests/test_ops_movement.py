@@ -222,3 +222,85 @@ def test_pools_are_bit_exact_on_tvm(name):
 def test_pools_agree_with_onnxruntime(name, tmp_path):
     _, program, x = program_of(name)
     assert_agrees_with_onnxruntime(program, x, tmp_path)
+
+
+# --------------------------------------------------------------------------------------------- structure
+def test_cat_of_differently_scaled_integers_keeps_each_scale_until_the_quantize_node():
+    """``cat([a, b, c])`` of two quantized values and an accumulator is an integer value whose per-channel scale
+    holds each input's scales; the view/permute/reshape channel shuffle moves them with their channels; the next
+    quantize node requantizes the moved value in its region (a leaf, each channel with its own multiplier)."""
+    _, program, x = program_of("movement")
+    env = program.run_all(x)
+    cat = next(node for node in program.nodes if node.op == "cat")
+    a, b, c = (env[name] for name in cat.inputs)
+    joined = env[cat.name]
+    assert isinstance(joined, IntValue) and joined.scale.shape == (1, 20, 1, 1)
+    expected = torch.cat([s.expand(1, n, 1, 1) if s.dim() == 0 else s.reshape(1, n, 1, 1)
+                          for s, n in ((a.scale, 8), (b.scale, 8), (c.scale, 4))], 1)
+    assert torch.equal(joined.scale, expected)
+    assert len(set(expected.flatten().tolist())) > 3
+    shuffled = env[next(node.name for node in program.nodes if node.op == "reshape" and
+                        node.attrs["shape"] == [-1, 16, 10, 10])]
+    order = torch.arange(2, 18).view(4, 4).t().reshape(-1)  # the channels of j[:, 2:18] after the shuffle
+    assert torch.equal(shuffled.scale.flatten(), expected.flatten()[order])
+    assert torch.equal(shuffled.q, joined.q[:, order])
+    quantize = next(node for node in program.nodes if node.op == "quantize" and node.attrs["module"] == "act_quantizers.c4")
+    assert quantize.attrs["region"] == {"steps": [], "leaves": [quantize.inputs[0]]}
+
+
+def test_float_movement_is_fused_into_the_requantisation_region():
+    _, program, _ = program_of("float_steps")
+    quantize = next(node for node in program.nodes if node.op == "quantize" and node.attrs["module"] == "act_quantizers.c2")
+    steps = {program.node(name).op for name in quantize.attrs["region"]["steps"]}
+    assert {"split", "getitem", "cat", "channel_shuffle", "transpose", "reshape", "pad", "stack", "slice",
+            "clamp", "relu"} <= steps
+    leaves = {program.node(name).op for name in quantize.attrs["region"]["leaves"]}
+    assert leaves <= {"conv2d", "relu", "slice"}  # integer values only: c1's accumulator, relu(c0) and its slice
+
+
+def test_shape_arithmetic_is_bookkeeping_and_views_take_the_traced_sizes():
+    _, program, _ = program_of("shufflenet_blocks")
+    views = [node.attrs["shape"] for node in program.nodes if node.op == "reshape"]
+    assert [-1, 2, 16, 8, 8] in views and [-1, 32, 8, 8] in views  # x.view(b, 2, c // 2, h, w), x.view(b, c, h, w)
+    assert {node.op for node in program.nodes} >= {"split", "getitem", "transpose", "channel_shuffle", "cat"}
+
+
+# --------------------------------------------------------------------------------------------- clear errors
+class _Refused(nn.Module):
+    def __init__(self, kind: str):
+        super().__init__()
+        self.kind, self.c1, self.c2 = kind, nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 4, 3, padding=1)
+        self.ap, self.amp = nn.AvgPool2d(3, 2, 1, count_include_pad=False), nn.AdaptiveMaxPool2d(2, return_indices=True)
+
+    def forward(self, x):
+        a = torch.relu(self.c1(x))
+        if self.kind == "reflect":
+            a = F.pad(a, (1, 1, 1, 1), mode="reflect")
+        elif self.kind == "runtime_slice":
+            a = a[:, : a.size(1) // 2].repeat(1, 2, 1, 1)
+        elif self.kind == "indices":
+            a = self.amp(a)[0]
+        elif self.kind == "pad_value":
+            a = F.pad(a, (1, 1), value=1.0)[..., 1:-1]
+        elif self.kind == "mixed_scales":
+            a = F.max_pool2d(self.ap(a), 2)  # codes of different scales in one window
+        elif self.kind == "tensor_index":
+            a = a[:, [0, 2, 1, 3, 4, 5, 6, 7]]
+        return self.c2(a)
+
+
+@pytest.mark.parametrize("kind, error, match", [
+    ("reflect", UnsupportedOpError, r"pad.*padding mode 'reflect' \(constant padding only\)"),
+    ("runtime_slice", UnsupportedOpError, r"a slice with bounds computed at run time"),
+    ("indices", UnsupportedOpError, r"adaptive max pooling with return_indices"),
+    ("tensor_index", UnsupportedOpError, r"advanced indexing with a list or tensor of indices"),
+    ("pad_value", MpqcError, r"node 'pad': padding an integer value with 1.0"),
+    ("mixed_scales", MpqcError, r"node 'max_pool2d': max_pool2d of an integer value whose scale varies"),
+])
+def test_what_cannot_be_exact_is_refused_naming_the_node(kind, error, match):
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 8, 8)
+    gm, _ = quantized_graph(_Refused(kind), x)
+    gm, _ = freeze_at_random_bits(gm, seed=1)
+    with pytest.raises(error, match=match):
+        IntegerProgram.from_graph(gm).run(x)

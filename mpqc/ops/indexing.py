@@ -105,6 +105,9 @@ def encode_index(index: Any) -> list:
             if item.step is not None and item.step <= 0:
                 raise Unsupported(f"a slice with step {item.step}")
             entries.append(bounds)
+        elif isinstance(item, (list, tuple, torch.Tensor)) or hasattr(item, "op"):
+            raise Unsupported(f"advanced indexing with a list or tensor of indices ({item}): basic indexing only "
+                              "(ints, slices, None, ...)")
         else:
             raise Unsupported(f"indexing with {type(item).__name__} (ints, slices, None and ... only)")
     return entries
