@@ -14,6 +14,7 @@ from torch import nn
 
 import mpqc
 from conftest import example_models, freeze_at_random_bits, quantized_graph, randomize_batchnorm
+from test_ops_movement import MODELS as MOVEMENT_MODELS
 from mpqc.cli import main
 from mpqc.errors import UnsupportedOpError
 from mpqc.quantizers import BitRange
@@ -92,6 +93,7 @@ MODELS = {
     "reductions": (Reductions, (4, 3, 8, 8)),
     "padded_pools": (PaddedPools, (4, 3, 9, 9)),
 }
+MODELS.update(MOVEMENT_MODELS)  # data movement and pools (tests/test_ops_movement.py)
 
 
 def _program(name: str, seed: int = 1) -> tuple[IntegerProgram, tuple[int, ...]]:

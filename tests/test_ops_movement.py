@@ -304,3 +304,22 @@ def test_what_cannot_be_exact_is_refused_naming_the_node(kind, error, match):
     gm, _ = freeze_at_random_bits(gm, seed=1)
     with pytest.raises(error, match=match):
         IntegerProgram.from_graph(gm).run(x)
+
+
+def test_cat_is_integer_only_when_every_input_is():
+    """Before/Expected regions: a cat of two accumulators is an integer value (a leaf of the next quantize
+    node); with a float input (a clamp) it is a float step, its integer input a leaf."""
+    from mpqc.ops import IntNode
+    from mpqc.passes.to_integer_program import fuse_requantize, integer_values
+
+    q = {"bits": 8, "signed": True, "scale": 0.1}
+    conv = {"stride": [1, 1], "padding": [0, 0], "dilation": [1, 1], "groups": 1, "weight_bits": 4, "module": "c"}
+    head = [IntNode("x", "input", []), IntNode("q0", "quantize", ["x"], dict(q)),
+            IntNode("c1", "conv2d", ["q0"], dict(conv)), IntNode("c2", "conv2d", ["q0"], dict(conv))]
+    integer = head + [IntNode("j", "cat", ["c1", "c2"], {"dim": 1}), IntNode("q1", "quantize", ["j"], dict(q))]
+    assert "j" in integer_values(integer)
+    assert fuse_requantize(integer)[-1].attrs["region"] == {"steps": [], "leaves": ["j"]}
+    mixed = head + [IntNode("k", "clamp", ["c2"], {"min": 0.0, "max": 6.0}),
+                    IntNode("j", "cat", ["c1", "k"], {"dim": 1}), IntNode("q1", "quantize", ["j"], dict(q))]
+    assert "j" not in integer_values(mixed)
+    assert fuse_requantize(mixed)[-1].attrs["region"] == {"steps": ["k", "j"], "leaves": ["c1", "c2"]}
