@@ -126,25 +126,45 @@ def reshape_target(node: Node, shape: Sequence[Any]) -> list[int]:
 
 @register_op
 class Flatten(OpDef):
-    """``flatten(x, start_dim)`` with ``end_dim`` -1 (the program op ``flatten``); other ``end_dim``: a ``reshape``."""
+    """``flatten(x, start_dim)`` with ``end_dim`` -1 (the program op ``flatten``); the fx nodes of ``view`` /
+    ``reshape`` too: a batch flatten is a ``flatten``, any other shape a ``reshape`` (as is a flatten with another
+    ``end_dim``)."""
 
     names = ("flatten",)
     modules = (nn.Flatten,)
-    functions = (torch.flatten, aten.flatten.using_ints)
-    methods = ("flatten",)
+    functions = (torch.flatten, aten.flatten.using_ints) + _VIEWS
+    methods = ("flatten", "view", "reshape")
     keeps_integers = True
     sign = "preserving"
     fuses_into_requantize = True
     numerics_tests = ("tests/test_tvm.py::test_less_common_ops_are_bit_exact",
                       "tests/test_onnx.py::test_onnxruntime_agrees_with_the_reference_at_mixed_bits")
 
+    def start_dim(self, gm, node: Node) -> int:
+        """The flatten's ``start_dim`` (a batch flatten's: 1); raises :class:`Unsupported` for other reshapes
+        (``passes/prune_channels.py`` asks)."""
+        if node.op == "call_module":
+            module = gm.get_submodule(node.target)
+            if module.end_dim != -1:
+                raise Unsupported("flatten with end_dim != -1")
+            return module.start_dim
+        if node.target in (torch.flatten, aten.flatten.using_ints, "flatten"):
+            if arg(node, 2, "end_dim", -1) != -1:
+                raise Unsupported("flatten with end_dim != -1")
+            return arg(node, 1, "start_dim", 0)
+        if not is_batch_flatten(node):
+            raise Unsupported("a reshape other than a batch flatten")
+        return 1
+
     def describe(self, gm, node, frozen):
+        source = node.all_input_nodes[0].name
+        if node.target in _VIEWS or node.target in ("view", "reshape"):
+            return Reshape.describe_view(node)
         if node.op == "call_module":
             module = gm.get_submodule(node.target)
             start, end = module.start_dim, module.end_dim
         else:
             start, end = arg(node, 1, "start_dim", 0), arg(node, 2, "end_dim", -1)
-        source = node.all_input_nodes[0].name
         if end == -1:
             return IntNode(node.name, "flatten", [source], {"start_dim": start})
         traced = traced_shape(node)
@@ -192,17 +212,17 @@ class Flatten(OpDef):
 
 @register_op
 class Reshape(OpDef):
-    """``view`` / ``reshape`` to any shape (a batch flatten is the program op ``flatten``)."""
+    """``view`` / ``reshape`` to any shape (its fx nodes belong to :class:`Flatten`, which describes a batch
+    flatten as the program op ``flatten``, any other shape as this one)."""
 
     names = ("reshape",)
-    functions = _VIEWS
-    methods = ("view", "reshape")
     keeps_integers = True
     sign = "preserving"
     fuses_into_requantize = True
     numerics_tests = MOVEMENT_TESTS
 
-    def describe(self, gm, node, frozen):
+    @staticmethod
+    def describe_view(node: Node) -> IntNode:
         source = node.all_input_nodes[0].name
         if is_batch_flatten(node):
             return IntNode(node.name, "flatten", [source], {"start_dim": 1})
