@@ -11,7 +11,6 @@ os.environ.setdefault("TVM_NUM_THREADS", "2")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-import torchvision  # noqa: E402
 from torch import nn  # noqa: E402
 
 from conftest import freeze_at_random_bits, quantized_graph, randomize_batchnorm  # noqa: E402
@@ -225,6 +224,11 @@ def test_pools_agree_with_onnxruntime(name, tmp_path):
 
 
 # --------------------------------------------------------------------------------------------- structure
+def quantizer_of(program: IntegerProgram, layer: str):
+    return next(node for node in program.nodes
+                if node.op == "quantize" and node.attrs["module"] == f"act_quantizers.{layer}")
+
+
 def test_cat_of_differently_scaled_integers_keeps_each_scale_until_the_quantize_node():
     """``cat([a, b, c])`` of two quantized values and an accumulator is an integer value whose per-channel scale
     holds each input's scales; the view/permute/reshape channel shuffle moves them with their channels; the next
@@ -244,13 +248,13 @@ def test_cat_of_differently_scaled_integers_keeps_each_scale_until_the_quantize_
     order = torch.arange(2, 18).view(4, 4).t().reshape(-1)  # the channels of j[:, 2:18] after the shuffle
     assert torch.equal(shuffled.scale.flatten(), expected.flatten()[order])
     assert torch.equal(shuffled.q, joined.q[:, order])
-    quantize = next(node for node in program.nodes if node.op == "quantize" and node.attrs["module"] == "act_quantizers.c4")
+    quantize = quantizer_of(program, "c4")
     assert quantize.attrs["region"] == {"steps": [], "leaves": [quantize.inputs[0]]}
 
 
 def test_float_movement_is_fused_into_the_requantisation_region():
     _, program, _ = program_of("float_steps")
-    quantize = next(node for node in program.nodes if node.op == "quantize" and node.attrs["module"] == "act_quantizers.c2")
+    quantize = quantizer_of(program, "c2")
     steps = {program.node(name).op for name in quantize.attrs["region"]["steps"]}
     assert {"split", "getitem", "cat", "channel_shuffle", "transpose", "reshape", "pad", "stack", "slice",
             "clamp", "relu"} <= steps

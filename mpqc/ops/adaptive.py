@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mpqc.ops.movement import compact_scale, traced_shape
+from mpqc.ops.scales import compact_scale, traced_shape
 from mpqc.ops.pooling import (_TESTS, POOL_TESTS, check_uniform, integer_input, on_2d_view, relax_on_2d_view,
                               window_te, windows)
 from mpqc.ops.registry import IntNode, IntValue, OpDef, Unsupported, arg, op_of, pair, register_op

@@ -22,7 +22,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mpqc.errors import MpqcError
-from mpqc.ops.movement import MOVEMENT_TESTS, broadcast_scale, compact_scale, move, moved_scale, relax_move
+from mpqc.ops.movement import MOVEMENT_TESTS
+from mpqc.ops.scales import broadcast_scale, compact_scale, move, moved_scale, relax_move
 from mpqc.ops.registry import IntNode, IntValue, OpDef, Unsupported, arg, dequantize, register_op
 
 aten = torch.ops.aten

@@ -18,7 +18,8 @@ import numpy as np
 import torch
 
 from mpqc.errors import MpqcError
-from mpqc.ops.movement import MOVEMENT_TESTS, move, relax_move
+from mpqc.ops.movement import MOVEMENT_TESTS
+from mpqc.ops.scales import move, relax_move
 from mpqc.ops.registry import IntNode, OpDef, Unsupported, arg, op_of, register_op
 
 aten = torch.ops.aten

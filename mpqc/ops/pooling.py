@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mpqc.errors import MpqcError
-from mpqc.ops.movement import compact_scale, move, relax_move
+from mpqc.ops.scales import compact_scale, move, relax_move
 from mpqc.ops.registry import IntNode, IntValue, OpDef, Unsupported, arg, register_op
 
 aten = torch.ops.aten
@@ -193,8 +193,8 @@ class MaxPool(OpDef):
             if arg(node, 6, "return_indices", False):
                 raise Unsupported("max pooling with return_indices")
             attrs = pool_attrs(arg(node, 1, "kernel_size", None), arg(node, 2, "stride", None),
-                               arg(node, 3, "padding", 0), arg(node, 4, "dilation", 1), arg(node, 5, "ceil_mode", False),
-                               dims)
+                               arg(node, 3, "padding", 0), arg(node, 4, "dilation", 1),
+                               arg(node, 5, "ceil_mode", False), dims)
         return IntNode(node.name, f"max_pool{dims}d", [node.all_input_nodes[0].name], attrs)
 
     def evaluate(self, program, node, env):
