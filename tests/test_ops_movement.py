@@ -5,6 +5,7 @@ channels; what cannot be exact is refused with the node's name."""
 from __future__ import annotations
 
 import os
+import shutil
 
 os.environ.setdefault("TVM_NUM_THREADS", "2")
 
@@ -87,21 +88,23 @@ class FloatSteps(nn.Module):
 
 
 class Pools2d(nn.Module):
-    """Adaptive average pooling to sizes whose windows differ and overlap and to a divisor of the input, adaptive
-    max pooling on integers and (ReLU6) floats, average pools with ceil_mode / count_include_pad both ways."""
+    """Adaptive average and max pooling to sizes whose windows differ and overlap and to a divisor of the input
+    (ONNX: MatMul / Gather, or AveragePool / MaxPool), adaptive max pooling on (ReLU6) floats too, average pools
+    with ceil_mode / count_include_pad both ways."""
 
     def __init__(self):
         super().__init__()
         self.c1, self.c2 = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1)
         self.aap, self.aap_even, self.amp = nn.AdaptiveAvgPool2d((3, 4)), nn.AdaptiveAvgPool2d(5), \
             nn.AdaptiveMaxPool2d((4, 3))
+        self.amp_even = nn.AdaptiveMaxPool2d(5)
         self.ap = nn.AvgPool2d(3, 2, 1, ceil_mode=True, count_include_pad=True)
-        self.fc = nn.Linear(8 * (12 + 25 + 12 + 12 + 36 + 16), 5)
+        self.fc = nn.Linear(8 * (12 + 25 + 12 + 25 + 12 + 36 + 16), 5)
 
     def forward(self, x):
         a = torch.relu(self.c1(x))  # [n, 8, 10, 10]
         f = F.relu6(self.c2(a))  # float
-        parts = [self.aap(a), self.aap_even(a), self.amp(a), F.adaptive_max_pool2d(f, (3, 4)),
+        parts = [self.aap(a), self.aap_even(a), self.amp(a), self.amp_even(a), F.adaptive_max_pool2d(f, (3, 4)),
                  self.ap(a)[:, :, :6, :6], F.avg_pool2d(f, 3, 3, 1, ceil_mode=True, count_include_pad=False)]
         return self.fc(torch.cat([p.flatten(1) for p in parts], 1))
 
@@ -160,13 +163,14 @@ def assert_bit_exact_on_tvm(program: IntegerProgram, x: torch.Tensor) -> None:
         assert torch.equal(torch.from_numpy(codes[name]).to(torch.int64), env[name].q), f"{name}: codes differ"
 
 
-def assert_agrees_with_onnxruntime(program: IntegerProgram, x: torch.Tensor, tmp_path) -> None:
+def assert_agrees_with_onnxruntime(program: IntegerProgram, x: torch.Tensor, tmp_path, cpu: str | None = None) -> None:
+    """The contract (stepwise and end to end within 1 LSB), every quantizer never more than 1 LSB off."""
     from mpqc.targets.onnx import export_onnx
     from mpqc.targets.onnx_check import compare_with_reference, contract_violations
 
     exported = export_onnx(program, tmp_path / "model.onnx", input_shapes=[tuple(x.shape)])
     x2 = 1.5 * torch.randn(x.shape, generator=torch.Generator().manual_seed(7))
-    agreement = compare_with_reference(program, exported.path, x2)
+    agreement = compare_with_reference(program, exported.path, x2, cpu=cpu)
     assert contract_violations(agreement) == [], agreement
     for stats in agreement["quantizers"].values():
         assert stats["max_lsb"] <= 1 and stats["end_to_end_max_lsb"] <= 1, stats
@@ -221,6 +225,14 @@ def test_pools_are_bit_exact_on_tvm(name):
 def test_pools_agree_with_onnxruntime(name, tmp_path):
     _, program, x = program_of(name)
     assert_agrees_with_onnxruntime(program, x, tmp_path)
+
+
+@pytest.mark.skipif(shutil.which("qemu-x86_64") is None, reason="needs QEMU's user-mode emulator (qemu-user)")
+@pytest.mark.parametrize("name", list(MODELS))
+def test_onnxruntime_agrees_on_an_emulated_avx2_cpu(name, tmp_path):
+    """onnxruntime's AVX2 kernels (QEMU Haswell), whatever the host: the same contract."""
+    _, program, x = program_of(name)
+    assert_agrees_with_onnxruntime(program, x, tmp_path, cpu="Haswell")
 
 
 # --------------------------------------------------------------------------------------------- structure

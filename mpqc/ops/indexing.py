@@ -43,7 +43,7 @@ class Split(OpDef):
         dim = arg(node, 2, "dim", 0)
         meta = node.meta.get("tensor_meta")
         spec = node.args[1] if len(node.args) > 1 else next(iter(node.kwargs.values()), None)
-        if isinstance(meta, (tuple, list)) and all(hasattr(m, "shape") for m in meta):
+        if isinstance(meta, (tuple, list)) and not hasattr(meta, "shape") and all(hasattr(m, "shape") for m in meta):
             sizes = [int(m.shape[dim]) for m in meta]
         elif isinstance(spec, (tuple, list)) and all(isinstance(s, int) for s in spec):
             sizes = list(spec)
@@ -153,6 +153,9 @@ class GetItem(OpDef):
                 if not isinstance(index, int):
                     raise Unsupported(f"a part of a split picked by {index!r}")
                 return IntNode(node.name, "getitem", [source.name], {"index": index})
+            meta = source.meta.get("tensor_meta")
+            if isinstance(meta, (tuple, list)) and not hasattr(meta, "shape"):  # (TensorMetadata: a NamedTuple)
+                raise Unsupported(f"a result of {source.name}, an op with several results other than split/chunk")
             entries = encode_index(index)
         else:
             dim = arg(node, 1, "dim", 0)
