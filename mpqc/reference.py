@@ -13,14 +13,15 @@ float64 scale broadcastable to it, meaning ``q * scale``) or *float* (fp32).
     * a leaf holding an integer ``(q_in, s_in)``: ``y = fp32(q_in) * M`` with the per-channel multiplier
       ``M = fp32(float64(s_in) / float64(s_out))``; a float leaf ``x``: ``y = x * fp32(1 / s_out)``;
     * the steps, in order: ``add(a, b)``: ``y = y(a) + y(b)``; ``relu``: ``max(y, 0)``; ``clamp(lo, hi)``:
-      ``min(max(y, fp32(lo / s_out)), fp32(hi / s_out))``; ``max_pool2d`` and ``flatten`` apply to ``y``.
+      ``min(max(y, fp32(lo / s_out)), fp32(hi / s_out))``; pools and data movement apply to ``y``.
 ``conv1d`` / ``conv2d`` / ``linear``
     input: an 8-bit-storage integer from a ``quantize`` node with a per-tensor scale ``s_a``; weight ``w`` integer in
     its b-bit signed range with per-output-channel scale ``s_w``; bias ``round_half_even(b / (s_a * s_w))`` in
     int32. Output: the exact int32 accumulator ``acc = sum(q_a * w) + bias`` with scale ``s_a * s_w[c]``.
-``relu``, ``max_pool2d``, ``flatten`` on an integer value stay integer (exact); ``global_avg_pool`` and
-    ``avg_pool2d`` without padding become the integer *sum* with scale ``s / window``.
-``add``, ``clamp``, ``cat`` and the rest on integers dequantize: ``fp32(q) * fp32(s)``, then fp32 arithmetic.
+``relu``, max pools and data movement (reshape, permute, split, slicing, ``cat``/``stack`` of integer values, zero
+    padding: ``mpqc/ops/movement.py``) on an integer value stay integer (exact; the scale moves with the codes,
+    per channel where the inputs' scales differ); average pools become the integer *sum* with scale ``s / count``.
+``add``, ``clamp`` and the rest on integers dequantize: ``fp32(q) * fp32(s)``, then fp32 arithmetic.
 ``output`` dequantizes the same way.
 
 Each op's semantics is written once, in its family in ``mpqc/ops/`` (``OpDef.evaluate``, ``requantize_step``);

@@ -8,10 +8,11 @@ family in the registry (``mpqc.ops.describe``); shape queries and unused modules
 *Rewrites to*: an :class:`~mpqc.reference.IntegerProgram`. Every ``quantize`` node gets
 ``attrs["region"] = {"steps": [...], "leaves": [...]}``: its *fused sub-expression*, the program nodes whose float
 values it computes itself in units of its scale (``steps``: ops with ``fuses_into_requantize`` -- add, relu,
-clamp, max_pool2d, flatten -- whose value is a float, in program order), over ``leaves`` (integer values, or float
-values of other ops). Whether a value is integer is known statically: ``quantize``, layers and ops whose output is
-quantized (lookup tables) make integers, ops with ``keeps_integers`` keep them (``OpDef.output_is_integer``: a
-product of two integers is one), every other op makes floats (``integer_values``).
+clamp, max pools, data movement -- whose value is a float, in program order), over ``leaves`` (integer values, or
+float values of other ops). Whether a value is integer is known statically: ``quantize``, layers and ops whose output
+is quantized (lookup tables) make integers, ops with ``keeps_integers`` keep them when every input is integer
+(``OpDef.output_is_integer``: a cat of an integer and a float value is a float value), every other op makes floats
+(``integer_values``).
 
 *Ensures*: nodes the registry cannot express are listed all at once in one :class:`UnsupportedOpError`, each with
 its fx node; every layer reads a ``quantize`` node; the reference (``mpqc/reference.py``) and the TVM target

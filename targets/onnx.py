@@ -67,7 +67,7 @@ that have no converter, or a converter that refuses the node's attributes, raise
   ``fp32(s_in * s_w)``: the reference's accumulator scale.
 * ``relu`` -> Relu, ``clamp`` -> Clip, ``add`` -> Add, ``max_pool2d`` -> MaxPool, ``global_avg_pool`` ->
   GlobalAveragePool, ``avg_pool2d`` -> AveragePool, ``flatten`` -> Flatten (``start_dim`` 1) or Reshape, ``identity``
-  -> Identity, ``cat`` -> Concat, ``mean``/``sum`` -> ReduceMean/ReduceSum: fp32 arithmetic on the dequantized values, which is the reference's arithmetic
+  -> Identity, ``cat`` -> Concat, data movement and adaptive pools as ``mpqc/ops/`` says, ``mean``/``sum`` -> ReduceMean/ReduceSum: fp32 arithmetic on the dequantized values, which is the reference's arithmetic
   up to fp32 rounding (the reference rescales exact integers by one fp32 multiplier; ONNX divides an fp32 sum by
   the scale), hence the rare 1-LSB differences the contract allows.
 

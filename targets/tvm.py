@@ -30,9 +30,10 @@ a 16-bit activation, ...), raise one :class:`~mpqc.errors.UnsupportedOpError` li
 * other ``conv1d`` / ``conv2d`` (grouped and depthwise too) / ``linear``, and every layer on other targets ->
   ``conv1d`` / ``conv2d`` / ``matmul`` on the 8-bit codes and int8 weights with ``out_dtype="int32"``, plus the
   int32 bias: the exact accumulator.
-* ``relu``, ``max_pool2d``, ``flatten``, ``identity`` on integers stay integer; ``global_avg_pool`` and
-  ``avg_pool2d`` (any padding, ``ceil_mode``), ``mean``/``sum`` on integers are int sums (int32, or int64 when
-  summing int32 accumulators), scaled per position by PyTorch's divisor.
+* ``relu``, max pools, ``identity`` and data movement (``mpqc/ops/movement.py``) on integers stay integer;
+  ``global_avg_pool``, ``adaptive_avg_pool`` and ``avg_pool2d`` (any padding, ``ceil_mode``), ``mean``/``sum``
+  on integers are int sums (int32, or int64 when summing int32 accumulators), scaled per position by PyTorch's
+  divisor.
 * every fp32 product is an *exact multiply* (``_exact_mul_te``): TVM's LLVM backend builds with
   ``AllowFPOpFusion=Fast`` (hard-coded in ``llvm_instance.cc``; no target option turns it off), so ``a*b + c``
   becomes one FMA with a single rounding (a quarter of such sums changed in a test here). The product is

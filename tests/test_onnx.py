@@ -15,6 +15,7 @@ from torch import nn
 import mpqc
 from conftest import example_models, freeze_at_random_bits, quantized_graph, randomize_batchnorm
 from test_ops_arith import AllArith, SqueezeExcite
+from test_ops_movement import MODELS as MOVEMENT_MODELS, program_of as movement_program
 from mpqc.cli import main
 from mpqc.errors import UnsupportedOpError
 from mpqc.quantizers import BitRange
@@ -208,6 +209,7 @@ def test_check_agreement_names_every_tensor_that_breaks_the_contract():
 
 def test_the_test_models_cover_every_converter():
     ops = {node.op for name in MODELS for node in _program(name)[0].nodes} - {"input"}
+    ops |= {node.op for name in MOVEMENT_MODELS for node in movement_program(name)[1].nodes} - {"input"}
     converters = {name for op in all_ops() if op.has_backend("onnx") for name in op.names} - {"input"}
     assert ops == converters
 

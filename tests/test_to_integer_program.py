@@ -52,7 +52,7 @@ def test_float_values_fuse_through_clamp_pool_and_flatten():
 def test_ops_that_do_not_fuse_end_the_region():
     before = [IntNode("x", "input", []), IntNode("q0", "quantize", ["x"], dict(Q)),
               IntNode("c1", "conv2d", ["q0"], dict(CONV)), IntNode("c2", "conv2d", ["q0"], dict(CONV)),
-              IntNode("cat", "cat", ["c1", "c2"], {"dim": 1}), IntNode("g", "global_avg_pool", ["cat"]),
+              IntNode("a", "add", ["c1", "c2"]), IntNode("g", "global_avg_pool", ["a"]),
               IntNode("r", "relu", ["g"]), IntNode("q1", "quantize", ["r"], dict(Q))]
     assert regions(before)["q1"] == {"steps": ["r"], "leaves": ["g"]}
 

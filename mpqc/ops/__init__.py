@@ -6,8 +6,8 @@ Importing this package registers the families below; passes and targets ask the 
 from mpqc.ops.registry import (IntNode, IntValue, OpDef, Unsupported, all_ops, dequantize, describe, has_property,
                                is_bookkeeping, is_nonnegative, keeps_zero, layer_ops, module_op, op_named, op_of,
                                register_op)
-# (importing them registers the families)
-from mpqc.ops import quantize, layers, arith, batchnorm, elementwise, pooling, shape, lookup  # noqa: E402,F401
+from mpqc.ops import (quantize, layers, arith, batchnorm, elementwise, movement, indexing, concat,  # noqa: E402,F401
+                      pooling, adaptive, reduce, shape, lookup)  # (importing them registers the families)
 
 __all__ = ["IntNode", "IntValue", "OpDef", "Unsupported", "all_ops", "dequantize", "describe", "has_property",
            "is_bookkeeping", "is_nonnegative", "keeps_zero", "layer_ops", "module_op", "op_named", "op_of",

@@ -4,7 +4,7 @@
 ``q = clamp(round_half_even(y), qmin, qmax)`` where ``y`` is its *requantisation region* evaluated in units of
 ``s_out`` in fp32. The region (``attrs["region"]``, built by ``passes/to_integer_program.py``) is the fused float
 sub-expression feeding it: ``steps`` (program nodes of ops with ``fuses_into_requantize``: add, relu, clamp,
-max_pool2d, flatten on float values, in order) over ``leaves``. A leaf holding an integer value ``(q_in, s_in)``
+max pools, data movement, on float values, in order) over ``leaves``. A leaf holding an integer value ``(q_in, s_in)``
 enters as ``fp32(q_in) * M`` with ``M = fp32(float64(s_in) / float64(s_out))`` per channel, a float leaf ``x`` as
 ``x * fp32(1 / s_out)``; each step applies its ``requantize_step``. The reference and TVM both execute this node
 from that list; neither re-derives the region.

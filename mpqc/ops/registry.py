@@ -123,9 +123,10 @@ class OpDef:
 
     def output_is_integer(self, node: IntNode, integer_inputs: list[bool]) -> bool:
         """Whether the program node's value is integer (``q * scale``), given which of its inputs are (in
-        ``node.inputs`` order). Default: ``keeps_integers`` and its first input is integer. ``quantize`` and layers
-        make integers whatever their inputs (``passes/to_integer_program.py``); a product asks all its inputs."""
-        return self.keeps_integers and bool(integer_inputs) and integer_inputs[0]
+        ``node.inputs`` order). Default: ``keeps_integers`` and every input is integer (a cat of an integer and a
+        float value is a float value). ``quantize``, layers and lookup tables make integers whatever their inputs
+        (``passes/to_integer_program.py``)."""
+        return self.keeps_integers and bool(integer_inputs) and all(integer_inputs)
 
     def evaluate(self, program: Any, node: IntNode, env: dict) -> Any:
         """The reference: the node's value from the values in ``env``."""
@@ -227,7 +228,26 @@ def is_bookkeeping(gm: GraphModule, node: Node) -> bool:
     op = op_of(gm, node)
     if op is not None and op.bookkeeping:
         return True
-    return node.op == "call_module" and not node.users
+    return (node.op == "call_module" and not node.users) or _shape_arithmetic(gm, node)
+
+
+def _shape_arithmetic(gm: GraphModule, node: Node) -> bool:
+    """Whether ``node`` computes on shape queries only (``x.size()[1] // 2``): a getitem, ``//``, ``*`` ... whose
+    inputs all lead back to shape queries, never to a tensor (a value with ``tensor_meta``) or a graph input."""
+    stack, seen = [node], set()
+    while stack:
+        current = stack.pop()
+        if current in seen:
+            continue
+        seen.add(current)
+        op = op_of(gm, current)
+        if op is not None and op.bookkeeping:
+            continue
+        if current.op not in ("call_function", "call_method") or not current.all_input_nodes \
+                or current.meta.get("tensor_meta") is not None:
+            return False
+        stack.extend(current.all_input_nodes)
+    return True
 
 
 def is_nonnegative(gm: GraphModule, node: Node) -> bool:
