@@ -473,7 +473,8 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(max(1, int(os.environ.get("ZOO_THREADS", "1"))))
 
     skip = {m for m in args.skip.split(",") if m}
-    requested = every_torchvision_classifier() if args.all else args.models.split(",")
+    everything = every_torchvision_classifier()  # (also gives every torchvision model its input size)
+    requested = everything if args.all else args.models.split(",")
     models = [m for m in requested if m and m not in skip]
     unknown = [m for m in models if m not in TORCHVISION and m not in CUSTOM]
     if unknown:
