@@ -61,3 +61,12 @@ def test_supported_models_pass_every_numeric_check():
         assert all(results[s]["status"] == "ok" for s in zoo.STAGES if s != "tvm"), zoo.format_table({name: results})
         assert results["integer"]["step_max_lsb"] <= 1
         assert results["integer"]["step_flip_fraction"] <= zoo.CODE_FLIP_FLOOR
+
+
+@pytest.mark.parametrize("name", ["mobilenet_v3_small", "efficientnet_b0", "shufflenet_v2_x0_5"])
+def test_modern_cnns_pass_every_stage_tvm_included(name):
+    """Hardswish and SiLU as lookup tables, squeeze-excitation products, stochastic depth, channel shuffles
+    (issue 14): every stage ok, onnxruntime within the contract, TVM bit-exact."""
+    results = zoo.run_model(name, tvm=True)
+    assert all(results[s]["status"] == "ok" for s in zoo.STAGES), zoo.format_table({name: results})
+

@@ -16,7 +16,7 @@ from torch import nn
 from torch.fx import Node
 
 from mpqc.ops.arith import common_layout, sum_node
-from mpqc.ops.registry import IntNode, IntValue, OpDef, arg, dequantize, register_op
+from mpqc.ops.registry import IntNode, Unsupported, IntValue, OpDef, arg, dequantize, register_op
 
 aten = torch.ops.aten
 
@@ -200,13 +200,23 @@ class Add(OpDef):
         builder.rank[node.name] = None if None in ranks else max(ranks)
 
 
+def _stochastic_depth() -> tuple:
+    """torchvision's ``stochastic_depth`` (EfficientNet, ConvNeXt): the identity in eval mode."""
+    try:
+        from torchvision.ops.stochastic_depth import stochastic_depth
+    except ImportError:  # torchvision is optional for the registry
+        return ()
+    return (stochastic_depth,)
+
+
 @register_op
 class Identity(OpDef):
-    """Dropout (eval mode), Identity, ``clone``, ``contiguous``: the value itself."""
+    """Dropout and torchvision's stochastic depth (eval mode), Identity, ``clone``, ``contiguous``: the value
+    itself."""
 
     names = ("identity",)
     modules = (nn.Dropout, nn.Identity)
-    functions = (F.dropout, aten.dropout.default, aten.clone.default)
+    functions = (F.dropout, aten.dropout.default, aten.clone.default) + _stochastic_depth()
     methods = ("contiguous",)
     keeps_integers = True
     sign = "preserving"
@@ -217,6 +227,8 @@ class Identity(OpDef):
                       "tests/test_tvm.py::test_torchvision_models_are_bit_exact")
 
     def describe(self, gm, node, frozen):
+        if node.target in _stochastic_depth() and arg(node, 3, "training", True):
+            raise Unsupported("stochastic_depth in training mode (capture the model in eval mode)")
         return IntNode(node.name, "identity", [node.all_input_nodes[0].name])
 
     def evaluate(self, program, node, env):
