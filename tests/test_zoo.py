@@ -63,7 +63,9 @@ def test_supported_models_pass_every_numeric_check():
         assert results["integer"]["step_flip_fraction"] <= zoo.CODE_FLIP_FLOOR
 
 
-@pytest.mark.parametrize("name", ["mobilenet_v3_small", "efficientnet_b0", "shufflenet_v2_x0_5"])
+@pytest.mark.parametrize("name", ["mobilenet_v3_small",
+                                  pytest.param("efficientnet_b0", marks=pytest.mark.slow),
+                                  pytest.param("shufflenet_v2_x0_5", marks=pytest.mark.slow)])
 def test_modern_cnns_pass_every_stage_tvm_included(name):
     """Hardswish and SiLU as lookup tables, squeeze-excitation products, stochastic depth, channel shuffles
     (issue 14): every stage ok, onnxruntime within the contract, TVM bit-exact."""

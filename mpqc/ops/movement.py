@@ -69,8 +69,32 @@ def reshape_target(node: Node, shape: Sequence[Any]) -> list[int]:
     return target
 
 
+class _Movement(OpDef):
+    """An op that moves values: ``fn(node)`` moves a tensor, codes and their (broadcast) scale alike (``move``);
+    ``_relax(lowering, node, value)`` is its Relax form. Integer values stay integer; a float value inside a
+    requantisation region is moved the same way."""
+
+    def fn(self, node: IntNode) -> Callable[[Tensor], Tensor]:
+        raise NotImplementedError
+
+    def _relax(self, lowering, node: IntNode, value):
+        raise NotImplementedError
+
+    def evaluate(self, program, node, env):
+        return move(env[node.inputs[0]], self.fn(node))
+
+    def requantize_step(self, node, inputs, s_out):
+        return self.fn(node)(inputs[0])
+
+    def relax(self, lowering, node):
+        return self._relax(lowering, node, lowering.env[node.inputs[0]])
+
+    def relax_requantize_step(self, lowering, node, inputs, s_out):
+        return self._relax(lowering, node, inputs[0])
+
+
 @register_op
-class Flatten(OpDef):
+class Flatten(_Movement):
     """``flatten(x, start_dim)`` with ``end_dim`` -1 (the program op ``flatten``); the fx nodes of ``view`` /
     ``reshape`` too: a batch flatten is a ``flatten``, any other shape a ``reshape`` (as is a flatten with another
     ``end_dim``)."""
@@ -118,17 +142,8 @@ class Flatten(OpDef):
         shape = traced if start == 0 else [-1] + traced[1:]  # a literal batch only where it is merged
         return IntNode(node.name, "reshape", [source], {"shape": reshape_target(node, shape)})
 
-    def evaluate(self, program, node, env):
-        return move(env[node.inputs[0]], lambda t: torch.flatten(t, node.attrs["start_dim"]))
-
-    def requantize_step(self, node, inputs, s_out):
-        return torch.flatten(inputs[0], node.attrs["start_dim"])
-
-    def relax(self, lowering, node):
-        return self._relax(lowering, node, lowering.env[node.inputs[0]])
-
-    def relax_requantize_step(self, lowering, node, inputs, s_out):
-        return self._relax(lowering, node, inputs[0])
+    def fn(self, node: IntNode) -> Callable[[Tensor], Tensor]:
+        return lambda t: torch.flatten(t, node.attrs["start_dim"])
 
     def _relax(self, lowering, node, value):
         from mpqc.targets.tvm import _flatten
@@ -156,7 +171,7 @@ class Flatten(OpDef):
 
 
 @register_op
-class Reshape(OpDef):
+class Reshape(_Movement):
     """``view`` / ``reshape`` to any shape (its fx nodes belong to :class:`Flatten`, which describes a batch
     flatten as the program op ``flatten``, any other shape as this one)."""
 
@@ -182,18 +197,6 @@ class Reshape(OpDef):
     def fn(node: IntNode) -> Callable[[Tensor], Tensor]:
         return lambda t: t.reshape(node.attrs["shape"])
 
-    def evaluate(self, program, node, env):
-        return move(env[node.inputs[0]], self.fn(node))
-
-    def requantize_step(self, node, inputs, s_out):
-        return self.fn(node)(inputs[0])
-
-    def relax(self, lowering, node):
-        return self._relax(lowering, node, lowering.env[node.inputs[0]])
-
-    def relax_requantize_step(self, lowering, node, inputs, s_out):
-        return self._relax(lowering, node, inputs[0])
-
     def _relax(self, lowering, node, value):
         from tvm.relax import op as R
 
@@ -217,7 +220,7 @@ class Reshape(OpDef):
 
 # --------------------------------------------------------------------------------------------- permutations
 @register_op
-class Permute(OpDef):
+class Permute(_Movement):
     """``permute(dims)`` and ``transpose(dim0, dim1)``."""
 
     names = ("permute", "transpose")
@@ -257,18 +260,6 @@ class Permute(OpDef):
     def fn(self, node: IntNode) -> Callable[[Tensor], Tensor]:
         return lambda t: t.permute(self.perm(node, t.dim()))
 
-    def evaluate(self, program, node, env):
-        return move(env[node.inputs[0]], self.fn(node))
-
-    def requantize_step(self, node, inputs, s_out):
-        return self.fn(node)(inputs[0])
-
-    def relax(self, lowering, node):
-        return self._relax(lowering, node, lowering.env[node.inputs[0]])
-
-    def relax_requantize_step(self, lowering, node, inputs, s_out):
-        return self._relax(lowering, node, inputs[0])
-
     def _relax(self, lowering, node, value):
         from tvm.relax import op as R
 
@@ -286,7 +277,7 @@ class Permute(OpDef):
 
 
 @register_op
-class ChannelShuffle(OpDef):
+class ChannelShuffle(_Movement):
     """``nn.ChannelShuffle(g)`` / ``F.channel_shuffle``: ``x.view(n, g, c // g, ...).transpose(1, 2)`` flattened
     back to ``[n, c, ...]`` (ShuffleNet's own ``view``/``transpose``/``view`` is three ops of the families above)."""
 
@@ -321,18 +312,6 @@ class ChannelShuffle(OpDef):
             return t.reshape(n, groups, c // groups, *rest).transpose(1, 2).reshape(t.shape)
 
         return shuffle
-
-    def evaluate(self, program, node, env):
-        return move(env[node.inputs[0]], self.fn(node))
-
-    def requantize_step(self, node, inputs, s_out):
-        return self.fn(node)(inputs[0])
-
-    def relax(self, lowering, node):
-        return self._relax(lowering, node, lowering.env[node.inputs[0]])
-
-    def relax_requantize_step(self, lowering, node, inputs, s_out):
-        return self._relax(lowering, node, inputs[0])
 
     def _relax(self, lowering, node, value):
         from tvm.relax import op as R
