@@ -16,8 +16,9 @@ Ensures:    every quantized layer node has ``node.meta[INPUT_QUANTIZER_META]`` =
             A residual add whose result (after ReLU/clamp) is not itself a layer's input, and the float input
             of an average pool, get a fixed ``residual_bits`` quantizer (``act_quantizers.<node>_out``), so the
             integer program never sums floats. So do the operands other ops need as codes (the op registry's
-            ``quantized_inputs`` / ``quantized_output``: a lookup table's input and output, a product's factors)
-            where they are not codes already.
+            ``quantized_operands`` / ``quantized_output``: a lookup table's input and output, a product's factors)
+            where they are not codes already; those are fixed at ``residual_bits`` too (not searched, and not yet
+            counted by the budgets, which count the layers' weights and inputs).
             With ``first_last="fixed"`` the first layer (weight and input) and the last layer (weight) are
             ``FixedQuantizer``s at ``first_last_bits``.
 """
