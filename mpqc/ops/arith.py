@@ -25,10 +25,11 @@ from __future__ import annotations
 
 import math
 import operator
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
+from torch import Tensor
 from torch.fx import GraphModule, Node
 
 from mpqc.errors import MpqcError
@@ -89,7 +90,7 @@ def _scale_node(node: Node, x: Node, factor: float) -> IntNode:
     return IntNode(node.name, "scale", [x.name], {"factor": factor})
 
 
-def _nonnegative_with_constants(node: Node, inputs_nonnegative, positive: bool = False) -> bool:
+def nonnegative_with_constants(node: Node, inputs_nonnegative, positive: bool = False) -> bool:
     constants = [a for a in node.args if not isinstance(a, Node)]
     ok = all(isinstance(c, (int, float)) and (c > 0 if positive else c >= 0) for c in constants)
     return ok and inputs_nonnegative()
@@ -115,6 +116,50 @@ def sum_node(gm: GraphModule, node: Node, *, subtract: bool = False) -> IntNode:
     return IntNode(node.name, "add_const", [x.name], {"constant": c, "negate": negate})
 
 
+class TensorSum(OpDef):
+    """``a + b`` (``subtract``: ``a - b``) of two graph tensors, broadcasting: dequantized and summed in fp32 (on
+    integers), or a step of the requantisation region; with a Python number, ``add_const`` (``sum_node``).
+    ``Add`` (``mpqc/ops/elementwise.py``) and ``Sub`` (below) are its two registered families."""
+
+    subtract: ClassVar[bool] = False
+    fuses_into_requantize = True
+    keeps_shape = True
+
+    def _combine(self, a: Tensor, b: Tensor) -> Tensor:
+        return a - b if self.subtract else a + b
+
+    def describe(self, gm, node, frozen):
+        return sum_node(gm, node, subtract=self.subtract)  # constant tensors and alpha refused
+
+    def evaluate(self, program, node, env):
+        return self._combine(dequantize(env[node.inputs[0]]), dequantize(env[node.inputs[1]]))
+
+    def requantize_step(self, node, inputs, s_out):
+        return self._combine(inputs[0], inputs[1])
+
+    def _relax_sum(self, lowering, a, b):
+        from tvm.relax import op as R
+
+        return lowering.emit((R.subtract if self.subtract else R.add)(a, b))
+
+    def relax(self, lowering, node):
+        from mpqc.targets.tvm import _Float
+
+        (a, b), layout = common_layout(lowering, [lowering.env[name] for name in node.inputs])
+        return _Float(self._relax_sum(lowering, lowering.dequantize(a), lowering.dequantize(b)), layout)
+
+    def relax_requantize_step(self, lowering, node, inputs, s_out):
+        from mpqc.targets.tvm import _Float
+
+        (a, b), layout = common_layout(lowering, inputs)
+        return _Float(self._relax_sum(lowering, a.expr, b.expr), layout)
+
+    def onnx(self, builder, node):
+        builder.add("Sub" if self.subtract else "Add", list(node.inputs), [node.name], builder.label(node))
+        ranks = [builder.rank.get(name) for name in node.inputs]
+        builder.rank[node.name] = None if None in ranks else max(ranks)
+
+
 # --------------------------------------------------------------------------------------------- fx families
 @register_op
 class Mul(OpDef):
@@ -129,7 +174,7 @@ class Mul(OpDef):
     numerics_tests = TESTS
 
     def is_nonnegative(self, gm, node, inputs_nonnegative):
-        return _nonnegative_with_constants(node, inputs_nonnegative)
+        return nonnegative_with_constants(node, inputs_nonnegative)
 
     def zero_preserving(self, gm, node):
         return sum(isinstance(a, Node) for a in node.args) == 1  # x * c: 0 stays 0 in every channel
@@ -216,7 +261,7 @@ class Div(OpDef):
     keeps_shape = True
 
     def is_nonnegative(self, gm, node, inputs_nonnegative):
-        return _nonnegative_with_constants(node, inputs_nonnegative, positive=True)
+        return nonnegative_with_constants(node, inputs_nonnegative, positive=True)
 
     def describe(self, gm, node, frozen):
         a, b = _operands(node, "division")
@@ -230,45 +275,14 @@ class Div(OpDef):
 
 
 @register_op
-class Sub(OpDef):
+class Sub(TensorSum):
     """``a - b``: two graph tensors -> ``sub``; with a Python number -> ``add_const``."""
 
     names = ("sub",)
     functions = (operator.sub, torch.sub, aten.sub.Tensor, aten.sub.Scalar, aten.rsub.Scalar)
     methods = ("sub",)
-    fuses_into_requantize = True
-    keeps_shape = True
+    subtract = True
     numerics_tests = TESTS
-
-    def describe(self, gm, node, frozen):
-        return sum_node(gm, node, subtract=True)
-
-    def evaluate(self, program, node, env):
-        return dequantize(env[node.inputs[0]]) - dequantize(env[node.inputs[1]])
-
-    def requantize_step(self, node, inputs, s_out):
-        return inputs[0] - inputs[1]
-
-    def relax(self, lowering, node):
-        from tvm.relax import op as R
-
-        from mpqc.targets.tvm import _Float
-
-        (a, b), layout = common_layout(lowering, [lowering.env[name] for name in node.inputs])
-        return _Float(lowering.emit(R.subtract(lowering.dequantize(a), lowering.dequantize(b))), layout)
-
-    def relax_requantize_step(self, lowering, node, inputs, s_out):
-        from tvm.relax import op as R
-
-        from mpqc.targets.tvm import _Float
-
-        (a, b), layout = common_layout(lowering, inputs)
-        return _Float(lowering.emit(R.subtract(a.expr, b.expr)), layout)
-
-    def onnx(self, builder, node):
-        builder.add("Sub", list(node.inputs), [node.name], builder.label(node))
-        ranks = [builder.rank.get(name) for name in node.inputs]
-        builder.rank[node.name] = None if None in ranks else max(ranks)
 
 
 # --------------------------------------------------------------------------------------------- program-only ops

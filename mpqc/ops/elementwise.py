@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.fx import Node
 
-from mpqc.ops.arith import common_layout, sum_node
+from mpqc.ops.arith import TensorSum, nonnegative_with_constants
 from mpqc.ops.registry import IntNode, Unsupported, IntValue, OpDef, arg, dequantize, register_op
 
 aten = torch.ops.aten
@@ -150,54 +150,17 @@ class Clamp(OpDef):
 
 
 @register_op
-class Add(OpDef):
+class Add(TensorSum):
     """``a + b`` of two graph tensors (a residual add, broadcasting); ``x + c`` with a Python number ``c`` is an
     ``add_const`` node (``mpqc/ops/arith.py``)."""
 
     names = ("add",)
     functions = (operator.add, torch.add, aten.add.Tensor, aten.add.Scalar)
     methods = ("add",)
-    fuses_into_requantize = True
-    keeps_shape = True
     numerics_tests = _MIXED_BITS + ("tests/test_reference.py::test_residual_add_is_requantized_in_one_region",)
 
-    @staticmethod
-    def is_tensor_add(node: Node) -> bool:
-        return len(node.args) == 2 and all(isinstance(a, Node) for a in node.args) and not node.kwargs
-
     def is_nonnegative(self, gm, node, inputs_nonnegative):
-        constants = [a for a in node.args if not isinstance(a, Node)]
-        return all(isinstance(c, (int, float)) and c >= 0 for c in constants) and inputs_nonnegative()
-
-    def describe(self, gm, node, frozen):
-        return sum_node(gm, node)  # add, or add_const for x + c; constant tensors and alpha refused
-
-    def evaluate(self, program, node, env):
-        return dequantize(env[node.inputs[0]]) + dequantize(env[node.inputs[1]])
-
-    def requantize_step(self, node, inputs, s_out):
-        return inputs[0] + inputs[1]
-
-    def relax(self, lowering, node):
-        from tvm.relax import op as R
-
-        from mpqc.targets.tvm import _Float
-
-        (a, b), layout = common_layout(lowering, [lowering.env[name] for name in node.inputs])
-        return _Float(lowering.emit(R.add(lowering.dequantize(a), lowering.dequantize(b))), layout)
-
-    def relax_requantize_step(self, lowering, node, inputs, s_out):
-        from tvm.relax import op as R
-
-        from mpqc.targets.tvm import _Float
-
-        (a, b), layout = common_layout(lowering, inputs)
-        return _Float(lowering.emit(R.add(a.expr, b.expr)), layout)
-
-    def onnx(self, builder, node):
-        builder.add("Add", list(node.inputs), [node.name], builder.label(node))
-        ranks = [builder.rank.get(name) for name in node.inputs]
-        builder.rank[node.name] = None if None in ranks else max(ranks)
+        return nonnegative_with_constants(node, inputs_nonnegative)
 
 
 def _stochastic_depth() -> tuple:
