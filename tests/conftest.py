@@ -131,3 +131,17 @@ def freeze_at_random_bits(gm, seed: int = 0, low: int = 2, high: int = 8):
     chosen: dict[str, int] = {}
     set_bits(gm, lambda name: chosen.setdefault(name, rng.randint(low, high)))
     return freeze(gm, WeightMemory(1e12)), chosen
+
+
+def mixed_bit_program(build, shape, seed: int):
+    """``build()`` (random weights, BatchNorm statistics randomized) quantized on a random input of ``shape``, frozen
+    at random mixed 2-8 bits: ``(graph, IntegerProgram, input)``. The draws are seeded (torch seed 0, then ``seed``
+    for the bits)."""
+    from mpqc.reference import IntegerProgram
+
+    torch.manual_seed(0)
+    x = torch.randn(shape)
+    gm, _ = quantized_graph(randomize_batchnorm(build()), x)
+    gm, chosen = freeze_at_random_bits(gm, seed=seed)
+    assert len(set(chosen.values())) > 2, "the test needs really mixed bit-widths"
+    return gm, IntegerProgram.from_graph(gm), x

@@ -16,7 +16,7 @@ import torch.nn.functional as F  # noqa: E402
 import torchvision  # noqa: E402
 from torch import fx, nn  # noqa: E402
 
-from conftest import freeze_at_random_bits, quantized_graph, randomize_batchnorm  # noqa: E402
+from conftest import mixed_bit_program, quantized_graph, randomize_batchnorm  # noqa: E402
 from mpqc import ops, pipeline  # noqa: E402
 from mpqc.errors import MpqcError, UnsupportedOpError  # noqa: E402
 from mpqc.ops import IntNode, IntValue  # noqa: E402
@@ -161,13 +161,7 @@ MODELS = {
 
 
 def _program(name: str, seed: int = 2):
-    torch.manual_seed(0)
-    build, shape = MODELS[name]
-    x = torch.randn(shape)
-    gm, _ = quantized_graph(randomize_batchnorm(build()), x)
-    gm, chosen = freeze_at_random_bits(gm, seed=seed)
-    assert len(set(chosen.values())) > 2, "the test needs really mixed bit-widths"
-    return gm, IntegerProgram.from_graph(gm), x
+    return mixed_bit_program(*MODELS[name], seed)
 
 
 # --------------------------------------------------------------------------------------------- numerics

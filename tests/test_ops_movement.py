@@ -14,7 +14,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
-from conftest import freeze_at_random_bits, quantized_graph, randomize_batchnorm  # noqa: E402
+from conftest import freeze_at_random_bits, mixed_bit_program, quantized_graph  # noqa: E402
 from mpqc.errors import MpqcError, UnsupportedOpError  # noqa: E402
 from mpqc.reference import IntegerProgram, IntValue  # noqa: E402
 from test_reference import _fake_quant_codes  # noqa: E402
@@ -141,14 +141,7 @@ SEEDS = {"pools1d": 4}  # (two layers: a seed that draws 3+ distinct bit-widths 
 
 def program_of(name: str):
     """The model's fake-quant graph frozen at random mixed 2-8 bits, its program and an input."""
-    seed = SEEDS.get(name, 3)
-    torch.manual_seed(0)
-    build, shape = MODELS[name]
-    x = torch.randn(shape)
-    gm, _ = quantized_graph(randomize_batchnorm(build()), x)
-    gm, chosen = freeze_at_random_bits(gm, seed=seed)
-    assert len(set(chosen.values())) > 2, "the test needs really mixed bit-widths"
-    return gm, IntegerProgram.from_graph(gm), x
+    return mixed_bit_program(*MODELS[name], SEEDS.get(name, 3))
 
 
 # --------------------------------------------------------------------------------------------- checks

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 import torchvision
 
-from conftest import example_models, freeze_at_random_bits, quantized_graph, randomize_batchnorm
+from conftest import example_models, freeze_at_random_bits, mixed_bit_program, quantized_graph, randomize_batchnorm
 from mpqc.errors import ConfigError, MpqcError, UnsupportedOpError
 from mpqc.reference import IntegerProgram, IntNode, IntValue
 
@@ -40,13 +40,8 @@ FMA = re.compile(r"\bvfn?m(?:add|sub)\w*")
 
 
 def _program(name: str, seed: int = 1) -> tuple[IntegerProgram, torch.Tensor]:
-    torch.manual_seed(0)
-    build, shape = MODELS[name]
-    x = torch.randn(shape)
-    gm, _ = quantized_graph(randomize_batchnorm(build()), x)
-    gm, chosen = freeze_at_random_bits(gm, seed=seed)
-    assert len(set(chosen.values())) > 2, "the test needs really mixed bit-widths"
-    return IntegerProgram.from_graph(gm), x
+    _, program, x = mixed_bit_program(*MODELS[name], seed)
+    return program, x
 
 
 def _assert_bit_exact(program: IntegerProgram, lowered: mtvm.LoweredModule, x: torch.Tensor) -> None:
