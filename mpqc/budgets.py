@@ -5,11 +5,20 @@ A budget is a frozen dataclass. ``cost(layers, bits)`` maps each layer's weight 
 ``penalty`` is DQ's squared-ReLU constraint term on the relative excess; ``check_feasible`` refuses a limit below
 the smallest cost the search space allows, before any training.
 
+``layers`` is a sequence of cost items (:data:`~mpqc.layers.CostItem`): the layers' :class:`LayerInfo` and,
+where the model has them, activations and products that are not layers; ``bits`` maps a layer's name to its
+:class:`LayerBits` and an activation quantizer's qualified name to its bit-width (a 0-d tensor).
+
 Conventions (per one input sample, see :class:`mpqc.layers.LayerInfo`):
 
 * weight memory  = sum_l params_l * wbits_l / 8                      bytes
-* activation mem = max_l (or sum_l) input_elements_l * abits_l / 8   bytes (the input of every quantized layer)
-* BitOPs         = sum_l MACs_l * wbits_l * abits_l
+* activation mem = max_t (or sum_t) elements_t * bits_t / 8          bytes, over every quantized activation t: the
+                                                                     input of every quantized layer, and the
+                                                                     activations other ops read as codes
+                                                                     (:class:`~mpqc.layers.ActivationInfo`)
+* BitOPs         = sum_l MACs_l * wbits_l * abits_l                  + sum_p MACs_p * abits_a * abits_b over the
+                                                                     products of two activations
+                                                                     (:class:`~mpqc.layers.ProductInfo`)
 * average bits   = sum_l params_l * wbits_l / sum_l params_l         (weights)
 * target cycles  = sum_l max(compute_l, memory_l) on an accelerator cost model (``mpqc.targets.fpga``)
 """
@@ -24,7 +33,7 @@ import torch
 from torch import Tensor
 
 from mpqc.errors import ConfigError, InfeasibleBudgetError
-from mpqc.layers import LayerInfo
+from mpqc.layers import ActivationInfo, CostItem, LayerInfo, ProductInfo
 
 
 class LayerBits(NamedTuple):
@@ -61,7 +70,7 @@ class Budget:
     def limit(self) -> float:
         raise NotImplementedError
 
-    def cost(self, layers: Sequence[LayerInfo], bits: Mapping[str, LayerBits]) -> Tensor:
+    def cost(self, layers: Sequence[CostItem], bits: Mapping[str, LayerBits | Tensor]) -> Tensor:
         raise NotImplementedError
 
     def format(self, value: float) -> str:
@@ -73,14 +82,14 @@ class Budget:
         """The budget as the CLI spells it (``parse_budget(b.text) == b``), e.g. ``weight-memory=20480B``."""
         return f"{self.kind}={self.limit:.17g}"
 
-    def penalty(self, layers: Sequence[LayerInfo], bits: Mapping[str, LayerBits]) -> Tensor:
+    def penalty(self, layers: Sequence[CostItem], bits: Mapping[str, LayerBits | Tensor]) -> Tensor:
         """DQ's constraint term: ``relu(cost / limit - 1) ** 2`` (zero inside the budget)."""
         return torch.relu(self.cost(layers, bits) / self.limit - 1.0) ** 2
 
     def met(self, value: float) -> bool:
         return value <= self.limit * (1 + 1e-9)
 
-    def check_feasible(self, layers: Sequence[LayerInfo], smallest_bits: Mapping[str, LayerBits]) -> float:
+    def check_feasible(self, layers: Sequence[CostItem], smallest_bits: Mapping[str, LayerBits | Tensor]) -> float:
         """Raise :class:`InfeasibleBudgetError` unless the smallest achievable cost fits; return that cost."""
         smallest = float(self.cost(layers, smallest_bits))
         if not self.met(smallest):
@@ -92,7 +101,34 @@ class Budget:
         return smallest
 
 
-def _stack(layers: Sequence[LayerInfo], bits: Mapping[str, LayerBits], which: str) -> Tensor:
+def _layers(items: Sequence[CostItem]) -> list[LayerInfo]:
+    return [item for item in items if isinstance(item, LayerInfo)]
+
+
+def _activation_bits(bits: Mapping[str, LayerBits | Tensor], name: str) -> Tensor:
+    if name not in bits:
+        raise ConfigError(f"no bit-width for activation quantizer or layer {name}")
+    value = bits[name]
+    if isinstance(value, LayerBits):  # a product's factor that is that layer's input
+        value = value.activation
+    return torch.as_tensor(value).reshape(()).float()
+
+
+def _activation_costs(items: Sequence[CostItem], bits: Mapping[str, LayerBits | Tensor]) -> Tensor:
+    """Storage in bits of each activation that is no layer's input."""
+    activations = [item for item in items if isinstance(item, ActivationInfo)]
+    return torch.stack([item.elements * _activation_bits(bits, item.name) for item in activations]) if activations \
+        else torch.zeros(0)
+
+
+def _product_bitops(items: Sequence[CostItem], bits: Mapping[str, LayerBits | Tensor]) -> Tensor:
+    products = [item for item in items if isinstance(item, ProductInfo)]
+    return sum((item.macs * _activation_bits(bits, item.a) * _activation_bits(bits, item.b) for item in products),
+               torch.zeros(()))
+
+
+def _stack(layers: Sequence[CostItem], bits: Mapping[str, LayerBits], which: str) -> Tensor:
+    layers = _layers(layers)
     missing = [layer.name for layer in layers if layer.name not in bits]
     if missing:
         raise ConfigError(f"no bit-widths for layer(s) {', '.join(missing)}")
@@ -123,7 +159,7 @@ class WeightMemory(Budget):
         return f"{self.kind}={self.limit:.17g}B"
 
     def cost(self, layers, bits):
-        kept_params = _counts(layers, "params") * _stack(layers, bits, "input_kept")
+        kept_params = _counts(_layers(layers), "params") * _stack(layers, bits, "input_kept")
         return (kept_params * _stack(layers, bits, "weight")).sum() / 8
 
     def format(self, value: float) -> str:
@@ -156,9 +192,10 @@ class ActivationMemory(Budget):
         return f"{self.kind}={self.limit:.17g}B" + ("" if self.mode == "max" else ",sum")
 
     def cost(self, layers, bits):
-        per_layer = (_counts(layers, "input_elements") * _stack(layers, bits, "activation")
+        per_layer = (_counts(_layers(layers), "input_elements") * _stack(layers, bits, "activation")
                      * _stack(layers, bits, "input_kept") / 8)
-        return per_layer.max() if self.mode == "max" else per_layer.sum()
+        per_tensor = torch.cat([per_layer, _activation_costs(layers, bits) / 8])
+        return per_tensor.max() if self.mode == "max" else per_tensor.sum()
 
     def format(self, value: float) -> str:
         return human_bytes(value)
@@ -181,8 +218,8 @@ class BitOps(Budget):
         return float(self.bitops)
 
     def cost(self, layers, bits):
-        return (_counts(layers, "macs") * _stack(layers, bits, "weight") * _stack(layers, bits, "activation")
-                * _stack(layers, bits, "input_kept")).sum()
+        return (_counts(_layers(layers), "macs") * _stack(layers, bits, "weight") * _stack(layers, bits, "activation")
+                * _stack(layers, bits, "input_kept")).sum() + _product_bitops(layers, bits)
 
     def format(self, value: float) -> str:
         return f"{human_count(value)} BitOPs"
@@ -206,7 +243,7 @@ class AverageBits(Budget):
         return float(self.bits)
 
     def cost(self, layers, bits):
-        params = _counts(layers, "params")
+        params = _counts(_layers(layers), "params")
         return (params * _stack(layers, bits, "weight")).sum() / params.sum()
 
     def format(self, value: float) -> str:
@@ -308,7 +345,8 @@ class TargetCost(Budget):
         from mpqc.targets.fpga import get_cost_model
 
         model = get_cost_model(self.target)
-        return model.cycles(layers, _stack(layers, bits, "weight"), _stack(layers, bits, "activation")).sum().float()
+        return model.cycles(_layers(layers), _stack(layers, bits, "weight"),
+                            _stack(layers, bits, "activation")).sum().float()
 
     def format(self, value: float) -> str:
         return f"{human_count(value)} cycles"

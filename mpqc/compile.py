@@ -24,10 +24,11 @@ from mpqc.config import CompileConfig
 from mpqc.data import check_loader
 from mpqc.distributed import setup as setup_distributed
 from mpqc.errors import ConfigError, DataError
-from mpqc.layers import LayerInfo
+from mpqc.layers import CostItem, LayerInfo
 from mpqc import pipeline
 from mpqc.passes.freeze import freeze
-from mpqc.passes.insert_quantizers import current_bits, quantized_layers, smallest_bits
+from mpqc.passes.insert_quantizers import (cost_items, current_bits, quantized_activations, quantized_layers,
+                                          smallest_bits)
 from mpqc.passes.prune_channels import fewest_channels, prune_channels
 from mpqc.quantizers import get_method
 from mpqc.reference import IntegerProgram
@@ -96,17 +97,18 @@ def compile(
     gm = pipeline.quantize(gm, quant_method, config.quantizers, calibration)      # 4. learnable-bit quantizers,
                                                                                    #    0 bits = pruned channel,
                                                                                    #    refuse unsupported ops
-    smallest = budget.check_feasible(fewest_channels(gm),                          #    and infeasible budgets
-                                     smallest_bits(quantized_layers(gm)))
+    smallest = budget.check_feasible(cost_items(gm, fewest_channels(gm)),          #    and infeasible budgets
+                                     smallest_bits(quantized_layers(gm), quantized_activations(gm)))
     run = world.call_on_main(lambda: RunDirectory(out or tempfile.mkdtemp(prefix="mpqc-run-"), identity,
                                                   resume=resume, force=force))
     search(gm, budget, layers, train_loader, config.search,                         # 5. differentiable search
            checkpoint=run.checkpoint("search"), seed=config.seed, teacher=teacher, progress=config.progress,
            task=task)
     with torch.no_grad():
-        bits = current_bits(quantized_layers(gm))
-        searched = {name: (float(b.weight), float(b.activation)) for name, b in bits.items()}
-        search_cost = float(budget.cost(layers, bits))
+        bits = current_bits(quantized_layers(gm), quantized_activations(gm))
+        searched = {name: (float(b.weight), float(b.activation)) for name, b in bits.items()
+                    if isinstance(b, LayerBits)}
+        search_cost = float(budget.cost(cost_items(gm, layers), bits))
     search_done = time.perf_counter()
     fixed_layers = {layer.name for layer in quantized_layers(gm) if not layer.weight_quantizer.learnable_bits}
 
@@ -128,6 +130,7 @@ def compile(
     accuracy = {name: values and values[task.metric_name] for name, values in metrics.items()}
     report = build_report(                                                         # 10. report
         model_name=type(model).__name__, method=method, budget=budget, layers=layers, program=program,
+        activations=cost_items(gm, []),
         searched_bits=searched, fixed_layers=fixed_layers, unpruned_layers=unpruned, search_cost=search_cost,
         smallest_cost=smallest,
         accuracy=accuracy, metric=_metric_section(task, metrics),
@@ -276,14 +279,20 @@ def build_report(
     searched_bits: dict[str, tuple[float, float]], fixed_layers: set[str], search_cost: float, smallest_cost: float,
     accuracy: dict[str, float | None], wall_time: dict[str, float],
     unpruned_layers: Sequence[LayerInfo] | None = None, metric: dict[str, Any] | None = None,
+    activations: Sequence[CostItem] = (),
 ) -> dict[str, Any]:
     """The ``mpqc-report/1`` dict (see ``mpqc/report.py``) of a frozen program; ``layers`` describe the layers as
-    frozen, ``unpruned_layers`` (default: the same) as they were before channel pruning."""
+    frozen, ``unpruned_layers`` (default: the same) as they were before channel pruning; ``activations`` the
+    quantized activations and products that are not layers (``insert_quantizers.cost_items``), which the budgets
+    count too."""
     unpruned_layers = unpruned_layers or layers
     pruned_channels = {old.name: old.out_channels - new.out_channels for old, new in zip(unpruned_layers, layers)}
     frozen = program.layer_bits()
-    integer = {name: LayerBits(torch.tensor(float(w)), torch.tensor(float(a))) for name, (w, a) in frozen.items()}
-    achieved = float(budget.cost(layers, integer))
+    integer: dict[str, LayerBits | torch.Tensor] = {
+        node.attrs["module"]: torch.tensor(float(node.attrs["bits"])) for node in program.nodes if node.op == "quantize"}
+    integer.update({name: LayerBits(torch.tensor(float(w)), torch.tensor(float(a))) for name, (w, a) in frozen.items()})
+    items = [*layers, *activations]
+    achieved = float(budget.cost(items, integer))
     params = sum(layer.params for layer in layers)
     elements = sum(layer.input_elements for layer in layers)
     return {
@@ -300,9 +309,9 @@ def build_report(
             "pruned_channels": sum(pruned_channels.values()),
             "weight_bytes": float(WeightMemory(1).cost(layers, integer)),
             "fp32_weight_bytes": 4.0 * sum(layer.params for layer in unpruned_layers),
-            "activation_bytes_max": float(ActivationMemory(1).cost(layers, integer)),
-            "activation_bytes_sum": float(ActivationMemory(1, mode="sum").cost(layers, integer)),
-            "bitops": float(BitOps(1).cost(layers, integer)),
+            "activation_bytes_max": float(ActivationMemory(1).cost(items, integer)),
+            "activation_bytes_sum": float(ActivationMemory(1, mode="sum").cost(items, integer)),
+            "bitops": float(BitOps(1).cost(items, integer)),
             "average_weight_bits": float(AverageBits(1).cost(layers, integer)),
             "average_activation_bits": sum(layer.input_elements * frozen[layer.name][1] for layer in layers) / elements,
         },

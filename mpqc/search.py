@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader
 from mpqc.budgets import Budget
 from mpqc.config import TrainConfig
 from mpqc.layers import LayerInfo
-from mpqc.passes.insert_quantizers import current_bits, quantized_layers
+from mpqc.passes.insert_quantizers import cost_items, current_bits, quantized_activations, quantized_layers
 from mpqc.task import Task
 from mpqc.train import DEFAULT_TASK, BudgetTerm, train_phase
 
@@ -36,8 +36,8 @@ def search(
     task: Task = DEFAULT_TASK,
 ) -> dict[str, float]:
     """Run the search in place on ``gm`` for ``task``; resumes from ``checkpoint`` when it holds a search checkpoint."""
-    quantized = quantized_layers(gm)
-    term = BudgetTerm(budget, layers, lambda: current_bits(quantized))
+    quantized, activations = quantized_layers(gm), quantized_activations(gm)
+    term = BudgetTerm(budget, cost_items(gm, layers), lambda: current_bits(quantized, activations))
     return train_phase(
         gm, train_loader, config, phase="search", checkpoint=checkpoint, seed=seed, budget=term, teacher=teacher,
         progress=progress, stop_after_steps=stop_after_steps, task=task,

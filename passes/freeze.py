@@ -28,23 +28,24 @@ from torch.fx import GraphModule
 
 from mpqc.budgets import Budget, LayerBits
 from mpqc.errors import InfeasibleBudgetError
-from mpqc.passes.insert_quantizers import QuantizedLayer, replace_submodule, quantized_layers
+from mpqc.passes.insert_quantizers import (QuantizedActivation, QuantizedLayer, cost_items, quantized_activations,
+                                          quantized_layers, replace_submodule)
 from mpqc.quantizers import Quantizer
 
 
 def integer_bits(gm: GraphModule, budget: Budget) -> dict[str, int]:
     """Integer bit-width per quantizer (qualified module name) that meets ``budget``; the graph is unchanged."""
-    layers = quantized_layers(gm)
-    quantizers = _quantizers(layers)
+    layers, activations = quantized_layers(gm), quantized_activations(gm)
+    quantizers = _quantizers(layers, activations)
     with torch.no_grad():
         searched = {name: float(q.bits()) for name, q in quantizers.items()}
     bits = {name: _rounded(q) for name, q in quantizers.items()}
     rounded = dict(bits)
-    elements = _elements(layers)
-    infos = [layer.info for layer in layers]
+    elements = _elements(layers, activations)
+    infos = cost_items(gm)
 
     def cost(assignment: dict[str, int]) -> float:
-        return float(budget.cost(infos, _layer_bits(layers, assignment)))
+        return float(budget.cost(infos, _layer_bits(layers, activations, assignment)))
 
     current = cost(bits)
     while not budget.met(current):
@@ -105,6 +106,7 @@ def freeze(gm: GraphModule, budget: Budget) -> GraphModule:
     bits = integer_bits(gm, budget)
     layers = quantized_layers(gm)
     activation_quantizers = {layer.input_quantizer_name: layer.input_quantizer for layer in layers}
+    activation_quantizers.update({activation.name: activation.quantizer for activation in quantized_activations(gm)})
     for name, quantizer in activation_quantizers.items():  # once per tensor, even where layers share it
         if quantizer.learnable_bits:
             replace_submodule(gm, name, quantizer.to_fixed(bits[name]))
@@ -124,11 +126,12 @@ def _weight_key(layer: QuantizedLayer) -> str:
     return f"{layer.name}.weight_quantizer"
 
 
-def _quantizers(layers: Sequence[QuantizedLayer]) -> dict[str, Quantizer]:
+def _quantizers(layers: Sequence[QuantizedLayer], activations: Sequence[QuantizedActivation]) -> dict[str, Quantizer]:
     result: dict[str, Quantizer] = {}
     for layer in layers:
         result[_weight_key(layer)] = layer.weight_quantizer
         result[layer.input_quantizer_name] = layer.input_quantizer
+    result.update({activation.name: activation.quantizer for activation in activations})
     return result
 
 
@@ -139,18 +142,21 @@ def _rounded(q: Quantizer) -> int:
     return min(max(value, q.bit_range.min_bits), q.bit_range.max_bits)
 
 
-def _elements(layers: Sequence[QuantizedLayer]) -> dict[str, int]:
+def _elements(layers: Sequence[QuantizedLayer], activations: Sequence[QuantizedActivation]) -> dict[str, int]:
     counts: dict[str, int] = {}
     for layer in layers:
         counts[_weight_key(layer)] = layer.info.params
         counts[layer.input_quantizer_name] = counts.get(layer.input_quantizer_name, 0) + layer.info.input_elements
+    counts.update({activation.name: activation.info.elements for activation in activations})
     return counts
 
 
-def _layer_bits(layers: Sequence[QuantizedLayer], bits: dict[str, int]) -> dict[str, LayerBits]:
-    return {
-        layer.name: LayerBits(
-            torch.tensor(float(bits[_weight_key(layer)])), torch.tensor(float(bits[layer.input_quantizer_name]))
-        )
-        for layer in layers
-    }
+def _layer_bits(layers: Sequence[QuantizedLayer], activations: Sequence[QuantizedActivation],
+                bits: dict[str, int]) -> dict[str, LayerBits | torch.Tensor]:
+    """The budgets' view (keys as ``insert_quantizers.current_bits``) of an integer assignment."""
+    result: dict[str, LayerBits | torch.Tensor] = {}
+    for layer in layers:
+        result[layer.name] = LayerBits(torch.tensor(float(bits[_weight_key(layer)])),
+                                       torch.tensor(float(bits[layer.input_quantizer_name])))
+    result.update({activation.name: torch.tensor(float(bits[activation.name])) for activation in activations})
+    return result

@@ -15,15 +15,19 @@ Ensures:    every quantized layer node has ``node.meta[INPUT_QUANTIZER_META]`` =
             quantizer ranges are initialised from calibration data (``calibration_inputs``).
             A residual add whose result (after ReLU/clamp) is not itself a layer's input, and the float input
             of an average pool, get a fixed ``residual_bits`` quantizer (``act_quantizers.<node>_out``), so the
-            integer program never sums floats. So do the operands other ops need as codes (the op registry's
-            ``quantized_operands`` / ``quantized_output``: a lookup table's input and output, a product's factors)
-            where they are not codes already; those are fixed at ``residual_bits`` too (not searched, and not yet
-            counted by the budgets, which count the layers' weights and inputs).
+            integer program never sums floats. The operands other ops need as codes (the op registry's
+            ``quantized_operands`` / ``quantized_output``: a lookup table's input and output, a product's factors),
+            where they are not codes already, get the method's learnable activation quantizer like a layer's input
+            (``act_quantizers.<node>_out``, bits at most 8: lookup tables index 2^b entries); one that feeds no
+            layer carries an :class:`~mpqc.layers.ActivationInfo` (``ACTIVATION_META``) and a product of two
+            quantized activations a :class:`~mpqc.layers.ProductInfo` (``PRODUCT_META``), so the budgets count
+            their storage and BitOPs (:func:`cost_items`, :func:`current_bits`).
             With ``first_last="fixed"`` the first layer (weight and input) and the last layer (weight) are
             ``FixedQuantizer``s at ``first_last_bits``.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -32,13 +36,16 @@ from torch.fx import GraphModule, Interpreter, Node
 
 from mpqc import ops
 from mpqc.budgets import LayerBits
-from mpqc.config import QuantizerConfig
+from mpqc.config import BitRange, QuantizerConfig
 from mpqc.errors import MpqcError
-from mpqc.layers import LAYER_META, LayerInfo
+from mpqc.layers import ACTIVATION_META, LAYER_META, PRODUCT_META, ActivationInfo, CostItem, LayerInfo, ProductInfo
 from mpqc.passes.analyze_layers import layer_nodes
 from mpqc.qmodules import quantized_version
 from mpqc.quantizers import FixedQuantizer, QuantMethod, Quantizer
 from mpqc.quantizers.base import positive_levels
+
+#: The widest code an operand quantizer may learn: lookup tables index 2^b entries.
+MAX_OPERAND_BITS = 8
 
 #: ``node.meta[INPUT_QUANTIZER_META]`` on a quantized layer node: qualified name of its input's quantizer module.
 INPUT_QUANTIZER_META = "mpqc.input_quantizer"
@@ -87,20 +94,56 @@ def quantized_layers(gm: GraphModule) -> list[QuantizedLayer]:
     return result
 
 
-def current_bits(layers: list[QuantizedLayer]) -> dict[str, LayerBits]:
-    """Each layer's (weight, input activation) bit-widths and kept share of input channels as differentiable
-    tensors: what budgets read."""
-    return {layer.name: LayerBits(layer.weight_quantizer.bits(), layer.input_quantizer.bits(), layer.input_kept())
-            for layer in layers}
+@dataclass
+class QuantizedActivation:
+    """An activation quantizer that feeds no layer, as the budgets and freezing see it."""
+
+    info: ActivationInfo
+    quantizer: Quantizer
+
+    @property
+    def name(self) -> str:
+        return self.info.name
 
 
-def smallest_bits(layers: list[QuantizedLayer]) -> dict[str, LayerBits]:
-    """The smallest bit-widths the search space allows: learnable quantizers at their minimum, fixed ones as fixed."""
+def quantized_activations(gm: GraphModule) -> list[QuantizedActivation]:
+    """The activation quantizers of ``gm`` that feed no layer (lookup-table inputs, product factors), graph order."""
+    return [QuantizedActivation(node.meta[ACTIVATION_META], gm.get_submodule(node.target))
+            for node in gm.graph.nodes if ACTIVATION_META in node.meta]
+
+
+def cost_items(gm: GraphModule, layers: list[LayerInfo] | None = None) -> list[CostItem]:
+    """What a budget's cost reads: ``layers`` (default: the quantized layers' infos), then the quantized activations
+    that feed no layer and the products of two activations."""
+    infos = [layer.info for layer in quantized_layers(gm)] if layers is None else list(layers)
+    return (infos + [activation.info for activation in quantized_activations(gm)]
+            + [node.meta[PRODUCT_META] for node in gm.graph.nodes if PRODUCT_META in node.meta])
+
+
+def current_bits(layers: list[QuantizedLayer],
+                 activations: list[QuantizedActivation] = ()) -> dict[str, LayerBits | Tensor]:
+    """What budgets read, as differentiable tensors: each layer's (weight, input activation) bit-widths and kept
+    share of input channels by layer name, and the bit-width of each of ``activations`` by its quantizer's
+    qualified name."""
+    bits: dict[str, LayerBits | Tensor] = {
+        layer.name: LayerBits(layer.weight_quantizer.bits(), layer.input_quantizer.bits(), layer.input_kept())
+        for layer in layers}
+    bits.update({activation.name: activation.quantizer.bits() for activation in activations})
+    return bits
+
+
+def smallest_bits(layers: list[QuantizedLayer],
+                  activations: list[QuantizedActivation] = ()) -> dict[str, LayerBits | Tensor]:
+    """The smallest bit-widths the search space allows (keys as :func:`current_bits`): learnable quantizers at
+    their minimum, fixed ones as fixed."""
 
     def smallest(q: Quantizer) -> Tensor:
         return torch.tensor(float(q.bit_range.min_bits if q.learnable_bits else q.fixed_bits))
 
-    return {layer.name: LayerBits(smallest(layer.weight_quantizer), smallest(layer.input_quantizer)) for layer in layers}
+    bits: dict[str, LayerBits | Tensor] = {
+        layer.name: LayerBits(smallest(layer.weight_quantizer), smallest(layer.input_quantizer)) for layer in layers}
+    bits.update({activation.name: smallest(activation.quantizer) for activation in activations})
+    return bits
 
 
 def insert_quantizers(
@@ -131,8 +174,15 @@ def insert_quantizers(
         signed, dynamic_range = signed_and_range(source)
         return FixedQuantizer(bits, signed, torch.tensor([dynamic_range / positive_levels(bits, signed)]))
 
+    operand_range = BitRange(min(config.activation_bits.min_bits, MAX_OPERAND_BITS),
+                             min(config.activation_bits.max_bits, MAX_OPERAND_BITS))
     for end in fixed_points:
-        quantizer_of[end] = _quantize_tensor(gm, end, f"{end.name}_out", fixed_quantizer(end, config.residual_bits))
+        if end in operands:
+            quantizer = method.activation_quantizer(*signed_and_range(end),
+                                                    min(config.init_bits, MAX_OPERAND_BITS), operand_range)
+        else:
+            quantizer = fixed_quantizer(end, config.residual_bits)
+        quantizer_of[end] = _quantize_tensor(gm, end, f"{end.name}_out", quantizer)
 
     for node in layers:
         info: LayerInfo = node.meta[LAYER_META]
@@ -156,9 +206,49 @@ def insert_quantizers(
             weight_quantizer = method.weight_quantizer(layer.weight, config.init_bits, config.weight_bits)
         replace_submodule(gm, node.target, quantized_version(layer, weight_quantizer))
 
+    _record_activations_and_products(gm, [quantizer_of[point] for point in operands], set(layers))
     gm.graph.lint()
     gm.recompile()
     return gm
+
+
+def _record_activations_and_products(gm: GraphModule, operand_quantizers: list[str], layers: set[Node]) -> None:
+    """``ACTIVATION_META`` on the operand quantizers that feed no layer, ``PRODUCT_META`` on the products of two
+    quantized activations (per-sample sizes from the shapes ``analyze_layers`` propagated)."""
+    placeholders = [node.meta.get("tensor_meta") for node in gm.graph.nodes if node.op == "placeholder"]
+    batch = next((meta.shape[0] for meta in placeholders if hasattr(meta, "shape") and len(meta.shape)), 1)
+
+    def per_sample(node: Node) -> int:
+        meta = node.meta.get("tensor_meta")
+        if not hasattr(meta, "shape"):
+            raise MpqcError(f"node {node.format_node()} has no tensor shape after shape propagation")
+        return math.prod(meta.shape) // max(batch, 1)
+
+    layer_inputs = {}  # a layer's input quantizer -> the first layer reading it (budgets key its bits by layer)
+    for node in layers:
+        layer_inputs.setdefault(node.meta[INPUT_QUANTIZER_META], str(node.target))
+    for node in gm.graph.nodes:
+        if node.op == "call_module" and node.target in operand_quantizers and node.target not in layer_inputs:
+            node.meta[ACTIVATION_META] = ActivationInfo(str(node.target), per_sample(node.args[0]))
+    for node in gm.graph.nodes:
+        op = ops.op_of(gm, node)
+        factors = [] if op is None or op.is_layer else op.quantized_operands(gm, node)
+        if op is not None and op.multiplies_operands and len(factors) == 2:
+            a, b = (_quantizer_reading(gm, factor) for factor in factors)
+            a, b = layer_inputs.get(a, a), layer_inputs.get(b, b)
+            if a and b:
+                node.meta[PRODUCT_META] = ProductInfo(node.name, op.product_macs(gm, node, per_sample(node)), a, b)
+
+
+def _quantizer_reading(gm: GraphModule, node: Node) -> str | None:
+    """The activation quantizer whose codes ``node`` holds, seen through ops that keep integers."""
+    while isinstance(node, Node):
+        if node.op == "call_module" and str(node.target).startswith(f"{ACT_QUANTIZERS}."):
+            return str(node.target)
+        if not ops.has_property(gm, node, "keeps_integers") or not node.args:
+            return None
+        node = node.args[0]
+    return None
 
 
 def _quantize_tensor(gm: GraphModule, source: Node, key: str, quantizer: Quantizer) -> str:

@@ -46,7 +46,7 @@ from mpqc.budgets import Budget
 from mpqc.errors import InfeasibleBudgetError, MpqcError
 from mpqc.layers import LayerInfo
 from mpqc.passes.analyze_layers import analyze_layers, layer_nodes
-from mpqc.passes.insert_quantizers import quantized_layers, smallest_bits
+from mpqc.passes.insert_quantizers import cost_items, quantized_activations, quantized_layers, smallest_bits
 
 
 @dataclass(frozen=True)
@@ -212,11 +212,12 @@ def fewest_channels(gm: GraphModule) -> list[LayerInfo]:
 
 def _prune_to_fit(gm: GraphModule, layers: list, keep: dict[str, torch.Tensor], budget: Budget) -> None:
     """Prune the kept channels with the fewest searched bits, one at a time, until the budget fits at min bits."""
-    floor = smallest_bits(layers)
+    floor = smallest_bits(layers, quantized_activations(gm))
     searched = {name: gm.get_submodule(name).weight_quantizer.channel_bits().detach() for name in keep}
 
     def cost() -> float:
-        return float(budget.cost(pruned_infos(gm, {name: int(mask.sum()) for name, mask in keep.items()}), floor))
+        kept = {name: int(mask.sum()) for name, mask in keep.items()}
+        return float(budget.cost(cost_items(gm, pruned_infos(gm, kept)), floor))
 
     current = cost()
     while not budget.met(current):

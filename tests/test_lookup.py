@@ -8,6 +8,7 @@ import os
 os.environ.setdefault("TVM_NUM_THREADS", "2")
 
 import math  # noqa: E402
+import random  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -15,7 +16,11 @@ import torch.nn.functional as F  # noqa: E402
 from hypothesis import given, settings, strategies as st  # noqa: E402
 from torch import nn  # noqa: E402
 
-from conftest import freeze_at_random_bits, quantized_graph  # noqa: E402
+from conftest import freeze_at_random_bits, quantized_graph, set_bits  # noqa: E402
+from mpqc.budgets import WeightMemory  # noqa: E402
+from mpqc.passes.freeze import freeze  # noqa: E402
+from mpqc.passes.insert_quantizers import quantized_activations  # noqa: E402
+from mpqc.quantizers.base import BitRange  # noqa: E402
 from mpqc import ops  # noqa: E402
 from mpqc.errors import UnsupportedOpError  # noqa: E402
 from mpqc.ops.lookup import FUNCTIONS, build_table, table_is_monotone  # noqa: E402
@@ -123,9 +128,11 @@ ACTS = [nn.Sigmoid(), nn.SiLU(), nn.Hardswish(), nn.Hardsigmoid(), nn.GELU(), nn
 def _program(model: nn.Module, bits: int, seed: int) -> tuple[IntegerProgram, torch.Tensor, object]:
     torch.manual_seed(seed)
     x = torch.randn(2, 3, 8, 8)
-    gm, _ = quantized_graph(model, x, residual_bits=bits)
-    gm, _ = freeze_at_random_bits(gm, seed=seed)
-    return IntegerProgram.from_graph(gm), x, gm
+    gm, _ = quantized_graph(model, x)
+    operands = {activation.name for activation in quantized_activations(gm)}  # the lookups' inputs
+    rng = random.Random(seed)
+    set_bits(gm, lambda name: bits if name in operands else rng.randint(2, 8))
+    return IntegerProgram.from_graph(freeze(gm, WeightMemory(1e12))), x, gm
 
 
 @pytest.mark.parametrize("act", ACTS, ids=lambda m: repr(m))
@@ -200,7 +207,9 @@ def test_program_with_tables_saves_and_loads(tmp_path):
 def test_lookup_of_a_wide_input_is_a_clear_error():
     torch.manual_seed(0)
     x = torch.randn(2, 3, 8, 8)
-    gm, _ = quantized_graph(_Net(nn.SiLU()), x, residual_bits=12)
-    gm, _ = freeze_at_random_bits(gm, seed=0)
-    with pytest.raises(UnsupportedOpError, match=r"silu.*at most 8 bits, got 12"):
+    # The lookups' own input quantizers learn at most 8 bits; tanh here reads a layer's input codes, 12 bits wide.
+    gm, _ = quantized_graph(_Methods(), x, activation_bits=BitRange(2, 12))
+    set_bits(gm, lambda name: 12)
+    gm = freeze(gm, WeightMemory(1e12))
+    with pytest.raises(UnsupportedOpError, match=r"tanh.*at most 8 bits, got 12"):
         IntegerProgram.from_graph(gm)

@@ -171,6 +171,7 @@ class Mul(OpDef):
     keeps_integers = True  # a product of integers, or an integer rescaled: output_is_integer says which
     keeps_shape = True
     quantized_inputs = (0, 1)
+    multiplies_operands = True
     numerics_tests = TESTS
 
     def is_nonnegative(self, gm, node, inputs_nonnegative):

@@ -92,6 +92,7 @@ class OpDef:
     is_layer: ClassVar[bool] = False
     quantized_inputs: ClassVar[tuple[int, ...]] = ()  # input positions that get an activation quantizer
     quantized_output: ClassVar[bool] = False  # its output gets an activation quantizer (a lookup table's codes)
+    multiplies_operands: ClassVar[bool] = False  # the product of its two quantized operands (budgets count BitOPs)
     #: tests (``tests/<file>.py::<function>``) that check its numerics against the reference in every backend
     numerics_tests: ClassVar[tuple[str, ...]] = ()
 
@@ -109,6 +110,11 @@ class OpDef:
         already): the graph tensors at ``quantized_inputs``. A family whose need depends on the call overrides it
         (``Mul``: both factors of a product of two tensors; none for a tensor times a number, a scale change)."""
         return [node.args[i] for i in self.quantized_inputs if i < len(node.args) and isinstance(node.args[i], Node)]
+
+    def product_macs(self, gm: GraphModule, node: Node, output_elements: int) -> int:
+        """Multiply-accumulates per sample of a ``multiplies_operands`` op with ``output_elements`` output elements
+        per sample (elementwise: one each; a matmul overrides it: times the contracted size)."""
+        return output_elements
 
     def zero_preserving(self, gm: GraphModule, node: Node) -> bool:
         """Whether ``node`` maps 0 to 0 (channel pruning looks through it)."""
