@@ -41,18 +41,20 @@ that have no converter, or a converter that refuses the node's attributes, raise
 
 *Rewrites to* (QDQ: the tensors between ops are real-valued, integers live between Q and DQ):
 
-* ``quantize`` (b bits, scale ``s``) -> ``Clip(qmin*s, qmax*s)`` -> ``QuantizeLinear(s, z)`` -> ``DequantizeLinear``.
-  The integer codes (the QuantizeLinear output, ``<quantizer>.q``, holding ``value + z``) are UINT8 for b <= 8
-  (``z`` = 128 for signed values, else 0; INT16/UINT16 with ``z`` = 0 above).
-  QuantizeLinear rounds half to even like the reference but saturates to the whole storage type, so the b-bit
-  clamp comes first, as a float Clip at the range's ends in units of ``s``. Clamping before rounding is exact,
-  not an approximation: rounding ``x/s`` is monotone and maps ``fp32(qmax*s)`` back to ``qmax`` (the product is
-  within half an fp32 ulp, the quotient within one, far from a .5 tie for any qmax < 2**22), so
-  ``round(clip(x)/s) == clamp(round(x/s), qmin, qmax)`` for every fp32 ``x``. An integer Clip after
-  QuantizeLinear would be exact too, but onnxruntime 1.32's CPU Clip has int8/uint8 kernels only (int16 fails),
-  and measured no faster. onnxruntime drops a Clip before QuantizeLinear only when its quantized range covers
-  the whole storage type, i.e. when the clamp is a no-op; where it is one (unsigned 8 bits) none is emitted
-  (signed 8 bits: the storage holds -128, the range stops at -127, so the Clip stays).
+* ``quantize`` (b bits, scale ``s``) -> ``QuantizeLinear(s, z)`` -> ``Clip(qmin+z, qmax+z)`` ->
+  ``DequantizeLinear``. The integer codes (the Clip output, ``<quantizer>.q``, holding ``value + z``) are UINT8 for
+  b <= 8 (``z`` = 128 for signed values, else 0; INT16/UINT16 with ``z`` = 0 above). QuantizeLinear rounds half to
+  even like the reference but saturates to the whole storage type, so the b-bit clamp follows as an **integer
+  Clip of the codes**; none is emitted where the range is the whole storage type (unsigned 8 bits; signed 8 bits
+  stop at -127, so their Clip stays). The Clip must come *after* QuantizeLinear: onnxruntime fuses
+  ``DequantizeLinear -> Conv/Gemm -> QuantizeLinear`` into its integer kernels (QLinearConv, QGemm, exact int32
+  accumulators, one fp32 requantisation) only when nothing stands between the layer and QuantizeLinear. With the
+  float ``Clip(qmin*s, qmax*s)`` before QuantizeLinear that mpqc emitted before 2026-12-04, onnxruntime ran all but 3 of
+  ResNeXt-50's 53 convs as fp32 convolutions of dequantized values, which flipped about 1 code in 10^6 at rounding
+  ties, and in deep random-weight nets those flips spread (bench/zoo.py: 16 torchvision models below the
+  end-to-end floor); with the integer Clip that net is exact end to end. Codes wider than 8 bits (INT16/UINT16
+  storage) keep the float Clip before QuantizeLinear (exact too: rounding ``x/s`` is monotone and maps
+  ``fp32(qmax*s)`` back to ``qmax``), because onnxruntime 1.32's CPU Clip has 8-bit integer kernels only.
 * **Why activations are not INT4** even at b <= 4: onnxruntime 1.32 runs QuantizeLinear/DequantizeLinear with
   INT4/UINT4 on CPU, but its graph optimiser mishandles a sub-byte QuantizeLinear *output*: with
   ``Relu -> QuantizeLinear(INT4)`` it drops the Relu (negative codes come out), and on ResNet-20 a
@@ -84,11 +86,10 @@ program quantizer -> code tensor, bits, sign, scale, storage, zero point), which
 *Ensures* (tested on ResNet-20, torchvision ResNet-18, MobileNetV2 and two small nets at mixed 2-8 bits, on the
 host CPU and on an emulated AVX2 CPU; bench/onnx_cpus.py): ``onnx.checker.check_model(full_check=True)`` passes,
 onnxruntime's CPU provider runs the model with its default options, every requantisation step and every layer's
-accumulators agree with the reference (within 1 LSB, all but about 1 code in 10^5 equal), and end to end >= 99.9% of
-all codes are within 1 LSB (``onnx_check.contract_violations``). What remains are 1-LSB flips at rounding ties,
-which onnxruntime's AVX2 kernels make and its SSE ones did not in our measurements (probably fused multiply-adds in
-its requantisation of Add); in deep nets at low bits one flip spreads to later codes (ResNet-18, 1 draw of 3: 99.92%
-of all codes within 1 LSB end to end, 94.6% of the last quantizer's).
+accumulators agree with the reference (within 1 LSB), and end to end >= 99.9% of all codes are within 1 LSB
+(``onnx_check.contract_violations``). What can remain are 1-LSB flips at rounding ties in requantisation regions
+onnxruntime computes in fp32 its own way (an Add of two requantised values, BatchNorm that could not be folded); in
+deep nets at low bits one flip spreads to later codes.
 """
 from __future__ import annotations
 
@@ -279,12 +280,18 @@ def _convert_quantize(b: _Builder, node: IntNode) -> None:
     zero = b.initializer(numpy_helper.from_array(storage.codes(np.zeros((), np.int64)), f"{label}.zero_point"))
     codes = f"{label}.q"
     clip = (qmin, qmax) != storage.value_range()
-    if clip:
-        low = b.initializer(_float_tensor(qmin * scale, f"{label}.clip_min"))
-        high = b.initializer(_float_tensor(qmax * scale, f"{label}.clip_max"))
-        b.add("Clip", [source, low, high], [f"{label}.clipped"], f"{label}/Clip")
-        source = f"{label}.clipped"
-    b.add("QuantizeLinear", [source, scale_name, zero], [codes], f"{label}/QuantizeLinear")
+    if clip and bits <= 8:  # an integer Clip of the codes: Conv -> QuantizeLinear stays fusable (QLinearConv)
+        b.add("QuantizeLinear", [source, scale_name, zero], [f"{label}.q_unclipped"], f"{label}/QuantizeLinear")
+        low = b.initializer(numpy_helper.from_array(storage.codes(np.array(qmin)), f"{label}.clip_min"))
+        high = b.initializer(numpy_helper.from_array(storage.codes(np.array(qmax)), f"{label}.clip_max"))
+        b.add("Clip", [f"{label}.q_unclipped", low, high], [codes], f"{label}/Clip")
+    else:
+        if clip:  # 16-bit codes: onnxruntime's CPU Clip has 8-bit integer kernels only, so clip the float
+            low = b.initializer(_float_tensor(qmin * scale, f"{label}.clip_min"))
+            high = b.initializer(_float_tensor(qmax * scale, f"{label}.clip_max"))
+            b.add("Clip", [source, low, high], [f"{label}.clipped"], f"{label}/Clip")
+            source = f"{label}.clipped"
+        b.add("QuantizeLinear", [source, scale_name, zero], [codes], f"{label}/QuantizeLinear")
     b.add("DequantizeLinear", [codes, scale_name, zero], [node.name], f"{label}/DequantizeLinear")
     b.rank[node.name] = b.rank.get(node.inputs[0])
     b.bits[codes] = bits

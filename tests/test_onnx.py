@@ -246,7 +246,7 @@ def test_more_than_8_bits_are_stored_in_16_bit_types(tmp_path):
 
 @settings(max_examples=20, deadline=None)
 @given(bits=st.integers(2, 8), signed=st.booleans(), scale=st.floats(2.0**-10, 16.0, width=32))
-def test_clip_then_quantize_is_the_integer_clamp_of_the_rounded_value(bits, signed, scale):
+def test_quantize_then_clip_is_the_integer_clamp_of_the_rounded_value(bits, signed, scale):
     """onnxruntime's codes equal clamp(round_half_even(fp32(x / s)), qmin, qmax) exactly, at the range's ends,
     just past them and at every rounding tie."""
     qmin, qmax = integer_range(bits, signed)
@@ -266,6 +266,33 @@ def test_clip_then_quantize_is_the_integer_clamp_of_the_rounded_value(bits, sign
 
 
 # ------------------------------------------------------------------------------------------------ structure
+def test_every_layer_runs_on_onnxruntimes_integer_kernels(resnet20_export, tmp_path):
+    """Nothing stands between a layer and its QuantizeLinear (the b-bit clamp is an integer Clip of the codes), so
+    onnxruntime fuses every conv that is requantised on its own (not summed into a residual first) into QLinearConv,
+    and the linear into QGemm: exact int32 accumulators, not fp32 convolutions of dequantized values (which flipped
+    codes at rounding ties)."""
+    import onnxruntime as ort
+
+    program, _, exported = resnet20_export
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    ort.InferenceSession(str(exported.path), options, providers=["CPUExecutionProvider"])
+    kinds = [node.op_type for node in onnx.load(options.optimized_model_filepath).graph.node]
+    users: dict[str, list[IntNode]] = {}
+    for node in program.nodes:
+        for name in node.inputs:
+            users.setdefault(name, []).append(node)
+
+    def summed(name: str) -> bool:  # read by a residual add, directly or through a ReLU
+        return any(user.op == "add" or (user.op == "relu" and summed(user.name)) for user in users.get(name, []))
+
+    alone = [node.name for node in program.nodes if node.op == "conv2d" and not summed(node.name)]
+    assert len(alone) >= 10
+    assert kinds.count("QLinearConv") == len(alone) and kinds.count("QGemm") == 1, sorted(set(kinds))
+    assert "Gemm" not in kinds
+
+
 def test_metadata_records_every_quantized_tensor_and_names_follow_the_layers(resnet20_export):
     program, _, exported = resnet20_export
     model = onnx.load(exported.path)
@@ -299,9 +326,13 @@ def test_metadata_records_every_quantized_tensor_and_names_follow_the_layers(res
         assert zero.data_type == onnx.TensorProto.UINT8  # every code UINT8: onnxruntime's exact u8 x u8 kernels
         assert int(onnx.numpy_helper.to_array(zero)) == meta["quantizers"][node.name]["zero_point"] == (
             128 if node.attrs["signed"] else 0)
-        assert nodes[f"{module}/QuantizeLinear"].output == [f"{module}.q"]
+        clipped = node.attrs["signed"] or node.attrs["bits"] != 8
+        assert (f"{module}/Clip" in nodes) == clipped
+        # the codes: QuantizeLinear's, then (b-bit range short of the storage's) an integer Clip's
+        assert nodes[f"{module}/Clip" if clipped else f"{module}/QuantizeLinear"].output == [f"{module}.q"]
+        if clipped:
+            assert list(nodes[f"{module}/Clip"].input[:1]) == nodes[f"{module}/QuantizeLinear"].output
         assert nodes[f"{module}/DequantizeLinear"].output == [node.name]
-        assert (f"{module}/Clip" in nodes) == (node.attrs["signed"] or node.attrs["bits"] != 8)
     assert {n.op_type for n in model.graph.node} >= {"QuantizeLinear", "DequantizeLinear", "Conv", "Gemm", "Clip"}
 
 
