@@ -78,6 +78,8 @@ Importing this package does not import TVM.
 """
 from __future__ import annotations
 
+# The private names are re-exported for the op converters (mpqc/ops/*: ``from mpqc.targets.tvm import _Int``).
+# ruff: noqa: F401
 from mpqc.cpu import cpu_flags
 from mpqc.targets.tvm.build import ARTIFACT_FORMAT, _input_shapes, _metadata, _program_and_compiled, compile_module, lower
 from mpqc.targets.tvm.kernels import registry as kernels

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from mpqc.targets.tvm.kernels.implicit_gemm import MicroKernel, broadcast_activations, register_dot_16x4
+from mpqc.targets.tvm.kernels.implicit_gemm import Kernel, MicroKernel, broadcast_activations, register_dot_16x4
 
 NARROW_INTRIN, WIDE_INTRIN = "mpqc_x86_avx2_u8s8s32_16x4", "mpqc_x86_avx2_wide_u8s8s32_16x4"
 INT16_MAX = 32767
@@ -184,3 +184,7 @@ def micro_kernel(weight_bits: int, activation_bits: int, channels: int) -> Micro
     room, quads = int16_steps(weight_bits, activation_bits), -(-channels // 4)
     steps = next((s for s in STEP_CHOICES if s <= room and quads % s == 0), 1)
     return MULTI_STEP[steps] if steps > 1 else NARROW
+
+
+KERNEL = Kernel("avx2", ("avx2",), lambda layer: micro_kernel(layer.weight_bits, layer.activation_bits, layer.channels),
+                lambda layer: activation_shift(layer.activation_bits))

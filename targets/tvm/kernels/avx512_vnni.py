@@ -21,7 +21,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from mpqc.targets.tvm.kernels.implicit_gemm import CONV_BLOCK, MicroKernel, broadcast_activations, register_dot_16x4
+from mpqc.targets.tvm.kernels.implicit_gemm import (CONV_BLOCK, Kernel, MicroKernel, broadcast_activations,
+                                                    register_dot_16x4)
 
 INTRIN = "mpqc_x86_vnni_u8s8s32_16x4"
 MAX_ACCUMULATORS = 24  # R * CB int32x16 accumulators, of the 32 zmm registers (the rest: weights, a broadcast)
@@ -52,3 +53,4 @@ def register_intrinsic() -> str:
 
 
 VNNI = MicroKernel(CONV_BLOCK, register_intrinsic, MAX_ACCUMULATORS, 14)
+KERNEL = Kernel("avx512vnni", ("avx512vnni", "avx512bw"), lambda layer: VNNI, lambda layer: SHIFT)

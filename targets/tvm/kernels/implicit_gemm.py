@@ -33,6 +33,7 @@ reading the wrong bytes (TVM_NOTES trap 3).
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -122,6 +123,42 @@ class MicroKernel:
     max_accumulators: int
     preferred_accumulators: int
     steps: int = 1  # 4-deep reduction steps per intrinsic call (its weight block is [steps, 16, 4])
+
+
+@dataclass(frozen=True)
+class LayerFacts:
+    """What a kernel needs to know of a layer to take it."""
+
+    op: str  # "conv2d", "linear", "conv1d"
+    groups: int
+    weight_bits: int
+    activation_bits: int
+    signed: bool  # signed (int8) activations
+    rank: int  # rank of the layer's input (a linear layer is taken on 2-D inputs only)
+    channels: int = 0  # input channels (in features of a linear layer): multi-step kernels need C/4 to divide
+
+
+@dataclass(frozen=True)
+class Kernel:
+    """One ISA's implicit-GEMM int8 kernel."""
+
+    isa: str
+    features: tuple[str, ...]  # LLVM features the target must have, all of them
+    micro: Callable[[LayerFacts], MicroKernel]  # the micro-kernel for a layer's bits
+    shift: Callable[[LayerFacts], int]  # what signed activations are shifted by (the bias absorbs shift * sum(w))
+
+    def takes(self, layer: LayerFacts) -> bool:
+        """conv2d with groups 1, or linear on a 2-D input; weights and activations of at most 8 bits."""
+        if layer.weight_bits > 8 or layer.activation_bits > 8:
+            return False
+        if layer.op == "linear":
+            return layer.rank == 2
+        return layer.op == "conv2d" and layer.groups == 1
+
+    def available(self, target: Any) -> bool:
+        from tvm.target import codegen
+
+        return target.kind.name == "llvm" and all(codegen.target_has_features(f, target) for f in self.features)
 
 
 # --------------------------------------------------------------------------------------------- compute

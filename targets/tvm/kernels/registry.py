@@ -2,9 +2,9 @@
 
 *Matches*: every conv/linear layer of a lowered program, on an llvm target.
 
-*Rewrites to*: the kernel :func:`choose` returns for the layer: the first row of :data:`KERNELS` whose ISA the
-target has (:func:`target_isas`, LLVM's answer for the target's ``mcpu``/``mattr``, so it follows the host's
-detected features or a forced target) and whose :meth:`Kernel.takes` accepts the layer (op, groups, weight and
+*Rewrites to*: the kernel :func:`choose` returns for the layer: the first of :data:`KERNELS` (each ISA module's
+``KERNEL``, registered here best first) whose ISA the target has (:func:`target_isas`, LLVM's answer for the
+target's ``mcpu``/``mattr``, so it follows the host's detected features or a forced target) and whose :meth:`Kernel.takes` accepts the layer (op, groups, weight and
 activation bits); ``None`` (TVM's own int8 operators, the ``generic`` ISA) where none does. A kernel names the
 micro-kernel (``implicit_gemm.MicroKernel``) for the layer's bits: the block name of its TE, by which
 ``../schedule.py`` schedules and tensorizes it.
@@ -19,60 +19,16 @@ kernels run there.
 """
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 from mpqc.errors import ConfigError
 from mpqc.targets.tvm.kernels import avx2, avx512_vnni, implicit_gemm
-from mpqc.targets.tvm.kernels.implicit_gemm import MicroKernel
+from mpqc.targets.tvm.kernels.implicit_gemm import Kernel, LayerFacts, MicroKernel
 
 ISAS = ("auto", "avx512vnni", "avx2", "generic")
 
 
-@dataclass(frozen=True)
-class LayerFacts:
-    """What a kernel needs to know of a layer to take it."""
-
-    op: str  # "conv2d", "linear", "conv1d"
-    groups: int
-    weight_bits: int
-    activation_bits: int
-    signed: bool  # signed (int8) activations
-    rank: int  # rank of the layer's input (a linear layer is taken on 2-D inputs only)
-    channels: int = 0  # input channels (in features of a linear layer): multi-step kernels need C/4 to divide
-
-
-@dataclass(frozen=True)
-class Kernel:
-    """One ISA's implicit-GEMM int8 kernel."""
-
-    isa: str
-    features: tuple[str, ...]  # LLVM features the target must have, all of them
-    micro: Callable[[LayerFacts], MicroKernel]  # the micro-kernel for a layer's bits
-    shift: Callable[[LayerFacts], int]  # what signed activations are shifted by (the bias absorbs shift * sum(w))
-
-    def takes(self, layer: LayerFacts) -> bool:
-        """conv2d with groups 1, or linear on a 2-D input; weights and activations of at most 8 bits."""
-        if layer.weight_bits > 8 or layer.activation_bits > 8:
-            return False
-        if layer.op == "linear":
-            return layer.rank == 2
-        return layer.op == "conv2d" and layer.groups == 1
-
-    def available(self, target: Any) -> bool:
-        from tvm.target import codegen
-
-        return target.kind.name == "llvm" and all(codegen.target_has_features(f, target) for f in self.features)
-
-
-KERNELS: tuple[Kernel, ...] = (
-    Kernel("avx512vnni", ("avx512vnni", "avx512bw"), lambda layer: avx512_vnni.VNNI,
-           lambda layer: avx512_vnni.SHIFT),
-    Kernel("avx2", ("avx2",),
-           lambda layer: avx2.micro_kernel(layer.weight_bits, layer.activation_bits, layer.channels),
-           lambda layer: avx2.activation_shift(layer.activation_bits)),
-)
+KERNELS: tuple[Kernel, ...] = (avx512_vnni.KERNEL, avx2.KERNEL)  # best first
 BY_ISA = {kernel.isa: kernel for kernel in KERNELS}
 MICRO_KERNELS: tuple[MicroKernel, ...] = (avx512_vnni.VNNI, avx2.NARROW, avx2.WIDE, *avx2.MULTI_STEP.values())
 
