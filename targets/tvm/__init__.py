@@ -81,7 +81,8 @@ from __future__ import annotations
 # The private names are re-exported for the op converters (mpqc/ops/*: ``from mpqc.targets.tvm import _Int``).
 # ruff: noqa: F401
 from mpqc.cpu import cpu_flags
-from mpqc.targets.tvm.build import ARTIFACT_FORMAT, _input_shapes, _metadata, _program_and_compiled, compile_module, lower
+from mpqc.targets.tvm.build import (ARTIFACT_FORMAT, _input_shapes, _metadata, _program_and_compiled, compile_module,
+                                    lower)
 from mpqc.targets.tvm.kernels import registry as kernels
 from mpqc.targets.tvm.layers import _convert_layer, _convert_layer_kernel, _layer_facts, _layer_kernel
 from mpqc.targets.tvm.lowering import BuiltModule, _Lowering, build_module, check_supported

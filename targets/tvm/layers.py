@@ -1,7 +1,8 @@
 """conv1d / conv2d / linear layers: the kernel the registry chooses for each (``kernels/registry.py``, from the
 target's ISA and the layer's bit-widths), emitted into the lowering.
 
-*Matches*: every ``conv1d``/``conv2d``/``linear`` node (``mpqc/ops/layers.py``'s ``relax`` calls :func:`_convert_layer`).
+*Matches*: every ``conv1d``/``conv2d``/``linear`` node (``mpqc/ops/layers.py``'s ``relax`` calls
+:func:`_convert_layer`).
 *Rewrites to*: an implicit-GEMM kernel (``kernels/implicit_gemm.py`` with the chosen ISA's micro-kernel: NHWC int32
 accumulators, output channels sliced back from a multiple of 16; a signed input shifted by the kernel's shift and
 ``shift * sum(w)`` taken from the bias), or the generic kernel (``kernels/generic.py``) where none takes the layer;

@@ -5,7 +5,7 @@ TVM's CPU pipeline leaves TIR unscheduled (one scalar loop nest per op, every in
 CPU rules cover only GEMV and softmax-like reductions. :func:`cpu_pipeline` schedules the fused functions in order:
 
 1. *Kernel functions* (a micro-kernel's conv block, ``kernels/registry.py``: ``vnni_conv``, ``avx2_conv``,
-   ``avx2wide_conv``): ``kernels/implicit_gemm.schedule_conv`` with that micro-kernel and the register tile recorded for the
+   ``avx2wide_conv``): ``implicit_gemm.schedule_conv`` with that micro-kernel and the register tile recorded for the
    convolution's geometry in ``<tuning_db>/vnni_tiles.json`` (:func:`tune_vnni_tiles` times every candidate tile
    of a geometry the first time it is seen) or ``implicit_gemm.choose_tile``'s default.
 2. *MetaSchedule records* for the other functions, with a tuning database (:func:`tune` adds ``trials``).
@@ -227,7 +227,7 @@ def is_kernel_func(func) -> bool:
 
 
 def schedule_vnni_func(func, tiles: dict[str, Tile] | None = None):
-    """The hand schedule of a VNNI PrimFunc (``kernels/implicit_gemm.schedule_conv``) with its tile from ``tiles`` (keyed by
+    """The hand schedule of a VNNI PrimFunc (``implicit_gemm.schedule_conv``) with its tile from ``tiles`` (keyed by
     ``implicit_gemm.conv_signature``) or the default tile; None where ``func`` holds no VNNI block or tensorization
     fails (logged: the function then runs unscheduled, still exact)."""
     from tvm import s_tir

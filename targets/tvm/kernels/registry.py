@@ -4,10 +4,10 @@
 
 *Rewrites to*: the kernel :func:`choose` returns for the layer: the first of :data:`KERNELS` (each ISA module's
 ``KERNEL``, registered here best first) whose ISA the target has (:func:`target_isas`, LLVM's answer for the
-target's ``mcpu``/``mattr``, so it follows the host's detected features or a forced target) and whose :meth:`Kernel.takes` accepts the layer (op, groups, weight and
-activation bits); ``None`` (TVM's own int8 operators, the ``generic`` ISA) where none does. A kernel names the
-micro-kernel (``implicit_gemm.MicroKernel``) for the layer's bits: the block name of its TE, by which
-``../schedule.py`` schedules and tensorizes it.
+target's ``mcpu``/``mattr``, so it follows the host's detected features or a forced target) and whose
+:meth:`Kernel.takes` accepts the layer (op, groups, weight and activation bits); ``None`` (TVM's own int8
+operators, ``generic.py``) where none does. A kernel names the micro-kernel (``implicit_gemm.MicroKernel``) for the
+layer's bits: the block name of its TE, by which ``../schedule.py`` schedules and tensorizes it.
 
 *Ensures*: a kernel is only chosen for a target that has every LLVM feature it needs, so the module never holds an
 instruction the target lacks; and only for bits where its arithmetic is exact (AVX2: narrow or wide form from the
