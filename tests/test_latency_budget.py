@@ -42,7 +42,7 @@ def test_latency_table_is_measured_cached_and_differentiable(tmp_path, monkeypat
     measured = []
     measure = latency.measure_block
     monkeypatch.setattr(latency, "measure_block", lambda *args, **kw: measured.append(args[1]) or measure(*args[:3], 3))
-    latency._TABLES.clear()
+    latency.clear_memo()
     budget = mpqc.Latency(1.0, isa="avx2", tuning_db=str(tmp_path))
     table = budget.table(LAYERS)
 
@@ -59,7 +59,7 @@ def test_latency_table_is_measured_cached_and_differentiable(tmp_path, monkeypat
     assert torch.unique(table.grid[1]).numel() == 1
 
     # cached: a new process (memo cleared) reads the database and measures nothing
-    latency._TABLES.clear()
+    latency.clear_memo()
     monkeypatch.setattr(latency, "measure_block", lambda *args, **kw: pytest.fail("measured again"))
     again = mpqc.Latency(1.0, isa="avx2", tuning_db=str(tmp_path)).table(LAYERS)
     assert torch.equal(again.grid, table.grid)
@@ -108,7 +108,7 @@ def test_compile_meets_a_latency_budget_after_freezing(trained_small_cnn, digits
         return 1e-6 * macs * _SPEED[block]
 
     monkeypatch.setattr(latency, "measure_block", fake_measure)
-    latency._TABLES.clear()
+    latency.clear_memo()
     example = _example(digits_loaders)
     _, layers = pipeline.trace(trained_small_cnn.eval(), (example[:1],))
     table = mpqc.Latency(1.0, isa="avx2", tuning_db=str(tmp_path)).table(layers)
@@ -148,7 +148,7 @@ def test_lowered_module_runs_within_ten_percent_of_the_prediction(tmp_path):
     torch.manual_seed(0)
     _, layers = pipeline.trace(build().eval(), (x,))
     bits = program.layer_bits()
-    latency._TABLES.clear()
+    latency.clear_memo()
     budget = mpqc.Latency(1.0, tuning_db=str(tmp_path))
     predicted = float(budget.cost(layers, {name: LayerBits(torch.tensor(float(w)), torch.tensor(float(a)))
                                            for name, (w, a) in bits.items()}))

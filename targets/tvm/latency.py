@@ -51,6 +51,13 @@ GENERIC = "generic"  # the table's name for TVM's own operators
 DEFAULT_TUNING_DB = Path.home() / ".cache" / "mpqc" / "tuning"
 
 _TABLES: dict[tuple[str, tuple[str, ...]], "LatencyTable"] = {}  # in-process memo: (host, geometries) -> table
+_REQUESTS: dict[tuple, "LatencyTable"] = {}  # in-process memo: the arguments of latency_table -> table
+
+
+def clear_memo() -> None:
+    """Forget the tables of this process (the database on disk stays)."""
+    _TABLES.clear()
+    _REQUESTS.clear()
 
 
 def default_tuning_db() -> Path:
@@ -278,6 +285,9 @@ def latency_table(layers: Sequence[LayerInfo], *, target: Any = "llvm", isa: str
     from mpqc.targets.tvm.kernels import registry
     from mpqc.targets.tvm.target import resolve_target
 
+    request = (str(target), isa, str(tuning_db), os.environ.get("TVM_NUM_THREADS"), tuple(layers))
+    if request in _REQUESTS:  # the search asks for the same table at every step: no target resolution then
+        return _REQUESTS[request]
     tvm_target = resolve_target(target)
     if tvm_target.kind.name != "llvm":
         raise ConfigError(f"a latency table is measured on this machine's CPU; target {tvm_target} is not llvm")
@@ -287,6 +297,7 @@ def latency_table(layers: Sequence[LayerInfo], *, target: Any = "llvm", isa: str
     geometries = [LayerGeometry.of(layer) for layer in layers]
     memo_key = (host, tuple(g.key for g in geometries))
     if memo_key in _TABLES:
+        _REQUESTS[request] = _TABLES[memo_key]
         return _TABLES[memo_key]
     path = Path(tuning_db) if tuning_db is not None else default_tuning_db()
     path = path / TABLE_FILE
@@ -302,7 +313,7 @@ def latency_table(layers: Sequence[LayerInfo], *, target: Any = "llvm", isa: str
     grid = torch.tensor([[[measured[f"{g.key} | {kinds[w, a]}"] for a in BITS] for w in BITS]
                          for g, kinds in zip(geometries, blocks)], dtype=torch.float64)
     table = LatencyTable(tuple(layer.name for layer in layers), grid, tuple(blocks), host)
-    _TABLES[memo_key] = table
+    _TABLES[memo_key] = _REQUESTS[request] = table
     return table
 
 
