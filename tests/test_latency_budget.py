@@ -40,8 +40,13 @@ def _bits(w, a):
 @needs_avx2
 def test_latency_table_is_measured_cached_and_differentiable(tmp_path, monkeypatch):
     measured = []
-    measure = latency.measure_block
-    monkeypatch.setattr(latency, "measure_block", lambda *args, **kw: measured.append(args[1]) or measure(*args[:3], 3))
+    measure = latency.measure_blocks
+
+    def counted(entries, target, repeat=30):
+        measured.extend(block for _, block in entries)
+        return measure(entries, target, 3, rounds=1)
+
+    monkeypatch.setattr(latency, "measure_blocks", counted)
     latency.clear_memo()
     budget = mpqc.Latency(1.0, isa="avx2", tuning_db=str(tmp_path))
     table = budget.table(LAYERS)
@@ -60,7 +65,7 @@ def test_latency_table_is_measured_cached_and_differentiable(tmp_path, monkeypat
 
     # cached: a new process (memo cleared) reads the database and measures nothing
     latency.clear_memo()
-    monkeypatch.setattr(latency, "measure_block", lambda *args, **kw: pytest.fail("measured again"))
+    monkeypatch.setattr(latency, "measure_blocks", lambda *args, **kw: pytest.fail("measured again"))
     again = mpqc.Latency(1.0, isa="avx2", tuning_db=str(tmp_path)).table(LAYERS)
     assert torch.equal(again.grid, table.grid)
 
@@ -103,11 +108,11 @@ def test_compile_meets_a_latency_budget_after_freezing(trained_small_cnn, digits
     smallest and the 8-bit latency is met after freezing, and the report shows each layer's predicted ms."""
     from mpqc import pipeline
 
-    def fake_measure(geometry, block, target, repeat=10):
-        macs = geometry.in_channels * geometry.out_channels * (geometry.kernel or (1,))[0] ** 2
-        return 1e-6 * macs * _SPEED[block]
+    def fake_measure(entries, target, repeat=30):
+        return [1e-6 * g.in_channels * g.out_channels * (g.kernel or (1,))[0] ** 2 * _SPEED[block]
+                for g, block in entries]
 
-    monkeypatch.setattr(latency, "measure_block", fake_measure)
+    monkeypatch.setattr(latency, "measure_blocks", fake_measure)
     latency.clear_memo()
     example = _example(digits_loaders)
     _, layers = pipeline.trace(trained_small_cnn.eval(), (example[:1],))

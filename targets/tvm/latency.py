@@ -15,7 +15,7 @@ block is built and timed once per geometry (AVX2: up to five, from the bits; AVX
   hand schedule and default register tile as in a lowered module (``schedule_conv``);
 * the generic kernel: TVM's int8 ``conv2d``/``matmul`` plus the same epilogue, through ``compile_module``.
 
-Each is timed with TVM's ``time_evaluator`` (the fastest of repeats, batch 1, the runtime's thread pool as it is:
+Each is timed with TVM's ``time_evaluator`` (the fastest of repeats in three passes over all entries, batch 1, the runtime's thread pool as it is:
 set ``TVM_NUM_THREADS`` as for deployment). The results are kept in ``<tuning_db>/latency_table.json`` keyed by the
 host (ISA, target, threads) and the geometry, so a second compile measures nothing.
 
@@ -230,16 +230,26 @@ def _arguments(placeholders) -> list[Any]:
     return [tvm.runtime.tensor(a) for a in arrays]
 
 
-def measure_block(geometry: LayerGeometry, block: str, target: Any, repeat: int = 30) -> float:
-    """Milliseconds of ``block`` (a micro-kernel block, or :data:`GENERIC`) on ``geometry``, batch 1: the fastest
-    of ``repeat`` timings (each at least 2 ms of runs), the statistic least disturbed by other work on the cores."""
+def measure_blocks(entries: Sequence[tuple[LayerGeometry, str]], target: Any, repeat: int = 30,
+                   rounds: int = 3) -> list[float]:
+    """Milliseconds of each ``(geometry, block)`` (a micro-kernel block, or :data:`GENERIC`), batch 1: every
+    kernel is built first, then timed in ``rounds`` passes over all of them, ``repeat`` timings each (each at least
+    2 ms of runs); the fastest timing of all passes counts. Passes apart in time keep a burst of other work on the
+    cores from inflating one entry (single passes measured up to 5x too slow here under load)."""
     import tvm
 
-    build = _generic_kernel if block == GENERIC else _isa_kernel
-    evaluator, arguments = build(geometry, block, target) if block != GENERIC else build(geometry, target)
-    timer = evaluator("main", tvm.cpu(), number=1, repeat=repeat, min_repeat_ms=2)
-    timer(*arguments)  # warm-up (thread pool, caches)
-    return float(min(timer(*arguments).results)) * 1e3
+    timers = []
+    for geometry, block in entries:
+        evaluator, arguments = _generic_kernel(geometry, target) if block == GENERIC else \
+            _isa_kernel(geometry, block, target)
+        timer = evaluator("main", tvm.cpu(), number=1, repeat=repeat, min_repeat_ms=2)
+        timer(*arguments)  # warm-up (thread pool, caches)
+        timers.append((timer, arguments))
+    best = [math.inf] * len(timers)
+    for _ in range(rounds):
+        for i, (timer, arguments) in enumerate(timers):
+            best[i] = min(best[i], float(min(timer(*arguments).results)) * 1e3)
+    return best
 
 
 # --------------------------------------------------------------------------------------------- the table
@@ -304,10 +314,11 @@ def latency_table(layers: Sequence[LayerInfo], *, target: Any = "llvm", isa: str
     stored = _read(path)
     measured = stored.setdefault(host, {})
     blocks = [kernel_blocks(g, isa) for g in geometries]
-    missing = {(g.key, block): g for g, kinds in zip(geometries, blocks) for block in set(kinds.values())
+    missing = {(g.key, block): g for g, kinds in zip(geometries, blocks) for block in sorted(set(kinds.values()))
                if f"{g.key} | {block}" not in measured}
-    for (key, block), geometry in missing.items():
-        measured[f"{key} | {block}"] = measure_block(geometry, block, tvm_target, repeat)
+    entries = [(geometry, block) for (_, block), geometry in missing.items()]
+    for (geometry, block), ms in zip(entries, measure_blocks(entries, tvm_target, repeat) if entries else []):
+        measured[f"{geometry.key} | {block}"] = ms
     if missing:
         _write(path, stored)
     grid = torch.tensor([[[measured[f"{g.key} | {kinds[w, a]}"] for a in BITS] for w in BITS]
