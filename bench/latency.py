@@ -73,7 +73,7 @@ from mpqc.reference import IntegerProgram  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 VNNI_OPS_PER_CYCLE = 256  # per core: two 512-bit vpdpbusd (64 u8 x s8 products each) per cycle
-#: int8 ops per cycle per core of each kernel ISA (targets/tvm_kernels.py): AVX-512 VNNI two 512-bit vpdpbusd;
+#: int8 ops per cycle per core of each kernel ISA (targets/tvm/kernels/registry.py): AVX-512 VNNI two 512-bit vpdpbusd;
 #: AVX2 with int32 accumulation two 256-bit vpmaddubsw (32 products) whose vpmaddwd/vpaddd share the ports: 32
 #: MACs; "generic" (TVM's own operators) is held to the AVX2 figure.
 OPS_PER_CYCLE = {"avx512vnni": VNNI_OPS_PER_CYCLE, "avx2": 64, "generic": 64}
@@ -438,7 +438,7 @@ def main(argv: list[str] | None = None) -> dict:
                                                         "to measure it (the measured one is recorded too)")
     parser.add_argument("--isa", choices=("auto", "avx512vnni", "avx2", "generic"), default="auto",
                         help="mpqc-TVM's int8 kernels: auto (the best this CPU has) or forced, e.g. avx2 on a VNNI "
-                             "host (targets/tvm_kernels.py)")
+                             "host (targets/tvm/kernels/registry.py)")
     parser.add_argument("--json", type=Path, default=ROOT / "bench" / "results" / "latency.json")
     parser.add_argument("--note", default="", help="free text stored with the results (e.g. machine load)")
     parser.add_argument("--worker", choices=ENGINES, help=argparse.SUPPRESS)  # one engine, one case: JSON out
@@ -450,7 +450,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     from mpqc.cpu import cpu_flags, int8_isa
     from mpqc.targets.tvm import resolve_target
-    from mpqc.targets.tvm_kernels import resolve_isa
+    from mpqc.targets.tvm.kernels import resolve_isa
 
     isa = resolve_isa(resolve_target("llvm"), args.isa)
     clock = measure_clock(vnni=int8_isa() == "avx512vnni")

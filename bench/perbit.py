@@ -1,5 +1,5 @@
 """Per-bit speed of the AVX2 kernels: one ResNet conv layer (56x56x64 -> 64, 3x3, 8-bit unsigned activations) at
-8/7/4/2-bit weights, each on the micro-kernel ``targets/tvm_avx2.micro_kernel`` chooses for its bits (8x8: wide;
+8/7/4/2-bit weights, each on the micro-kernel ``targets/tvm/kernels/avx2.micro_kernel`` chooses for its bits (8x8: wide;
 7-bit: narrow; 4- and 2-bit: 8 int16 steps), built for x86-64-v3 and timed interleaved (ABCD ABCD ...: a shared
 machine's load falls on all of them alike), minimum over ``--repeat`` rounds.
 
@@ -19,7 +19,8 @@ import numpy as np  # noqa: E402
 import tvm  # noqa: E402
 from tvm import s_tir, te  # noqa: E402
 
-from mpqc.targets import tvm_avx2, tvm_vnni  # noqa: E402
+from mpqc.targets.tvm.kernels import avx2 as tvm_avx2  # noqa: E402
+from mpqc.targets.tvm.kernels import implicit_gemm as tvm_vnni  # noqa: E402
 
 C, CO, H = 64, 64, 56
 

@@ -17,7 +17,7 @@ from typing import Any
 
 _EXPORTS = {
     "ActivationMemory": "mpqc.budgets", "AverageBits": "mpqc.budgets", "BitOps": "mpqc.budgets",
-    "Budget": "mpqc.budgets", "TargetCost": "mpqc.budgets", "WeightMemory": "mpqc.budgets",
+    "Budget": "mpqc.budgets", "Latency": "mpqc.budgets", "TargetCost": "mpqc.budgets", "WeightMemory": "mpqc.budgets",
     "parse_budget": "mpqc.budgets",
     "CompiledModel": "mpqc.compile", "compile": "mpqc.compile",
     "CompileConfig": "mpqc.config", "QuantizerConfig": "mpqc.config", "TrainConfig": "mpqc.config",

@@ -21,12 +21,13 @@ Conventions (per one input sample, see :class:`mpqc.layers.LayerInfo`):
                                                                      (:class:`~mpqc.layers.ProductInfo`)
 * average bits   = sum_l params_l * wbits_l / sum_l params_l         (weights)
 * target cycles  = sum_l max(compute_l, memory_l) on an accelerator cost model (``mpqc.targets.fpga``)
+* latency        = sum_l ms_l(wbits_l, abits_l), measured on this CPU per layer (``mpqc.targets.tvm.latency``)
 """
 from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Mapping, NamedTuple, Sequence
 
 import torch
@@ -250,12 +251,13 @@ class AverageBits(Budget):
         return f"{value:.3f} bits"
 
 
-BUDGET_KINDS = ("weight-memory", "activation-memory", "bitops", "avg-bits", "bitserial", "bitfusion")
+BUDGET_KINDS = ("weight-memory", "activation-memory", "bitops", "avg-bits", "latency", "bitserial", "bitfusion")
 
 
 def parse_budget(text: str) -> Budget:
     """Parse a CLI budget: ``weight-memory=20KiB``, ``activation-memory=8KiB[,sum]``, ``bitops=1.2G``,
-    ``avg-bits=2``, and modelled accelerator cycles ``bitfusion=2.5M``, ``bitserial=800k``."""
+    ``avg-bits=2``, measured CPU latency ``latency=3ms`` (``latency=3ms,avx2`` forces the kernels' ISA), and
+    modelled accelerator cycles ``bitfusion=2.5M``, ``bitserial=800k``."""
     kind, sep, value = text.partition("=")
     kind = kind.strip().lower()
     if not sep or not value.strip():
@@ -281,6 +283,9 @@ def _parse_kind(kind: str, value: str, text: str) -> Budget:
         return BitOps(_parse_number(value, _COUNT_UNITS, text, default_unit=""))
     if kind == "avg-bits":
         return AverageBits(_parse_number(value, {"": 1, "b": 1, "bits": 1}, text, default_unit=""))
+    if kind == "latency":
+        return Latency(_parse_number(value, {"ms": 1, "s": 1e3, "us": 1e-3}, text, default_unit="ms"),
+                       isa=option or "auto")
     if kind in _cost_model_names():
         if option:
             raise ConfigError(f"budget {text!r}: {kind} takes no option (got {option!r})")
@@ -297,6 +302,59 @@ def _parse_number(value: str, units: Mapping[str, float], text: str, default_uni
             f"{', '.join(u or '(none)' for u in units)}"
         )
     return float(match.group(1)) * units[unit]
+
+
+@dataclass(frozen=True)
+class Latency(Budget):
+    """Milliseconds per sample on this CPU, summed over the layers: each layer's time on the kernel
+    ``mpqc.targets.tvm.lower`` picks for its bits, measured once per layer geometry (``mpqc/targets/tvm/latency.py``)
+    and kept in the tuning database directory ``tuning_db`` (default ``$MPQC_TUNING_DB`` or
+    ``~/.cache/mpqc/tuning``). ``Latency(3.0)``; CLI ``latency=3ms``.
+
+    A class of its own rather than a :class:`TargetCost` row: a cost model there is a pure function of the layers'
+    shapes (an analytical cycle count); this one is a measured table that belongs to one host, one kernel ISA
+    (``isa``: ``"auto"``, the best this CPU has, or forced as ``lower(isa=...)``) and one database, and its unit is
+    time. Differentiable: bilinear between the measured integer bit-widths (zero gradient inside one kernel's bits,
+    freezing steps over such plateaus). The work between layers (pooling, residual adds) is not counted.
+    """
+
+    ms: float
+    isa: str = "auto"
+    tuning_db: str | None = field(default=None, compare=False)
+    kind = "latency"
+    unit = "ms"
+
+    def __post_init__(self) -> None:
+        if isinstance(self.ms, bool) or not isinstance(self.ms, (int, float)) or not (
+            self.ms > 0 and math.isfinite(self.ms)
+        ):
+            raise ConfigError(f"latency limit must be a positive finite number of ms, got {self.ms!r}")
+        if self.isa not in ("auto", "avx512vnni", "avx2", "generic"):
+            raise ConfigError(f"latency isa must be auto, avx512vnni, avx2 or generic, got {self.isa!r}")
+
+    @property
+    def limit(self) -> float:
+        return float(self.ms)
+
+    @property
+    def text(self) -> str:
+        return f"{self.kind}={self.limit:.17g}ms" + ("" if self.isa == "auto" else f",{self.isa}")
+
+    def table(self, layers: Sequence[LayerInfo]):
+        """The measured :class:`~mpqc.targets.tvm.latency.LatencyTable` of ``layers`` (measured on first use)."""
+        from mpqc.targets.tvm.latency import latency_table
+
+        return latency_table(_layers(layers), isa=self.isa, tuning_db=self.tuning_db)
+
+    def per_layer(self, layers: Sequence[CostItem], bits: Mapping[str, LayerBits | Tensor]) -> Tensor:
+        """Predicted ms of each layer at ``bits`` (activations and products that are not layers are not timed)."""
+        return self.table(layers).ms(_stack(layers, bits, "weight"), _stack(layers, bits, "activation"))
+
+    def cost(self, layers, bits):
+        return self.per_layer(layers, bits).sum().float()
+
+    def format(self, value: float) -> str:
+        return f"{value:.4g} ms"
 
 
 # ---------------------------------------------------------------------------------------------------------------

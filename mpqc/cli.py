@@ -58,7 +58,8 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--model", required=True, help="FILE.py:CALLABLE or package.module:CALLABLE returning an nn.Module")
     c.add_argument("--data", required=True, help="dataset: fashion-mnist or digits")
     c.add_argument("--budget", required=True, help=f"KIND=VALUE, KIND one of {', '.join(BUDGET_KINDS)} "
-                                                    "(e.g. weight-memory=20KiB, bitops=1.2G, avg-bits=2, bitfusion=2.5M)")
+                                                    "(e.g. weight-memory=20KiB, bitops=1.2G, avg-bits=2, "
+                                                    "bitfusion=2.5M, latency=3ms)")
     c.add_argument("--method", default="dq", choices=sorted(METHODS), help="bit-width search method (default dq)")
     c.add_argument("--out", required=True, type=Path, help="run directory (checkpoints, frozen model, report)")
     mode = c.add_mutually_exclusive_group()

@@ -18,7 +18,8 @@ from torch.fx import GraphModule
 from torch.utils import _pytree as pytree
 from torch.utils.data import DataLoader
 
-from mpqc.budgets import ActivationMemory, AverageBits, BitOps, Budget, LayerBits, WeightMemory, parse_budget
+from mpqc.budgets import (ActivationMemory, AverageBits, BitOps, Budget, LayerBits, Latency, WeightMemory,
+                          parse_budget)
 from mpqc.checkpoint import RunDirectory, atomic_torch_save
 from mpqc.config import CompileConfig
 from mpqc.data import check_loader
@@ -293,6 +294,7 @@ def build_report(
     integer.update({name: LayerBits(torch.tensor(float(w)), torch.tensor(float(a))) for name, (w, a) in frozen.items()})
     items = [*layers, *activations]
     achieved = float(budget.cost(items, integer))
+    predicted_ms = budget.per_layer(layers, integer).tolist() if isinstance(budget, Latency) else None
     params = sum(layer.params for layer in layers)
     elements = sum(layer.input_elements for layer in layers)
     return {
@@ -324,8 +326,9 @@ def build_report(
              "weight_bits": frozen[layer.name][0], "activation_bits": frozen[layer.name][1],
              "weight_bits_search": searched_bits[layer.name][0],
              "activation_bits_search": searched_bits[layer.name][1],
-             "fixed": layer.name in fixed_layers, "pruned_channels": pruned_channels.get(layer.name, 0)}
-            for layer in layers
+             "fixed": layer.name in fixed_layers, "pruned_channels": pruned_channels.get(layer.name, 0),
+             **({} if predicted_ms is None else {"predicted_ms": predicted_ms[i]})}
+            for i, layer in enumerate(layers)
         ],
         "wall_time_s": wall_time,
         **_cost_section(budget, layers, frozen),

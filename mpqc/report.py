@@ -109,6 +109,8 @@ def _human(value: float | None, unit: str | None) -> str:
         return f"n/a {unit}" if unit and unit != "B" else "n/a"
     if unit == "B":
         return human_bytes(value)
+    if unit == "ms":  # a latency budget
+        return f"{value:.4g} ms"
     return f"{human_count(value)} {unit}".rstrip() if unit else human_count(value)
 
 
@@ -194,6 +196,8 @@ def format_report(report: dict) -> str:
 
 def _notes(layer: dict) -> str:
     notes = ["fixed"] if layer.get("fixed") else []
+    if layer.get("predicted_ms") is not None:  # a latency budget's measured table
+        notes.append(f"{layer['predicted_ms']:.3f} ms")
     if layer.get("pruned_channels"):
         count = layer["pruned_channels"]
         notes.append(f"{count} channel{'s' if count > 1 else ''} pruned")

@@ -60,8 +60,10 @@ def test_wheel_contains_all_packages_and_the_console_script(tmp_path):
 
     with zipfile.ZipFile(wheel) as archive:
         names = set(archive.namelist())
-        for package in ("mpqc", "mpqc/passes", "mpqc/targets", "mpqc/quantizers", "mpqc/ops", "mpqc/integer_kernels"):
+        for package in ("mpqc", "mpqc/passes", "mpqc/targets", "mpqc/targets/tvm", "mpqc/targets/tvm/kernels",
+                        "mpqc/quantizers", "mpqc/ops", "mpqc/integer_kernels"):
             assert f"{package}/__init__.py" in names, f"{package}/__init__.py missing from {wheel.name}"
+        assert "mpqc/targets/tvm/loader.py" in names  # copied into every TVM artifact
         (entry_points,) = [name for name in names if name.endswith(".dist-info/entry_points.txt")]
         parser = configparser.ConfigParser()
         parser.read_string(archive.read(entry_points).decode())

@@ -23,9 +23,13 @@ from mpqc.reference import IntegerProgram, IntNode, IntValue
 
 tvm = pytest.importorskip("tvm")
 from mpqc.targets import tvm as mtvm  # noqa: E402
-from mpqc.targets import tvm_avx2, tvm_kernels, tvm_vnni, tvm_weights  # noqa: E402
+from mpqc.targets.tvm import target as tvm_target  # noqa: E402
+from mpqc.targets.tvm import weights as tvm_weights  # noqa: E402
+from mpqc.targets.tvm.kernels import avx2 as tvm_avx2  # noqa: E402
+from mpqc.targets.tvm.kernels import avx512_vnni, implicit_gemm  # noqa: E402
+from mpqc.targets.tvm.kernels import registry as tvm_kernels  # noqa: E402
 
-HOST_HAS_VNNI = tvm_vnni.target_has_vnni(tvm.target.Target(mtvm.host_target()))
+HOST_HAS_VNNI = avx512_vnni.target_has_vnni(tvm.target.Target(mtvm.host_target()))
 needs_vnni = pytest.mark.skipif(not HOST_HAS_VNNI, reason="this CPU has no avx512_vnni")
 HOST_HAS_AVX2 = tvm_avx2.target_has_avx2(tvm.target.Target(mtvm.host_target()))
 needs_avx2 = pytest.mark.skipif(not HOST_HAS_AVX2, reason="this CPU has no avx2")
@@ -253,16 +257,16 @@ def test_torch_sum_order_reproduces_pytorch_mean(hw):
 
 
 # --------------------------------------------------------------------------------------------- VNNI kernels
-def _build_kernel(geometry, x_shape, x_dtype: str, weight_shape, tile=None, micro=tvm_vnni.VNNI, target=None):
+def _build_kernel(geometry, x_shape, x_dtype: str, weight_shape, tile=None, micro=avx512_vnni.VNNI, target=None):
     """Build and schedule (tensorized) one implicit-GEMM convolution on ``micro``; returns (run, asm):
     ``run(x, packed_weight)`` gives its int32 NHWC output."""
     from tvm import s_tir, te
 
     x_te = te.placeholder(x_shape, x_dtype, name="x")
     w_te = te.placeholder(weight_shape, "int8", name="w")
-    out = tvm_vnni.conv2d_te(x_te, w_te, geometry, name=micro.block)
+    out = implicit_gemm.conv2d_te(x_te, w_te, geometry, name=micro.block)
     sch = s_tir.Schedule(te.create_prim_func([x_te, w_te, out]).with_attr("global_symbol", "main"))
-    assert tvm_vnni.schedule_conv(sch, tile, micro)
+    assert implicit_gemm.schedule_conv(sch, tile, micro)
     kernel = tvm.compile(sch.mod, target=tvm.target.Target(target or mtvm.host_target()))
 
     def run(x, packed):
@@ -273,7 +277,7 @@ def _build_kernel(geometry, x_shape, x_dtype: str, weight_shape, tile=None, micr
     return run, "".join(m.inspect_source("asm") for m in mtvm._import_tree(kernel.mod) if m.kind == "llvm")
 
 
-def _vnni_kernel(geometry, x: np.ndarray, weight: np.ndarray, tile=None, micro=tvm_vnni.VNNI,
+def _vnni_kernel(geometry, x: np.ndarray, weight: np.ndarray, tile=None, micro=avx512_vnni.VNNI,
                  target=None) -> tuple[np.ndarray, str]:
     """Build, schedule (tensorized) and run one convolution on ``micro`` (VNNI by default); returns its int32
     NHWC output and the asm."""
@@ -299,8 +303,8 @@ def test_vnni_kernel_is_exact(layout, signed, channels, out, kernel, stride, pad
     nchw = rng.integers(low, high, (2, channels, size, size) if layout != "NC" else (size, channels)).astype(dtype)
     weight = rng.integers(-127, 128, (out, channels, *kernel) if layout != "NC" else (out, channels)).astype(np.int8)
     x = nchw.transpose(0, 2, 3, 1).copy() if layout == "NHWC" else nchw
-    geometry = tvm_vnni.ConvGeometry(layout, signed, channels, kernel, stride, padding, dilation)
-    got, asm = _vnni_kernel(geometry, x, weight, tvm_vnni.Tile(*tile) if tile else None)
+    geometry = implicit_gemm.ConvGeometry(layout, signed, channels, kernel, stride, padding, dilation)
+    got, asm = _vnni_kernel(geometry, x, weight, implicit_gemm.Tile(*tile) if tile else None)
     assert re.search(r"vpdpbusd\s+%zmm", asm)
     if layout == "NC":
         expected = torch.from_numpy(nchw).double() @ torch.from_numpy(weight).double().T
@@ -331,7 +335,7 @@ def test_vnni_intrinsic_refuses_a_weight_that_is_not_packed():
     k_outer, k_inner = sch.split(kk, [None, 4])
     sch.reorder(i, j_outer, k_outer, j_inner, k_inner)
     sch.decompose_reduction(sch.get_sblock("c"), k_outer)
-    sch.tensorize(j_inner, tvm_vnni.register_intrinsic())
+    sch.tensorize(j_inner, avx512_vnni.register_intrinsic())
     with pytest.raises(Exception, match="strides"):
         tvm.compile(sch.mod, target=tvm.target.Target(mtvm.host_target()))
 
@@ -348,7 +352,7 @@ def test_the_vnni_choice_follows_the_target_features(resnet20):
     assert zmm_dot.search(lowered.source("asm"))
     host = mtvm.host_target()
     without = {**host, "mattr": [f for f in host["mattr"] if f != "+avx512vnni"]}
-    assert not tvm_vnni.target_has_vnni(tvm.target.Target(without))
+    assert not avx512_vnni.target_has_vnni(tvm.target.Target(without))
     plain = mtvm.lower(program, target=without, input_shape=tuple(x.shape))
     assert plain.meta["vnni_layers"] == [] and plain.schedules["vnni_functions"] == 0
     assert not zmm_dot.search(plain.source("asm"))
@@ -390,7 +394,7 @@ def test_avx2_kernel_is_exact_at_every_bit_pair(signed):
             facts = tvm_kernels.LayerFacts("conv2d", 1, weight_bits, activation_bits, signed, 4, channels)
             micro, shift = kernel.micro(facts), kernel.shift(facts)
             assert (micro is tvm_avx2.WIDE) == (weight_bits == 8 and activation_bits == 8)
-            geometry = tvm_vnni.ConvGeometry("NHWC", signed, channels, (3, 3), (1, 1), padding, shift=shift)
+            geometry = implicit_gemm.ConvGeometry("NHWC", signed, channels, (3, 3), (1, 1), padding, shift=shift)
             key = (micro.block, signed, shift)
             if key not in built:
                 built[key] = _build_kernel(geometry, (4, size, size, channels), "int8" if signed else "uint8",
@@ -421,7 +425,7 @@ def test_narrow_avx2_form_would_saturate_at_8x8_bits():
     rng = np.random.default_rng(3)
     x = np.full((1, 8, 4, 4), 255, np.uint8)
     weight = _extreme_codes(rng, (16, 8, 1, 1), -127, 127).astype(np.int8)
-    geometry = tvm_vnni.ConvGeometry("NHWC", False, 8)
+    geometry = implicit_gemm.ConvGeometry("NHWC", False, 8)
     nhwc = np.ascontiguousarray(x.transpose(0, 2, 3, 1))
     expected = _conv_reference(x, weight, (0, 0))
     narrow, _ = _vnni_kernel(geometry, nhwc, weight, micro=tvm_avx2.NARROW, target=AVX2_TARGET)
@@ -432,7 +436,7 @@ def test_narrow_avx2_form_would_saturate_at_8x8_bits():
     assert tvm_avx2.int16_steps(4, 8) >= 8 and tvm_avx2.int16_steps(7, 8) == 1
     x = np.full((1, 32, 2, 2), 255, np.uint8)
     nhwc = np.ascontiguousarray(x.transpose(0, 2, 3, 1))
-    geometry = tvm_vnni.ConvGeometry("NHWC", False, 32)
+    geometry = implicit_gemm.ConvGeometry("NHWC", False, 32)
     for half, exact in ((7, True), (63, False)):
         weight = _extreme_codes(rng, (16, 32, 1, 1), -half, half).astype(np.int8)
         got, _ = _vnni_kernel(geometry, nhwc, weight, micro=tvm_avx2.MULTI_STEP[8], target=AVX2_TARGET)
@@ -465,7 +469,7 @@ def test_layers_on_different_micro_kernels_are_never_merged():
     keeps a function of its own (this program lost ``avx2s2_conv`` before)."""
     from tvm import tirx
 
-    from mpqc.targets.tvm_schedule import block_names
+    from mpqc.targets.tvm.schedule import block_names
 
     program, x = _program("resnet20", seed=1)
     built = mtvm.build_module(program, [tuple(x.shape)], isa="avx2")
@@ -493,7 +497,7 @@ def test_isa_choice_and_its_errors():
     with pytest.raises(ConfigError, match="isa must be"):
         tvm_kernels.resolve_isa(v4, "sse")
     forced = tvm_kernels.isa_target(v4, "avx2")
-    assert tvm_avx2.target_has_avx2(forced) and not tvm_vnni.target_has_vnni(forced)
+    assert tvm_avx2.target_has_avx2(forced) and not avx512_vnni.target_has_vnni(forced)
     assert not tvm.target.codegen.target_has_features("avx512f", forced)
     assert tvm_kernels.isa_target(v3, "avx2") is v3
     depthwise = tvm_kernels.LayerFacts("conv2d", 8, 4, 4, False, 4)
@@ -615,11 +619,11 @@ def test_input_shape_is_required_for_a_bare_program(resnet20):
 
 
 def test_host_target_comes_from_cpu_flags(monkeypatch):
-    monkeypatch.setattr(mtvm, "cpu_flags", lambda: {"avx2", "fma", "bmi1", "bmi2", "movbe", "f16c", "sse4_2",
-                                                     "popcnt", "ssse3", "avx_vnni"})
+    monkeypatch.setattr(tvm_target, "cpu_flags", lambda: {"avx2", "fma", "bmi1", "bmi2", "movbe", "f16c",
+                                                           "sse4_2", "popcnt", "ssse3", "avx_vnni"})
     target = mtvm.host_target()
     assert target["mcpu"] == "x86-64-v3" and target["mattr"] == ["+avxvnni"]
-    monkeypatch.setattr(mtvm, "cpu_flags", lambda: set())
+    monkeypatch.setattr(tvm_target, "cpu_flags", lambda: set())
     assert "mcpu" not in mtvm.host_target()
     monkeypatch.undo()
     flags = mtvm.cpu_flags()
@@ -716,7 +720,7 @@ def test_cli_lower_writes_a_checked_artifact(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "bit for bit" in printed and (out / "model.so").is_file()
     with_vnni = json.loads((out / "model.json").read_text())["vnni_layers"]
-    assert with_vnni == (["conv1", "conv2", "fc"] if tvm_vnni.target_has_vnni(mtvm.resolve_target("llvm")) else [])
+    assert with_vnni == (["conv1", "conv2", "fc"] if avx512_vnni.target_has_vnni(mtvm.resolve_target("llvm")) else [])
     plain = tmp_path / "plain"
     assert main(["lower", str(run_dir), "--out", str(plain), "--input-shape", "1,1,8,8", "--vnni", "off"]) == 0
     assert "bit for bit" in capsys.readouterr().out

@@ -1,41 +1,39 @@
-"""AVX512-VNNI kernels for the int8 layers of a lowered program: an implicit-GEMM NHWC convolution, tensorized by hand.
+"""The implicit-GEMM NHWC int8 convolution every x86 ISA kernel shares: its TE, its hand schedule, and the 16x4
+u8 x s8 -> s32 block an ISA's micro-kernel tensorizes (``avx512_vnni.py``: one ``vpdpbusd``; ``avx2.py``:
+``vpmaddubsw`` -> ``vpmaddwd``).
 
-*Matches*: ``conv2d`` with ``groups == 1`` and 2-D ``linear`` layers, on an llvm target that has ``avx512vnni``
-(:func:`target_has_vnni`, asked of LLVM for the target's ``mcpu``/``mattr``, so it follows the detected features).
-Grouped and depthwise convs, ``conv1d`` and targets without the feature keep TVM's own int8 operators.
+*Matches*: ``conv2d`` with ``groups == 1`` and 2-D ``linear`` layers that the registry (``registry.py``) gives an
+ISA kernel. Grouped and depthwise convs, ``conv1d`` and targets without a kernel ISA keep ``generic.py``.
 
-*Rewrites to* (:func:`conv2d_te`, one TE function per layer, emitted by ``targets/tvm.py``):
+*Rewrites to* (:func:`conv2d_te`, one TE function per layer, emitted by ``../layers.py``):
 
 * ``vnni_pad``: the input (NCHW, NHWC, or a ``[batch, features]`` matrix) copied into a zero-padded NHWC ``uint8``
-  buffer with the channels padded to a multiple of 4. Signed (int8) activations are shifted by +128 on the way
-  (``x + 128`` as uint8; padding then holds 128, the shifted zero); ``targets/tvm.py`` subtracts the exact
-  correction ``128 * sum(w)`` per output channel from the int32 bias. Skipped when there is nothing to do
+  buffer with the channels padded to a multiple of 4. Signed (int8) activations are shifted by the kernel's shift
+  on the way (VNNI: ``x + 128`` as uint8; padding then holds the shifted zero); ``../layers.py`` subtracts the exact
+  correction ``shift * sum(w)`` per output channel from the int32 bias. Skipped when there is nothing to do
   (an unsigned NHWC input, no padding, channels a multiple of 4: 1x1 convs).
-* ``vnni_conv``: ``out[n, oh, ow, co] = sum_{kh, kw, c} int32(xp[n, oh*s + kh*d, ow*s + kw*d, c]) *
-  int32(w[co // 16, (kh*KW + kw)*C4 + c // 4, co % 16, c % 4])``, the weight packed ``[Co/16, KH*KW*C4, 16, 4]``
-  (``targets/tvm_weights.py``), output channels padded to 16 (``targets/tvm.py`` slices them off).
+* ``<micro-kernel block>`` (``vnni_conv``, ``avx2_conv``, ...): ``out[n, oh, ow, co] = sum_{kh, kw, c}
+  int32(xp[n, oh*s + kh*d, ow*s + kw*d, c]) * int32(w[co // 16, (kh*KW + kw)*C4 + c // 4, co % 16, c % 4])``, the
+  weight packed ``[Co/16, KH*KW*C4, 16, 4]`` (``../weights.py``), output channels padded to 16 (``../layers.py``
+  slices them off).
 
-*Schedule* (:func:`schedule_conv`, applied by ``targets/tvm_schedule.py``; a hand schedule, not MetaSchedule): the
-output is tiled ``R`` pixels of a row by ``CB`` blocks of 16 channels (:func:`choose_tile`; ``R*CB`` int32x16
-accumulators stay in zmm registers), the tiles run in parallel, the reduction loops ``kh, kw, c/4`` go around the
-unrolled ``CB x R`` micro-kernel, whose 16x4 inner block is tensorized with :data:`INTRIN` (one ``vpdpbusd``: the 4
-activation bytes broadcast to 64 lanes times the 16x4 weight block, added to 16 int32 lanes). The fused epilogue
-(bias, requantisation or residual terms, the channel slice) is inlined and computed per tile right after it, while
-the accumulators are in cache; ``vnni_pad`` runs first, in parallel, vectorized over channels.
+*Schedule* (:func:`schedule_conv`, applied by ``../schedule.py``; a hand schedule, not MetaSchedule): the output is
+tiled ``R`` pixels of a row by ``CB`` blocks of 16 channels (:func:`choose_tile`; ``R*CB`` int32x16 accumulators
+stay in registers), the tiles run in parallel, the reduction loops ``kh, kw, c/4`` go around the unrolled
+``CB x R`` micro-kernel, whose 16x4 inner block is tensorized with the micro-kernel's intrinsic
+(:func:`register_dot_16x4`). The fused epilogue (bias, requantisation or residual terms, the channel slice) is
+inlined and computed per tile right after it, while the accumulators are in cache; the padding runs first, in
+parallel, vectorized over channels.
 
-*Ensures*: int32 accumulation is exact (``vpdpbusd`` adds four u8 x s8 products, each at most 2^15 in size, to an
-int32 lane without saturation; |sums| stay far below 2^31 for <= 8-bit codes), so the layers are bit-exact with
-``mpqc.reference`` (``tests/test_tvm.py``). The intrinsic's buffers declare their strides: a weight block that is not
-the packed ``16x4`` layout is refused by ``tensorize`` instead of silently reading the wrong bytes (TVM_NOTES trap 3).
-
-TVM's own ``dot_16x4_vnni`` intrinsic passes ``int32x16`` operands to ``llvm.x86.avx512.vpdpbusd.512``, which takes
-``<64 x i8>`` since LLVM 21, so it does not build with this TVM (TVM_NOTES trap 1). :data:`INTRIN` is registered
-under its own name and TVM's is left as it is: fixing it in place would let MetaSchedule's auto-tensorization
-match unpacked int8 weights elsewhere, which compiles into wrong code (trap 3).
+*Ensures*: the int32 sums are exact for every micro-kernel the registry chooses (each ISA module says why), so the
+layers are bit-exact with ``mpqc.reference`` (``tests/test_tvm.py``). The intrinsics' buffers declare their
+strides: a weight block that is not the packed ``16x4`` layout is refused by ``tensorize`` instead of silently
+reading the wrong bytes (TVM_NOTES trap 3).
 """
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -43,21 +41,9 @@ from mpqc.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
-INTRIN = "mpqc_x86_vnni_u8s8s32_16x4"
 KERNEL_ATTR = "mpqc_micro_kernel"  # the conv block's annotation naming its micro-kernel (MicroKernel.block)
 PAD_BLOCK, CONV_BLOCK = "vnni_pad", "vnni_conv"
 MAX_ROWS = 8  # output pixels per register tile
-MAX_ACCUMULATORS = 24  # R * CB int32x16 accumulators, of the 32 zmm registers (the rest: weights, a broadcast)
-
-
-def target_has_vnni(target: Any) -> bool:
-    """Whether an llvm ``target`` (a ``tvm.target.Target``) can run the VNNI kernels: LLVM's answer for its
-    ``mcpu`` and ``mattr`` (``host_target()`` fills them from /proc/cpuinfo)."""
-    from tvm.target import codegen
-
-    if target.kind.name != "llvm":
-        return False
-    return bool(codegen.target_has_features("avx512vnni", target) and codegen.target_has_features("avx512bw", target))
 
 
 def register_dot_16x4(name: str, value, lanes: int = 16) -> str:
@@ -126,19 +112,6 @@ def broadcast_activations(a, copies: int):
                          dtype=f"uint8x{4 * copies}")
 
 
-def _vnni_16x4(a, b, c, start):  # noqa: ARG001 - one vpdpbusd covers the whole block
-    from tvm.script import tirx as T
-
-    return T.call_llvm_pure_intrin(
-        "int32x16", "llvm.x86.avx512.vpdpbusd.512", c[T.ramp(T.int32(0), 1, 16)], broadcast_activations(a, 16),
-        b.vload([0, 0], dtype="int8x64"))
-
-
-def register_intrinsic() -> str:
-    """Register :data:`INTRIN` (``vpdpbusd`` on the 16x4 block; once per process) and return its name."""
-    return register_dot_16x4(INTRIN, _vnni_16x4)
-
-
 @dataclass(frozen=True)
 class MicroKernel:
     """One tensorized inner block of the implicit GEMM: the TE block name that selects it (a prefix no other
@@ -152,13 +125,46 @@ class MicroKernel:
     steps: int = 1  # 4-deep reduction steps per intrinsic call (its weight block is [steps, 16, 4])
 
 
-VNNI = MicroKernel(CONV_BLOCK, register_intrinsic, MAX_ACCUMULATORS, 14)
+@dataclass(frozen=True)
+class LayerFacts:
+    """What a kernel needs to know of a layer to take it."""
+
+    op: str  # "conv2d", "linear", "conv1d"
+    groups: int
+    weight_bits: int
+    activation_bits: int
+    signed: bool  # signed (int8) activations
+    rank: int  # rank of the layer's input (a linear layer is taken on 2-D inputs only)
+    channels: int = 0  # input channels (in features of a linear layer): multi-step kernels need C/4 to divide
+
+
+@dataclass(frozen=True)
+class Kernel:
+    """One ISA's implicit-GEMM int8 kernel."""
+
+    isa: str
+    features: tuple[str, ...]  # LLVM features the target must have, all of them
+    micro: Callable[[LayerFacts], MicroKernel]  # the micro-kernel for a layer's bits
+    shift: Callable[[LayerFacts], int]  # what signed activations are shifted by (the bias absorbs shift * sum(w))
+
+    def takes(self, layer: LayerFacts) -> bool:
+        """conv2d with groups 1, or linear on a 2-D input; weights and activations of at most 8 bits."""
+        if layer.weight_bits > 8 or layer.activation_bits > 8:
+            return False
+        if layer.op == "linear":
+            return layer.rank == 2
+        return layer.op == "conv2d" and layer.groups == 1
+
+    def available(self, target: Any) -> bool:
+        from tvm.target import codegen
+
+        return target.kind.name == "llvm" and all(codegen.target_has_features(f, target) for f in self.features)
 
 
 # --------------------------------------------------------------------------------------------- compute
 @dataclass(frozen=True)
 class ConvGeometry:
-    """The static shape facts of one VNNI layer."""
+    """The static shape facts of one implicit-GEMM layer."""
 
     in_layout: str  # "NCHW", "NHWC" or "NC" (a linear layer's [batch, features], seen as a 1 x batch image)
     signed: bool
@@ -199,12 +205,12 @@ def conv2d_te(x, weight, geometry: ConvGeometry, name: str = CONV_BLOCK):
     else:
         (w, c), n, h = shape, 1, 1
     if c != g.channels:
-        raise ConfigError(f"VNNI conv: the input has {c} channels, its geometry says {g.channels}")
+        raise ConfigError(f"implicit-GEMM conv: the input has {c} channels, its geometry says {g.channels}")
     (kh, kw), (sh, sw), (ph, pw), (dh, dw) = g.kernel, g.stride, g.padding, g.dilation
     c4 = g.channels4
     out16 = int(weight.shape[0]) * 16
     if int(weight.shape[1]) != kh * kw * c4:
-        raise ConfigError(f"VNNI conv: packed weight rows {int(weight.shape[1])} != {kh}*{kw}*{c4}")
+        raise ConfigError(f"implicit-GEMM conv: packed weight rows {int(weight.shape[1])} != {kh}*{kw}*{c4}")
 
     def read(b, i, j, k):
         if g.in_layout == "NCHW":
@@ -260,7 +266,7 @@ class Tile:
             raise ConfigError(f"tile {self.rows}x{self.blocks}: needs rows, blocks >= 1 and rows*blocks <= 32")
 
 
-def tile_candidates(out_width: int, channel_blocks: int, max_accumulators: int = MAX_ACCUMULATORS) -> list[Tile]:
+def tile_candidates(out_width: int, channel_blocks: int, max_accumulators: int) -> list[Tile]:
     """Every register tile that fits: ``rows`` divides the output width, ``blocks`` the 16-channel blocks, and
     ``rows * blocks <= max_accumulators``."""
     rows = [r for r in range(1, min(MAX_ROWS, out_width) + 1) if out_width % r == 0]
@@ -268,15 +274,15 @@ def tile_candidates(out_width: int, channel_blocks: int, max_accumulators: int =
     return [Tile(r, b) for r in rows for b in blocks if r * b <= max_accumulators]
 
 
-def choose_tile(out_width: int, channel_blocks: int, kernel: MicroKernel = VNNI) -> Tile:
+def choose_tile(out_width: int, channel_blocks: int, kernel: MicroKernel) -> Tile:
     """The default tile: about 14 accumulators, more rows first (each weight load feeds ``rows`` ``vpdpbusd``).
-    7x2 measured fastest on every ResNet-18 layer here (of 5-13 candidates each, ``tvm_schedule.tune_vnni_tiles``):
+    7x2 measured fastest on every ResNet-18 layer here (of 5-13 candidates each, ``schedule.tune_vnni_tiles``):
     56x56x64 7x2 0.22 ms, 8x2 0.24, 4x4 0.23, 8x1 0.26; 28x28x128 7x2 0.21, 4x4 0.22; 7x7x512 7x2 0.21, 7x1 0.27."""
     candidates = tile_candidates(out_width, channel_blocks, kernel.max_accumulators)
     return max(candidates, key=lambda t: (-abs(t.rows * t.blocks - kernel.preferred_accumulators), t.rows))
 
 
-def find_conv(sch, kernels: tuple[MicroKernel, ...] = (VNNI,)):
+def find_conv(sch, kernels: tuple[MicroKernel, ...]):
     """(the conv block under the root of the PrimFunc in ``sch``, its micro-kernel of ``kernels``), or
     (None, None)."""
     for block in sch.get_child_blocks(sch.get_sblock("root")):
@@ -308,7 +314,7 @@ def _is_output(sch, block, outputs) -> bool:
     return any(region.source.same_as(out) for region in sch.get(block).writes for out in outputs)
 
 
-def schedule_conv(sch, tile: Tile | None = None, kernel: MicroKernel = VNNI) -> bool:
+def schedule_conv(sch, tile: Tile | None, kernel: MicroKernel) -> bool:
     """Schedule the (fused) PrimFunc in ``sch`` holding ``kernel``'s conv block; False where it holds none."""
     intrinsic = kernel.register()
     blocks = list(sch.get_child_blocks(sch.get_sblock("root")))
@@ -345,7 +351,7 @@ def schedule_conv(sch, tile: Tile | None = None, kernel: MicroKernel = VNNI) -> 
         try:
             sch.reverse_compute_at(block, parallel)
         except Exception:  # noqa: BLE001 - an epilogue that cannot follow the tile runs after the conv, still right
-            log.debug("VNNI epilogue %s left at the root", sch.get(block).name_hint)
+            log.debug("implicit-GEMM epilogue %s left at the root", sch.get(block).name_hint)
             _vectorize_root(sch, block)
             continue
         _vectorize_inner(sch, block)

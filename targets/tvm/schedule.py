@@ -4,10 +4,10 @@ register tiles, a default (untuned) rule for the rest, and MetaSchedule tuning i
 TVM's CPU pipeline leaves TIR unscheduled (one scalar loop nest per op, every intermediate in memory) and dlight's
 CPU rules cover only GEMV and softmax-like reductions. :func:`cpu_pipeline` schedules the fused functions in order:
 
-1. *Kernel functions* (a micro-kernel's conv block, ``targets/tvm_kernels.py``: ``vnni_conv``, ``avx2_conv``,
-   ``avx2wide_conv``): ``tvm_vnni.schedule_conv`` with that micro-kernel and the register tile recorded for the
+1. *Kernel functions* (a micro-kernel's conv block, ``kernels/registry.py``: ``vnni_conv``, ``avx2_conv``,
+   ``avx2wide_conv``): ``implicit_gemm.schedule_conv`` with that micro-kernel and the register tile recorded for the
    convolution's geometry in ``<tuning_db>/vnni_tiles.json`` (:func:`tune_vnni_tiles` times every candidate tile
-   of a geometry the first time it is seen) or ``tvm_vnni.choose_tile``'s default.
+   of a geometry the first time it is seen) or ``implicit_gemm.choose_tile``'s default.
 2. *MetaSchedule records* for the other functions, with a tuning database (:func:`tune` adds ``trials``).
 3. *The default rule* (:func:`schedule_func`) for what is left:
 
@@ -21,7 +21,7 @@ producers (zero padding) left as their own parallel loops, except a channels-las
 else (late layers' 2x2..7x7 maps, strided convs, several reductions) stays unscheduled: LLVM's own vectorization
 of TVM's plain loops measured faster there (MetaSchedule, ``tune``, is the way to more speed).
 *Ensures*: the same values (scheduling reorders loops, never arithmetic: integer sums are exact and every fp32
-product is fenced, see ``targets/tvm.py``); that inlining puts ``a*M + b*M'`` in one expression is exactly what the
+product is fenced, see the package docstring); that inlining puts ``a*M + b*M'`` in one expression is exactly what the
 fence is for, and ``tests/test_tvm.py`` checks the schedules against the reference bit for bit.
 """
 from __future__ import annotations
@@ -30,8 +30,8 @@ import json
 import logging
 from pathlib import Path
 
-from mpqc.targets.tvm_kernels import VNNI_BLOCK, find_micro_kernel, is_kernel_block
-from mpqc.targets.tvm_vnni import Tile, conv_signature, schedule_conv
+from mpqc.targets.tvm.kernels.registry import VNNI_BLOCK, find_micro_kernel, is_kernel_block
+from mpqc.targets.tvm.kernels.implicit_gemm import Tile, conv_signature, schedule_conv
 
 log = logging.getLogger(__name__)
 
@@ -217,18 +217,18 @@ def block_names(func) -> list[str]:
 
 
 def is_vnni_func(func) -> bool:
-    """Whether a PrimFunc holds a VNNI convolution block (``targets/tvm_vnni.py``)."""
+    """Whether a PrimFunc holds a VNNI convolution block (``kernels/avx512_vnni.py``)."""
     return any(name.startswith(VNNI_BLOCK) for name in block_names(func))
 
 
 def is_kernel_func(func) -> bool:
-    """Whether a PrimFunc holds the conv block of one of the micro-kernels (``targets/tvm_kernels.py``)."""
+    """Whether a PrimFunc holds the conv block of one of the micro-kernels (``kernels/registry.py``)."""
     return any(is_kernel_block(name) for name in block_names(func))
 
 
 def schedule_vnni_func(func, tiles: dict[str, Tile] | None = None):
-    """The hand schedule of a VNNI PrimFunc (``tvm_vnni.schedule_conv``) with its tile from ``tiles`` (keyed by
-    ``tvm_vnni.conv_signature``) or the default tile; None where ``func`` holds no VNNI block or tensorization
+    """The hand schedule of a VNNI PrimFunc (``implicit_gemm.schedule_conv``) with its tile from ``tiles`` (keyed by
+    ``implicit_gemm.conv_signature``) or the default tile; None where ``func`` holds no VNNI block or tensorization
     fails (logged: the function then runs unscheduled, still exact)."""
     from tvm import s_tir
 
@@ -370,7 +370,7 @@ VNNI_TILES_FILE = "vnni_tiles.json"
 
 
 def tune_vnni_tiles(mod, target, work_dir, repeat: int = 20) -> dict[str, Tile]:
-    """Measure every register tile that fits (``tvm_vnni.tile_candidates``, at most 13) for each convolution
+    """Measure every register tile that fits (``implicit_gemm.tile_candidates``, at most 13) for each convolution
     geometry of ``mod``'s VNNI functions not yet recorded, keep the fastest in ``work_dir/vnni_tiles.json`` (with
     every candidate's time), and return all records. Each candidate is the whole fused function, compiled alone
     and timed on random inputs: the median of ``repeat`` runs on ``TVM_NUM_THREADS`` threads."""
@@ -381,7 +381,7 @@ def tune_vnni_tiles(mod, target, work_dir, repeat: int = 20) -> dict[str, Tile]:
     import tvm
     from tvm import s_tir, tirx
 
-    from mpqc.targets.tvm_vnni import choose_tile, conv_shape, tile_candidates
+    from mpqc.targets.tvm.kernels.implicit_gemm import choose_tile, conv_shape, tile_candidates
 
     path = Path(work_dir) / VNNI_TILES_FILE
     path.parent.mkdir(parents=True, exist_ok=True)

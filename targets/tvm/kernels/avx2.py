@@ -1,9 +1,9 @@
-"""AVX2 micro-kernels for the implicit-GEMM int8 convolution of ``targets/tvm_vnni.py`` (CPUs without VNNI).
+"""AVX2 micro-kernels for the implicit-GEMM int8 convolution of ``implicit_gemm.py`` (CPUs without VNNI).
 
 *Matches*: what the VNNI kernel matches (``conv2d`` with ``groups == 1``, 2-D ``linear``) on an llvm target with
-``avx2`` (asked of LLVM, :func:`target_has_avx2`); ``targets/tvm_kernels.py`` chooses it per layer.
+``avx2`` (asked of LLVM, :func:`target_has_avx2`); ``registry.py`` chooses it per layer.
 
-*Rewrites to*: the same TE (``tvm_vnni.conv2d_te``: NHWC uint8 activations, weights packed ``[Co/16, K/4, 16, 4]``,
+*Rewrites to*: the same TE (``implicit_gemm.conv2d_te``: NHWC uint8 activations, weights packed ``[Co/16, K/4, 16, 4]``,
 the same schedule and register tiles, fewer of them: 16 ymm registers) with the block named :data:`NARROW` or
 :data:`WIDE`, whose 16x4 inner block is tensorized as two halves of 8 output channels, each:
 
@@ -29,7 +29,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from mpqc.targets.tvm_vnni import MicroKernel, broadcast_activations, register_dot_16x4
+from mpqc.targets.tvm.kernels.implicit_gemm import Kernel, MicroKernel, broadcast_activations, register_dot_16x4
 
 NARROW_INTRIN, WIDE_INTRIN = "mpqc_x86_avx2_u8s8s32_16x4", "mpqc_x86_avx2_wide_u8s8s32_16x4"
 INT16_MAX = 32767
@@ -184,3 +184,7 @@ def micro_kernel(weight_bits: int, activation_bits: int, channels: int) -> Micro
     room, quads = int16_steps(weight_bits, activation_bits), -(-channels // 4)
     steps = next((s for s in STEP_CHOICES if s <= room and quads % s == 0), 1)
     return MULTI_STEP[steps] if steps > 1 else NARROW
+
+
+KERNEL = Kernel("avx2", ("avx2",), lambda layer: micro_kernel(layer.weight_bits, layer.activation_bits, layer.channels),
+                lambda layer: activation_shift(layer.activation_bits))

@@ -2,78 +2,35 @@
 
 *Matches*: every conv/linear layer of a lowered program, on an llvm target.
 
-*Rewrites to*: the kernel :func:`choose` returns for the layer: the first row of :data:`KERNELS` whose ISA the
-target has (:func:`target_isas`, LLVM's answer for the target's ``mcpu``/``mattr``, so it follows the host's
-detected features or a forced target) and whose :meth:`Kernel.takes` accepts the layer (op, groups, weight and
-activation bits); ``None`` (TVM's own int8 operators, the ``generic`` ISA) where none does. A kernel names the
-micro-kernel (``tvm_vnni.MicroKernel``) for the layer's bits: the block name of its TE, by which
-``targets/tvm_schedule.py`` schedules and tensorizes it.
+*Rewrites to*: the kernel :func:`choose` returns for the layer: the first of :data:`KERNELS` (each ISA module's
+``KERNEL``, registered here best first) whose ISA the target has (:func:`target_isas`, LLVM's answer for the
+target's ``mcpu``/``mattr``, so it follows the host's detected features or a forced target) and whose
+:meth:`Kernel.takes` accepts the layer (op, groups, weight and activation bits); ``None`` (TVM's own int8
+operators, ``generic.py``) where none does. A kernel names the micro-kernel (``implicit_gemm.MicroKernel``) for the
+layer's bits: the block name of its TE, by which ``../schedule.py`` schedules and tensorizes it.
 
 *Ensures*: a kernel is only chosen for a target that has every LLVM feature it needs, so the module never holds an
 instruction the target lacks; and only for bits where its arithmetic is exact (AVX2: narrow or wide form from the
-bits, ``targets/tvm_avx2.py``).
+bits, ``avx2.py``).
 
-ISAs, best first: ``avx512vnni`` (``targets/tvm_vnni.py``), ``avx2`` (``targets/tvm_avx2.py``), ``generic``.
+ISAs, best first: ``avx512vnni`` (``avx512_vnni.py``), ``avx2`` (``avx2.py``), ``generic`` (``generic.py``).
 ``--isa avx2`` on an AVX-512 host builds for :func:`isa_target` (``x86-64-v3``: AVX-512 switched off) so the AVX2
 kernels run there.
 """
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 from mpqc.errors import ConfigError
-from mpqc.targets import tvm_avx2, tvm_vnni
-from mpqc.targets.tvm_vnni import MicroKernel
+from mpqc.targets.tvm.kernels import avx2, avx512_vnni, implicit_gemm
+from mpqc.targets.tvm.kernels.implicit_gemm import Kernel, LayerFacts, MicroKernel
 
 ISAS = ("auto", "avx512vnni", "avx2", "generic")
 
 
-@dataclass(frozen=True)
-class LayerFacts:
-    """What a kernel needs to know of a layer to take it."""
-
-    op: str  # "conv2d", "linear", "conv1d"
-    groups: int
-    weight_bits: int
-    activation_bits: int
-    signed: bool  # signed (int8) activations
-    rank: int  # rank of the layer's input (a linear layer is taken on 2-D inputs only)
-    channels: int = 0  # input channels (in features of a linear layer): multi-step kernels need C/4 to divide
-
-
-@dataclass(frozen=True)
-class Kernel:
-    """One ISA's implicit-GEMM int8 kernel."""
-
-    isa: str
-    features: tuple[str, ...]  # LLVM features the target must have, all of them
-    micro: Callable[[LayerFacts], MicroKernel]  # the micro-kernel for a layer's bits
-    shift: Callable[[LayerFacts], int]  # what signed activations are shifted by (the bias absorbs shift * sum(w))
-
-    def takes(self, layer: LayerFacts) -> bool:
-        """conv2d with groups 1, or linear on a 2-D input; weights and activations of at most 8 bits."""
-        if layer.weight_bits > 8 or layer.activation_bits > 8:
-            return False
-        if layer.op == "linear":
-            return layer.rank == 2
-        return layer.op == "conv2d" and layer.groups == 1
-
-    def available(self, target: Any) -> bool:
-        from tvm.target import codegen
-
-        return target.kind.name == "llvm" and all(codegen.target_has_features(f, target) for f in self.features)
-
-
-KERNELS: tuple[Kernel, ...] = (
-    Kernel("avx512vnni", ("avx512vnni", "avx512bw"), lambda layer: tvm_vnni.VNNI, lambda layer: 128),
-    Kernel("avx2", ("avx2",),
-           lambda layer: tvm_avx2.micro_kernel(layer.weight_bits, layer.activation_bits, layer.channels),
-           lambda layer: tvm_avx2.activation_shift(layer.activation_bits)),
-)
+KERNELS: tuple[Kernel, ...] = (avx512_vnni.KERNEL, avx2.KERNEL)  # best first
 BY_ISA = {kernel.isa: kernel for kernel in KERNELS}
-MICRO_KERNELS: tuple[MicroKernel, ...] = (tvm_vnni.VNNI, tvm_avx2.NARROW, tvm_avx2.WIDE, *tvm_avx2.MULTI_STEP.values())
+MICRO_KERNELS: tuple[MicroKernel, ...] = (avx512_vnni.VNNI, avx2.NARROW, avx2.WIDE, *avx2.MULTI_STEP.values())
 
 
 def target_isas(target: Any) -> list[str]:
@@ -127,9 +84,9 @@ def choose(isa: str, layer: LayerFacts) -> Kernel | None:
 
 def find_micro_kernel(sch):
     """(conv block, its micro-kernel) of the PrimFunc in ``sch``, or (None, None)."""
-    return tvm_vnni.find_conv(sch, MICRO_KERNELS)
+    return implicit_gemm.find_conv(sch, MICRO_KERNELS)
 
 
 def is_kernel_block(name: str) -> bool:
     return any(name.startswith(micro.block) for micro in MICRO_KERNELS)
-VNNI_BLOCK = tvm_vnni.CONV_BLOCK
+VNNI_BLOCK = avx512_vnni.VNNI.block

@@ -9,7 +9,7 @@ the signed b-bit range ``[-(2^(b-1)-1), 2^(b-1)-1]``).
 little-endian, holding ``w + 2^(b-1) - 1`` (in ``[0, 2^b - 2]``). One byte of padding ends the array, so every
 weight can be read as a 16-bit window. :func:`unpack_te` decodes one layer straight into the layout its kernel
 reads (:class:`WeightLayout`): ``oihw`` (TVM's conv), ``io`` (a transposed linear weight for ``matmul``) or ``vnni``
-(``[ceil(out/16), kh*kw*ceil(in/4), 16, 4]`` int8 for the AVX512-VNNI kernels of ``targets/tvm_vnni.py``, zero
+(``[ceil(out/16), kh*kw*ceil(in/4), 16, 4]`` int8 for the AVX512-VNNI kernels of ``kernels/implicit_gemm.py``, zero
 where ``out``/``in`` were padded to 16/4).
 
 *Ensures*: the packed array is ``sum_l ceil(b_l * n_l / 8) + 1`` bytes (within one byte per layer of
@@ -26,6 +26,8 @@ import numpy as np
 from mpqc.errors import ConfigError, MpqcError
 
 LAYOUTS = ("oihw", "io", "vnni")
+PACKED_WEIGHTS = "weights.packed"  # params.bin entry holding every weight, bit-packed
+UNPACK_FUNCTION = "unpack_weights"  # the module's function that unpacks them, run once at load
 _CHUNK = 1 << 20  # weights packed per numpy step (a multiple of 8, so every chunk ends on a byte boundary)
 
 

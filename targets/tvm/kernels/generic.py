@@ -1,0 +1,35 @@
+"""The generic kernel: TVM's own int8 operators, for every layer no ISA kernel takes (grouped and depthwise convs,
+``conv1d``, linear layers on >2-D inputs, CUDA targets, CPUs without AVX2).
+
+*Rewrites to*: ``conv1d`` / ``conv2d`` / ``matmul`` on the 8-bit codes (NCHW) and the int8 weights (``oihw``, or a
+transposed ``io`` linear weight) with ``out_dtype="int32"``, plus the int32 bias: the exact accumulator, which
+TVM's schedules only reorder.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from mpqc.reference import IntNode
+from mpqc.targets.tvm.values import NCHW, _Int, _shape
+
+
+def convert(lowering, node: IntNode, x: _Int, bias: np.ndarray, scale: torch.Tensor) -> _Int:
+    """``node`` (conv1d/conv2d/linear) on TVM's operators: its int32 accumulator with the bias added, in NCHW."""
+    from tvm.relax import op as R
+
+    a = node.attrs
+    if node.op == "linear":
+        w = lowering.weight(node, "io")  # [in, out]
+        acc = lowering.emit(R.matmul(x.expr, w, out_dtype="int32"))
+        bias_shape = [1] * (len(_shape(acc)) - 1) + [-1]
+    else:
+        x = lowering.in_layout(x, NCHW)
+        w = lowering.weight(node, "oihw")
+        conv = R.nn.conv2d if node.op == "conv2d" else R.nn.conv1d
+        acc = lowering.emit(conv(x.expr, w, a["stride"], a["padding"], a["dilation"], a["groups"],
+                                 out_dtype="int32"))
+        bias_shape = [1, -1] + [1] * (len(_shape(acc)) - 2)
+    b = lowering.param(f"{node.name}.bias", bias.reshape(bias_shape))
+    acc = lowering.emit(R.add(acc, b))
+    return _Int(acc, scale.reshape([1, -1] + [1] * (len(_shape(acc)) - 2)))

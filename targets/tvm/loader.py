@@ -1,0 +1,66 @@
+"""Run an mpqc TVM artifact with the TVM runtime and NumPy only (no mpqc, no torch).
+
+    import numpy as np
+    from loader import load
+    run = load("artifact_dir")                      # reads model.so, params.bin, model.json
+    logits = run(np.zeros((1, 1, 28, 28), "float32"))
+
+The weights are stored bit-packed in params.bin; ``load`` runs the module's ``unpack_weights`` once to unpack them
+into the layouts the kernels read (:func:`bind_params`), then every call reuses them.
+Set TVM_NUM_THREADS to the number of physical cores before the first call (TVM's pool starts one thread here).
+
+This file is both ``mpqc.targets.tvm.loader`` (``LoweredModule`` binds its parameters with :func:`bind_params`) and,
+copied as it is, the artifact's ``loader.py`` (``LoweredModule.export``): it must import nothing but the standard
+library, NumPy and TVM, so that an artifact loads where mpqc and torch are not installed.
+"""
+import json
+from pathlib import Path
+
+import numpy as np
+import tvm
+from tvm.runtime.vm import VirtualMachine
+
+
+def bind_params(vm, meta, stored, device):
+    """``main``'s parameters (after its inputs), in order: the weights from the module's ``unpack_weights`` (run
+    once here on the packed array), the rest from ``stored`` (``params.bin``'s entries, NumPy arrays or TVM
+    tensors)."""
+
+    def tensor(value):
+        array = value.numpy() if isinstance(value, tvm.runtime.Tensor) else np.asarray(value)
+        return tvm.runtime.tensor(np.ascontiguousarray(array), device)
+
+    weights = meta["weights"]
+    unpacked = vm[weights["unpack"]](tensor(stored[weights["packed"]]))
+    values = dict(zip(weights["names"], unpacked))
+    return [values[name] if name in values else tensor(stored[name]) for name in meta["params"]]
+
+
+def load(directory, device=None):
+    """The artifact in ``directory`` as a callable: NumPy inputs in, NumPy outputs out (one output unwrapped);
+    ``run.meta`` is its ``model.json``."""
+    directory = Path(directory)
+    meta = json.loads((directory / "model.json").read_text())
+    device = device or tvm.cpu()
+    vm = VirtualMachine(tvm.runtime.load_module(str(directory / meta["library"])), device)
+    stored = tvm.runtime.load_param_dict((directory / meta["params_file"]).read_bytes())
+    args = bind_params(vm, meta, stored, device)
+    n_out = len(meta["outputs"])
+
+    def run(*inputs):
+        tensors = [tvm.runtime.tensor(np.ascontiguousarray(x, dtype=np.float32), device) for x in inputs]
+        result = vm["main"](*tensors, *args)
+        results = [result] if isinstance(result, tvm.runtime.Tensor) else list(result)
+        results = [r.numpy() for r in results][:n_out]
+        return results[0] if n_out == 1 else tuple(results)
+
+    run.meta = meta
+    return run
+
+
+if __name__ == "__main__":
+    import sys
+
+    model = load(sys.argv[1] if len(sys.argv) > 1 else Path(__file__).parent)
+    shape = model.meta["inputs"][0]["shape"]
+    print(model(np.zeros(shape, "float32")))
