@@ -109,6 +109,7 @@ from mpqc import ops
 from mpqc.errors import ConfigError, MpqcError, UnsupportedOpError
 from mpqc.quantizers.base import integer_range
 from mpqc.reference import IntegerProgram, IntNode
+from mpqc.targets.onnx_regions import region_in_units, without_unused
 
 DEFAULT_OPSET = 21
 MIN_OPSET = 13  # per-axis DequantizeLinear
@@ -280,8 +281,12 @@ def _convert_quantize(b: _Builder, node: IntNode) -> None:
     zero = b.initializer(numpy_helper.from_array(storage.codes(np.zeros((), np.int64)), f"{label}.zero_point"))
     codes = f"{label}.q"
     clip = (qmin, qmax) != storage.value_range()
+    quantize_scale = scale_name
+    units = region_in_units(b, node, label, scale) if bits <= 8 else None
+    if units is not None:  # the region in units of s_out, as the reference computes it (targets/onnx_regions.py)
+        source, quantize_scale = units, b.initializer(_float_tensor(1.0, f"{label}.unit_scale"))
     if clip and bits <= 8:  # an integer Clip of the codes: Conv -> QuantizeLinear stays fusable (QLinearConv)
-        b.add("QuantizeLinear", [source, scale_name, zero], [f"{label}.q_unclipped"], f"{label}/QuantizeLinear")
+        b.add("QuantizeLinear", [source, quantize_scale, zero], [f"{label}.q_unclipped"], f"{label}/QuantizeLinear")
         low = b.initializer(numpy_helper.from_array(storage.codes(np.array(qmin)), f"{label}.clip_min"))
         high = b.initializer(numpy_helper.from_array(storage.codes(np.array(qmax)), f"{label}.clip_max"))
         b.add("Clip", [f"{label}.q_unclipped", low, high], [codes], f"{label}/Clip")
@@ -291,7 +296,7 @@ def _convert_quantize(b: _Builder, node: IntNode) -> None:
             high = b.initializer(_float_tensor(qmax * scale, f"{label}.clip_max"))
             b.add("Clip", [source, low, high], [f"{label}.clipped"], f"{label}/Clip")
             source = f"{label}.clipped"
-        b.add("QuantizeLinear", [source, scale_name, zero], [codes], f"{label}/QuantizeLinear")
+        b.add("QuantizeLinear", [source, quantize_scale, zero], [codes], f"{label}/QuantizeLinear")
     b.add("DequantizeLinear", [codes, scale_name, zero], [node.name], f"{label}/DequantizeLinear")
     b.rank[node.name] = b.rank.get(node.inputs[0])
     b.bits[codes] = bits
@@ -383,7 +388,8 @@ def build_onnx(model: IntegerProgram | Any, *, input_shapes: Sequence[Sequence[i
         raise UnsupportedOpError(f"ONNX export cannot express {len(unsupported)} node(s):\n  "
                                  + "\n  ".join(unsupported))
 
-    graph = helper.make_graph(builder.nodes, "mpqc_integer_program", builder.inputs, [], builder.initializers,
+    nodes, initializers = without_unused(builder.nodes, builder.initializers, program.outputs)
+    graph = helper.make_graph(nodes, "mpqc_integer_program", builder.inputs, [], initializers,
                               doc_string="mpqc integer program in QDQ form (see mpqc.targets.onnx)")
     opset_ids = [helper.make_opsetid("", opset)]
     onnx_model = helper.make_model(graph, opset_imports=opset_ids, producer_name="mpqc",

@@ -1,0 +1,172 @@
+"""Requantisation regions exported to ONNX in units of ``s_out``, exactly as the reference computes them.
+
+A ``quantize`` node whose region does arithmetic (a residual ``add`` / ``sub``, an unfoldable ``batch_norm``) is
+exported on real values by default: ``DequantizeLinear -> Conv -> Add -> Relu -> QuantizeLinear``. onnxruntime cannot
+fuse a conv that is summed before its requantisation into its integer QLinearConv, so it runs that conv in fp32 on
+dequantized values, and it computes the sum its own way: about one code in 10^6 flips at a rounding tie
+(bench/zoo.py: RegNetX-800MF at random 2-8 bits, 98.0% of all codes within 1 LSB end to end after the flips spread).
+
+:func:`region_in_units` writes such a region the way ``mpqc/ops/quantize.py`` defines it instead, every operation an
+IEEE fp32 or exact integer one that onnxruntime computes exactly like PyTorch:
+
+* a leaf holding quantizer codes ``q`` (storage ``q + z``): ``Cast(float) - z``, times ``M = fp32(s / s_out)``;
+* a conv / linear leaf: its exact int32 accumulator, ``ConvInteger`` / ``MatMulInteger`` of the UINT8 codes and
+  weights with their zero points (onnxruntime's u8 x u8 kernels are exact on every x86 CPU), plus the int32 bias,
+  ``Cast(float)``, times ``M[c] = fp32((s_in * s_w[c]) / s_out)`` per output channel;
+* the steps: ``add`` / ``sub`` -> Add / Sub, ``relu`` -> Relu, ``batch_norm`` -> Mul by ``fp32(a)`` then Add
+  ``fp32(b / s_out)``;
+* then ``QuantizeLinear`` at scale 1 (the value is already in units of ``s_out``: round half to even, saturate) and
+  the integer Clip, as for every quantizer (``targets/onnx.py``).
+
+Regions with other leaves or steps (products, lookups, pools, a concatenation of accumulators) stay on real values.
+The real-valued nodes a region no longer reads are dropped by :func:`without_unused`.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import onnx
+import torch
+from onnx import TensorProto, numpy_helper
+
+from mpqc.reference import IntNode
+
+#: Steps this module writes in units of s_out.
+UNIT_STEPS = ("add", "sub", "relu", "batch_norm")
+#: Steps that do arithmetic: a region holding one is worth writing in units (relu alone fuses exactly).
+ARITHMETIC_STEPS = ("add", "sub", "batch_norm")
+LAYER_LEAVES = ("conv1d", "conv2d", "linear")
+
+
+def _float(value: Any, name: str) -> TensorProto:
+    return numpy_helper.from_array(np.asarray(value, dtype=np.float32), name)
+
+
+def _channel_shape(rank: int, channel_dim: int) -> list[int]:
+    shape = [1] * rank
+    shape[channel_dim] = -1
+    return shape
+
+
+def _layer_entries(b: Any) -> dict[str, dict[str, Any]]:
+    return {entry["output"]: entry for entry in b.layers}
+
+
+def _leaf_supported(b: Any, leaf: IntNode, layers: dict[str, dict[str, Any]]) -> bool:
+    if leaf.name in b.quantizers:
+        return b.quantizers[leaf.name]["storage"] == "UINT8"
+    entry = layers.get(leaf.name)
+    if leaf.op not in LAYER_LEAVES or entry is None:
+        return False
+    if entry["weight_storage"] != "UINT8" or entry["input_storage"] != "UINT8":
+        return False
+    return leaf.op != "linear" or b.rank.get(leaf.inputs[0]) == 2
+
+
+def region_in_units(b: Any, node: IntNode, label: str, s_out: float) -> str | None:
+    """The fp32 tensor holding ``node``'s region in units of ``s_out`` (nodes added to ``b``), or ``None`` where
+    the region is left on real values (see the module docstring)."""
+    region = node.attrs.get("region") or {}
+    steps = [b.by_name[name] for name in region.get("steps", [])]
+    leaves = [b.by_name[name] for name in region.get("leaves", [])]
+    if not any(step.op in ARITHMETIC_STEPS for step in steps) or any(step.op not in UNIT_STEPS for step in steps):
+        return None
+    layers = _layer_entries(b)
+    if not leaves or not all(_leaf_supported(b, leaf, layers) for leaf in leaves):
+        return None
+    known = {leaf.name for leaf in leaves}
+    for step in steps:
+        if not set(step.inputs) <= known:
+            return None
+        known.add(step.name)
+
+    units: dict[str, str] = {}
+    for leaf in leaves:
+        prefix = f"{label}/units/{leaf.name}"
+        units[leaf.name] = (_codes_in_units(b, leaf, prefix, s_out) if leaf.name in b.quantizers
+                            else _accumulator_in_units(b, leaf, layers[leaf.name], prefix, s_out))
+        b.rank[units[leaf.name]] = b.rank.get(leaf.name)
+    for step in steps:
+        out, inputs = f"{label}/units/{step.name}", [units[name] for name in step.inputs]
+        if step.op in ("add", "sub"):
+            b.add("Add" if step.op == "add" else "Sub", inputs, [out], out)
+        elif step.op == "relu":
+            b.add("Relu", inputs, [out], out)
+        else:  # batch_norm: x * fp32(a) + fp32(b / s_out), the reference's order
+            shape = _channel_shape(b.rank[inputs[0]], 1)
+            a = b.initializer(_float(step.tensors["multiplier"].float().reshape(shape).numpy(), f"{out}.multiplier"))
+            shift = (step.tensors["shift"] / s_out).float().reshape(shape).numpy()
+            c = b.initializer(_float(shift, f"{out}.shift"))
+            b.add("Mul", [inputs[0], a], [f"{out}.scaled"], f"{out}/Mul")
+            b.add("Add", [f"{out}.scaled", c], [out], f"{out}/Add")
+        units[step.name] = out
+        b.rank[out] = max(b.rank.get(name) or 0 for name in inputs) or None
+    return units[node.inputs[0]]
+
+
+def _codes_in_units(b: Any, leaf: IntNode, prefix: str, s_out: float) -> str:
+    info = b.quantizers[leaf.name]
+    b.add("Cast", [info["tensor"]], [f"{prefix}.float"], f"{prefix}/Cast", to=TensorProto.FLOAT)
+    value = f"{prefix}.float"
+    if info["zero_point"]:
+        zero = b.initializer(_float(info["zero_point"], f"{prefix}.zero_point"))
+        b.add("Sub", [value, zero], [f"{prefix}.codes"], f"{prefix}/Sub")
+        value = f"{prefix}.codes"
+    multiplier = b.initializer(_float(np.float32(float(info["scale"]) / s_out), f"{prefix}.multiplier"))
+    b.add("Mul", [value, multiplier], [f"{prefix}.units"], f"{prefix}/Mul")
+    return f"{prefix}.units"
+
+
+def _accumulator_in_units(b: Any, leaf: IntNode, entry: dict[str, Any], prefix: str, s_out: float) -> str:
+    """``* M[c]`` of the layer's exact accumulator (:func:`exact_accumulator`)."""
+    rank = b.rank.get(leaf.name)
+    shape = _channel_shape(rank, rank - 1 if leaf.op == "linear" else 1)
+    s_in = float(b.quantizers[leaf.inputs[0]]["scale"])
+    multiplier = ((s_in * leaf.tensors["weight_scale"].double()) / s_out).float().reshape(shape).numpy()
+    scale = b.initializer(_float(multiplier, f"{prefix}.multiplier"))
+    b.add("Mul", [exact_accumulator(b, leaf, entry), scale], [f"{prefix}.units"], f"{prefix}/Mul")
+    return f"{prefix}.units"
+
+
+def exact_accumulator(b: Any, leaf: IntNode, entry: dict[str, Any]) -> str:
+    """The fp32 tensor ``fp32(acc)`` of a layer (once per layer, named after it: ``<layer>/ConvInteger`` or
+    ``<layer>/MatMulInteger``): the UINT8 codes and weights with their zero points, plus the int32 bias, cast as the
+    reference casts it."""
+    prefix = entry["node"]
+    out = f"{prefix}.accumulator"
+    if out in b.rank:
+        return out
+    x = entry["input"]
+    x_zero = b.initializer(numpy_helper.from_array(np.array(entry["input_zero_point"], np.uint8), f"{prefix}.x_zero"))
+    w_zero = b.initializer(numpy_helper.from_array(np.array(entry["weight_zero_point"], np.uint8), f"{prefix}.w_zero"))
+    rank = b.rank.get(leaf.name)
+    if leaf.op == "linear":
+        b.add("Transpose", [entry["weight"]], [f"{prefix}.weight_t"], f"{prefix}/Transpose", perm=[1, 0])
+        b.add("MatMulInteger", [x, f"{prefix}.weight_t", x_zero, w_zero], [f"{prefix}.acc"], f"{prefix}/MatMulInteger")
+        channel_dim = rank - 1
+    else:
+        a, weight = leaf.attrs, leaf.tensors["weight"]
+        b.add("ConvInteger", [x, entry["weight"], x_zero, w_zero], [f"{prefix}.acc"], f"{prefix}/ConvInteger",
+              kernel_shape=list(weight.shape[2:]), strides=list(a["stride"]), pads=list(a["padding"]) * 2,
+              dilations=list(a["dilation"]), group=a["groups"])
+        channel_dim = 1
+    shape = _channel_shape(rank, channel_dim)
+    bias = b.initializer(numpy_helper.from_array(leaf.tensors["bias"].to(torch.int32).reshape(shape).numpy(),
+                                                 f"{prefix}.bias_int32"))
+    b.add("Add", [f"{prefix}.acc", bias], [f"{prefix}.biased"], f"{prefix}/AddBias")
+    b.add("Cast", [f"{prefix}.biased"], [out], f"{prefix}/Cast", to=TensorProto.FLOAT)
+    b.rank[out] = rank
+    return out
+
+
+def without_unused(nodes: list[onnx.NodeProto], initializers: list[TensorProto],
+                   outputs: Sequence[str]) -> tuple[list[onnx.NodeProto], list[TensorProto]]:
+    """The nodes some graph output depends on, and the initializers they read."""
+    needed, kept = set(outputs), []
+    for node in reversed(nodes):
+        if needed.intersection(node.output):
+            kept.append(node)
+            needed.update(node.input)
+    return kept[::-1], [tensor for tensor in initializers if tensor.name in needed]
