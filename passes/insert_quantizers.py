@@ -106,7 +106,8 @@ def smallest_bits(layers: list[QuantizedLayer]) -> dict[str, LayerBits]:
 def insert_quantizers(
     gm: GraphModule, method: QuantMethod, config: QuantizerConfig, calibration_inputs: tuple
 ) -> GraphModule:
-    layers = layer_nodes(gm)
+    tables = _embedding_tables(gm)
+    layers = [node for node in layer_nodes(gm) if node not in tables]
     if not layers:
         raise MpqcError("the model has no conv1d/conv2d/linear layer to quantize")
     sources = {node: node.args[0] for node in layers}  # read before rewiring: shared inputs get one quantizer
@@ -118,6 +119,7 @@ def insert_quantizers(
     fixed_points = operands + [end for end in residual_ends if end not in operands]
     stats = _calibrate(gm, set(sources.values()) | set(fixed_points), calibration_inputs)
     gm.add_submodule(ACT_QUANTIZERS, nn.ModuleDict())
+    _quantize_tables(gm, tables, method, config)
     quantizer_of: dict[Node, str] = {}
     first, last = layers[0], layers[-1]
     fixed = config.first_last == "fixed"
@@ -159,6 +161,25 @@ def insert_quantizers(
     gm.graph.lint()
     gm.recompile()
     return gm
+
+
+def _embedding_tables(gm: GraphModule) -> list[Node]:
+    """The embedding tables among the layer nodes (``analyze_layers`` records them as weight-only layers)."""
+    return [node for node in layer_nodes(gm) if node.meta[LAYER_META].op == "embedding"]
+
+
+def _quantize_tables(gm: GraphModule, tables: list[Node], method: QuantMethod, config: QuantizerConfig) -> None:
+    """Embedding tables (issue 15): the method's weight quantizer (one scale per row: per output channel of a
+    ``[V, D]`` weight), learnable bits counted in weight memory like a layer's. Their indices are not activations:
+    no quantizer in the graph; ``INPUT_QUANTIZER_META`` names a fixed quantizer no node calls (a table has no input
+    elements, so budgets count nothing for it)."""
+    for node in tables:
+        table = gm.get_submodule(node.target)
+        key = f"{node.target.replace('.', '_')}_indices"
+        gm.get_submodule(ACT_QUANTIZERS)[key] = FixedQuantizer(8, False, torch.ones(1))
+        node.meta[INPUT_QUANTIZER_META] = f"{ACT_QUANTIZERS}.{key}"
+        weight_quantizer = method.weight_quantizer(table.weight, config.init_bits, config.weight_bits)
+        replace_submodule(gm, node.target, quantized_version(table, weight_quantizer))
 
 
 def _quantize_tensor(gm: GraphModule, source: Node, key: str, quantizer: Quantizer) -> str:
