@@ -548,7 +548,7 @@ def _convert_layer(lowering: _Lowering, node: IntNode):
         bias_shape = [1, -1] + [1] * (len(_shape(acc)) - 2)
     b = lowering.param(f"{node.name}.bias", bias.reshape(bias_shape))
     acc = lowering.emit(R.add(acc, b))
-    return _Int(acc, scale.reshape([1, -1] + [1] * (len(_shape(acc)) - 2)))
+    return _Int(acc, scale.reshape(bias_shape))  # channels last for linear (any rank), at dim 1 for convs
 
 
 def _convert_layer_vnni(lowering: _Lowering, node: IntNode, x: _Int, bias: np.ndarray, scale: torch.Tensor,
