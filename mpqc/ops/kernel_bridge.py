@@ -8,7 +8,7 @@
   codes back to 8-bit storage, an ``_Int`` at the output scale).
 * ONNX: the program's values between ops are fp32 (QDQ); an input's exact codes are ``QuantizeLinear`` of its
   value at its own scale (the value is ``fp32(q * s)``, which ``QuantizeLinear`` maps back to ``q`` exactly, as the
-  lookup tables rely on), and an output's value is ``fp32(q_out * s_out)`` (``DequantizeLinear`` of int32 codes).
+  lookup tables rely on), and an output's value is ``fp32(q_out) * fp32(s_out)`` (:func:`onnx_value`).
   :class:`BuilderGraph` lets the kernels' ONNX emitters (written against ``integer_kernels.backends.OnnxGraph``)
   append to ``targets/onnx.py``'s builder.
 """
@@ -135,15 +135,14 @@ def onnx_codes(graph: BuilderGraph, value: str, bits: int, signed: bool, scale: 
                                    128 if signed else 0)
 
 
-def onnx_value(graph: BuilderGraph, codes: str, scale: float, output: str, dtype: int = 6) -> None:
-    """``output`` = ``fp32(codes * scale)`` for integer codes (int64 or int32: ``dtype`` 7 or 6)."""
+def onnx_value(graph: BuilderGraph, codes: str, scale: float, output: str) -> None:
+    """``output`` = ``fp32(codes) * fp32(scale)`` (one rounding, as the reference dequantizes) for integer codes.
+    ``Cast`` and ``Mul`` rather than ``DequantizeLinear`` of int32: onnxruntime's QDQ propagation moved such a
+    DequantizeLinear past a Reshape and made an int32 QuantizeLinear it then refused."""
     from mpqc.targets.onnx import _float_tensor
 
-    if dtype != 6:
-        codes = graph.node("Cast", [codes], to=6)
     scale_name = graph.builder.initializer(_float_tensor(float(scale), graph.fresh("out_scale")))
-    zero = graph.const(np.int32(0), "out_zero_point")
-    graph.builder.add("DequantizeLinear", [codes, scale_name, zero], [output], f"{graph.label}/DequantizeLinear")
+    graph.builder.add("Mul", [graph.node("Cast", [codes], to=1), scale_name], [output], f"{graph.label}/Mul")
 
 
 def check_range(node: IntNode, codes: torch.Tensor, bits: int, signed: bool) -> None:

@@ -109,7 +109,7 @@ class LayerNorm(OpDef):
         graph = kb.BuilderGraph(builder, builder.label(node))
         a = node.attrs
         codes = kb.onnx_codes(graph, node.inputs[0], a["in_bits"], a["in_signed"], a["in_scale"])
-        kb.onnx_value(graph, norm_onnx(graph, codes, spec(node)), a["scale"], node.name, dtype=7)
+        kb.onnx_value(graph, norm_onnx(graph, codes, spec(node)), a["scale"], node.name)
         builder.rank[node.name] = builder.rank.get(node.inputs[0])
 
 

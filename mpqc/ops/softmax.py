@@ -138,7 +138,7 @@ class Softmax(OpDef):
         a = node.attrs
         codes = kb.onnx_codes(graph, node.inputs[0], a["in_bits"], a["in_signed"], a["in_scale"])
         keep = node.inputs[1] if len(node.inputs) > 1 else None
-        kb.onnx_value(graph, softmax_onnx(graph, codes, spec(node), keep), a["scale"], node.name, dtype=7)
+        kb.onnx_value(graph, softmax_onnx(graph, codes, spec(node), keep), a["scale"], node.name)
         builder.rank[node.name] = builder.rank.get(node.inputs[0])
 
 
