@@ -74,8 +74,8 @@ def functional_layers(gm: fx.GraphModule) -> fx.GraphModule:
         module = _module(gm, node, call)
         path = _free_path(gm, _owner(call["weight"].target), node.name)
         gm.add_submodule(path, module)
-        with gm.graph.inserting_before(node):
-            replacement = gm.graph.call_module(path, (call["input"],))
+        with gm.graph.inserting_before(node):  # (its input read now: a layer call replaced before may feed it)
+            replacement = gm.graph.call_module(path, (_bound(node)["input"],))
         replacement.meta.update(node.meta)
         node.replace_all_uses_with(replacement)
         gm.graph.erase_node(node)
