@@ -1,6 +1,7 @@
 """Insert learnable-bit-width quantizers on every conv/linear weight and on every conv/linear input tensor.
 
-Matches:    every ``call_module`` node whose module is exactly nn.Conv1d / nn.Conv2d / nn.Linear.
+Matches:    every ``call_module`` node whose module is exactly nn.Conv1d / nn.Conv2d / nn.Linear; embedding tables
+            (nn.Embedding) get a weight quantizer only (``_quantize_tables``).
 Rewrites to:
   * the layer module -> its quantized subclass (``mpqc.qmodules``) with a ``weight_quantizer`` submodule
     (per-output-channel scales);
