@@ -165,29 +165,30 @@ def _tiny_inputs():
 
 
 # --------------------------------------------------------------------------------------------- numerics
-def _tiny_program():
+@pytest.fixture(scope="module")
+def tiny_program():
+    """The TinyEncoder at random mixed 2-8 bits: ``(frozen graph, program, inputs)``."""
     torch.manual_seed(0)
     gm, program, inputs, chosen = _program(TinyEncoder().eval(), _tiny_inputs())
     assert len(set(chosen.values())) > 2
     ops = {node.op for node in program.nodes}
     assert {"layer_norm", "softmax", "matmul", "embedding", "mask_keep", "linear"} <= ops
-    return program, inputs
+    return gm, program, inputs
 
 
-def test_transformer_ops_agree_with_onnxruntime(tmp_path):
+def test_transformer_ops_agree_with_onnxruntime(tiny_program, tmp_path):
     """Module and functional forms (nn.LayerNorm, nn.Embedding, additive-mask SDPA, bmm, softmax over dim 1) at
     random mixed 2-8 bits: onnxruntime within the contract (the fast HF BERT test runs TVM on most of them)."""
-    _assert_onnxruntime_agrees(*_tiny_program(), tmp_path)
+    _assert_onnxruntime_agrees(*tiny_program[1:], tmp_path)
 
 
 @pytest.mark.slow  # ~30 s of TVM build on 2 cores
-def test_transformer_ops_are_bit_exact_on_tvm():
-    _assert_tvm_bit_exact(*_tiny_program())
+def test_transformer_ops_are_bit_exact_on_tvm(tiny_program):
+    _assert_tvm_bit_exact(*tiny_program[1:])
 
 
-def test_reference_agrees_with_fake_quant():
-    torch.manual_seed(0)
-    gm, program, inputs, _ = _program(TinyEncoder().eval(), _tiny_inputs(), seed=2)
+def test_reference_agrees_with_fake_quant(tiny_program):
+    gm, program, inputs = tiny_program
     _assert_reference_matches_fake_quant(gm, program, inputs)
     softmax = next(node for node in program.nodes if node.op == "softmax" and len(node.inputs) == 2)
     probs = program.run_all(*inputs)[softmax.name].q
@@ -195,10 +196,9 @@ def test_reference_agrees_with_fake_quant():
     assert int(probs[1].sum(-1).min()) > 0
 
 
-def test_additive_masks_other_than_0_or_large_negatives_are_refused():
+def test_additive_masks_other_than_0_or_large_negatives_are_refused(tiny_program):
     """An additive bias is not a mask: the reference refuses it rather than treating it as one."""
-    torch.manual_seed(0)
-    gm, program, (ids, mask), _ = _program(TinyEncoder().eval(), _tiny_inputs())
+    _, program, (ids, mask) = tiny_program
     bias = mask.clone()
     bias[1, ..., 0] = -100.0  # neither 0 nor <= -1e4
     with pytest.raises(MpqcError, match="mask_keep .*additive mask entries must be 0 or <= -10000"):
@@ -206,23 +206,6 @@ def test_additive_masks_other_than_0_or_large_negatives_are_refused():
 
 
 # --------------------------------------------------------------------------------------------- capture passes
-def test_attention_is_decomposed_and_hf_padding_masks_recognized():
-    model = tiny_bert(layers=1)
-    ids, mask = bert_inputs()
-    gm, layers = pipeline.trace(model, {"input_ids": ids, "attention_mask": mask})
-    targets = [n.target for n in gm.graph.nodes if n.op == "call_function"]
-    assert not any("scaled_dot_product_attention" in str(t) for t in targets)
-    assert targets.count(masked_softmax) == 1 and targets.count(key_padding_mask) == 1
-    assert not any(str(t).startswith(("aten.index", "aten.arange", "aten.__and__")) for t in targets)
-    expected = model(input_ids=ids, attention_mask=mask)
-    for other in (mask, torch.ones_like(mask)):  # the mask is computed from the input, not baked in
-        expected = model(input_ids=ids, attention_mask=other)
-        got = gm(ids, other)
-        torch.testing.assert_close(got["last_hidden_state"], expected.last_hidden_state, atol=1e-5, rtol=1e-5)
-    tables = [layer for layer in layers if layer.op == "embedding"]
-    assert {t.params for t in tables} == {100 * 32, 2 * 32, 16 * 32} and all(t.macs == 0 for t in tables)
-
-
 def test_a_causal_mask_is_left_to_the_unsupported_op_error():
     class Causal(nn.Module):
         def __init__(self):
@@ -242,6 +225,18 @@ def test_a_causal_mask_is_left_to_the_unsupported_op_error():
 
 
 # --------------------------------------------------------------------------------------------- HF BertModel
+def _assert_attention_decomposed(gm, model, ids, mask):
+    """SDPA decomposed, HF's mask construction replaced by one key_padding_mask of the input (not baked in)."""
+    targets = [n.target for n in gm.graph.nodes if n.op == "call_function"]
+    assert not any("scaled_dot_product_attention" in str(t) for t in targets)
+    assert targets.count(masked_softmax) == 1 and targets.count(key_padding_mask) == 1
+    assert not any(str(t).startswith(("aten.index", "aten.arange", "aten.__and__")) for t in targets)
+    with torch.no_grad():
+        for other in (mask, torch.ones_like(mask)):
+            expected = model(input_ids=ids, attention_mask=other).last_hidden_state
+            torch.testing.assert_close(gm(ids, other)["last_hidden_state"], expected, atol=1e-5, rtol=1e-5)
+
+
 def test_hf_bert_goes_through_every_stage(tmp_path):
     """A random 1-layer BertModel (hidden 32, 2 heads, vocab 100, 8 tokens, padding in one sequence): capture with
     keyword inputs, quantizers, search steps on label-free distillation with a weight-memory budget that counts the
@@ -250,6 +245,9 @@ def test_hf_bert_goes_through_every_stage(tmp_path):
     ids, mask = bert_inputs()
     inputs = {"input_ids": ids, "attention_mask": mask}
     gm, layers = pipeline.trace(model, inputs)
+    _assert_attention_decomposed(gm, model, ids, mask)
+    tables = [layer for layer in layers if layer.op == "embedding"]
+    assert {t.params for t in tables} == {100 * 32, 2 * 32, 16 * 32} and all(t.macs == 0 for t in tables)
     positional = pipeline.positional_inputs(gm, inputs)
     gm = pipeline.quantize(gm, get_method("dq"), QuantizerConfig(), positional)
 
