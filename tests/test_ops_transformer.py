@@ -24,6 +24,9 @@ from mpqc.task import distillation_loss
 
 transformers = pytest.importorskip("transformers")
 
+#: The program ops whose ONNX and TVM converters this file's models cover (tests/test_onnx.py counts them).
+TRANSFORMER_OPS = {"layer_norm", "softmax", "matmul", "embedding", "mask_keep", "key_padding_mask", "constant"}
+
 
 # --------------------------------------------------------------------------------------------- models
 class TinyEncoder(nn.Module):
@@ -274,6 +277,7 @@ def test_hf_bert_goes_through_every_stage(tmp_path):
     gm, chosen = _freeze_at_random_bits(gm, seed=1)
     assert len(set(chosen.values())) > 2
     program = IntegerProgram.from_graph(gm)
+    assert TRANSFORMER_OPS - {"mask_keep"} <= {node.op for node in program.nodes}  # mask_keep: TinyEncoder's
     _assert_reference_matches_fake_quant(gm, program, positional)
     _assert_tvm_bit_exact(program, positional)
     _assert_onnxruntime_agrees(program, positional, tmp_path)

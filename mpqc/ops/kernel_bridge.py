@@ -62,6 +62,14 @@ def output_codes(gm: GraphModule, node: Node, what: str) -> tuple[int, bool, flo
     return _codes_of(module)
 
 
+def require_attrs(node: IntNode, names: Sequence[str]) -> None:
+    """:class:`Unsupported` where a program node lacks the frozen attributes its kernel needs (a hand-built
+    program, or a graph described before freezing)."""
+    missing = [name for name in names if name not in node.attrs]
+    if missing:
+        raise Unsupported(f"{node.op} {node.name!r} has no {', '.join(missing)} (describe a frozen graph)")
+
+
 def input_attrs(bits: int, signed: bool, scale: float, prefix: str = "in") -> dict[str, Any]:
     return {f"{prefix}_bits": bits, f"{prefix}_signed": signed, f"{prefix}_scale": scale}
 

@@ -94,6 +94,7 @@ class Matmul(OpDef):
         return _Int(acc, (a.scale * b.scale).reshape(()), NCHW)
 
     def onnx(self, builder, node):
+        kb.require_attrs(node, [f"{p}_{key}" for p in "ab" for key in ("bits", "signed", "scale")])
         graph = kb.BuilderGraph(builder, builder.label(node))
         at = node.attrs
         stored = [kb.onnx_storage_codes(graph, name, at[f"{p}_bits"], at[f"{p}_signed"], at[f"{p}_scale"])

@@ -108,10 +108,11 @@ class LayerNorm(OpDef):
     def onnx(self, builder, node):
         from mpqc.integer_kernels.norm import norm_onnx
 
+        kernel = spec(node)
         graph = kb.BuilderGraph(builder, builder.label(node))
         a = node.attrs
         codes = kb.onnx_codes(graph, node.inputs[0], a["in_bits"], a["in_signed"], a["in_scale"])
-        kb.onnx_value(graph, norm_onnx(graph, codes, spec(node)), a["scale"], node.name)
+        kb.onnx_value(graph, norm_onnx(graph, codes, kernel), a["scale"], node.name)
         builder.rank[node.name] = builder.rank.get(node.inputs[0])
 
 
@@ -120,6 +121,7 @@ def spec(node: IntNode):
     from mpqc.integer_kernels.norm import IntegerNorm
 
     a = node.attrs
+    kb.require_attrs(node, ("size", "in_bits", "in_scale", "bits", "scale", "eps"))
     try:
         return IntegerNorm(size=int(a["size"]), in_bits=int(a["in_bits"]), in_scale=float(a["in_scale"]),
                            out_bits=int(a["bits"]), out_scale=float(a["scale"]), weight=node.tensors.get("weight"),

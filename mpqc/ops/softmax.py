@@ -138,11 +138,12 @@ class Softmax(OpDef):
     def onnx(self, builder, node):
         from mpqc.integer_kernels.softmax import softmax_onnx
 
+        kernel = spec(node)
         graph = kb.BuilderGraph(builder, builder.label(node))
         a = node.attrs
         codes = kb.onnx_codes(graph, node.inputs[0], a["in_bits"], a["in_signed"], a["in_scale"])
         keep = node.inputs[1] if len(node.inputs) > 1 else None
-        kb.onnx_value(graph, softmax_onnx(graph, codes, spec(node), keep), a["scale"], node.name)
+        kb.onnx_value(graph, softmax_onnx(graph, codes, kernel, keep), a["scale"], node.name)
         builder.rank[node.name] = builder.rank.get(node.inputs[0])
 
 
@@ -152,6 +153,7 @@ def spec(node: IntNode):
     from mpqc.integer_kernels.softmax import IntegerSoftmax
 
     a = node.attrs
+    kb.require_attrs(node, ("in_bits", "in_scale", "bits", "scale", "axis"))
     if a["in_bits"] > 8:
         raise Unsupported(f"softmax {node.name!r}: a {a['in_bits']}-bit input (the exp table takes at most 8 bits)")
     try:
