@@ -62,12 +62,26 @@ def output_codes(gm: GraphModule, node: Node, what: str) -> tuple[int, bool, flo
     return _codes_of(module)
 
 
-def require_attrs(node: IntNode, names: Sequence[str]) -> None:
-    """:class:`Unsupported` where a program node lacks the frozen attributes its kernel needs (a hand-built
-    program, or a graph described before freezing)."""
+def missing_attrs(node: IntNode, names: Sequence[str]) -> str | None:
+    """Why a program node cannot run its kernel: the frozen attributes it lacks (a hand-built program, or a graph
+    described before freezing), or None."""
     missing = [name for name in names if name not in node.attrs]
-    if missing:
-        raise Unsupported(f"{node.op} {node.name!r} has no {', '.join(missing)} (describe a frozen graph)")
+    return f"{node.op} {node.name!r} has no {', '.join(missing)} (describe a frozen graph)" if missing else None
+
+
+def require_attrs(node: IntNode, names: Sequence[str]) -> None:
+    """:class:`Unsupported` with :func:`missing_attrs`'s reason."""
+    reason = missing_attrs(node, names)
+    if reason:
+        raise Unsupported(reason)
+
+
+def relax_check_codes(node: IntNode, names: Sequence[str]) -> str | None:
+    """``OpDef.relax_check`` of a kernel op: its frozen attributes, and outputs the TVM target stores (8 bits)."""
+    reason = missing_attrs(node, names)
+    if reason is None and node.attrs.get("bits", 0) > 8:
+        reason = f"{node.attrs['bits']}-bit outputs (the TVM target stores activations in 8 bits)"
+    return reason
 
 
 def input_attrs(bits: int, signed: bool, scale: float, prefix: str = "in") -> dict[str, Any]:

@@ -33,6 +33,9 @@ TESTS = ("tests/test_ops_transformer.py::test_transformer_ops_are_bit_exact_on_t
          "tests/test_ops_transformer.py::test_reference_agrees_with_fake_quant")
 
 
+OPERAND_ATTRS = tuple(f"{side}_{key}" for side in "ab" for key in ("bits", "signed", "scale"))
+
+
 def _operands(node: Node) -> tuple[Node, Node]:
     args = list(node.args) + [node.kwargs[k] for k in ("other", "mat2") if k in node.kwargs]
     if len(args) != 2 or node.kwargs.keys() - {"other", "mat2"}:
@@ -93,8 +96,11 @@ class Matmul(OpDef):
         acc = lowering.emit(R.matmul(R.astype(a.expr, "int32"), R.astype(b.expr, "int32"), out_dtype="int32"))
         return _Int(acc, (a.scale * b.scale).reshape(()), NCHW)
 
+    def relax_check(self, node):
+        return kb.relax_check_codes(node, OPERAND_ATTRS)
+
     def onnx(self, builder, node):
-        kb.require_attrs(node, [f"{p}_{key}" for p in "ab" for key in ("bits", "signed", "scale")])
+        kb.require_attrs(node, OPERAND_ATTRS)
         graph = kb.BuilderGraph(builder, builder.label(node))
         at = node.attrs
         stored = [kb.onnx_storage_codes(graph, name, at[f"{p}_bits"], at[f"{p}_signed"], at[f"{p}_scale"])

@@ -103,7 +103,7 @@ class LayerNorm(OpDef):
                                      a["scale"], x.layout)
 
     def relax_check(self, node):
-        return None if node.attrs.get("bits", 0) <= 8 else f"{node.attrs['bits']}-bit outputs (8 bits at most)"
+        return kb.relax_check_codes(node, SPEC_ATTRS)
 
     def onnx(self, builder, node):
         from mpqc.integer_kernels.norm import norm_onnx
@@ -116,12 +116,15 @@ class LayerNorm(OpDef):
         builder.rank[node.name] = builder.rank.get(node.inputs[0])
 
 
+SPEC_ATTRS = ("size", "in_bits", "in_signed", "in_scale", "bits", "signed", "scale", "eps")
+
+
 def spec(node: IntNode):
     """The kernel's frozen parameters of a ``layer_norm`` program node."""
     from mpqc.integer_kernels.norm import IntegerNorm
 
     a = node.attrs
-    kb.require_attrs(node, ("size", "in_bits", "in_scale", "bits", "scale", "eps"))
+    kb.require_attrs(node, SPEC_ATTRS)
     try:
         return IntegerNorm(size=int(a["size"]), in_bits=int(a["in_bits"]), in_scale=float(a["in_scale"]),
                            out_bits=int(a["bits"]), out_scale=float(a["scale"]), weight=node.tensors.get("weight"),

@@ -133,7 +133,7 @@ class Softmax(OpDef):
         return kb.relax_output_codes(lowering, out, node.attrs["bits"], False, node.attrs["scale"], x.layout)
 
     def relax_check(self, node):
-        return None if node.attrs.get("bits", 0) <= 8 else f"{node.attrs['bits']}-bit outputs (8 bits at most)"
+        return kb.relax_check_codes(node, SPEC_ATTRS)
 
     def onnx(self, builder, node):
         from mpqc.integer_kernels.softmax import softmax_onnx
@@ -147,13 +147,16 @@ class Softmax(OpDef):
         builder.rank[node.name] = builder.rank.get(node.inputs[0])
 
 
+SPEC_ATTRS = ("in_bits", "in_signed", "in_scale", "bits", "scale", "axis")
+
+
 def spec(node: IntNode):
     """The kernel's frozen parameters of a ``softmax`` program node."""
     from mpqc.errors import ConfigError
     from mpqc.integer_kernels.softmax import IntegerSoftmax
 
     a = node.attrs
-    kb.require_attrs(node, ("in_bits", "in_scale", "bits", "scale", "axis"))
+    kb.require_attrs(node, SPEC_ATTRS)
     if a["in_bits"] > 8:
         raise Unsupported(f"softmax {node.name!r}: a {a['in_bits']}-bit input (the exp table takes at most 8 bits)")
     try:
