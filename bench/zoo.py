@@ -437,7 +437,8 @@ def run_model(name: str, *, tvm: bool = False, verbose: bool = False) -> dict[st
 
 
 def format_table(all_results: dict[str, dict[str, dict[str, Any]]], stages: list[str] = STAGES) -> str:
-    short = {"capture": "capture", "functional_layers": "functional", "fold_batchnorm": "fold_bn",
+    short = {"capture": "capture", "canonicalize": "canonical", "functional_layers": "functional",
+             "fold_batchnorm": "fold_bn",
              "analyze_layers": "analyze",
              "insert_quantizers": "insert_q", "search": "search", "freeze": "freeze", "integer": "integer",
              "onnx": "onnx", "tvm": "tvm"}
