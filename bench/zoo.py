@@ -59,6 +59,7 @@ from mpqc.config import QuantizerConfig  # noqa: E402
 from mpqc.errors import MpqcError  # noqa: E402
 from mpqc.passes.analyze_layers import analyze_layers  # noqa: E402
 from mpqc.passes.capture import capture  # noqa: E402
+from mpqc.passes.canonicalize import canonicalize  # noqa: E402
 from mpqc.passes.fold_batchnorm import fold_batchnorm  # noqa: E402
 from mpqc.passes.functional_layers import functional_layers  # noqa: E402
 from mpqc.passes.freeze import freeze  # noqa: E402
@@ -364,6 +365,10 @@ def run_model(name: str, *, tvm: bool = False, verbose: bool = False) -> dict[st
         state["gm"] = capture(model, (state["x"],))
         return {"nodes": len(state["gm"].graph.nodes)}
 
+    def stage_canonicalize():
+        state["gm"] = canonicalize(state["gm"])
+        return {}
+
     def stage_functional():
         state["gm"] = functional_layers(state["gm"])
         return {}
@@ -400,7 +405,7 @@ def run_model(name: str, *, tvm: bool = False, verbose: bool = False) -> dict[st
     def stage_tvm():
         return check_tvm(state["program"], state["x_eval"])
 
-    functions = {"capture": stage_capture, "functional_layers": stage_functional, "fold_batchnorm": stage_fold,
+    functions = {"capture": stage_capture, "canonicalize": stage_canonicalize, "functional_layers": stage_functional, "fold_batchnorm": stage_fold,
                  "analyze_layers": stage_analyze, "insert_quantizers": stage_insert, "search": stage_search,
                  "freeze": stage_freeze, "integer": stage_integer, "onnx": stage_onnx, "tvm": stage_tvm}
     failed = False
@@ -434,7 +439,8 @@ def run_model(name: str, *, tvm: bool = False, verbose: bool = False) -> dict[st
 
 
 def format_table(all_results: dict[str, dict[str, dict[str, Any]]], stages: list[str] = STAGES) -> str:
-    short = {"capture": "capture", "functional_layers": "functional", "fold_batchnorm": "fold_bn",
+    short = {"capture": "capture", "canonicalize": "canonical", "functional_layers": "functional",
+             "fold_batchnorm": "fold_bn",
              "analyze_layers": "analyze",
              "insert_quantizers": "insert_q", "search": "search", "freeze": "freeze", "integer": "integer",
              "onnx": "onnx", "tvm": "tvm"}

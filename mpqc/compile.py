@@ -337,7 +337,9 @@ def build_report(
 
 def _cost_section(budget: Budget, layers: Sequence[LayerInfo], frozen: dict[str, tuple[int, int]]) -> dict[str, Any]:
     """``{"cost": {model: ...}}``: modelled accelerator cycles per layer (``mpqc.targets.fpga.cost_report``) for
-    every registered cost model, so the report and its plot show them whatever the budget was."""
+    every registered cost model, so the report and its plot show them whatever the budget was. Embedding tables
+    (gathers, no GEMM) are not in the cost models."""
     from mpqc.targets.fpga import COST_MODELS, cost_report
 
-    return {"cost": {name: cost_report(layers, frozen, name) for name in COST_MODELS}}
+    gemms = [layer for layer in layers if layer.op != "embedding"]
+    return {"cost": {name: cost_report(gemms, frozen, name) for name in COST_MODELS}}

@@ -26,7 +26,7 @@ class LayerInfo:
     """
 
     name: str
-    op: str  # "conv1d" | "conv2d" | "linear"
+    op: str  # "conv1d" | "conv2d" | "linear" | "embedding" (a table: weight only, no MACs, no quantized input)
     weight_shape: tuple[int, ...]
     params: int
     bias_params: int

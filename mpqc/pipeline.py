@@ -20,6 +20,7 @@ from mpqc.layers import LayerInfo
 
 STAGES: tuple[str, ...] = (
     "capture",             # passes/capture.py: torch.fx, torch.export fallback
+    "canonicalize",        # passes/canonicalize.py: attention decomposed, padding masks, constants folded
     "functional_layers",   # passes/functional_layers.py: F.conv2d(x, self.weight, ...) -> nn.Conv2d modules
     "fold_batchnorm",      # passes/fold_batchnorm.py
     "analyze_layers",      # passes/analyze_layers.py: params, MACs, activation sizes per layer
@@ -39,14 +40,15 @@ QUANTIZE_STAGES = STAGES[len(TRACE_STAGES):STAGES.index("check_supported") + 1]
 
 def trace(model: nn.Module, example_inputs: tuple[Tensor, ...] | dict[str, Tensor]
           ) -> tuple[GraphModule, list[LayerInfo]]:
-    """``capture`` -> ``functional_layers`` -> ``fold_batchnorm`` -> ``analyze_layers``: the fp32 graph and its
-    layers (``example_inputs`` positional, or keyword inputs by name)."""
+    """``capture`` -> ``canonicalize`` -> ``functional_layers`` -> ``fold_batchnorm`` -> ``analyze_layers``: the
+    fp32 graph and its layers (``example_inputs`` positional, or keyword inputs by name)."""
     from mpqc.passes.analyze_layers import analyze_layers
+    from mpqc.passes.canonicalize import canonicalize
     from mpqc.passes.capture import capture
     from mpqc.passes.fold_batchnorm import fold_batchnorm
     from mpqc.passes.functional_layers import functional_layers
 
-    gm = fold_batchnorm(functional_layers(capture(model, example_inputs)))
+    gm = fold_batchnorm(functional_layers(canonicalize(capture(model, example_inputs))))
     return gm, analyze_layers(gm, positional_inputs(gm, example_inputs))
 
 

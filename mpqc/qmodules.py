@@ -1,4 +1,5 @@
-"""Conv/linear layers whose weight passes through a quantizer: the only modules ``insert_quantizers`` swaps in.
+"""Conv/linear layers and embedding tables whose weight passes through a quantizer: the only modules
+``insert_quantizers`` swaps in.
 
 Each is a subclass of the float layer (so shape analysis and ``isinstance`` checks keep working) with one extra
 submodule, ``weight_quantizer``. The forward pass is the float layer's with the fake-quantized weight (and, while
@@ -61,10 +62,19 @@ class QuantLinear(_QuantWeightMixin, nn.Linear):
         return F.linear(x, self.quantized_weight(), self.quantized_bias())
 
 
+class QuantEmbedding(_QuantWeightMixin, nn.Embedding):
+    """An embedding table read through its weight quantizer (per-output-channel scales: one per row)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.embedding(x, self.quantized_weight(), self.padding_idx, self.max_norm, self.norm_type,
+                           self.scale_grad_by_freq, self.sparse)
+
+
 QUANTIZED_LAYER_TYPES: dict[type[nn.Module], type[nn.Module]] = {
     nn.Conv1d: QuantConv1d,
     nn.Conv2d: QuantConv2d,
     nn.Linear: QuantLinear,
+    nn.Embedding: QuantEmbedding,
 }
 
 

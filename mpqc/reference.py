@@ -155,11 +155,13 @@ class IntegerProgram:
         return [node for node in self.nodes if node.op in LAYER_OPS]
 
     def layer_bits(self) -> dict[str, tuple[int, int]]:
-        """Per layer (module name): (weight bits, input activation bits)."""
-        return {
-            node.attrs["module"]: (node.attrs["weight_bits"], self._by_name[node.inputs[0]].attrs["bits"])
-            for node in self.layers()
-        }
+        """Per layer (module name): (weight bits, input activation bits); embedding tables, which budgets count as
+        weight-only layers, with 0 input bits (their indices are not quantized activations)."""
+        bits = {node.attrs["module"]: (node.attrs["weight_bits"], self._by_name[node.inputs[0]].attrs["bits"])
+                for node in self.layers()}
+        bits.update({node.attrs["module"]: (node.attrs["weight_bits"], 0) for node in self.nodes
+                     if node.op == "embedding"})
+        return bits
 
     # ----------------------------------------------------------------------------------------- files
     def save(self, directory: str | Path) -> None:

@@ -2,7 +2,8 @@
 
 An analysis, not a transform: it runs ``torch.fx.passes.shape_prop.ShapeProp`` on the example inputs (which
 refreshes ``node.meta["tensor_meta"]`` on every node) and writes a :class:`mpqc.layers.LayerInfo` into
-``node.meta[LAYER_META]`` of every conv1d/conv2d/linear ``call_module`` node.
+``node.meta[LAYER_META]`` of every conv1d/conv2d/linear ``call_module`` node, and of every embedding table (a
+weight-only layer: its weight counts in weight memory, it has no MACs and no quantized input).
 
 Per sample: dim 0 of the first tensor example input is the batch size B. A layer's per-sample activation shape is
 its shape without dim 0 when dim 0 is B, and ``(dim0 // B, *rest)`` when the model folded something into the batch
@@ -24,9 +25,9 @@ from mpqc.errors import ExampleInputError, MpqcError
 from mpqc.layers import LAYER_META, LayerInfo
 from mpqc.ops import op_named
 
-#: Quantizable layer types and their op names (the op registry's layer family); subclasses (e.g. quantized versions)
-#: count as their base type.
-LAYER_OPS: dict[type[nn.Module], str] = op_named("conv2d").layer_types
+#: Quantizable layer types and their op names (the op registry's layer family, and embedding tables: weight-only
+#: layers); subclasses (e.g. quantized versions) count as their base type.
+LAYER_OPS: dict[type[nn.Module], str] = {**op_named("conv2d").layer_types, **op_named("embedding").layer_types}
 
 
 def layer_nodes(gm: fx.GraphModule) -> list[fx.Node]:
@@ -62,6 +63,8 @@ def _batch_size(example_inputs: tuple) -> int:
 
 def _layer_info(node: fx.Node, module: nn.Module, batch: int) -> LayerInfo:
     op = next(name for layer_type, name in LAYER_OPS.items() if isinstance(module, layer_type))
+    if op == "embedding":
+        return _embedding_info(node, module, batch)
     input_shape = _per_sample_shape(node, node.args[0] if node.args else None, batch)
     output_shape = _per_sample_shape(node, node, batch)
     output_elements = math.prod(output_shape)
@@ -84,6 +87,21 @@ def _layer_info(node: fx.Node, module: nn.Module, batch: int) -> LayerInfo:
         input_elements=math.prod(input_shape),
         output_elements=output_elements,
     )
+
+
+def _embedding_info(node: fx.Node, module: nn.Module, batch: int) -> LayerInfo:
+    """An embedding table: a weight-only layer (``params = V * D``, one output channel per row, no MACs and no
+    quantized input: its indices are not activations). Indices shared by the batch (position ids, ``[1, S]``) give
+    an output shared by the batch: its per-sample shape drops that dim."""
+    meta = node.meta.get("tensor_meta")
+    if not hasattr(meta, "shape"):
+        raise MpqcError(f"embedding {node.format_node()} has no tensor shape after shape propagation")
+    shape = tuple(meta.shape)
+    output_shape = shape[1:] if shape and shape[0] in (1, batch) else shape
+    return LayerInfo(name=str(node.target), op="embedding", weight_shape=tuple(module.weight.shape),
+                     params=module.weight.numel(), bias_params=0, out_channels=module.num_embeddings, macs=0,
+                     input_shape=(), output_shape=output_shape, input_elements=0,
+                     output_elements=math.prod(output_shape))
 
 
 def _per_sample_shape(layer: fx.Node, value: object, batch: int) -> tuple[int, ...]:

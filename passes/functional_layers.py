@@ -1,11 +1,13 @@
-"""Turn conv/linear layers called functionally with parameter tensors into modules.
+"""Turn conv/linear layers, embedding lookups and LayerNorms called functionally with parameter tensors into modules.
 
 Matches:      ``call_function`` nodes of ``F.conv1d`` / ``F.conv2d`` / ``F.linear`` (``torch.conv1d``, ``torch.conv2d``,
               ``torch._C._nn.linear`` under torch.fx) and of the ATen ops of the torch.export path
               (``aten.conv1d`` / ``aten.conv2d`` with numeric or string padding, ``aten.linear``, and
-              ``aten.convolution`` when it is not transposed and its weight is 3-D or 4-D), whose weight and bias
+              ``aten.convolution`` when it is not transposed and its weight is 3-D or 4-D), ``F.embedding`` /
+              ``aten.embedding`` and ``F.layer_norm`` / ``aten.layer_norm`` with an affine weight, whose weight and bias
               (if any) are ``get_attr`` nodes: parameters, buffers or constant tensors of the graph module.
-Rewrites to:  a ``call_module`` node on a new ``nn.Conv1d`` / ``nn.Conv2d`` / ``nn.Linear`` holding those tensors
+Rewrites to:  a ``call_module`` node on a new ``nn.Conv1d`` / ``nn.Conv2d`` / ``nn.Linear`` / ``nn.Embedding`` /
+              ``nn.LayerNorm`` holding those tensors
               (the same ``Parameter`` objects, moved: the attribute leaves its old owner when no other node reads it
               and the owner is not itself called; a buffer or constant becomes a ``Parameter`` with
               ``requires_grad=False``). The module is named after
@@ -34,12 +36,26 @@ _CONV1D = (torch.conv1d, aten.conv1d.default, aten.conv1d.padding)
 _CONV2D = (torch.conv2d, aten.conv2d.default, aten.conv2d.padding)
 _LINEAR = (F.linear, aten.linear.default)
 _CONVOLUTION = (aten.convolution.default,)
-FUNCTIONAL_LAYERS = _CONV1D + _CONV2D + _LINEAR + _CONVOLUTION
+_EMBEDDING = (F.embedding, aten.embedding.default)
+_LAYER_NORM = (F.layer_norm, aten.layer_norm.default)
+FUNCTIONAL_LAYERS = _CONV1D + _CONV2D + _LINEAR + _CONVOLUTION + _EMBEDDING + _LAYER_NORM
 
 _CONV_ARGS = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
 _CONV_DEFAULTS = {"bias": None, "stride": 1, "padding": 0, "dilation": 1, "groups": 1}
 _CONVOLUTION_ARGS = ("input", "weight", "bias", "stride", "padding", "dilation", "transposed", "output_padding",
                      "groups")
+#: argument names and defaults of the other calls (ATen's embedding takes the table first, and -1 for no padding)
+_SIGNATURES: dict[Any, tuple[tuple[str, ...], dict[str, Any]]] = {
+    F.embedding: (("input", "weight", "padding_idx", "max_norm", "norm_type", "scale_grad_by_freq", "sparse"),
+                  {"padding_idx": None, "max_norm": None, "norm_type": 2.0, "scale_grad_by_freq": False,
+                   "sparse": False, "bias": None}),
+    aten.embedding.default: (("weight", "input", "padding_idx", "scale_grad_by_freq", "sparse"),
+                             {"padding_idx": -1, "max_norm": None, "norm_type": 2.0, "scale_grad_by_freq": False,
+                              "sparse": False, "bias": None}),
+    F.layer_norm: (("input", "normalized_shape", "weight", "bias", "eps"), {"weight": None, "bias": None, "eps": 1e-5}),
+    aten.layer_norm.default: (("input", "normalized_shape", "weight", "bias", "eps", "cudnn_enable"),
+                              {"weight": None, "bias": None, "eps": 1e-5}),
+}
 
 
 def functional_layers(gm: fx.GraphModule) -> fx.GraphModule:
@@ -58,8 +74,8 @@ def functional_layers(gm: fx.GraphModule) -> fx.GraphModule:
         module = _module(gm, node, call)
         path = _free_path(gm, _owner(call["weight"].target), node.name)
         gm.add_submodule(path, module)
-        with gm.graph.inserting_before(node):
-            replacement = gm.graph.call_module(path, (call["input"],))
+        with gm.graph.inserting_before(node):  # (its input read now: a layer call replaced before may feed it)
+            replacement = gm.graph.call_module(path, (_bound(node)["input"],))
         replacement.meta.update(node.meta)
         node.replace_all_uses_with(replacement)
         gm.graph.erase_node(node)
@@ -72,14 +88,18 @@ def functional_layers(gm: fx.GraphModule) -> fx.GraphModule:
 
 def _is_layer_call(node: fx.Node) -> bool:
     try:
-        return node.target in FUNCTIONAL_LAYERS
+        if node.target not in FUNCTIONAL_LAYERS:
+            return False
     except TypeError:  # an unhashable target
         return False
+    return node.target not in _LAYER_NORM or _bound(node)["weight"] is not None  # no affine: nothing to hold
 
 
 def _bound(node: fx.Node) -> dict[str, Any]:
     """The call's arguments by name, defaults filled in."""
-    if node.target in _LINEAR:
+    if node.target in _SIGNATURES:
+        names, defaults = _SIGNATURES[node.target]
+    elif node.target in _LINEAR:
         names, defaults = ("input", "weight", "bias"), {"bias": None}
     elif node.target in _CONVOLUTION:
         names, defaults = _CONVOLUTION_ARGS, {}
@@ -122,7 +142,9 @@ def _parameter(gm: fx.GraphModule, target: str) -> nn.Parameter:
 def _module(gm: fx.GraphModule, node: fx.Node, call: dict[str, Any]) -> nn.Module:
     weight = _parameter(gm, call["weight"].target)
     bias = None if call["bias"] is None else _parameter(gm, call["bias"].target)
-    if node.target in _LINEAR:
+    if node.target in _EMBEDDING or node.target in _LAYER_NORM:
+        module = _table_or_norm(node, call, weight, bias)
+    elif node.target in _LINEAR:
         if weight.dim() != 2:
             raise MpqcError(f"{node.format_node()}: a linear weight of shape {tuple(weight.shape)}")
         module: nn.Module = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")
@@ -143,6 +165,20 @@ def _module(gm: fx.GraphModule, node: fx.Node, call: dict[str, Any]) -> nn.Modul
     if bias is not None:
         module.bias = bias
     return module.train(gm.training)
+
+
+def _table_or_norm(node: fx.Node, call: dict[str, Any], weight: nn.Parameter, bias: nn.Parameter | None) -> nn.Module:
+    """``nn.Embedding`` (ATen's padding index -1 is none) or ``nn.LayerNorm`` on the call's tensors (set by the
+    caller)."""
+    if node.target in _EMBEDDING:
+        if weight.dim() != 2:
+            raise MpqcError(f"{node.format_node()}: an embedding table of shape {tuple(weight.shape)}")
+        padding = call["padding_idx"]
+        padding = None if padding is None or (node.target is aten.embedding.default and padding < 0) else padding
+        return nn.Embedding(weight.shape[0], weight.shape[1], padding_idx=padding, max_norm=call["max_norm"],
+                            norm_type=call["norm_type"], scale_grad_by_freq=call["scale_grad_by_freq"],
+                            sparse=call["sparse"], device="meta")
+    return nn.LayerNorm(list(call["normalized_shape"]), eps=float(call["eps"]), bias=bias is not None, device="meta")
 
 
 def _free_path(gm: fx.GraphModule, owner: str, name: str) -> str:

@@ -1,6 +1,7 @@
 """Insert learnable-bit-width quantizers on every conv/linear weight and on every conv/linear input tensor.
 
-Matches:    every ``call_module`` node whose module is exactly nn.Conv1d / nn.Conv2d / nn.Linear.
+Matches:    every ``call_module`` node whose module is exactly nn.Conv1d / nn.Conv2d / nn.Linear; embedding tables
+            (nn.Embedding) get a weight quantizer only (``_quantize_tables``).
 Rewrites to:
   * the layer module -> its quantized subclass (``mpqc.qmodules``) with a ``weight_quantizer`` submodule
     (per-output-channel scales);
@@ -149,7 +150,8 @@ def smallest_bits(layers: list[QuantizedLayer],
 def insert_quantizers(
     gm: GraphModule, method: QuantMethod, config: QuantizerConfig, calibration_inputs: tuple
 ) -> GraphModule:
-    layers = layer_nodes(gm)
+    tables = _embedding_tables(gm)
+    layers = [node for node in layer_nodes(gm) if node not in tables]
     if not layers:
         raise MpqcError("the model has no conv1d/conv2d/linear layer to quantize")
     sources = {node: node.args[0] for node in layers}  # read before rewiring: shared inputs get one quantizer
@@ -161,6 +163,7 @@ def insert_quantizers(
     fixed_points = operands + [end for end in residual_ends if end not in operands]
     stats = _calibrate(gm, set(sources.values()) | set(fixed_points), calibration_inputs)
     gm.add_submodule(ACT_QUANTIZERS, nn.ModuleDict())
+    _quantize_tables(gm, tables, method, config)
     quantizer_of: dict[Node, str] = {}
     first, last = layers[0], layers[-1]
     fixed = config.first_last == "fixed"
@@ -249,6 +252,25 @@ def _quantizer_reading(gm: GraphModule, node: Node) -> str | None:
             return None
         node = node.args[0]
     return None
+
+
+def _embedding_tables(gm: GraphModule) -> list[Node]:
+    """The embedding tables among the layer nodes (``analyze_layers`` records them as weight-only layers)."""
+    return [node for node in layer_nodes(gm) if node.meta[LAYER_META].op == "embedding"]
+
+
+def _quantize_tables(gm: GraphModule, tables: list[Node], method: QuantMethod, config: QuantizerConfig) -> None:
+    """Embedding tables (issue 15): the method's weight quantizer (one scale per row: per output channel of a
+    ``[V, D]`` weight), learnable bits counted in weight memory like a layer's. Their indices are not activations:
+    no quantizer in the graph; ``INPUT_QUANTIZER_META`` names a fixed quantizer no node calls (a table has no input
+    elements, so budgets count nothing for it)."""
+    for node in tables:
+        table = gm.get_submodule(node.target)
+        key = f"{node.target.replace('.', '_')}_indices"
+        gm.get_submodule(ACT_QUANTIZERS)[key] = FixedQuantizer(8, False, torch.ones(1))
+        node.meta[INPUT_QUANTIZER_META] = f"{ACT_QUANTIZERS}.{key}"
+        weight_quantizer = method.weight_quantizer(table.weight, config.init_bits, config.weight_bits)
+        replace_submodule(gm, node.target, quantized_version(table, weight_quantizer))
 
 
 def _quantize_tensor(gm: GraphModule, source: Node, key: str, quantizer: Quantizer) -> str:

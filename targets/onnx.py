@@ -61,8 +61,9 @@ that have no converter, or a converter that refuses the node's attributes, raise
   ``Clip -> QuantizeLinear(UINT4)`` aborts session creation ("Unexpected data type for QuantizeLinear input
   y_zero_point of 21", ``ClipQuantFusion``). Activation codes are run-time tensors, so 8-bit storage costs no file
   size; the b-bit range is what the Clip enforces and what the metadata records.
-* ``conv1d`` / ``conv2d`` (groups, so depthwise too) -> ``Conv``; ``linear`` (on a rank-2 input) ->
-  ``Gemm(transB=1)``. Each reads its input from the quantizer's DequantizeLinear, its weight as
+* ``conv1d`` / ``conv2d`` (groups, so depthwise too) -> ``Conv``; ``linear`` -> ``Gemm(transB=1)`` (a rank >= 3
+  input's codes flattened to rank 2 first, and the result reshaped back: ``_linear_gemm``). Each reads its input
+  from the quantizer's DequantizeLinear, its weight as
   ``DequantizeLinear(axis=0)`` of the integer weight initializer (UINT8 holding ``w + 128`` with zero points 128
   for b <= 8; INT16 above; with ``compact_weights`` INT4 for b <= 4 at opset 21, packed two to a byte, zero points
   0; one fp32 scale per output channel), and its bias as ``DequantizeLinear(axis=0)`` of the int32 bias at scale
@@ -335,10 +336,10 @@ def _convert_layer(b: _Builder, node: IntNode) -> None:
                                   bias_scale.numpy())
     x, a = node.inputs[0], node.attrs
     if node.op == "linear":
-        if b.rank.get(x) != 2:  # Gemm takes rank-2 inputs only
-            raise _Unsupported(f"linear on a rank-{b.rank.get(x)} input (rank 2 only)")
-        b.add("Gemm", [x, w, bias], [node.name], label, transB=1)
-        b.rank[node.name] = 2
+        if b.rank.get(x) is None or b.rank[x] < 2:
+            raise _Unsupported(f"linear on a rank-{b.rank.get(x)} input (rank 2 or more)")
+        _linear_gemm(b, label, x, w, bias, node.name, int(weight.shape[0]))
+        b.rank[node.name] = b.rank[x]
     else:
         b.add("Conv", [x, w, bias], [node.name], label, kernel_shape=list(weight.shape[2:]),
               strides=list(a["stride"]), pads=list(a["padding"]) * 2, dilations=list(a["dilation"]), group=a["groups"])
@@ -350,6 +351,26 @@ def _convert_layer(b: _Builder, node: IntNode) -> None:
                      "weight_zero_point": storage.zero_point,
                      "input": quantizer["tensor"], "input_bits": quantizer["bits"], "input_signed": quantizer["signed"],
                      "input_storage": quantizer["storage"], "input_zero_point": quantizer["zero_point"], "bias": f"{label}.bias", "output": node.name})
+
+
+def _linear_gemm(b: _Builder, label: str, x: str, w: str, bias: str, output: str, out_features: int) -> None:
+    """``Gemm(transB=1)`` on rank-2 inputs. A rank >= 3 input (tokens, issue 15): its codes are flattened to
+    ``[-1, in]`` and dequantized again, so the Gemm reads a DequantizeLinear as on rank 2 (the pattern onnxruntime
+    runs as an integer QGemm), and the result is reshaped back to ``[..., out]``."""
+    if b.rank[x] == 2:
+        b.add("Gemm", [x, w, bias], [output], label, transB=1)
+        return
+    info = b.quantizers[x]
+    scale = b.initializer(_float_tensor(float(info["scale"]), f"{label}.input_scale"))
+    storage = activation_storage(info["bits"], info["signed"], b.opset)
+    zero = b.initializer(numpy_helper.from_array(storage.codes(np.zeros((), np.int64)), f"{label}.input_zero_point"))
+    b.add("Flatten", [info["tensor"]], [f"{label}.flat_codes"], f"{label}/Flatten", axis=b.rank[x] - 1)
+    b.add("DequantizeLinear", [f"{label}.flat_codes", scale, zero], [f"{label}.flat"], f"{label}/DequantizeLinear")
+    b.add("Gemm", [f"{label}.flat", w, bias], [f"{label}.gemm"], label, transB=1)
+    b.add("Shape", [x], [f"{label}.in_shape"], f"{label}/Shape", start=0, end=b.rank[x] - 1)
+    out = b.initializer(numpy_helper.from_array(np.array([out_features], np.int64), f"{label}.out_features"))
+    b.add("Concat", [f"{label}.in_shape", out], [f"{label}.out_shape"], f"{label}/Concat", axis=0)
+    b.add("Reshape", [f"{label}.gemm", f"{label}.out_shape"], [output], f"{label}/Reshape")
 
 
 def build_onnx(model: IntegerProgram | Any, *, input_shapes: Sequence[Sequence[int]] | None = None,

@@ -407,7 +407,7 @@ def test_functional_layers_on_the_export_path():
               and isinstance(after.get_submodule(n.target), (nn.Conv2d, nn.Linear))]
     assert len(layers) == 4
     assert torch.equal(after(x), expected)
-    assert pipeline.STAGES[:3] == ("capture", "functional_layers", "fold_batchnorm")
+    assert pipeline.STAGES[:4] == ("capture", "canonicalize", "functional_layers", "fold_batchnorm")
 
 
 def test_aten_convolution_becomes_a_conv():

@@ -80,6 +80,7 @@ class OpDef:
     functions: ClassVar[tuple[Any, ...]] = ()
     methods: ClassVar[tuple[str, ...]] = ()
     placeholder: ClassVar[bool] = False  # matches graph inputs
+    constant: ClassVar[bool] = False  # matches get_attr nodes (constant tensors of the graph)
     bookkeeping: ClassVar[bool] = False  # computes no tensor of the model (shape queries)
     keeps_integers: ClassVar[bool] = False
     sign: ClassVar[str] = "signed"
@@ -172,6 +173,7 @@ _BY_FUNCTION: dict[Any, OpDef] = {}
 _BY_METHOD: dict[str, OpDef] = {}
 _BY_MODULE: dict[type, OpDef] = {}
 _PLACEHOLDER: list[OpDef] = []
+_CONSTANT: list[OpDef] = []
 
 
 def register_op(cls: type[OpDef]) -> type[OpDef]:
@@ -186,6 +188,8 @@ def register_op(cls: type[OpDef]) -> type[OpDef]:
             table[key] = op
     if cls.placeholder:
         _PLACEHOLDER.append(op)
+    if cls.constant:
+        _CONSTANT.append(op)
     _OPS.append(op)
     return cls
 
@@ -203,6 +207,8 @@ def op_of(gm: GraphModule, node: Node) -> OpDef | None:
     """The family an fx node belongs to, or None (an op mpqc knows nothing of)."""
     if node.op == "placeholder":
         return _PLACEHOLDER[0] if _PLACEHOLDER else None
+    if node.op == "get_attr":
+        return _CONSTANT[0] if _CONSTANT else None
     if node.op == "call_function":
         try:
             return _BY_FUNCTION.get(node.target)

@@ -1,23 +1,19 @@
-"""Facts about ops with no integer semantics yet (the data movement ops moved to ``mpqc/ops/movement.py``,
-``indexing.py`` and ``concat.py``).
+"""Nodes that compute no tensor of the model besides shape queries (``mpqc/ops/quantize.py``'s ``ShapeQuery``): the
+run-time checks torch.export records (softmax moved to ``mpqc/ops/softmax.py`` with its integer semantics).
 """
 from __future__ import annotations
 
 import torch
-from torch import nn
 
 from mpqc.ops.registry import OpDef, register_op
 
 aten = torch.ops.aten
 
 
-# ------------------------------------------------------------------------- facts only (no integer semantics yet)
 @register_op
-class NonNegativeActivation(OpDef):
-    """Softmax: nonnegative outputs (the sign inference needs it); no semantics yet (sigmoid and hardsigmoid are
-    lookup tables: ``mpqc/ops/lookup.py``)."""
+class Assertion(OpDef):
+    """``aten._assert_tensor_metadata`` / ``_assert_scalar``: export's checks of an input's dtype or a shape, no
+    value (bookkeeping: the integer program skips them)."""
 
-    modules = (nn.Softmax,)
-    functions = (torch.nn.functional.softmax, torch.softmax, aten._softmax.default, aten.softmax.int)
-    methods = ("softmax",)
-    sign = "nonnegative"
+    functions = (aten._assert_tensor_metadata.default, aten._assert_scalar.default)
+    bookkeeping = True

@@ -141,6 +141,12 @@ def _schedule_reduction(sch, info, epilogue) -> bool:
     return True
 
 
+#: Functions of more blocks are left unscheduled: the integer kernels of transformer ops (LayerNorm's Newton square
+#: root, softmax) fuse into functions of a hundred elementwise blocks, on which dlight's ``try_inline`` ran for
+#: minutes (issue 15); unscheduled they are as exact.
+MAX_SCHEDULED_BLOCKS = 32
+
+
 def schedule_func(func):
     """The schedule of ``func`` under this rule, or None where it does not apply (the function is left as it is)."""
     from tvm import s_tir
@@ -151,7 +157,7 @@ def schedule_func(func):
         return None  # the kernels' rule's (vnni_cpu_rule); unscheduled it is still exact
     sch = s_tir.Schedule(func)
     infos = normalize_prim_func(sch)
-    if not infos:
+    if not infos or len(infos) > MAX_SCHEDULED_BLOCKS:
         return None
     try:
         first_reduction = next((i for i, info in enumerate(infos) if not info.is_injective()), len(infos))

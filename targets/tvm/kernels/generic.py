@@ -32,4 +32,4 @@ def convert(lowering, node: IntNode, x: _Int, bias: np.ndarray, scale: torch.Ten
         bias_shape = [1, -1] + [1] * (len(_shape(acc)) - 2)
     b = lowering.param(f"{node.name}.bias", bias.reshape(bias_shape))
     acc = lowering.emit(R.add(acc, b))
-    return _Int(acc, scale.reshape([1, -1] + [1] * (len(_shape(acc)) - 2)))
+    return _Int(acc, scale.reshape(bias_shape))  # channels last for linear (any rank), at dim 1 for convs

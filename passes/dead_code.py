@@ -1,0 +1,45 @@
+"""Erase the nodes of a captured graph whose values nothing uses.
+
+Matches:     ``call_function`` / ``call_method`` / ``get_attr`` nodes without users (transitively), and export's run-time checks
+             (``aten._assert_tensor_metadata``, ``aten._assert_scalar``) of values that are otherwise unused. torch.export
+             records such dead nodes (HF's mask construction leaves an ``arange -> unsqueeze`` chain nothing reads),
+             and ``attention_masks`` / ``fold_constants`` leave the nodes they replaced.
+Rewrites to: nothing: the nodes are erased (a ``get_attr``'s attribute stays on its module). Modules (export's
+             ``_guards_fn`` shape guard), placeholders and the output stay.
+Requires:    nothing.
+Ensures:     the graph computes the same outputs; every remaining call node is used (or a check of a used value).
+             Modifies ``gm`` in place and returns it.
+"""
+from __future__ import annotations
+
+from torch import fx
+
+from mpqc.ops.shape import Assertion
+
+
+def erase_dead_code(gm: fx.GraphModule) -> fx.GraphModule:
+    changed = True
+    while changed:
+        changed = False
+        for node in reversed(list(gm.graph.nodes)):
+            if node.op not in ("call_function", "call_method", "get_attr") or node.users:
+                continue
+            if _is_check(node) and any(_live(arg) for arg in node.all_input_nodes):
+                continue
+            gm.graph.erase_node(node)
+            changed = True
+    gm.graph.lint()
+    gm.recompile()
+    return gm
+
+
+def _is_check(node: fx.Node) -> bool:
+    try:
+        return node.target in Assertion.functions
+    except TypeError:
+        return False
+
+
+def _live(node: fx.Node) -> bool:
+    """Whether ``node``'s value is used by anything but checks."""
+    return node.op in ("placeholder", "get_attr") or any(not _is_check(user) for user in node.users)
