@@ -10,6 +10,9 @@ dequantized values, and it computes the sum its own way: about one code in 10^6 
 IEEE fp32 or exact integer one that onnxruntime computes exactly like PyTorch:
 
 * a leaf holding quantizer codes ``q`` (storage ``q + z``): ``Cast(float) - z``, times ``M = fp32(s / s_out)``;
+  a leaf holding codes moved, concatenated at one scale or max-pooled (an identity shortcut): ``Round(x / s)`` of its
+  dequantized tensor (``x = fp32(q * s)`` is within half an ulp of ``q * s``, so the quotient is within about
+  ``|q| * 2**-23`` of ``q``: exact after rounding for codes of up to 16 bits), times ``M``;
 * a conv / linear leaf: its exact int32 accumulator, ``ConvInteger`` / ``MatMulInteger`` of the UINT8 codes and
   weights with their zero points (onnxruntime's u8 x u8 kernels are exact on every x86 CPU), plus the int32 bias,
   ``Cast(float)``, times ``M[c] = fp32((s_in * s_w[c]) / s_out)`` per output channel;
@@ -38,6 +41,9 @@ UNIT_STEPS = ("add", "sub", "relu", "batch_norm")
 #: Steps that do arithmetic: a region holding one is worth writing in units (relu alone fuses exactly).
 ARITHMETIC_STEPS = ("add", "sub", "batch_norm")
 LAYER_LEAVES = ("conv1d", "conv2d", "linear")
+#: Program ops whose integer value keeps the per-tensor scale of its inputs.
+SCALE_KEEPING = ("identity", "cat", "stack", "reshape", "flatten", "permute", "transpose", "getitem", "slice",
+                 "channel_shuffle", "max_pool1d", "max_pool2d", "relu")
 
 
 def _float(value: Any, name: str) -> TensorProto:
@@ -54,9 +60,23 @@ def _layer_entries(b: Any) -> dict[str, dict[str, Any]]:
     return {entry["output"]: entry for entry in b.layers}
 
 
+def static_scale(b: Any, name: str) -> float | None:
+    """The per-tensor scale of the integer value ``name`` where it is known before running: a quantizer's, or that
+    of quantizer codes moved, concatenated at one scale or max-pooled; ``None`` otherwise."""
+    if name in b.quantizers:
+        return float(b.quantizers[name]["scale"])
+    node = b.by_name.get(name)
+    if node is None or node.op not in SCALE_KEEPING or not node.inputs:
+        return None
+    scales = {static_scale(b, source) for source in node.inputs}
+    return scales.pop() if len(scales) == 1 and None not in scales else None
+
+
 def _leaf_supported(b: Any, leaf: IntNode, layers: dict[str, dict[str, Any]]) -> bool:
     if leaf.name in b.quantizers:
         return b.quantizers[leaf.name]["storage"] == "UINT8"
+    if static_scale(b, leaf.name) is not None:
+        return True
     entry = layers.get(leaf.name)
     if leaf.op not in LAYER_LEAVES or entry is None:
         return False
@@ -85,8 +105,12 @@ def region_in_units(b: Any, node: IntNode, label: str, s_out: float) -> str | No
     units: dict[str, str] = {}
     for leaf in leaves:
         prefix = f"{label}/units/{leaf.name}"
-        units[leaf.name] = (_codes_in_units(b, leaf, prefix, s_out) if leaf.name in b.quantizers
-                            else _accumulator_in_units(b, leaf, layers[leaf.name], prefix, s_out))
+        if leaf.name in b.quantizers:
+            units[leaf.name] = _codes_in_units(b, leaf, prefix, s_out)
+        elif leaf.name in layers:
+            units[leaf.name] = _accumulator_in_units(b, leaf, layers[leaf.name], prefix, s_out)
+        else:
+            units[leaf.name] = _moved_codes_in_units(b, leaf, static_scale(b, leaf.name), prefix, s_out)
         b.rank[units[leaf.name]] = b.rank.get(leaf.name)
     for step in steps:
         out, inputs = f"{label}/units/{step.name}", [units[name] for name in step.inputs]
@@ -116,6 +140,15 @@ def _codes_in_units(b: Any, leaf: IntNode, prefix: str, s_out: float) -> str:
         value = f"{prefix}.codes"
     multiplier = b.initializer(_float(np.float32(float(info["scale"]) / s_out), f"{prefix}.multiplier"))
     b.add("Mul", [value, multiplier], [f"{prefix}.units"], f"{prefix}/Mul")
+    return f"{prefix}.units"
+
+
+def _moved_codes_in_units(b: Any, leaf: IntNode, scale: float, prefix: str, s_out: float) -> str:
+    s = b.initializer(_float(scale, f"{prefix}.scale"))
+    b.add("Div", [leaf.name, s], [f"{prefix}.ratio"], f"{prefix}/Div")
+    b.add("Round", [f"{prefix}.ratio"], [f"{prefix}.codes"], f"{prefix}/Round")
+    multiplier = b.initializer(_float(np.float32(scale / s_out), f"{prefix}.multiplier"))
+    b.add("Mul", [f"{prefix}.codes", multiplier], [f"{prefix}.units"], f"{prefix}/Mul")
     return f"{prefix}.units"
 
 

@@ -268,6 +268,18 @@ def test_quantize_then_clip_is_the_integer_clamp_of_the_rounded_value(bits, sign
 
 
 # ------------------------------------------------------------------------------------------------ structure
+def test_residual_regions_run_in_units_and_the_net_is_exact(resnet20_export):
+    """Every residual add's region is exported in units of s_out with the summed conv as ConvInteger (exact int32),
+    so onnxruntime reproduces every code of ResNet-20 at random mixed bits, stepwise and end to end."""
+    program, shape, exported = resnet20_export
+    kinds = [node.op_type for node in onnx.load(exported.path).graph.node]
+    adds = sum(node.op == "add" for node in program.nodes)
+    assert adds >= 9 and kinds.count("ConvInteger") >= adds - 2  # the identity shortcuts sum codes, not a conv
+    x = 1.5 * torch.randn(shape, generator=torch.Generator().manual_seed(7))
+    overall = compare_with_reference(program, exported.path, x)["overall"]
+    assert overall["exact"] == 1.0 and overall["end_to_end_exact"] == 1.0, overall
+
+
 def test_every_layer_runs_on_onnxruntimes_integer_kernels(resnet20_export, tmp_path):
     """Nothing stands between a layer and its QuantizeLinear (the b-bit clamp is an integer Clip of the codes), so
     onnxruntime fuses every conv that is requantised on its own (not summed into a residual first) into QLinearConv,
