@@ -34,6 +34,7 @@ import onnx
 import torch
 from onnx import TensorProto, numpy_helper
 
+from mpqc.ops.layers import accumulator_scale
 from mpqc.reference import IntNode
 
 #: Steps this module writes in units of s_out.
@@ -156,8 +157,9 @@ def _accumulator_in_units(b: Any, leaf: IntNode, entry: dict[str, Any], prefix: 
     """``* M[c]`` of the layer's exact accumulator (:func:`exact_accumulator`)."""
     rank = b.rank.get(leaf.name)
     shape = _channel_shape(rank, rank - 1 if leaf.op == "linear" else 1)
-    s_in = float(b.quantizers[leaf.inputs[0]]["scale"])
-    multiplier = ((s_in * leaf.tensors["weight_scale"].double()) / s_out).float().reshape(shape).numpy()
+    s_in = torch.tensor(float(b.quantizers[leaf.inputs[0]]["scale"]), dtype=torch.float64)
+    acc_scale = accumulator_scale(s_in, leaf.tensors["weight_scale"])  # the reference's, as the region reads it
+    multiplier = (acc_scale / s_out).float().reshape(shape).numpy()
     scale = b.initializer(_float(multiplier, f"{prefix}.multiplier"))
     b.add("Mul", [exact_accumulator(b, leaf, entry), scale], [f"{prefix}.units"], f"{prefix}/Mul")
     return f"{prefix}.units"

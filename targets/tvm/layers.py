@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from mpqc.errors import MpqcError
+from mpqc.ops.layers import accumulator_scale
 from mpqc.reference import IntNode
 from mpqc.targets.tvm.kernels import generic, registry
 from mpqc.targets.tvm.kernels.implicit_gemm import ConvGeometry, conv2d_te
@@ -40,7 +41,7 @@ def _convert_layer(lowering, node: IntNode) -> _Int:
     if not isinstance(x, _Int) or _dtype(x.expr) not in ("int8", "uint8"):
         raise MpqcError(f"layer {node.name!r} reads {node.inputs[0]!r}, which is not an 8-bit quantized value")
     bias = node.tensors["bias"].to(torch.int32).numpy()
-    scale = x.scale * node.tensors["weight_scale"].to(torch.float64)  # the reference's _eval_layer
+    scale = accumulator_scale(x.scale, node.tensors["weight_scale"])  # the reference's
     kernel = _layer_kernel(lowering, node, x)
     if kernel is None:
         return generic.convert(lowering, node, x, bias, scale)
