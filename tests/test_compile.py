@@ -155,8 +155,8 @@ def test_bad_inputs_get_one_clear_error(trained_small_cnn, digits_loaders, tmp_p
         mpqc.compile(trained_small_cnn, torch.randn(2, 3, 8, 8), budget="avg-bits=4", data=digits_loaders, config=FAST)
     with pytest.raises(ConfigError, match="unknown method 'hawq'"):
         mpqc.compile(trained_small_cnn, x, budget="avg-bits=4", data=digits_loaders, method="hawq", config=FAST)
-    with pytest.raises(ConfigError, match="unknown budget kind 'latency'"):
-        mpqc.compile(trained_small_cnn, x, budget="latency=3ms", data=digits_loaders, config=FAST)
+    with pytest.raises(ConfigError, match="unknown budget kind 'energy'"):
+        mpqc.compile(trained_small_cnn, x, budget="energy=3mJ", data=digits_loaders, config=FAST)
     with pytest.raises(InfeasibleBudgetError, match=r"smallest achievable is 2\.000 bits"):
         mpqc.compile(trained_small_cnn, x, budget="avg-bits=1.5", data=digits_loaders, config=FAST,
                      out=tmp_path / "refused")
