@@ -16,6 +16,9 @@ IEEE fp32 or exact integer one that onnxruntime computes exactly like PyTorch:
 * a conv / linear leaf: its exact int32 accumulator, ``ConvInteger`` / ``MatMulInteger`` of the UINT8 codes and
   weights with their zero points (onnxruntime's u8 x u8 kernels are exact on every x86 CPU), plus the int32 bias,
   ``Cast(float)``, times ``M[c] = fp32((s_in * s_w[c]) / s_out)`` per output channel;
+* a leaf holding accumulators passed through ReLU or max pooling, or concatenated along the channels (DenseNet's
+  features before a BatchNorm): the same ops replayed on the exact ``fp32(acc)`` tensors (ReLU and max commute with
+  the monotone fp32 rounding), times the concatenated per-channel ``M[c]``;
 * the steps: ``add`` / ``sub`` -> Add / Sub, ``relu`` -> Relu, ``batch_norm`` -> Mul by ``fp32(a)`` then Add
   ``fp32(b / s_out)``;
 * then ``QuantizeLinear`` at scale 1 (the value is already in units of ``s_out``: round half to even, saturate) and
@@ -34,6 +37,7 @@ import onnx
 import torch
 from onnx import TensorProto, numpy_helper
 
+from mpqc import ops
 from mpqc.ops.layers import accumulator_scale
 from mpqc.reference import IntNode
 
@@ -73,10 +77,54 @@ def static_scale(b: Any, name: str) -> float | None:
     return scales.pop() if len(scales) == 1 and None not in scales else None
 
 
+#: Ops replayed on exact per-channel integers (accumulators): ReLU, max pools, identity, channel concatenation.
+CHANNEL_KEEPING = ("relu", "identity", "max_pool1d", "max_pool2d", "cat")
+
+
+def channel_scales(b: Any, name: str, layers: dict[str, dict[str, Any]]) -> torch.Tensor | None:
+    """The per-channel scale (float64, the reference's) of ``name`` where it is layer accumulators, passed through
+    ReLU / max pooling / identity or concatenated along dim 1; ``None`` otherwise."""
+    node = b.by_name.get(name)
+    if node is None:
+        return None
+    if node.op in ("conv1d", "conv2d") and name in layers and _leaf_supported(b, node, layers):
+        s_in = torch.tensor(float(b.quantizers[node.inputs[0]]["scale"]), dtype=torch.float64)
+        return accumulator_scale(s_in, node.tensors["weight_scale"])
+    if node.op not in CHANNEL_KEEPING or not node.inputs:
+        return None
+    if node.op == "cat" and node.attrs.get("dim") != 1:
+        return None
+    scales = [channel_scales(b, source, layers) for source in node.inputs]
+    return None if any(s is None for s in scales) else torch.cat(scales)
+
+
+def _exact_channel_integers(b: Any, name: str, layers: dict[str, dict[str, Any]], prefix: str) -> str:
+    """The fp32 tensor of ``name``'s exact integers (see :func:`channel_scales`), the ops replayed."""
+    node = b.by_name[name]
+    if node.op in ("conv1d", "conv2d"):
+        return exact_accumulator(b, node, layers[name])
+    inputs = [_exact_channel_integers(b, source, layers, prefix) for source in node.inputs]
+    out = f"{prefix}/{name}.integers"
+    if node.op == "identity":
+        return inputs[0]
+    if node.op == "relu":
+        b.add("Relu", inputs, [out], f"{prefix}/{name}/Relu")
+    elif node.op == "cat":
+        b.add("Concat", inputs, [out], f"{prefix}/{name}/Concat", axis=1)
+    else:  # a max pool: the op's own converter on the integers
+        replayed = IntNode(out, node.op, inputs, node.attrs, node.tensors)
+        b.rank[inputs[0]] = b.rank.get(node.inputs[0])
+        ops.op_named(node.op).onnx(b, replayed)
+    b.rank[out] = b.rank.get(name)
+    return out
+
+
 def _leaf_supported(b: Any, leaf: IntNode, layers: dict[str, dict[str, Any]]) -> bool:
     if leaf.name in b.quantizers:
         return b.quantizers[leaf.name]["storage"] == "UINT8"
     if static_scale(b, leaf.name) is not None:
+        return True
+    if leaf.op in CHANNEL_KEEPING and channel_scales(b, leaf.name, layers) is not None:
         return True
     entry = layers.get(leaf.name)
     if leaf.op not in LAYER_LEAVES or entry is None:
@@ -110,8 +158,10 @@ def region_in_units(b: Any, node: IntNode, label: str, s_out: float) -> str | No
             units[leaf.name] = _codes_in_units(b, leaf, prefix, s_out)
         elif leaf.name in layers:
             units[leaf.name] = _accumulator_in_units(b, leaf, layers[leaf.name], prefix, s_out)
-        else:
+        elif static_scale(b, leaf.name) is not None:
             units[leaf.name] = _moved_codes_in_units(b, leaf, static_scale(b, leaf.name), prefix, s_out)
+        else:
+            units[leaf.name] = _moved_accumulators_in_units(b, leaf, layers, prefix, s_out)
         b.rank[units[leaf.name]] = b.rank.get(leaf.name)
     for step in steps:
         out, inputs = f"{label}/units/{step.name}", [units[name] for name in step.inputs]
@@ -150,6 +200,16 @@ def _moved_codes_in_units(b: Any, leaf: IntNode, scale: float, prefix: str, s_ou
     b.add("Round", [f"{prefix}.ratio"], [f"{prefix}.codes"], f"{prefix}/Round")
     multiplier = b.initializer(_float(np.float32(scale / s_out), f"{prefix}.multiplier"))
     b.add("Mul", [f"{prefix}.codes", multiplier], [f"{prefix}.units"], f"{prefix}/Mul")
+    return f"{prefix}.units"
+
+
+def _moved_accumulators_in_units(b: Any, leaf: IntNode, layers: dict[str, dict[str, Any]], prefix: str,
+                                 s_out: float) -> str:
+    integers = _exact_channel_integers(b, leaf.name, layers, prefix)
+    shape = _channel_shape(b.rank.get(leaf.name), 1)
+    multiplier = (channel_scales(b, leaf.name, layers) / s_out).float().reshape(shape).numpy()
+    scale = b.initializer(_float(multiplier, f"{prefix}.multiplier"))
+    b.add("Mul", [integers, scale], [f"{prefix}.units"], f"{prefix}/Mul")
     return f"{prefix}.units"
 
 

@@ -10,6 +10,7 @@ import os
 
 os.environ.setdefault("TVM_NUM_THREADS", "2")
 
+import onnx  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
@@ -287,6 +288,22 @@ def test_unfoldable_batchnorm_stays_and_is_exact():
     norm = next(node for node in norms if node.attrs["module"] == "features.norm5")
     expected = bn.weight.double() / torch.sqrt(bn.running_var.double() + bn.eps)
     torch.testing.assert_close(norm.tensors["multiplier"], expected.detach(), rtol=1e-12, atol=0)
+
+
+def test_batchnorm_after_a_concatenation_of_convs_is_exact_on_onnxruntime(tmp_path):
+    """DenseNet's BN -> ReLU after a concatenation of conv accumulators: the region is exported in units of s_out
+    (targets/onnx_regions.py), the concatenated accumulators replayed exactly (ConvInteger, MaxPool, Concat), so
+    onnxruntime reproduces every code, stepwise and end to end."""
+    from mpqc.targets.onnx import export_onnx
+    from mpqc.targets.onnx_check import compare_with_reference
+
+    _, program, x = _program("densenet")
+    exported = export_onnx(program, tmp_path / "densenet.onnx", input_shapes=[tuple(x.shape)])
+    kinds = [node.op_type for node in onnx.load(exported.path).graph.node]
+    assert kinds.count("ConvInteger") >= 3 and "Concat" in kinds
+    overall = compare_with_reference(program, exported.path, 1.5 * torch.randn(x.shape, generator=torch.Generator()
+                                                                                .manual_seed(7)))["overall"]
+    assert overall["exact"] == 1.0 and overall["end_to_end_exact"] == 1.0, overall
 
 
 # --------------------------------------------------------------------------------------------- regions
