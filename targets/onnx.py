@@ -90,10 +90,10 @@ onnxruntime's CPU provider runs the model with its default options, every requan
 accumulators agree with the reference (within 1 LSB), and end to end >= 99.9% of all codes are within 1 LSB
 (``onnx_check.contract_violations``). A requantisation region that does arithmetic (a residual add, an unfoldable
 BatchNorm) is written in units of ``s_out`` exactly as the reference computes it, its summed convs as ConvInteger
-(``targets/onnx_regions.py``), so ResNet-20, ResNeXt-50 and RegNetX-800MF at random mixed 2-8 bits are exact in
-onnxruntime end to end. What can remain are 1-LSB flips at rounding ties in regions left on real values (leaves that
-are products, lookups, pools or concatenations of accumulators, e.g. DenseNet's BN after a concatenation of conv
-outputs); in deep nets at low bits one flip spreads to later codes.
+(``targets/onnx_regions.py``), so ResNet-20, ResNeXt-50, RegNetX-800MF, Inception-v3 and a small DenseNet at random
+mixed 2-8 bits are exact in onnxruntime end to end. What can remain are 1-LSB flips at rounding ties in regions left
+on real values (leaves that are products, lookups or average pools); in deep nets at low bits one flip spreads to
+later codes.
 """
 from __future__ import annotations
 
