@@ -66,9 +66,8 @@ from mpqc.passes.analyze_layers import analyze_layers  # noqa: E402
 from mpqc.passes.capture import capture  # noqa: E402
 from mpqc.passes.fold_batchnorm import fold_batchnorm  # noqa: E402
 from mpqc.passes.freeze import freeze  # noqa: E402
-from mpqc.passes.insert_quantizers import insert_quantizers, quantized_layers  # noqa: E402
+from mpqc.passes.insert_quantizers import insert_quantizers, searched_quantizers  # noqa: E402
 from mpqc.quantizers import get_method  # noqa: E402
-from mpqc.quantizers.base import positive_levels  # noqa: E402
 from mpqc.reference import IntegerProgram  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -104,11 +103,9 @@ def frozen_program(model: torch.nn.Module, x: torch.Tensor, seed: int = 0) -> In
     analyze_layers(gm, (x,))
     gm = insert_quantizers(gm, get_method("dq"), QuantizerConfig(), (x,))
     rng = random.Random(seed)
-    for layer in quantized_layers(gm):
-        for q in (layer.weight_quantizer, layer.input_quantizer):
-            if q.learnable_bits:
-                with torch.no_grad():
-                    q.log_step.copy_(torch.log(q.log_range.exp() / positive_levels(rng.randint(2, 8), q.signed)))
+    for _, q in searched_quantizers(gm):
+        if q.learnable_bits:
+            q.set_bits(rng.randint(2, 8))
     return IntegerProgram.from_graph(freeze(gm, WeightMemory(1e12)))
 
 

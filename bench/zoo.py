@@ -63,9 +63,8 @@ from mpqc.passes.canonicalize import canonicalize  # noqa: E402
 from mpqc.passes.fold_batchnorm import fold_batchnorm  # noqa: E402
 from mpqc.passes.functional_layers import functional_layers  # noqa: E402
 from mpqc.passes.freeze import freeze  # noqa: E402
-from mpqc.passes.insert_quantizers import quantized_activations, quantized_layers  # noqa: E402
+from mpqc.passes.insert_quantizers import quantized_layers, searched_quantizers  # noqa: E402
 from mpqc.quantizers import get_method  # noqa: E402
-from mpqc.quantizers.base import positive_levels  # noqa: E402
 from mpqc import pipeline  # noqa: E402
 from mpqc.reference import IntegerProgram  # noqa: E402
 
@@ -187,15 +186,9 @@ def freeze_at_random_bits(gm, seed: int = 0, low: int = 2, high: int = 8):
     """Freeze ``gm`` at random integer bit-widths in [low, high] under a loose budget (tests/conftest.py's helper)."""
     rng = random.Random(seed)
     chosen: dict[str, int] = {}
-    quantizers = [(name, q) for layer in quantized_layers(gm)
-                  for name, q in ((f"{layer.name}.weight", layer.weight_quantizer),
-                                  (layer.input_quantizer_name, layer.input_quantizer))]
-    quantizers += [(activation.name, activation.quantizer) for activation in quantized_activations(gm)]
-    for name, q in quantizers:
+    for name, q in searched_quantizers(gm):
         if q.learnable_bits:
-            bits = chosen.setdefault(name, rng.randint(low, high))
-            with torch.no_grad():
-                q.log_step.copy_(torch.log(q.log_range.exp() / positive_levels(bits, q.signed)))
+            q.set_bits(chosen.setdefault(name, rng.randint(low, high)))
     return freeze(gm, WeightMemory(1e12)), chosen
 
 

@@ -40,6 +40,7 @@ from mpqc.budgets import LayerBits
 from mpqc.config import BitRange, QuantizerConfig
 from mpqc.errors import MpqcError
 from mpqc.layers import ACTIVATION_META, LAYER_META, PRODUCT_META, ActivationInfo, CostItem, LayerInfo, ProductInfo
+from mpqc.ops.kernel_bridge import quantizer_node_behind
 from mpqc.passes.analyze_layers import layer_nodes
 from mpqc.qmodules import quantized_version
 from mpqc.quantizers import FixedQuantizer, QuantMethod, Quantizer
@@ -113,6 +114,16 @@ def quantized_activations(gm: GraphModule) -> list[QuantizedActivation]:
             for node in gm.graph.nodes if ACTIVATION_META in node.meta]
 
 
+def searched_quantizers(gm: GraphModule) -> list[tuple[str, Quantizer]]:
+    """Every quantizer whose bit-width the budgets read, in graph order: per layer its weight quantizer (named
+    ``<layer>.weight``) then its input quantizer (qualified name; a shared input once per layer reading it), then the
+    activation quantizers that feed no layer."""
+    quantizers = [(name, q) for layer in quantized_layers(gm)
+                  for name, q in ((f"{layer.name}.weight", layer.weight_quantizer),
+                                  (layer.input_quantizer_name, layer.input_quantizer))]
+    return quantizers + [(activation.name, activation.quantizer) for activation in quantized_activations(gm)]
+
+
 def cost_items(gm: GraphModule, layers: list[LayerInfo] | None = None) -> list[CostItem]:
     """What a budget's cost reads: ``layers`` (default: the quantized layers' infos), then the quantized activations
     that feed no layer and the products of two activations."""
@@ -160,8 +171,7 @@ def insert_quantizers(
             raise MpqcError(f"layer input is not a graph value: {node.format_node()}")
     operands = _operand_points(gm, set(sources.values()))
     residual_ends = _requantize_points(gm, layers, set(sources.values()) | set(operands))
-    fixed_points = operands + [end for end in residual_ends if end not in operands]
-    stats = _calibrate(gm, set(sources.values()) | set(fixed_points), calibration_inputs)
+    stats = _calibrate(gm, set(sources.values()) | set(operands) | set(residual_ends), calibration_inputs)
     gm.add_submodule(ACT_QUANTIZERS, nn.ModuleDict())
     _quantize_tables(gm, tables, method, config)
     quantizer_of: dict[Node, str] = {}
@@ -179,13 +189,13 @@ def insert_quantizers(
 
     operand_range = BitRange(min(config.activation_bits.min_bits, MAX_OPERAND_BITS),
                              min(config.activation_bits.max_bits, MAX_OPERAND_BITS))
-    for end in fixed_points:
-        if end in operands:
-            quantizer = method.activation_quantizer(*signed_and_range(end),
-                                                    min(config.init_bits, MAX_OPERAND_BITS), operand_range)
-        else:
-            quantizer = fixed_quantizer(end, config.residual_bits)
-        quantizer_of[end] = _quantize_tensor(gm, end, f"{end.name}_out", quantizer)
+    for point in operands:  # learnable like a layer's input
+        quantizer = method.activation_quantizer(*signed_and_range(point), min(config.init_bits, MAX_OPERAND_BITS),
+                                                operand_range)
+        quantizer_of[point] = _quantize_tensor(gm, point, f"{point.name}_out", quantizer)
+    for end in residual_ends:
+        if end not in quantizer_of:
+            quantizer_of[end] = _quantize_tensor(gm, end, f"{end.name}_out", fixed_quantizer(end, config.residual_bits))
 
     for node in layers:
         info: LayerInfo = node.meta[LAYER_META]
@@ -237,21 +247,16 @@ def _record_activations_and_products(gm: GraphModule, operand_quantizers: list[s
         op = ops.op_of(gm, node)
         factors = [] if op is None or op.is_layer else op.quantized_operands(gm, node)
         if op is not None and op.multiplies_operands and len(factors) == 2:
-            a, b = (_quantizer_reading(gm, factor) for factor in factors)
+            a, b = (_quantizer_name_behind(gm, factor) for factor in factors)
             a, b = layer_inputs.get(a, a), layer_inputs.get(b, b)
             if a and b:
                 node.meta[PRODUCT_META] = ProductInfo(node.name, op.product_macs(gm, node, per_sample(node)), a, b)
 
 
-def _quantizer_reading(gm: GraphModule, node: Node) -> str | None:
-    """The activation quantizer whose codes ``node`` holds, seen through ops that keep integers."""
-    while isinstance(node, Node):
-        if node.op == "call_module" and str(node.target).startswith(f"{ACT_QUANTIZERS}."):
-            return str(node.target)
-        if not ops.has_property(gm, node, "keeps_integers") or not node.args:
-            return None
-        node = node.args[0]
-    return None
+def _quantizer_name_behind(gm: GraphModule, node: Node) -> str | None:
+    """The qualified name of the activation quantizer whose codes ``node`` holds (see ``quantizer_node_behind``)."""
+    found = quantizer_node_behind(gm, node)
+    return None if found is None else str(found.target)
 
 
 def _embedding_tables(gm: GraphModule) -> list[Node]:

@@ -26,9 +26,8 @@ from mpqc.budgets import WeightMemory
 from mpqc.config import QuantizerConfig
 from mpqc import pipeline
 from mpqc.passes.freeze import freeze
-from mpqc.passes.insert_quantizers import insert_quantizers, quantized_layers
+from mpqc.passes.insert_quantizers import insert_quantizers
 from mpqc.quantizers import get_method
-from mpqc.quantizers.base import positive_levels
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -116,19 +115,13 @@ def quantized_graph(model: torch.nn.Module, example: torch.Tensor, method: str =
 
 
 def set_bits(gm, bits_for) -> None:
-    """Set every DQ quantizer's step so that ``bits()`` is exactly ``bits_for(name)`` (an int): the layers' weight
-    and input quantizers, then the activation quantizers that feed no layer (lookup-table inputs, product factors)."""
-    from mpqc.passes.insert_quantizers import quantized_activations
+    """Set every learnable DQ quantizer so that ``bits()`` is exactly ``bits_for(name)`` (an int), in the order and
+    with the names of ``insert_quantizers.searched_quantizers``."""
+    from mpqc.passes.insert_quantizers import searched_quantizers
 
-    quantizers = [(name, q) for layer in quantized_layers(gm)
-                  for name, q in ((f"{layer.name}.weight", layer.weight_quantizer),
-                                  (layer.input_quantizer_name, layer.input_quantizer))]
-    quantizers += [(activation.name, activation.quantizer) for activation in quantized_activations(gm)]
-    for name, q in quantizers:
+    for name, q in searched_quantizers(gm):
         if q.learnable_bits:
-            with torch.no_grad():
-                q_max = q.log_range.exp()
-                q.log_step.copy_(torch.log(q_max / positive_levels(bits_for(name), q.signed)))
+            q.set_bits(bits_for(name))
 
 
 def freeze_at_random_bits(gm, seed: int = 0, low: int = 2, high: int = 8):

@@ -81,6 +81,12 @@ class _DQQuantizer(Quantizer):
         """Step size at integer ``bits`` keeping the learned dynamic range."""
         return self.log_range.detach().exp() / positive_levels(bits, self.signed)
 
+    def set_bits(self, bits: int) -> None:
+        """Set the step so that ``bits()`` is ``bits`` exactly, keeping the learned range (tests and benchmarks pin
+        bit-widths with it)."""
+        with torch.no_grad():
+            self.log_step.copy_(torch.log(self._fixed_step(bits)))
+
     def extra_repr(self) -> str:
         return f"signed={self.signed}, bits={self.bits().item():.2f}, range={self.bit_range}"
 
