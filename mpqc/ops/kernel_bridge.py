@@ -15,7 +15,7 @@
 from __future__ import annotations
 
 import itertools
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -26,18 +26,25 @@ from mpqc.quantizers.base import FixedQuantizer, Quantizer, integer_range
 
 
 # --------------------------------------------------------------------------------------------- describe
-def quantizer_behind(gm: GraphModule, node: Node) -> FixedQuantizer | None:
-    """The frozen activation quantizer whose codes ``node`` holds, seen through ops that keep integers."""
+def quantizer_node_behind(gm: GraphModule, node: Node) -> Node | None:
+    """The activation quantizer's node whose codes ``node`` holds, seen through ops that keep integers."""
     while True:
         if node.op == "call_module" and isinstance(gm.get_submodule(node.target), Quantizer):
-            quantizer = gm.get_submodule(node.target)
-            return quantizer if isinstance(quantizer, FixedQuantizer) else None
+            return node
         if not has_property(gm, node, "keeps_integers") or not node.args or not isinstance(node.args[0], Node):
             return None
         node = node.args[0]
 
 
-def _codes_of(quantizer: FixedQuantizer) -> tuple[int, bool, float]:
+def quantizer_behind(gm: GraphModule, node: Node) -> FixedQuantizer | None:
+    """The frozen activation quantizer whose codes ``node`` holds, seen through ops that keep integers."""
+    found = quantizer_node_behind(gm, node)
+    quantizer = None if found is None else gm.get_submodule(found.target)
+    return quantizer if isinstance(quantizer, FixedQuantizer) else None
+
+
+def codes_of(quantizer: FixedQuantizer) -> tuple[int, bool, float]:
+    """``(bits, signed, scale)`` of a frozen activation quantizer's codes."""
     frozen = quantizer.frozen()
     return int(frozen.bits), bool(frozen.signed), float(frozen.scale.reshape(-1)[0])
 
@@ -48,7 +55,7 @@ def frozen_codes(gm: GraphModule, source: Node, what: str) -> tuple[int, bool, f
     if quantizer is None:
         raise Unsupported(f"{what} needs a frozen activation quantizer on {source.name} (insert_quantizers puts "
                           "one there)")
-    return _codes_of(quantizer)
+    return codes_of(quantizer)
 
 
 def output_codes(gm: GraphModule, node: Node, what: str) -> tuple[int, bool, float]:
@@ -59,7 +66,7 @@ def output_codes(gm: GraphModule, node: Node, what: str) -> tuple[int, bool, flo
     if not isinstance(module, FixedQuantizer):
         raise Unsupported(f"{what} needs a frozen activation quantizer as the only user of its output "
                           "(insert_quantizers puts one there)")
-    return _codes_of(module)
+    return codes_of(module)
 
 
 def missing_attrs(node: IntNode, names: Sequence[str]) -> str | None:
@@ -147,6 +154,16 @@ def onnx_storage_codes(graph: BuilderGraph, value: str, bits: int, signed: bool,
     scale_name = graph.builder.initializer(_float_tensor(float(scale), graph.fresh("scale")))
     zero = graph.const(np.uint8(storage.zero_point), "zero_point")
     return graph.node("QuantizeLinear", [value, scale_name, zero])
+
+
+def onnx_kernel(builder: Any, node: IntNode, kernel: Callable[[BuilderGraph, str], str]) -> None:
+    """The ONNX of an op computed by one integer kernel: its input's codes (``attrs`` ``in_bits``, ``in_signed``,
+    ``in_scale``), ``kernel(graph, codes)`` -> output codes, dequantized at ``attrs["scale"]`` as ``node.name``."""
+    graph = BuilderGraph(builder, builder.label(node))
+    a = node.attrs
+    codes = onnx_codes(graph, node.inputs[0], a["in_bits"], a["in_signed"], a["in_scale"])
+    onnx_value(graph, kernel(graph, codes), a["scale"], node.name)
+    builder.rank[node.name] = builder.rank.get(node.inputs[0])
 
 
 def onnx_codes(graph: BuilderGraph, value: str, bits: int, signed: bool, scale: float) -> str:

@@ -32,8 +32,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.fx import GraphModule, Node
 
-from mpqc.ops.registry import IntNode, IntValue, OpDef, Unsupported, arg, has_property, register_op
-from mpqc.quantizers.base import FixedQuantizer, Quantizer, integer_range
+from mpqc.ops.kernel_bridge import codes_of, quantizer_behind
+from mpqc.ops.registry import IntNode, IntValue, OpDef, Unsupported, arg, register_op
+from mpqc.quantizers.base import FixedQuantizer, integer_range
 
 aten = torch.ops.aten
 
@@ -148,23 +149,6 @@ def build_table(function: str, params: dict, in_bits: int, in_signed: bool, in_s
     return torch.clamp(torch.round(y), low, high).to(torch.int64)
 
 
-def _quantizer_behind(gm: GraphModule, node: Node) -> FixedQuantizer | None:
-    """The frozen activation quantizer whose codes ``node`` holds, seen through ops that keep integers."""
-    while True:
-        if node.op == "call_module" and isinstance(gm.get_submodule(node.target), Quantizer):
-            quantizer = gm.get_submodule(node.target)
-            return quantizer if isinstance(quantizer, FixedQuantizer) else None
-        if not has_property(gm, node, "keeps_integers") or not node.args or not isinstance(node.args[0], Node):
-            return None
-        node = node.args[0]
-
-
-def _codes(quantizer: FixedQuantizer) -> tuple[int, bool, float]:
-    from mpqc.ops.quantize import _frozen_scale
-
-    frozen = quantizer.frozen()
-    return int(frozen.bits), bool(frozen.signed), _frozen_scale(quantizer)
-
 
 @register_op
 class Lookup(OpDef):
@@ -205,12 +189,12 @@ class Lookup(OpDef):
         output = users[0] if len(users) == 1 else None
         out_quantizer = (gm.get_submodule(output.target) if output is not None and output.op == "call_module"
                          else None)
-        in_quantizer = _quantizer_behind(gm, source)
+        in_quantizer = quantizer_behind(gm, source)
         if in_quantizer is None or not isinstance(out_quantizer, FixedQuantizer):
             raise Unsupported(f"{function} needs a frozen activation quantizer on its input and its output "
                               f"(insert_quantizers puts them there)")
-        in_bits, in_signed, in_scale = _codes(in_quantizer)
-        bits, signed, scale = _codes(out_quantizer)
+        in_bits, in_signed, in_scale = codes_of(in_quantizer)
+        bits, signed, scale = codes_of(out_quantizer)
         attrs.update(in_bits=in_bits, in_signed=in_signed, in_scale=in_scale, bits=bits, signed=signed, scale=scale)
         table = build_table(function, params, in_bits, in_signed, in_scale, bits, signed, scale)
         return IntNode(node.name, "lookup", [source.name], attrs, {"table": table})

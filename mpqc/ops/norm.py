@@ -109,11 +109,7 @@ class LayerNorm(OpDef):
         from mpqc.integer_kernels.norm import norm_onnx
 
         kernel = spec(node)
-        graph = kb.BuilderGraph(builder, builder.label(node))
-        a = node.attrs
-        codes = kb.onnx_codes(graph, node.inputs[0], a["in_bits"], a["in_signed"], a["in_scale"])
-        kb.onnx_value(graph, norm_onnx(graph, codes, kernel), a["scale"], node.name)
-        builder.rank[node.name] = builder.rank.get(node.inputs[0])
+        kb.onnx_kernel(builder, node, lambda graph, codes: norm_onnx(graph, codes, kernel))
 
 
 SPEC_ATTRS = ("size", "in_bits", "in_signed", "in_scale", "bits", "signed", "scale", "eps")

@@ -138,13 +138,8 @@ class Softmax(OpDef):
     def onnx(self, builder, node):
         from mpqc.integer_kernels.softmax import softmax_onnx
 
-        kernel = spec(node)
-        graph = kb.BuilderGraph(builder, builder.label(node))
-        a = node.attrs
-        codes = kb.onnx_codes(graph, node.inputs[0], a["in_bits"], a["in_signed"], a["in_scale"])
-        keep = node.inputs[1] if len(node.inputs) > 1 else None
-        kb.onnx_value(graph, softmax_onnx(graph, codes, kernel, keep), a["scale"], node.name)
-        builder.rank[node.name] = builder.rank.get(node.inputs[0])
+        kernel, keep = spec(node), (node.inputs[1] if len(node.inputs) > 1 else None)
+        kb.onnx_kernel(builder, node, lambda graph, codes: softmax_onnx(graph, codes, kernel, keep))
 
 
 SPEC_ATTRS = ("in_bits", "in_signed", "in_scale", "bits", "scale", "axis")
