@@ -88,8 +88,7 @@ def channel_scales(b: Any, name: str, layers: dict[str, dict[str, Any]]) -> torc
     if node is None:
         return None
     if node.op in ("conv1d", "conv2d") and name in layers and _leaf_supported(b, node, layers):
-        s_in = torch.tensor(float(b.quantizers[node.inputs[0]]["scale"]), dtype=torch.float64)
-        return accumulator_scale(s_in, node.tensors["weight_scale"])
+        return _layer_scale(b, node)
     if node.op not in CHANNEL_KEEPING or not node.inputs:
         return None
     if node.op == "cat" and node.attrs.get("dim") != 1:
@@ -98,19 +97,22 @@ def channel_scales(b: Any, name: str, layers: dict[str, dict[str, Any]]) -> torc
     return None if any(s is None for s in scales) else torch.cat(scales)
 
 
-def _exact_channel_integers(b: Any, name: str, layers: dict[str, dict[str, Any]], prefix: str) -> str:
-    """The fp32 tensor of ``name``'s exact integers (see :func:`channel_scales`), the ops replayed."""
+def _exact_channel_integers(b: Any, name: str, layers: dict[str, dict[str, Any]]) -> str:
+    """The fp32 tensor of ``name``'s exact integers (see :func:`channel_scales`), the ops replayed (once per value,
+    named after it)."""
     node = b.by_name[name]
+    out = f"{name}.exact_integers"
     if node.op in ("conv1d", "conv2d"):
         return exact_accumulator(b, node, layers[name])
-    inputs = [_exact_channel_integers(b, source, layers, prefix) for source in node.inputs]
-    out = f"{prefix}/{name}.integers"
+    if out in b.rank:  # once per value, whichever regions read it
+        return out
+    inputs = [_exact_channel_integers(b, source, layers) for source in node.inputs]
     if node.op == "identity":
         return inputs[0]
     if node.op == "relu":
-        b.add("Relu", inputs, [out], f"{prefix}/{name}/Relu")
+        b.add("Relu", inputs, [out], f"{name}/exact/Relu")
     elif node.op == "cat":
-        b.add("Concat", inputs, [out], f"{prefix}/{name}/Concat", axis=1)
+        b.add("Concat", inputs, [out], f"{name}/exact/Concat", axis=1)
     else:  # a max pool: the op's own converter on the integers
         replayed = IntNode(out, node.op, inputs, node.attrs, node.tensors)
         b.rank[inputs[0]] = b.rank.get(node.inputs[0])
@@ -154,14 +156,10 @@ def region_in_units(b: Any, node: IntNode, label: str, s_out: float) -> str | No
     units: dict[str, str] = {}
     for leaf in leaves:
         prefix = f"{label}/units/{leaf.name}"
-        if leaf.name in b.quantizers:
-            units[leaf.name] = _codes_in_units(b, leaf, prefix, s_out)
-        elif leaf.name in layers:
-            units[leaf.name] = _accumulator_in_units(b, leaf, layers[leaf.name], prefix, s_out)
-        elif static_scale(b, leaf.name) is not None:
-            units[leaf.name] = _moved_codes_in_units(b, leaf, static_scale(b, leaf.name), prefix, s_out)
-        else:
-            units[leaf.name] = _moved_accumulators_in_units(b, leaf, layers, prefix, s_out)
+        integers, scale = _leaf_integers(b, leaf, layers, prefix)
+        multiplier = b.initializer(_float((scale / s_out).float().numpy(), f"{prefix}.multiplier"))  # fp32(s / s_out)
+        b.add("Mul", [integers, multiplier], [f"{prefix}.units"], f"{prefix}/Mul")
+        units[leaf.name] = f"{prefix}.units"
         b.rank[units[leaf.name]] = b.rank.get(leaf.name)
     for step in steps:
         out, inputs = f"{label}/units/{step.name}", [units[name] for name in step.inputs]
@@ -181,48 +179,36 @@ def region_in_units(b: Any, node: IntNode, label: str, s_out: float) -> str | No
     return units[node.inputs[0]]
 
 
-def _codes_in_units(b: Any, leaf: IntNode, prefix: str, s_out: float) -> str:
-    info = b.quantizers[leaf.name]
-    b.add("Cast", [info["tensor"]], [f"{prefix}.float"], f"{prefix}/Cast", to=TensorProto.FLOAT)
-    value = f"{prefix}.float"
-    if info["zero_point"]:
-        zero = b.initializer(_float(info["zero_point"], f"{prefix}.zero_point"))
-        b.add("Sub", [value, zero], [f"{prefix}.codes"], f"{prefix}/Sub")
-        value = f"{prefix}.codes"
-    multiplier = b.initializer(_float(np.float32(float(info["scale"]) / s_out), f"{prefix}.multiplier"))
-    b.add("Mul", [value, multiplier], [f"{prefix}.units"], f"{prefix}/Mul")
-    return f"{prefix}.units"
-
-
-def _moved_codes_in_units(b: Any, leaf: IntNode, scale: float, prefix: str, s_out: float) -> str:
-    s = b.initializer(_float(scale, f"{prefix}.scale"))
-    b.add("Div", [leaf.name, s], [f"{prefix}.ratio"], f"{prefix}/Div")
-    b.add("Round", [f"{prefix}.ratio"], [f"{prefix}.codes"], f"{prefix}/Round")
-    multiplier = b.initializer(_float(np.float32(scale / s_out), f"{prefix}.multiplier"))
-    b.add("Mul", [f"{prefix}.codes", multiplier], [f"{prefix}.units"], f"{prefix}/Mul")
-    return f"{prefix}.units"
-
-
-def _moved_accumulators_in_units(b: Any, leaf: IntNode, layers: dict[str, dict[str, Any]], prefix: str,
-                                 s_out: float) -> str:
-    integers = _exact_channel_integers(b, leaf.name, layers, prefix)
-    shape = _channel_shape(b.rank.get(leaf.name), 1)
-    multiplier = (channel_scales(b, leaf.name, layers) / s_out).float().reshape(shape).numpy()
-    scale = b.initializer(_float(multiplier, f"{prefix}.multiplier"))
-    b.add("Mul", [integers, scale], [f"{prefix}.units"], f"{prefix}/Mul")
-    return f"{prefix}.units"
-
-
-def _accumulator_in_units(b: Any, leaf: IntNode, entry: dict[str, Any], prefix: str, s_out: float) -> str:
-    """``* M[c]`` of the layer's exact accumulator (:func:`exact_accumulator`)."""
+def _leaf_integers(b: Any, leaf: IntNode, layers: dict[str, dict[str, Any]], prefix: str) -> tuple[str, torch.Tensor]:
+    """The fp32 tensor of the exact integers ``leaf`` holds and their scale (float64, the reference's: one value, or
+    one per channel shaped to broadcast)."""
+    if leaf.name in b.quantizers:  # codes: Cast - z
+        info = b.quantizers[leaf.name]
+        b.add("Cast", [info["tensor"]], [f"{prefix}.float"], f"{prefix}/Cast", to=TensorProto.FLOAT)
+        integers = f"{prefix}.float"
+        if info["zero_point"]:
+            zero = b.initializer(_float(info["zero_point"], f"{prefix}.zero_point"))
+            b.add("Sub", [integers, zero], [f"{prefix}.codes"], f"{prefix}/Sub")
+            integers = f"{prefix}.codes"
+        return integers, torch.tensor(float(info["scale"]), dtype=torch.float64)
     rank = b.rank.get(leaf.name)
-    shape = _channel_shape(rank, rank - 1 if leaf.op == "linear" else 1)
-    s_in = torch.tensor(float(b.quantizers[leaf.inputs[0]]["scale"]), dtype=torch.float64)
-    acc_scale = accumulator_scale(s_in, leaf.tensors["weight_scale"])  # the reference's, as the region reads it
-    multiplier = (acc_scale / s_out).float().reshape(shape).numpy()
-    scale = b.initializer(_float(multiplier, f"{prefix}.multiplier"))
-    b.add("Mul", [exact_accumulator(b, leaf, entry), scale], [f"{prefix}.units"], f"{prefix}/Mul")
-    return f"{prefix}.units"
+    if leaf.name in layers:  # an accumulator
+        shape = _channel_shape(rank, rank - 1 if leaf.op == "linear" else 1)
+        return exact_accumulator(b, leaf, layers[leaf.name]), _layer_scale(b, leaf).reshape(shape)
+    scale = static_scale(b, leaf.name)
+    if scale is not None:  # codes moved: Round(x / s) of the dequantized tensor
+        s = b.initializer(_float(scale, f"{prefix}.scale"))
+        b.add("Div", [leaf.name, s], [f"{prefix}.ratio"], f"{prefix}/Div")
+        b.add("Round", [f"{prefix}.ratio"], [f"{prefix}.codes"], f"{prefix}/Round")
+        return f"{prefix}.codes", torch.tensor(scale, dtype=torch.float64)
+    scales = channel_scales(b, leaf.name, layers).reshape(_channel_shape(rank, 1))  # accumulators moved
+    return _exact_channel_integers(b, leaf.name, layers), scales
+
+
+def _layer_scale(b: Any, layer: IntNode) -> torch.Tensor:
+    """The reference's per-channel scale of a layer's accumulator."""
+    s_in = torch.tensor(float(b.quantizers[layer.inputs[0]]["scale"]), dtype=torch.float64)
+    return accumulator_scale(s_in, layer.tensors["weight_scale"])
 
 
 def exact_accumulator(b: Any, leaf: IntNode, entry: dict[str, Any]) -> str:
