@@ -56,7 +56,12 @@ def _parser() -> argparse.ArgumentParser:
 
     c = commands.add_parser("compile", help="search bit-widths under a budget, freeze, fine-tune, write a report")
     c.add_argument("--model", required=True, help="FILE.py:CALLABLE or package.module:CALLABLE returning an nn.Module")
-    c.add_argument("--data", required=True, help="dataset: fashion-mnist or digits")
+    c.add_argument("--data", required=True, help="dataset: fashion-mnist, digits (images); fortunes (texts labelled by "
+                                                 "category), fortunes-text (unlabelled texts: distillation)")
+    c.add_argument("--tokenizer", help="text sets: the directory of the model's saved tokenizer (default: the "
+                                       "directory the model's Hugging Face config was loaded from)")
+    c.add_argument("--max-length", type=int, default=64, help="text sets: tokens per text, padded or truncated "
+                                                              "(default 64)")
     c.add_argument("--budget", required=True, help=f"KIND=VALUE, KIND one of {', '.join(BUDGET_KINDS)} "
                                                     "(e.g. weight-memory=20KiB, bitops=1.2G, avg-bits=2, "
                                                     "bitfusion=2.5M, latency=3ms)")
@@ -236,7 +241,7 @@ def _compile(args: argparse.Namespace) -> int:
 
 
 #: ``mpqc sweep`` takes these options of ``mpqc compile`` as they are (``dest`` names).
-_SWEEP_SHARED_OPTIONS = ("model", "data", "weights", "pretrain_epochs", "search_epochs", "finetune_epochs",
+_SWEEP_SHARED_OPTIONS = ("model", "data", "tokenizer", "max_length", "weights", "pretrain_epochs", "search_epochs", "finetune_epochs",
                          "steps_per_epoch", "checkpoint_every", "quantizer_lr", "penalty_ramp", "batch_size",
                          "subset", "val_subset", "weight_bits", "first_last", "distill", "seed", "no_progress",
                          "loss", "forward", "metric")
@@ -266,28 +271,13 @@ def _sweep(args: argparse.Namespace) -> int:
 
 def _prepare_run(args: argparse.Namespace, activation_bits: str):
     """The fp32 model, example inputs, loaders and CompileConfig that ``compile`` and ``sweep`` options describe."""
-    import torch
-
     from mpqc.config import CompileConfig, QuantizerConfig, TrainConfig
-    from mpqc.data import dataset_info, loaders
-    from mpqc.pretrain import cached_fp32
+    from mpqc.text_data import TEXT_DATASETS
 
-    info = dataset_info(args.data)
-    factory = load_model_factory(args.model)
-    build = lambda: factory(num_classes=info.num_classes, in_channels=info.in_channels)  # noqa: E731
-    torch.manual_seed(args.seed)  # the model's initial weights, when it is not pretrained or loaded
-    if args.pretrain_epochs:
-        model = cached_fp32(build, args.data, epochs=args.pretrain_epochs, model_name=args.model.rpartition(":")[2],
-                            seed=args.seed, progress=not args.no_progress)
+    if args.data in TEXT_DATASETS:
+        model, train_loader, val_loader = _text_model_and_data(args)
     else:
-        model = build()
-    if args.weights:
-        try:
-            model.load_state_dict(torch.load(args.weights, weights_only=True))
-        except (OSError, RuntimeError) as error:
-            raise ConfigError(f"--weights {args.weights}: {error}") from error
-    train_loader, val_loader = loaders(args.data, batch_size=args.batch_size, subset=args.subset,
-                                       val_subset=args.val_subset, seed=args.seed)
+        model, train_loader, val_loader = _image_model_and_data(args)
     config = CompileConfig(
         quantizers=QuantizerConfig(weight_bits=_bit_range(args.weight_bits, "--weight-bits"),
                                    activation_bits=_bit_range(activation_bits, "--act-bits"),
@@ -301,8 +291,97 @@ def _prepare_run(args: argparse.Namespace, activation_bits: str):
         seed=args.seed,
         progress=not args.no_progress,
     )
-    example = next(iter(val_loader))[0][:2]
-    return model, example, train_loader, val_loader, config
+    return model, _example_inputs(next(iter(val_loader))), train_loader, val_loader, config
+
+
+def _image_model_and_data(args: argparse.Namespace):
+    """``--model`` built for the image set's classes and channels (pretrained with ``--pretrain-epochs``), and
+    the set's loaders."""
+    import torch
+
+    from mpqc.data import dataset_info, loaders
+    from mpqc.pretrain import cached_fp32
+
+    info = dataset_info(args.data)
+    factory = load_model_factory(args.model)
+    build = lambda: _build_model(factory, num_classes=info.num_classes, in_channels=info.in_channels)  # noqa: E731
+    torch.manual_seed(args.seed)  # the model's initial weights, when it is not pretrained or loaded
+    if args.pretrain_epochs:
+        model = cached_fp32(build, args.data, epochs=args.pretrain_epochs, model_name=args.model.rpartition(":")[2],
+                            seed=args.seed, progress=not args.no_progress)
+    else:
+        model = build()
+    _load_weights(model, args.weights)
+    train_loader, val_loader = loaders(args.data, batch_size=args.batch_size, subset=args.subset,
+                                       val_subset=args.val_subset, seed=args.seed)
+    return model, train_loader, val_loader
+
+
+def _text_model_and_data(args: argparse.Namespace):
+    """``--model`` (a pretrained text model: its factory loads it; ``num_classes`` passed where it takes one) and
+    the text set tokenized by its tokenizer (``--tokenizer``, or the directory its Hugging Face config came from)."""
+    import torch
+
+    from mpqc.text_data import TEXT_DATASETS, fortune_categories, text_loaders
+
+    if args.pretrain_epochs:
+        raise ConfigError(f"--pretrain-epochs trains an image classifier from scratch; a text model for --data "
+                          f"{args.data} brings its weights (its factory loads them, or --weights)")
+    torch.manual_seed(args.seed)  # a head the factory adds starts from the same weights every time
+    labelled = TEXT_DATASETS[args.data]
+    model = _build_model(load_model_factory(args.model),
+                         num_classes=len(fortune_categories()) if labelled else None)
+    _load_weights(model, args.weights)
+    tokenizer = args.tokenizer or _tokenizer_directory(model)
+    train_loader, val_loader = text_loaders(args.data, tokenizer, batch_size=args.batch_size,
+                                            max_length=args.max_length, subset=args.subset,
+                                            val_subset=args.val_subset, seed=args.seed)
+    return model, train_loader, val_loader
+
+
+def _build_model(factory: Callable[..., nn.Module], **wanted: Any) -> nn.Module:
+    """``factory(**wanted)``, passing only the keyword arguments its signature takes (and none that are None)."""
+    import inspect
+
+    try:
+        parameters = inspect.signature(factory).parameters
+    except (TypeError, ValueError):
+        parameters = {}
+    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
+    kwargs = {k: v for k, v in wanted.items() if v is not None and (takes_any or k in parameters)}
+    model = factory(**kwargs)
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"--model returned a {type(model).__name__}, not a torch.nn.Module")
+    return model
+
+
+def _load_weights(model: nn.Module, path: Path | None) -> None:
+    import torch
+
+    if path is None:
+        return
+    try:
+        model.load_state_dict(torch.load(path, weights_only=True))
+    except (OSError, RuntimeError) as error:
+        raise ConfigError(f"--weights {path}: {error}") from error
+
+
+def _tokenizer_directory(model: nn.Module) -> Path:
+    """The directory a Hugging Face model inside ``model`` was loaded from, if it holds a tokenizer."""
+    for module in model.modules():
+        location = getattr(getattr(module, "config", None), "_name_or_path", None)
+        if location and Path(location).is_dir() and any(Path(location).glob("tokenizer*")):
+            return Path(location)
+    raise ConfigError("--tokenizer: the model was not loaded from a directory holding its tokenizer; give the "
+                      "tokenizer's directory")
+
+
+def _example_inputs(batch: Any) -> Any:
+    """Two examples of the model's inputs from a validation batch: ``(inputs, labels)`` -> ``inputs[:2]``; a dict
+    batch -> its keyword inputs (``labels`` left out)."""
+    if isinstance(batch, dict):
+        return {name: value[:2] for name, value in batch.items() if name != "labels"}
+    return batch[0][:2]
 
 
 def _report(args: argparse.Namespace) -> int:

@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset
 
 from mpqc.errors import ConfigError, DataError
 
@@ -143,3 +143,26 @@ def fortunes(tokenizer: Any, *, train: bool, labelled: bool = True, max_length: 
     ids, mask = tokenize(load_tokenizer(tokenizer), texts, max_length)
     labels = torch.tensor([categories[fortune.category] for fortune in chosen]) if labelled else None
     return TokenizedTexts(texts, ids, mask, labels)
+
+
+#: The text sets the CLI's ``--data`` accepts: name -> labelled (category labels) or not (text for distillation).
+TEXT_DATASETS: dict[str, bool] = {"fortunes": True, "fortunes-text": False}
+
+
+def text_loaders(name: str, tokenizer: Any, *, batch_size: int, max_length: int = 64, subset: int | None = None,
+                 val_subset: int | None = None, seed: int = 0) -> tuple[DataLoader, DataLoader]:
+    """Train and held-out loaders of the text set ``name`` (:data:`TEXT_DATASETS`), batches of keyword inputs.
+
+    As :func:`mpqc.data.loaders`: the train loader shuffles with its own generator seeded from ``seed`` and loads in
+    the main process; ``subset`` / ``val_subset`` keep the first N texts of the split's fixed permutation.
+    """
+    if name not in TEXT_DATASETS:
+        raise ConfigError(f"unknown text set {name!r}; known: {', '.join(TEXT_DATASETS)}")
+    if batch_size < 1:
+        raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
+    tokenizer = load_tokenizer(tokenizer)
+    labelled = TEXT_DATASETS[name]
+    train = fortunes(tokenizer, train=True, labelled=labelled, max_length=max_length, subset=subset)
+    held_out = fortunes(tokenizer, train=False, labelled=labelled, max_length=max_length, subset=val_subset)
+    return (DataLoader(train, batch_size=batch_size, shuffle=True, generator=torch.Generator().manual_seed(seed)),
+            DataLoader(held_out, batch_size=batch_size, shuffle=False))

