@@ -187,11 +187,14 @@ def insert_quantizers(
         signed, dynamic_range = signed_and_range(source)
         return FixedQuantizer(bits, signed, torch.tensor([dynamic_range / positive_levels(bits, signed)]))
 
-    operand_range = BitRange(min(config.activation_bits.min_bits, MAX_OPERAND_BITS),
-                             min(config.activation_bits.max_bits, MAX_OPERAND_BITS))
-    for point in operands:  # learnable like a layer's input
-        quantizer = method.activation_quantizer(*signed_and_range(point), min(config.init_bits, MAX_OPERAND_BITS),
-                                                operand_range)
+    for point, widest in operands.items():  # learnable like a layer's input
+        if widest > MAX_OPERAND_BITS:  # a normalization's input: from its widest (outlier channels), down to min
+            bit_range, init = BitRange(min(config.activation_bits.min_bits, widest), widest), widest
+        else:
+            bit_range = BitRange(min(config.activation_bits.min_bits, widest),
+                                 min(config.activation_bits.max_bits, widest))
+            init = min(config.init_bits, widest)
+        quantizer = method.activation_quantizer(*signed_and_range(point), init, bit_range)
         quantizer_of[point] = _quantize_tensor(gm, point, f"{point.name}_out", quantizer)
     for end in residual_ends:
         if end not in quantizer_of:
@@ -313,27 +316,30 @@ def _requantize_points(gm: GraphModule, layers: list[Node], quantized_sources: s
     return points
 
 
-def _operand_points(gm: GraphModule, layer_sources: set[Node]) -> list[Node]:
+def _operand_points(gm: GraphModule, layer_sources: set[Node]) -> dict[Node, int]:
     """Tensors a non-layer op needs as b-bit codes (the op registry's ``quantized_operands`` and
-    ``quantized_output``): a lookup table's input and output, the factors of a product. Those already codes (a
-    layer's quantized input, seen through ops that keep integers) get none; a layer's int32 accumulator is not
-    codes, so it gets one."""
+    ``quantized_output``), each with the widest codes its readers take (``OpDef.operand_bits``; outputs
+    ``MAX_OPERAND_BITS``): a lookup table's input and output, the factors of a product, a normalization's input.
+    Those already codes (a layer's quantized input, seen through ops that keep integers) get none; a layer's int32
+    accumulator is not codes, so it gets one."""
     codes = set(layer_sources)
-    points: list[Node] = []
+    points: dict[Node, int] = {}
 
-    def add(node: Node) -> None:
-        if not _is_integer_valued(gm, node, codes):
+    def add(node: Node, widest: int) -> None:
+        if node in points:
+            points[node] = min(points[node], widest)
+        elif not _is_integer_valued(gm, node, codes):
             codes.add(node)
-            points.append(node)
+            points[node] = widest
 
     for node in gm.graph.nodes:
         op = ops.op_of(gm, node)
         if op is None or op.is_layer:
             continue
         for operand in op.quantized_operands(gm, node):
-            add(operand)
+            add(operand, op.operand_bits)
         if op.quantized_output:
-            add(node)
+            add(node, MAX_OPERAND_BITS)
     return points
 
 

@@ -329,3 +329,52 @@ def test_compile_meets_a_weight_memory_budget_counting_the_embedding_tables():
     tables = {layer["name"]: layer for layer in report["layers"] if layer["op"] == "embedding"}
     assert len(tables) == 3 and all(2 <= t["weight_bits"] <= 8 for t in tables.values())
     assert report["budget"]["achieved"] == pytest.approx(sum(l["params"] * l["weight_bits"] for l in report["layers"]) / 8)
+
+
+class OutlierResidual(nn.Module):
+    """A residual sum with one outlier channel (~200, as in BERT's residual stream) into LayerNorm."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Linear(16, 16)
+        self.norm = nn.LayerNorm(16)
+        with torch.no_grad():
+            self.proj.bias[3] = 200.0
+            self.norm.weight[3] = 0.01  # as a trained LayerNorm damps its outlier channel
+
+    def forward(self, x):
+        return self.norm(x + self.proj(x))
+
+
+def test_a_layer_norm_input_starts_at_16_bits_and_keeps_its_outlier_channel(tmp_path):
+    """``OpDef.operand_bits``: LayerNorm's input (a residual sum) gets a learnable quantizer from 16 bits down (at 8,
+    an outlier of 200 leaves the other channels a step of ~1.6: the normalized output loses them); the 16-bit codes
+    go through the reference, TVM (int16 storage) and onnxruntime (INT16 QuantizeLinear)."""
+    torch.manual_seed(0)
+    model, x = OutlierResidual().eval(), torch.randn(4, 6, 16)
+    gm, _ = pipeline.trace(model, (x,))
+    gm = pipeline.quantize(gm, get_method("dq"), QuantizerConfig(activation_bits=mpqc_bits(8)), (x,))
+    (point,) = [q for name, q in gm.act_quantizers.named_children() if name.startswith("add")]
+    assert round(float(point.bits().detach())) == 16 and point.bit_range.min_bits == 8 and point.bit_range.max_bits == 16
+    others = [c for c in range(16) if c != 3]
+
+    def error() -> float:  # on the other channels, relative to how much they vary from token to token
+        with torch.no_grad():
+            ours, theirs = gm(x)[..., others], model(x)[..., others]
+        return float((ours - theirs).abs().max() / theirs.std(dim=(0, 1)).mean())
+
+    wide = error()
+    point.set_bits(8)
+    narrow = error()
+    point.set_bits(16)
+    assert wide < 0.1 and narrow > 0.3, (wide, narrow)
+    program = IntegerProgram.from_graph(freeze(gm, WeightMemory(1e12)).eval())
+    assert max(n.attrs.get("in_bits", 0) for n in program.nodes if n.op == "layer_norm") == 16
+    _assert_tvm_bit_exact(program, (x,))
+    _assert_onnxruntime_agrees(program, (x,), tmp_path)
+
+
+def mpqc_bits(bits: int):
+    from mpqc.quantizers import BitRange
+
+    return BitRange(bits, bits)

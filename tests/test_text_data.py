@@ -89,3 +89,63 @@ def test_the_real_fortunes():
     held_out = fortunes(str(tokenizer_dir), train=False, subset=16, max_length=32)
     assert held_out.input_ids.shape == (16, 32) and (held_out.input_ids[:, 0] == 101).all()  # [CLS]
     assert (held_out.attention_mask.sum(1) >= 3).all()
+
+
+# --------------------------------------------------------------------------------------------- the CLI
+MODEL_FILE = '''
+from torch import nn
+from transformers import BertModel
+
+class TokenStates(nn.Module):
+    def __init__(self, encoder):
+        super().__init__()
+        self.encoder = encoder
+
+    def forward(self, input_ids, attention_mask):
+        return self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+
+def encoder():
+    return TokenStates(BertModel.from_pretrained({directory!r}))
+'''
+
+
+def _saved_tiny_bert(directory: Path) -> None:
+    """A 1-layer BertModel and a word-piece tokenizer over letters and digits, saved as a user's model directory."""
+    transformers = pytest.importorskip("transformers")
+    pieces = list("abcdefghijklmnopqrstuvwxyz0123456789")
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *pieces, *(f"##{p}" for p in pieces), *".,!?'-:;\"()"]
+    directory.mkdir()
+    (directory / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    transformers.BertTokenizerFast(str(directory / "vocab.txt")).save_pretrained(str(directory))
+    config = transformers.BertConfig(vocab_size=len(vocab), hidden_size=16, num_hidden_layers=1,
+                                     num_attention_heads=2, intermediate_size=32, max_position_embeddings=16)
+    torch.manual_seed(0)
+    transformers.BertModel(config).save_pretrained(str(directory))
+
+
+@pytest.mark.skipif(not FORTUNES_DIR.is_dir(), reason="the Debian package fortunes is not installed")
+def test_cli_compiles_a_saved_text_model_on_fortunes_with_its_own_tokenizer(tmp_path, capsys, monkeypatch):
+    """``--data fortunes-text``: unlabelled texts, tokenized by the tokenizer saved beside the model (found from the
+    directory the model was loaded from), distilled from the fp32 model; the report names the metric."""
+    import json
+
+    from mpqc.cli import main
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    _saved_tiny_bert(tmp_path / "model")
+    (tmp_path / "user.py").write_text(MODEL_FILE.format(directory=str(tmp_path / "model")))
+    common = ["--model", f"{tmp_path}/user.py:encoder", "--budget", "avg-bits=4", "--act-bits", "8",
+              "--search-epochs", "1", "--finetune-epochs", "1", "--steps-per-epoch", "1", "--batch-size", "8",
+              "--subset", "16", "--val-subset", "8", "--max-length", "8", "--no-progress"]
+    assert main(["compile", *common, "--data", "fortunes-text", "--out", str(tmp_path / "run")]) == 0
+    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    assert report["budget"]["met"] and report["budget"]["achieved"] <= 4.0
+    assert report["metric"]["task"].startswith("distillation")
+    assert {layer["op"] for layer in report["layers"]} >= {"embedding", "linear"}
+    capsys.readouterr()
+    assert main(["compile", *common, "--data", "fortunes", "--pretrain-epochs", "1", "--out",
+                 str(tmp_path / "bad")]) == 2
+    assert "--pretrain-epochs" in capsys.readouterr().err
+    assert main(["compile", *common, "--data", "fortunes-text", "--tokenizer", str(tmp_path / "none"), "--out",
+                 str(tmp_path / "bad")]) == 2
+    assert "not a directory" in capsys.readouterr().err

@@ -144,16 +144,19 @@ class BuilderGraph:
         return outs[0] if outputs == 1 else outs
 
 
-def onnx_storage_codes(graph: BuilderGraph, value: str, bits: int, signed: bool, scale: float) -> str:
-    """UINT8 storage (``q + 128`` for signed codes, ``q`` for unsigned) of the fp32 value ``value`` = ``q * s``."""
+def onnx_storage_codes(graph: BuilderGraph, value: str, bits: int, signed: bool, scale: float) -> tuple[str, int]:
+    """The QuantizeLinear storage of the fp32 value ``value`` = ``q * s`` and its zero point: UINT8 (``q + 128`` for
+    signed codes, ``q`` for unsigned) up to 8 bits, INT16/UINT16 (``q``) up to 16 (opset 21). ``q`` is already
+    within its b-bit range (``value`` is a quantizer's output), so the storage type's saturation never acts."""
+    from onnx import helper
+
     from mpqc.targets.onnx import _float_tensor, activation_storage
 
     storage = activation_storage(bits, signed, graph.builder.opset)
-    if storage.zero_point not in (0, 128) or bits > 8:
-        raise Unsupported(f"{bits}-bit codes (8-bit storage only)")
+    dtype = helper.tensor_dtype_to_np_dtype(storage.elem_type)
     scale_name = graph.builder.initializer(_float_tensor(float(scale), graph.fresh("scale")))
-    zero = graph.const(np.uint8(storage.zero_point), "zero_point")
-    return graph.node("QuantizeLinear", [value, scale_name, zero])
+    zero = graph.const(dtype.type(storage.zero_point), "zero_point")
+    return graph.node("QuantizeLinear", [value, scale_name, zero]), storage.zero_point
 
 
 def onnx_kernel(builder: Any, node: IntNode, kernel: Callable[[BuilderGraph, str], str]) -> None:
@@ -170,8 +173,7 @@ def onnx_codes(graph: BuilderGraph, value: str, bits: int, signed: bool, scale: 
     """The int64 codes ``q`` of the fp32 value ``value`` = ``q * s``."""
     from mpqc.integer_kernels.backends import codes_from_storage_onnx
 
-    return codes_from_storage_onnx(graph, onnx_storage_codes(graph, value, bits, signed, scale),
-                                   128 if signed else 0)
+    return codes_from_storage_onnx(graph, *onnx_storage_codes(graph, value, bits, signed, scale))
 
 
 def onnx_value(graph: BuilderGraph, codes: str, scale: float, output: str) -> None:

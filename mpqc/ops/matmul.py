@@ -109,10 +109,10 @@ class Matmul(OpDef):
         kb.require_attrs(node, OPERAND_ATTRS)
         graph = kb.BuilderGraph(builder, builder.label(node))
         at = node.attrs
-        stored = [kb.onnx_storage_codes(graph, name, at[f"{p}_bits"], at[f"{p}_signed"], at[f"{p}_scale"])
-                  for name, p in zip(node.inputs, "ab")]
-        zeros = [graph.const(np.uint8(128 if at[f"{p}_signed"] else 0), f"{p}_zero_point") for p in "ab"]
-        acc = graph.node("MatMulInteger", [stored[0], stored[1], zeros[0], zeros[1]])
+        (a, a_zero), (b, b_zero) = [kb.onnx_storage_codes(graph, name, at[f"{p}_bits"], at[f"{p}_signed"],
+                                                           at[f"{p}_scale"]) for name, p in zip(node.inputs, "ab")]
+        zeros = [graph.const(np.uint8(zero), f"{p}_zero_point") for zero, p in ((a_zero, "a"), (b_zero, "b"))]
+        acc = graph.node("MatMulInteger", [a, b, *zeros])  # operands are <= 8 bits (OpDef.operand_bits): UINT8
         builder.bits[acc] = 32
         scale = float(np.float64(at["a_scale"]) * np.float64(at["b_scale"]))
         kb.onnx_value(graph, acc, scale, node.name)

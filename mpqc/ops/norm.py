@@ -65,6 +65,7 @@ class LayerNorm(OpDef):
     keeps_shape = True
     quantized_inputs = (0,)
     quantized_output = True
+    operand_bits = 16  # the integer kernel takes 16-bit codes exactly (int64 throughout)
     numerics_tests = TESTS
 
     def describe(self, gm, node, frozen):

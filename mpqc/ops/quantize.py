@@ -118,13 +118,14 @@ class Quantize(OpDef):
         s_out = float(node.attrs["scale"])
         y = lowering.requantize_region(node, s_out)
         qmin, qmax = integer_range(node.attrs["bits"], node.attrs["signed"])
-        storage = "int8" if node.attrs["signed"] else "uint8"
+        width = 8 if node.attrs["bits"] <= 8 else 16  # 16: a normalization's input (OpDef.operand_bits)
+        storage = f"{'' if node.attrs['signed'] else 'u'}int{width}"
         return _Int(lowering.round_to_codes(y.expr, qmin, qmax, storage), torch.tensor(s_out, dtype=torch.float64),
                     y.layout)
 
     def relax_check(self, node):
-        if node.attrs["bits"] > 8:
-            return f"{node.attrs['bits']}-bit activations (the TVM target stores activations in 8 bits)"
+        if node.attrs["bits"] > 16:
+            return f"{node.attrs['bits']}-bit activations (the TVM target stores activations in 8 or 16 bits)"
         return None
 
     # ----------------------------------------------------------------------------- ONNX

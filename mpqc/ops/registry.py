@@ -94,6 +94,10 @@ class OpDef:
     quantized_inputs: ClassVar[tuple[int, ...]] = ()  # input positions that get an activation quantizer
     quantized_output: ClassVar[bool] = False  # its output gets an activation quantizer (a lookup table's codes)
     multiplies_operands: ClassVar[bool] = False  # the product of its two quantized operands (budgets count BitOPs)
+    #: the widest codes its quantized operands may learn: 8 where a lookup table indexes 2^b entries or a product
+    #: is formed; a normalization's input (a residual sum, whose outlier channels 8 bits cannot hold) up to 16,
+    #: starting there
+    operand_bits: ClassVar[int] = 8
     #: tests (``tests/<file>.py::<function>``) that check its numerics against the reference in every backend
     numerics_tests: ClassVar[tuple[str, ...]] = ()
 
