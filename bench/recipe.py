@@ -107,8 +107,8 @@ def main() -> None:
         fp32_wall = time.perf_counter() - t0
         data = loaders("fashion-mnist", batch_size=128, subset=args.subset, val_subset=args.val_subset,
                        augment=recipe.augment)
-        row = {"settings": recipe.__dict__, "fp32_top1": evaluate(model, data[1]), "fp32_wall_s": fp32_wall,
-               "points": {}}
+        row = {"settings": recipe.__dict__, "command": "nice python " + " ".join(sys.argv),
+               "fp32_top1": evaluate(model, data[1]), "fp32_wall_s": fp32_wall, "points": {}}
         for point, method, weight_bits, bits in POINTS:
             row["points"][point] = compile_point(model, data, recipe, method, weight_bits, bits, args.steps,
                                                  args.runs / name / point.replace(" ", "-"))

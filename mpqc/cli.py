@@ -88,6 +88,12 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--act-bits", default="2-8", help="learnable activation bit range MIN-MAX (default 2-8)")
     c.add_argument("--first-last", choices=("learn", "fixed"), default="learn",
                    help="learn the first/last layers' precision (DQ, default) or keep them at 8 bits")
+    c.add_argument("--augment", action=argparse.BooleanOptionalAction, default=True,
+                   help="augment the training batches with the data set's own augmentation (default on; "
+                        "fashion-mnist: random crop with padding 2 and horizontal flip)")
+    c.add_argument("--weight-init", choices=("mse", "max"), default="mse",
+                   help="where each weight channel's range starts: the MSE-best clipping (default) or its largest "
+                        "magnitude")
     c.add_argument("--distill", action=argparse.BooleanOptionalAction, default=None,
                    help="knowledge distillation from the fp32 model (default: the method's; sdq: on in fine-tuning)")
     c.add_argument("--loss", help="the task's loss(outputs, batch, teacher_outputs) -> scalar, as FILE.py:CALLABLE or "
@@ -281,7 +287,7 @@ def _prepare_run(args: argparse.Namespace, activation_bits: str):
     config = CompileConfig(
         quantizers=QuantizerConfig(weight_bits=_bit_range(args.weight_bits, "--weight-bits"),
                                    activation_bits=_bit_range(activation_bits, "--act-bits"),
-                                   first_last=args.first_last),
+                                   first_last=args.first_last, weight_init=args.weight_init),
         search=TrainConfig(epochs=args.search_epochs, max_steps_per_epoch=args.steps_per_epoch, distill=args.distill,
                            quantizer_lr=args.quantizer_lr, checkpoint_every=args.checkpoint_every,
                            penalty_ramp=args.penalty_ramp),
@@ -308,12 +314,12 @@ def _image_model_and_data(args: argparse.Namespace):
     torch.manual_seed(args.seed)  # the model's initial weights, when it is not pretrained or loaded
     if args.pretrain_epochs:
         model = cached_fp32(build, args.data, epochs=args.pretrain_epochs, model_name=args.model.rpartition(":")[2],
-                            seed=args.seed, progress=not args.no_progress)
+                            seed=args.seed, progress=not args.no_progress, augment=args.augment)
     else:
         model = build()
     _load_weights(model, args.weights)
     train_loader, val_loader = loaders(args.data, batch_size=args.batch_size, subset=args.subset,
-                                       val_subset=args.val_subset, seed=args.seed)
+                                       val_subset=args.val_subset, seed=args.seed, augment=args.augment)
     return model, train_loader, val_loader
 
 
