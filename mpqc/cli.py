@@ -250,7 +250,7 @@ def _compile(args: argparse.Namespace) -> int:
 _SWEEP_SHARED_OPTIONS = ("model", "data", "tokenizer", "max_length", "weights", "pretrain_epochs", "search_epochs", "finetune_epochs",
                          "steps_per_epoch", "checkpoint_every", "quantizer_lr", "penalty_ramp", "batch_size",
                          "subset", "val_subset", "weight_bits", "first_last", "distill", "seed", "no_progress",
-                         "loss", "forward", "metric")
+                         "loss", "forward", "metric", "augment", "weight_init")
 
 
 def _int_list(text: str, flag: str) -> list[int]:
