@@ -57,6 +57,9 @@ class Recipe:
 RECIPES = {
     "old": Recipe(augment=False, nesterov=False, weight_decay=5e-5, weight_init="max", activation_percentile=100.0),
     "new": Recipe(augment=True, nesterov=True, weight_decay=5e-4, weight_init="mse", activation_percentile=99.99),
+    # Ablation: the old optimizer and data (and so the old fp32 model), the new range initialisation.
+    "init-only": Recipe(augment=False, nesterov=False, weight_decay=5e-5, weight_init="mse",
+                        activation_percentile=99.99),
 }
 #: (name, method, weight bit range, bits per weight of the budget): uniform W2A8 and DQ at 2 bits per weight, A8.
 POINTS = [("uniform W2A8", "dq", (2, 2), 2.0), ("dq 2bpw A8", "dq", (2, 8), 2.0)]
@@ -90,7 +93,9 @@ def main() -> None:
     parser.add_argument("--fp32-epochs", type=int, default=1)
     parser.add_argument("--subset", type=int, default=30000, help="training images")
     parser.add_argument("--val-subset", type=int, default=2000, help="test images")
-    parser.add_argument("--recipes", default="old,new")
+    parser.add_argument("--recipes", default="old,new", help=f"comma-separated, of {', '.join(RECIPES)}")
+    parser.add_argument("--points", default=",".join(point for point, *_ in POINTS),
+                        help="comma-separated, of the default")
     parser.add_argument("--runs", type=Path, default=ROOT / "runs" / "bench" / "recipe")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "recipe.json")
     args = parser.parse_args()
@@ -109,7 +114,7 @@ def main() -> None:
                        augment=recipe.augment)
         row = {"settings": recipe.__dict__, "command": "nice python " + " ".join(sys.argv),
                "fp32_top1": evaluate(model, data[1]), "fp32_wall_s": fp32_wall, "points": {}}
-        for point, method, weight_bits, bits in POINTS:
+        for point, method, weight_bits, bits in [p for p in POINTS if p[0] in args.points.split(",")]:
             row["points"][point] = compile_point(model, data, recipe, method, weight_bits, bits, args.steps,
                                                  args.runs / name / point.replace(" ", "-"))
             print(f"{name} {point}: {row['points'][point]}", flush=True)
