@@ -112,11 +112,13 @@ def main() -> None:
         fp32_wall = time.perf_counter() - t0
         data = loaders("fashion-mnist", batch_size=128, subset=args.subset, val_subset=args.val_subset,
                        augment=recipe.augment)
+        earlier = results.get(name, {}).get("points", {})  # points of this recipe measured by an earlier command
         row = {"settings": recipe.__dict__, "command": "nice python " + " ".join(sys.argv),
-               "fp32_top1": evaluate(model, data[1]), "fp32_wall_s": fp32_wall, "points": {}}
+               "fp32_top1": evaluate(model, data[1]), "fp32_wall_s": fp32_wall, "points": dict(earlier)}
         for point, method, weight_bits, bits in [p for p in POINTS if p[0] in args.points.split(",")]:
             row["points"][point] = compile_point(model, data, recipe, method, weight_bits, bits, args.steps,
                                                  args.runs / name / point.replace(" ", "-"))
+            row["points"][point]["command"] = row["command"]
             print(f"{name} {point}: {row['points'][point]}", flush=True)
         results[name] = row
     flags = cpu_flags()
