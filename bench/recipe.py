@@ -11,7 +11,9 @@ per weight with 8-bit activations, each with ``--steps`` search and ``--steps`` 
 * ``old``: the recipe before issue 18: no augmentation, SGD momentum 0.9 without Nesterov, weight decay 5e-5 in
   QAT, weight ranges at each channel's largest magnitude, activation ranges at the calibration batch's maximum;
 * ``new``: augmentation (random crop pad 2 + horizontal flip), Nesterov, weight decay 5e-4, per-channel weight
-  clipping by the MSE search, activation ranges at the 99.99th percentile (mpqc's defaults now).
+  clipping by the MSE search, activation ranges at the 99.99th percentile;
+* ``init-only``: the old optimizer and data with the new range initialisation (mpqc's defaults: measured best for
+  the mixed-precision point and close to ``new`` at uniform W2A8).
 
 Writes ``bench/results/recipe.json``: per recipe the fp32 top-1 and each point's top-1, integer-reference top-1,
 average weight bits and wall time, with the machine (CPU model, AVX2 / AVX-512 flags) and the command.

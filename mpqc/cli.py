@@ -88,8 +88,8 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--act-bits", default="2-8", help="learnable activation bit range MIN-MAX (default 2-8)")
     c.add_argument("--first-last", choices=("learn", "fixed"), default="learn",
                    help="learn the first/last layers' precision (DQ, default) or keep them at 8 bits")
-    c.add_argument("--augment", action=argparse.BooleanOptionalAction, default=True,
-                   help="augment the training batches with the data set's own augmentation (default on; "
+    c.add_argument("--augment", action=argparse.BooleanOptionalAction, default=False,
+                   help="augment the training batches with the data set's own augmentation (default off; "
                         "fashion-mnist: random crop with padding 2 and horizontal flip)")
     c.add_argument("--weight-init", choices=("mse", "max"), default="mse",
                    help="where each weight channel's range starts: the MSE-best clipping (default) or its largest "

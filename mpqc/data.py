@@ -55,12 +55,12 @@ DIGITS_TRAIN_FRACTION = 0.8
 @dataclass(frozen=True)
 class DatasetInfo:
     """What a model needs to know about a dataset: input shape of one sample and number of classes; and the
-    augmentation its training loader applies by default."""
+    augmentation its training loader applies with ``loaders(..., augment=True)``."""
 
     name: str
     input_shape: tuple[int, int, int]  # (channels, height, width)
     num_classes: int
-    augment: Augment = NO_AUGMENT  # what its training batches get by default (:mod:`mpqc.augment`)
+    augment: Augment = NO_AUGMENT  # what its training batches get with augment=True (:mod:`mpqc.augment`)
 
     @property
     def in_channels(self) -> int:
@@ -187,13 +187,14 @@ def loaders(
     subset: int | None = None,
     val_subset: int | None = None,
     seed: int = 0,
-    augment: Augment | bool = True,
+    augment: Augment | bool = False,
 ) -> tuple[DataLoader, DataLoader]:
     """Train and validation loaders for ``"fashion-mnist"`` or ``"digits"``.
 
-    ``augment``: what the *training* batches get (:mod:`mpqc.augment`): ``True`` (default) the data set's own
-    augmentation (Fashion-MNIST: random crop with padding 2 and horizontal flip; digits: none), ``False`` none,
-    or an :class:`~mpqc.augment.Augment`. The validation loader is never augmented.
+    ``augment``: what the *training* batches get (:mod:`mpqc.augment`): ``True`` the data set's own augmentation
+    (Fashion-MNIST: random crop with padding 2 and horizontal flip; digits: none), ``False`` (default) none, or an
+    :class:`~mpqc.augment.Augment`. Off by default: at short compute it cost the mixed-precision search more than
+    it gave (issue 18, ``bench/results/recipe.json``). The validation loader is never augmented.
 
     ``subset`` / ``val_subset`` keep the first N items of a permutation seeded from ``seed`` (for fast tests);
     ``None`` keeps the whole split.

@@ -134,8 +134,8 @@ def _crops_and_flips(image: torch.Tensor, pad: int, fill: float) -> list[torch.T
 def test_fashion_mnist_train_batches_are_augmented_under_the_seed_and_val_is_untouched():
     from mpqc.augment import augmentation_off
 
-    train, val = data.loaders("fashion-mnist", batch_size=32, subset=64, val_subset=32)
-    plain, _ = data.loaders("fashion-mnist", batch_size=32, subset=64, augment=False)
+    train, val = data.loaders("fashion-mnist", batch_size=32, subset=64, val_subset=32, augment=True)
+    plain, _ = data.loaders("fashion-mnist", batch_size=32, subset=64)  # off by default
     val_images, _ = next(iter(val))
     assert torch.equal(val_images, torch.stack([val.dataset[i][0] for i in range(32)]))  # eval data untouched
     torch.manual_seed(5)
@@ -287,7 +287,7 @@ def test_cached_fp32_trains_once_then_loads(tmp_path, monkeypatch, caplog):
     monkeypatch.setenv("MPQC_CACHE", str(tmp_path))
     with caplog.at_level("INFO", logger="mpqc.pretrain"):
         trained = cached_fp32(models.small_cnn, "digits", epochs=1, subset=128, progress=False)
-    path = tmp_path / "fp32" / "small_cnn-digits-1ep-sub128-nesterov.pt"  # digits have no augmentation: no -aug
+    path = tmp_path / "fp32" / "small_cnn-digits-1ep-sub128.pt"  # neither -aug nor -nesterov by default
     assert path.is_file() and [p.name for p in path.parent.iterdir()] == [path.name]
     assert "training small_cnn" in caplog.text
 
@@ -306,4 +306,4 @@ def test_cached_fp32_refuses_a_file_that_does_not_fit(tmp_path):
 
     torch.save({"bogus": torch.zeros(1)}, tmp_path / "small_cnn-digits-1ep.pt")  # the name of the old recipe's file
     with pytest.raises(CheckpointError, match="delete the file to retrain"):
-        cached_fp32(models.small_cnn, "digits", epochs=1, cache_dir=tmp_path, progress=False, nesterov=False)
+        cached_fp32(models.small_cnn, "digits", epochs=1, cache_dir=tmp_path, progress=False)
