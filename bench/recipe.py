@@ -21,6 +21,7 @@ average weight bits and wall time, with the machine (CPU model, AVX2 / AVX-512 f
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import os
 import platform
@@ -65,6 +66,15 @@ RECIPES = {
 }
 #: (name, method, weight bit range, bits per weight of the budget): uniform W2A8 and DQ at 2 bits per weight, A8.
 POINTS = [("uniform W2A8", "dq", (2, 2), 2.0), ("dq 2bpw A8", "dq", (2, 8), 2.0)]
+
+
+def default_recipe() -> str | None:
+    """The name of the recipe mpqc's defaults are (``TrainConfig``, ``QuantizerConfig``, ``loaders``), or None."""
+    train, quantizers = mpqc.TrainConfig(), mpqc.QuantizerConfig()
+    augment = inspect.signature(loaders).parameters["augment"].default
+    defaults = Recipe(augment=bool(augment), nesterov=train.nesterov, weight_decay=train.weight_decay,
+                      weight_init=quantizers.weight_init, activation_percentile=quantizers.activation_percentile)
+    return next((name for name, recipe in RECIPES.items() if recipe == defaults), None)
 
 
 def compile_point(model, data, recipe: Recipe, method: str, weight_bits: tuple[int, int], bits_per_weight: float,
@@ -132,6 +142,7 @@ def main() -> None:
                      "val_subset": args.val_subset, "batch_size": 128, "search_lr": 0.002, "finetune_lr": 0.001,
                      "finetune_distill": True},
         "recipes": results,
+        "mpqc_defaults": default_recipe(),
         "machine": {"cpu": cpu_model(), "avx2": "avx2" in flags, "avx512f": "avx512f" in flags,
                     "avx512_vnni": "avx512_vnni" in flags, "cpus": os.cpu_count(), "threads": torch.get_num_threads(),
                     "python": platform.python_version(), "torch": torch.__version__,
