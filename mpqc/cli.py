@@ -84,6 +84,12 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--act-bits", default="2-8", help="learnable activation bit range MIN-MAX (default 2-8)")
     c.add_argument("--first-last", choices=("learn", "fixed"), default="learn",
                    help="learn the first/last layers' precision (DQ, default) or keep them at 8 bits")
+    c.add_argument("--augment", action=argparse.BooleanOptionalAction, default=False,
+                   help="augment the training batches with the data set's own augmentation (default off; "
+                        "fashion-mnist: random crop with padding 2 and horizontal flip)")
+    c.add_argument("--weight-init", choices=("mse", "max"), default="mse",
+                   help="where each weight channel's range starts: the MSE-best clipping (default) or its largest "
+                        "magnitude")
     c.add_argument("--distill", action=argparse.BooleanOptionalAction, default=None,
                    help="knowledge distillation from the fp32 model (default: the method's; sdq: on in fine-tuning)")
     c.add_argument("--loss", help="the task's loss(outputs, batch, teacher_outputs) -> scalar, as FILE.py:CALLABLE or "
@@ -202,7 +208,7 @@ def _compile(args: argparse.Namespace) -> int:
 _SWEEP_SHARED_OPTIONS = ("model", "data", "tokenizer", "max_length", "weights", "pretrain_epochs", "search_epochs", "finetune_epochs",
                          "steps_per_epoch", "checkpoint_every", "quantizer_lr", "penalty_ramp", "batch_size",
                          "subset", "val_subset", "weight_bits", "first_last", "distill", "seed", "no_progress",
-                         "loss", "forward", "metric")
+                         "loss", "forward", "metric", "augment", "weight_init")
 
 
 def _int_list(text: str, flag: str) -> list[int]:

@@ -30,7 +30,7 @@ def prepare_run(args: argparse.Namespace, activation_bits: str):
     config = CompileConfig(
         quantizers=QuantizerConfig(weight_bits=bit_range(args.weight_bits, "--weight-bits"),
                                    activation_bits=bit_range(activation_bits, "--act-bits"),
-                                   first_last=args.first_last),
+                                   first_last=args.first_last, weight_init=args.weight_init),
         search=TrainConfig(epochs=args.search_epochs, max_steps_per_epoch=args.steps_per_epoch, distill=args.distill,
                            quantizer_lr=args.quantizer_lr, checkpoint_every=args.checkpoint_every,
                            penalty_ramp=args.penalty_ramp),
@@ -57,12 +57,12 @@ def _image_model_and_data(args: argparse.Namespace):
     torch.manual_seed(args.seed)  # the model's initial weights, when it is not pretrained or loaded
     if args.pretrain_epochs:
         model = cached_fp32(build, args.data, epochs=args.pretrain_epochs, model_name=args.model.rpartition(":")[2],
-                            seed=args.seed, progress=not args.no_progress)
+                            seed=args.seed, progress=not args.no_progress, augment=args.augment)
     else:
         model = build()
     _load_weights(model, args.weights)
     train_loader, val_loader = loaders(args.data, batch_size=args.batch_size, subset=args.subset,
-                                       val_subset=args.val_subset, seed=args.seed)
+                                       val_subset=args.val_subset, seed=args.seed, augment=args.augment)
     return model, train_loader, val_loader
 
 
@@ -76,6 +76,8 @@ def _text_model_and_data(args: argparse.Namespace):
     if args.pretrain_epochs:
         raise ConfigError(f"--pretrain-epochs trains an image classifier from scratch; a text model for --data "
                           f"{args.data} brings its weights (its factory loads them, or --weights)")
+    if args.augment:
+        raise ConfigError(f"--augment: the text set {args.data} has no augmentation (image sets only)")
     torch.manual_seed(args.seed)  # a head the factory adds starts from the same weights every time
     labelled = TEXT_DATASETS[args.data]
     model = _build_model(load_callable(args.model, "--model"),

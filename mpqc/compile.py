@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader
 
 from mpqc.budgets import (ActivationMemory, AverageBits, BitOps, Budget, LayerBits, Latency, WeightMemory,
                           parse_budget)
+from mpqc.augment import augmentation_off
 from mpqc.checkpoint import RunDirectory, atomic_torch_save
 from mpqc.config import CompileConfig
 from mpqc.data import check_loader
@@ -203,8 +204,10 @@ def _split_data(data: Data | DataLoader | None) -> Data:
 
 
 def _first_batch(train_loader: DataLoader, seed: int) -> Any:
-    for batch in epoch_batches(train_loader, seed):
-        return batch
+    """The train loader's first batch for ``seed``, without augmentation (the calibration data)."""
+    with augmentation_off(train_loader):
+        for batch in epoch_batches(train_loader, seed):
+            return batch
     raise DataError("train loader is empty")
 
 

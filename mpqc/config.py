@@ -5,6 +5,7 @@ from dataclasses import dataclass, field
 
 from mpqc.errors import ConfigError
 from mpqc.quantizers.base import BitRange
+from mpqc.quantizers.calibration import WEIGHT_INITS
 
 FIRST_LAST_POLICIES = ("learn", "fixed")
 
@@ -16,6 +17,11 @@ class QuantizerConfig:
     ``first_last="learn"`` (default, as DQ: every layer's precision is learned) or ``"fixed"``: the first layer's
     weight and input and the last layer's weight stay at ``first_last_bits``. ``residual_bits`` is the fixed
     precision of residual-add results that are not a layer's input (e.g. before the final pooling).
+
+    Where the ranges start (:mod:`mpqc.quantizers.calibration`; every method learns them from there):
+    ``weight_init="mse"`` (default) clips each output channel's weights where ``init_bits``-bit quantization has
+    the smallest squared error, ``"max"`` at its largest magnitude; activation ranges start at the
+    ``activation_percentile`` of the calibration batch (100: its largest value).
     """
 
     weight_bits: BitRange = BitRange(2, 8)
@@ -24,8 +30,14 @@ class QuantizerConfig:
     first_last: str = "learn"
     first_last_bits: int = 8
     residual_bits: int = 8
+    weight_init: str = "mse"
+    activation_percentile: float = 99.99
 
     def __post_init__(self) -> None:
+        if self.weight_init not in WEIGHT_INITS:
+            raise ConfigError(f"weight_init must be one of {WEIGHT_INITS}, got {self.weight_init!r}")
+        if not 0 < self.activation_percentile <= 100:
+            raise ConfigError(f"activation_percentile must be in (0, 100], got {self.activation_percentile}")
         if self.first_last not in FIRST_LAST_POLICIES:
             raise ConfigError(f"first_last must be one of {FIRST_LAST_POLICIES}, got {self.first_last!r}")
         if self.weight_bits.min_bits < 2:
@@ -46,7 +58,12 @@ class TrainConfig:
     """One training phase (search or fine-tune).
 
     ``epochs`` passes over the training data, each cut to ``max_steps_per_epoch`` batches when set.
-    Weights use SGD (momentum 0.9, cosine schedule) at ``lr``; quantizer parameters use Adam at ``quantizer_lr``.
+    Weights use SGD at ``lr`` with ``momentum`` (Nesterov's when ``nesterov``) and ``weight_decay`` on every
+    non-quantizer parameter, the learning rate following a cosine to 0 over the phase; quantizer parameters (scales,
+    ranges, bit-width parameters) use Adam at ``quantizer_lr`` without weight decay. The defaults (plain momentum,
+    weight decay 5e-5) are what measured best for the mixed-precision search at short compute (issue 18,
+    ``bench/results/recipe.json``: Nesterov + weight decay 5e-4 + augmentation took DQ at 2 bits/weight from 53.3%
+    to 37.8%); ``nesterov=True, weight_decay=5e-4`` is the widely used uniform-QAT recipe, kept as an option.
     ``penalty_weight`` scales the budget penalty (search only); with ``penalty_ramp`` > 0 that weight grows linearly
     over the phase to ``penalty_weight * (1 + penalty_ramp)`` at its last step, which drives a search that would
     settle above its budget (the task loss holding the bits up) onto it by the end. ``distill`` adds knowledge
@@ -58,6 +75,8 @@ class TrainConfig:
     epochs: int = 2
     max_steps_per_epoch: int | None = None
     lr: float = 0.01
+    momentum: float = 0.9
+    nesterov: bool = False
     weight_decay: float = 5e-5
     quantizer_lr: float = 0.01
     penalty_weight: float = 5.0
@@ -78,6 +97,10 @@ class TrainConfig:
         for name in ("weight_decay", "penalty_weight", "penalty_ramp", "distill_weight"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if not 0 <= self.momentum < 1:
+            raise ConfigError(f"momentum must be in [0, 1), got {self.momentum}")
+        if self.nesterov and self.momentum == 0:
+            raise ConfigError("nesterov=True needs momentum > 0")
         if self.checkpoint_every < 1:
             raise ConfigError(f"checkpoint_every must be >= 1, got {self.checkpoint_every}")
 

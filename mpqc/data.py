@@ -30,6 +30,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
+from mpqc.augment import NO_AUGMENT, Augment, AugmentingCollate
 from mpqc.errors import ConfigError, DataError
 
 if TYPE_CHECKING:  # torchvision takes ~2 s to import: only where Fashion-MNIST is loaded
@@ -53,11 +54,13 @@ DIGITS_TRAIN_FRACTION = 0.8
 
 @dataclass(frozen=True)
 class DatasetInfo:
-    """What a model needs to know about a dataset: input shape of one sample and number of classes."""
+    """What a model needs to know about a dataset: input shape of one sample and number of classes; and the
+    augmentation its training loader applies with ``loaders(..., augment=True)``."""
 
     name: str
     input_shape: tuple[int, int, int]  # (channels, height, width)
     num_classes: int
+    augment: Augment = NO_AUGMENT  # what its training batches get with augment=True (:mod:`mpqc.augment`)
 
     @property
     def in_channels(self) -> int:
@@ -152,9 +155,12 @@ _Builder = Callable[[bool], Dataset]
 
 _DATASETS: dict[str, tuple[DatasetInfo, _Builder]] = {
     "fashion-mnist": (
-        DatasetInfo("fashion-mnist", (1, 28, 28), 10),
+        # Random crop of the image padded by 2 black pixels (0 before normalisation) and horizontal flips.
+        DatasetInfo("fashion-mnist", (1, 28, 28), 10,
+                    Augment(crop_pad=2, hflip=True, fill=-FASHION_MNIST_MEAN / FASHION_MNIST_STD)),
         lambda train: fashion_mnist(train=train),
     ),
+    # Digits are not mirror-symmetric and 8x8 leaves no room to crop: no augmentation by default.
     "digits": (DatasetInfo("digits", (1, 8, 8), 10), lambda train: digits(train=train)),
 }
 
@@ -181,8 +187,14 @@ def loaders(
     subset: int | None = None,
     val_subset: int | None = None,
     seed: int = 0,
+    augment: Augment | bool = False,
 ) -> tuple[DataLoader, DataLoader]:
     """Train and validation loaders for ``"fashion-mnist"`` or ``"digits"``.
+
+    ``augment``: what the *training* batches get (:mod:`mpqc.augment`): ``True`` the data set's own augmentation
+    (Fashion-MNIST: random crop with padding 2 and horizontal flip; digits: none), ``False`` (default) none, or an
+    :class:`~mpqc.augment.Augment`. Off by default: at short compute it cost the mixed-precision search more than
+    it gave (issue 18, ``bench/results/recipe.json``). The validation loader is never augmented.
 
     ``subset`` / ``val_subset`` keep the first N items of a permutation seeded from ``seed`` (for fast tests);
     ``None`` keeps the whole split.
@@ -196,7 +208,13 @@ def loaders(
     Raises:
         ConfigError: unknown ``name``, or a non-positive ``batch_size``, or a subset size outside [1, len(split)].
     """
-    _, build = _lookup(name)
+    info, build = _lookup(name)
+    if augment is True:
+        augment = info.augment
+    elif augment is False:
+        augment = NO_AUGMENT
+    elif not isinstance(augment, Augment):
+        raise ConfigError(f"augment must be True, False or an mpqc Augment, got {augment!r}")
     if batch_size < 1:
         raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
     train_set = _take_subset(build(True), subset, seed, what="subset")
@@ -207,6 +225,7 @@ def loaders(
         shuffle=True,
         generator=torch.Generator().manual_seed(seed),
         num_workers=0,
+        **({"collate_fn": AugmentingCollate(augment)} if augment.active else {}),
     )
     val_loader = DataLoader(val_set, batch_size=batch_size, shuffle=False, num_workers=0)
     return train_loader, val_loader

@@ -39,14 +39,16 @@ def train_fp32(
     lr: float = 0.1,
     seed: int = 0,
     progress: bool = True,
+    nesterov: bool = False,
 ) -> float:
     """Train ``model`` in place with SGD and a cosine schedule; return its validation top-1 accuracy in %.
 
-    SGD with momentum 0.9 and weight decay 5e-4 (4-d tensors channels-last while training, contiguous again
+    SGD with momentum 0.9 (Nesterov's with ``nesterov=True``) and weight decay 5e-4 (4-d tensors channels-last while training, contiguous again
     after); the learning rate follows a cosine from ``lr`` to 0 over all
     ``epochs * len(train_loader)`` steps. ``seed`` seeds the global torch RNG (for any randomness inside the
     model, such as dropout); the batch order comes from the train loader's own generator. Training runs on the
-    device of the model's parameters. ``progress`` shows a tqdm bar per epoch with the running loss and accuracy.
+    device of the model's parameters; the train loader's augmentation (:mod:`mpqc.augment`) draws from the
+    global RNG. ``progress`` shows a tqdm bar per epoch with the running loss and accuracy.
 
     Raises:
         ConfigError: ``epochs`` < 1.
@@ -60,7 +62,8 @@ def train_fp32(
     torch.manual_seed(seed)
     device = next(model.parameters()).device
     model.to(memory_format=torch.channels_last)  # 4-d weights NHWC: oneDNN trains convs ~17% faster (2-core AVX2)
-    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=MOMENTUM, nesterov=nesterov,
+                                weight_decay=WEIGHT_DECAY)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs * len(train_loader))
     loss_fn = nn.CrossEntropyLoss()
 
@@ -109,13 +112,19 @@ def cached_fp32(
     model_name: str | None = None,
     device: str | torch.device | None = None,
     progress: bool = True,
+    augment: bool = False,
+    nesterov: bool = False,
 ) -> nn.Module:
     """An fp32 model from ``model_fn()`` trained on ``data_name`` for ``epochs``, trained once and then cached.
 
     The ``state_dict`` lives at ``<cache_dir>/<model>-<data>-<epochs>ep.pt``; ``cache_dir`` defaults to
     ``cache_root() / "fp32"`` (``~/.cache/mpqc/fp32``, or ``$MPQC_CACHE/fp32``). ``<model>`` is ``model_name``
     or ``model_fn.__name__``. Non-default ``batch_size``, ``lr``, ``seed`` or ``subset`` are appended to the
-    file name (``-bs64-lr0.05-seed1-sub500``) so different recipes never share a file. Saving writes a temporary
+    file name (``-bs64-lr0.05-seed1-sub500``) so different recipes never share a file; so are ``-aug`` (the data
+    set's training augmentation, ``augment=True``) and ``-nesterov`` (Nesterov momentum, ``nesterov=True``); both are
+    off by default (issue 18's measurement, ``bench/results/recipe.json``), and a file without them was trained
+    without either.
+    Saving writes a temporary
     file and renames it into place; loading uses ``torch.load(weights_only=True)``.
 
     Training runs on ``device`` (default: CUDA if available, else CPU); the model is returned on the CPU in
@@ -130,7 +139,9 @@ def cached_fp32(
         raise ConfigError("cached_fp32 needs model_name= when model_fn has no __name__ (e.g. a partial)")
     dataset_info(data_name)  # refuse an unknown dataset before touching the cache
     directory = Path(cache_dir) if cache_dir is not None else cache_root() / "fp32"
-    path = directory / f"{name}-{data_name}-{epochs}ep{_recipe_suffix(batch_size, lr, seed, subset)}.pt"
+    augment = augment and dataset_info(data_name).augment.active
+    suffix = _recipe_suffix(batch_size, lr, seed, subset) + "-aug" * augment + "-nesterov" * nesterov
+    path = directory / f"{name}-{data_name}-{epochs}ep{suffix}.pt"
 
     model = model_fn()
     if path.is_file():
@@ -140,9 +151,10 @@ def cached_fp32(
 
     logger.info("no cached fp32 weights at %s; training %s on %s for %d epochs", path, name, data_name, epochs)
     device = torch.device(device) if device is not None else _default_device()
-    train_loader, val_loader = loaders(data_name, batch_size=batch_size, subset=subset, seed=seed)
+    train_loader, val_loader = loaders(data_name, batch_size=batch_size, subset=subset, seed=seed, augment=augment)
     model.to(device)
-    acc = train_fp32(model, train_loader, val_loader, epochs=epochs, lr=lr, seed=seed, progress=progress)
+    acc = train_fp32(model, train_loader, val_loader, epochs=epochs, lr=lr, seed=seed, progress=progress,
+                     nesterov=nesterov)
     model.cpu()
     atomic_torch_save(model.state_dict(), path)
     logger.info("trained fp32 %s on %s: val top-1 %.2f%%; saved to %s", name, data_name, acc, path)

@@ -4,7 +4,8 @@ Loss = the task's loss (:mod:`mpqc.task`; classification: cross-entropy), option
        distillation from the fp32 teacher
        + ``penalty_weight`` * (1 + ``penalty_ramp`` * progress) * budget penalty (search only)
        + every quantizer's ``extra_loss()``;  progress goes from 0 at the phase's first step to 1 at its last.
-Weights train with SGD (momentum 0.9, cosine schedule), quantizer parameters with Adam.
+Weights train with SGD (``TrainConfig.momentum``, Nesterov's by default, weight decay, cosine schedule), quantizer
+parameters with Adam and no weight decay.
 
 Exact resume: each epoch starts from ``torch.manual_seed(seed + epoch)`` (and re-seeds the train loader's own
 generator, if it has one), so an epoch's batch order is a function of the seed and the epoch alone. A checkpoint
@@ -106,7 +107,8 @@ def _train_phase(
     quantizer_params = [p for m in model.modules() if isinstance(m, Quantizer) for p in m.parameters(recurse=False)]
     quantizer_ids = {id(p) for p in quantizer_params}
     weight_params = [p for p in model.parameters() if id(p) not in quantizer_ids]
-    weight_opt = torch.optim.SGD(weight_params, lr=config.lr, momentum=0.9, weight_decay=config.weight_decay)
+    weight_opt = torch.optim.SGD(weight_params, lr=config.lr, momentum=config.momentum, nesterov=config.nesterov,
+                                 weight_decay=config.weight_decay)
     quant_opt = torch.optim.Adam(quantizer_params, lr=config.quantizer_lr) if quantizer_params else None
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(weight_opt, T_max=max(total_steps, 1))
 

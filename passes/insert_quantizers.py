@@ -13,7 +13,10 @@ Requires:   ``analyze_layers`` has run (``node.meta[LAYER_META]``); batch norms 
 Ensures:    every quantized layer node has ``node.meta[INPUT_QUANTIZER_META]`` = the qualified name of its input
             quantizer; activation quantizers are unsigned where the tensor is non-negative by construction
             (ReLU-like producers, pools/reshapes of those) or, for graph inputs, on all calibration data;
-            quantizer ranges are initialised from calibration data (``calibration_inputs``).
+            activation ranges start at the ``config.activation_percentile`` of the calibration data
+            (``calibration_inputs``; of ``|x|`` where signed), weight ranges per output channel at the clipping
+            level ``config.weight_init`` picks at the quantizer's starting bits (default: the MSE search of
+            :mod:`mpqc.quantizers.calibration`); every method learns them from there.
             A residual add whose result (after ReLU/clamp) is not itself a layer's input, and the float input
             of an average pool, get a fixed ``residual_bits`` quantizer (``act_quantizers.<node>_out``), so the
             integer program never sums floats. The operands other ops need as codes (the op registry's
@@ -45,6 +48,7 @@ from mpqc.passes.analyze_layers import layer_nodes
 from mpqc.qmodules import quantized_version
 from mpqc.quantizers import FixedQuantizer, QuantMethod, Quantizer
 from mpqc.quantizers.base import positive_levels
+from mpqc.quantizers.calibration import percentile_range, weight_clip
 
 #: The widest code an operand quantizer may learn: lookup tables index 2^b entries.
 MAX_OPERAND_BITS = 8
@@ -171,7 +175,8 @@ def insert_quantizers(
             raise MpqcError(f"layer input is not a graph value: {node.format_node()}")
     operands = _operand_points(gm, set(sources.values()))
     residual_ends = _requantize_points(gm, layers, set(sources.values()) | set(operands))
-    stats = _calibrate(gm, set(sources.values()) | set(operands) | set(residual_ends), calibration_inputs)
+    stats = _calibrate(gm, set(sources.values()) | set(operands) | set(residual_ends), calibration_inputs,
+                       config.activation_percentile)
     gm.add_submodule(ACT_QUANTIZERS, nn.ModuleDict())
     _quantize_tables(gm, tables, method, config)
     quantizer_of: dict[Node, str] = {}
@@ -179,9 +184,9 @@ def insert_quantizers(
     fixed = config.first_last == "fixed"
 
     def signed_and_range(source: Node) -> tuple[bool, float]:
-        low, high = stats[source]
+        low, magnitude, positive = stats[source]
         signed = not (ops.is_nonnegative(gm, source) or (source.op == "placeholder" and low >= 0))
-        return signed, max(high, -low if signed else 0.0, 1e-4)
+        return signed, max(magnitude if signed else positive, 1e-4)
 
     def fixed_quantizer(source: Node, bits: int) -> FixedQuantizer:
         signed, dynamic_range = signed_and_range(source)
@@ -220,6 +225,9 @@ def insert_quantizers(
             weight_quantizer: Quantizer = FixedQuantizer(bits, True, scale, per_channel=True)
         else:
             weight_quantizer = method.weight_quantizer(layer.weight, config.init_bits, config.weight_bits)
+            bits = min(max(config.init_bits, config.weight_bits.min_bits), config.weight_bits.max_bits)
+        if config.weight_init != "max":
+            weight_quantizer.init_weight_clip_(layer.weight, weight_clip(layer.weight, bits, config.weight_init))
         replace_submodule(gm, node.target, quantized_version(layer, weight_quantizer))
 
     _record_activations_and_products(gm, [quantizer_of[point] for point in operands], set(layers))
@@ -363,9 +371,11 @@ def replace_submodule(gm: GraphModule, target: str, module: nn.Module) -> None:
     setattr(gm.get_submodule(parent_name) if parent_name else gm, child, module)
 
 
-def _calibrate(gm: GraphModule, nodes: set[Node], inputs: tuple) -> dict[Node, tuple[float, float]]:
-    """(min, max) of each node's value over one forward pass of ``inputs``."""
-    stats: dict[Node, tuple[float, float]] = {}
+def _calibrate(gm: GraphModule, nodes: set[Node], inputs: tuple,
+               percentile: float) -> dict[Node, tuple[float, float, float]]:
+    """(min, ``percentile`` of the magnitudes, ``percentile`` of the positive parts) of each node's value over one
+    forward pass of ``inputs``."""
+    stats: dict[Node, tuple[float, float, float]] = {}
 
     class Recorder(Interpreter):
         def run_node(self, n: Node):
@@ -373,7 +383,8 @@ def _calibrate(gm: GraphModule, nodes: set[Node], inputs: tuple) -> dict[Node, t
             if n in nodes:
                 if not isinstance(value, Tensor):
                     raise MpqcError(f"layer input is not a tensor: {n.format_node()}")
-                stats[n] = (float(value.min()), float(value.max()))
+                stats[n] = (float(value.min()), percentile_range(value, percentile, signed=True),
+                            percentile_range(value, percentile, signed=False))
             return value
 
     with torch.no_grad():

@@ -19,13 +19,12 @@ Rewrites to: the layer without the other channels (weight rows, bias entries, th
             Given the budget, more channels go (fewest searched bits first) until the budget fits with every
             learnable quantizer at its minimum bits, so that ``freeze`` can meet it.
 Requires:   ``insert_quantizers`` and ``mark_prunable`` have run; the search is over.
-Ensures:    at least one channel stays per layer. Every kept channel outputs what it did: the per-channel weight
-            scale follows the row's largest weight, so ``Q(g w) = g Q(w)`` for the folded gate ``g``. A removed
-            channel at exactly 0 bits output exactly 0 (its weight and bias were scaled by its gate, 0) and
-            every op between it and its readers keeps 0 at 0, so removing it leaves the graph's output unchanged
-            (tested), with one exception by design: a reader whose per-channel weight scale follows its row's
-            largest weight (the learned-range quantizers do) and whose largest weight was on a removed column
-            gets a finer grid for that row, as the dead column no longer counts. A removed channel at
+Ensures:    at least one channel stays per layer. Every kept channel outputs what it did: its learned per-channel
+            weight scale is multiplied by the gate folded into its row, so ``Q(g w) = g Q(w)`` for the folded gate
+            ``g``. A removed channel at exactly 0 bits output exactly 0 (its weight and bias were scaled by its
+            gate, 0) and every op between it and its readers keeps 0 at 0, so removing it leaves the graph's
+            output unchanged (tested); the readers' per-channel scales are learned parameters, which removing a
+            column leaves as they were. A removed channel at
             ``0 < b < min_bits`` still contributed ``(b / min_bits) Q_min``: removing it is the same kind of
             rounding as freezing the bits, and its mean over the calibration inputs goes into the bias of each
             reader that has one (for a linear reader the output's mean over those inputs is unchanged, tested;

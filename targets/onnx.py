@@ -90,7 +90,8 @@ onnxruntime's CPU provider runs the model with its default options, every requan
 accumulators agree with the reference (within 1 LSB), and end to end >= 99.9% of all codes are within 1 LSB
 (``onnx_check.contract_violations``). A requantisation region that does arithmetic (a residual add, an unfoldable
 BatchNorm) is written in units of ``s_out`` exactly as the reference computes it, its summed convs as ConvInteger
-(``targets/onnx_regions.py``), so ResNet-20, ResNeXt-50, RegNetX-800MF, Inception-v3 and a small DenseNet at random
+(``targets/onnx_regions.py``); so is a graph input's quantizer (``x * fp32(1 / s)`` then QuantizeLinear at scale 1:
+onnxruntime's ``QuantizeLinear(x, s)`` divides, which flips a code where ``x / s`` is within an ulp of a half); so ResNet-20, ResNeXt-50, RegNetX-800MF, Inception-v3 and a small DenseNet at random
 mixed 2-8 bits are exact in onnxruntime end to end. What can remain are 1-LSB flips at rounding ties in regions left
 on real values (leaves that are products, lookups or average pools); in deep nets at low bits one flip spreads to
 later codes.

@@ -21,6 +21,11 @@ IEEE fp32 or exact integer one that onnxruntime computes exactly like PyTorch:
   the monotone fp32 rounding), times the concatenated per-channel ``M[c]``;
 * the steps: ``add`` / ``sub`` -> Add / Sub, ``relu`` -> Relu, ``batch_norm`` -> Mul by ``fp32(a)`` then Add
   ``fp32(b / s_out)``;
+* a float leaf (a graph input ``x``): ``x`` times ``fp32(1 / s_out)``, as the reference computes it. onnxruntime's
+  ``QuantizeLinear(x, s)`` divides instead, and ``x / s`` and ``x * fp32(1 / s)`` differ by an ulp often enough
+  to flip a code where the quotient is within an ulp of a half (mobilenet_v2 at random bits, a 6-bit input
+  quantizer: ``2.2875917 / s`` is 19.499998, ``2.2875917 * fp32(1 / s)`` is 19.5, codes 19 and 20), and one
+  flipped input code spreads end to end; so every region with a float leaf is written in units;
 * then ``QuantizeLinear`` at scale 1 (the value is already in units of ``s_out``: round half to even, saturate) and
   the integer Clip, as for every quantizer (``targets/onnx.py``).
 
@@ -45,6 +50,8 @@ from mpqc.reference import IntNode
 UNIT_STEPS = ("add", "sub", "relu", "batch_norm")
 #: Steps that do arithmetic: a region holding one is worth writing in units (relu alone fuses exactly).
 ARITHMETIC_STEPS = ("add", "sub", "batch_norm")
+#: Program ops whose value is a float tensor (graph inputs): a region reading one is always written in units.
+FLOAT_LEAVES = ("input",)
 LAYER_LEAVES = ("conv1d", "conv2d", "linear")
 #: Program ops whose integer value keeps the per-tensor scale of its inputs.
 SCALE_KEEPING = ("identity", "cat", "stack", "reshape", "flatten", "permute", "transpose", "getitem", "slice",
@@ -122,6 +129,8 @@ def _exact_channel_integers(b: Any, name: str, layers: dict[str, dict[str, Any]]
 
 
 def _leaf_supported(b: Any, leaf: IntNode, layers: dict[str, dict[str, Any]]) -> bool:
+    if leaf.op in FLOAT_LEAVES:
+        return True
     if leaf.name in b.quantizers:
         return b.quantizers[leaf.name]["storage"] == "UINT8"
     if static_scale(b, leaf.name) is not None:
@@ -142,7 +151,8 @@ def region_in_units(b: Any, node: IntNode, label: str, s_out: float) -> str | No
     region = node.attrs.get("region") or {}
     steps = [b.by_name[name] for name in region.get("steps", [])]
     leaves = [b.by_name[name] for name in region.get("leaves", [])]
-    if not any(step.op in ARITHMETIC_STEPS for step in steps) or any(step.op not in UNIT_STEPS for step in steps):
+    arithmetic = any(step.op in ARITHMETIC_STEPS for step in steps) or any(leaf.op in FLOAT_LEAVES for leaf in leaves)
+    if not arithmetic or any(step.op not in UNIT_STEPS for step in steps):
         return None
     layers = _layer_entries(b)
     if not leaves or not all(_leaf_supported(b, leaf, layers) for leaf in leaves):
@@ -182,6 +192,8 @@ def region_in_units(b: Any, node: IntNode, label: str, s_out: float) -> str | No
 def _leaf_integers(b: Any, leaf: IntNode, layers: dict[str, dict[str, Any]], prefix: str) -> tuple[str, torch.Tensor]:
     """The fp32 tensor of the exact integers ``leaf`` holds and their scale (float64, the reference's: one value, or
     one per channel shaped to broadcast)."""
+    if leaf.op in FLOAT_LEAVES:  # a float tensor: x * fp32(1 / s_out), the reference's order
+        return leaf.name, torch.tensor(1.0, dtype=torch.float64)
     if leaf.name in b.quantizers:  # codes: Cast - z
         info = b.quantizers[leaf.name]
         b.add("Cast", [info["tensor"]], [f"{prefix}.float"], f"{prefix}/Cast", to=TensorProto.FLOAT)

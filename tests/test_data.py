@@ -122,6 +122,50 @@ def test_train_loader_is_reproducible_for_a_seed():
     assert not torch.equal(images_a, images_c)
 
 
+def _crops_and_flips(image: torch.Tensor, pad: int, fill: float) -> list[torch.Tensor]:
+    """Every image the augmentation may make of ``image`` [C, H, W]: each crop of the padded image, flipped or not."""
+    height, width = image.shape[1:]
+    padded = torch.nn.functional.pad(image, (pad, pad, pad, pad), value=fill)
+    crops = [padded[:, dy:dy + height, dx:dx + width] for dy in range(2 * pad + 1) for dx in range(2 * pad + 1)]
+    return crops + [crop.flip(-1) for crop in crops]
+
+
+@needs_fashion_mnist
+def test_fashion_mnist_train_batches_are_augmented_under_the_seed_and_val_is_untouched():
+    from mpqc.augment import augmentation_off
+
+    train, val = data.loaders("fashion-mnist", batch_size=32, subset=64, val_subset=32, augment=True)
+    plain, _ = data.loaders("fashion-mnist", batch_size=32, subset=64)  # off by default
+    val_images, _ = next(iter(val))
+    assert torch.equal(val_images, torch.stack([val.dataset[i][0] for i in range(32)]))  # eval data untouched
+    torch.manual_seed(5)
+    images, labels = next(iter(train))
+    torch.manual_seed(5)
+    train.generator.manual_seed(0)
+    again, _ = next(iter(train))
+    assert torch.equal(images, again)  # the same batch under the same seed
+    raw, raw_labels = next(iter(plain))
+    assert torch.equal(labels, raw_labels)  # augmentation draws from the global RNG, not the shuffle's generator
+    assert not torch.equal(images, raw)
+    fill = -data.FASHION_MNIST_MEAN / data.FASHION_MNIST_STD
+    for augmented, original in zip(images, raw):  # each image is a crop (pad 2, black) of its own, maybe flipped
+        assert any(torch.equal(augmented, c) for c in _crops_and_flips(original, 2, fill))
+    train.generator.manual_seed(0)  # the loaders' shuffles start from seed 0
+    with augmentation_off(train):
+        assert torch.equal(next(iter(train))[0], raw)  # calibration batches are not augmented
+
+
+def test_augment_refuses_bad_settings_and_non_images():
+    from mpqc.augment import Augment
+
+    with pytest.raises(ConfigError, match="crop_pad"):
+        Augment(crop_pad=-1)
+    with pytest.raises(ConfigError, match="image batches"):
+        Augment(hflip=True)(torch.zeros(4, 8))
+    with pytest.raises(ConfigError, match="augment must be"):
+        data.loaders("digits", batch_size=8, augment="yes")
+
+
 def test_train_loader_reseeded_per_epoch_repeats_the_epoch():
     train, _ = data.loaders("digits", batch_size=16, subset=200, seed=3)
     train.generator.manual_seed(7)
@@ -243,7 +287,7 @@ def test_cached_fp32_trains_once_then_loads(tmp_path, monkeypatch, caplog):
     monkeypatch.setenv("MPQC_CACHE", str(tmp_path))
     with caplog.at_level("INFO", logger="mpqc.pretrain"):
         trained = cached_fp32(models.small_cnn, "digits", epochs=1, subset=128, progress=False)
-    path = tmp_path / "fp32" / "small_cnn-digits-1ep-sub128.pt"
+    path = tmp_path / "fp32" / "small_cnn-digits-1ep-sub128.pt"  # neither -aug nor -nesterov by default
     assert path.is_file() and [p.name for p in path.parent.iterdir()] == [path.name]
     assert "training small_cnn" in caplog.text
 
@@ -260,6 +304,6 @@ def test_cached_fp32_refuses_a_file_that_does_not_fit(tmp_path):
     from mpqc.errors import CheckpointError
     from mpqc.pretrain import cached_fp32
 
-    torch.save({"bogus": torch.zeros(1)}, tmp_path / "small_cnn-digits-1ep.pt")
+    torch.save({"bogus": torch.zeros(1)}, tmp_path / "small_cnn-digits-1ep.pt")  # the name of the old recipe's file
     with pytest.raises(CheckpointError, match="delete the file to retrain"):
         cached_fp32(models.small_cnn, "digits", epochs=1, cache_dir=tmp_path, progress=False)

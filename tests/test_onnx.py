@@ -249,8 +249,9 @@ def test_more_than_8_bits_are_stored_in_16_bit_types(tmp_path):
 @settings(max_examples=20, deadline=None)
 @given(bits=st.integers(2, 8), signed=st.booleans(), scale=st.floats(2.0**-10, 16.0, width=32))
 def test_quantize_then_clip_is_the_integer_clamp_of_the_rounded_value(bits, signed, scale):
-    """onnxruntime's codes equal clamp(round_half_even(fp32(x / s)), qmin, qmax) exactly, at the range's ends,
-    just past them and at every rounding tie."""
+    """onnxruntime's codes equal the reference's clamp(round_half_even(x * fp32(1 / s)), qmin, qmax) exactly, at the
+    range's ends, just past them and at every rounding tie (where onnxruntime's own ``QuantizeLinear(x, s)``, which
+    divides, differs: the export multiplies first, ``targets/onnx_regions.py``)."""
     qmin, qmax = integer_range(bits, signed)
     program = IntegerProgram([IntNode("x", "input", []), IntNode("q", "quantize", ["x"], {
         "bits": bits, "signed": signed, "scale": scale, "module": "q"})], ["q"])
@@ -264,7 +265,9 @@ def test_quantize_then_clip_is_the_integer_clamp_of_the_rounded_value(bits, sign
     ]).astype(np.float32)
     model, _ = build_onnx(program, input_shapes=[x.shape])
     codes = np.rint(inference_session(model.SerializeToString()).run(["q"], {"x": x})[0] / s)
-    assert np.array_equal(codes, np.clip(np.rint(x / s), qmin, qmax))
+    expected = np.clip(np.rint(x * np.float32(1 / np.float64(s))), qmin, qmax)
+    assert np.array_equal(expected, program.run_all(torch.from_numpy(x))["q"].q.numpy())
+    assert np.array_equal(codes, expected)
 
 
 # ------------------------------------------------------------------------------------------------ structure

@@ -140,6 +140,12 @@ class Quantizer(nn.Module):
         and bias first); called on the quantizers for which ``enable_pruning`` returned True."""
         raise NotImplementedError(f"{type(self).__name__} does not prune channels")
 
+    def init_weight_clip_(self, weight: Tensor, clip: Tensor) -> None:
+        """Start this weight quantizer's per-output-channel range at ``clip`` ``[C]`` (largest representable
+        magnitude per channel, e.g. from :func:`mpqc.quantizers.calibration.mse_channel_clip`) on the layer's
+        ``weight``; the range is learned from there."""
+        raise NotImplementedError(f"{type(self).__name__} has no per-channel weight range to initialise")
+
     def encoded_weight(self, weight: Tensor) -> Tensor:
         """The float weight the layer keeps when this (weight) quantizer is frozen: ``weight`` itself, unless the
         method represents the weight its own way during the search (CSQ's bit-planes), then the weight that
@@ -194,6 +200,13 @@ class FixedQuantizer(Quantizer):
         new_levels = integer_range(bits, self.signed)[1]
         scale = self.scale.detach() * self.qmax / new_levels
         return FixedQuantizer(bits, self.signed, scale, self.per_channel)
+
+    @torch.no_grad()
+    def init_weight_clip_(self, weight: Tensor, clip: Tensor) -> None:
+        if not self.per_channel or clip.numel() != self.log_scale.numel():
+            raise ConfigError(f"FixedQuantizer with {self.log_scale.numel()} scale(s) cannot take {clip.numel()} "
+                              "per-channel clipping levels")
+        self.log_scale.copy_((clip.reshape(-1).float() / self.qmax).clamp_min(1e-12).log())
 
     def frozen(self) -> FrozenQuant:
         return FrozenQuant(self.fixed_bits, self.signed, self.scale.detach().clone())

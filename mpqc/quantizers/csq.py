@@ -138,20 +138,30 @@ class CSQWeightQuantizer(_Annealed):
         self.bit_range = bit_range
         self._init_schedule(start_temperature, final_temperature)
         planes = bit_range.max_bits - 1
-        # The pretrained weight in sign-magnitude binary at the largest precision (the paper's ini2bit).
-        gamma = channel_max(weight)
+        self.value_logit = float(value_logit)
+        self.pos_logits = nn.Parameter(torch.empty((planes, *weight.shape)))
+        self.neg_logits = nn.Parameter(torch.empty((planes, *weight.shape)))
+        self.log_scale = nn.Parameter(torch.empty(weight.shape[0]))
+        self.init_weight_clip_(weight, channel_max(weight))
+        self.gate_logits = nn.Parameter(_gate_logits(init_bits, bit_range, gate_logit))
+        self.register_buffer("powers", 2.0 ** torch.arange(planes, dtype=torch.float32), persistent=False)
+
+    @torch.no_grad()
+    def init_weight_clip_(self, weight: Tensor, clip: Tensor) -> None:
+        """Encode ``weight`` clipped per channel at ``clip`` in sign-magnitude binary at the largest precision
+        (the paper's ini2bit, with the clipping level instead of the largest magnitude)."""
+        planes, value_logit = self.planes, self.value_logit
+        gamma = clip.reshape(-1).float().clamp_min(1e-8)
         shape = [-1] + [1] * (weight.dim() - 1)
         top = 2**planes - 1
         codes = torch.clamp(torch.round(weight.detach().abs() / gamma.reshape(shape) * top), 0, top).long()
         bit_values = torch.stack([(codes >> i) & 1 for i in range(planes)]).bool()  # [planes, *weight.shape]
         positive = (weight.detach() > 0).unsqueeze(0)
-        self.pos_logits = nn.Parameter(torch.where(bit_values & positive, value_logit, -value_logit).float())
-        self.neg_logits = nn.Parameter(torch.where(bit_values & ~positive, value_logit, -value_logit).float())
-        self.gate_logits = nn.Parameter(_gate_logits(init_bits, bit_range, gate_logit))
+        self.pos_logits.copy_(torch.where(bit_values & positive, value_logit, -value_logit))
+        self.neg_logits.copy_(torch.where(bit_values & ~positive, value_logit, -value_logit))
         # A set bit starts at sigmoid(T0 a) - sigmoid(-T0 a) < 1: the scale makes up for it.
-        set_bit = math.tanh(start_temperature * value_logit / 2)
-        self.log_scale = nn.Parameter(torch.log(gamma / (top * set_bit)))
-        self.register_buffer("powers", 2.0 ** torch.arange(planes, dtype=torch.float32), persistent=False)
+        set_bit = math.tanh(self.start_temperature * value_logit / 2)
+        self.log_scale.copy_(torch.log(gamma / (top * set_bit)))
 
     @property
     def planes(self) -> int:

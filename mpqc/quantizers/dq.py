@@ -17,8 +17,10 @@ Two implementation choices, both documented here because they differ from a lite
 
 * ``d`` and ``q_max`` are stored as logarithms (``log_step``, ``log_range``) so they stay positive under any
   optimizer step; the quantizer is still a function of (d, q_max) and bits are inferred from them.
-* Weights are quantized per output channel: each channel is first normalised by its (detached) largest magnitude
-  ``gamma_c``, and one (d, q_max) pair per layer acts on the normalised weights. The effective per-channel step is
+* Weights are quantized per output channel: each channel is first normalised by a learned scale ``gamma_c``
+  (stored as ``log_gamma``; it starts at the channel's largest magnitude, or at the clipping level
+  ``init_weight_clip_`` gives it, the MSE search of :mod:`mpqc.quantizers.calibration` when ``insert_quantizers``
+  builds it), and one (d, q_max) pair per layer acts on the normalised weights. The effective per-channel step is
   ``gamma_c * d``; the bit-width is one per layer, which is what the budgets and lowering consume.
 """
 from __future__ import annotations
@@ -107,20 +109,24 @@ class DQWeightQuantizer(_DQQuantizer):
     def __init__(self, weight: Tensor, init_bits: int = 8, bit_range: BitRange = BitRange()) -> None:
         # Weights are normalised per channel to [-1, 1]: a range above 1 would only waste levels.
         super().__init__(signed=True, dynamic_range=1.0, init_bits=init_bits, bit_range=bit_range, max_range=1.0)
+        self.log_gamma = nn.Parameter(channel_max(weight).log())
 
-    @staticmethod
-    def channel_max(w: Tensor) -> Tensor:
-        """Per-output-channel largest magnitude, shaped to broadcast against ``w`` (detached)."""
-        return channel_max(w).reshape([-1] + [1] * (w.dim() - 1))
+    def gamma(self, ndim: int) -> Tensor:
+        """The learned per-output-channel normalisation, shaped to broadcast against an ``ndim``-d weight."""
+        return self.log_gamma.exp().reshape([-1] + [1] * (ndim - 1))
+
+    @torch.no_grad()
+    def init_weight_clip_(self, weight: Tensor, clip: Tensor) -> None:
+        self.log_gamma.copy_(clip.reshape(-1).float().clamp_min(1e-8).log())
 
     def forward(self, w: Tensor) -> Tensor:
-        gamma = self.channel_max(w)
+        gamma = self.gamma(w.dim())
         return gamma * self._quantize(w / gamma)
 
     def to_fixed(self, bits: int, weight: Tensor | None = None) -> FixedQuantizer:
         if weight is None:
             raise TypeError("a weight quantizer needs the layer's weight to freeze its per-channel scales")
-        scale = self.channel_max(weight).reshape(-1) * self._fixed_step(bits)
+        scale = self.log_gamma.detach().exp() * self._fixed_step(bits)
         return FixedQuantizer(bits, signed=True, scale=scale, per_channel=True)
 
 

@@ -53,9 +53,9 @@ class _FracBitsQuantizer(LearnedRangeQuantizer):
 
     def __init__(
         self, signed: bool, dynamic_range: float, init_bits: int, bit_range: BitRange, per_channel: bool,
-        channels: int | None = None, max_range: float | None = None,
+        channels: int | None = None, max_range: float | None = None, weight: Tensor | None = None,
     ) -> None:
-        super().__init__(signed, dynamic_range, bit_range, per_channel, max_range)
+        super().__init__(signed, dynamic_range, bit_range, per_channel, max_range, weight)
         init = float(min(max(init_bits, bit_range.min_bits), bit_range.max_bits))
         self.frac_bits = nn.Parameter(torch.full((channels,), init) if channels else torch.tensor(init))
         self.prunable = False
@@ -116,6 +116,10 @@ class _FracBitsQuantizer(LearnedRangeQuantizer):
     def keep_channels_(self, keep: Tensor) -> None:
         if not self.prunable:
             raise NotImplementedError("pruning is not enabled on this FracBits quantizer")
+        # The kept channels' gates are folded into their weight rows (``prune_channels``): their scales follow,
+        # so that Q(g w) = g Q(w).
+        gate = self.channel_gate().detach()[keep].clamp_min(1e-8)
+        self.log_gamma = nn.Parameter(self.log_gamma[keep] + gate.log())
         self.frac_bits = nn.Parameter(self.frac_bits[keep].clamp_min(self.bit_range.min_bits))
 
     @torch.no_grad()
@@ -146,7 +150,7 @@ class FracBitsWeightQuantizer(_FracBitsQuantizer):
         polarization: float = POLARIZATION_WEIGHT,
     ) -> None:
         super().__init__(True, 1.0, init_bits, bit_range, per_channel=True,
-                         channels=weight.shape[0] if kernel_wise else None, max_range=1.0)
+                         channels=weight.shape[0] if kernel_wise else None, max_range=1.0, weight=weight)
         self.polarization = polarization
 
     def forward(self, w: Tensor) -> Tensor:

@@ -125,9 +125,9 @@ class _SDQQuantizer(LearnedRangeQuantizer):
 
     def __init__(
         self, signed: bool, dynamic_range: float, init_bits: int, bit_range: BitRange, per_channel: bool,
-        max_range: float | None = None,
+        max_range: float | None = None, weight: Tensor | None = None,
     ) -> None:
-        super().__init__(signed, dynamic_range, bit_range, per_channel, max_range)
+        super().__init__(signed, dynamic_range, bit_range, per_channel, max_range, weight)
         low, high = bit_range.min_bits, bit_range.max_bits
         init_bits = min(max(int(init_bits), low), high)
         lower = min(max(init_bits - 1, low), max(low, high - 1))
@@ -193,7 +193,7 @@ class SDQWeightQuantizer(_SDQQuantizer):
     def __init__(
         self, weight: Tensor, init_bits: int = 8, bit_range: BitRange = BitRange(), ebr_weight: float = EBR_WEIGHT
     ) -> None:
-        super().__init__(True, 1.0, init_bits, bit_range, per_channel=True, max_range=1.0)
+        super().__init__(True, 1.0, init_bits, bit_range, per_channel=True, max_range=1.0, weight=weight)
         self.ebr_weight = ebr_weight
 
     def forward(self, w: Tensor) -> Tensor:

@@ -5,8 +5,9 @@ At ``k`` bits a tensor is quantized the way :class:`~mpqc.quantizers.base.FixedQ
     Q_k(x) = s_k * clamp(round(x / s_k), qmin_k, qmax_k),     s_k = alpha / L_k,   L_k = qmax_k
 
 * activations: one learned range ``alpha`` per tensor (PACT-style clipping level, initialised from calibration);
-* weights: per output channel, ``s_{k,c} = gamma_c * alpha / L_k`` with ``gamma_c = max |w_c|`` (detached) and
-  one learned ``alpha <= 1`` per layer acting on the normalised weights, as DQ does.
+* weights: per output channel, ``s_{k,c} = gamma_c * alpha / L_k`` with a learned ``gamma_c`` (``log_gamma``,
+  starting at ``max |w_c|`` or at the clipping level ``init_weight_clip_`` gives it) and one learned
+  ``alpha <= 1`` per layer acting on the normalised weights, as DQ does.
 
 ``alpha`` is stored as ``log_range`` (positive under any optimizer step) and learned through the
 straight-through round (LSQ-style gradients). :meth:`LearnedRangeQuantizer.quantize_at` computes the rounding
@@ -35,7 +36,7 @@ class LearnedRangeQuantizer(Quantizer):
 
     def __init__(
         self, signed: bool, dynamic_range: float, bit_range: BitRange, per_channel: bool,
-        max_range: float | None = None,
+        max_range: float | None = None, weight: Tensor | None = None,
     ) -> None:
         super().__init__()
         self.signed = signed
@@ -43,12 +44,22 @@ class LearnedRangeQuantizer(Quantizer):
         self.bit_range = bit_range
         self.max_range = max_range
         self.log_range = nn.Parameter(torch.tensor(math.log(max(dynamic_range, 1e-4))))
+        if per_channel:
+            if weight is None:
+                raise TypeError("a per-channel (weight) quantizer needs the layer's weight")
+            self.log_gamma = nn.Parameter(channel_max(weight).log())
+
+    @torch.no_grad()
+    def init_weight_clip_(self, weight: Tensor, clip: Tensor) -> None:
+        if not self.per_channel:
+            super().init_weight_clip_(weight, clip)
+        self.log_gamma.copy_(clip.reshape(-1).float().clamp_min(1e-8).log())
 
     def scale_at(self, bits: int | Tensor, x: Tensor) -> Tensor:
-        """Flat scale(s) at ``bits``: ``[C]`` per output channel of the weight ``x``, or ``[1]``."""
+        """Flat scale(s) at ``bits``: ``[C]`` per output channel of a weight, or ``[1]``."""
         alpha = self.log_range.exp()
         if self.per_channel:
-            return channel_max(x) * alpha / positive_levels(bits, True)
+            return self.log_gamma.exp() * alpha / positive_levels(bits, True)
         return (alpha / positive_levels(bits, self.signed)).reshape(-1)
 
     def quantize_at(self, x: Tensor, bits: int | Tensor) -> Tensor:
