@@ -72,11 +72,12 @@ def _number(value: Any, what: str) -> float:
     return float(value)
 
 
-def _tensor_operands(gm: GraphModule, what: str, *values: Any) -> list[Node]:
-    """The operands that are graph tensors; a constant tensor (``get_attr``) or a shape value is refused."""
+def _tensor_operands(gm: GraphModule, what: str, *values: Any, constants: bool = False) -> list[Node]:
+    """The operands that are graph tensors; a constant tensor (``get_attr``; allowed with ``constants``: a float
+    value of the program) or a shape value is refused."""
     tensors = [v for v in values if isinstance(v, Node)]
     for v in tensors:
-        if v.op == "get_attr":
+        if v.op == "get_attr" and not constants:
             raise Unsupported(f"{what} with a constant tensor operand {v.target!r} (only a Python number or a "
                               "graph tensor computed from the inputs)")
         if is_bookkeeping(gm, v):
@@ -103,7 +104,7 @@ def sum_node(gm: GraphModule, node: Node, *, subtract: bool = False) -> IntNode:
     a, b = _operands(node, what)
     if node.target is aten.rsub.Scalar:
         a, b = b, a  # rsub(x, c) = c - x
-    tensors = _tensor_operands(gm, what, a, b)
+    tensors = _tensor_operands(gm, what, a, b, constants=True)  # x + table: a float leaf (position embeddings)
     if len(tensors) == 2:
         return IntNode(node.name, "sub" if subtract else "add", [a.name, b.name])
     if not tensors:
@@ -182,7 +183,9 @@ class Mul(OpDef):
 
     def quantized_operands(self, gm, node):
         tensors = [a for a in node.args if isinstance(a, Node)]
-        return tensors if len(tensors) == 2 else []  # x * c is a scale change: integer or float, no codes needed
+        if len(tensors) != 2 or is_bookkeeping(gm, node) or any(t.op == "get_attr" for t in tensors):
+            return []  # shape values compute no tensor; a constant factor is refused by ``describe``
+        return tensors  # x * c is a scale change: integer or float, no codes needed
 
     def describe(self, gm, node, frozen):
         a, b = _operands(node, "multiplication")
