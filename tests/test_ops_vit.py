@@ -1,13 +1,16 @@
-"""Vision transformers through every stage (issue 15): torchvision's ``VisionTransformer`` (``nn.MultiheadAttention``
-with its packed projections, the class token, the position embedding, the class token picked from the output)."""
+"""Vision transformers and ConvNeXt through every stage (issue 15), each a tiny 1-block config of the torchvision
+family: ``VisionTransformer`` (``nn.MultiheadAttention`` with its packed projections, the class token, the position
+embedding, the class token picked from the output), ``ConvNeXt`` (LayerNorm over channels between permutes, layer
+scale, depthwise 7x7), ``SwinTransformer`` (captured through torch.export: roll, pad, window partitions, the relative
+position bias gathered from its table and the shifted-window mask folded into constants)."""
 from __future__ import annotations
-
-import time
 
 import pytest
 import torch
 from torch import nn
 from torchvision.models import VisionTransformer
+from torchvision.models.convnext import CNBlockConfig, ConvNeXt
+from torchvision.models.swin_transformer import SwinTransformer
 
 from mpqc import pipeline
 from test_ops_transformer import (_assert_onnxruntime_agrees, _assert_reference_matches_fake_quant,
@@ -57,3 +60,45 @@ def test_tiny_vit_goes_through_every_stage(tmp_path):
     _assert_reference_matches_fake_quant(gm, program, inputs)
     _assert_tvm_bit_exact(program, inputs)
     _assert_onnxruntime_agrees(program, inputs, tmp_path)
+
+
+def tiny_convnext() -> nn.Module:
+    torch.manual_seed(0)
+    return ConvNeXt([CNBlockConfig(16, 32, 1), CNBlockConfig(32, None, 1)], stochastic_depth_prob=0.1,
+                    layer_scale=0.5, num_classes=10).eval()
+
+
+def tiny_swin() -> nn.Module:
+    """Two blocks (the second shifted, so the window mask and both rolls are there) and a patch merging."""
+    torch.manual_seed(0)
+    return SwinTransformer(patch_size=[4, 4], embed_dim=16, depths=[2, 1], num_heads=[2, 2], window_size=[4, 4],
+                           stochastic_depth_prob=0.1, num_classes=10).eval()
+
+
+FAMILIES = {"convnext": (tiny_convnext, (2, 3, 28, 28), {"layer_norm", "permute", "mul", "constant", "lookup"}),
+            "swin": (tiny_swin, (2, 3, 32, 32), {"roll", "pad", "softmax", "constant", "matmul"})}
+
+
+def _every_stage(family: str, tmp_path, tvm: bool) -> None:
+    """The family's tiny model at random mixed 2-8 bits: reference vs fake-quant stepwise, onnxruntime within the
+    contract, and (``tvm``) TVM bit-exact at every quantizer."""
+    build, shape, expected_ops = FAMILIES[family]
+    x = torch.randn(*shape, generator=torch.Generator().manual_seed(0))
+    gm, program, inputs, chosen = _program(build(), (x,), seed=2)
+    assert expected_ops <= {node.op for node in program.nodes}
+    assert len(set(chosen.values())) > 2
+    _assert_reference_matches_fake_quant(gm, program, inputs)
+    _assert_onnxruntime_agrees(program, inputs, tmp_path)
+    if tvm:
+        _assert_tvm_bit_exact(program, inputs)
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_tiny_family_agrees_with_fake_quant_and_onnxruntime(family, tmp_path):
+    _every_stage(family, tmp_path, tvm=False)
+
+
+@pytest.mark.slow  # a TVM build each (~15-40 s on 2 cores); the ViT test above is the fast TVM case
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_tiny_family_goes_through_every_stage(family, tmp_path):
+    _every_stage(family, tmp_path, tvm=True)

@@ -1,7 +1,8 @@
 """Arithmetic: products of two activations, multiplication and division by a Python number, subtraction, adding a
 number.
 
-``mul`` (``a * b`` of two graph tensors, broadcasting; squeeze-excitation's ``x * gate``)
+``mul`` (``a * b`` of two graph tensors, broadcasting; squeeze-excitation's ``x * gate``; ConvNeXt's layer scale
+    ``gamma * x``, a constant tensor and a value: no codes for the constant, the fp32 product)
     Both inputs integer, ``(q_a, s_a)`` and ``(q_b, s_b)``: the exact integer product ``IntValue(q_a * q_b,
     s_a * s_b)`` (int64 in the reference, refused beyond the int32 range; TVM multiplies in int32). Otherwise the
     fp32 product of the dequantized values (one rounding). Not a requantisation step: a ``quantize`` reads it as a
@@ -130,7 +131,7 @@ class TensorSum(OpDef):
         return a - b if self.subtract else a + b
 
     def describe(self, gm, node, frozen):
-        return sum_node(gm, node, subtract=self.subtract)  # constant tensors and alpha refused
+        return sum_node(gm, node, subtract=self.subtract)  # alpha refused
 
     def evaluate(self, program, node, env):
         return self._combine(dequantize(env[node.inputs[0]]), dequantize(env[node.inputs[1]]))
@@ -164,7 +165,8 @@ class TensorSum(OpDef):
 # --------------------------------------------------------------------------------------------- fx families
 @register_op
 class Mul(OpDef):
-    """``a * b``: two graph tensors -> ``mul``; a tensor and a Python number -> ``scale``."""
+    """``a * b``: two graph tensors -> ``mul`` (one of them may be a constant tensor: a float operand, the fp32
+    product); a tensor and a Python number -> ``scale``."""
 
     names = ("mul",)
     functions = (operator.mul, torch.mul, aten.mul.Tensor, aten.mul.Scalar)
@@ -189,7 +191,7 @@ class Mul(OpDef):
 
     def describe(self, gm, node, frozen):
         a, b = _operands(node, "multiplication")
-        tensors = _tensor_operands(gm, "multiplication", a, b)
+        tensors = _tensor_operands(gm, "multiplication", a, b, constants=True)  # x * table: ConvNeXt's layer scale
         if len(tensors) == 2:
             return IntNode(node.name, "mul", [a.name, b.name])
         if not tensors:
