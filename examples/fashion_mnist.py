@@ -4,10 +4,12 @@
     python examples/fashion_mnist.py --out runs/fmnist-full --full     # the full recipe (~30-60 minutes)
     python examples/fashion_mnist.py --out runs/smoke --smoke          # a few minutes, small subset
     python examples/fashion_mnist.py --model mobilenet-se --avg-bits 4 --act-bits 8 --full --out runs/mbse
+    python examples/fashion_mnist.py --model vit --avg-bits 4 --act-bits 8 --fp32-epochs 5 --steps 250 --out runs/vit
 
-The models (``MODELS``): ``resnet20`` (the default, at 2.25 bits per weight) and ``mobilenet-se``, a
-MobileNetV3-style net (hardswish as lookup tables, squeeze-excitation products, depthwise convs; see
-``examples/models.py``). ``--act-bits 8`` fixes every activation at 8 bits (A8) instead of learning 2-8.
+The models (``MODELS``): ``resnet20`` (the default, at 2.25 bits per weight), ``mobilenet-se``, a
+MobileNetV3-style net (hardswish as lookup tables, squeeze-excitation products, depthwise convs), and ``vit``, a
+4-block vision transformer on 7x7 patches (integer LayerNorm and softmax, GELU as a lookup table, matmuls between
+activations; see ``examples/models.py``). ``--act-bits 8`` fixes every activation at 8 bits (A8) instead of learning 2-8.
 
 Trains the fp32 baseline once (cached under ~/.cache/mpqc/fp32), then runs mpqc.compile with DQ under
 WeightMemory(params * avg_bits / 8), saves the run (report.json, bits.png, program.json/.pt, checkpoints) and
@@ -32,9 +34,10 @@ from mpqc.pretrain import cached_fp32
 from mpqc.report import format_report, human_bytes
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from models import mobilenet_se, resnet20  # noqa: E402
+from models import mobilenet_se, resnet20, vit  # noqa: E402
 
-MODELS = {"resnet20": resnet20, "mobilenet-se": mobilenet_se}
+MODELS = {"resnet20": resnet20, "mobilenet-se": mobilenet_se, "vit": vit}
+FP32_LR = {"vit": 0.05}  # SGD's learning rate for the fp32 baseline where 0.1 (the default) is too high
 
 
 @dataclass(frozen=True)
@@ -85,10 +88,11 @@ def main() -> None:
 
     started = time.perf_counter()
     print(f"recipe {name}: {r}\non {describe_cpu()}")
-    model = cached_fp32(MODELS[args.model], "fashion-mnist", epochs=r.fp32_epochs, subset=r.subset)
+    model = cached_fp32(MODELS[args.model], "fashion-mnist", epochs=r.fp32_epochs, subset=r.subset,
+                        lr=FP32_LR.get(args.model, 0.1))
     train_loader, val_loader = loaders("fashion-mnist", batch_size=128, subset=r.subset, val_subset=r.val_subset)
-    params = sum(m.weight.numel() for m in model.modules() if hasattr(m, "weight") and m.weight is not None
-                 and m.weight.dim() > 1)
+    params = sum(p.numel() for n, p in model.named_parameters()  # conv/linear weights (MHA's in_proj_weight too)
+                 if n.endswith("weight") and p.dim() > 1)
     budget = mpqc.WeightMemory(params * args.avg_bits / 8)
     print(f"{args.model}: {params:,} weights; budget {human_bytes(budget.limit)} = {args.avg_bits} bits/weight")
     quantizers = mpqc.QuantizerConfig() if args.act_bits is None else mpqc.QuantizerConfig(

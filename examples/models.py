@@ -13,6 +13,8 @@ torch.Size([2, 10])
 torch.Size([2, 10])
 >>> mobilenet_se()(torch.zeros(2, 1, 28, 28)).shape
 torch.Size([2, 10])
+>>> vit()(torch.zeros(2, 1, 28, 28)).shape
+torch.Size([2, 10])
 """
 from __future__ import annotations
 
@@ -181,6 +183,20 @@ class MobileNetSE(nn.Module):
 def mobilenet_se(num_classes: int = 10, in_channels: int = 1) -> nn.Module:
     """The MobileNetV3-style net of the second Fashion-MNIST example (hardswish, SE, depthwise convs)."""
     return MobileNetSE(num_classes=num_classes, in_channels=in_channels)
+
+
+def vit(num_classes: int = 10, in_channels: int = 1) -> nn.Module:
+    """A small vision transformer for 28x28 grey images: torchvision's ``VisionTransformer`` with 7x7 patches (16
+    tokens and the class token), 4 pre-norm blocks of 4 heads, width 64, MLP 128 (GELU); its patch embedding takes
+    ``in_channels``. About 140 k parameters."""
+    from torchvision.models import VisionTransformer
+
+    model = VisionTransformer(image_size=28, patch_size=7, num_layers=4, num_heads=4, hidden_dim=64, mlp_dim=128,
+                              num_classes=num_classes)
+    model.conv_proj = nn.Conv2d(in_channels, 64, kernel_size=7, stride=7)
+    nn.init.trunc_normal_(model.conv_proj.weight, std=(1.0 / (in_channels * 49)) ** 0.5)
+    nn.init.zeros_(model.conv_proj.bias)
+    return model
 
 
 def _init_weights(model: nn.Module) -> None:

@@ -6,7 +6,9 @@ Later passes find conv/linear/batchnorm layers as ``call_module`` nodes and read
 1. ``torch.fx`` symbolic tracing with a tracer that keeps every ``nn.Conv1d/2d/3d``, ``nn.Linear`` and BatchNorm
    (subclasses included, as long as they keep the base class's ``forward``) as a leaf ``call_module`` node.
    The graph is shape-generic and uses torch-level ops (``torch.relu``, ``operator.add``, ...).
-2. If fx fails (typically Python control flow on a shape, ``if x.shape[-1] > 16:``), ``torch.export.export``
+2. If fx fails (typically Python control flow on a shape, ``if x.shape[-1] > 16:``), or its graph calls functions
+   registered with ``torch.fx.wrap`` that it cannot see into (``opaque_calls``: torchvision's Swin attention,
+   written with shape-dependent control flow; the fx graph is kept if export fails too), ``torch.export.export``
    with ``strict=False``. Its graph is ATen-level (``aten.conv2d``, ``aten.add.Tensor``, ...). Every
    ``aten.conv*/linear/batch_norm`` call that a plain conv/linear/batchnorm module made (known from the node's
    ``nn_module_stack`` metadata and checked against the module's own weight/bias/statistics) is mapped back to a
@@ -135,8 +137,12 @@ def _capture(model: nn.Module, example_inputs: tuple, expected: Any, keywords: d
     except Exception as error:
         raise CaptureError(f"cannot copy {type(model).__name__} to capture it: {_describe(error)}") from error
 
+    fx_graph = None
     try:
-        return _accept(_trace_fx(model_copy, keywords), example_inputs, expected)
+        fx_graph = _accept(_trace_fx(model_copy, keywords), example_inputs, expected)
+        if not opaque_calls(fx_graph):
+            return fx_graph
+        fx_failure: Exception = CaptureError(f"calls fx cannot see into: {', '.join(opaque_calls(fx_graph))}")
     except Exception as error:
         fx_failure = error
     torch_log: list[str] = []
@@ -145,6 +151,8 @@ def _capture(model: nn.Module, example_inputs: tuple, expected: Any, keywords: d
             return _trace_export(model_copy, example_inputs, expected, keywords)
     except Exception as error:
         export_failure = error
+        if fx_graph is not None:  # the fx graph with its opaque calls: refused later, each listed
+            return fx_graph
     finally:
         for line in torch_log:
             log.info("torch: %s", line)
@@ -155,6 +163,23 @@ def _capture(model: nn.Module, example_inputs: tuple, expected: Any, keywords: d
     )
     failure.torch_log = "\n".join(torch_log)
     raise failure from export_failure
+
+
+def opaque_calls(gm: fx.GraphModule) -> list[str]:
+    """The functions registered with ``torch.fx.wrap`` that ``gm`` calls and the op registry does not know (fx's
+    own ``_assert_is_none`` and torchvision's ``stochastic_depth`` it does): fx records each call as one node
+    without looking inside (torchvision's Swin attention and patch merging); ``torch.export`` traces through them."""
+    from torch.fx._symbolic_trace import _wrapped_fns_to_patch
+
+    from mpqc.ops import op_of
+
+    names = []
+    for node in gm.graph.nodes:
+        target = node.target
+        if node.op == "call_function" and hasattr(target, "__globals__") and target.__name__ != "_assert_is_none" \
+                and (id(target.__globals__), target.__name__) in _wrapped_fns_to_patch and op_of(gm, node) is None:
+            names.append(target.__name__)
+    return sorted(set(names))
 
 
 class _KeepRecords(logging.Handler):

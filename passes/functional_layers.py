@@ -5,7 +5,9 @@ Matches:      ``call_function`` nodes of ``F.conv1d`` / ``F.conv2d`` / ``F.linea
               (``aten.conv1d`` / ``aten.conv2d`` with numeric or string padding, ``aten.linear``, and
               ``aten.convolution`` when it is not transposed and its weight is 3-D or 4-D), ``F.embedding`` /
               ``aten.embedding`` and ``F.layer_norm`` / ``aten.layer_norm`` with an affine weight, whose weight and bias
-              (if any) are ``get_attr`` nodes: parameters, buffers or constant tensors of the graph module.
+              (if any) are ``get_attr`` nodes: parameters, buffers or constant tensors of the graph module; a bias
+              may also be computed from stored tensors only (``mpqc.ops.is_constant``: Swin V2's qkv bias with the
+              key's part zeroed), held as its computed value (``requires_grad=False``).
 Rewrites to:  a ``call_module`` node on a new ``nn.Conv1d`` / ``nn.Conv2d`` / ``nn.Linear`` / ``nn.Embedding`` /
               ``nn.LayerNorm`` holding those tensors
               (the same ``Parameter`` objects, moved: the attribute leaves its old owner when no other node reads it
@@ -17,7 +19,7 @@ Requires:     a GraphModule from ``capture``; runs before ``fold_batchnorm`` (``
               after a functional conv folds, and the layers get quantizers like any module.
 Ensures:      outputs ``torch.equal`` to before (the modules call the same functions with the same tensors;
               tested). Refuses, with :class:`~mpqc.errors.MpqcError` naming the node, a weight or bias computed
-              at run time (not a ``get_attr``), a weight that several calls share, a transposed or output-padded
+              at run time (not a ``get_attr``, nor a constant computation for a bias), a weight that several calls share, a transposed or output-padded
               ``aten.convolution``. Modifies ``gm`` in place and returns it.
 """
 from __future__ import annotations
@@ -29,6 +31,8 @@ import torch.nn.functional as F
 from torch import Tensor, fx, nn
 
 from mpqc.errors import MpqcError
+from mpqc.ops.registry import constant_value, is_constant
+from mpqc.passes.dead_code import erase_dead_code
 
 aten = torch.ops.aten
 
@@ -83,6 +87,8 @@ def functional_layers(gm: fx.GraphModule) -> fx.GraphModule:
             _drop_unused(gm, call[role])
     gm.graph.lint()
     gm.recompile()
+    if any(call["bias"] is not None and call["bias"].op != "get_attr" for call in calls.values()):
+        erase_dead_code(gm)  # the computation of a bias now held by its module
     return gm
 
 
@@ -117,6 +123,8 @@ def _bound(node: fx.Node) -> dict[str, Any]:
 def _check_constant(gm: fx.GraphModule, node: fx.Node, role: str, value: Any) -> None:
     if value is None and role == "bias":
         return
+    if role == "bias" and isinstance(value, fx.Node) and value.op != "get_attr" and is_constant(gm, value):
+        return  # computed from stored tensors only (Swin V2 zeroes the key's part of its qkv bias): held as computed
     if not isinstance(value, fx.Node) or value.op != "get_attr":
         origin = value.format_node() if isinstance(value, fx.Node) else repr(value)
         raise MpqcError(f"{node.format_node()}: its {role} is computed at run time ({origin}), not a parameter or "
@@ -141,7 +149,8 @@ def _parameter(gm: fx.GraphModule, target: str) -> nn.Parameter:
 
 def _module(gm: fx.GraphModule, node: fx.Node, call: dict[str, Any]) -> nn.Module:
     weight = _parameter(gm, call["weight"].target)
-    bias = None if call["bias"] is None else _parameter(gm, call["bias"].target)
+    bias = None if call["bias"] is None else _parameter(gm, call["bias"].target) if call["bias"].op == "get_attr" \
+        else nn.Parameter(constant_value(gm, call["bias"]), requires_grad=False)
     if node.target in _EMBEDDING or node.target in _LAYER_NORM:
         module = _table_or_norm(node, call, weight, bias)
     elif node.target in _LINEAR:
@@ -194,7 +203,7 @@ def _free_path(gm: fx.GraphModule, owner: str, name: str) -> str:
 def _drop_unused(gm: fx.GraphModule, value: Any) -> None:
     """Erase a ``get_attr`` node left without users, and its attribute if no other node reads it (the tensor now
     lives in the new module)."""
-    if not isinstance(value, fx.Node) or value.users:
+    if not isinstance(value, fx.Node) or value.users or value.op != "get_attr":
         return
     target = value.target
     gm.graph.erase_node(value)

@@ -8,7 +8,7 @@ from mpqc.ops.registry import (IntNode, IntValue, OpDef, Unsupported, all_ops, d
                                register_op)
 from mpqc.ops import (quantize, layers, arith, batchnorm, elementwise, movement, indexing, concat,  # noqa: E402,F401
                       pooling, adaptive, reduce, shape, lookup, norm, softmax, matmul,
-                      embedding)  # (importing them registers the families)
+                      embedding, expand)  # (importing them registers the families)
 
 __all__ = ["IntNode", "IntValue", "OpDef", "Unsupported", "all_ops", "dequantize", "describe", "has_property",
            "is_bookkeeping", "is_nonnegative", "keeps_zero", "layer_ops", "module_op", "op_named", "op_of",

@@ -1,7 +1,8 @@
 """Arithmetic: products of two activations, multiplication and division by a Python number, subtraction, adding a
 number.
 
-``mul`` (``a * b`` of two graph tensors, broadcasting; squeeze-excitation's ``x * gate``)
+``mul`` (``a * b`` of two graph tensors, broadcasting; squeeze-excitation's ``x * gate``; ConvNeXt's layer scale
+    ``gamma * x``, a constant tensor and a value: no codes for the constant, the fp32 product)
     Both inputs integer, ``(q_a, s_a)`` and ``(q_b, s_b)``: the exact integer product ``IntValue(q_a * q_b,
     s_a * s_b)`` (int64 in the reference, refused beyond the int32 range; TVM multiplies in int32). Otherwise the
     fp32 product of the dequantized values (one rounding). Not a requantisation step: a ``quantize`` reads it as a
@@ -72,11 +73,12 @@ def _number(value: Any, what: str) -> float:
     return float(value)
 
 
-def _tensor_operands(gm: GraphModule, what: str, *values: Any) -> list[Node]:
-    """The operands that are graph tensors; a constant tensor (``get_attr``) or a shape value is refused."""
+def _tensor_operands(gm: GraphModule, what: str, *values: Any, constants: bool = False) -> list[Node]:
+    """The operands that are graph tensors; a constant tensor (``get_attr``; allowed with ``constants``: a float
+    value of the program) or a shape value is refused."""
     tensors = [v for v in values if isinstance(v, Node)]
     for v in tensors:
-        if v.op == "get_attr":
+        if v.op == "get_attr" and not constants:
             raise Unsupported(f"{what} with a constant tensor operand {v.target!r} (only a Python number or a "
                               "graph tensor computed from the inputs)")
         if is_bookkeeping(gm, v):
@@ -103,7 +105,7 @@ def sum_node(gm: GraphModule, node: Node, *, subtract: bool = False) -> IntNode:
     a, b = _operands(node, what)
     if node.target is aten.rsub.Scalar:
         a, b = b, a  # rsub(x, c) = c - x
-    tensors = _tensor_operands(gm, what, a, b)
+    tensors = _tensor_operands(gm, what, a, b, constants=True)  # x + table: a float leaf (position embeddings)
     if len(tensors) == 2:
         return IntNode(node.name, "sub" if subtract else "add", [a.name, b.name])
     if not tensors:
@@ -129,7 +131,7 @@ class TensorSum(OpDef):
         return a - b if self.subtract else a + b
 
     def describe(self, gm, node, frozen):
-        return sum_node(gm, node, subtract=self.subtract)  # constant tensors and alpha refused
+        return sum_node(gm, node, subtract=self.subtract)  # alpha refused
 
     def evaluate(self, program, node, env):
         return self._combine(dequantize(env[node.inputs[0]]), dequantize(env[node.inputs[1]]))
@@ -163,7 +165,8 @@ class TensorSum(OpDef):
 # --------------------------------------------------------------------------------------------- fx families
 @register_op
 class Mul(OpDef):
-    """``a * b``: two graph tensors -> ``mul``; a tensor and a Python number -> ``scale``."""
+    """``a * b``: two graph tensors -> ``mul`` (one of them may be a constant tensor: a float operand, the fp32
+    product); a tensor and a Python number -> ``scale``."""
 
     names = ("mul",)
     functions = (operator.mul, torch.mul, aten.mul.Tensor, aten.mul.Scalar)
@@ -182,11 +185,13 @@ class Mul(OpDef):
 
     def quantized_operands(self, gm, node):
         tensors = [a for a in node.args if isinstance(a, Node)]
-        return tensors if len(tensors) == 2 else []  # x * c is a scale change: integer or float, no codes needed
+        if len(tensors) != 2 or is_bookkeeping(gm, node) or any(t.op == "get_attr" for t in tensors):
+            return []  # shape values compute no tensor; a constant factor is refused by ``describe``
+        return tensors  # x * c is a scale change: integer or float, no codes needed
 
     def describe(self, gm, node, frozen):
         a, b = _operands(node, "multiplication")
-        tensors = _tensor_operands(gm, "multiplication", a, b)
+        tensors = _tensor_operands(gm, "multiplication", a, b, constants=True)  # x * table: ConvNeXt's layer scale
         if len(tensors) == 2:
             return IntNode(node.name, "mul", [a.name, b.name])
         if not tensors:

@@ -179,7 +179,7 @@ class Identity(OpDef):
 
     names = ("identity",)
     modules = (nn.Dropout, nn.Identity)
-    functions = (F.dropout, aten.dropout.default, aten.clone.default) + _stochastic_depth()
+    functions = (F.dropout, aten.dropout.default, aten.clone.default, aten.contiguous.default) + _stochastic_depth()
     methods = ("contiguous",)
     keeps_integers = True
     sign = "preserving"

@@ -12,8 +12,8 @@
     TVM: the codes are a bit-packed weight of the artifact (``oihw`` layout: as stored), ``take`` of rows and
     scales, an exact multiply. ONNX: ``DequantizeLinear(axis=0)`` of the UINT8 table (zero point 128) with the row
     scales, then ``Gather``: the same fp32 products.
-``constant`` (a ``get_attr`` tensor that ``passes/fold_constants.py`` folded, e.g. HF's position ids; any other
-    constant tensor of the graph is refused, as before) Its values as fp32 (the program's float values; integer-valued constants such as indices are exact below 2^24).
+``constant`` (a ``get_attr`` tensor: one that ``passes/fold_constants.py`` folded, e.g. HF's position ids, or a
+    parameter read as a value, e.g. a ViT's class token and position embedding) Its values as fp32 (the program's float values; integer-valued constants such as indices are exact below 2^24).
 """
 from __future__ import annotations
 
@@ -112,20 +112,18 @@ class Embedding(OpDef):
 
 @register_op
 class Constant(OpDef):
-    """A constant tensor of the graph (``get_attr``), as fp32 values."""
+    """A constant tensor of the graph (``get_attr``), as fp32 values: a folded buffer computation
+    (``passes/fold_constants.py``: position ids) or a parameter read as a value (a ViT's class token and position
+    embedding: trained as parameters, frozen into the program as fp32 tables). The ops reading it decide whether
+    a float operand is allowed (an add: yes, a float leaf of the region; a product: refused)."""
 
     names = ("constant",)
     constant = True
     numerics_tests = TESTS
 
     def describe(self, gm, node, frozen):
-        from mpqc.passes.fold_constants import CONSTANTS
-
         owner, _, name = node.target.rpartition(".")
-        if owner != CONSTANTS:
-            raise Unsupported("constant tensors are not supported (only the buffer computations that "
-                              "passes/fold_constants.py folds, e.g. position ids)")
-        value = getattr(gm.get_submodule(owner), name, None)
+        value = getattr(gm.get_submodule(owner) if owner else gm, name, None)
         if not isinstance(value, Tensor):
             raise Unsupported(f"get_attr {node.target!r} is not a tensor")
         return IntNode(node.name, "constant", [], {}, {"value": value.detach().to(torch.float32).clone()})

@@ -341,3 +341,69 @@ class ChannelShuffle(_Movement):
         builder.add("Shape", [x], [f"{label}.shape"], f"{label}/Shape")
         builder.add("Reshape", [f"{label}.shuffled", f"{label}.shape"], [node.name], label)
         builder.rank[node.name] = builder.rank.get(x)
+
+
+@register_op
+class Roll(_Movement):
+    """``torch.roll(x, shifts, dims)`` with the dims given (Swin's shifted windows): per dim, the last ``shift``
+    entries moved to the front; TVM and ONNX as a slice of each part and a concatenation."""
+
+    names = ("roll",)
+    functions = (torch.roll, aten.roll.default)
+    methods = ("roll",)
+    keeps_integers = True
+    sign = "preserving"
+    fuses_into_requantize = True
+    numerics_tests = ("tests/test_ops_vit.py::test_tiny_family_goes_through_every_stage",)
+
+    def describe(self, gm, node, frozen):
+        shifts, dims = arg(node, 1, "shifts", None), arg(node, 2, "dims", None)
+        shifts, dims = ([v] if isinstance(v, int) else v for v in (shifts, dims))
+        if not dims or len(shifts) != len(dims) or not all(isinstance(v, int) for v in [*shifts, *dims]):
+            raise Unsupported(f"roll by {shifts} along {dims} (literal shifts, one per dim, dims given)")
+        return IntNode(node.name, "roll", [node.all_input_nodes[0].name], {"shifts": list(shifts), "dims": list(dims)})
+
+    @staticmethod
+    def fn(node: IntNode) -> Callable[[Tensor], Tensor]:
+        return lambda t: torch.roll(t, node.attrs["shifts"], node.attrs["dims"])
+
+    def _relax(self, lowering, node, value):
+        from tvm.relax import op as R
+
+        from mpqc.targets.tvm import _shape
+
+        def expr_fn(expr):
+            shape = _shape(expr)  # (a roll keeps it)
+            for shift, dim in zip(node.attrs["shifts"], node.attrs["dims"]):
+                size = shape[dim]
+                dim, shift = dim % len(shape), shift % size
+                if shift:
+                    expr = R.concat([R.strided_slice(expr, [dim], [size - shift], [size]),
+                                     R.strided_slice(expr, [dim], [0], [size - shift])], axis=dim)
+            return expr
+
+        return relax_move(lowering, value, expr_fn, self.fn(node))
+
+    def onnx(self, builder, node):
+        import numpy as np
+        from onnx import numpy_helper
+
+        label, current = builder.label(node), node.inputs[0]
+        steps = list(zip(node.attrs["shifts"], node.attrs["dims"]))
+
+        def constant(name: str, values: list[int]) -> str:
+            return builder.initializer(numpy_helper.from_array(np.array(values, dtype=np.int64), f"{label}.{name}"))
+
+        for i, (shift, dim) in enumerate(steps):
+            out = node.name if i == len(steps) - 1 else f"{label}.rolled{i}"
+            if shift == 0:
+                builder.add("Identity", [current], [out], f"{label}/Identity{i}")
+            else:  # (the last |shift| entries first; a negative shift: the first |shift| entries last)
+                axes = constant(f"axes{i}", [dim])
+                builder.add("Slice", [current, constant(f"tail_start{i}", [-shift]), constant(f"end{i}", [2 ** 62]), axes],
+                            [f"{label}.tail{i}"], f"{label}/SliceTail{i}")
+                builder.add("Slice", [current, constant(f"zero{i}", [0]), constant(f"cut{i}", [-shift]), axes],
+                            [f"{label}.head{i}"], f"{label}/SliceHead{i}")
+                builder.add("Concat", [f"{label}.tail{i}", f"{label}.head{i}"], [out], f"{label}/Concat{i}", axis=dim)
+            current = out
+        builder.rank[node.name] = builder.rank.get(node.inputs[0])

@@ -1,0 +1,105 @@
+"""Vision transformers and ConvNeXt through every stage (issue 15), each a tiny 1-block config of the torchvision
+family: ``VisionTransformer`` (``nn.MultiheadAttention`` with its packed projections, the class token, the position
+embedding, the class token picked from the output), ``ConvNeXt`` (LayerNorm over channels between permutes, layer
+scale, depthwise 7x7), ``SwinTransformer`` (captured through torch.export: roll, pad, window partitions, the relative
+position bias gathered from its table and the shifted-window mask folded into constants)."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from torchvision.models import VisionTransformer
+from torchvision.models.convnext import CNBlockConfig, ConvNeXt
+from torchvision.models.swin_transformer import SwinTransformer
+
+from mpqc import pipeline
+from test_ops_transformer import (_assert_onnxruntime_agrees, _assert_reference_matches_fake_quant,
+                                  _assert_tvm_bit_exact, _program)
+
+
+def tiny_vit(layers: int = 1, seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    model = VisionTransformer(image_size=28, patch_size=7, num_layers=layers, num_heads=2, hidden_dim=16,
+                              mlp_dim=32, num_classes=10).eval()
+    with torch.no_grad():  # torchvision zero-initialises these: random values exercise them
+        model.class_token.normal_()
+        model.heads.head.weight.normal_(0, 0.2)
+    return model
+
+
+def vit_input(seed: int = 0) -> torch.Tensor:
+    return torch.randn(2, 3, 28, 28, generator=torch.Generator().manual_seed(seed))
+
+
+def test_multihead_attention_becomes_linears_around_a_softmax():
+    model, x = tiny_vit(), vit_input()
+    gm, layers = pipeline.trace(model, (x,))
+    modules = [type(m) for m in gm.modules()]
+    assert nn.MultiheadAttention not in modules
+    attention = model.encoder.layers[0].self_attention
+    projections = {name: gm.get_submodule(f"encoder_layers_encoder_layer_0_self_attention_mha.{name}")
+                   for name in ("q_proj", "k_proj", "v_proj", "out_proj")}
+    for i, name in enumerate(("q_proj", "k_proj", "v_proj")):  # the packed in_proj, split in three
+        assert torch.equal(projections[name].weight, attention.in_proj_weight[16 * i:16 * (i + 1)])
+        assert torch.equal(projections[name].bias, attention.in_proj_bias[16 * i:16 * (i + 1)])
+    assert {layer.name for layer in layers} >= {f"encoder_layers_encoder_layer_0_self_attention_mha.{n}"
+                                                for n in projections}
+    assert sum(n.target is torch.softmax for n in gm.graph.nodes) == 1
+    with torch.no_grad():
+        torch.testing.assert_close(gm(x), model(x), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(gm(vit_input(1)[:1]), model(vit_input(1)[:1]), atol=1e-5, rtol=1e-5)
+
+
+def test_tiny_vit_goes_through_every_stage(tmp_path):
+    """A 1-block ViT frozen at random mixed 2-8 bits: the reference within 1 LSB of fake-quant stepwise, TVM
+    bit-exact at every quantizer, onnxruntime within the contract."""
+    gm, program, inputs, chosen = _program(tiny_vit(), (vit_input(),), seed=2)
+    ops = {node.op for node in program.nodes}
+    assert {"expand", "constant", "cat", "softmax", "matmul", "layer_norm"} <= ops, ops
+    assert len(set(chosen.values())) > 2
+    _assert_reference_matches_fake_quant(gm, program, inputs)
+    _assert_tvm_bit_exact(program, inputs)
+    _assert_onnxruntime_agrees(program, inputs, tmp_path)
+
+
+def tiny_convnext() -> nn.Module:
+    torch.manual_seed(0)
+    return ConvNeXt([CNBlockConfig(16, 32, 1), CNBlockConfig(32, None, 1)], stochastic_depth_prob=0.1,
+                    layer_scale=0.5, num_classes=10).eval()
+
+
+def tiny_swin() -> nn.Module:
+    """Two blocks (the second shifted, so the window mask and both rolls are there) and a patch merging; on 28x28
+    images the 7x7 tokens are padded to the 4x4 windows and cropped back."""
+    torch.manual_seed(0)
+    return SwinTransformer(patch_size=[4, 4], embed_dim=16, depths=[2, 1], num_heads=[2, 2], window_size=[4, 4],
+                           stochastic_depth_prob=0.1, num_classes=10).eval()
+
+
+FAMILIES = {"convnext": (tiny_convnext, (2, 3, 28, 28), {"layer_norm", "permute", "mul", "constant", "lookup"}),
+            "swin": (tiny_swin, (2, 3, 28, 28), {"roll", "pad", "slice", "softmax", "constant", "matmul"})}
+
+
+def _every_stage(family: str, tmp_path, tvm: bool) -> None:
+    """The family's tiny model at random mixed 2-8 bits: reference vs fake-quant stepwise, onnxruntime within the
+    contract, and (``tvm``) TVM bit-exact at every quantizer."""
+    build, shape, expected_ops = FAMILIES[family]
+    x = torch.randn(*shape, generator=torch.Generator().manual_seed(0))
+    gm, program, inputs, chosen = _program(build(), (x,), seed=2)
+    assert expected_ops <= {node.op for node in program.nodes}
+    assert len(set(chosen.values())) > 2
+    _assert_reference_matches_fake_quant(gm, program, inputs)
+    _assert_onnxruntime_agrees(program, inputs, tmp_path)
+    if tvm:
+        _assert_tvm_bit_exact(program, inputs)
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_tiny_family_agrees_with_fake_quant_and_onnxruntime(family, tmp_path):
+    _every_stage(family, tmp_path, tvm=False)
+
+
+@pytest.mark.slow  # a TVM build each (~15-40 s on 2 cores); the ViT test above is the fast TVM case
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_tiny_family_goes_through_every_stage(family, tmp_path):
+    _every_stage(family, tmp_path, tvm=True)
