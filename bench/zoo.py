@@ -547,7 +547,8 @@ def _commit() -> str:
     def git(*args: str) -> str:
         return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True).stdout.strip()
 
-    return (git("rev-parse", "--short", "HEAD") or "unknown") + ("+dirty" if git("status", "--porcelain", "-uno") else "")
+    dirty = "+dirty" if git("status", "--porcelain", "-uno", "--", ".", ":!bench/results") else ""
+    return (git("rev-parse", "--short", "HEAD") or "unknown") + dirty
 
 
 def _write(out: Path, all_results, not_run, args, runs) -> None:
