@@ -432,6 +432,8 @@ def run_model(name: str, *, tvm: bool = False, verbose: bool = False) -> dict[st
                          "message": f"expected {expected_capture_error}; got {entry['status']} {entry['message']}"}
         results[stage] = entry
         failed = entry["status"] != "ok"
+        if verbose:  # progress of a long model, stage by stage
+            print(f"[zoo] {name} / {stage}: {entry['status']} ({entry['seconds']}s)", flush=True)
     return results
 
 
@@ -473,7 +475,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--time-budget", type=float, default=None,
                         help="stop starting new models after this many seconds")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "zoo.json"))
-    parser.add_argument("--verbose", action="store_true", help="print tracebacks of failures")
+    parser.add_argument("--verbose", action="store_true", help="print each stage as it ends, and tracebacks of failures")
     parser.add_argument("--merge", nargs="+", metavar="PART", default=None,
                         help="merge these part files (run with --out each) into --out instead of running models; "
                              "a model in several parts keeps its entry from the last part naming it")
