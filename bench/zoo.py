@@ -475,7 +475,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--time-budget", type=float, default=None,
                         help="stop starting new models after this many seconds")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "zoo.json"))
-    parser.add_argument("--verbose", action="store_true", help="print each stage as it ends, and tracebacks of failures")
+    parser.add_argument("--verbose", action="store_true",
+                        help="print each stage as it ends, and tracebacks of failures")
     parser.add_argument("--merge", nargs="+", metavar="PART", default=None,
                         help="merge these part files (run with --out each) into --out instead of running models; "
                              "a model in several parts keeps its entry from the last part naming it")
