@@ -481,8 +481,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="merge these part files (run with --out each) into --out instead of running models; "
                              "a model in several parts keeps its entry from the last part naming it")
     args = parser.parse_args(argv)
-    if args.merge:
-        return merge(args.merge, Path(args.out))
+    if args.merge:  # with --all: every model --all names, less --skip, that no part holds is listed as not run
+        expected = [m for m in every_torchvision_classifier() if m not in set(args.skip.split(","))] if args.all else []
+        return merge(args.merge, Path(args.out), expected)
     torch.set_num_threads(max(1, int(os.environ.get("ZOO_THREADS", "1"))))
 
     skip = {m for m in args.skip.split(",") if m}
@@ -521,8 +522,9 @@ def main(argv: list[str] | None = None) -> int:
     return 1 if failures else 0
 
 
-def merge(parts: list[str], out: Path) -> int:
-    """One table from part files written by separate ``--out`` runs: models, their runs and settings, in order."""
+def merge(parts: list[str], out: Path, expected: list[str] = ()) -> int:
+    """One table from part files written by separate ``--out`` runs: models, their runs and settings, in order;
+    ``expected`` models no part holds are listed as not run."""
     payloads = [json.loads(Path(part).read_text()) for part in parts]
     for part, payload in zip(parts, payloads):
         if payload.get("format") != "mpqc-zoo/1" or payload.get("stages") != STAGES:
@@ -534,12 +536,17 @@ def merge(parts: list[str], out: Path) -> int:
             models.pop(name, None)
             models[name] = results
             runs[name] = {**payload.get("runs", {}).get(name, {}), "part": Path(part).name}
-    not_run = sorted({name for payload in payloads for name in payload["not_run"]} - set(models))
+    not_run = sorted(({name for payload in payloads for name in payload["not_run"]} | set(expected)) - set(models))
     settings = {**payloads[-1]["settings"], "merged_from": [Path(part).name for part in parts]}
     settings["tvm"] = all(payload["settings"].get("tvm") for payload in payloads)
     _dump(out, {"format": "mpqc-zoo/1", "stages": STAGES, "settings": settings, "models": models, "runs": runs,
                 "not_run": not_run})
     print(format_table(models))
+    print("\nper stage (ok / clear error / FAIL / skipped):")
+    for stage in STAGES:
+        statuses = [results[stage]["status"] for results in models.values()]
+        print(f"  {stage:18} " + " / ".join(str(statuses.count(s)) for s in ("ok", "clear error", "FAIL", "-")))
+    print(f"not run: {len(not_run)}" + (f" ({', '.join(not_run)})" if not_run else ""))
     return 0
 
 
