@@ -32,6 +32,7 @@ Usage::
 
     OMP_WAIT_POLICY=PASSIVE TVM_NUM_THREADS=1 python3 bench/zoo.py [--models a,b] [--skip vit_b_16] [--tvm]
         [--time-budget 900] [--out bench/results/zoo.json]
+    python3 bench/zoo.py --merge part1.json part2.json ... --out bench/results/zoo_all.json
 """
 from __future__ import annotations
 
@@ -52,6 +53,9 @@ from typing import Any, Callable  # noqa: E402
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+
+# this checkout's mpqc, not whichever one is installed: the commit recorded per model must be the code that ran
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from torch import nn  # noqa: E402
 
 from mpqc.budgets import WeightMemory  # noqa: E402
@@ -428,6 +432,8 @@ def run_model(name: str, *, tvm: bool = False, verbose: bool = False) -> dict[st
                          "message": f"expected {expected_capture_error}; got {entry['status']} {entry['message']}"}
         results[stage] = entry
         failed = entry["status"] != "ok"
+        if verbose:  # progress of a long model, stage by stage
+            print(f"[zoo] {name} / {stage}: {entry['status']} ({entry['seconds']}s)", flush=True)
     return results
 
 
@@ -469,8 +475,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--time-budget", type=float, default=None,
                         help="stop starting new models after this many seconds")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "zoo.json"))
-    parser.add_argument("--verbose", action="store_true", help="print tracebacks of failures")
+    parser.add_argument("--verbose", action="store_true",
+                        help="print each stage as it ends, and tracebacks of failures")
+    parser.add_argument("--merge", nargs="+", metavar="PART", default=None,
+                        help="merge these part files (run with --out each) into --out instead of running models; "
+                             "a model in several parts keeps its entry from the last part naming it")
     args = parser.parse_args(argv)
+    if args.merge:  # with --all: every model --all names, less --skip, that no part holds is listed as not run
+        expected = [m for m in every_torchvision_classifier() if m not in set(args.skip.split(","))] if args.all else []
+        return merge(args.merge, Path(args.out), expected)
     torch.set_num_threads(max(1, int(os.environ.get("ZOO_THREADS", "1"))))
 
     skip = {m for m in args.skip.split(",") if m}
@@ -482,19 +495,25 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unknown model(s) {unknown}; known: {', '.join(DEFAULT_MODELS)}")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    commit = _commit()
     started = time.perf_counter()
     all_results: dict[str, dict[str, dict[str, Any]]] = {}
+    runs: dict[str, dict[str, Any]] = {}
     not_run: list[str] = []
     for name in models:
         if args.time_budget is not None and time.perf_counter() - started > args.time_budget:
             not_run.append(name)
             continue
         print(f"[zoo] {name} ...", flush=True)
+        model_start = time.perf_counter()
         all_results[name] = run_model(name, tvm=args.tvm, verbose=args.verbose)
+        # per model: the code it ran (a part file may be merged with others run at other commits) and its wall time
+        runs[name] = {"commit": commit, "wall_seconds": round(time.perf_counter() - model_start, 1),
+                      "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
         summary = " ".join(f"{s}={r['status']}" for s, r in all_results[name].items())
         print(f"[zoo] {name}: {summary} ({sum(r['seconds'] for r in all_results[name].values()):.1f}s)", flush=True)
-        _write(out, all_results, not_run, args)
-    _write(out, all_results, not_run, args)
+        _write(out, all_results, not_run, args, runs)
+    _write(out, all_results, not_run, args, runs)
     print()
     print(format_table(all_results))
     if not_run:
@@ -503,7 +522,46 @@ def main(argv: list[str] | None = None) -> int:
     return 1 if failures else 0
 
 
-def _write(out: Path, all_results, not_run, args) -> None:
+def merge(parts: list[str], out: Path, expected: list[str] = ()) -> int:
+    """One table from part files written by separate ``--out`` runs: models, their runs and settings, in order;
+    ``expected`` models no part holds are listed as not run."""
+    payloads = [json.loads(Path(part).read_text()) for part in parts]
+    for part, payload in zip(parts, payloads):
+        if payload.get("format") != "mpqc-zoo/1" or payload.get("stages") != STAGES:
+            raise SystemExit(f"--merge: {part} is not an mpqc-zoo/1 table with stages {STAGES}")
+    models: dict[str, Any] = {}
+    runs: dict[str, Any] = {}
+    for part, payload in zip(parts, payloads):
+        for name, results in payload["models"].items():
+            models.pop(name, None)
+            models[name] = results
+            runs[name] = {**payload.get("runs", {}).get(name, {}), "part": Path(part).name}
+    not_run = sorted(({name for payload in payloads for name in payload["not_run"]} | set(expected)) - set(models))
+    settings = {**payloads[-1]["settings"], "merged_from": [Path(part).name for part in parts]}
+    settings["tvm"] = all(payload["settings"].get("tvm") for payload in payloads)
+    _dump(out, {"format": "mpqc-zoo/1", "stages": STAGES, "settings": settings, "models": models, "runs": runs,
+                "not_run": not_run})
+    print(format_table(models))
+    print("\nper stage (ok / clear error / FAIL / skipped):")
+    for stage in STAGES:
+        statuses = [results[stage]["status"] for results in models.values()]
+        print(f"  {stage:18} " + " / ".join(str(statuses.count(s)) for s in ("ok", "clear error", "FAIL", "-")))
+    print(f"not run: {len(not_run)}" + (f" ({', '.join(not_run)})" if not_run else ""))
+    return 0
+
+
+def _commit() -> str:
+    """The commit this checkout's code is at, with ``+dirty`` when tracked files differ from it."""
+    import subprocess
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+
+    dirty = "+dirty" if git("status", "--porcelain", "-uno", "--", ".", ":!bench/results") else ""
+    return (git("rev-parse", "--short", "HEAD") or "unknown") + dirty
+
+
+def _write(out: Path, all_results, not_run, args, runs) -> None:
     payload = {
         "format": "mpqc-zoo/1",
         "stages": STAGES,
@@ -512,8 +570,13 @@ def _write(out: Path, all_results, not_run, args) -> None:
                      "code_flip_floor": CODE_FLIP_FLOOR,
                      "argmax_floor": ARGMAX_FLOOR, "torch": torch.__version__},
         "models": all_results,
+        "runs": runs,
         "not_run": not_run,
     }
+    _dump(out, payload)
+
+
+def _dump(out: Path, payload: dict[str, Any]) -> None:
     tmp = out.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(payload, indent=1, default=str))
     tmp.replace(out)

@@ -18,7 +18,10 @@ IEEE fp32 or exact integer one that onnxruntime computes exactly like PyTorch:
   ``Cast(float)``, times ``M[c] = fp32((s_in * s_w[c]) / s_out)`` per output channel;
 * a leaf holding accumulators passed through ReLU or max pooling, or concatenated along the channels (DenseNet's
   features before a BatchNorm): the same ops replayed on the exact ``fp32(acc)`` tensors (ReLU and max commute with
-  the monotone fp32 rounding), times the concatenated per-channel ``M[c]``;
+  the monotone fp32 rounding), times the concatenated per-channel ``M[c]``; average pooled (DenseNet's
+  transitions): the reference's exact window sums, in int32 (strided ``Slice``s of the zero-padded accumulators,
+  added) before the cast to fp32, times ``fp32(s[c] / divisor / s_out)`` — only where the divisor is the same at
+  every position (no ``ceil_mode``; padding counted or absent), else the region stays on real values;
 * the steps: ``add`` / ``sub`` -> Add / Sub, ``relu`` -> Relu, ``batch_norm`` -> Mul by ``fp32(a)`` then Add
   ``fp32(b / s_out)``;
 * a float leaf (a graph input ``x``): ``x`` times ``fp32(1 / s_out)``, as the reference computes it. onnxruntime's
@@ -29,7 +32,7 @@ IEEE fp32 or exact integer one that onnxruntime computes exactly like PyTorch:
 * then ``QuantizeLinear`` at scale 1 (the value is already in units of ``s_out``: round half to even, saturate) and
   the integer Clip, as for every quantizer (``targets/onnx.py``).
 
-Regions with other leaves or steps (products, lookups, pools, a concatenation of accumulators) stay on real values.
+Regions with other leaves or steps (products, lookups, other pools) stay on real values.
 The real-valued nodes a region no longer reads are dropped by :func:`without_unused`.
 """
 from __future__ import annotations
@@ -84,13 +87,16 @@ def static_scale(b: Any, name: str) -> float | None:
     return scales.pop() if len(scales) == 1 and None not in scales else None
 
 
-#: Ops replayed on exact per-channel integers (accumulators): ReLU, max pools, identity, channel concatenation.
-CHANNEL_KEEPING = ("relu", "identity", "max_pool1d", "max_pool2d", "cat")
+#: Ops replayed on exact per-channel integers (accumulators): ReLU, max pools, identity, channel concatenation,
+#: average pools (exact int32 window sums).
+CHANNEL_KEEPING = ("relu", "identity", "max_pool1d", "max_pool2d", "cat", "avg_pool2d")
+#: Of those, the ops replayed on int32 (an average pool's window sum must be exact before the cast to fp32).
+INT32_KEEPING = ("identity", "cat", "avg_pool2d")
 
 
 def channel_scales(b: Any, name: str, layers: dict[str, dict[str, Any]]) -> torch.Tensor | None:
     """The per-channel scale (float64, the reference's) of ``name`` where it is layer accumulators, passed through
-    ReLU / max pooling / identity or concatenated along dim 1; ``None`` otherwise."""
+    ReLU / max pooling / identity / average pooling or concatenated along dim 1; ``None`` otherwise."""
     node = b.by_name.get(name)
     if node is None:
         return None
@@ -100,8 +106,37 @@ def channel_scales(b: Any, name: str, layers: dict[str, dict[str, Any]]) -> torc
         return None
     if node.op == "cat" and node.attrs.get("dim") != 1:
         return None
+    if node.op == "avg_pool2d":  # the reference's s / divisor (exact: the divisor is the same at every position)
+        divisor = uniform_divisor(node)
+        if divisor is None or not _int32_replayable(b, node.inputs[0], layers):
+            return None
+        inner = channel_scales(b, node.inputs[0], layers)
+        return None if inner is None else inner / divisor
     scales = [channel_scales(b, source, layers) for source in node.inputs]
     return None if any(s is None for s in scales) else torch.cat(scales)
+
+
+def uniform_divisor(node: IntNode) -> int | None:
+    """The divisor of an average pool where PyTorch uses the same one at every output position whatever the input
+    size (no ``ceil_mode``, padding counted or absent: ``kh * kw``); ``None`` otherwise."""
+    a = node.attrs
+    if a["ceil_mode"] or (any(a["padding"]) and not a.get("count_include_pad", True)):
+        return None
+    return int(np.prod(a["kernel"]))
+
+
+def _int32_replayable(b: Any, name: str, layers: dict[str, dict[str, Any]]) -> bool:
+    """Whether ``name``'s exact integers can be computed in int32 (conv accumulators concatenated / average pooled)."""
+    node = b.by_name.get(name)
+    if node is None:
+        return False
+    if node.op in ("conv1d", "conv2d"):
+        return name in layers and _leaf_supported(b, node, layers)
+    if node.op not in INT32_KEEPING or (node.op == "cat" and node.attrs.get("dim") != 1):
+        return False
+    if node.op == "avg_pool2d" and uniform_divisor(node) is None:
+        return False
+    return all(_int32_replayable(b, source, layers) for source in node.inputs)
 
 
 def _exact_channel_integers(b: Any, name: str, layers: dict[str, dict[str, Any]]) -> str:
@@ -112,6 +147,10 @@ def _exact_channel_integers(b: Any, name: str, layers: dict[str, dict[str, Any]]
     if node.op in ("conv1d", "conv2d"):
         return exact_accumulator(b, node, layers[name])
     if out in b.rank:  # once per value, whichever regions read it
+        return out
+    if node.op == "avg_pool2d":  # fp32(exact int32 window sums), as the reference casts its int64 sums
+        b.add("Cast", [_exact_int32(b, name, layers)], [out], f"{name}/exact/Cast", to=TensorProto.FLOAT)
+        b.rank[out] = b.rank.get(name)
         return out
     inputs = [_exact_channel_integers(b, source, layers) for source in node.inputs]
     if node.op == "identity":
@@ -124,6 +163,50 @@ def _exact_channel_integers(b: Any, name: str, layers: dict[str, dict[str, Any]]
         replayed = IntNode(out, node.op, inputs, node.attrs, node.tensors)
         b.rank[inputs[0]] = b.rank.get(node.inputs[0])
         ops.op_named(node.op).onnx(b, replayed)
+    b.rank[out] = b.rank.get(name)
+    return out
+
+
+def _exact_int32(b: Any, name: str, layers: dict[str, dict[str, Any]]) -> str:
+    """The int32 tensor of ``name``'s exact integers (:func:`_int32_replayable`), the ops replayed once per value.
+    An average pool's window sums: the input padded with zeros, then for each kernel offset ``(u, v)`` the strided
+    slice ``x[..., u : H - (kh - 1 - u) : sh, v : W - (kw - 1 - v) : sw]`` (exactly the output's size, for any
+    input size), added in int32."""
+    node = b.by_name[name]
+    if node.op in ("conv1d", "conv2d"):
+        exact_accumulator(b, node, layers[name])
+        return f"{layers[name]['node']}.biased"
+    out = f"{name}.exact_int32"
+    if out in b.rank:
+        return out
+    inputs = [_exact_int32(b, source, layers) for source in node.inputs]
+    if node.op == "identity":
+        return inputs[0]
+    if node.op == "cat":
+        b.add("Concat", inputs, [out], f"{name}/exact/Concat_int32", axis=1)
+    else:  # avg_pool2d
+        a, x = node.attrs, inputs[0]
+        if any(a["padding"]):
+            (ph, pw), pads = a["padding"], f"{name}.exact_pads"
+            b.initializer(numpy_helper.from_array(np.array([0, 0, ph, pw, 0, 0, ph, pw], np.int64), pads))
+            b.add("Pad", [x, pads], [f"{name}.exact_padded"], f"{name}/exact/Pad")
+            x = f"{name}.exact_padded"
+        (kh, kw), (sh, sw) = a["kernel"], a["stride"]
+        terms = []
+        for u in range(kh):
+            for v in range(kw):
+                term = f"{name}.exact_window_{u}_{v}"
+                ends = [-(kh - 1 - u) if kh - 1 - u else 2**62, -(kw - 1 - v) if kw - 1 - v else 2**62]
+                consts = [b.initializer(numpy_helper.from_array(np.array(values, np.int64), f"{term}.{key}"))
+                          for key, values in (("starts", [u, v]), ("ends", ends), ("axes", [2, 3]),
+                                              ("steps", [sh, sw]))]
+                b.add("Slice", [x, *consts], [term], f"{name}/exact/Slice_{u}_{v}")
+                terms.append(term)
+        total = terms[0]
+        for i, term in enumerate(terms[1:], 1):
+            b.add("Add", [total, term], [f"{name}.exact_sum_{i}"], f"{name}/exact/Add_{i}")
+            total = f"{name}.exact_sum_{i}"
+        b.add("Identity", [total], [out], f"{name}/exact/Sum")
     b.rank[out] = b.rank.get(name)
     return out
 

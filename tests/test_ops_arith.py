@@ -148,6 +148,24 @@ def tiny_densenet() -> nn.Module:
                                        num_classes=5)
 
 
+class Transitions(nn.Module):
+    """DenseNet's transitions: conv accumulators average pooled (2x2 stride 2, as DenseNet does; 3x3 stride 2 with
+    padding counted), concatenated with a conv's and normalized (BN -> ReLU) before the next quantizer."""
+
+    def __init__(self):
+        super().__init__()
+        self.c0 = nn.Conv2d(3, 6, 3, padding=1)
+        self.c1, self.c2 = nn.Conv2d(6, 4, 1), nn.Conv2d(6, 3, 1)
+        self.c3 = nn.Conv2d(6, 2, 3, stride=2, padding=1)
+        self.bn = nn.BatchNorm2d(9)
+        self.c4 = nn.Conv2d(9, 5, 1)
+
+    def forward(self, x):
+        h = torch.relu(self.c0(x))
+        f = torch.cat([F.avg_pool2d(self.c1(h), 2), F.avg_pool2d(self.c2(h), 3, 2, 1), self.c3(h)], 1)
+        return self.c4(torch.relu(self.bn(f)))
+
+
 MODELS = {
     "products": (Products, (2, 3, 8, 8)),
     "squeeze_excite": (SqueezeExcite, (2, 3, 8, 8)),
@@ -162,7 +180,7 @@ MODELS = {
 
 
 def _program(name: str, seed: int = 2):
-    return mixed_bit_program(*MODELS[name], seed)
+    return mixed_bit_program(*{**MODELS, "transitions": (Transitions, (2, 3, 8, 8))}[name], seed)
 
 
 # --------------------------------------------------------------------------------------------- numerics
@@ -304,6 +322,27 @@ def test_batchnorm_after_a_concatenation_of_convs_is_exact_on_onnxruntime(tmp_pa
     overall = compare_with_reference(program, exported.path, 1.5 * torch.randn(x.shape, generator=torch.Generator()
                                                                                 .manual_seed(7)))["overall"]
     assert overall["exact"] == 1.0 and overall["end_to_end_exact"] == 1.0, overall
+
+
+def test_average_pools_of_conv_accumulators_are_exact_on_onnxruntime(tmp_path):
+    """DenseNet's transitions: a BatchNorm region whose leaf concatenates average pools of conv accumulators is
+    written in units, each pool replayed as exact int32 window sums (strided Slices added, a Pad for the padded one)
+    of the ConvInteger accumulators, so onnxruntime reproduces every code; no AveragePool of dequantized values."""
+    from mpqc.targets.onnx import export_onnx
+    from mpqc.targets.onnx_check import compare_with_reference
+
+    _, program, x = _program("transitions")
+    (region,) = [node.attrs["region"] for node in program.nodes if node.op == "quantize"
+                 and any(program.node(step).op == "batch_norm" for step in node.attrs["region"]["steps"])]
+    assert [program.node(leaf).op for leaf in region["leaves"]] == ["cat"]
+    exported = export_onnx(program, tmp_path / "transitions.onnx", input_shapes=[tuple(x.shape)])
+    kinds = collections.Counter(node.op_type for node in onnx.load(exported.path).graph.node)
+    assert kinds["AveragePool"] == 0 and kinds["Slice"] == 4 + 9 and kinds["Pad"] == 1, kinds
+    assert kinds["ConvInteger"] >= 3, kinds
+    for seed in (7, 8):
+        inputs = 1.5 * torch.randn(x.shape, generator=torch.Generator().manual_seed(seed))
+        overall = compare_with_reference(program, exported.path, inputs)["overall"]
+        assert overall["exact"] == 1.0 and overall["end_to_end_exact"] == 1.0, overall
 
 
 # --------------------------------------------------------------------------------------------- regions
