@@ -33,14 +33,15 @@ LAYER_OPS: dict[type[nn.Module], str] = {**op_named("conv2d").layer_types, **op_
 def layer_nodes(gm: fx.GraphModule) -> list[fx.Node]:
     """The ``call_module`` nodes of conv1d/conv2d/linear modules (or subclasses) and embedding tables, in graph
     order; a conv/linear applied to a constant (Swin V2's position-bias MLP on its coordinate table) is not a layer
-    but part of a constant computation (``mpqc.ops.is_constant``: the program holds its value)."""
+    but part of a constant computation (``mpqc.ops.is_constant``: the program holds its value); an embedding
+    table is a layer even at fixed indices (BERT's position ids)."""
     from mpqc.ops.registry import is_constant
 
     return [
         node
         for node in gm.graph.nodes
         if node.op == "call_module" and isinstance(gm.get_submodule(node.target), tuple(LAYER_OPS))
-        and (isinstance(gm.get_submodule(node.target), nn.Embedding) or not is_constant(gm, node))
+        and not is_constant(gm, node)
     ]
 
 

@@ -269,7 +269,7 @@ def is_constant(gm: GraphModule, node: Node) -> bool:
     """Whether ``node``'s value is a tensor that depends on no graph input's values: a ``get_attr``, a tensor made
     from another's shape (``x.new_zeros(...)``), or a call whose graph inputs are all constant (a Swin's relative
     position bias gathered from its table, its shifted-window mask), with a traced tensor shape. The answer is kept
-    in ``node.meta`` once the node's shape is recorded."""
+    in ``node.meta`` once the node's shape is recorded. An embedding table's lookup never is (a quantized layer)."""
     from torch.fx.passes.shape_prop import TensorMetadata
 
     known: dict[Node, bool] = {}
@@ -290,6 +290,9 @@ def is_constant(gm: GraphModule, node: Node) -> bool:
         inputs = current.all_input_nodes
         if current.op == "get_attr":
             answer(current, True, True)
+        elif current.op == "call_module" and isinstance(gm.get_submodule(current.target), nn.Embedding):
+            answer(current, False, True)  # a table lookup is a layer (its table quantized, counted), even at fixed
+            # indices (BERT's position and token-type ids): the program keeps it as one
         elif _shape_only(current):
             answer(current, traced, traced)
         elif current.op not in ("call_function", "call_method", "call_module") or not inputs:
