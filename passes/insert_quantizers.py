@@ -183,13 +183,18 @@ def insert_quantizers(
     first, last = layers[0], layers[-1]
     fixed = config.first_last == "fixed"
 
-    def signed_and_range(source: Node) -> tuple[bool, float]:
-        low, magnitude, positive = stats[source]
+    def signed_and_range(source: Node, bits: int = MAX_OPERAND_BITS) -> tuple[bool, float]:
+        """Sign and starting range: the calibration percentile's, but the maximum for codes wider than 8 bits
+        (they have the levels to hold the outliers: BERT's few massive activations at a handful of tokens, which
+        a 99.99th percentile clips, are what a normalization's 16-bit input is for)."""
+        low, (magnitude, positive), (largest, largest_positive) = stats[source]
+        if bits > MAX_OPERAND_BITS:
+            magnitude, positive = largest, largest_positive
         signed = not (ops.is_nonnegative(gm, source) or (source.op == "placeholder" and low >= 0))
         return signed, max(magnitude if signed else positive, 1e-4)
 
     def fixed_quantizer(source: Node, bits: int) -> FixedQuantizer:
-        signed, dynamic_range = signed_and_range(source)
+        signed, dynamic_range = signed_and_range(source, bits)
         return FixedQuantizer(bits, signed, torch.tensor([dynamic_range / positive_levels(bits, signed)]))
 
     for point, widest in operands.items():  # learnable like a layer's input
@@ -199,7 +204,7 @@ def insert_quantizers(
             bit_range = BitRange(min(config.activation_bits.min_bits, widest),
                                  min(config.activation_bits.max_bits, widest))
             init = min(config.init_bits, widest)
-        quantizer = method.activation_quantizer(*signed_and_range(point), init, bit_range)
+        quantizer = method.activation_quantizer(*signed_and_range(point, init), init, bit_range)
         quantizer_of[point] = _quantize_tensor(gm, point, f"{point.name}_out", quantizer)
     for end in residual_ends:
         if end not in quantizer_of:
@@ -371,11 +376,11 @@ def replace_submodule(gm: GraphModule, target: str, module: nn.Module) -> None:
     setattr(gm.get_submodule(parent_name) if parent_name else gm, child, module)
 
 
-def _calibrate(gm: GraphModule, nodes: set[Node], inputs: tuple,
-               percentile: float) -> dict[Node, tuple[float, float, float]]:
-    """(min, ``percentile`` of the magnitudes, ``percentile`` of the positive parts) of each node's value over one
-    forward pass of ``inputs``."""
-    stats: dict[Node, tuple[float, float, float]] = {}
+def _calibrate(gm: GraphModule, nodes: set[Node], inputs: tuple, percentile: float
+               ) -> dict[Node, tuple[float, tuple[float, float], tuple[float, float]]]:
+    """``(min, (magnitude, positive part) at the percentile, (magnitude, positive part) at their maximum)`` of each
+    node's value over one forward pass of ``inputs``."""
+    stats: dict[Node, tuple[float, tuple[float, float], tuple[float, float]]] = {}
 
     class Recorder(Interpreter):
         def run_node(self, n: Node):
@@ -383,8 +388,10 @@ def _calibrate(gm: GraphModule, nodes: set[Node], inputs: tuple,
             if n in nodes:
                 if not isinstance(value, Tensor):
                     raise MpqcError(f"layer input is not a tensor: {n.format_node()}")
-                stats[n] = (float(value.min()), percentile_range(value, percentile, signed=True),
-                            percentile_range(value, percentile, signed=False))
+                stats[n] = (float(value.min()),
+                            (percentile_range(value, percentile, signed=True),
+                             percentile_range(value, percentile, signed=False)),
+                            (percentile_range(value, 100.0, signed=True), percentile_range(value, 100.0, signed=False)))
             return value
 
     with torch.no_grad():

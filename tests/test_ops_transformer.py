@@ -378,3 +378,22 @@ def mpqc_bits(bits: int):
     from mpqc.quantizers import BitRange
 
     return BitRange(bits, bits)
+
+
+def test_a_16_bit_layer_norm_input_starts_at_the_maximum_where_8_bit_inputs_start_at_the_percentile():
+    """One massive activation (BERT has a few, at a handful of tokens): the 99.99th-percentile default clips it for an
+    8-bit layer input, but a normalization's 16-bit input starts at the calibration maximum and keeps it."""
+    torch.manual_seed(0)
+    model, x = OutlierResidual().eval(), torch.randn(16, 64, 16) * 0.5
+    with torch.no_grad():
+        model.proj.bias.zero_()
+    x[0, 0, 5] = 500.0  # 1 of 16,384 elements: above the 99.99th percentile
+    gm, _ = pipeline.trace(model, (x,))
+    gm = pipeline.quantize(gm, get_method("dq"), QuantizerConfig(), (x,))
+    quantizers = dict(gm.act_quantizers.named_children())
+    (norm_input,) = [q for name, q in quantizers.items() if name.startswith("add")]
+    layer_input = quantizers["proj"]
+    with torch.no_grad():
+        largest = float((x + model.proj(x)).abs().max())
+    assert largest > 400 and float(norm_input.log_range.exp()) == pytest.approx(largest, rel=1e-4)
+    assert float(layer_input.log_range.exp()) < 10.0
