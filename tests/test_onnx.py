@@ -212,8 +212,9 @@ def test_the_test_models_cover_every_converter():
     ops |= {node.op for name in MOVEMENT_MODELS for node in movement_program(name)[1].nodes} - {"input"}
     converters = {name for op in all_ops() if op.has_backend("onnx") for name in op.names} - {"input"}
     from test_ops_transformer import TRANSFORMER_OPS  # covered there (TinyEncoder and a HF BertModel)
+    from test_ops_vit import VIT_OPS  # covered there (a tiny ViT and a tiny Swin)
 
-    assert ops | TRANSFORMER_OPS == converters
+    assert ops | TRANSFORMER_OPS | VIT_OPS == converters
 
 
 def test_without_input_shapes_the_model_takes_any_batch_and_size(resnet20_export, tmp_path):

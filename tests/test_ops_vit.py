@@ -31,6 +31,10 @@ def vit_input(seed: int = 0) -> torch.Tensor:
     return torch.randn(2, 3, 28, 28, generator=torch.Generator().manual_seed(seed))
 
 
+#: The program ops whose ONNX converters only this file's models cover (tests/test_onnx.py counts them): the tiny
+#: ViT's class-token broadcast and the tiny Swin's window shift, both checked against onnxruntime below.
+VIT_OPS = {"expand", "roll"}
+
 def test_multihead_attention_becomes_linears_around_a_softmax():
     model, x = tiny_vit(), vit_input()
     gm, layers = pipeline.trace(model, (x,))

@@ -600,7 +600,7 @@ def test_artifact_weights_are_bit_packed(resnet20, tmp_path):
 def test_unsupported_nodes_are_all_listed():
     nodes = [
         IntNode("x", "input", []),
-        IntNode("q", "quantize", ["x"], {"bits": 12, "signed": True, "scale": 0.1, "module": "q"}),
+        IntNode("q", "quantize", ["x"], {"bits": 24, "signed": True, "scale": 0.1, "module": "q"}),  # > 16
         IntNode("soft", "softmax", ["q"]),
         IntNode("pool", "adaptive_avg_pool2d", ["x"], {"output_size": [2, 2]}),  # (padded avg pools lower now)
         IntNode("relu", "relu", ["x"]),
