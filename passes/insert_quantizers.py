@@ -22,7 +22,9 @@ Ensures:    every quantized layer node has ``node.meta[INPUT_QUANTIZER_META]`` =
             integer program never sums floats. The operands other ops need as codes (the op registry's
             ``quantized_operands`` / ``quantized_output``: a lookup table's input and output, a product's factors),
             where they are not codes already, get the method's learnable activation quantizer like a layer's input
-            (``act_quantizers.<node>_out``, bits at most 8: lookup tables index 2^b entries); one that feeds no
+            (``act_quantizers.<node>_out``, bits at most the readers' ``OpDef.operand_bits``: 8 where a lookup
+            table indexes 2^b entries or a product is formed; a LayerNorm's input, a residual sum with outlier
+            channels, starts at 16 bits and at the calibration maximum, and learns down); one that feeds no
             layer carries an :class:`~mpqc.layers.ActivationInfo` (``ACTIVATION_META``) and a product of two
             quantized activations a :class:`~mpqc.layers.ProductInfo` (``PRODUCT_META``), so the budgets count
             their storage and BitOPs (:func:`cost_items`, :func:`current_bits`).
@@ -50,7 +52,8 @@ from mpqc.quantizers import FixedQuantizer, QuantMethod, Quantizer
 from mpqc.quantizers.base import positive_levels
 from mpqc.quantizers.calibration import percentile_range, weight_clip
 
-#: The widest code an operand quantizer may learn: lookup tables index 2^b entries.
+#: The widest code an operand quantizer may learn unless its readers' ``OpDef.operand_bits`` allow more (lookup
+#: tables index 2^b entries; LayerNorm's int64 kernel takes 16), and the widest that starts at the percentile range.
 MAX_OPERAND_BITS = 8
 
 #: ``node.meta[INPUT_QUANTIZER_META]`` on a quantized layer node: qualified name of its input's quantizer module.
