@@ -147,9 +147,9 @@ def fidelity(student: Tensor, teacher: Tensor, k: int = 10) -> dict[str, float]:
 
     mine, theirs = neighbours(student), neighbours(teacher)
     shared = [len(set(a.tolist()) & set(b.tolist())) for a, b in zip(mine, theirs)]
-    return {"cosine": float(F.cosine_similarity(student.double(), teacher.double(), dim=1).mean()),
-            f"top{k}_agreement": 100.0 * sum(shared) / (k * len(shared)),
-            "min_cosine": float(F.cosine_similarity(student.double(), teacher.double(), dim=1).min())}
+    cosines = F.cosine_similarity(student.double(), teacher.double(), dim=1)
+    return {"cosine": float(cosines.mean()), f"top{k}_agreement": 100.0 * sum(shared) / (k * len(shared)),
+            "min_cosine": float(cosines.min())}
 
 
 def _cached(name: str, compute) -> Tensor:
@@ -204,6 +204,11 @@ def _loaders(tokenizer, args: argparse.Namespace, *, labelled: bool) -> tuple[Da
             DataLoader(held_out, batch_size=args.batch_size))
 
 
+def _example(loader: DataLoader) -> dict[str, Tensor]:
+    """The model's keyword inputs for two texts of ``loader`` (labels left out): the example inputs to capture."""
+    return {name: value[:2] for name, value in next(iter(loader)).items() if name != "labels"}
+
+
 def _compiled_summary(compiled: mpqc.CompiledModel) -> dict:
     report = compiled.report
     layers = report["layers"]
@@ -225,9 +230,8 @@ def distill(args: argparse.Namespace) -> dict:
     tokenizer = load_tokenizer(minilm_directory())
     model = minilm_encoder()
     train, val, held_out = _loaders(tokenizer, args, labelled=False)
-    example = {name: value[:2] for name, value in next(iter(val)).items()}
     out = Path(args.out or f"runs/minilm-distill-{args.avg_bits:g}b")
-    compiled = mpqc.compile(model, example, budget=mpqc.AverageBits(args.avg_bits), data=(train, val),
+    compiled = mpqc.compile(model, _example(val), budget=mpqc.AverageBits(args.avg_bits), data=(train, val),
                             config=_config(args, distill=False), loss="distill-cosine", forward=pooled, out=out,
                             resume=args.resume, force=not args.resume)
     teacher = _cached(f"fp32-heldout-{args.eval_texts}-{args.max_length}", lambda: embed(model, held_out))
@@ -258,8 +262,7 @@ def classify(args: argparse.Namespace) -> dict:
     with torch.no_grad():
         fp32 = evaluate_top1(model, held_out)
     out = Path(args.out or f"runs/minilm-classify-{args.avg_bits:g}b")
-    compiled = mpqc.compile(model, {k: v[:2] for k, v in next(iter(val)).items() if k != "labels"},
-                            budget=mpqc.AverageBits(args.avg_bits), data=(train, val),
+    compiled = mpqc.compile(model, _example(val), budget=mpqc.AverageBits(args.avg_bits), data=(train, val),
                             config=_config(args, distill=True), loss=cross_entropy, forward=pooled, metric=top1,
                             out=out, resume=args.resume, force=not args.resume)
     evaluated = time.perf_counter()
