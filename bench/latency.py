@@ -60,13 +60,11 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torchvision  # noqa: E402
 
+from mpqc import pipeline  # noqa: E402
 from mpqc.budgets import WeightMemory  # noqa: E402
 from mpqc.config import QuantizerConfig  # noqa: E402
-from mpqc.passes.analyze_layers import analyze_layers  # noqa: E402
-from mpqc.passes.capture import capture  # noqa: E402
-from mpqc.passes.fold_batchnorm import fold_batchnorm  # noqa: E402
 from mpqc.passes.freeze import freeze  # noqa: E402
-from mpqc.passes.insert_quantizers import insert_quantizers, searched_quantizers  # noqa: E402
+from mpqc.passes.insert_quantizers import searched_quantizers  # noqa: E402
 from mpqc.quantizers import get_method  # noqa: E402
 from mpqc.reference import IntegerProgram  # noqa: E402
 
@@ -97,11 +95,13 @@ DEFAULT_CASES = ["resnet18:1", "resnet18:8", "resnet20:1", "resnet20:64"]
 
 
 # --------------------------------------------------------------------------------------------- the programs
-def frozen_program(model: torch.nn.Module, x: torch.Tensor, seed: int = 0) -> IntegerProgram:
-    """capture -> fold BN -> quantizers (calibrated on x) -> random integer bits in [2, 8] -> freeze."""
-    gm = fold_batchnorm(capture(model.eval(), (x,)))
-    analyze_layers(gm, (x,))
-    gm = insert_quantizers(gm, get_method("dq"), QuantizerConfig(), (x,))
+def frozen_program(model: torch.nn.Module, x: torch.Tensor | dict[str, torch.Tensor], seed: int = 0
+                   ) -> IntegerProgram:
+    """``pipeline.trace`` -> quantizers (calibrated on ``x``: a tensor or keyword inputs) -> random integer bits in
+    [2, 8] -> freeze."""
+    inputs = x if isinstance(x, dict) else (x,)
+    gm, _ = pipeline.trace(model.eval(), inputs)
+    gm = pipeline.quantize(gm, get_method("dq"), QuantizerConfig(), pipeline.positional_inputs(gm, inputs))
     rng = random.Random(seed)
     for _, q in searched_quantizers(gm):
         if q.learnable_bits:
@@ -133,15 +133,16 @@ def timed(fn, repeat: int) -> dict[str, float]:
     return {"median_ms": statistics.median(times) * 1e3, "min_ms": min(times) * 1e3, "runs": repeat}
 
 
-def function_times(lowered, x: np.ndarray, repeat: int) -> dict[str, float]:
-    """Each packed function of the VM's ``main``: its minimum time (ms) per model run over ``repeat`` runs,
-    measured with ``VirtualMachine.set_instrument``."""
+def function_times(lowered, x: np.ndarray | list[np.ndarray], repeat: int) -> dict[str, float]:
+    """Each packed function of the VM's ``main`` on input ``x`` (or the list of a model's inputs): its minimum time
+    (ms) per model run over ``repeat`` runs, measured with ``VirtualMachine.set_instrument``."""
     import tvm
     from tvm import relax
 
     vm = relax.VirtualMachine(lowered.executable, tvm.cpu())
     lowered._machine()
-    args = [tvm.runtime.tensor(x)] + list(lowered._param_tensors)
+    inputs = x if isinstance(x, list) else [x]
+    args = [tvm.runtime.tensor(array) for array in inputs] + list(lowered._param_tensors)
     best: dict[str, float] = {}
     current: dict[str, float] = {}
     started: dict[str, float] = {}

@@ -39,6 +39,7 @@ MODELS = {
     "resnet20": (lambda: example_models.resnet20(), (4, 1, 28, 28)),
     "resnet18": (lambda: torchvision.models.resnet18(num_classes=10), (2, 3, 64, 64)),
     "mobilenet_v2": (lambda: torchvision.models.mobilenet_v2(num_classes=10), (2, 3, 64, 64)),
+    "token_mlp": (lambda: TokenMLP(), (2, 5, 24)),
 }
 FMA = re.compile(r"\bvfn?m(?:add|sub)\w*")
 
@@ -459,6 +460,30 @@ def test_forced_avx2_lowering_is_bit_exact_on_any_host():
     asm = lowered.source("asm")
     assert "vpmaddubsw" in asm and "%zmm" not in asm and "vpdpbusd" not in asm
     assert not FMA.findall(asm)
+    _assert_bit_exact(program, lowered, x)
+
+
+class TokenMLP(torch.nn.Module):
+    """A transformer block's MLP on tokens ``[batch, tokens, features]``: LayerNorm (signed codes) -> linear -> ReLU
+    (unsigned codes) -> linear."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.norm, self.up, self.down = torch.nn.LayerNorm(24), torch.nn.Linear(24, 40), torch.nn.Linear(40, 8)
+
+    def forward(self, x):
+        return self.down(F.relu(self.up(self.norm(x))))
+
+
+@needs_avx2
+def test_linears_on_tokens_run_on_the_isa_kernel_bit_exact():
+    """A linear on rank-3 tokens is one ``[rows, features]`` GEMM on the ISA's kernel (it ran on TVM's generic int8
+    matmul before), for a signed and an unsigned input, bit-exact with the reference, codes included."""
+    program, x = _program("token_mlp", seed=3)
+    quantizers = [node.name for node in program.nodes if node.op == "quantize"]
+    lowered = mtvm.lower(program, input_shape=tuple(x.shape), expose=quantizers, isa="avx2")
+    assert sorted(lowered.meta["kernel_layers"]) == sorted(node.name for node in program.layers())
+    assert lowered.schedules["kernels"] == lowered.schedules["kernel_functions"] > 0
     _assert_bit_exact(program, lowered, x)
 
 

@@ -152,8 +152,8 @@ def _isa_kernel(geometry: LayerGeometry, block: str, target: Any):
     micro = next(m for m in registry.MICRO_KERNELS if m.block == block)
     c, co = geometry.in_channels, geometry.out_channels
     taps = math.prod(geometry.kernel) if geometry.kernel else 1
-    if geometry.op == "linear":
-        x = te.placeholder((1, c), "uint8", name="x")
+    if geometry.op == "linear":  # its tokens (batch 1) as the rows of one GEMM, as the lowering runs it
+        x = te.placeholder((math.prod(geometry.input_size), c), "uint8", name="x")
         conv = ConvGeometry("NC", False, c)
     else:
         x = te.placeholder((1, *geometry.input_size, c), "uint8", name="x")

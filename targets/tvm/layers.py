@@ -4,7 +4,8 @@ target's ISA and the layer's bit-widths), emitted into the lowering.
 *Matches*: every ``conv1d``/``conv2d``/``linear`` node (``mpqc/ops/layers.py``'s ``relax`` calls
 :func:`_convert_layer`).
 *Rewrites to*: an implicit-GEMM kernel (``kernels/implicit_gemm.py`` with the chosen ISA's micro-kernel: NHWC int32
-accumulators, output channels sliced back from a multiple of 16; a signed input shifted by the kernel's shift and
+accumulators, output channels sliced back from a multiple of 16; a linear layer's tokens ``[batch, ..., features]``
+flattened to one ``[rows, features]`` GEMM and reshaped back; a signed input shifted by the kernel's shift and
 ``shift * sum(w)`` taken from the bias), or the generic kernel (``kernels/generic.py``) where none takes the layer;
 then the int32 bias. *Ensures*: the int32 accumulator of the reference, exactly.
 """
@@ -65,20 +66,23 @@ def _convert_layer_kernel(lowering, node: IntNode, x: _Int, bias: np.ndarray, sc
                             f"shift leaves int32")
         bias = corrected.astype(np.int32)
     w = lowering.weight(node, "vnni")
+    x_expr, leading = x.expr, _shape(x.expr)[:-1]
     if node.op == "linear":
         geometry = ConvGeometry("NC", signed, int(weight.shape[1]), shift=shift)
+        if len(leading) > 1:  # tokens [batch, ..., features]: one [rows, features] GEMM, reshaped back after
+            x_expr = lowering.emit(R.reshape(x_expr, [int(np.prod(leading)), int(weight.shape[1])]))
     else:
         a = node.attrs
         geometry = ConvGeometry(x.layout, signed, int(weight.shape[1]), tuple(weight.shape[2:]), tuple(a["stride"]),
                                 tuple(a["padding"]), tuple(a["dilation"]), shift=shift)
     lowering.kernel_layers[node.name] = micro.block
-    acc = lowering.bb.emit_te(functools.partial(conv2d_te, geometry=geometry, name=micro.block), x.expr, w,
+    acc = lowering.bb.emit_te(functools.partial(conv2d_te, geometry=geometry, name=micro.block), x_expr, w,
                               primfunc_name_hint=micro.block)
     shape = _shape(acc)
     if shape[-1] != out_channels:
         acc = lowering.emit(R.strided_slice(acc, axes=[3], begin=[0], end=[out_channels]))
     if node.op == "linear":
-        acc = lowering.emit(R.reshape(acc, [shape[2], out_channels]))
+        acc = lowering.emit(R.reshape(acc, [*leading, out_channels]))
     b = lowering.param(f"{node.name}.bias", bias)
     acc = lowering.emit(R.add(acc, b))
     if node.op == "linear":

@@ -148,11 +148,12 @@ class Kernel:
     shift: Callable[[LayerFacts], int]  # what signed activations are shifted by (the bias absorbs shift * sum(w))
 
     def takes(self, layer: LayerFacts) -> bool:
-        """conv2d with groups 1, or linear on a 2-D input; weights and activations of at most 8 bits."""
+        """conv2d with groups 1, or linear (on a ``[rows, features]`` input; a rank >= 3 one, tokens, is
+        flattened to that by the lowering); weights and activations of at most 8 bits."""
         if layer.weight_bits > 8 or layer.activation_bits > 8:
             return False
         if layer.op == "linear":
-            return layer.rank == 2
+            return layer.rank >= 2
         return layer.op == "conv2d" and layer.groups == 1
 
     def available(self, target: Any) -> bool:
