@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 
+from mpqc.cpu import isa_flags
 from mpqc.errors import ConfigError
 from mpqc.reference import IntegerProgram
 from mpqc.targets.tvm.kernels import registry
@@ -39,9 +40,12 @@ def lower(program_or_compiled, *, target: Any = "llvm", out: str | Path | None =
     recorded in the database directory ``tuning_db``, whose best schedules are applied (``trials=0`` with a
     ``tuning_db``: reuse earlier tuning); with a ``tuning_db`` the VNNI kernels' register tiles are measured once
     per convolution geometry and recorded there too (``vnni_tiles.json``, ``schedule.py``).
-    ``isa``: the conv2d/linear kernels (``targets/registry.py``): ``"auto"`` (default) the best the target has
-    (``avx512vnni``, else ``avx2``, else TVM's own operators), or forced: ``"avx512vnni"``, ``"avx2"`` (on an
-    AVX-512 target the module is built for ``x86-64-v3``, so it holds AVX2 code only), ``"generic"``.
+    ``isa``: the conv2d/linear kernels (``kernels/registry.py``): ``"auto"`` (default) the best the target has
+    (``avx512vnni``, else ``avxvnni``, else ``avx2``, else TVM's own operators), or forced: ``"avx512vnni"``,
+    ``"avxvnni"``, ``"avx2"`` (on an AVX-512 target these two build for ``x86-64-v3``, plus ``avxvnni`` for the
+    first, so the module holds no AVX-512 instruction), ``"generic"``. A forced ISA the target lacks is refused
+    (naming the /proc/cpuinfo flags this CPU lacks); a module built for an explicit target whose ISA this CPU lacks
+    is built (and exported) but refuses to run here (``meta["cpu_flags"]``, checked by the artifact's loader too).
     ``vnni`` (the older switch): True forces ``avx512vnni``, False ``generic``; ``None`` (default) leaves ``isa``.
     """
     program, compiled = _program_and_compiled(program_or_compiled)
@@ -74,7 +78,8 @@ def lower(program_or_compiled, *, target: Any = "llvm", out: str | Path | None =
     lowered = LoweredModule(executable=executable, target=tvm_target, params=built.params,
                             packed_weights=built.packed, ir_module=built.mod, build_seconds=seconds,
                             inexact=built.inexact, schedules=stats,
-                            meta={**_metadata(program, shapes, built, tvm_target, expose), "isa": isa})
+                            meta={**_metadata(program, shapes, built, tvm_target, expose), "isa": isa,
+                                  "cpu_flags": isa_flags(isa)})
     if out is not None:
         lowered.export(out)
     return lowered
