@@ -8,7 +8,7 @@ weight/activation bit pair, the milliseconds of the kernel :func:`~mpqc.targets.
 pair ``(w, a)`` in 2..8, the kernel registry's choice (``kernels/registry.py``: the same ``choose`` as the
 lowering, for the resolved ISA of the target) names a micro-kernel block (``avx2_conv``, ``avx2s8_conv``,
 ``vnni_conv``, ...) or the generic kernel. Bit pairs on the same block run the same instructions, so each distinct
-block is built and timed once per geometry (AVX2: up to five, from the bits; AVX-512 VNNI and generic: one):
+block is built and timed once per geometry (AVX2: up to five, from the bits; AVX-512 VNNI, AVX-VNNI and generic: one):
 
 * an ISA kernel: one PrimFunc, the implicit-GEMM TE (``kernels/implicit_gemm.py``) on NHWC uint8 codes with the
   layer's fused epilogue (int32 bias, exact fp32 multiply, round-half-even clamp to uint8), scheduled by the same
