@@ -7,7 +7,7 @@ LLVM's answer for the target's ``mcpu``/``mattr``).
 
 *Rewrites to*: the conv block :data:`VNNI` (``vnni_conv``), its 16x4 inner block tensorized with :data:`INTRIN`:
 the 4 activation bytes broadcast to 64 lanes times the 16x4 weight block, added to 16 int32 lanes. Signed inputs
-are shifted by 128.
+are shifted by 128. :func:`vpdpbusd` takes the lane count: ``avx_vnni.py`` is this kernel at 8 lanes (ymm).
 
 *Ensures*: int32 accumulation is exact (``vpdpbusd`` adds four u8 x s8 products, each at most 2^15 in size, to an
 int32 lane without saturation; |sums| stay far below 2^31 for <= 8-bit codes).
