@@ -136,8 +136,8 @@ def test_auto_resolves_to_avxvnni_only_where_the_flag_is(monkeypatch):
 
 def test_avxvnni_is_refused_on_a_cpu_without_the_flag(monkeypatch, small_program, tmp_path):
     """``lower(isa="avxvnni")``, ``mpqc lower --isa avxvnni`` and the latency budget on a CPU without ``avx_vnni``
-    (monkeypatched, so on every host): a ConfigError naming the flag; the latency table refuses to measure even
-    for a target that claims AVX-VNNI."""
+    (monkeypatched, so on every host): a ConfigError naming the flag; the latency table and the tuning of a
+    lowering refuse to measure even for a target that claims AVX-VNNI (they would run its kernels here)."""
     program, x = small_program
     _with_flags(monkeypatch, FLAGS["zen3"])
     with pytest.raises(ConfigError, match=r"no avxvnni; this CPU lacks the /proc/cpuinfo flag\(s\) avx_vnni"):
@@ -145,9 +145,12 @@ def test_avxvnni_is_refused_on_a_cpu_without_the_flag(monkeypatch, small_program
     layers = [LayerInfo("conv", "conv2d", (32, 16, 3, 3), 4608, 32, 32, 294912, (16, 8, 8), (32, 8, 8), 1024, 2048)]
     with pytest.raises(ConfigError, match="avx_vnni"):
         mpqc.Latency(1.0, isa="avxvnni", tuning_db=str(tmp_path)).table(layers)
-    with pytest.raises(ConfigError, match=r"latency table runs avxvnni kernels.*lacks.*avx_vnni"):
+    with pytest.raises(ConfigError, match=r"latency table would run avxvnni kernels.*lacks.*avx_vnni"):
         latency.latency_table(layers, target=ALDER_LAKE, isa="avxvnni", tuning_db=tmp_path)
     assert not (tmp_path / latency.TABLE_FILE).exists()
+    with pytest.raises(ConfigError, match=r"tuning into tuning_db=.*would run avxvnni kernels.*avx_vnni"):
+        mtvm.lower(program, target=ALDER_LAKE, input_shape=tuple(x.shape), tuning_db=tmp_path / "db")
+    assert not (tmp_path / "db").exists()
     assert parse_budget("latency=3ms,avxvnni") == mpqc.Latency(3.0, isa="avxvnni")
     assert cli._parser().parse_args(["lower", "run", "--out", "o", "--isa", "avxvnni"]).isa == "avxvnni"
 

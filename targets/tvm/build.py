@@ -45,7 +45,8 @@ def lower(program_or_compiled, *, target: Any = "llvm", out: str | Path | None =
     ``"avxvnni"``, ``"avx2"`` (on an AVX-512 target these two build for ``x86-64-v3``, plus ``avxvnni`` for the
     first, so the module holds no AVX-512 instruction), ``"generic"``. A forced ISA the target lacks is refused
     (naming the /proc/cpuinfo flags this CPU lacks); a module built for an explicit target whose ISA this CPU lacks
-    is built (and exported) but refuses to run here (``meta["cpu_flags"]``, checked by the artifact's loader too).
+    is built (and exported) but refuses to run here (``meta["cpu_flags"]``, checked by the artifact's loader too),
+    and refuses a ``tuning_db`` (tuning measures on this CPU).
     ``vnni`` (the older switch): True forces ``avx512vnni``, False ``generic``; ``None`` (default) leaves ``isa``.
     """
     program, compiled = _program_and_compiled(program_or_compiled)
@@ -64,6 +65,8 @@ def lower(program_or_compiled, *, target: Any = "llvm", out: str | Path | None =
     if kind != "llvm" and (isa not in ("auto", "generic") or vnni):
         raise ConfigError(f"isa={isa!r}/vnni={vnni}: the x86 int8 kernels are for llvm targets, not {kind}")
     isa = registry.resolve_isa(tvm_target, isa, vnni) if kind == "llvm" else "generic"
+    if tuning_db is not None:  # register tiles and MetaSchedule candidates are timed here
+        registry.check_runnable(isa, f"tuning into tuning_db={str(tuning_db)!r}")
     tvm_target = registry.isa_target(tvm_target, isa)
     started = time.perf_counter()
     built = build_module(program, shapes, mode=kind, expose=expose, isa=isa)

@@ -318,7 +318,7 @@ def latency_table(layers: Sequence[LayerInfo], *, target: Any = "llvm", isa: str
                if f"{g.key} | {block}" not in measured}
     entries = [(geometry, block) for (_, block), geometry in missing.items()]
     if entries:
-        registry.check_runnable(isa, "the latency table")  # measuring runs the kernels on this CPU
+        registry.check_runnable(isa, "measuring the latency table")
     for (geometry, block), ms in zip(entries, measure_blocks(entries, tvm_target, repeat) if entries else []):
         measured[f"{geometry.key} | {block}"] = ms
     if missing:

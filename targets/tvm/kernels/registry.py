@@ -18,8 +18,9 @@ ISAs, best first: ``avx512vnni`` (``avx512_vnni.py``), ``avxvnni`` (``avx_vnni.p
 AVX-512 host builds for :func:`isa_target` (``x86-64-v3``, plus ``avxvnni`` for the latter: AVX-512 switched off)
 so the kernels are the ones an AVX2 or AVX-VNNI CPU runs (LLVM would otherwise emit the EVEX ``vpdpbusd``).
 A forced ISA the target lacks is refused (:func:`resolve_isa`), naming the ``/proc/cpuinfo`` flags this CPU lacks
-too; a module built for a target with an ISA this CPU lacks (cross-compiled) is never run here
-(:func:`check_runnable`: ``LoweredModule`` and the latency table ask it first).
+too; code built for a target with an ISA this CPU lacks (cross-compiled) is never run here: the latency table and
+tuning ask :func:`check_runnable` before measuring, a lowered module and its artifact check the flags recorded in
+its ``model.json`` (``loader.check_cpu``).
 """
 from __future__ import annotations
 
@@ -65,13 +66,13 @@ def resolve_isa(target: Any, isa: str = "auto", vnni: bool | None = None) -> str
     return isa
 
 
-def check_runnable(isa: str, what: str = "the module") -> None:
-    """Refuse to run ``isa``'s kernels on this CPU where it lacks one of the ``/proc/cpuinfo`` flags they need (a
-    module cross-compiled for another CPU would die of SIGILL here)."""
+def check_runnable(isa: str, what: str) -> None:
+    """Refuse ``what`` (something that runs ``isa``'s kernels on this CPU: measuring them) where this CPU lacks one
+    of the ``/proc/cpuinfo`` flags they need (code built for another CPU would die of SIGILL here)."""
     lacking = missing_flags(isa)
     if lacking:
-        raise ConfigError(f"{what} runs {isa} kernels, and this CPU lacks the /proc/cpuinfo flag(s) "
-                          f"{', '.join(lacking)}: export it and run it on a CPU that has them")
+        raise ConfigError(f"{what} would run {isa} kernels on this CPU, which lacks the /proc/cpuinfo flag(s) "
+                          f"{', '.join(lacking)}")
 
 
 def isa_target(target: Any, isa: str):
