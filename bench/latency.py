@@ -477,7 +477,12 @@ def main(argv: list[str] | None = None) -> dict:
     from mpqc.targets.tvm import resolve_target
     from mpqc.targets.tvm.kernels import resolve_isa
 
-    isa = resolve_isa(resolve_target("llvm"), args.isa)
+    from mpqc.errors import ConfigError
+
+    try:
+        isa = resolve_isa(resolve_target("llvm"), args.isa)
+    except ConfigError as error:  # e.g. --isa avxvnni on a CPU without avx_vnni: nothing is run
+        sys.exit(f"bench/latency.py: {error}")
     clock = measure_clock(isa)  # the probe runs only an instruction of the kernels' ISA, which this CPU has
     if args.clock_ghz:  # a busy shared machine measures a low clock; the peak then uses the given one
         clock.update(measured_clock_ghz=clock.get("clock_ghz"), clock_ghz=args.clock_ghz,
