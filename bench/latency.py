@@ -31,12 +31,12 @@ per cycle; AVX-VNNI 128, two 256-bit ones; AVX2 64). The clock is measured with 
 (one per cycle) compiled with the C compiler when there is one (``/proc/cpuinfo`` MHz otherwise; both are
 recorded), as is one core's measured throughput of the kernel ISA's multiply (:data:`PROBES`; only where
 /proc/cpuinfo shows the ISA's flags: the probe never runs an instruction the CPU lacks). ``--isa`` forces the
-kernels (``avx2`` or ``avxvnni`` on an AVX-512 host: built without AVX-512); one the CPU lacks is refused. The load average before and after each case is
-recorded: other processes on a shared machine make every number here slower and noisier, and favour TVM, whose
-thread pool spins between parallel regions while PyTorch's OpenMP threads sleep under ``OMP_WAIT_POLICY=PASSIVE``
-(set ``OMP_WAIT_POLICY=ACTIVE`` on a quiet machine for the fair comparison: it applies to the PyTorch engines, the
-TVM engines' processes always get ``PASSIVE``, or torch's spinning OpenMP threads would compete with TVM's; the
-environment is recorded).
+kernels (``avx2`` or ``avxvnni`` on an AVX-512 host: built without AVX-512); one the CPU lacks is refused. The load
+average before and after each case is recorded: other processes on a shared machine make every number here slower and
+noisier, and favour TVM, whose thread pool spins between parallel regions while PyTorch's OpenMP threads sleep under
+``OMP_WAIT_POLICY=PASSIVE`` (set ``OMP_WAIT_POLICY=ACTIVE`` on a quiet machine for the fair comparison: it applies to
+the PyTorch engines, the TVM engines' processes always get ``PASSIVE``, or torch's spinning OpenMP threads would
+compete with TVM's; the environment is recorded).
 Delete ``bench/tuning`` to re-measure the register tiles on another machine.
 """
 from __future__ import annotations
