@@ -24,16 +24,19 @@ pool and inductor's compile workers never share a process):
   one run takes tens of seconds).
 
 Reported per case: latencies, ratios to mpqc_tvm, the int8 GOP/s of the whole network (2 x MACs / latency) and of
-its convolution layers (the VNNI functions, fused requantisation included, timed one by one with the VM's
-instrument hook, minimum over ``--repeat`` runs), and their fraction of the VNNI peak: 256 int8 ops per cycle
-per core (two 512-bit ``vpdpbusd`` per cycle) x threads x clock. The clock is measured with a dependent chain of
-integer adds (one per cycle) compiled with the C compiler when there is one (``/proc/cpuinfo`` MHz otherwise; both
-are recorded), as is one core's measured ``vpdpbusd`` throughput. The load average before and after each case is
-recorded: other processes on a shared machine make every number here slower and noisier, and favour TVM, whose
-thread pool spins between parallel regions while PyTorch's OpenMP threads sleep under ``OMP_WAIT_POLICY=PASSIVE``
-(set ``OMP_WAIT_POLICY=ACTIVE`` on a quiet machine for the fair comparison: it applies to the PyTorch engines, the
-TVM engines' processes always get ``PASSIVE``, or torch's spinning OpenMP threads would compete with TVM's; the
-environment is recorded).
+its convolution layers (the kernel functions, fused requantisation included, timed one by one with the VM's
+instrument hook, minimum over ``--repeat`` runs), and their fraction of the kernel ISA's peak
+(:data:`OPS_PER_CYCLE` int8 ops per cycle per core x threads x clock: AVX-512 VNNI 256, two 512-bit ``vpdpbusd``
+per cycle; AVX-VNNI 128, two 256-bit ones; AVX2 64). The clock is measured with a dependent chain of integer adds
+(one per cycle) compiled with the C compiler when there is one (``/proc/cpuinfo`` MHz otherwise; both are
+recorded), as is one core's measured throughput of the kernel ISA's multiply (:data:`PROBES`; only where
+/proc/cpuinfo shows the ISA's flags: the probe never runs an instruction the CPU lacks). ``--isa`` forces the
+kernels (``avx2`` or ``avxvnni`` on an AVX-512 host: built without AVX-512); one the CPU lacks is refused. The load
+average before and after each case is recorded: other processes on a shared machine make every number here slower and
+noisier, and favour TVM, whose thread pool spins between parallel regions while PyTorch's OpenMP threads sleep under
+``OMP_WAIT_POLICY=PASSIVE`` (set ``OMP_WAIT_POLICY=ACTIVE`` on a quiet machine for the fair comparison: it applies to
+the PyTorch engines, the TVM engines' processes always get ``PASSIVE``, or torch's spinning OpenMP threads would
+compete with TVM's; the environment is recorded).
 Delete ``bench/tuning`` to re-measure the register tiles on another machine.
 """
 from __future__ import annotations
@@ -63,6 +66,7 @@ import torchvision  # noqa: E402
 from mpqc import pipeline  # noqa: E402
 from mpqc.budgets import WeightMemory  # noqa: E402
 from mpqc.config import QuantizerConfig  # noqa: E402
+from mpqc.cpu import ISA_CHOICES  # noqa: E402
 from mpqc.passes.freeze import freeze  # noqa: E402
 from mpqc.passes.insert_quantizers import searched_quantizers  # noqa: E402
 from mpqc.quantizers import get_method  # noqa: E402
@@ -71,9 +75,11 @@ from mpqc.reference import IntegerProgram  # noqa: E402
 ROOT = Path(__file__).resolve().parent.parent
 VNNI_OPS_PER_CYCLE = 256  # per core: two 512-bit vpdpbusd (64 u8 x s8 products each) per cycle
 #: int8 ops per cycle per core of each kernel ISA (targets/tvm/kernels/registry.py): AVX-512 VNNI two 512-bit vpdpbusd;
-#: AVX2 with int32 accumulation two 256-bit vpmaddubsw (32 products) whose vpmaddwd/vpaddd share the ports: 32
-#: MACs; "generic" (TVM's own operators) is held to the AVX2 figure.
-OPS_PER_CYCLE = {"avx512vnni": VNNI_OPS_PER_CYCLE, "avx2": 64, "generic": 64}
+#: AVX-VNNI two 256-bit {vex} vpdpbusd (32 products each) per cycle: 128 (LLVM's scheduling model, `llvm-mca-14
+#: -mcpu=alderlake` and sapphirerapids: reciprocal throughput 0.5 cycles, latency 5; not measured here, no AVX-VNNI
+#: CPU was available); AVX2 with int32 accumulation two 256-bit vpmaddubsw (32 products) whose vpmaddwd/vpaddd
+#: share the ports: 32 MACs; "generic" (TVM's own operators) is held to the AVX2 figure.
+OPS_PER_CYCLE = {"avx512vnni": VNNI_OPS_PER_CYCLE, "avxvnni": 128, "avx2": 64, "generic": 64}
 
 
 def _examples():
@@ -178,7 +184,7 @@ int main(void) {
     double t = now() - t0; if (t < best) best = t;
   }
   long m = 20000000;
-#ifdef PROBE_VNNI
+#if defined(PROBE_VNNI)  /* AVX-512 VNNI: 12 independent 512-bit vpdpbusd per iteration */
   for (int r = 0; r < 3; r++) {
     double t0 = now();
     for (long i = 0; i < m; i++)
@@ -190,19 +196,30 @@ int main(void) {
         ::: "xmm0", "xmm1", "xmm2", "xmm3", "xmm4", "xmm5", "xmm6", "xmm7", "xmm8", "xmm9", "xmm10", "xmm11");
     double t = now() - t0; if (t < bestv) bestv = t;
   }
-#else  /* AVX2: 12 independent 256-bit vpmaddubsw per iteration */
+#elif defined(PROBE_AVXVNNI) || defined(PROBE_AVX2)  /* 12 independent 256-bit multiplies per iteration */
   m = m / 4;  /* 5M iterations (~50 ms at 0.5/cycle), best of 10 */
   for (int r = 0; r < 10; r++) {
     double t0 = now();
     for (long i = 0; i < m; i++)
       __asm__ volatile(
+#if defined(PROBE_AVXVNNI)  /* AVX-VNNI: the VEX-encoded vpdpbusd */
+        "%{vex%} vpdpbusd %%ymm14,%%ymm15,%%ymm0\n\t%{vex%} vpdpbusd %%ymm14,%%ymm15,%%ymm1\n\t"
+        "%{vex%} vpdpbusd %%ymm14,%%ymm15,%%ymm2\n\t%{vex%} vpdpbusd %%ymm14,%%ymm15,%%ymm3\n\t"
+        "%{vex%} vpdpbusd %%ymm14,%%ymm15,%%ymm4\n\t%{vex%} vpdpbusd %%ymm14,%%ymm15,%%ymm5\n\t"
+        "%{vex%} vpdpbusd %%ymm14,%%ymm15,%%ymm6\n\t%{vex%} vpdpbusd %%ymm14,%%ymm15,%%ymm7\n\t"
+        "%{vex%} vpdpbusd %%ymm14,%%ymm15,%%ymm8\n\t%{vex%} vpdpbusd %%ymm14,%%ymm15,%%ymm9\n\t"
+        "%{vex%} vpdpbusd %%ymm14,%%ymm15,%%ymm10\n\t%{vex%} vpdpbusd %%ymm14,%%ymm15,%%ymm11\n\t"
+#else  /* AVX2 */
         "vpmaddubsw %%ymm14,%%ymm15,%%ymm0\n\tvpmaddubsw %%ymm14,%%ymm15,%%ymm1\n\tvpmaddubsw %%ymm14,%%ymm15,%%ymm2\n\t"
         "vpmaddubsw %%ymm14,%%ymm15,%%ymm3\n\tvpmaddubsw %%ymm14,%%ymm15,%%ymm4\n\tvpmaddubsw %%ymm14,%%ymm15,%%ymm5\n\t"
         "vpmaddubsw %%ymm14,%%ymm15,%%ymm6\n\tvpmaddubsw %%ymm14,%%ymm15,%%ymm7\n\tvpmaddubsw %%ymm14,%%ymm15,%%ymm8\n\t"
         "vpmaddubsw %%ymm14,%%ymm15,%%ymm9\n\tvpmaddubsw %%ymm14,%%ymm15,%%ymm10\n\tvpmaddubsw %%ymm14,%%ymm15,%%ymm11\n\t"
+#endif
         ::: "xmm0", "xmm1", "xmm2", "xmm3", "xmm4", "xmm5", "xmm6", "xmm7", "xmm8", "xmm9", "xmm10", "xmm11");
     double t = now() - t0; if (t < bestv) bestv = t;
   }
+#else  /* no multiply probe */
+  m = 0;
 #endif
   printf("%.6f %.6f\n", n / best / 1e9, 12.0 * m / bestv / 1e9);
   return 0;
@@ -210,9 +227,20 @@ int main(void) {
 """
 
 
-def measure_clock(vnni: bool) -> dict[str, object]:
-    """The core clock (GHz) from a dependent add chain, one core's multiply rate (``vpdpbusd`` where ``vnni``, the
-    host having avx512_vnni; ``vpmaddubsw`` otherwise: never an instruction the CPU lacks), /proc/cpuinfo's MHz."""
+#: The multiply probe of each kernel ISA: (compiler flags, the instruction, int8 ops per instruction).
+PROBES = {
+    "avx512vnni": (["-mavx512f", "-mavx512vnni", "-DPROBE_VNNI"], "vpdpbusd zmm", 128),  # 64 u8 x s8 products
+    "avxvnni": (["-mavx2", "-mavxvnni", "-DPROBE_AVXVNNI"], "{vex} vpdpbusd ymm", 64),  # 32 products into int32
+    "avx2": (["-mavx2", "-DPROBE_AVX2"], "vpmaddubsw ymm", 64),  # 32 products, summed in int16 pairs
+}
+
+
+def measure_clock(isa: str) -> dict[str, object]:
+    """The core clock (GHz) from a dependent add chain, one core's rate of ``isa``'s multiply instruction
+    (:data:`PROBES`) where /proc/cpuinfo shows every flag that ISA needs (never an instruction the CPU lacks: no
+    probe for ``generic``, or where the flags cannot be read), /proc/cpuinfo's MHz."""
+    from mpqc.cpu import cpu_flags, isa_flags
+
     info: dict[str, object] = {}
     try:
         mhz = [float(line.split(":")[1]) for line in Path("/proc/cpuinfo").read_text().splitlines()
@@ -223,22 +251,22 @@ def measure_clock(vnni: bool) -> dict[str, object]:
         info["cpu"] = model[0] if model else None
     except OSError:
         info["cpuinfo_mhz"] = None
+    flags = cpu_flags()
+    probe = PROBES.get(isa) if flags and set(isa_flags(isa)) <= flags else None
     compiler = shutil.which("cc") or shutil.which("gcc")
     if compiler:
         with tempfile.TemporaryDirectory() as work:
             source, binary = Path(work) / "clock.c", Path(work) / "clock"
             source.write_text(_CLOCK_C)
-            flags = ["-mavx512f", "-mavx512vnni", "-DPROBE_VNNI"] if vnni else ["-mavx2"]
-            built = subprocess.run([compiler, "-O2", *flags, "-o", str(binary), str(source)],
+            built = subprocess.run([compiler, "-O2", *(probe[0] if probe else []), "-o", str(binary), str(source)],
                                    capture_output=True, text=True)
             if built.returncode == 0:
                 ghz, dots = map(float, subprocess.run([str(binary)], capture_output=True, text=True,
                                                       check=True).stdout.split())
                 info.update(clock_ghz=ghz, clock_method="dependent integer add chain (1 add/cycle), best of 40 runs of 7 ms")
-                if vnni:
-                    info.update(vpdpbusd_per_ns_one_core=dots, vnni_gops_one_core_measured=dots * 128)
-                else:  # 32 u8 x s8 products each, summed in int16 pairs: 64 ops before the widening vpmaddwd
-                    info.update(vpmaddubsw_per_ns_one_core=dots, vpmaddubsw_gops_one_core_measured=dots * 64)
+                if probe:
+                    info.update(probe_instruction=probe[1], probe_per_ns_one_core=dots,
+                                probe_gops_one_core_measured=dots * probe[2])
                 return info
     if info.get("cpuinfo_mhz"):
         info.update(clock_ghz=info["cpuinfo_mhz"] / 1e3, clock_method="/proc/cpuinfo cpu MHz (nominal)")
@@ -434,9 +462,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--no-tvm-fp32", dest="tvm_fp32", action="store_false")
     parser.add_argument("--clock-ghz", type=float, help="the core clock for the peak, where the machine is too busy "
                                                         "to measure it (the measured one is recorded too)")
-    parser.add_argument("--isa", choices=("auto", "avx512vnni", "avx2", "generic"), default="auto",
+    parser.add_argument("--isa", choices=ISA_CHOICES, default="auto",
                         help="mpqc-TVM's int8 kernels: auto (the best this CPU has) or forced, e.g. avx2 on a VNNI "
-                             "host (targets/tvm/kernels/registry.py)")
+                             "host; one this CPU lacks is refused (targets/tvm/kernels/registry.py)")
     parser.add_argument("--json", type=Path, default=ROOT / "bench" / "results" / "latency.json")
     parser.add_argument("--note", default="", help="free text stored with the results (e.g. machine load)")
     parser.add_argument("--worker", choices=ENGINES, help=argparse.SUPPRESS)  # one engine, one case: JSON out
@@ -450,8 +478,13 @@ def main(argv: list[str] | None = None) -> dict:
     from mpqc.targets.tvm import resolve_target
     from mpqc.targets.tvm.kernels import resolve_isa
 
-    isa = resolve_isa(resolve_target("llvm"), args.isa)
-    clock = measure_clock(vnni=int8_isa() == "avx512vnni")
+    from mpqc.errors import ConfigError
+
+    try:
+        isa = resolve_isa(resolve_target("llvm"), args.isa)
+    except ConfigError as error:  # e.g. --isa avxvnni on a CPU without avx_vnni: nothing is run
+        sys.exit(f"bench/latency.py: {error}")
+    clock = measure_clock(isa)  # the probe runs only an instruction of the kernels' ISA, which this CPU has
     if args.clock_ghz:  # a busy shared machine measures a low clock; the peak then uses the given one
         clock.update(measured_clock_ghz=clock.get("clock_ghz"), clock_ghz=args.clock_ghz,
                      clock_method=f"given (--clock-ghz); measured here: {clock.get('clock_ghz')}")

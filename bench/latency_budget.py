@@ -34,6 +34,7 @@ from latency import MODELS, frozen_program, function_times  # noqa: E402
 import mpqc  # noqa: E402
 from mpqc import pipeline  # noqa: E402
 from mpqc.budgets import LayerBits  # noqa: E402
+from mpqc.cpu import ISA_CHOICES  # noqa: E402
 
 
 def searched_program(model: torch.nn.Module, x: torch.Tensor, budget: mpqc.Latency, steps: int, seed: int):
@@ -105,7 +106,7 @@ def run(model_name: str = "resnet20", *, isa: str = "auto", seed: int = 0, repea
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default="resnet20", choices=sorted(MODELS))
-    parser.add_argument("--isa", default="auto", choices=("auto", "avx512vnni", "avx2", "generic"))
+    parser.add_argument("--isa", default="auto", choices=ISA_CHOICES)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--repeat", type=int, default=20)
     parser.add_argument("--tuning-db", default="bench/tuning")

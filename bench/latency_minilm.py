@@ -35,6 +35,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 
+from mpqc.cpu import ISA_CHOICES  # noqa: E402
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from latency import ROOT, _lscpu_model, frozen_program, function_times, timed  # noqa: E402
 
@@ -115,7 +117,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--max-length", type=int, default=128)
     parser.add_argument("--repeat", type=int, default=10)
     parser.add_argument("--seed", type=int, default=1, help="the random mixed bits")
-    parser.add_argument("--isa", choices=("auto", "avx512vnni", "avx2", "generic"), default="auto")
+    parser.add_argument("--isa", choices=ISA_CHOICES, default="auto")
     parser.add_argument("--json", type=Path, default=ROOT / "bench" / "results" / "latency_minilm.json")
     parser.add_argument("--note", default="")
     parser.add_argument("--worker", choices=ENGINES, help=argparse.SUPPRESS)

@@ -329,8 +329,10 @@ class Latency(Budget):
             self.ms > 0 and math.isfinite(self.ms)
         ):
             raise ConfigError(f"latency limit must be a positive finite number of ms, got {self.ms!r}")
-        if self.isa not in ("auto", "avx512vnni", "avx2", "generic"):
-            raise ConfigError(f"latency isa must be auto, avx512vnni, avx2 or generic, got {self.isa!r}")
+        from mpqc.cpu import ISA_CHOICES
+
+        if self.isa not in ISA_CHOICES:
+            raise ConfigError(f"latency isa must be one of {', '.join(ISA_CHOICES)}, got {self.isa!r}")
 
     @property
     def limit(self) -> float:

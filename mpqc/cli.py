@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from mpqc.cli_inputs import load_callable, prepare_run
+from mpqc.cpu import ISA_CHOICES
 from mpqc.errors import ConfigError, MpqcError
 
 
@@ -161,9 +162,10 @@ def _parser() -> argparse.ArgumentParser:
     lo.add_argument("--vnni", choices=("auto", "on", "off"), default="auto",
                     help="mpqc's VNNI int8 kernels for conv/linear: auto (where the target has avx512vnni), on "
                          "(refused on a target without it), off (TVM's own int8 operators)")
-    lo.add_argument("--isa", choices=("auto", "avx512vnni", "avx2", "generic"), default="auto",
-                    help="the conv/linear int8 kernels: auto (the best the target has), or forced: avx512vnni, avx2 "
-                         "(on an AVX-512 host the module is built for x86-64-v3 and runs there), generic (TVM's own)")
+    lo.add_argument("--isa", choices=ISA_CHOICES, default="auto",
+                    help="the conv/linear int8 kernels: auto (the best the target has), or forced: avx512vnni, "
+                         "avxvnni (256-bit VEX vpdpbusd), avx2 (on an AVX-512 host these two build for x86-64-v3 "
+                         "and run there; refused where the CPU lacks the flag), generic (TVM's own)")
     lo.set_defaults(run=_lower)
     return parser
 

@@ -19,6 +19,10 @@ INT8_ISA_LEVELS: tuple[tuple[str, frozenset[str]], ...] = (
     ("sse4.1", frozenset({"sse4_1"})),
 )
 
+#: The ``isa=`` choices of the TVM lowering (``targets/tvm/kernels/registry.py`` implements them, best first after
+#: ``auto``), the latency budget and the CLIs.
+ISA_CHOICES = ("auto", "avx512vnni", "avxvnni", "avx2", "generic")
+
 
 @functools.cache
 def _cpuinfo() -> str:
@@ -50,6 +54,17 @@ def int8_isa() -> str:
     ``sse4.1`` or ``generic``."""
     flags = cpu_flags()
     return next((name for name, needed in INT8_ISA_LEVELS if needed <= flags), "generic")
+
+
+def isa_flags(isa: str) -> list[str]:
+    """The ``/proc/cpuinfo`` flags an int8 ISA of :data:`INT8_ISA_LEVELS` needs (sorted; none for ``generic``)."""
+    return sorted(dict(INT8_ISA_LEVELS).get(isa, frozenset()))
+
+
+def missing_flags(isa: str) -> list[str]:
+    """The flags of :func:`isa_flags` this CPU lacks (none where /proc/cpuinfo has no flags: nothing is known)."""
+    flags = cpu_flags()
+    return [flag for flag in isa_flags(isa) if flag not in flags] if flags else []
 
 
 def describe_cpu() -> str:

@@ -144,3 +144,47 @@ def mixed_bit_program(build, shape, seed: int):
     gm, chosen = freeze_at_random_bits(gm, seed=seed)
     assert len(set(chosen.values())) > 2, "the test needs really mixed bit-widths"
     return gm, IntegerProgram.from_graph(gm), x
+
+
+# --------------------------------------------------------------------------------------------- kernel tests
+def extreme_codes(rng, shape, low: int, high: int):
+    """Random codes in [low, high] whose first half (along the first axis) sits at the extremes: ``high`` in
+    the first quarter, ``low`` in the second (the values that saturate a naive vpmaddubsw kernel)."""
+    codes = rng.integers(low, high + 1, shape)
+    quarter = max(shape[0] // 4, 1)
+    codes[:quarter], codes[quarter:2 * quarter] = high, low
+    return codes
+
+
+def conv_reference(nchw, weight, padding):
+    """The exact (float64) convolution of NCHW codes, stride 1, as int64 NHWC."""
+    import torch.nn.functional as F
+
+    expected = F.conv2d(torch.from_numpy(nchw).double(), torch.from_numpy(weight).double(), None, 1, padding)
+    return expected.permute(0, 2, 3, 1).round().long().numpy()
+
+
+def build_conv_kernel(geometry, x_shape, x_dtype: str, weight_shape, tile=None, micro=None, target=None):
+    """Build and schedule (tensorized) one implicit-GEMM convolution on ``micro`` (default AVX-512 VNNI's) for
+    ``target`` (default this host); returns (run, asm): ``run(x, packed_weight)`` gives its int32 NHWC output."""
+    import numpy as np
+    import tvm
+    from tvm import s_tir, te
+
+    from mpqc.targets import tvm as mtvm
+    from mpqc.targets.tvm.kernels import avx512_vnni, implicit_gemm
+
+    micro = micro or avx512_vnni.VNNI
+    x_te = te.placeholder(x_shape, x_dtype, name="x")
+    w_te = te.placeholder(weight_shape, "int8", name="w")
+    out = implicit_gemm.conv2d_te(x_te, w_te, geometry, name=micro.block)
+    sch = s_tir.Schedule(te.create_prim_func([x_te, w_te, out]).with_attr("global_symbol", "main"))
+    assert implicit_gemm.schedule_conv(sch, tile, micro)
+    kernel = tvm.compile(sch.mod, target=tvm.target.Target(target or mtvm.host_target()))
+
+    def run(x, packed):
+        result = tvm.runtime.tensor(np.zeros([int(d) for d in out.shape], np.int32))
+        kernel(tvm.runtime.tensor(x), tvm.runtime.tensor(packed), result)
+        return result.numpy()
+
+    return run, "".join(m.inspect_source("asm") for m in mtvm._import_tree(kernel.mod) if m.kind == "llvm")

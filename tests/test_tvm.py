@@ -17,7 +17,8 @@ import torch
 import torch.nn.functional as F
 import torchvision
 
-from conftest import example_models, freeze_at_random_bits, mixed_bit_program, quantized_graph, randomize_batchnorm
+from conftest import (build_conv_kernel, conv_reference, example_models, extreme_codes, freeze_at_random_bits,
+                      mixed_bit_program, quantized_graph, randomize_batchnorm)
 from mpqc.errors import ConfigError, MpqcError, UnsupportedOpError
 from mpqc.reference import IntegerProgram, IntNode, IntValue
 
@@ -258,32 +259,12 @@ def test_torch_sum_order_reproduces_pytorch_mean(hw):
 
 
 # --------------------------------------------------------------------------------------------- VNNI kernels
-def _build_kernel(geometry, x_shape, x_dtype: str, weight_shape, tile=None, micro=avx512_vnni.VNNI, target=None):
-    """Build and schedule (tensorized) one implicit-GEMM convolution on ``micro``; returns (run, asm):
-    ``run(x, packed_weight)`` gives its int32 NHWC output."""
-    from tvm import s_tir, te
-
-    x_te = te.placeholder(x_shape, x_dtype, name="x")
-    w_te = te.placeholder(weight_shape, "int8", name="w")
-    out = implicit_gemm.conv2d_te(x_te, w_te, geometry, name=micro.block)
-    sch = s_tir.Schedule(te.create_prim_func([x_te, w_te, out]).with_attr("global_symbol", "main"))
-    assert implicit_gemm.schedule_conv(sch, tile, micro)
-    kernel = tvm.compile(sch.mod, target=tvm.target.Target(target or mtvm.host_target()))
-
-    def run(x, packed):
-        result = tvm.runtime.tensor(np.zeros([int(d) for d in out.shape], np.int32))
-        kernel(tvm.runtime.tensor(x), tvm.runtime.tensor(packed), result)
-        return result.numpy()
-
-    return run, "".join(m.inspect_source("asm") for m in mtvm._import_tree(kernel.mod) if m.kind == "llvm")
-
-
 def _vnni_kernel(geometry, x: np.ndarray, weight: np.ndarray, tile=None, micro=avx512_vnni.VNNI,
                  target=None) -> tuple[np.ndarray, str]:
     """Build, schedule (tensorized) and run one convolution on ``micro`` (VNNI by default); returns its int32
     NHWC output and the asm."""
     packed = tvm_weights.vnni_layout(weight)
-    run, asm = _build_kernel(geometry, x.shape, str(x.dtype), packed.shape, tile, micro, target)
+    run, asm = build_conv_kernel(geometry, x.shape, str(x.dtype), packed.shape, tile, micro, target)
     return run(x, packed), asm
 
 
@@ -364,20 +345,6 @@ def test_the_vnni_choice_follows_the_target_features(resnet20):
 
 # --------------------------------------------------------------------------------------------- packed weights
 # --------------------------------------------------------------------------------------------- AVX2 kernels
-def _extreme_codes(rng, shape, low: int, high: int) -> np.ndarray:
-    """Random codes in [low, high] whose first half (along the first axis) sits at the extremes: ``high`` in
-    the first quarter, ``low`` in the second (the values that saturate a naive vpmaddubsw kernel)."""
-    codes = rng.integers(low, high + 1, shape)
-    quarter = max(shape[0] // 4, 1)
-    codes[:quarter], codes[quarter:2 * quarter] = high, low
-    return codes
-
-
-def _conv_reference(nchw: np.ndarray, weight: np.ndarray, padding) -> np.ndarray:
-    expected = F.conv2d(torch.from_numpy(nchw).double(), torch.from_numpy(weight).double(), None, 1, padding)
-    return expected.permute(0, 2, 3, 1).round().long().numpy()
-
-
 @needs_avx2
 @pytest.mark.parametrize("signed", [False, True])
 def test_avx2_kernel_is_exact_at_every_bit_pair(signed):
@@ -398,20 +365,20 @@ def test_avx2_kernel_is_exact_at_every_bit_pair(signed):
             geometry = implicit_gemm.ConvGeometry("NHWC", signed, channels, (3, 3), (1, 1), padding, shift=shift)
             key = (micro.block, signed, shift)
             if key not in built:
-                built[key] = _build_kernel(geometry, (4, size, size, channels), "int8" if signed else "uint8",
-                                           (out // 16, 9 * channels // 4, 16, 4), micro=micro, target=AVX2_TARGET)
+                built[key] = build_conv_kernel(geometry, (4, size, size, channels), "int8" if signed else "uint8",
+                                               (out // 16, 9 * channels // 4, 16, 4), micro=micro, target=AVX2_TARGET)
             run, asm = built[key]
             assert "vpmaddubsw" in asm and "zmm" not in asm
             low, high = (-(2 ** (activation_bits - 1) - 1), 2 ** (activation_bits - 1) - 1) if signed else \
                 (0, 2**activation_bits - 1)
-            x = _extreme_codes(rng, (4, channels, size, size), low, high)  # all high, all low, 2 random
+            x = extreme_codes(rng, (4, channels, size, size), low, high)  # all high, all low, 2 random
             half = 2 ** (weight_bits - 1) - 1
-            weight = _extreme_codes(rng, (out, channels, 3, 3), -half, half).astype(np.int8)
+            weight = extreme_codes(rng, (out, channels, 3, 3), -half, half).astype(np.int8)
             got = run(np.ascontiguousarray(x.transpose(0, 2, 3, 1)).astype("int8" if signed else "uint8"),
                       tvm_weights.vnni_layout(weight))
             if signed:
                 got = got - shift * weight.reshape(out, -1).astype(np.int64).sum(1)
-            assert np.array_equal(got, _conv_reference(x, weight, padding)), \
+            assert np.array_equal(got, conv_reference(x, weight, padding)), \
                 f"w{weight_bits} a{activation_bits} signed={signed}"
     blocks = {block for block, _, _ in built}
     assert blocks == {"avx2_conv", "avx2wide_conv", "avx2s2_conv", "avx2s4_conv", "avx2s8_conv"}
@@ -425,10 +392,10 @@ def test_narrow_avx2_form_would_saturate_at_8x8_bits():
     assert tvm_avx2.pair_bound(8, 7) <= 32767 and tvm_avx2.pair_bound(7, 8) <= 32767
     rng = np.random.default_rng(3)
     x = np.full((1, 8, 4, 4), 255, np.uint8)
-    weight = _extreme_codes(rng, (16, 8, 1, 1), -127, 127).astype(np.int8)
+    weight = extreme_codes(rng, (16, 8, 1, 1), -127, 127).astype(np.int8)
     geometry = implicit_gemm.ConvGeometry("NHWC", False, 8)
     nhwc = np.ascontiguousarray(x.transpose(0, 2, 3, 1))
-    expected = _conv_reference(x, weight, (0, 0))
+    expected = conv_reference(x, weight, (0, 0))
     narrow, _ = _vnni_kernel(geometry, nhwc, weight, micro=tvm_avx2.NARROW, target=AVX2_TARGET)
     wide, _ = _vnni_kernel(geometry, nhwc, weight, micro=tvm_avx2.WIDE, target=AVX2_TARGET)
     assert not np.array_equal(narrow, expected)
@@ -439,9 +406,9 @@ def test_narrow_avx2_form_would_saturate_at_8x8_bits():
     nhwc = np.ascontiguousarray(x.transpose(0, 2, 3, 1))
     geometry = implicit_gemm.ConvGeometry("NHWC", False, 32)
     for half, exact in ((7, True), (63, False)):
-        weight = _extreme_codes(rng, (16, 32, 1, 1), -half, half).astype(np.int8)
+        weight = extreme_codes(rng, (16, 32, 1, 1), -half, half).astype(np.int8)
         got, _ = _vnni_kernel(geometry, nhwc, weight, micro=tvm_avx2.MULTI_STEP[8], target=AVX2_TARGET)
-        assert np.array_equal(got, _conv_reference(x, weight, (0, 0))) == exact
+        assert np.array_equal(got, conv_reference(x, weight, (0, 0))) == exact
 
 
 @needs_avx2

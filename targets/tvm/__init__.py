@@ -18,11 +18,12 @@ a 16-bit activation, ...), raise one :class:`~mpqc.errors.UnsupportedOpError` li
   Relax ``round``'s ``nearbyint`` did not; Relax ``round`` -> ``nearbyintf`` on CUDA; both checked on ties).
   The per-channel multipliers ``M = fp32(float64(s_in) / float64(s_out))`` are computed on the host with the
   reference's own torch float64 expressions and embedded as fp32 constants.
-* ``conv2d`` (groups 1) / 2-D ``linear`` on an llvm target with AVX512-VNNI or AVX2 (the kernel table
+* ``conv2d`` (groups 1) / 2-D ``linear`` on an llvm target with AVX512-VNNI, AVX-VNNI or AVX2 (the kernel table
   ``kernels/registry.py``, asked per layer; ``lower(..., isa=)`` / ``vnni=`` force a choice): the implicit-GEMM
   kernel of ``kernels/implicit_gemm.py`` on NHWC uint8 codes (a signed input is shifted by the kernel's shift, VNNI
   128, AVX2 ``2^(bits-1)``, and ``shift * sum(w)`` is subtracted from the int32 bias, exactly) with the weights
-  packed ``[Co/16, KH*KW*C/4, 16, 4]``, tensorized by a hand schedule with ``vpdpbusd`` (VNNI) or the AVX2
+  packed ``[Co/16, KH*KW*C/4, 16, 4]``, tensorized by a hand schedule with ``vpdpbusd`` (VNNI: zmm; AVX-VNNI:
+  ``{vex}`` ymm) or the AVX2
   micro-kernels of ``kernels/avx2.py`` (narrow, wide or int16 multi-step, from the layer's bits). The
   accumulator stays NHWC, and so does everything computed from it elementwise (requantisation, ReLU, clamps, residual adds, max pooling,
   integer global pooling); the converters that need the program's NCHW layout (flatten, cat, average pooling,
@@ -59,7 +60,8 @@ tuning too (re-checked by the slow tuning test); with and without VNNI (a target
 (``tvm.runtime.save_param_dict``: ``weights.packed``, every weight bit-packed at its own bit-width in one uint8
 array, within one byte per layer of ``sum(bits * params) / 8`` (``weights.py``), and the int32
 biases), ``model.json`` (inputs, outputs, parameter order, the packed weights' layout, input quantizer
-scale/bits, per-layer bits, the VNNI layers, target) and ``loader.py`` (a copy of the runtime-only module
+scale/bits, per-layer bits, the VNNI layers, target, the kernels' ``isa`` and the ``cpu_flags`` they need, which
+the loader checks against /proc/cpuinfo before running) and ``loader.py`` (a copy of the runtime-only module
 ``loader.py``). The weights are unpacked inside the module: ``unpack_weights`` runs once when the artifact is
 loaded (``loader.load``, or the first call of a ``LoweredModule``) and its outputs are ``main``'s weight arguments
 from then on, so an inference costs no unpacking.

@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 
+from mpqc.cpu import isa_flags
 from mpqc.errors import ConfigError
 from mpqc.reference import IntegerProgram
 from mpqc.targets.tvm.kernels import registry
@@ -39,9 +40,13 @@ def lower(program_or_compiled, *, target: Any = "llvm", out: str | Path | None =
     recorded in the database directory ``tuning_db``, whose best schedules are applied (``trials=0`` with a
     ``tuning_db``: reuse earlier tuning); with a ``tuning_db`` the VNNI kernels' register tiles are measured once
     per convolution geometry and recorded there too (``vnni_tiles.json``, ``schedule.py``).
-    ``isa``: the conv2d/linear kernels (``targets/registry.py``): ``"auto"`` (default) the best the target has
-    (``avx512vnni``, else ``avx2``, else TVM's own operators), or forced: ``"avx512vnni"``, ``"avx2"`` (on an
-    AVX-512 target the module is built for ``x86-64-v3``, so it holds AVX2 code only), ``"generic"``.
+    ``isa``: the conv2d/linear kernels (``kernels/registry.py``): ``"auto"`` (default) the best the target has
+    (``avx512vnni``, else ``avxvnni``, else ``avx2``, else TVM's own operators), or forced: ``"avx512vnni"``,
+    ``"avxvnni"``, ``"avx2"`` (on an AVX-512 target these two build for ``x86-64-v3``, plus ``avxvnni`` for the
+    first, so the module holds no AVX-512 instruction), ``"generic"``. A forced ISA the target lacks is refused
+    (naming the /proc/cpuinfo flags this CPU lacks); a module built for an explicit target whose ISA this CPU lacks
+    is built (and exported) but refuses to run here (``meta["cpu_flags"]``, checked by the artifact's loader too),
+    and refuses a ``tuning_db`` (tuning measures on this CPU).
     ``vnni`` (the older switch): True forces ``avx512vnni``, False ``generic``; ``None`` (default) leaves ``isa``.
     """
     program, compiled = _program_and_compiled(program_or_compiled)
@@ -60,6 +65,8 @@ def lower(program_or_compiled, *, target: Any = "llvm", out: str | Path | None =
     if kind != "llvm" and (isa not in ("auto", "generic") or vnni):
         raise ConfigError(f"isa={isa!r}/vnni={vnni}: the x86 int8 kernels are for llvm targets, not {kind}")
     isa = registry.resolve_isa(tvm_target, isa, vnni) if kind == "llvm" else "generic"
+    if tuning_db is not None:  # register tiles and MetaSchedule candidates are timed here
+        registry.check_runnable(isa, f"tuning into tuning_db={str(tuning_db)!r}")
     tvm_target = registry.isa_target(tvm_target, isa)
     started = time.perf_counter()
     built = build_module(program, shapes, mode=kind, expose=expose, isa=isa)
@@ -74,7 +81,8 @@ def lower(program_or_compiled, *, target: Any = "llvm", out: str | Path | None =
     lowered = LoweredModule(executable=executable, target=tvm_target, params=built.params,
                             packed_weights=built.packed, ir_module=built.mod, build_seconds=seconds,
                             inexact=built.inexact, schedules=stats,
-                            meta={**_metadata(program, shapes, built, tvm_target, expose), "isa": isa})
+                            meta={**_metadata(program, shapes, built, tvm_target, expose), "isa": isa,
+                                  "cpu_flags": isa_flags(isa)})
     if out is not None:
         lowered.export(out)
     return lowered

@@ -8,7 +8,7 @@ weight/activation bit pair, the milliseconds of the kernel :func:`~mpqc.targets.
 pair ``(w, a)`` in 2..8, the kernel registry's choice (``kernels/registry.py``: the same ``choose`` as the
 lowering, for the resolved ISA of the target) names a micro-kernel block (``avx2_conv``, ``avx2s8_conv``,
 ``vnni_conv``, ...) or the generic kernel. Bit pairs on the same block run the same instructions, so each distinct
-block is built and timed once per geometry (AVX2: up to five, from the bits; AVX-512 VNNI and generic: one):
+block is built and timed once per geometry (AVX2: up to five, from the bits; AVX-512 VNNI, AVX-VNNI and generic: one):
 
 * an ISA kernel: one PrimFunc, the implicit-GEMM TE (``kernels/implicit_gemm.py``) on NHWC uint8 codes with the
   layer's fused epilogue (int32 bias, exact fp32 multiply, round-half-even clamp to uint8), scheduled by the same
@@ -317,6 +317,8 @@ def latency_table(layers: Sequence[LayerInfo], *, target: Any = "llvm", isa: str
     missing = {(g.key, block): g for g, kinds in zip(geometries, blocks) for block in sorted(set(kinds.values()))
                if f"{g.key} | {block}" not in measured}
     entries = [(geometry, block) for (_, block), geometry in missing.items()]
+    if entries:
+        registry.check_runnable(isa, "measuring the latency table")
     for (geometry, block), ms in zip(entries, measure_blocks(entries, tvm_target, repeat) if entries else []):
         measured[f"{geometry.key} | {block}"] = ms
     if missing:

@@ -21,6 +21,21 @@ import tvm
 from tvm.runtime.vm import VirtualMachine
 
 
+def check_cpu(meta):
+    """Refuse (``RuntimeError``) to run a module whose kernels need ``/proc/cpuinfo`` flags this CPU lacks
+    (``meta["cpu_flags"]``, e.g. ``avx_vnni`` for the AVX-VNNI kernels): it would die of SIGILL. Nothing is
+    refused where /proc/cpuinfo has no flags line."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return
+    line = next((line for line in text.splitlines() if line.split(":")[0].strip() == "flags"), None)
+    lacking = sorted(set(meta.get("cpu_flags", ())) - set(line.partition(":")[2].split())) if line else []
+    if lacking:
+        raise RuntimeError(f"this module runs {meta.get('isa')} kernels (built for {meta.get('target')}), and this "
+                           f"CPU lacks the /proc/cpuinfo flag(s) {', '.join(lacking)}: run it on a CPU that has them")
+
+
 def bind_params(vm, meta, stored, device):
     """``main``'s parameters (after its inputs), in order: the weights from the module's ``unpack_weights`` (run
     once here on the packed array), the rest from ``stored`` (``params.bin``'s entries, NumPy arrays or TVM
@@ -42,6 +57,7 @@ def load(directory, device=None):
     directory = Path(directory)
     meta = json.loads((directory / "model.json").read_text())
     device = device or tvm.cpu()
+    check_cpu(meta)
     vm = VirtualMachine(tvm.runtime.load_module(str(directory / meta["library"])), device)
     stored = tvm.runtime.load_param_dict((directory / meta["params_file"]).read_bytes())
     args = bind_params(vm, meta, stored, device)

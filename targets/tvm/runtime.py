@@ -49,7 +49,9 @@ class LoweredModule:
             import tvm
             from tvm import relax
 
-            from mpqc.targets.tvm.loader import bind_params
+            from mpqc.targets.tvm.loader import bind_params, check_cpu
+
+            check_cpu(self.meta)  # a module cross-compiled for a CPU with more (AVX-VNNI, ...) dies of SIGILL here
 
             self._vm = relax.VirtualMachine(self.executable, tvm.cpu())
             self._param_tensors = bind_params(self._vm, self.meta, {PACKED_WEIGHTS: self.packed_weights,

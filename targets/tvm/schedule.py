@@ -4,10 +4,10 @@ register tiles, a default (untuned) rule for the rest, and MetaSchedule tuning i
 TVM's CPU pipeline leaves TIR unscheduled (one scalar loop nest per op, every intermediate in memory) and dlight's
 CPU rules cover only GEMV and softmax-like reductions. :func:`cpu_pipeline` schedules the fused functions in order:
 
-1. *Kernel functions* (a micro-kernel's conv block, ``kernels/registry.py``: ``vnni_conv``, ``avx2_conv``,
-   ``avx2wide_conv``): ``implicit_gemm.schedule_conv`` with that micro-kernel and the register tile recorded for the
-   convolution's geometry in ``<tuning_db>/vnni_tiles.json`` (:func:`tune_vnni_tiles` times every candidate tile
-   of a geometry the first time it is seen) or ``implicit_gemm.choose_tile``'s default.
+1. *Kernel functions* (a micro-kernel's conv block, ``kernels/registry.py``: ``vnni_conv``, ``avxvnni_conv``,
+   ``avx2_conv``, ``avx2wide_conv``, ...): ``implicit_gemm.schedule_conv`` with that micro-kernel and the register
+   tile recorded for the convolution's geometry in ``<tuning_db>/vnni_tiles.json`` (:func:`tune_vnni_tiles` times
+   every candidate tile of a geometry the first time it is seen) or ``implicit_gemm.choose_tile``'s default.
 2. *MetaSchedule records* for the other functions, with a tuning database (:func:`tune` adds ``trials``).
 3. *The default rule* (:func:`schedule_func`) for what is left:
 

@@ -1,10 +1,11 @@
 """The int8 layer kernels of the TVM target, one module per instruction set, and the registry that picks one per
 layer from the target's features and the layer's bit-widths (``registry.py``).
 
-* ``avx512_vnni.py``: ``vpdpbusd`` micro-kernel (AVX-512 VNNI CPUs);
+* ``avx512_vnni.py``: ``vpdpbusd`` micro-kernel (AVX-512 VNNI CPUs), at any lane count;
+* ``avx_vnni.py``: the same at 8 lanes, the VEX ``vpdpbusd ymm`` (AVX-VNNI CPUs: Alder Lake, Zen 5);
 * ``avx2.py``: ``vpmaddubsw`` -> ``vpmaddwd`` micro-kernels, narrow, wide or int16 multi-step from the bits;
 * ``generic.py``: TVM's own int8 operators (every other layer and target);
-* ``implicit_gemm.py``: the NHWC implicit-GEMM convolution and schedule the two x86 ISAs share.
+* ``implicit_gemm.py``: the NHWC implicit-GEMM convolution and schedule the x86 ISAs share.
 
 Importing this package does not import TVM.
 """

@@ -1,6 +1,6 @@
 """The implicit-GEMM NHWC int8 convolution every x86 ISA kernel shares: its TE, its hand schedule, and the 16x4
-u8 x s8 -> s32 block an ISA's micro-kernel tensorizes (``avx512_vnni.py``: one ``vpdpbusd``; ``avx2.py``:
-``vpmaddubsw`` -> ``vpmaddwd``).
+u8 x s8 -> s32 block an ISA's micro-kernel tensorizes (``avx512_vnni.py``: one ``vpdpbusd``; ``avx_vnni.py``: two
+ymm ``vpdpbusd``; ``avx2.py``: ``vpmaddubsw`` -> ``vpmaddwd``).
 
 *Matches*: ``conv2d`` with ``groups == 1`` and 2-D ``linear`` layers that the registry (``registry.py``) gives an
 ISA kernel. Grouped and depthwise convs, ``conv1d`` and targets without a kernel ISA keep ``generic.py``.
@@ -12,7 +12,7 @@ ISA kernel. Grouped and depthwise convs, ``conv1d`` and targets without a kernel
   on the way (VNNI: ``x + 128`` as uint8; padding then holds the shifted zero); ``../layers.py`` subtracts the exact
   correction ``shift * sum(w)`` per output channel from the int32 bias. Skipped when there is nothing to do
   (an unsigned NHWC input, no padding, channels a multiple of 4: 1x1 convs).
-* ``<micro-kernel block>`` (``vnni_conv``, ``avx2_conv``, ...): ``out[n, oh, ow, co] = sum_{kh, kw, c}
+* ``<micro-kernel block>`` (``vnni_conv``, ``avxvnni_conv``, ``avx2_conv``, ...): ``out[n, oh, ow, co] = sum_{kh, kw, c}
   int32(xp[n, oh*s + kh*d, ow*s + kw*d, c]) * int32(w[co // 16, (kh*KW + kw)*C4 + c // 4, co % 16, c % 4])``, the
   weight packed ``[Co/16, KH*KW*C4, 16, 4]`` (``../weights.py``), output channels padded to 16 (``../layers.py``
   slices them off).

@@ -13,24 +13,31 @@ layer's bits: the block name of its TE, by which ``../schedule.py`` schedules an
 instruction the target lacks; and only for bits where its arithmetic is exact (AVX2: narrow or wide form from the
 bits, ``avx2.py``).
 
-ISAs, best first: ``avx512vnni`` (``avx512_vnni.py``), ``avx2`` (``avx2.py``), ``generic`` (``generic.py``).
-``--isa avx2`` on an AVX-512 host builds for :func:`isa_target` (``x86-64-v3``: AVX-512 switched off) so the AVX2
-kernels run there.
+ISAs, best first: ``avx512vnni`` (``avx512_vnni.py``), ``avxvnni`` (``avx_vnni.py``: the 256-bit VEX
+``vpdpbusd``), ``avx2`` (``avx2.py``), ``generic`` (``generic.py``). ``--isa avx2`` or ``--isa avxvnni`` on an
+AVX-512 host builds for :func:`isa_target` (``x86-64-v3``, plus ``avxvnni`` for the latter: AVX-512 switched off)
+so the kernels are the ones an AVX2 or AVX-VNNI CPU runs (LLVM would otherwise emit the EVEX ``vpdpbusd``).
+A forced ISA the target lacks is refused (:func:`resolve_isa`), naming the ``/proc/cpuinfo`` flags this CPU lacks
+too; code built for a target with an ISA this CPU lacks (cross-compiled) is never run here: the latency table and
+tuning ask :func:`check_runnable` before measuring, a lowered module and its artifact check the flags recorded in
+its ``model.json`` (``loader.check_cpu``).
 """
 from __future__ import annotations
 
 from typing import Any
 
+from mpqc.cpu import ISA_CHOICES, missing_flags
 from mpqc.errors import ConfigError
-from mpqc.targets.tvm.kernels import avx2, avx512_vnni, implicit_gemm
+from mpqc.targets.tvm.kernels import avx2, avx512_vnni, avx_vnni, implicit_gemm
 from mpqc.targets.tvm.kernels.implicit_gemm import Kernel, LayerFacts, MicroKernel
 
-ISAS = ("auto", "avx512vnni", "avx2", "generic")
+ISAS = ISA_CHOICES
 
 
-KERNELS: tuple[Kernel, ...] = (avx512_vnni.KERNEL, avx2.KERNEL)  # best first
+KERNELS: tuple[Kernel, ...] = (avx512_vnni.KERNEL, avx_vnni.KERNEL, avx2.KERNEL)  # best first
 BY_ISA = {kernel.isa: kernel for kernel in KERNELS}
-MICRO_KERNELS: tuple[MicroKernel, ...] = (avx512_vnni.VNNI, avx2.NARROW, avx2.WIDE, *avx2.MULTI_STEP.values())
+MICRO_KERNELS: tuple[MicroKernel, ...] = (avx512_vnni.VNNI, avx_vnni.VNNI256, avx2.NARROW, avx2.WIDE,
+                                          *avx2.MULTI_STEP.values())
 
 
 def target_isas(target: Any) -> list[str]:
@@ -53,17 +60,28 @@ def resolve_isa(target: Any, isa: str = "auto", vnni: bool | None = None) -> str
         return available[0] if available else "generic"
     if isa != "generic" and isa not in available:
         needed = "+".join(BY_ISA[isa].features)
-        raise ConfigError(f"isa={isa!r}{' (vnni=True)' if vnni else ''}: the target {target} has no {needed}")
+        lacking = missing_flags(isa)
+        host = f"; this CPU lacks the /proc/cpuinfo flag(s) {', '.join(lacking)}" if lacking else ""
+        raise ConfigError(f"isa={isa!r}{' (vnni=True)' if vnni else ''}: the target {target} has no {needed}{host}")
     return isa
 
 
+def check_runnable(isa: str, what: str) -> None:
+    """Refuse ``what`` (something that runs ``isa``'s kernels on this CPU: measuring them) where this CPU lacks one
+    of the ``/proc/cpuinfo`` flags they need (code built for another CPU would die of SIGILL here)."""
+    lacking = missing_flags(isa)
+    if lacking:
+        raise ConfigError(f"{what} would run {isa} kernels on this CPU, which lacks the /proc/cpuinfo flag(s) "
+                          f"{', '.join(lacking)}")
+
+
 def isa_target(target: Any, isa: str):
-    """``target`` restricted to what ``isa`` needs: for ``avx2`` on a target with AVX-512, an ``x86-64-v3`` target
-    (AVX-512 switched off, so the AVX2 code runs on every AVX2 CPU and measures as it would there); otherwise
-    ``target`` itself."""
+    """``target`` restricted to what ``isa`` needs: for ``avx2`` (``avxvnni``) on a target with AVX-512, an
+    ``x86-64-v3`` (plus ``avxvnni``) target: AVX-512 switched off, so the code is what an AVX2 (AVX-VNNI: the VEX
+    ``vpdpbusd``) CPU runs and measures as it would there; otherwise ``target`` itself."""
     import tvm
 
-    if isa != "avx2" or target.kind.name != "llvm":
+    if isa not in ("avx2", "avxvnni") or target.kind.name != "llvm":
         return target
     from tvm.target import codegen
 
@@ -71,6 +89,8 @@ def isa_target(target: Any, isa: str):
         return target
     cores = target.attrs.get("num-cores")
     spec: dict[str, Any] = {"kind": "llvm", "mcpu": "x86-64-v3"}
+    if isa == "avxvnni":
+        spec["mattr"] = ["+avxvnni"]
     if cores is not None:
         spec["num-cores"] = int(cores)
     return tvm.target.Target(spec)
