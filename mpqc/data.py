@@ -219,14 +219,20 @@ def loaders(
         raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
     train_set = _take_subset(build(True), subset, seed, what="subset")
     val_set = _take_subset(build(False), val_subset, seed, what="val_subset")
-    train_loader = DataLoader(
-        train_set,
-        batch_size=batch_size,
-        shuffle=True,
-        generator=torch.Generator().manual_seed(seed),
-        num_workers=0,
-        **({"collate_fn": AugmentingCollate(augment)} if augment.active else {}),
-    )
+    return split_loaders(train_set, val_set, batch_size=batch_size, seed=seed,
+                         collate_fn=AugmentingCollate(augment) if augment.active else None)
+
+
+def split_loaders(train_set: Dataset, val_set: Dataset, *, batch_size: int, seed: int = 0,
+                  collate_fn=None) -> tuple[DataLoader, DataLoader]:
+    """The loaders of one train/validation split as every mpqc data set builds them (see :func:`loaders`): the
+    train loader shuffles with its own generator seeded from ``seed``, both load in the main process, and
+    ``collate_fn`` (e.g. augmentation) applies to the training batches only."""
+    if batch_size < 1:
+        raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
+    train_loader = DataLoader(train_set, batch_size=batch_size, shuffle=True,
+                              generator=torch.Generator().manual_seed(seed), num_workers=0,
+                              **({"collate_fn": collate_fn} if collate_fn is not None else {}))
     val_loader = DataLoader(val_set, batch_size=batch_size, shuffle=False, num_workers=0)
     return train_loader, val_loader
 

@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
+from mpqc.data import split_loaders
 from mpqc.errors import ConfigError, DataError
 
 #: Where the Debian package ``fortunes`` installs its texts.
@@ -164,5 +165,4 @@ def text_loaders(name: str, tokenizer: Any, *, batch_size: int, max_length: int 
     labelled = TEXT_DATASETS[name]
     train = fortunes(tokenizer, train=True, labelled=labelled, max_length=max_length, subset=subset)
     held_out = fortunes(tokenizer, train=False, labelled=labelled, max_length=max_length, subset=val_subset)
-    return (DataLoader(train, batch_size=batch_size, shuffle=True, generator=torch.Generator().manual_seed(seed)),
-            DataLoader(held_out, batch_size=batch_size, shuffle=False))
+    return split_loaders(train, held_out, batch_size=batch_size, seed=seed)
