@@ -68,14 +68,23 @@ def minilm_directory() -> Path:
 
 
 class SentenceEncoder(nn.Module):
-    """The pretrained encoder's token states ``[batch, tokens, 384]`` (pool them with :func:`mean_pool`)."""
+    """The pretrained encoder's token states ``[batch, tokens, 384]`` (pool them with :func:`mean_pool`).
 
-    def __init__(self, encoder: nn.Module) -> None:
+    With ``all_layers`` it returns a tuple: the last layer's token states first (the sentence encoder's output, the
+    one deployment reads: output 0), then the embedding layer's and each earlier layer's (HF's
+    ``output_hidden_states``), which layer-wise distillation (:func:`layerwise_loss`) matches to the fp32 model's.
+    """
+
+    def __init__(self, encoder: nn.Module, all_layers: bool = False) -> None:
         super().__init__()
         self.encoder = encoder
+        self.all_layers = all_layers
 
-    def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
-        return self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor | tuple[Tensor, ...]:
+        if not self.all_layers:
+            return self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        out = self.encoder(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True)
+        return (out.last_hidden_state, *out.hidden_states[:-1])
 
 
 class TokenClassifier(nn.Module):
@@ -102,6 +111,11 @@ def minilm_encoder() -> SentenceEncoder:
     return SentenceEncoder(_pretrained())
 
 
+def minilm_layers() -> SentenceEncoder:
+    """``--model`` factory: the pretrained encoder returning every layer's token states (last layer first)."""
+    return SentenceEncoder(_pretrained(), all_layers=True)
+
+
 def minilm_classifier(num_classes: int) -> TokenClassifier:
     """``--model`` factory: the encoder with a (fresh) per-token linear head."""
     return TokenClassifier(_pretrained(), num_classes)
@@ -115,8 +129,48 @@ def mean_pool(tokens: Tensor, attention_mask: Tensor) -> Tensor:
 
 
 def pooled(model, batch: dict[str, Tensor]) -> Tensor:
-    """``forward=``: the model on the batch's keyword inputs, mean-pooled over its tokens."""
-    return mean_pool(model(batch["input_ids"], batch["attention_mask"]), batch["attention_mask"])
+    """``forward=``: the model on the batch's keyword inputs, mean-pooled over its tokens (of its output 0 when it
+    returns every layer's)."""
+    tokens = model(batch["input_ids"], batch["attention_mask"])
+    return mean_pool(tokens[0] if isinstance(tokens, (tuple, list)) else tokens, batch["attention_mask"])
+
+
+def pooled_and_layers(model, batch: dict[str, Tensor]) -> tuple[Tensor, tuple[Tensor, ...]]:
+    """``forward=`` of layer-wise distillation: the pooled embedding and every layer's token states (the model:
+    :func:`minilm_layers`)."""
+    states = tuple(model(batch["input_ids"], batch["attention_mask"]))
+    return mean_pool(states[0], batch["attention_mask"]), states
+
+
+#: The weight of the hidden-state term of :func:`layerwise_loss` (``--layer-weight``).
+LAYER_WEIGHT = 1.0
+
+
+def layerwise_loss(outputs: tuple[Tensor, tuple[Tensor, ...]], batch: dict[str, Tensor],
+                   teacher: tuple[Tensor, tuple[Tensor, ...]], layer_weight: float | None = None) -> Tensor:
+    """``loss=`` of layer-wise distillation (TinyBERT / TernaryBERT): 1 - cosine of the pooled embeddings, plus
+    ``layer_weight`` times the mean over layers of each layer's squared error to the fp32 token states (over the
+    tokens the attention mask keeps), relative to their mean square."""
+    (embedding, states), (teacher_embedding, teacher_states) = outputs, teacher
+    keep = batch["attention_mask"].bool()
+    cosine = (1 - F.cosine_similarity(embedding, teacher_embedding.detach(), dim=1)).mean()
+    errors = [F.mse_loss(s[keep], t[keep].detach()) / t[keep].detach().pow(2).mean().clamp_min(1e-12)
+              for s, t in zip(states, teacher_states)]
+    weight = LAYER_WEIGHT if layer_weight is None else layer_weight
+    return cosine + weight * torch.stack(errors).mean()
+
+
+def layerwise_distillation(layer_weight: float):
+    """:func:`layerwise_loss` with its hidden-state term weighted ``layer_weight``."""
+    def layerwise(outputs, batch: dict[str, Tensor], teacher) -> Tensor:
+        return layerwise_loss(outputs, batch, teacher, layer_weight)
+    layerwise.__qualname__ = f"layerwise_loss(layer_weight={layer_weight:g})"
+    return layerwise
+
+
+def cosine_to_fp32(outputs, batch: dict[str, Tensor], teacher) -> dict[str, float]:
+    """``metric=`` of layer-wise distillation: the mean cosine of the pooled embeddings to the fp32 model's."""
+    return {"cosine to fp32": float(F.cosine_similarity(outputs[0], teacher[0], dim=1).mean())}
 
 
 def cross_entropy(logits: Tensor, batch: dict[str, Tensor], teacher_logits: Tensor | None) -> Tensor:
@@ -192,6 +246,13 @@ def _config(args: argparse.Namespace, distill: bool | None) -> mpqc.CompileConfi
         seed=args.seed, progress=not args.no_progress)
 
 
+def _recipe(args: argparse.Namespace) -> dict:
+    """The training recipe of a run, as recorded next to its numbers."""
+    return {"loss": (f"pooled cosine + {args.layer_weight:g} x hidden-state MSE (layer-wise)" if args.layer_weight > 0
+                     else "pooled cosine"), "lr": args.lr, "quantizer_lr": args.quantizer_lr,
+            "batch_size": args.batch_size}
+
+
 def _loaders(tokenizer, args: argparse.Namespace, *, labelled: bool) -> tuple[DataLoader, DataLoader, DataLoader]:
     """Train batches, the compile's small validation set and the held-out evaluation set."""
     train = fortunes(tokenizer, train=True, labelled=labelled, max_length=args.max_length, subset=args.train_texts)
@@ -228,22 +289,25 @@ def distill(args: argparse.Namespace) -> dict:
     """(a) label-free distillation at ``--avg-bits``, A8; fidelity on held-out texts."""
     started = time.perf_counter()
     tokenizer = load_tokenizer(minilm_directory())
-    model = minilm_encoder()
+    layerwise = args.layer_weight > 0
+    model = minilm_layers() if layerwise else minilm_encoder()
     train, val, held_out = _loaders(tokenizer, args, labelled=False)
     out = Path(args.out or f"runs/minilm-distill-{args.avg_bits:g}b")
+    task = (dict(loss=layerwise_distillation(args.layer_weight), forward=pooled_and_layers, metric=cosine_to_fp32)
+            if layerwise else dict(loss="distill-cosine", forward=pooled))
     compiled = mpqc.compile(model, _example(val), budget=mpqc.AverageBits(args.avg_bits), data=(train, val),
-                            config=_config(args, distill=False), loss="distill-cosine", forward=pooled, out=out,
-                            resume=args.resume, force=not args.resume)
+                            config=_config(args, distill=False), out=out, resume=args.resume, force=not args.resume,
+                            **task)
     teacher = _cached(f"fp32-heldout-{args.eval_texts}-{args.max_length}", lambda: embed(model, held_out))
     evaluated = time.perf_counter()
     student = embed(compiled, held_out)  # the integer reference
     entry = {"part": "distill", "avg_bits_budget": args.avg_bits, "run_dir": str(out),
              "held_out_texts": len(held_out.dataset), "train_texts": len(train.dataset),
              "max_length": args.max_length, "steps": {"search": args.search_steps, "finetune": args.finetune_steps},
-             "integer_reference": fidelity(student, teacher), **_compiled_summary(compiled),
+             "recipe": _recipe(args), "integer_reference": fidelity(student, teacher), **_compiled_summary(compiled),
              "eval_wall_s": time.perf_counter() - evaluated, "wall_s": time.perf_counter() - started}
     print(json.dumps(entry["integer_reference"], indent=1))
-    _record(f"distill_{args.avg_bits:g}b", entry)
+    _record(args.key or f"distill_{args.avg_bits:g}b", entry)
     return entry
 
 
@@ -354,6 +418,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--finetune-steps", type=int, default=80)
     parser.add_argument("--lr", type=float, default=3e-3, help="SGD learning rate of the weights")
     parser.add_argument("--quantizer-lr", type=float, default=0.03)
+    parser.add_argument("--layer-weight", type=float, default=LAYER_WEIGHT,
+                        help="distill: weight of the hidden-state (layer-wise) term; 0: the pooled cosine alone")
+    parser.add_argument("--key", help="distill: the JSON key the result is recorded under (default distill_BITSb)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", help="run directory (default runs/minilm-PART-BITSb)")
     parser.add_argument("--resume", action="store_true", help="continue the interrupted run in --out")
