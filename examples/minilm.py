@@ -5,8 +5,11 @@ token embedding table), loaded offline with ``transformers``; the texts are the 
 (:mod:`mpqc.text_data`: 15,217 texts in 43 categories, a fixed 20% held out). Its sentence embedding is the mean of
 the token states over the attention mask (as sentence-transformers pools it). Three parts:
 
-* ``distill``: the encoder compressed by **label-free distillation** (no labels: agreement of the pooled embeddings
-  with the fp32 model's, ``loss="distill-cosine"``) at an average weight bit-width (embedding tables included), A8.
+* ``distill``: the encoder compressed by **label-free distillation** (no labels) at an average weight bit-width
+  (embedding tables included), A8. By default **layer-wise** (TinyBERT / TernaryBERT): the compiled encoder returns
+  every layer's token states (:func:`minilm_layers`; the last layer's first, the output deployment reads) and the
+  loss (:func:`layerwise_loss`) is 1 - cosine of the pooled embeddings plus each layer's relative squared error to
+  the fp32 token states; ``--layer-weight 0`` distills the pooled embedding alone (``loss="distill-cosine"``).
   Measured on held-out texts: mean cosine to the fp32 embeddings, and top-10 nearest-neighbour agreement (for each
   text, the share of its 10 nearest held-out texts under the fp32 embeddings that are also among its 10 nearest under
   the quantized ones).
@@ -20,14 +23,18 @@ Pooling sits in the task's ``forward`` (:func:`pooled`), outside the compiled gr
 sentence-transformers pipeline after the encoder; so the classifier applies its head to every token and pools the
 logits (the mean of ``W h + b`` over tokens is ``W mean(h) + b``: the same function as head-after-pooling).
 
-    python3 examples/minilm.py distill --avg-bits 4      # (a), then --avg-bits 3
+    python3 examples/minilm.py distill --avg-bits 4      # (a), then --avg-bits 3 (40 + 160 steps, layer-wise)
     python3 examples/minilm.py classify --avg-bits 4     # (b)
     python3 examples/minilm.py deploy                    # (c), of the distill run at 4 bits
 
-The same from the CLI (the model's tokenizer is found from the directory it was loaded from):
+The same from the CLI (the model's tokenizer is found from the directory it was loaded from), layer-wise:
 
-    mpqc compile --model examples/minilm.py:minilm_encoder --data fortunes-text --budget avg-bits=4 \\
-        --act-bits 8 --loss distill-cosine --forward examples/minilm.py:pooled --out runs/minilm-4b
+    mpqc compile --model examples/minilm.py:minilm_layers --data fortunes-text --budget avg-bits=4 --act-bits 8 \\
+        --loss examples/minilm.py:layerwise_loss --forward examples/minilm.py:pooled_and_layers \\
+        --metric examples/minilm.py:cosine_to_fp32 --out runs/minilm-4b
+
+or on the pooled embedding alone: ``--model examples/minilm.py:minilm_encoder --loss distill-cosine --forward
+examples/minilm.py:pooled``.
 
 Results (JSON) go to ``bench/results/minilm.json``, one entry per part and budget.
 """
@@ -422,7 +429,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--eval-texts", type=int, default=500, help="held-out texts measured (a fixed sample)")
     parser.add_argument("--val-texts", type=int, default=64, help="held-out texts the compile's report measures")
     parser.add_argument("--search-steps", type=int, default=40)
-    parser.add_argument("--finetune-steps", type=int, default=80)
+    parser.add_argument("--finetune-steps", type=int, default=160)
     parser.add_argument("--lr", type=float, default=3e-3, help="SGD learning rate of the weights")
     parser.add_argument("--quantizer-lr", type=float, default=0.03)
     parser.add_argument("--layer-weight", type=float, default=LAYER_WEIGHT,
