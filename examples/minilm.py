@@ -23,7 +23,7 @@ Pooling sits in the task's ``forward`` (:func:`pooled`), outside the compiled gr
 sentence-transformers pipeline after the encoder; so the classifier applies its head to every token and pools the
 logits (the mean of ``W h + b`` over tokens is ``W mean(h) + b``: the same function as head-after-pooling).
 
-    python3 examples/minilm.py distill --avg-bits 4      # (a), then --avg-bits 3 (40 + 160 steps, layer-wise)
+    python3 examples/minilm.py distill --avg-bits 4      # (a), then --avg-bits 3 (40 + 240 steps, layer-wise)
     python3 examples/minilm.py classify --avg-bits 4     # (b)
     python3 examples/minilm.py deploy                    # (c), of the distill run at 4 bits
 
@@ -375,7 +375,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--eval-texts", type=int, default=500, help="held-out texts measured (a fixed sample)")
     parser.add_argument("--val-texts", type=int, default=64, help="held-out texts the compile's report measures")
     parser.add_argument("--search-steps", type=int, default=40)
-    parser.add_argument("--finetune-steps", type=int, default=160)
+    parser.add_argument("--finetune-steps", type=int, default=240)
     parser.add_argument("--lr", type=float, default=3e-3, help="SGD learning rate of the weights")
     parser.add_argument("--quantizer-lr", type=float, default=0.03)
     parser.add_argument("--layer-weight", type=float, default=LAYER_WEIGHT,
