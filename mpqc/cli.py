@@ -98,7 +98,7 @@ def _parser() -> argparse.ArgumentParser:
                                    "the fp32 model's outputs (default: classification, or distill without labels)")
     c.add_argument("--forward", help="forward(model, batch) -> outputs, as FILE.py:CALLABLE or module:CALLABLE "
                                       "(default: the model on the batch's inputs)")
-    c.add_argument("--metric", help="metric(outputs, batch) -> {name: value}, first key maximised, as "
+    c.add_argument("--metric", help="metric(outputs, batch[, teacher_outputs]) -> {name: value}, first key maximised, as "
                                      "FILE.py:CALLABLE or module:CALLABLE (default: the task's)")
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("--no-progress", action="store_true", help="no progress bars")

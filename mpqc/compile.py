@@ -64,7 +64,8 @@ def compile(
     ``(train_loader, val_loader)`` (the validation loader may be None). The task (:mod:`mpqc.task`): by default
     classification of ``(inputs, labels)`` batches, or label-free distillation from the fp32 model when the batches
     hold inputs only; ``loss(outputs, batch, teacher_outputs) -> scalar``, ``forward(model, batch) -> outputs`` and
-    ``metric(outputs, batch) -> {name: value}`` (first key reported and maximised) make any other;
+    ``metric(outputs, batch) -> {name: value}`` (first key reported and maximised; a third parameter gets the fp32
+    model's outputs: ``metric(outputs, batch, teacher_outputs)``) make any other;
     ``loss="distill"`` (or ``"distill-kl"``, ``"distill-mse"``, ``"distill-cosine"``) distills even with labels.
     ``out`` is the run directory (checkpoints as the run goes, then the results); without it the run works in a
     temporary directory and ``CompiledModel.save`` writes the results where you choose. ``resume=True`` continues

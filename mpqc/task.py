@@ -16,8 +16,9 @@ about labels or logits. Three kinds, chosen by :func:`resolve_task` from ``mpqc.
 * :func:`user_task`: the user's callables, ``forward(model, batch) -> outputs`` (default: the model on the batch's
   inputs), ``loss(outputs, batch, teacher_outputs) -> scalar Tensor`` (``teacher_outputs``: the fp32 model's
   outputs on the same batch) and ``metric(outputs, batch) -> dict[str, float]`` whose *first* key is the metric
-  reported and maximised (return ``-mse`` or a PSNR rather than an error); without ``metric`` the loss is reported as
-  ``-loss``.
+  reported and maximised (return ``-mse`` or a PSNR rather than an error); a metric with a third parameter,
+  ``metric(outputs, batch, teacher_outputs)``, also gets the fp32 model's outputs (agreement metrics of a
+  distillation: cosine to fp32, neighbour agreement); without ``metric`` the loss is reported as ``-loss``.
 
 Batches, by default (:class:`Inputs`): a tensor is the model's one input; a tuple or list holds the model's ``n``
 inputs, then optionally the labels (``n + 1`` items); a dict holds the inputs by name and optionally ``"labels"``.
@@ -27,6 +28,7 @@ with ``to_tuple()``).
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -207,10 +209,8 @@ def user_task(inputs: Inputs, loss: Callable | None, forward: Callable | None, m
         scored.__qualname__ = f"-{_name(loss)}"
         metric_name, metric_fn, metric_uses_teacher = "-loss", scored, True
     else:
-        def metric_fn(outputs: Outputs, batch: Batch, teacher_outputs: Outputs | None) -> Mapping[str, float]:
-            return metric(outputs, batch)
-        metric_fn.__qualname__ = _name(metric)
-        metric_name, metric_uses_teacher = "", False  # the name: the metric's first key (Task.checked)
+        metric_fn, metric_uses_teacher = _user_metric(metric)
+        metric_name = ""  # the name: the metric's first key (Task.checked)
 
     def kd(outputs: Outputs, teacher_outputs: Outputs, t: float) -> Tensor:
         return distillation_loss(outputs, teacher_outputs, "auto", t)
@@ -301,11 +301,36 @@ def _default_forward(inputs: Inputs) -> Callable[[Any, Batch], Outputs]:
 def _with_metric(task: Task, metric: Callable | None) -> Task:
     if metric is None:
         return task
+    metric_fn, uses_teacher = _user_metric(metric)
+    return dataclasses.replace(task, metric=metric_fn, metric_name="", metric_unit="",
+                               metric_uses_teacher=uses_teacher)
 
-    def metric_fn(outputs: Outputs, batch: Batch, teacher_outputs: Outputs | None) -> Mapping[str, float]:
-        return metric(outputs, batch)
+
+def _user_metric(metric: Callable) -> tuple[Callable[[Outputs, Batch, Outputs | None], Mapping[str, float]], bool]:
+    """The user's ``metric`` called as the :class:`Task` calls metrics, and whether it reads the fp32 model's
+    outputs (a third positional parameter: ``metric(outputs, batch, teacher_outputs)``)."""
+    if _positional_arity(metric) >= 3:
+        def metric_fn(outputs: Outputs, batch: Batch, teacher_outputs: Outputs | None) -> Mapping[str, float]:
+            return metric(outputs, batch, teacher_outputs)
+        uses_teacher = True
+    else:
+        def metric_fn(outputs: Outputs, batch: Batch, teacher_outputs: Outputs | None) -> Mapping[str, float]:
+            return metric(outputs, batch)
+        uses_teacher = False
     metric_fn.__qualname__ = _name(metric)
-    return dataclasses.replace(task, metric=metric_fn, metric_name="", metric_unit="", metric_uses_teacher=False)
+    return metric_fn, uses_teacher
+
+
+def _positional_arity(fn: Callable) -> int:
+    """How many positional arguments ``fn`` takes (a large number for ``*args``; 2 when it cannot be told)."""
+    try:
+        parameters = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return 2
+    if any(p.kind is inspect.Parameter.VAR_POSITIONAL for p in parameters):
+        return 1 << 16
+    return sum(p.kind in (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+               for p in parameters)
 
 
 def _labels(inputs: Inputs, batch: Batch, logits: Tensor) -> Tensor:

@@ -150,6 +150,35 @@ def test_distillation_rule_and_explicit_kinds():
         resolve_task(inputs, labelled, torch.randn(4, 1, 8, 8), loss=None, forward=None, metric=None)
 
 
+def test_a_metric_with_a_third_parameter_gets_the_fp32_outputs():
+    """``metric(outputs, batch, teacher_outputs)`` (an agreement metric of a user distillation) is evaluated against
+    the fp32 model's outputs; a two-parameter metric is not given them."""
+    torch.manual_seed(0)
+    inputs, x = Inputs(("x",)), torch.randn(8, 5)
+    teacher, student = nn.Linear(5, 3), nn.Linear(5, 3)
+    loader = DataLoader(TensorDataset(x), batch_size=4)
+
+    def agreement(outputs, batch, teacher_outputs):
+        return {"cosine": float(F.cosine_similarity(outputs, teacher_outputs, dim=1).mean())}
+
+    def plain(outputs, batch):
+        return {"norm": float(outputs.norm())}
+
+    def user_loss(outputs, batch, teacher_outputs):
+        return F.mse_loss(outputs, teacher_outputs)
+
+    for loss in (user_loss, "distill-cosine"):
+        task = resolve_task(inputs, (x,), x @ torch.ones(5, 3), loss=loss, forward=None, metric=agreement)
+        assert task.metric_uses_teacher
+        task = task.checked(teacher, (x[:4],))
+        assert task.metric_name == "cosine"
+        assert evaluate(teacher, loader, task=task, teacher=teacher) == pytest.approx(1.0)
+        with torch.no_grad():
+            expected = float(F.cosine_similarity(student(x), teacher(x), dim=1).mean())
+        assert evaluate(student, loader, task=task, teacher=teacher) == pytest.approx(expected, abs=1e-6)
+        assert not resolve_task(inputs, (x,), x, loss=loss, forward=None, metric=plain).metric_uses_teacher
+
+
 def test_batches_map_to_inputs_and_labels_by_one_rule():
     x, y, labels = torch.zeros(2, 3), torch.ones(2, 3), torch.zeros(2, dtype=torch.long)
     one, two = Inputs(("x",)), Inputs(("x", "y"))
