@@ -4,12 +4,13 @@
 out: neither a vector norm nor a division by a tensor is an op of the integer program, but the whole is one
 (``mpqc/ops/norm.py``: ``l2_normalize``, an integer kernel).
 
-Matches:     ``x / d`` (``operator.truediv``, ``torch.div`` / ``Tensor.div`` without a rounding mode, ATen
+Matches:     ``F.normalize(x, 2, dim, eps)`` (fx records the call: it dispatches ``__torch_function__``), and
+             ``x / d`` (``operator.truediv``, ``torch.div`` / ``Tensor.div`` without a rounding mode, ATen
              ``div.Tensor``) where ``d`` is, after an optional ``expand_as(x)`` and an optional
              ``clamp_min(eps)`` / ``clamp(min=eps)``, the 2-norm of the same ``x`` over one dim with ``keepdim``
-             (``Tensor.norm``, ``torch.norm``, ``torch.linalg.vector_norm``, ATen ``linalg_vector_norm``). This is
-             what ``F.normalize(x, dim=d, eps=e)`` traces to under fx (``norm``, ``clamp_min``, ``expand_as``,
-             ``truediv``) and torch.export (``linalg_vector_norm``, ``clamp_min``, ``expand_as``, ``div.Tensor``).
+             (``Tensor.norm``, ``torch.norm``, ``torch.linalg.vector_norm``, ATen ``linalg_vector_norm``): what
+             models write out, and what torch.export records for ``F.normalize`` (``linalg_vector_norm``,
+             ``clamp_min``, ``expand_as``, ``div.Tensor``).
 Rewrites to: ``l2_normalize(x, dim, eps)`` (eps 0 without a clamp) in the division's place, with its metadata;
              the norm chain is left to ``passes/dead_code.py`` (kept where something else reads it).
 Requires:    a GraphModule from ``capture``; runs in ``canonicalize`` before ``fold_constants``.
@@ -22,6 +23,7 @@ import operator
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import fx
 
 from mpqc.ops.norm import l2_normalize
@@ -73,7 +75,12 @@ def _arg(node: fx.Node, index: int, name: str, default: Any) -> Any:
 
 
 def _match(node: fx.Node) -> tuple[fx.Node, int, float] | None:
-    """``(x, dim, eps)`` of a division ``x / max(||x||_2, eps)`` over one dim, else None."""
+    """``(x, dim, eps)`` of ``F.normalize`` (p 2) or a division ``x / max(||x||_2, eps)`` over one dim, else None."""
+    if _target_in(node, (F.normalize,)):
+        x, p, dim = node.args[0], _arg(node, 1, "p", 2.0), _arg(node, 2, "dim", 1)
+        eps, out = _arg(node, 3, "eps", 1e-12), _arg(node, 4, "out", None)
+        ok = isinstance(x, fx.Node) and p in (2, 2.0) and isinstance(dim, int) and isinstance(eps, (int, float))
+        return (x, dim, float(eps)) if ok and out is None else None
     if not _target_in(node, _DIVISIONS) or len(node.args) != 2 or node.kwargs.get("rounding_mode") is not None:
         return None
     x, denominator = node.args
