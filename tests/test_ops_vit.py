@@ -12,6 +12,7 @@ import torch
 from torch import nn
 from torchvision.models import VisionTransformer
 from torchvision.models.convnext import CNBlockConfig, ConvNeXt
+from torchvision.models.maxvit import MaxVit
 from torchvision.models.swin_transformer import PatchMergingV2, SwinTransformer, SwinTransformerBlockV2
 
 from mpqc import pipeline
@@ -89,9 +90,22 @@ def tiny_swin_v2() -> nn.Module:
     """``tiny_swin`` with Swin V2's blocks (cosine attention, continuous position bias, post-norm) and patch
     merging."""
     torch.manual_seed(0)
-    return SwinTransformer(patch_size=[4, 4], embed_dim=16, depths=[2, 1], num_heads=[2, 2], window_size=[4, 4],
-                           stochastic_depth_prob=0.1, num_classes=10, block=SwinTransformerBlockV2,
-                           downsample_layer=PatchMergingV2).eval()
+    model = SwinTransformer(patch_size=[4, 4], embed_dim=16, depths=[2, 1], num_heads=[2, 2], window_size=[4, 4],
+                            stochastic_depth_prob=0.1, num_classes=10, block=SwinTransformerBlockV2,
+                            downsample_layer=PatchMergingV2).eval()
+    with torch.no_grad():  # every forward zeroes the key part of the qkv bias (in place, on a clone): give it values
+        for module in model.modules():
+            if hasattr(module, "logit_scale"):
+                module.qkv.bias.normal_(0, 0.5)
+    return model
+
+
+def tiny_maxvit() -> nn.Module:
+    """One MaxViT block (MBConv with squeeze-excitation, block and grid attention partitions written with
+    ``swapaxes``, einsum attention, relative position bias gathered from its table) on 32x32 images."""
+    torch.manual_seed(0)
+    return MaxVit(input_size=(32, 32), stem_channels=8, partition_size=2, block_channels=[16], block_layers=[1],
+                  head_dim=8, stochastic_depth_prob=0.0, num_classes=10).eval()
 
 
 #: family -> (model, input shape, program ops it must have, seed of its random bits). Swin V2 at seed 1: at seed 2
@@ -99,7 +113,10 @@ def tiny_swin_v2() -> nn.Module:
 #: logit scale of 10 to 12% of the tiny random logits end to end, past the 5% the helper allows.
 FAMILIES = {"convnext": (tiny_convnext, (2, 3, 28, 28), {"layer_norm", "permute", "mul", "constant", "lookup"}, 2),
             "swin": (tiny_swin, (2, 3, 28, 28), {"roll", "pad", "slice", "softmax", "constant", "matmul"}, 2),
-            "swin_v2": (tiny_swin_v2, (2, 3, 28, 28), {"l2_normalize", "roll", "softmax", "constant", "matmul"}, 1)}
+            "swin_v2": (tiny_swin_v2, (2, 3, 28, 28), {"l2_normalize", "roll", "softmax", "constant", "matmul"}, 1),
+            "maxvit": (tiny_maxvit, (2, 3, 32, 32), {"matmul", "softmax", "transpose", "lookup", "constant"}, 2)}
+#: families whose onnxruntime check fails (see the xfail below)
+NOT_ONNX = {"maxvit"}
 
 
 def _every_stage(family: str, tmp_path, tvm: bool) -> None:
@@ -117,18 +134,41 @@ def _every_stage(family: str, tmp_path, tvm: bool) -> None:
     assert expected_ops <= {node.op for node in program.nodes}
     assert len(set(chosen.values())) > 2
     _assert_reference_matches_fake_quant(gm, program, inputs)
-    _assert_onnxruntime_agrees(program, inputs, tmp_path)
     if tvm:
         _assert_tvm_bit_exact(program, inputs)
+    _assert_onnxruntime_agrees(program, inputs, tmp_path)
 
 
-@pytest.mark.parametrize("family", sorted(FAMILIES))
+@pytest.mark.parametrize("family", sorted(set(FAMILIES) - NOT_ONNX))
 def test_tiny_family_agrees_with_fake_quant_and_onnxruntime(family, tmp_path):
     _every_stage(family, tmp_path, tvm=False)
 
 
+@pytest.mark.slow  # ~30 s loaded
+@pytest.mark.xfail(strict=True, raises=ValueError, reason="issue 15, open: MaxViT's onnxruntime step check hands the "
+                   "reference LayerNorm input codes outside their 16-bit range (act_quantizers_add_2_out, the "
+                   "residual into the MLP's LayerNorm); the reference itself is within 1 LSB of fake-quant")
+def test_tiny_maxvit_agrees_with_onnxruntime(tmp_path):
+    _every_stage("maxvit", tmp_path, tvm=False)
+
+
+def test_tiny_maxvit_einsum_attention_traces_and_agrees_with_fake_quant():
+    """MaxViT's einsums become matmuls (``passes/decompose_einsum.py``) and its ``swapaxes`` transposes: traced as
+    the model computes, the reference within 1 LSB of fake-quant stepwise."""
+    model, x = tiny_maxvit(), torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    gm, _ = pipeline.trace(model, (x,))
+    with torch.no_grad():
+        torch.testing.assert_close(gm(x), model(x), atol=1e-6, rtol=1e-5)
+    assert not any("einsum" in str(node.target) for node in gm.graph.nodes)
+    assert any(node.target is torch.swapaxes for node in gm.graph.nodes)
+    gm, chosen = _freeze_at_random_bits(pipeline.quantize(gm, get_method("dq"), QuantizerConfig(), (x,)), 2)
+    program = IntegerProgram.from_graph(gm)
+    assert FAMILIES["maxvit"][2] <= {node.op for node in program.nodes}
+    _assert_reference_matches_fake_quant(gm, program, (x,))
+
+
 @pytest.mark.slow  # a TVM build each (~15-60 s on 2 cores); the ViT test above is the fast TVM case
-@pytest.mark.parametrize("family", sorted(FAMILIES))
+@pytest.mark.parametrize("family", sorted(set(FAMILIES) - NOT_ONNX))
 def test_tiny_family_goes_through_every_stage(family, tmp_path):
     _every_stage(family, tmp_path, tvm=True)
 

@@ -92,13 +92,14 @@ def is_constant(gm: GraphModule, node: Node) -> bool:
 
 
 def constant_value(gm: GraphModule, node: Node) -> Tensor:
-    """The value of a constant computation (``is_constant``) as its first user reads it, computed from the graph's
-    current attributes: the constant in-place writes (``mutates``) into the tensors it is computed from (or views of
-    them) that come before that user run too, in graph order."""
+    """The value of a constant computation (``is_constant``) as its first reader reads it (a user that is not an
+    in-place write or a view written into), computed from the graph's current attributes: the constant in-place
+    writes (``mutates``) into the tensors it is computed from (or views of them) that come before that reader run
+    too, in graph order."""
     from torch import fx
 
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
-    until = min((order[user] for user in node.users), default=len(order))
+    until = min((order[user] for user in node.users if not _only_writes(user)), default=len(order))
     needed = _closure([node])
     writes = [n for n in gm.graph.nodes if order[n] < until and mutates(n) and n not in needed]
     while True:  # the writes into a needed tensor, through the views of it they write to
@@ -138,6 +139,13 @@ def _closure(nodes: list[Node]) -> set[Node]:
             if current.op != "get_attr" and not _shape_only(current):
                 stack.extend(current.all_input_nodes)
     return needed
+
+
+def _only_writes(node: Node) -> bool:
+    """Whether ``node`` is an in-place write, or a view whose readers all are (``mask[:2, 2:]`` then ``fill_``)."""
+    if mutates(node):
+        return True
+    return bool(node.users) and all(_only_writes(user) and user.args[0] is node for user in node.users)
 
 
 def _writes_into(write: Node, needed: set[Node]) -> bool:
