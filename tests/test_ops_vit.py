@@ -38,8 +38,9 @@ def vit_input(seed: int = 0) -> torch.Tensor:
 
 
 #: The program ops whose ONNX converters only this file's models cover (tests/test_onnx.py counts them): the tiny
-#: ViT's class-token broadcast and the tiny Swin's window shift, both checked against onnxruntime below.
-VIT_OPS = {"expand", "roll"}
+#: ViT's class-token broadcast, the tiny Swin's window shift and Swin V2's L2-normalize, all checked against
+#: onnxruntime below.
+VIT_OPS = {"expand", "roll", "l2_normalize"}
 
 def test_multihead_attention_becomes_linears_around_a_softmax():
     model, x = tiny_vit(), vit_input()
