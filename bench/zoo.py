@@ -484,8 +484,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="the integer stage's argmax-agreement floor (0: judged stepwise only, to reach the onnx "
                              "and tvm stages of a deep net whose legal 1-LSB flips amplify end to end; recorded)")
     args = parser.parse_args(argv)
-    global ARGMAX_FLOOR
-    ARGMAX_FLOOR = args.argmax_floor
+    globals()["ARGMAX_FLOOR"] = args.argmax_floor  # (read by check_integer and recorded in the settings)
     if args.merge:  # with --all: every model --all names, less --skip, that no part holds is listed as not run
         expected = [m for m in every_torchvision_classifier() if m not in set(args.skip.split(","))] if args.all else []
         return merge(args.merge, Path(args.out), expected)
