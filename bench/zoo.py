@@ -480,7 +480,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--merge", nargs="+", metavar="PART", default=None,
                         help="merge these part files (run with --out each) into --out instead of running models; "
                              "a model in several parts keeps its entry from the last part naming it")
+    parser.add_argument("--argmax-floor", type=float, default=ARGMAX_FLOOR,
+                        help="the integer stage's argmax-agreement floor (0: judged stepwise only, to reach the onnx "
+                             "and tvm stages of a deep net whose legal 1-LSB flips amplify end to end; recorded)")
     args = parser.parse_args(argv)
+    globals()["ARGMAX_FLOOR"] = args.argmax_floor  # (read by check_integer and recorded in the settings)
     if args.merge:  # with --all: every model --all names, less --skip, that no part holds is listed as not run
         expected = [m for m in every_torchvision_classifier() if m not in set(args.skip.split(","))] if args.all else []
         return merge(args.merge, Path(args.out), expected)

@@ -35,7 +35,7 @@ def layer_nodes(gm: fx.GraphModule) -> list[fx.Node]:
     order; a conv/linear applied to a constant (Swin V2's position-bias MLP on its coordinate table) is not a layer
     but part of a constant computation (``mpqc.ops.is_constant``: the program holds its value); an embedding
     table is a layer even at fixed indices (BERT's position ids)."""
-    from mpqc.ops.registry import is_constant
+    from mpqc.ops.constants import is_constant
 
     return [
         node

@@ -6,7 +6,9 @@ Matches:     ``call_function`` / ``call_method`` / ``get_attr`` / ``call_module`
              records such dead nodes (HF's mask construction leaves an ``arange -> unsqueeze`` chain nothing reads),
              and ``attention_masks`` / ``fold_constants`` leave the nodes they replaced.
 Rewrites to: nothing: the nodes are erased (a ``get_attr``'s or ``call_module``'s attribute stays on its module, so
-             a state dict still loads). Export's ``_guards_fn`` shape guard, placeholders and the output stay.
+             a state dict still loads). Export's ``_guards_fn`` shape guard, placeholders and the output stay, and
+             so do in-place writes (``mpqc.ops.constants.mutates``: Swin's window mask is ``new_zeros`` filled
+             slice by slice with ``fill_`` nodes nothing reads; erasing them lost the mask).
 Requires:    nothing.
 Ensures:     the graph computes the same outputs; every remaining call node is used (or a check of a used value).
              Modifies ``gm`` in place and returns it.
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 from torch import fx
 
+from mpqc.ops.constants import mutates
 from mpqc.ops.shape import Assertion
 
 
@@ -29,7 +32,7 @@ def erase_dead_code(gm: fx.GraphModule) -> fx.GraphModule:
         for node in reversed(list(gm.graph.nodes)):
             if node.op not in ("call_function", "call_method", "get_attr", "call_module") or node.users:
                 continue
-            if node.op == "call_module" and node.target == SHAPE_GUARD:
+            if (node.op == "call_module" and node.target == SHAPE_GUARD) or mutates(node):
                 continue
             if _is_check(node) and any(_live(arg) for arg in node.all_input_nodes):
                 continue

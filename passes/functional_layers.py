@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor, fx, nn
 
 from mpqc.errors import MpqcError
-from mpqc.ops.registry import constant_value, is_constant
+from mpqc.ops.constants import constant_value, is_constant
 from mpqc.passes.dead_code import erase_dead_code
 
 aten = torch.ops.aten

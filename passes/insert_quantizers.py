@@ -45,6 +45,7 @@ from mpqc.budgets import LayerBits
 from mpqc.config import BitRange, QuantizerConfig
 from mpqc.errors import MpqcError
 from mpqc.layers import ACTIVATION_META, LAYER_META, PRODUCT_META, ActivationInfo, CostItem, LayerInfo, ProductInfo
+from mpqc.ops.constants import is_constant
 from mpqc.ops.kernel_bridge import quantizer_node_behind
 from mpqc.passes.analyze_layers import layer_nodes
 from mpqc.qmodules import quantized_version
@@ -337,7 +338,8 @@ def _operand_points(gm: GraphModule, layer_sources: set[Node]) -> dict[Node, int
     ``quantized_output``), each with the widest codes its readers take (``OpDef.operand_bits``; outputs
     ``MAX_OPERAND_BITS``): a lookup table's input and output, the factors of a product, a normalization's input.
     Those already codes (a layer's quantized input, seen through ops that keep integers) get none; a layer's int32
-    accumulator is not codes, so it gets one."""
+    accumulator is not codes, so it gets one. A constant computation (``mpqc.ops.constants.is_constant``: Swin V2's
+    ``16 * sigmoid(mlp(coordinates))`` position bias) gets none: the program holds its value."""
     codes = set(layer_sources)
     points: dict[Node, int] = {}
 
@@ -350,7 +352,7 @@ def _operand_points(gm: GraphModule, layer_sources: set[Node]) -> dict[Node, int
 
     for node in gm.graph.nodes:
         op = ops.op_of(gm, node)
-        if op is None or op.is_layer:
+        if op is None or op.is_layer or is_constant(gm, node):
             continue
         for operand in op.quantized_operands(gm, node):
             add(operand, op.operand_bits)

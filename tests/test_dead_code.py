@@ -50,3 +50,35 @@ def test_the_export_shape_guard_stays():
     root.add_module(SHAPE_GUARD, nn.Identity())
     gm = erase_dead_code(fx.GraphModule(root, graph))
     assert [node.target for node in gm.graph.nodes if node.op == "call_module"] == [SHAPE_GUARD]
+
+
+class WindowMask(nn.Module):
+    """A mask built in place as Swin builds its shifted-window mask: ``new_zeros``, then slices filled; nothing
+    reads the fills' results (the value lives in the base tensor), and the mask is a constant of the program."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Linear(4, 4)
+
+    def forward(self, x):
+        mask = x.new_zeros((4, 4))
+        mask[:2, 2:] = -100.0
+        mask[2:, :2] = -100.0
+        return torch.softmax(self.proj(x) + mask, dim=-1)
+
+
+def test_in_place_writes_stay_and_a_constant_computed_from_them_holds_them():
+    from mpqc.ops.constants import constant_value, is_constant, mutates
+
+    model, x = WindowMask().eval(), torch.randn(2, 4, 4)
+    gm, _ = pipeline.trace(model, (x,))  # through capture, canonicalize (dead code erased) and the rest
+    writes = [node for node in gm.graph.nodes if mutates(node)]
+    assert len(writes) == 2 and all(not node.users for node in writes)
+    with torch.no_grad():
+        assert torch.equal(gm(x), model(x))
+    add = next(node for node in gm.graph.nodes if node.op == "call_function" and node.target in
+               (torch.add, torch.ops.aten.add.Tensor) or (node.op == "call_function" and "add" in str(node.target)))
+    mask = next(arg for arg in add.args if isinstance(arg, fx.Node) and is_constant(gm, arg))
+    expected = torch.zeros(4, 4)
+    expected[:2, 2:] = expected[2:, :2] = -100.0
+    assert torch.equal(constant_value(gm, mask), expected)

@@ -22,7 +22,7 @@ from mpqc.integer_kernels.backends import onnx_callable, relax_callable
 from mpqc.integer_kernels.lut import (IntegerEmbedding, IntegerTable, embedding_onnx, embedding_reference,
                                       embedding_relax, table_onnx, table_reference, table_relax)
 from mpqc.integer_kernels.matmul import IntegerMatmul, matmul_onnx, matmul_reference, matmul_relax
-from mpqc.integer_kernels.norm import IntegerNorm, norm_onnx, norm_reference, norm_relax
+from mpqc.integer_kernels.norm import IntegerL2Normalize, IntegerNorm, norm_onnx, norm_reference, norm_relax
 from mpqc.integer_kernels.softmax import (IntegerSoftmax, keep_from_additive_mask, softmax_onnx,
                                           softmax_reference, softmax_relax)
 from mpqc.quantizers.base import integer_range
@@ -213,6 +213,47 @@ def test_norm_refuses_overflow_and_bad_shapes():
         IntegerNorm(size=8, in_bits=8, in_scale=1.0, out_bits=8, out_scale=1.0, weight=torch.ones(7))
     with pytest.raises(ConfigError, match="last axis"):
         norm_reference(torch.zeros(2, 7, dtype=torch.int64), _norm_spec(8, True))
+
+
+# --------------------------------------------------------------------------------------------- L2-normalize
+@functools.lru_cache(maxsize=None)
+def _l2_backends(bits: int):
+    spec = IntegerL2Normalize(size=NORM_SIZE, in_bits=bits, in_scale=3.0 / 2**bits, out_bits=8, out_scale=1.0 / 127)
+    return spec, _backends(lambda bb, q: norm_relax(bb, q, spec), lambda g, q: norm_onnx(g, q, spec),
+                           [((6, NORM_SIZE), I64)])
+
+
+@pytest.mark.parametrize("bits", [pytest.param(2, marks=pytest.mark.slow), 8, pytest.param(16, marks=pytest.mark.slow)])
+def test_l2_normalize_backends_bit_exact_and_close_to_float(bits):
+    """``x / max(||x||, eps)``: TVM and onnxruntime equal the reference; the reference within 0.5 LSB (+ the 2^-16
+    rounding of its constants) of float, zero rows and an outlier channel included."""
+    spec, (tvm_fn, onnx_fn) = _l2_backends(bits)
+    lo, hi = integer_range(bits, True)
+
+    @SETTINGS
+    @given(_codes(bits, (6, NORM_SIZE)))
+    def check(q):
+        q[0] = 0                                  # an all-zero row: zeros (float: 0 / eps)
+        q[1, :] = 1
+        q[1, 5] = hi                              # one outlier channel
+        q[2] = lo                                 # the largest norm
+        ref = norm_reference(torch.from_numpy(q), spec)
+        _assert_backends_equal(ref, tvm_fn, onnx_fn, q)
+        x = torch.from_numpy(q).double() * spec.in_scale
+        expected = (torch.nn.functional.normalize(x, dim=-1, eps=spec.eps) / spec.out_scale).clamp(-128, 127)
+        assert (ref - expected).abs().max() <= 0.5 + 1e-3
+        assert ref[0].abs().sum() == 0 and (bits < 8 or int(ref[1, 5]) == 127)  # (2 bits: hi is 1, no outlier)
+
+    check()
+
+
+def test_l2_normalize_floors_the_denominator_at_eps_and_refuses_an_affine():
+    # in_scale 1e-3, eps 0.1: the clamp is 100 codes; a row of norm 3 codes is divided by 100, not by 3
+    spec = IntegerL2Normalize(size=4, in_bits=8, in_scale=1e-3, out_bits=8, out_scale=1.0 / 127, eps=0.1)
+    out = norm_reference(torch.tensor([[3, 0, 0, 0], [100, 100, 100, 100]]), spec)
+    assert out.tolist() == [[4, 0, 0, 0], [64, 64, 64, 64]]  # 127 * 3 / 100 = 3.81; 127 / 2 = 63.5 -> 64 (even)
+    with pytest.raises(ConfigError, match="weight"):
+        IntegerL2Normalize(size=4, in_bits=8, in_scale=1.0, out_bits=8, out_scale=1.0, weight=torch.ones(4))
 
 
 # --------------------------------------------------------------------------------------------- matmul

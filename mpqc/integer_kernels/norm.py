@@ -25,6 +25,16 @@ refuses sizes and affine values that could overflow, with the numbers.
 
 GroupNorm is the same kernel on the input reshaped to ``[B, G, (C/G) * H * W]``, with gain and offset of shape
 ``[G, (C/G) * H * W]`` (:meth:`IntegerNorm.group_norm`).
+
+L2-normalize (``F.normalize(x, dim=-1)`` = ``x / max(||x||, eps)``, Swin V2's cosine attention) is the same kernel
+too (:class:`IntegerL2Normalize`): ``c = q``, no offset, ``E = 0``, ``G = round_half_even(2^16 / s_out)`` (no
+``sqrt(N)``: a unit norm, not a unit mean square) and the denominator floored at the clamp,
+``D = max(isqrt(sum(q^2) * 4^P), F)`` with ``F = max(1, round_half_even(2^P * eps / s))``, so::
+
+    out = clamp(round_half_even(G * q * 2^P / (D * 2^16)), qmin, qmax)
+
+An all-zero row gives zeros (float: ``0 / eps`` = 0). Versus float the error is again the rounding of ``G``
+(2^-17 relative) and ``D`` (below ``1/D``): well under one output LSB (tested).
 """
 from __future__ import annotations
 
@@ -113,7 +123,7 @@ class IntegerNorm:
         n, top = self.size, 2**self.in_bits
         c_max = n * top if self.center else top // 2
         sum_sq = n * c_max**2 * 4**shift + self.epsilon_steps(shift)
-        d_max = math.isqrt(sum_sq) + 1
+        d_max = max(math.isqrt(sum_sq) + 1, self.denominator_floor(shift))
         affine = int(self.gain().abs().max()) * c_max * 2**shift + int(self.offset().abs().max()) * d_max
         return max(sum_sq, affine, d_max * 2**AFFINE_FRACTION_BITS) < INT64_HEADROOM
 
@@ -121,6 +131,10 @@ class IntegerNorm:
     def sqrt_shift(self) -> int:
         """``P``: the square root's extra fraction bits, the largest (<= 16) the int64 bounds allow."""
         return max(p for p in range(MAX_SQRT_SHIFT + 1) if self._fits(p))
+
+    def denominator_floor(self, shift: int | None = None) -> int:
+        """``F``: the least denominator ``D`` (1 here: ``isqrt`` returns at least 1; a clamp for L2-normalize)."""
+        return 1
 
     def check(self) -> None:
         if not self._fits(0):
@@ -132,6 +146,31 @@ class IntegerNorm:
         return integer_range(self.out_bits, self.out_signed)
 
 
+@dataclass(frozen=True, eq=False)
+class IntegerL2Normalize(IntegerNorm):
+    """Frozen parameters of ``x / max(||x||_2, eps)`` over the last axis (see the module docstring): ``IntegerNorm``
+    without centering, offset or epsilon inside the root, a unit-norm gain and a floor on the denominator."""
+
+    center: bool = False
+    eps: float = 1e-12
+
+    def __post_init__(self) -> None:
+        if self.center or self.weight is not None or self.bias is not None:
+            raise ConfigError("IntegerL2Normalize: no centering, weight or bias (it is x / max(||x||, eps))")
+        super().__post_init__()
+
+    def gain(self) -> Tensor:
+        g = torch.full((self.size,), 2.0**AFFINE_FRACTION_BITS / self.out_scale, dtype=torch.float64)
+        return torch.round(g).to(torch.int64)
+
+    def epsilon_steps(self, shift: int | None = None) -> int:
+        return 0
+
+    def denominator_floor(self, shift: int | None = None) -> int:
+        shift = self.sqrt_shift if shift is None else shift
+        return max(1, int(round(self.eps / self.in_scale * 2**shift)))
+
+
 # --------------------------------------------------------------------------------------------- reference (torch)
 def norm_reference(q: Tensor, spec: IntegerNorm) -> Tensor:
     """Integer LayerNorm/RMSNorm of codes ``q`` (int64, last axis of size ``spec.size``); returns codes (int64)."""
@@ -141,6 +180,8 @@ def norm_reference(q: Tensor, spec: IntegerNorm) -> Tensor:
     c = spec.size * q - q.sum(-1, keepdim=True) if spec.center else q
     shift = 2**spec.sqrt_shift
     d = arith.isqrt((c * c).sum(-1, keepdim=True) * (shift * shift) + spec.epsilon_steps())
+    if spec.denominator_floor() > 1:
+        d = torch.clamp(d, min=spec.denominator_floor())
     out = arith.div_round_half_even(spec.gain() * shift * c + spec.offset() * d, d * 2**AFFINE_FRACTION_BITS)
     return torch.clamp(out, *spec.out_range)
 
@@ -159,6 +200,8 @@ def norm_relax(bb, q, spec: IntegerNorm):
     sum_sq = bb.emit(op.add(op.multiply(op.sum(op.multiply(c, c), axis=[-1], keepdims=True), c_(shift * shift)),
                             c_(spec.epsilon_steps())))
     d = arith.isqrt_relax(bb, sum_sq)
+    if spec.denominator_floor() > 1:
+        d = bb.emit(op.maximum(d, c_(spec.denominator_floor())))
     num = bb.emit(op.add(op.multiply(relax.const((spec.gain() * shift).numpy(), "int64"), c),
                          op.multiply(relax.const(spec.offset().numpy(), "int64"), d)))
     out = arith.div_round_half_even_relax(bb, num, bb.emit(op.multiply(d, c_(2**AFFINE_FRACTION_BITS))))
@@ -179,6 +222,8 @@ def norm_onnx(g, q: str, spec: IntegerNorm) -> str:
     sum_sq = g.node("Add", [g.node("Mul", [g.node("ReduceSum", [g.node("Mul", [c, c]), axes], keepdims=1),
                                            g.const(i64(shift * shift))]), g.const(i64(spec.epsilon_steps()))])
     d = arith.isqrt_onnx(g, sum_sq)
+    if spec.denominator_floor() > 1:
+        d = g.node("Max", [d, g.const(i64(spec.denominator_floor()))])
     num = g.node("Add", [g.node("Mul", [g.const((spec.gain() * shift).numpy(), "gain"), c]),
                          g.node("Mul", [g.const(spec.offset().numpy(), "offset"), d])])
     out = arith.div_round_half_even_onnx(g, num, g.node("Mul", [d, g.const(i64(2**AFFINE_FRACTION_BITS))]))

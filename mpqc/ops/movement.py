@@ -221,11 +221,12 @@ class Reshape(_Movement):
 # --------------------------------------------------------------------------------------------- permutations
 @register_op
 class Permute(_Movement):
-    """``permute(dims)`` and ``transpose(dim0, dim1)``."""
+    """``permute(dims)`` and ``transpose(dim0, dim1)`` (``swapaxes`` / ``swapdims`` too: MaxViT's grid partition)."""
 
     names = ("permute", "transpose")
-    functions = (torch.permute, torch.transpose, aten.permute.default, aten.transpose.int)
-    methods = ("permute", "transpose")
+    functions = (torch.permute, torch.transpose, aten.permute.default, aten.transpose.int, torch.swapaxes,
+                 torch.swapdims)
+    methods = ("permute", "transpose", "swapaxes", "swapdims")
     keeps_integers = True
     sign = "preserving"
     fuses_into_requantize = True
@@ -233,8 +234,10 @@ class Permute(_Movement):
 
     def describe(self, gm, node, frozen):
         source = node.all_input_nodes[0].name
-        if node.target in (torch.transpose, aten.transpose.int, "transpose"):
-            dims = [arg(node, 1, "dim0", None), arg(node, 2, "dim1", None)]
+        if node.target in (torch.transpose, aten.transpose.int, "transpose", torch.swapaxes, torch.swapdims,
+                           "swapaxes", "swapdims"):
+            dims = [arg(node, 1, "dim0", arg(node, 1, "axis0", None)),
+                    arg(node, 2, "dim1", arg(node, 2, "axis1", None))]
             if not all(isinstance(d, int) for d in dims):
                 raise Unsupported(f"transpose of dims {dims}")
             return IntNode(node.name, "transpose", [source], {"dims": dims})

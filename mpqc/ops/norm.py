@@ -1,5 +1,5 @@
-"""LayerNorm over the last dim on b-bit codes: integer-only (I-BERT's integer mean and variance, a Newton integer
-square root, one exact rational output step), the kernel ``mpqc/integer_kernels/norm.py``.
+"""LayerNorm and L2-normalize over the last dim on b-bit codes: integer-only (I-BERT's integer mean and variance,
+an integer square root, one exact rational output step), the kernel ``mpqc/integer_kernels/norm.py``.
 
 ``insert_quantizers`` gives the op an input quantizer (``quantized_inputs``) and an output quantizer
 (``quantized_output``); at freeze time ``describe`` reads both (input bits, sign, scale ``s_in``; output bits, sign,
@@ -13,6 +13,11 @@ under one output LSB, ``tests/test_integer_kernels.py``).
 Matches ``nn.LayerNorm`` modules, ``F.layer_norm`` and ATen ``layer_norm`` with parameter tensors (``get_attr``)
 or none; ``passes/functional_layers.py`` turns the functional forms with parameters into ``nn.LayerNorm``
 modules. Only a normalized shape of one dim (the last) is supported.
+
+``l2_normalize`` (program op; :func:`l2_normalize`, what ``passes/fuse_normalize.py`` writes for ``F.normalize`` and
+``x / x.norm(dim=-1, keepdim=True)``): ``x / max(||x||, eps)`` over the last dim, the same kernel without centering
+or affine (:class:`~mpqc.integer_kernels.norm.IntegerL2Normalize`: integer sum of squares, integer square root,
+one rational step rounded half to even), input and output codes as LayerNorm's. Swin V2's cosine attention.
 """
 from __future__ import annotations
 
@@ -26,6 +31,7 @@ from torch.fx import GraphModule, Node
 from mpqc.errors import ConfigError
 from mpqc.ops import kernel_bridge as kb
 from mpqc.ops.registry import IntNode, IntValue, OpDef, Unsupported, arg, register_op
+from mpqc.ops.scales import traced_shape
 
 aten = torch.ops.aten
 
@@ -33,6 +39,8 @@ TESTS = ("tests/test_ops_transformer.py::test_transformer_ops_are_bit_exact_on_t
          "tests/test_ops_transformer.py::test_transformer_ops_agree_with_onnxruntime",
          "tests/test_ops_transformer.py::test_hf_bert_goes_through_every_stage",
          "tests/test_ops_transformer.py::test_reference_agrees_with_fake_quant")
+NORMALIZE_TESTS = ("tests/test_ops_vit.py::test_l2_normalize_with_an_outlier_channel_through_every_backend",
+                   "tests/test_ops_vit.py::test_tiny_family_agrees_with_fake_quant_and_onnxruntime")
 
 
 def _attribute(gm: GraphModule, value: Any) -> Tensor | None:
@@ -55,18 +63,66 @@ def layer_norm_params(gm: GraphModule, node: Node) -> tuple[list[int], Tensor | 
     return list(shape), weight, bias, float(arg(node, 4, "eps", 1e-5))
 
 
+class _NormKernel(OpDef):
+    """An op computed by the integer norm kernel on its input's codes, making its output quantizer's codes
+    (``spec`` gives the kernel's frozen parameters of a program node)."""
+
+    keeps_shape = True
+    quantized_inputs = (0,)
+    quantized_output = True
+    numerics_tests = TESTS
+    spec_attrs: tuple[str, ...] = ()
+
+    def spec(self, node: IntNode):
+        raise NotImplementedError
+
+    def evaluate(self, program, node, env):
+        from mpqc.integer_kernels.norm import norm_reference
+
+        x: IntValue = env[node.inputs[0]]
+        a = node.attrs
+        kb.check_range(node, x.q, a["in_bits"], a["in_signed"])
+        return IntValue(norm_reference(x.q, self.spec(node)), torch.tensor(float(a["scale"]), dtype=torch.float64))
+
+    def relax(self, lowering, node):
+        from mpqc.integer_kernels.norm import norm_relax
+
+        codes, x = kb.relax_codes(lowering, node.inputs[0], node.op)
+        a = node.attrs
+        return kb.relax_output_codes(lowering, norm_relax(lowering.bb, codes, self.spec(node)), a["bits"],
+                                     a["signed"], a["scale"], x.layout)
+
+    def relax_check(self, node):
+        return kb.relax_check_codes(node, self.spec_attrs)
+
+    def onnx(self, builder, node):
+        from mpqc.integer_kernels.norm import norm_onnx
+
+        kernel = self.spec(node)
+        kb.onnx_kernel(builder, node, lambda graph, codes: norm_onnx(graph, codes, kernel))
+
+    def _frozen(self, gm: GraphModule, node: Node, source: Node, attrs: dict[str, Any],
+                tensors: dict[str, Tensor] | None = None) -> IntNode:
+        """The program node with its input and output codes' attrs, checked (refused at freeze time where the
+        kernel could overflow int64)."""
+        name = self.names[0]
+        attrs = {**attrs, **kb.input_attrs(*kb.frozen_codes(gm, source, name))}
+        bits, signed, scale = kb.output_codes(gm, node, name)
+        attrs.update(bits=bits, signed=signed, scale=scale)
+        result = IntNode(node.name, name, [source.name], attrs, tensors or {})
+        self.spec(result)
+        return result
+
+
 @register_op
-class LayerNorm(OpDef):
+class LayerNorm(_NormKernel):
     """LayerNorm over the last dim as the integer kernel (see the module docstring)."""
 
     names = ("layer_norm",)
     modules = (nn.LayerNorm,)
     functions = (F.layer_norm, torch.layer_norm, aten.layer_norm.default)
-    keeps_shape = True
-    quantized_inputs = (0,)
-    quantized_output = True
     operand_bits = 16  # the integer kernel takes 16-bit codes exactly (int64 throughout)
-    numerics_tests = TESTS
+    spec_attrs = ("size", "in_bits", "in_signed", "in_scale", "bits", "signed", "scale", "eps")
 
     def describe(self, gm, node, frozen):
         source = node.args[0] if node.args else None
@@ -77,55 +133,65 @@ class LayerNorm(OpDef):
             raise Unsupported(f"layer_norm over {len(shape)} dims (the last dim only)")
         if not frozen:
             return IntNode(node.name, "layer_norm", [source.name])
-        attrs: dict[str, Any] = {"size": int(shape[0]), "eps": eps}
-        attrs.update(kb.input_attrs(*kb.frozen_codes(gm, source, "layer_norm")))
-        bits, signed, scale = kb.output_codes(gm, node, "layer_norm")
-        attrs.update(bits=bits, signed=signed, scale=scale)
         tensors = {key: t.detach().double().clone() for key, t in (("weight", weight), ("bias", bias))
                    if t is not None}
-        result = IntNode(node.name, "layer_norm", [source.name], attrs, tensors)
-        spec(result)  # refuses sizes and affine values that could overflow int64, at freeze time
-        return result
+        return self._frozen(gm, node, source, {"size": int(shape[0]), "eps": eps}, tensors)
 
-    def evaluate(self, program, node, env):
-        from mpqc.integer_kernels.norm import norm_reference
+    def spec(self, node):
+        from mpqc.integer_kernels.norm import IntegerNorm
 
-        x: IntValue = env[node.inputs[0]]
         a = node.attrs
-        kb.check_range(node, x.q, a["in_bits"], a["in_signed"])
-        return IntValue(norm_reference(x.q, spec(node)), torch.tensor(float(a["scale"]), dtype=torch.float64))
+        kb.require_attrs(node, self.spec_attrs)
+        try:
+            return IntegerNorm(size=int(a["size"]), in_bits=int(a["in_bits"]), in_scale=float(a["in_scale"]),
+                               out_bits=int(a["bits"]), out_scale=float(a["scale"]),
+                               weight=node.tensors.get("weight"), bias=node.tensors.get("bias"), eps=float(a["eps"]),
+                               center=True, out_signed=bool(a["signed"]))
+        except ConfigError as error:
+            raise Unsupported(f"layer_norm {node.name!r}: {error}") from None
 
-    def relax(self, lowering, node):
-        from mpqc.integer_kernels.norm import norm_relax
 
-        codes, x = kb.relax_codes(lowering, node.inputs[0], "layer_norm")
+def l2_normalize(x: Tensor, dim: int = -1, eps: float = 1e-12) -> Tensor:
+    """``x / max(||x||_2, eps)`` over ``dim`` (``F.normalize(x, 2.0, dim, eps)``), what
+    ``passes/fuse_normalize.py`` writes for ``F.normalize`` and ``x / x.norm(dim=..., keepdim=True)``; with
+    ``eps`` 0 an all-zero row gives zeros (the integer kernel's semantics), not the division's NaN."""
+    norm = torch.linalg.vector_norm(x, 2, dim, keepdim=True)
+    return x / norm.clamp_min(eps if eps > 0 else torch.finfo(x.dtype).tiny)
+
+
+@register_op
+class L2Normalize(_NormKernel):
+    """``l2_normalize(x, dim, eps)`` over the last dim as the integer kernel
+    (:class:`~mpqc.integer_kernels.norm.IntegerL2Normalize`): Swin V2's cosine attention."""
+
+    names = ("l2_normalize",)
+    functions = (l2_normalize,)
+    sign = "preserving"
+    spec_attrs = ("size", "in_bits", "in_signed", "in_scale", "bits", "signed", "scale", "eps")
+    numerics_tests = NORMALIZE_TESTS
+
+    def describe(self, gm, node, frozen):
+        source = node.args[0] if node.args else None
+        if not isinstance(source, Node):
+            raise Unsupported("l2_normalize of a constant")
+        shape = traced_shape(node) or traced_shape(source)  # (a quantizer inserted before has no shape)
+        if shape is None:
+            raise Unsupported("l2_normalize of a value without a traced shape")
+        dim = int(arg(node, 1, "dim", -1))
+        if dim not in (-1, len(shape) - 1):
+            raise Unsupported(f"l2_normalize over dim {dim} of a rank-{len(shape)} value (the last dim only)")
+        if not frozen:
+            return IntNode(node.name, "l2_normalize", [source.name])
+        return self._frozen(gm, node, source, {"size": int(shape[-1]), "eps": float(arg(node, 2, "eps", 1e-12))})
+
+    def spec(self, node):
+        from mpqc.integer_kernels.norm import IntegerL2Normalize
+
         a = node.attrs
-        return kb.relax_output_codes(lowering, norm_relax(lowering.bb, codes, spec(node)), a["bits"], a["signed"],
-                                     a["scale"], x.layout)
-
-    def relax_check(self, node):
-        return kb.relax_check_codes(node, SPEC_ATTRS)
-
-    def onnx(self, builder, node):
-        from mpqc.integer_kernels.norm import norm_onnx
-
-        kernel = spec(node)
-        kb.onnx_kernel(builder, node, lambda graph, codes: norm_onnx(graph, codes, kernel))
-
-
-SPEC_ATTRS = ("size", "in_bits", "in_signed", "in_scale", "bits", "signed", "scale", "eps")
-
-
-def spec(node: IntNode):
-    """The kernel's frozen parameters of a ``layer_norm`` program node."""
-    from mpqc.integer_kernels.norm import IntegerNorm
-
-    a = node.attrs
-    kb.require_attrs(node, SPEC_ATTRS)
-    try:
-        return IntegerNorm(size=int(a["size"]), in_bits=int(a["in_bits"]), in_scale=float(a["in_scale"]),
-                           out_bits=int(a["bits"]), out_scale=float(a["scale"]), weight=node.tensors.get("weight"),
-                           bias=node.tensors.get("bias"), eps=float(a["eps"]), center=True,
-                           out_signed=bool(a["signed"]))
-    except ConfigError as error:
-        raise Unsupported(f"layer_norm {node.name!r}: {error}") from None
+        kb.require_attrs(node, self.spec_attrs)
+        try:
+            return IntegerL2Normalize(size=int(a["size"]), in_bits=int(a["in_bits"]), in_scale=float(a["in_scale"]),
+                                      out_bits=int(a["bits"]), out_scale=float(a["scale"]), eps=float(a["eps"]),
+                                      out_signed=bool(a["signed"]))
+        except ConfigError as error:
+            raise Unsupported(f"l2_normalize {node.name!r}: {error}") from None

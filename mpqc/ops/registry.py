@@ -39,6 +39,8 @@ import torch
 from torch import Tensor, nn
 from torch.fx import GraphModule, Node
 
+from mpqc.ops.constants import SHAPE_ONLY, constant_value, is_constant, mutates  # noqa: F401 (the registry's face)
+
 
 # --------------------------------------------------------------------------------------------- program values
 @dataclass
@@ -247,106 +249,9 @@ def is_bookkeeping(gm: GraphModule, node: Node) -> bool:
         return True
     if node.users and is_constant(gm, node) and all(is_constant(gm, user) for user in node.users):
         return True
+    if mutates(node) and is_constant(gm, node):  # (its effect is in the values of the constants it writes)
+        return True
     return (node.op == "call_module" and not node.users) or _shape_arithmetic(gm, node)
-
-
-#: Ops whose value is made from another tensor's shape and dtype only (the shifted-window mask of Swin).
-SHAPE_ONLY = frozenset({torch.ops.aten.new_zeros.default, torch.ops.aten.new_ones.default,
-                        torch.ops.aten.new_full.default, torch.ops.aten.zeros_like.default,
-                        torch.ops.aten.ones_like.default, torch.ops.aten.full_like.default, torch.zeros_like,
-                        torch.ones_like, torch.full_like, "new_zeros", "new_ones", "new_full"})
-_CONSTANT_META = "mpqc.constant"
-
-
-def _shape_only(node: Node) -> bool:
-    try:
-        return node.op in ("call_function", "call_method") and node.target in SHAPE_ONLY
-    except TypeError:
-        return False
-
-
-def is_constant(gm: GraphModule, node: Node) -> bool:
-    """Whether ``node``'s value is a tensor that depends on no graph input's values: a ``get_attr``, a tensor made
-    from another's shape (``x.new_zeros(...)``), or a call whose graph inputs are all constant (a Swin's relative
-    position bias gathered from its table, its shifted-window mask), with a traced tensor shape. The answer is kept
-    in ``node.meta`` once the node's shape is recorded. An embedding table's lookup never is (a quantized layer)."""
-    from torch.fx.passes.shape_prop import TensorMetadata
-
-    known: dict[Node, bool] = {}
-
-    def answer(n: Node, value: bool, final: bool) -> None:
-        known[n] = value
-        if final:
-            n.meta[_CONSTANT_META] = value
-
-    stack = [node]
-    while stack:
-        current = stack[-1]
-        if current in known or _CONSTANT_META in current.meta:
-            known.setdefault(current, current.meta.get(_CONSTANT_META, False))
-            stack.pop()
-            continue
-        traced = isinstance(current.meta.get("tensor_meta"), TensorMetadata)
-        inputs = current.all_input_nodes
-        if current.op == "get_attr":
-            answer(current, True, True)
-        elif current.op == "call_module" and isinstance(gm.get_submodule(current.target), nn.Embedding):
-            answer(current, False, True)  # a table lookup is a layer (its table quantized, counted), even at fixed
-            # indices (BERT's position and token-type ids): the program keeps it as one
-        elif _shape_only(current):
-            answer(current, traced, traced)
-        elif current.op not in ("call_function", "call_method", "call_module") or not inputs:
-            answer(current, False, True)
-        else:
-            pending = [n for n in inputs if n not in known and _CONSTANT_META not in n.meta]
-            if pending:
-                stack.extend(pending)
-                continue
-            inputs_constant = all(known.get(n, n.meta.get(_CONSTANT_META)) for n in inputs)
-            answer(current, inputs_constant and traced, traced or not inputs_constant)
-        stack.pop()
-    return known[node]
-
-
-def constant_value(gm: GraphModule, node: Node) -> Tensor:
-    """The value of a constant computation (``is_constant``), computed from the graph's current attributes."""
-    from torch import fx
-
-    needed, stack = set(), [node]
-    while stack:
-        current = stack.pop()
-        if current not in needed:
-            needed.add(current)
-            if current.op != "get_attr" and not _shape_only(current):
-                stack.extend(current.all_input_nodes)
-    values: dict[Node, Any] = {}
-    with torch.no_grad():
-        for current in gm.graph.nodes:
-            if current not in needed:
-                continue
-            if current.op == "get_attr":
-                owner, _, name = current.target.rpartition(".")
-                values[current] = getattr(gm.get_submodule(owner) if owner else gm, name)
-                continue
-            stand_in = _like(current)  # (read by a SHAPE_ONLY op, whose inputs are not computed)
-            args = fx.node.map_arg(current.args, lambda n: values[n] if n in values else stand_in)
-            kwargs = fx.node.map_arg(current.kwargs, lambda n: values[n] if n in values else stand_in)
-            if current.op == "call_module":
-                values[current] = gm.get_submodule(current.target)(*args, **kwargs)
-            elif current.op == "call_method":
-                values[current] = getattr(args[0], current.target)(*args[1:], **kwargs)
-            else:
-                values[current] = current.target(*args, **kwargs)
-    return values[node].detach()
-
-
-def _like(node: Node) -> Tensor | None:
-    """For a ``SHAPE_ONLY`` op ``node``: a tensor of its own traced shape and dtype, standing for its input (whose
-    shape and dtype alone it reads: ``zeros_like`` keeps both, ``new_zeros`` the dtype)."""
-    meta = node.meta.get("tensor_meta")
-    if not _shape_only(node) or not hasattr(meta, "shape"):
-        return None
-    return torch.zeros(tuple(int(d) for d in meta.shape), dtype=meta.dtype)
 
 
 def _shape_arithmetic(gm: GraphModule, node: Node) -> bool:
