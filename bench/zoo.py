@@ -253,7 +253,8 @@ def check_integer(gm, program: IntegerProgram, x: torch.Tensor) -> dict[str, Any
     Judged **stepwise** (as ``compare_with_reference`` judges onnxruntime): the reference is re-run with the
     fake-quant graph's codes substituted at every quantizer, so each requantisation step is compared on the same
     inputs; the contract is at most 1 LSB apart, on at most ``CODE_FLIP_FLOOR`` of the codes (rounding ties). End to
-    end (``max_rel_error``, ``e2e_code_max_lsb``, ``argmax_agreement``) is recorded, not judged: a legal 1-LSB flip at a 2-3-bit quantizer moves every later code, by tens of LSB in deep
+    end (``max_rel_error``, ``e2e_code_max_lsb``, ``argmax_agreement``) is recorded, not judged: a legal 1-LSB
+    flip at a 2-3-bit quantizer moves every later code, by tens of LSB in deep
     nets (squeezenet1_0: 18 flips at a 3-bit quantizer became 4 LSB at the next, 62 LSB six layers on).
     """
     from mpqc.reference import IntValue
@@ -480,11 +481,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--merge", nargs="+", metavar="PART", default=None,
                         help="merge these part files (run with --out each) into --out instead of running models; "
                              "a model in several parts keeps its entry from the last part naming it")
-    parser.add_argument("--argmax-floor", type=float, default=ARGMAX_FLOOR,
-                        help="the integer stage's argmax-agreement floor (0: judged stepwise only, to reach the onnx "
-                             "and tvm stages of a deep net whose legal 1-LSB flips amplify end to end; recorded)")
     args = parser.parse_args(argv)
-    globals()["ARGMAX_FLOOR"] = args.argmax_floor  # (read by check_integer and recorded in the settings)
     if args.merge:  # with --all: every model --all names, less --skip, that no part holds is listed as not run
         expected = [m for m in every_torchvision_classifier() if m not in set(args.skip.split(","))] if args.all else []
         return merge(args.merge, Path(args.out), expected)
