@@ -114,7 +114,7 @@ from mpqc import ops
 from mpqc.errors import ConfigError, MpqcError, UnsupportedOpError
 from mpqc.quantizers.base import integer_range
 from mpqc.reference import IntegerProgram, IntNode
-from mpqc.targets.onnx_regions import region_in_units, without_unused
+from mpqc.targets.onnx_regions import exact_layer_output, exact_output_supported, region_in_units, without_unused
 
 DEFAULT_OPSET = 21
 MIN_OPSET = 13  # per-axis DequantizeLinear
@@ -339,22 +339,29 @@ def _convert_layer(b: _Builder, node: IntNode) -> None:
     bias = _dequantized_parameter(b, label, "bias", node.tensors["bias"], Storage(TensorProto.INT32),
                                   bias_scale.numpy())
     x, a = node.inputs[0], node.attrs
+    quantizer = b.quantizers[source.name]
+    entry = {"layer": a["module"], "op": node.op, "node": label, "weight": f"{label}.weight",
+             "weight_bits": bits, "weight_storage": storage.name, "weight_zero_point": storage.zero_point,
+             "input": quantizer["tensor"], "input_bits": quantizer["bits"], "input_signed": quantizer["signed"],
+             "input_storage": quantizer["storage"], "input_zero_point": quantizer["zero_point"],
+             "bias": f"{label}.bias", "output": node.name}
+    # a program output nothing requantizes (a classifier's logits) is taken from the exact int32 accumulator: the
+    # float Gemm/Conv of dequantized values rounds its fp32 sums (1.8 LSB on vit_b_32's head)
+    exact = node.name in b.program.outputs and exact_output_supported(b, node, entry)
+    out = f"{label}.float" if exact else node.name  # (the float path is then unused, and dropped)
     if node.op == "linear":
         if b.rank.get(x) is None or b.rank[x] < 2:
             raise _Unsupported(f"linear on a rank-{b.rank.get(x)} input (rank 2 or more)")
-        _linear_gemm(b, label, x, w, bias, node.name, int(weight.shape[0]))
+        _linear_gemm(b, label, x, w, bias, out, int(weight.shape[0]))
         b.rank[node.name] = b.rank[x]
     else:
-        b.add("Conv", [x, w, bias], [node.name], label, kernel_shape=list(weight.shape[2:]),
+        b.add("Conv", [x, w, bias], [out], label, kernel_shape=list(weight.shape[2:]),
               strides=list(a["stride"]), pads=list(a["padding"]) * 2, dilations=list(a["dilation"]), group=a["groups"])
         b.rank[node.name] = weight.dim()
     b.bits.update({f"{label}.weight": bits, f"{label}.bias": 32})
-    quantizer = b.quantizers[source.name]
-    b.layers.append({"layer": a["module"], "op": node.op, "node": label, "weight": f"{label}.weight",
-                     "weight_bits": bits, "weight_storage": storage.name,
-                     "weight_zero_point": storage.zero_point,
-                     "input": quantizer["tensor"], "input_bits": quantizer["bits"], "input_signed": quantizer["signed"],
-                     "input_storage": quantizer["storage"], "input_zero_point": quantizer["zero_point"], "bias": f"{label}.bias", "output": node.name})
+    b.layers.append(entry)
+    if exact:
+        exact_layer_output(b, node, entry)
 
 
 def _linear_gemm(b: _Builder, label: str, x: str, w: str, bias: str, output: str, out_features: int) -> None:

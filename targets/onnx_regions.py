@@ -337,6 +337,24 @@ def exact_accumulator(b: Any, leaf: IntNode, entry: dict[str, Any]) -> str:
     return out
 
 
+def exact_output_supported(b: Any, layer: IntNode, entry: dict[str, Any]) -> bool:
+    """Whether :func:`exact_layer_output` takes ``layer`` (UINT8 codes and weights; a linear on a rank-2 input)."""
+    return entry["weight_storage"] == "UINT8" and entry["input_storage"] == "UINT8" and (
+        layer.op != "linear" or b.rank.get(layer.inputs[0]) == 2)
+
+
+def exact_layer_output(b: Any, layer: IntNode, entry: dict[str, Any]) -> str:
+    """The layer's value as a program output, ``fp32(acc) * fp32(scale)`` exactly as the reference dequantizes it,
+    from its exact int32 accumulator (:func:`exact_accumulator`), named after the layer's node."""
+    acc = exact_accumulator(b, layer, entry)
+    rank = b.rank[layer.name]
+    shape = _channel_shape(rank, rank - 1 if layer.op == "linear" else 1)
+    scale = _layer_scale(b, layer).to(torch.float32).reshape(shape).numpy()
+    name = b.initializer(numpy_helper.from_array(scale, f"{entry['node']}.output_scale"))
+    b.add("Mul", [acc, name], [layer.name], f"{entry['node']}/OutputScale")
+    return layer.name
+
+
 def without_unused(nodes: list[onnx.NodeProto], initializers: list[TensorProto],
                    outputs: Sequence[str]) -> tuple[list[onnx.NodeProto], list[TensorProto]]:
     """The nodes some graph output depends on, and the initializers they read."""

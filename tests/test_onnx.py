@@ -235,6 +235,36 @@ def test_opsets_below_21_store_every_code_in_uint8(resnet20_export, tmp_path):
     _assert_agrees(compare_with_reference(program, exported.path, x))
 
 
+class WideHead(nn.Module):
+    """A classifier head of 768 inputs whose int32 accumulators pass 2^24 at 8 bits (768 * 255 * 127)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(768, 10)
+        with torch.no_grad():
+            self.fc.weight.copy_(0.05 * torch.sign(torch.randn(10, 768) + 1.5))  # mostly positive rows, codes +-127
+
+    def forward(self, x):
+        return self.fc(torch.relu(x))
+
+
+def test_a_layer_whose_output_is_the_programs_is_exact_from_its_int32_accumulator(tmp_path):
+    """Logits nothing requantizes are exported as ``fp32(acc) * fp32(scale)`` from ``MatMulInteger`` + the int32
+    bias, as the reference computes them, bit for bit: a float Gemm of dequantized values rounds its fp32 sums once
+    they pass 2^24 (vit_b_32's head was 1.8 LSB off)."""
+    torch.manual_seed(0)
+    x = 2.9 + 0.1 * torch.rand(4, 768)  # codes near 255
+    gm, _ = quantized_graph(WideHead(), x)
+    gm, _ = freeze_at_random_bits(gm, seed=0, low=8, high=8)
+    program = IntegerProgram.from_graph(gm)
+    assert int(program.run_all(x)["fc"].q.abs().max()) > 2**24
+    exported = export_onnx(program, tmp_path / "head.onnx", input_shapes=[tuple(x.shape)])
+    assert "fc/MatMulInteger" in {node.name for node in onnx.load(exported.path).graph.node}
+    (output,) = program.outputs
+    ours = inference_session(str(exported.path)).run([output], {"x": x.numpy()})[0]
+    assert np.array_equal(ours, program.run(x).numpy())
+
+
 def test_more_than_8_bits_are_stored_in_16_bit_types(tmp_path):
     torch.manual_seed(0)
     x = torch.randn(4, 1, 28, 28)
