@@ -317,8 +317,8 @@ def test_residual_regions_run_in_units_and_the_net_is_exact(resnet20_export):
 def test_every_layer_runs_on_onnxruntimes_integer_kernels(resnet20_export, tmp_path):
     """Nothing stands between a layer and its QuantizeLinear (the b-bit clamp is an integer Clip of the codes), so
     onnxruntime fuses every conv that is requantised on its own (not summed into a residual first) into QLinearConv,
-    and the linear into QGemm: exact int32 accumulators, not fp32 convolutions of dequantized values (which flipped
-    codes at rounding ties)."""
+    and the logits' linear is a MatMulInteger: exact int32 accumulators, not fp32 convolutions of dequantized values
+    (which flipped codes at rounding ties)."""
     import onnxruntime as ort
 
     program, _, exported = resnet20_export
@@ -337,7 +337,7 @@ def test_every_layer_runs_on_onnxruntimes_integer_kernels(resnet20_export, tmp_p
 
     alone = [node.name for node in program.nodes if node.op == "conv2d" and not summed(node.name)]
     assert len(alone) >= 10
-    assert kinds.count("QLinearConv") == len(alone) and kinds.count("QGemm") == 1, sorted(set(kinds))
+    assert kinds.count("QLinearConv") == len(alone) and kinds.count("MatMulInteger") == 1, sorted(set(kinds))
     assert "Gemm" not in kinds
 
 
@@ -358,8 +358,11 @@ def test_metadata_records_every_quantized_tensor_and_names_follow_the_layers(res
         if module in nodes:  # QDQ: DequantizeLinear of the integer weight -> Conv/Gemm
             assert nodes[module].op_type in ("Conv", "Gemm")
             zero, bias = initializers[f"{module}.weight_zero_point"], initializers[f"{module}.bias"]
-        else:  # summed before its requantisation: the exact accumulator of a region in units (onnx_regions.py)
-            assert nodes[f"{module}/ConvInteger"].input[1] == f"{module}.weight"
+        else:  # summed before its requantisation, or the program's output: its exact accumulator (onnx_regions.py)
+            if layer.op == "linear":
+                assert nodes[f"{module}/Transpose"].input[0] == f"{module}.weight"
+            else:
+                assert nodes[f"{module}/ConvInteger"].input[1] == f"{module}.weight"
             zero, bias = initializers[f"{module}.w_zero"], initializers[f"{module}.bias_int32"]
         weight = initializers[f"{module}.weight"]
         assert weight.data_type == zero.data_type == onnx.TensorProto.UINT8 and entry["weight_zero_point"] == 128
@@ -387,8 +390,8 @@ def test_metadata_records_every_quantized_tensor_and_names_follow_the_layers(res
             assert list(nodes[f"{module}/Clip"].input[:1]) == nodes[f"{module}/QuantizeLinear"].output
         dequantize = nodes.get(f"{module}/DequantizeLinear")  # absent where only exact regions read the codes
         assert dequantize is None or dequantize.output == [node.name]
-    assert {n.op_type for n in model.graph.node} >= {"QuantizeLinear", "DequantizeLinear", "Conv", "Gemm", "Clip",
-                                                     "ConvInteger"}
+    assert {n.op_type for n in model.graph.node} >= {"QuantizeLinear", "DequantizeLinear", "Conv", "MatMulInteger",
+                                                     "Clip", "ConvInteger"}
 
 
 def test_compact_weights_are_int4_packed_two_to_a_byte(resnet20_export, tmp_path):
@@ -449,7 +452,7 @@ def test_cli_export_writes_the_model_and_prints_the_agreement(tiny_run, tmp_path
     assert f"onnxruntime on emulated {AVX2_CPU}" in printed and "end to end: 100.0000%" in printed, printed
     model = onnx.load(tmp_path / "m.onnx")
     assert [d.dim_param or d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim] == ["N", 1, 8, 8]
-    assert {"conv1", "conv2", "fc"} <= {n.name for n in model.graph.node}
+    assert {"conv1", "conv2", "fc/MatMulInteger"} <= {n.name for n in model.graph.node}
 
     assert main(["export", str(tiny_run), "--onnx", str(tmp_path / "n.onnx"), "--input-shape", "1,3,8,8"]) == 2
     assert "--input-shape 1,3,8,8" in capsys.readouterr().err
