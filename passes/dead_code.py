@@ -18,6 +18,7 @@ from __future__ import annotations
 from torch import fx
 
 from mpqc.ops.constants import mutates
+from mpqc.ops.registry import calls
 from mpqc.ops.shape import Assertion
 
 
@@ -34,7 +35,7 @@ def erase_dead_code(gm: fx.GraphModule) -> fx.GraphModule:
                 continue
             if (node.op == "call_module" and node.target == SHAPE_GUARD) or mutates(node):
                 continue
-            if _is_check(node) and any(_live(arg) for arg in node.all_input_nodes):
+            if calls(node, Assertion.functions) and any(_live(arg) for arg in node.all_input_nodes):
                 continue
             gm.graph.erase_node(node)
             changed = True
@@ -43,13 +44,6 @@ def erase_dead_code(gm: fx.GraphModule) -> fx.GraphModule:
     return gm
 
 
-def _is_check(node: fx.Node) -> bool:
-    try:
-        return node.target in Assertion.functions
-    except TypeError:
-        return False
-
-
 def _live(node: fx.Node) -> bool:
     """Whether ``node``'s value is used by anything but checks."""
-    return node.op in ("placeholder", "get_attr") or any(not _is_check(user) for user in node.users)
+    return node.op in ("placeholder", "get_attr") or any(not calls(user, Assertion.functions) for user in node.users)

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx
 
+from mpqc.ops.registry import calls
 from mpqc.ops.softmax import additive_mask_keep, masked_softmax
 
 aten = torch.ops.aten
@@ -35,20 +36,13 @@ _DEFAULTS = {"attn_mask": None, "dropout_p": 0.0, "is_causal": False, "scale": N
 
 def decompose_attention(gm: fx.GraphModule) -> fx.GraphModule:
     """Rewrite every matching SDPA call (see the module docstring)."""
-    for node in [n for n in gm.graph.nodes if n.op == "call_function" and _is_sdpa(n)]:
+    for node in [n for n in gm.graph.nodes if n.op == "call_function" and calls(n, _SDPA)]:
         call = _bound(node)
         if call is not None:
             _rewrite(gm, node, call)
     gm.graph.lint()
     gm.recompile()
     return gm
-
-
-def _is_sdpa(node: fx.Node) -> bool:
-    try:
-        return node.target in _SDPA
-    except TypeError:
-        return False
 
 
 def _bound(node: fx.Node) -> dict[str, Any] | None:

@@ -20,6 +20,8 @@ from __future__ import annotations
 import torch
 from torch import fx
 
+from mpqc.ops.registry import calls
+
 aten = torch.ops.aten
 
 _EINSUM = (torch.einsum, torch.functional.einsum, aten.einsum.default)
@@ -28,7 +30,7 @@ _EINSUM = (torch.einsum, torch.functional.einsum, aten.einsum.default)
 def decompose_einsum(gm: fx.GraphModule) -> fx.GraphModule:
     """Rewrite every matching einsum (see the module docstring)."""
     changed = False
-    for node in [n for n in gm.graph.nodes if n.op == "call_function" and _is_einsum(n)]:
+    for node in [n for n in gm.graph.nodes if n.op == "call_function" and calls(n, _EINSUM)]:
         call = _operands(node)
         plan = _plan(*call) if call is not None else None
         if plan is None:
@@ -55,13 +57,6 @@ def decompose_einsum(gm: fx.GraphModule) -> fx.GraphModule:
         gm.graph.lint()
         gm.recompile()
     return gm
-
-
-def _is_einsum(node: fx.Node) -> bool:
-    try:
-        return node.target in _EINSUM
-    except TypeError:
-        return False
 
 
 def _operands(node: fx.Node) -> tuple[str, fx.Node, fx.Node] | None:

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import fx
 
 from mpqc.ops.norm import l2_normalize
+from mpqc.ops.registry import arg, calls
 
 aten = torch.ops.aten
 
@@ -61,48 +62,35 @@ def fuse_normalize(gm: fx.GraphModule) -> fx.GraphModule:
     return gm
 
 
-def _target_in(node: Any, targets: tuple | dict) -> bool:
-    if not isinstance(node, fx.Node) or node.op not in ("call_function", "call_method"):
-        return False
-    try:
-        return node.target in targets
-    except TypeError:
-        return False
-
-
-def _arg(node: fx.Node, index: int, name: str, default: Any) -> Any:
-    return node.args[index] if len(node.args) > index else node.kwargs.get(name, default)
-
-
 def _match(node: fx.Node) -> tuple[fx.Node, int, float] | None:
     """``(x, dim, eps)`` of ``F.normalize`` (p 2) or a division ``x / max(||x||_2, eps)`` over one dim, else None."""
-    if _target_in(node, (F.normalize,)):
-        x, p, dim = node.args[0], _arg(node, 1, "p", 2.0), _arg(node, 2, "dim", 1)
-        eps, out = _arg(node, 3, "eps", 1e-12), _arg(node, 4, "out", None)
+    if calls(node, (F.normalize,)):
+        x, p, dim = node.args[0], arg(node, 1, "p", 2.0), arg(node, 2, "dim", 1)
+        eps, out = arg(node, 3, "eps", 1e-12), arg(node, 4, "out", None)
         ok = isinstance(x, fx.Node) and p in (2, 2.0) and isinstance(dim, int) and isinstance(eps, (int, float))
         return (x, dim, float(eps)) if ok and out is None else None
-    if not _target_in(node, _DIVISIONS) or len(node.args) != 2 or node.kwargs.get("rounding_mode") is not None:
+    if not calls(node, _DIVISIONS) or len(node.args) != 2 or node.kwargs.get("rounding_mode") is not None:
         return None
     x, denominator = node.args
     if not isinstance(x, fx.Node):
         return None
-    if _target_in(denominator, _EXPANDS) and denominator.args[1:] == (x,):
+    if calls(denominator, _EXPANDS) and denominator.args[1:] == (x,):
         denominator = denominator.args[0]
     eps = 0.0
-    if _target_in(denominator, _CLAMP_MIN) or (_target_in(denominator, _CLAMPS)
-                                               and _arg(denominator, 2, "max", None) is None):
-        low = _arg(denominator, 1, "min", None)
+    if calls(denominator, _CLAMP_MIN) or (calls(denominator, _CLAMPS)
+                                               and arg(denominator, 2, "max", None) is None):
+        low = arg(denominator, 1, "min", None)
         if not isinstance(low, (int, float)) or low < 0:
             return None
         eps, denominator = float(low), denominator.args[0]
-    if not _target_in(denominator, _NORMS) or denominator.args[0] is not x:
+    if not calls(denominator, _NORMS) or denominator.args[0] is not x:
         return None
     p_at, dim_at, keep_at = _NORMS[denominator.target]
-    p = _arg(denominator, p_at, _P_NAMES[denominator.target], 2)
-    dim = _arg(denominator, dim_at, "dim", None)
+    p = arg(denominator, p_at, _P_NAMES[denominator.target], 2)
+    dim = arg(denominator, dim_at, "dim", None)
     if isinstance(dim, (list, tuple)) and len(dim) == 1:
         dim = dim[0]
-    if p not in (2, 2.0, "fro") or not isinstance(dim, int) or not _arg(denominator, keep_at, "keepdim", False) \
-            or _arg(denominator, keep_at + 1, "dtype", None) is not None:
+    if p not in (2, 2.0, "fro") or not isinstance(dim, int) or not arg(denominator, keep_at, "keepdim", False) \
+            or arg(denominator, keep_at + 1, "dtype", None) is not None:
         return None
     return x, dim, eps

@@ -321,6 +321,16 @@ def pair(value) -> tuple:
     return tuple(value) if isinstance(value, (tuple, list)) else (value, value)
 
 
+def calls(node: Any, targets: tuple | dict | frozenset | set) -> bool:
+    """Whether ``node`` is an fx call (function or method) of one of ``targets`` (an unhashable target is none)."""
+    if not isinstance(node, Node) or node.op not in ("call_function", "call_method"):
+        return False
+    try:
+        return node.target in targets
+    except TypeError:
+        return False
+
+
 def arg(node: Node, index: int, name: str, default: Any) -> Any:
     """Argument ``index`` (positional) or ``name`` (keyword) of a call, else ``default``."""
     if len(node.args) > index:
