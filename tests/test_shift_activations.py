@@ -112,7 +112,7 @@ def _frozen(act: nn.Module, shift: bool, bits, seed: int = 0):
     return freeze(gm, WeightMemory(1e12)), x
 
 
-def test_shifted_mlp_through_freeze_in_every_backend():
+def test_shifted_mlp_through_freeze_in_every_backend(tmp_path):
     """Reference within 1 LSB of fake-quant at every quantizer (the bias from the integer weight), TVM bit-exact,
     onnxruntime within the contract, at 3-bit weights (where ``c * (W - W_q).sum`` is many LSBs)."""
     rng = random.Random(0)
@@ -139,6 +139,8 @@ def test_shifted_mlp_through_freeze_in_every_backend():
     assert flips <= 2e-3 * total
     ours = program.run(x)
     assert (ours - fake).abs().max() <= 0.02 * fake.abs().max()
+    program.save(tmp_path)  # the shift is a table parameter like any other
+    assert torch.equal(IntegerProgram.load(tmp_path).run(x), ours)
 
     pytest.importorskip("tvm")
     from mpqc.targets import tvm as mtvm
