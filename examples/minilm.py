@@ -356,7 +356,7 @@ def deploy(args: argparse.Namespace) -> dict:
     entry["onnx_within_contract"] = not contract_violations(agreement)
     print(format_agreement(agreement))
     print(json.dumps({key: value for key, value in entry.items() if key != "onnx_agreement"}, indent=1, default=str))
-    _record(f"deploy_{args.avg_bits:g}b", entry)  # recorded whatever the checks below say
+    _record(args.key or f"deploy_{args.avg_bits:g}b", entry)  # recorded whatever the checks below say
     if not entry["tvm_bit_exact"]:
         raise SystemExit("TVM differs from the integer reference")
     check_agreement(agreement, what=str(exported.path))
@@ -383,7 +383,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--quantizer-lr", type=float, default=0.03)
     parser.add_argument("--layer-weight", type=float, default=LAYER_WEIGHT,
                         help="distill: weight of the hidden-state (layer-wise) term; 0: the pooled cosine alone")
-    parser.add_argument("--key", help="distill: the JSON key the result is recorded under (default distill_BITSb)")
+    parser.add_argument("--key", help="distill, deploy: the JSON key the result is recorded under "
+                                      "(default distill_BITSb, deploy_BITSb)")
     parser.add_argument("--no-shift", action="store_true",
                         help="keep GELU outputs signed (no shift into the FFN's output.dense bias)")
     parser.add_argument("--seed", type=int, default=0)
