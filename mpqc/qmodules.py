@@ -41,20 +41,22 @@ class _QuantWeightMixin:
     def quantized_weight(self) -> Tensor:
         return self.weight_quantizer(self.weight)
 
-    def shifted_bias(self, quantized_weight: Tensor) -> Tensor | None:
-        """The float bias added to ``quantized_weight @ input``: the layer's own, plus ``c * (W - W_q).sum`` over
-        each output channel's inputs where its input is shifted by ``c`` (``input_shift``, see the module
-        docstring)."""
+    def shifted_bias(self, quantized_weight: Tensor | None = None) -> Tensor | None:
+        """The float bias added to ``quantized_weight @ input`` (default :meth:`quantized_weight`): the layer's own,
+        plus ``c * (W - W_q).sum`` over each output channel's inputs where its input is shifted by ``c``
+        (``input_shift``, see the module docstring)."""
         shift = float(getattr(self, "input_shift", 0.0))
         if not shift or self.bias is None:
             return self.bias
+        if quantized_weight is None:
+            quantized_weight = self.quantized_weight()
         difference = (self.weight.detach() - quantized_weight).flatten(1).sum(1)
         return self.bias + shift * difference
 
     def quantized_bias(self, quantized_weight: Tensor | None = None) -> Tensor | None:
         """The bias as the forward pass adds it (``quantized_weight``: the weight it multiplies, default
         :meth:`quantized_weight`)."""
-        bias = self.shifted_bias(self.quantized_weight() if quantized_weight is None else quantized_weight)
+        bias = self.shifted_bias(quantized_weight)
         gate = self.weight_quantizer.channel_gate()
         if gate is not None and bias is not None:  # a channel on its way to 0 bits (pruned) fades out whole
             return bias * gate
