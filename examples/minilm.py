@@ -189,7 +189,9 @@ def _config(args: argparse.Namespace, distill: bool | None) -> mpqc.CompileConfi
         # activation ranges start at the calibration maximum: a transformer's few massive activations (at a
         # handful of tokens) are what the 99.99th-percentile default clips; measured at W8A8 before training,
         # cosine to fp32 0.97 from the maximum, 0.94 from the percentile
-        quantizers=mpqc.QuantizerConfig(activation_bits=mpqc.BitRange(8, 8), activation_percentile=100.0),
+        # GELU's output (-0.17 .. +25 in the FFN) shifted to be nonnegative, unsigned codes (``--no-shift`` off)
+        quantizers=mpqc.QuantizerConfig(activation_bits=mpqc.BitRange(8, 8), activation_percentile=100.0,
+                                        shift_activations=not args.no_shift),
         search=mpqc.TrainConfig(epochs=1, max_steps_per_epoch=args.search_steps, lr=args.lr,
                                 quantizer_lr=args.quantizer_lr, distill=distill, checkpoint_every=25),
         finetune=mpqc.TrainConfig(epochs=1, max_steps_per_epoch=args.finetune_steps, lr=args.lr,
@@ -201,7 +203,8 @@ def _recipe(args: argparse.Namespace) -> dict:
     """The training recipe of a run, as recorded next to its numbers."""
     return {"loss": (f"pooled cosine + {args.layer_weight:g} x hidden-state MSE (layer-wise)" if args.layer_weight > 0
                      else "pooled cosine"), "lr": args.lr, "quantizer_lr": args.quantizer_lr,
-            "batch_size": args.batch_size}
+            "batch_size": args.batch_size, "shift_activations": not args.no_shift,
+            "command": " ".join(["python3 examples/minilm.py", *sys.argv[1:]])}
 
 
 def _loaders(tokenizer, args: argparse.Namespace, *, labelled: bool) -> tuple[DataLoader, DataLoader, DataLoader]:
@@ -353,7 +356,7 @@ def deploy(args: argparse.Namespace) -> dict:
     entry["onnx_within_contract"] = not contract_violations(agreement)
     print(format_agreement(agreement))
     print(json.dumps({key: value for key, value in entry.items() if key != "onnx_agreement"}, indent=1, default=str))
-    _record(f"deploy_{args.avg_bits:g}b", entry)  # recorded whatever the checks below say
+    _record(args.key or f"deploy_{args.avg_bits:g}b", entry)  # recorded whatever the checks below say
     if not entry["tvm_bit_exact"]:
         raise SystemExit("TVM differs from the integer reference")
     check_agreement(agreement, what=str(exported.path))
@@ -380,7 +383,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--quantizer-lr", type=float, default=0.03)
     parser.add_argument("--layer-weight", type=float, default=LAYER_WEIGHT,
                         help="distill: weight of the hidden-state (layer-wise) term; 0: the pooled cosine alone")
-    parser.add_argument("--key", help="distill: the JSON key the result is recorded under (default distill_BITSb)")
+    parser.add_argument("--key", help="distill, deploy: the JSON key the result is recorded under "
+                                      "(default distill_BITSb, deploy_BITSb)")
+    parser.add_argument("--no-shift", action="store_true",
+                        help="keep GELU outputs signed (no shift into the FFN's output.dense bias)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", help="run directory (default runs/minilm-PART-BITSb)")
     parser.add_argument("--resume", action="store_true", help="continue the interrupted run in --out")

@@ -91,6 +91,9 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--weight-init", choices=("mse", "max"), default="mse",
                    help="where each weight channel's range starts: the MSE-best clipping (default) or its largest "
                         "magnitude")
+    c.add_argument("--shift-activations", action=argparse.BooleanOptionalAction, default=True,
+                   help="GELU/SiLU/... read only by linears: shift the output to be nonnegative (unsigned codes), "
+                        "the shift folded into the readers' biases (default on)")
     c.add_argument("--distill", action=argparse.BooleanOptionalAction, default=None,
                    help="knowledge distillation from the fp32 model (default: the method's; sdq: on in fine-tuning)")
     c.add_argument("--loss", help="the task's loss(outputs, batch, teacher_outputs) -> scalar, as FILE.py:CALLABLE or "
@@ -210,7 +213,8 @@ def _compile(args: argparse.Namespace) -> int:
 _SWEEP_SHARED_OPTIONS = ("model", "data", "tokenizer", "max_length", "weights", "pretrain_epochs", "search_epochs", "finetune_epochs",
                          "steps_per_epoch", "checkpoint_every", "quantizer_lr", "penalty_ramp", "batch_size",
                          "subset", "val_subset", "weight_bits", "first_last", "distill", "seed", "no_progress",
-                         "loss", "forward", "metric", "augment", "weight_init")
+                         "loss", "forward", "metric", "augment", "weight_init",
+                         "shift_activations")
 
 
 def _int_list(text: str, flag: str) -> list[int]:

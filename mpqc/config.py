@@ -22,6 +22,10 @@ class QuantizerConfig:
     ``weight_init="mse"`` (default) clips each output channel's weights where ``init_bits``-bit quantization has
     the smallest squared error, ``"max"`` at its largest magnitude; activation ranges start at the
     ``activation_percentile`` of the calibration batch (100: its largest value).
+
+    ``shift_activations`` (default on): a bounded-below activation read only by linears / unpadded 1x1 convs (GELU,
+    SiLU, ...) gets ``-min f`` added so that its codes are unsigned, the shift folded into the readers' biases
+    (``passes/shift_activations.py``); False leaves them signed.
     """
 
     weight_bits: BitRange = BitRange(2, 8)
@@ -32,6 +36,7 @@ class QuantizerConfig:
     residual_bits: int = 8
     weight_init: str = "mse"
     activation_percentile: float = 99.99
+    shift_activations: bool = True
 
     def __post_init__(self) -> None:
         if self.weight_init not in WEIGHT_INITS:

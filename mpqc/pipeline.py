@@ -24,6 +24,7 @@ STAGES: tuple[str, ...] = (
     "functional_layers",   # passes/functional_layers.py: F.conv2d(x, self.weight, ...) -> nn.Conv2d modules
     "fold_batchnorm",      # passes/fold_batchnorm.py
     "analyze_layers",      # passes/analyze_layers.py: params, MACs, activation sizes per layer
+    "shift_activations",   # passes/shift_activations.py: GELU & co. + c >= 0 (unsigned codes), -c into the biases
     "insert_quantizers",   # passes/insert_quantizers.py: learnable-bit quantizers
     "mark_prunable",       # passes/mark_prunable.py: 0 bits = a pruned channel
     "check_supported",     # passes/to_integer_program.py: unsupported ops refused, all listed
@@ -60,12 +61,16 @@ def positional_inputs(gm: GraphModule, example_inputs: tuple | dict[str, Tensor]
 
 
 def quantize(gm: GraphModule, method, config, calibration_inputs: tuple[Tensor, ...]) -> GraphModule:
-    """``insert_quantizers`` -> ``mark_prunable`` -> ``check_supported``: the graph with learnable-bit quantizers,
-    refused (every unsupported node listed at once) before any training if the integer program cannot express it."""
+    """``shift_activations`` (where ``config.shift_activations``) -> ``insert_quantizers`` -> ``mark_prunable`` ->
+    ``check_supported``: the graph with learnable-bit quantizers, refused (every unsupported node listed at once)
+    before any training if the integer program cannot express it."""
     from mpqc.passes.insert_quantizers import insert_quantizers
     from mpqc.passes.mark_prunable import mark_prunable
+    from mpqc.passes.shift_activations import shift_activations
     from mpqc.passes.to_integer_program import check_supported
 
+    if config.shift_activations:
+        gm = shift_activations(gm)
     gm = mark_prunable(insert_quantizers(gm, method, config, calibration_inputs))
     check_supported(gm)
     return gm

@@ -8,6 +8,13 @@ a weight quantizer prunes channels, the bias scaled by its ``channel_gate``).
 After freezing, ``input_quantizer`` also references the (fixed) quantizer of the layer's input, the same module
 object as ``act_quantizers.<name>`` in the graph: the bias is then rounded to the accumulator's step
 ``s_input * s_weight[c]``, exactly as the integer contract stores it (an int32 at that scale).
+
+A layer whose input ``passes/shift_activations.py`` shifted by ``c`` (``u = f(x) + c``; the attribute
+``input_shift = c``) computes ``W_q (u - c) + b`` = ``W_q u + b - c * W_q.sum``: the pass stored
+``b' = b - c * W.sum`` (exact in fp32), and the quantized layer adds ``c * (W - W_q).sum`` back
+(:meth:`shifted_bias`), so the bias is ``b - c * W_q.sum`` with the weight it is multiplied with, as the integer
+program folds it at freeze time. The float ``W`` in that correction is detached: the weight's gradient is
+``g (u - c)^T``, the unshifted layer's.
 """
 from __future__ import annotations
 
@@ -34,32 +41,50 @@ class _QuantWeightMixin:
     def quantized_weight(self) -> Tensor:
         return self.weight_quantizer(self.weight)
 
-    def quantized_bias(self) -> Tensor | None:
+    def shifted_bias(self, quantized_weight: Tensor | None = None) -> Tensor | None:
+        """The float bias added to ``quantized_weight @ input`` (default :meth:`quantized_weight`): the layer's own,
+        plus ``c * (W - W_q).sum`` over each output channel's inputs where its input is shifted by ``c``
+        (``input_shift``, see the module docstring)."""
+        shift = float(getattr(self, "input_shift", 0.0))
+        if not shift or self.bias is None:
+            return self.bias
+        if quantized_weight is None:
+            quantized_weight = self.quantized_weight()
+        difference = (self.weight.detach() - quantized_weight).flatten(1).sum(1)
+        return self.bias + shift * difference
+
+    def quantized_bias(self, quantized_weight: Tensor | None = None) -> Tensor | None:
+        """The bias as the forward pass adds it (``quantized_weight``: the weight it multiplies, default
+        :meth:`quantized_weight`)."""
+        bias = self.shifted_bias(quantized_weight)
         gate = self.weight_quantizer.channel_gate()
-        if gate is not None and self.bias is not None:  # a channel on its way to 0 bits (pruned) fades out whole
-            return self.bias * gate
+        if gate is not None and bias is not None:  # a channel on its way to 0 bits (pruned) fades out whole
+            return bias * gate
         input_quantizer = self._modules.get("input_quantizer")
-        if self.bias is None or not isinstance(input_quantizer, FixedQuantizer) or not isinstance(
+        if bias is None or not isinstance(input_quantizer, FixedQuantizer) or not isinstance(
             self.weight_quantizer, FixedQuantizer
         ):
-            return self.bias
+            return bias
         step = input_quantizer.scale * self.weight_quantizer.scale
-        return round_ste(self.bias / step) * step
+        return round_ste(bias / step) * step
 
 
 class QuantConv1d(_QuantWeightMixin, nn.Conv1d):
     def forward(self, x: Tensor) -> Tensor:
-        return self._conv_forward(x, self.quantized_weight(), self.quantized_bias())
+        weight = self.quantized_weight()
+        return self._conv_forward(x, weight, self.quantized_bias(weight))
 
 
 class QuantConv2d(_QuantWeightMixin, nn.Conv2d):
     def forward(self, x: Tensor) -> Tensor:
-        return self._conv_forward(x, self.quantized_weight(), self.quantized_bias())
+        weight = self.quantized_weight()
+        return self._conv_forward(x, weight, self.quantized_bias(weight))
 
 
 class QuantLinear(_QuantWeightMixin, nn.Linear):
     def forward(self, x: Tensor) -> Tensor:
-        return F.linear(x, self.quantized_weight(), self.quantized_bias())
+        weight = self.quantized_weight()
+        return F.linear(x, weight, self.quantized_bias(weight))
 
 
 class QuantEmbedding(_QuantWeightMixin, nn.Embedding):

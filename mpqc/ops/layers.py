@@ -88,8 +88,10 @@ def _describe_layer(gm, node, module: nn.Module) -> IntNode:
     if weight_scale.numel() == 1:
         weight_scale = weight_scale.expand(weight_int.shape[0]).clone()
     acc_scale = input_scale * weight_scale.double()
-    bias = module.bias.detach().double() if module.bias is not None else torch.zeros(weight_int.shape[0],
-                                                                                       dtype=torch.float64)
+    # the float bias with a shifted input's correction from the program's own W_q (``QuantLinear.shifted_bias``)
+    weight_values = weight_int.double() * weight_q.scale.double().reshape([-1] + [1] * (weight_int.dim() - 1))
+    bias = module.shifted_bias(weight_values)
+    bias = bias.detach().double() if bias is not None else torch.zeros(weight_int.shape[0], dtype=torch.float64)
     bias_steps = torch.round(bias / acc_scale)
     if bool((bias_steps.abs() > INT32_MAX).any()):
         raise MpqcError(

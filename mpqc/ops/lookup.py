@@ -20,6 +20,10 @@ at most 8 bits).
 
 Adding a function: one entry in ``FUNCTIONS`` (its float64 definition and facts) and its modules/functions in
 ``_MATCHES`` below; nothing else in mpqc changes.
+
+A shifted function ``f(x) + c`` (:class:`ShiftedActivation`, which ``passes/shift_activations.py`` puts in place of
+a bounded-below activation, ``c`` at least minus the function's ``lower_bound``) is the same op with one more
+parameter, ``shift``: its table holds ``f(q * s_in) + c``, and it is nonnegative (an unsigned output quantizer).
 """
 from __future__ import annotations
 
@@ -49,22 +53,78 @@ class Function:
     nonnegative: bool = False  # f(x) >= 0 everywhere (an unsigned output quantizer)
     keeps_zero: bool = False  # f(0) == 0 (channel pruning looks through it)
     monotone: bool = False  # non-decreasing for every parameter value mpqc accepts
+    #: the function's infimum (of its keyword parameters), rounded down, where it is bounded below but not
+    #: nonnegative and unbounded above: ``f(x) - lower_bound`` is nonnegative (``passes/shift_activations.py``)
+    lower_bound: Callable[..., float | None] | None = None
+
+
+#: the parameter of a shifted function ``f(x) + shift`` (:class:`ShiftedActivation`)
+SHIFT = "shift"
 
 
 FUNCTIONS: dict[str, Function] = {
     "sigmoid": Function(lambda x: torch.sigmoid(x), nonnegative=True, monotone=True),
     "hardsigmoid": Function(lambda x: F.hardsigmoid(x), nonnegative=True, monotone=True),
-    "silu": Function(lambda x: F.silu(x), keeps_zero=True),
-    "hardswish": Function(lambda x: F.hardswish(x), keeps_zero=True),
-    "gelu": Function(lambda x, approximate="none": F.gelu(x, approximate=approximate), keeps_zero=True),
+    "silu": Function(lambda x: F.silu(x), keeps_zero=True, lower_bound=lambda: -0.2785),  # -0.278465 at -1.2785
+    "hardswish": Function(lambda x: F.hardswish(x), keeps_zero=True, lower_bound=lambda: -0.375),  # at -1.5
+    "gelu": Function(lambda x, approximate="none": F.gelu(x, approximate=approximate), keeps_zero=True,
+                     # erf: -0.1699712 at -0.7518; tanh: -0.1700408 at -0.7525
+                     lower_bound=lambda approximate="none": -0.17 if approximate == "none" else -0.1701),
     "tanh": Function(lambda x: torch.tanh(x), keeps_zero=True, monotone=True),
     "leaky_relu": Function(lambda x, negative_slope=0.01: F.leaky_relu(x, negative_slope), keeps_zero=True,
                            monotone=True),
-    "elu": Function(lambda x, alpha=1.0: F.elu(x, alpha), keeps_zero=True, monotone=True),
+    "elu": Function(lambda x, alpha=1.0: F.elu(x, alpha), keeps_zero=True, monotone=True,
+                    lower_bound=lambda alpha=1.0: -alpha if alpha >= 0 else None),  # (alpha < 0: unbounded)
     "softplus": Function(lambda x, beta=1.0, threshold=20.0: F.softplus(x, beta, threshold), nonnegative=True,
                          monotone=True),
-    "mish": Function(lambda x: F.mish(x), keeps_zero=True),
+    "mish": Function(lambda x: F.mish(x), keeps_zero=True, lower_bound=lambda: -0.3089),  # -0.308843 at -1.1924
 }
+
+
+def evaluate(function: str, params: dict, x: Tensor) -> Tensor:
+    """``FUNCTIONS[function]`` at ``x`` with its keyword ``params``, plus their ``shift`` where they have one."""
+    base, shift = split_shift(params)
+    y = FUNCTIONS[function].evaluate(x, **base)
+    return y + shift if shift else y
+
+
+def split_shift(params: dict) -> tuple[dict, float]:
+    """A function's own parameters and the shift added to it (0 where none)."""
+    return {key: value for key, value in params.items() if key != SHIFT}, float(params.get(SHIFT, 0.0))
+
+
+def shifted_lower_bound(function: str, params: dict) -> float | None:
+    """The infimum of ``f(x) + shift`` as ``FUNCTIONS`` records it (``None``: unbounded below or not recorded; 0
+    for nonnegative functions)."""
+    base, shift = split_shift(params)
+    fact = FUNCTIONS[function]
+    bound = 0.0 if fact.nonnegative else None if fact.lower_bound is None else fact.lower_bound(**base)
+    return None if bound is None else bound + shift
+
+
+class ShiftedActivation(nn.Module):
+    """``f(x) + shift`` for a lookup function ``f`` (``FUNCTIONS[function]`` with keyword ``params``): what
+    ``passes/shift_activations.py`` puts in place of a bounded-below activation so that its output is nonnegative
+    (its consumers' biases take the shift back).
+
+    >>> m = ShiftedActivation("gelu", {"approximate": "none"}, 0.17)
+    >>> bool((m(torch.linspace(-8, 8, 1001)) >= 0).all())
+    True
+    """
+
+    def __init__(self, function: str, params: dict, shift: float) -> None:
+        super().__init__()
+        if function not in FUNCTIONS or SHIFT in params:
+            raise ValueError(f"ShiftedActivation: {function!r} with {params} is not an unshifted lookup function "
+                             f"(known: {sorted(FUNCTIONS)})")
+        self.function = function
+        self.params = {**params, SHIFT: float(shift)}
+
+    def forward(self, x: Tensor) -> Tensor:
+        return evaluate(self.function, self.params, x)
+
+    def extra_repr(self) -> str:
+        return f"{self.function}, {self.params}"
 
 # fx targets -> (function, how to read its parameters from the node or module)
 _MODULES: dict[type, tuple[str, Callable[[nn.Module], dict]]] = {
@@ -123,6 +183,8 @@ def function_of(gm: GraphModule, node: Node) -> tuple[str, dict]:
     """The function an fx node computes and its parameters (``Unsupported`` for parameters mpqc refuses)."""
     if node.op == "call_module":
         module = gm.get_submodule(node.target)
+        if isinstance(module, ShiftedActivation):
+            return module.function, dict(module.params)
         for cls in type(module).__mro__:
             if cls in _MODULES:
                 name, params = _MODULES[cls]
@@ -144,7 +206,7 @@ def build_table(function: str, params: dict, in_bits: int, in_signed: bool, in_s
                           f"{in_bits}: quantize its input to at most {MAX_TABLE_BITS} bits")
     qmin, qmax = integer_range(in_bits, in_signed)
     x = torch.arange(qmin, qmax + 1, dtype=torch.float64) * float(in_scale)
-    y = FUNCTIONS[function].evaluate(x, **params) / float(scale)
+    y = evaluate(function, params, x) / float(scale)
     low, high = integer_range(bits, signed)
     return torch.clamp(torch.round(y), low, high).to(torch.int64)
 
@@ -155,7 +217,7 @@ class Lookup(OpDef):
     """A non-linear function of b-bit codes as a 2^b-entry table (see the module docstring)."""
 
     names = ("lookup",)
-    modules = tuple(_MODULES)
+    modules = (*_MODULES, ShiftedActivation)
     functions = tuple(_FUNCTION_TARGETS)
     methods = tuple(_METHODS)
     elementwise = True
@@ -167,15 +229,17 @@ class Lookup(OpDef):
 
     def is_nonnegative(self, gm, node, inputs_nonnegative):
         try:
-            return FUNCTIONS[function_of(gm, node)[0]].nonnegative
+            bound = shifted_lower_bound(*function_of(gm, node))
         except Unsupported:
             return False
+        return bound is not None and bound >= 0
 
     def zero_preserving(self, gm, node):
         try:
-            return FUNCTIONS[function_of(gm, node)[0]].keeps_zero
+            function, params = function_of(gm, node)
         except Unsupported:
             return False
+        return FUNCTIONS[function].keeps_zero and split_shift(params)[1] == 0
 
     def describe(self, gm, node, frozen):
         function, params = function_of(gm, node)
