@@ -207,6 +207,10 @@ def test_check_agreement_names_every_tensor_that_breaks_the_contract():
                          "overall": {"end_to_end_within_1_lsb": 0.998, "end_to_end_max_lsb": 3.0}})
 
 
+#: Covered by tests/test_ops_norm.py (an RMSNorm block and a GroupNorm CNN against onnxruntime).
+NORM_OPS = {"rms_norm", "group_norm"}
+
+
 def test_the_test_models_cover_every_converter():
     ops = {node.op for name in MODELS for node in _program(name)[0].nodes} - {"input"}
     ops |= {node.op for name in MOVEMENT_MODELS for node in movement_program(name)[1].nodes} - {"input"}
@@ -214,7 +218,7 @@ def test_the_test_models_cover_every_converter():
     from test_ops_transformer import TRANSFORMER_OPS  # covered there (TinyEncoder and a HF BertModel)
     from test_ops_vit import VIT_OPS  # covered there (a tiny ViT and a tiny Swin)
 
-    assert ops | TRANSFORMER_OPS | VIT_OPS == converters
+    assert ops | TRANSFORMER_OPS | VIT_OPS | NORM_OPS == converters
 
 
 def test_without_input_shapes_the_model_takes_any_batch_and_size(resnet20_export, tmp_path):

@@ -96,8 +96,9 @@ def input_attrs(bits: int, signed: bool, scale: float, prefix: str = "in") -> di
 
 
 # --------------------------------------------------------------------------------------------- TVM
-def relax_codes(lowering, name: str, what: str):
-    """The int64 codes of the program value ``name`` (an integer value in 8-bit storage, per-tensor scale)."""
+def relax_codes(lowering, name: str, what: str, layout: str | None = None):
+    """The int64 codes of the program value ``name`` (an integer value in 8-bit storage, per-tensor scale), in
+    ``layout`` where given (else in the layout the value has), and the value."""
     from tvm.relax import op as R
 
     from mpqc.targets.tvm import _Int
@@ -105,6 +106,8 @@ def relax_codes(lowering, name: str, what: str):
     value = lowering.env[name]
     if not isinstance(value, _Int) or value.scale.numel() != 1:
         raise Unsupported(f"{what} reads {name}, which is not a per-tensor quantized value")
+    if layout is not None:
+        value = lowering.in_layout(value, layout)
     return lowering.emit(R.astype(value.expr, "int64")), value
 
 

@@ -18,6 +18,16 @@ modules. Only a normalized shape of one dim (the last) is supported.
 ``x / x.norm(dim=-1, keepdim=True)``): ``x / max(||x||, eps)`` over the last dim, the same kernel without centering
 or affine (:class:`~mpqc.integer_kernels.norm.IntegerL2Normalize`: integer sum of squares, integer square root,
 one rational step rounded half to even), input and output codes as LayerNorm's. Swin V2's cosine attention.
+
+``rms_norm`` (``nn.RMSNorm``, ``F.rms_norm``): the same kernel without centering (``IntegerNorm(center=False)``),
+over the last dim, an optional per-channel weight; ``eps=None`` is the input dtype's (float32) machine epsilon, as
+torch's.
+
+``group_norm`` (``nn.GroupNorm``, ``F.group_norm``): the LayerNorm kernel on the codes reshaped to
+``[B, G, (C/G) * prod(spatial)]`` and back (:meth:`~mpqc.integer_kernels.norm.IntegerNorm.group_norm`), the
+per-channel affine repeated over each group's positions; TVM reads its input in the program's NCHW layout. The
+kernel's int64 bounds grow with ``((C/G) * prod(spatial))^3``: the input stays at up to 8 bits (``operand_bits``),
+and a group too large for int64 even then is refused when the quantizers are inserted, before any training.
 """
 from __future__ import annotations
 
@@ -39,6 +49,9 @@ TESTS = ("tests/test_ops_transformer.py::test_transformer_ops_are_bit_exact_on_t
          "tests/test_ops_transformer.py::test_transformer_ops_agree_with_onnxruntime",
          "tests/test_ops_transformer.py::test_hf_bert_goes_through_every_stage",
          "tests/test_ops_transformer.py::test_reference_agrees_with_fake_quant")
+NORM_TESTS = ("tests/test_ops_norm.py::test_rms_norm_agrees_with_fake_quant_and_onnxruntime",
+              "tests/test_ops_norm.py::test_group_norm_agrees_with_fake_quant_and_onnxruntime",
+              "tests/test_ops_norm.py::test_norms_are_bit_exact_on_tvm")
 NORMALIZE_TESTS = ("tests/test_ops_vit.py::test_l2_normalize_with_an_outlier_channel_through_every_backend",
                    "tests/test_ops_vit.py::test_tiny_family_agrees_with_fake_quant_and_onnxruntime")
 
@@ -195,3 +208,147 @@ class L2Normalize(_NormKernel):
                                       out_signed=bool(a["signed"]))
         except ConfigError as error:
             raise Unsupported(f"l2_normalize {node.name!r}: {error}") from None
+
+
+def _eps(value: Any) -> float:
+    """RMSNorm's eps: None is float32's machine epsilon (torch's default for an fp32 input)."""
+    return float(torch.finfo(torch.float32).eps) if value is None else float(value)
+
+
+@register_op
+class RMSNorm(_NormKernel):
+    """RMSNorm over the last dim as the integer kernel without centering (see the module docstring)."""
+
+    names = ("rms_norm",)
+    modules = (nn.RMSNorm,)
+    functions = (F.rms_norm, torch.rms_norm, aten.rms_norm.default)
+    operand_bits = 16
+    spec_attrs = LayerNorm.spec_attrs
+    numerics_tests = NORM_TESTS
+
+    def describe(self, gm, node, frozen):
+        source = node.args[0] if node.args else None
+        if not isinstance(source, Node):
+            raise Unsupported("rms_norm of a constant")
+        if node.op == "call_module":
+            module = gm.get_submodule(node.target)
+            shape, weight, eps = list(module.normalized_shape), module.weight, _eps(module.eps)
+        else:
+            shape = arg(node, 1, "normalized_shape", None)
+            shape = list(shape) if isinstance(shape, (tuple, list, torch.Size)) else [shape]
+            weight, eps = _attribute(gm, arg(node, 2, "weight", None)), _eps(arg(node, 3, "eps", None))
+        if len(shape) != 1:
+            raise Unsupported(f"rms_norm over {len(shape)} dims (the last dim only)")
+        if not frozen:
+            return IntNode(node.name, "rms_norm", [source.name])
+        tensors = {"weight": weight.detach().double().clone()} if weight is not None else {}
+        return self._frozen(gm, node, source, {"size": int(shape[0]), "eps": eps}, tensors)
+
+    def spec(self, node):
+        from mpqc.integer_kernels.norm import IntegerNorm
+
+        a = node.attrs
+        kb.require_attrs(node, self.spec_attrs)
+        try:
+            return IntegerNorm(size=int(a["size"]), in_bits=int(a["in_bits"]), in_scale=float(a["in_scale"]),
+                               out_bits=int(a["bits"]), out_scale=float(a["scale"]),
+                               weight=node.tensors.get("weight"), eps=float(a["eps"]), center=False,
+                               out_signed=bool(a["signed"]))
+        except ConfigError as error:
+            raise Unsupported(f"rms_norm {node.name!r}: {error}") from None
+
+
+@register_op
+class GroupNorm(_NormKernel):
+    """GroupNorm of ``[B, C, *spatial]`` as the LayerNorm kernel over ``[B, G, (C/G) * prod(spatial)]`` (see the
+    module docstring)."""
+
+    names = ("group_norm",)
+    modules = (nn.GroupNorm,)
+    functions = (F.group_norm, torch.group_norm, aten.group_norm.default)
+    operand_bits = 8
+    spec_attrs = ("groups", "channels", "spatial", "in_bits", "in_signed", "in_scale", "bits", "signed", "scale",
+                  "eps")
+    numerics_tests = NORM_TESTS
+
+    def _params(self, gm, node) -> tuple[int, Tensor | None, Tensor | None, float]:
+        if node.op == "call_module":
+            module = gm.get_submodule(node.target)
+            return int(module.num_groups), module.weight, module.bias, float(module.eps)
+        # F.group_norm(input, num_groups, weight, bias, eps) and ATen's (..., eps, cudnn_enabled) alike
+        return (int(arg(node, 1, "num_groups", 1)), _attribute(gm, arg(node, 2, "weight", None)),
+                _attribute(gm, arg(node, 3, "bias", None)), float(arg(node, 4, "eps", 1e-5)))
+
+    def describe(self, gm, node, frozen):
+        source = node.args[0] if node.args else None
+        if not isinstance(source, Node):
+            raise Unsupported("group_norm of a constant")
+        shape = traced_shape(node) or traced_shape(source)
+        if shape is None or len(shape) < 3:
+            raise Unsupported("group_norm of a value without a traced [batch, channels, *spatial] shape")
+        groups, weight, bias, eps = self._params(gm, node)
+        channels, spatial = int(shape[1]), int(torch.Size(shape[2:]).numel())
+        attrs = {"groups": groups, "channels": channels, "spatial": spatial, "eps": eps}
+        if not frozen:  # refused before training where even 8-bit input codes could overflow the int64 kernel
+            self._checked(node.name, attrs, weight, bias, in_bits=self.operand_bits)
+            return IntNode(node.name, "group_norm", [source.name])
+        tensors = {key: t.detach().double().clone() for key, t in (("weight", weight), ("bias", bias))
+                   if t is not None}
+        return self._frozen(gm, node, source, attrs, tensors)
+
+    def _checked(self, name: str, attrs: dict[str, Any], weight, bias, in_bits: int, in_scale: float = 1.0,
+                 out_bits: int = 8, out_scale: float = 1.0, out_signed: bool = True):
+        from mpqc.integer_kernels.norm import IntegerNorm
+
+        try:
+            return IntegerNorm.group_norm(int(attrs["groups"]), int(attrs["channels"]), int(attrs["spatial"]),
+                                          weight=weight, bias=bias, in_bits=in_bits, in_scale=in_scale,
+                                          out_bits=out_bits, out_scale=out_scale, eps=float(attrs["eps"]),
+                                          out_signed=out_signed)
+        except ConfigError as error:
+            raise Unsupported(f"group_norm {name!r} ({attrs['channels']} channels in {attrs['groups']} groups, "
+                              f"{attrs['spatial']} positions): {error}") from None
+
+    def spec(self, node):
+        a = node.attrs
+        kb.require_attrs(node, self.spec_attrs)
+        return self._checked(node.name, a, node.tensors.get("weight"), node.tensors.get("bias"),
+                             in_bits=int(a["in_bits"]), in_scale=float(a["in_scale"]), out_bits=int(a["bits"]),
+                             out_scale=float(a["scale"]), out_signed=bool(a["signed"]))
+
+    def evaluate(self, program, node, env):
+        from mpqc.integer_kernels.norm import norm_reference
+
+        x: IntValue = env[node.inputs[0]]
+        a = node.attrs
+        kb.check_range(node, x.q, a["in_bits"], a["in_signed"])
+        grouped = x.q.reshape(x.q.shape[0], int(a["groups"]), -1)
+        out = norm_reference(grouped, self.spec(node)).reshape(x.q.shape)
+        return IntValue(out, torch.tensor(float(a["scale"]), dtype=torch.float64))
+
+    def relax(self, lowering, node):
+        from tvm.relax import op as R
+
+        from mpqc.integer_kernels.norm import norm_relax
+        from mpqc.targets.tvm import NCHW
+        from mpqc.targets.tvm.values import _shape
+
+        codes, _ = kb.relax_codes(lowering, node.inputs[0], node.op, layout=NCHW)
+        shape = [int(d) for d in _shape(codes)]
+        a = node.attrs
+        grouped = lowering.emit(R.reshape(codes, [shape[0], int(a["groups"]), -1]))
+        out = lowering.emit(R.reshape(norm_relax(lowering.bb, grouped, self.spec(node)), shape))
+        return kb.relax_output_codes(lowering, out, a["bits"], a["signed"], a["scale"], NCHW)
+
+    def onnx(self, builder, node):
+        import numpy as np
+
+        from mpqc.integer_kernels.norm import norm_onnx
+
+        kernel, groups = self.spec(node), int(node.attrs["groups"])
+
+        def grouped_norm(graph, codes: str) -> str:
+            grouped = graph.node("Reshape", [codes, graph.const(np.array([0, groups, -1], dtype=np.int64), "groups")])
+            return graph.node("Reshape", [norm_onnx(graph, grouped, kernel), graph.node("Shape", [codes])])
+
+        kb.onnx_kernel(builder, node, grouped_norm)
