@@ -57,8 +57,23 @@ def test_tight_budget_lowers_bits_and_loose_budget_does_not(trained_small_cnn, d
 
 
 def _cli(*args, cwd=ROOT):
+    """``python -m mpqc ARGS`` in a fresh process (what a user runs; a kill needs a process of its own)."""
     return subprocess.run([sys.executable, "-m", "mpqc", *args], cwd=cwd, capture_output=True, text=True,
                           timeout=600, env={**os.environ, "PYTHONHASHSEED": "0"})
+
+
+def _cli_here(capsys, *args) -> tuple[int, str, str]:
+    """``mpqc ARGS`` in this process (``mpqc.cli.main``: no interpreter and torch start-up per call): its exit
+    status (an argparse error's too), stdout and stderr."""
+    from mpqc.cli import main
+
+    capsys.readouterr()
+    try:
+        status = main(list(args))
+    except SystemExit as exit_:
+        status = exit_.code
+    out, err = capsys.readouterr()
+    return status, out, err
 
 
 CLI_RUN = ["compile", "--model", "examples/models.py:small_cnn", "--data", "digits", "--budget", "avg-bits=4",
@@ -66,20 +81,30 @@ CLI_RUN = ["compile", "--model", "examples/models.py:small_cnn", "--data", "digi
            "--quantizer-lr", "0.05", "--no-progress"]
 
 
-def test_cli_compile_and_report(tmp_path):
-    done = _cli(*CLI_RUN, "--out", str(tmp_path / "r"))
+@pytest.fixture(scope="module")
+def uninterrupted_cli_run(tmp_path_factory):
+    """One ``mpqc compile`` of ``CLI_RUN`` run to the end in its own process: its run directory and the process.
+    Read-only for the tests that share it."""
+    out = tmp_path_factory.mktemp("cli") / "uninterrupted"
+    done = _cli(*CLI_RUN, "--out", str(out))
     assert done.returncode == 0, done.stderr
+    return out, done
+
+
+def test_cli_compile_and_report(uninterrupted_cli_run, capsys, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    out, done = uninterrupted_cli_run
     assert "conv1" in done.stdout and "fc" in done.stdout
-    shown = _cli("report", str(tmp_path / "r"))
-    assert shown.returncode == 0, shown.stderr
+    status, shown, err = _cli_here(capsys, "report", str(out))
+    assert status == 0, err
     for word in ("conv1", "conv2", "fc", "avg-bits", "met"):
-        assert word in shown.stdout
+        assert word in shown
     # The same --out again is refused without --resume or --force, and a different run is refused outright.
-    again = _cli(*CLI_RUN, "--out", str(tmp_path / "r"))
-    assert again.returncode == 2 and "--resume" in again.stderr
-    other = _cli(*[a if a != "avg-bits=4" else "avg-bits=5" for a in CLI_RUN], "--out", str(tmp_path / "r"),
-                 "--resume")
-    assert other.returncode == 2 and "different run" in other.stderr and "budget" in other.stderr
+    status, _, err = _cli_here(capsys, *CLI_RUN, "--out", str(out))
+    assert status == 2 and "--resume" in err
+    status, _, err = _cli_here(capsys, *[a if a != "avg-bits=4" else "avg-bits=5" for a in CLI_RUN], "--out",
+                               str(out), "--resume")
+    assert status == 2 and "different run" in err and "budget" in err
 
 
 def _kill_at_step(process, checkpoint, step, timeout=300):
@@ -107,11 +132,11 @@ def _kill_at_step(process, checkpoint, step, timeout=300):
 STEPS_PER_EPOCH = 45  # 1437 digits training images, batch 32
 
 
-def test_kills_at_random_steps_in_search_and_fine_tuning_then_resume_equal_an_uninterrupted_run(tmp_path):
+def test_kills_at_random_steps_in_search_and_fine_tuning_then_resume_equal_an_uninterrupted_run(
+        uninterrupted_cli_run, tmp_path):
     rng = random.Random()
     search_step, finetune_step = rng.randrange(5, 85, 5), rng.randrange(5, 85, 5)
-    reference = _cli(*CLI_RUN, "--out", str(tmp_path / "uninterrupted"))
-    assert reference.returncode == 0, reference.stderr
+    uninterrupted, _ = uninterrupted_cli_run
 
     out = tmp_path / "interrupted"
     command = [sys.executable, "-m", "mpqc", *CLI_RUN, "--out", str(out)]
@@ -125,14 +150,14 @@ def test_kills_at_random_steps_in_search_and_fine_tuning_then_resume_equal_an_un
     resumed = _cli(*CLI_RUN, "--out", str(out), "--resume")
     assert resumed.returncode == 0, resumed.stderr
 
-    expected, actual = IntegerProgram.load(tmp_path / "uninterrupted"), IntegerProgram.load(out)
+    expected, actual = IntegerProgram.load(uninterrupted), IntegerProgram.load(out)
     context = f"killed at search step {search_step} and fine-tuning step {finetune_step}"
     assert actual.layer_bits() == expected.layer_bits(), context
     for mine, theirs in zip(actual.nodes, expected.nodes):
         assert mine.attrs == theirs.attrs, context
         for key in theirs.tensors:
             assert torch.equal(mine.tensors[key], theirs.tensors[key]), f"{mine.name}.{key}, {context}"
-    assert load_report(out)["accuracy"] == load_report(tmp_path / "uninterrupted")["accuracy"], context
+    assert load_report(out)["accuracy"] == load_report(uninterrupted)["accuracy"], context
 
 
 # ------------------------------------------------------------------------------------------------ bad input
@@ -176,16 +201,17 @@ def test_bad_inputs_get_one_clear_error(trained_small_cnn, digits_loaders, tmp_p
                      out=tmp_path / "busy")
 
 
-def test_cli_bad_model_paths(tmp_path):
-    missing = _cli("compile", "--model", "examples/nope.py:net", "--data", "digits", "--budget", "avg-bits=4",
-                   "--out", str(tmp_path / "x"))
-    assert missing.returncode == 2 and "examples/nope.py does not exist" in missing.stderr
-    no_callable = _cli("compile", "--model", "examples/models.py:nothing", "--data", "digits", "--budget",
-                       "avg-bits=4", "--out", str(tmp_path / "x"))
-    assert no_callable.returncode == 2 and "no callable named 'nothing'" in no_callable.stderr
-    bad_budget = _cli("compile", "--model", "examples/models.py:small_cnn", "--data", "digits", "--budget",
-                      "weight-memory=12parsecs", "--out", str(tmp_path / "x"))
-    assert bad_budget.returncode == 2 and "12parsecs" in bad_budget.stderr
+def test_cli_bad_model_paths(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    status, _, err = _cli_here(capsys, "compile", "--model", "examples/nope.py:net", "--data", "digits", "--budget",
+                               "avg-bits=4", "--out", str(tmp_path / "x"))
+    assert status == 2 and "examples/nope.py does not exist" in err
+    status, _, err = _cli_here(capsys, "compile", "--model", "examples/models.py:nothing", "--data", "digits",
+                               "--budget", "avg-bits=4", "--out", str(tmp_path / "x"))
+    assert status == 2 and "no callable named 'nothing'" in err
+    status, _, err = _cli_here(capsys, "compile", "--model", "examples/models.py:small_cnn", "--data", "digits",
+                               "--budget", "weight-memory=12parsecs", "--out", str(tmp_path / "x"))
+    assert status == 2 and "12parsecs" in err
 
 
 class ShapeBranch(torch.nn.Module):
