@@ -290,7 +290,7 @@ def _convert_quantize(b: _Builder, node: IntNode) -> None:
     codes = f"{label}.q"
     clip = (qmin, qmax) != storage.value_range()
     quantize_scale = scale_name
-    units = region_in_units(b, node, label, scale) if bits <= 8 else None
+    units = region_in_units(b, node, label, scale)
     if units is not None:  # the region in units of s_out, as the reference computes it (targets/onnx_regions.py)
         source, quantize_scale = units, b.initializer(_float_tensor(1.0, f"{label}.unit_scale"))
     if clip and bits <= 8:  # an integer Clip of the codes: Conv -> QuantizeLinear stays fusable (QLinearConv)
@@ -303,8 +303,9 @@ def _convert_quantize(b: _Builder, node: IntNode) -> None:
             # Max and Min: a float Clip before QuantizeLinear is dropped by onnxruntime's ClipQuantFusion where its
             # bounds are within an absolute fp32 epsilon (1.2e-7) of the storage type's, which at scales below
             # ~1.2e-7 (MaxViT's LayerNorm inputs) let a signed 16-bit code saturate at -32768
-            low = b.initializer(_float_tensor(qmin * scale, f"{label}.clip_min"))
-            high = b.initializer(_float_tensor(qmax * scale, f"{label}.clip_max"))
+            unit = 1.0 if units is not None else scale
+            low = b.initializer(_float_tensor(qmin * unit, f"{label}.clip_min"))
+            high = b.initializer(_float_tensor(qmax * unit, f"{label}.clip_max"))
             b.add("Max", [source, low], [f"{label}.above_min"], f"{label}/Max")
             b.add("Min", [f"{label}.above_min", high], [f"{label}.clipped"], f"{label}/Clip")
             source = f"{label}.clipped"

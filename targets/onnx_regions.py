@@ -32,7 +32,8 @@ IEEE fp32 or exact integer one that onnxruntime computes exactly like PyTorch:
   quantizer: ``2.2875917 / s`` is 19.499998, ``2.2875917 * fp32(1 / s)`` is 19.5, codes 19 and 20), and one
   flipped input code spreads end to end; so every region with a float leaf is written in units;
 * then ``QuantizeLinear`` at scale 1 (the value is already in units of ``s_out``: round half to even, saturate) and
-  the integer Clip, as for every quantizer (``targets/onnx.py``).
+  the clamp to b bits, as for every quantizer (``targets/onnx.py``: an integer Clip of 8-bit codes; for 16-bit
+  codes, a LayerNorm's input such as BERT's ``norm(x + dense(h))``, Max/Min at ``qmin``/``qmax`` units before it).
 
 Regions with other leaves or steps (products, lookups, other pools) stay on real values.
 The real-valued nodes a region no longer reads are dropped by :func:`without_unused`.
