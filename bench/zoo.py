@@ -468,6 +468,7 @@ def _reasons(detail: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    global BATCH
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", default=",".join(DEFAULT_MODELS), help="comma-separated model names")
     parser.add_argument("--all", action="store_true", help="every torchvision classification model (overrides --models)")
@@ -489,7 +490,6 @@ def main(argv: list[str] | None = None) -> int:
         expected = [m for m in every_torchvision_classifier() if m not in set(args.skip.split(","))] if args.all else []
         return merge(args.merge, Path(args.out), expected)
     torch.set_num_threads(max(1, int(os.environ.get("ZOO_THREADS", "1"))))
-    global BATCH
     BATCH = args.batch  # read by build() and recorded in the settings
 
     skip = {m for m in args.skip.split(",") if m}
