@@ -468,6 +468,7 @@ def _reasons(detail: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    global BATCH
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", default=",".join(DEFAULT_MODELS), help="comma-separated model names")
     parser.add_argument("--all", action="store_true", help="every torchvision classification model (overrides --models)")
@@ -476,6 +477,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--time-budget", type=float, default=None,
                         help="stop starting new models after this many seconds")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "zoo.json"))
+    parser.add_argument("--batch", type=int, default=BATCH,
+                        help=f"images per batch (default {BATCH}; maxvit_t's onnxruntime check at 4 224x224 images "
+                             "holds every code several times over: ~18 GiB, OOM-killed on a 24 GiB machine)")
     parser.add_argument("--verbose", action="store_true",
                         help="print each stage as it ends, and tracebacks of failures")
     parser.add_argument("--merge", nargs="+", metavar="PART", default=None,
@@ -486,6 +490,7 @@ def main(argv: list[str] | None = None) -> int:
         expected = [m for m in every_torchvision_classifier() if m not in set(args.skip.split(","))] if args.all else []
         return merge(args.merge, Path(args.out), expected)
     torch.set_num_threads(max(1, int(os.environ.get("ZOO_THREADS", "1"))))
+    BATCH = args.batch  # read by build() and recorded in the settings
 
     skip = {m for m in args.skip.split(",") if m}
     everything = every_torchvision_classifier()  # (also gives every torchvision model its input size)

@@ -53,8 +53,11 @@ that have no converter, or a converter that refuses the node's attributes, raise
   ResNeXt-50's 53 convs as fp32 convolutions of dequantized values, which flipped about 1 code in 10^6 at rounding
   ties, and in deep random-weight nets those flips spread (bench/zoo.py: 16 torchvision models below the
   end-to-end floor); with the integer Clip that net is exact end to end. Codes wider than 8 bits (INT16/UINT16
-  storage) keep the float Clip before QuantizeLinear (exact too: rounding ``x/s`` is monotone and maps
-  ``fp32(qmax*s)`` back to ``qmax``), because onnxruntime 1.32's CPU Clip has 8-bit integer kernels only.
+  storage) keep a float clamp before QuantizeLinear (exact too: rounding ``x/s`` is monotone and maps
+  ``fp32(qmax*s)`` back to ``qmax``), because onnxruntime 1.32's CPU Clip has 8-bit integer kernels only; the
+  clamp is ``Max`` then ``Min``, not a float ``Clip``, which onnxruntime's ClipQuantFusion drops where its bounds
+  are within an absolute 1.2e-7 of the storage type's (a signed 16-bit code at a scale below ~1.2e-7 then
+  saturated at -32768: MaxViT's LayerNorm inputs).
 * **Why activations are not INT4** even at b <= 4: onnxruntime 1.32 runs QuantizeLinear/DequantizeLinear with
   INT4/UINT4 on CPU, but its graph optimiser mishandles a sub-byte QuantizeLinear *output*: with
   ``Relu -> QuantizeLinear(INT4)`` it drops the Relu (negative codes come out), and on ResNet-20 a
@@ -287,7 +290,7 @@ def _convert_quantize(b: _Builder, node: IntNode) -> None:
     codes = f"{label}.q"
     clip = (qmin, qmax) != storage.value_range()
     quantize_scale = scale_name
-    units = region_in_units(b, node, label, scale) if bits <= 8 else None
+    units = region_in_units(b, node, label, scale)
     if units is not None:  # the region in units of s_out, as the reference computes it (targets/onnx_regions.py)
         source, quantize_scale = units, b.initializer(_float_tensor(1.0, f"{label}.unit_scale"))
     if clip and bits <= 8:  # an integer Clip of the codes: Conv -> QuantizeLinear stays fusable (QLinearConv)
@@ -296,10 +299,15 @@ def _convert_quantize(b: _Builder, node: IntNode) -> None:
         high = b.initializer(numpy_helper.from_array(storage.codes(np.array(qmax)), f"{label}.clip_max"))
         b.add("Clip", [f"{label}.q_unclipped", low, high], [codes], f"{label}/Clip")
     else:
-        if clip:  # 16-bit codes: onnxruntime's CPU Clip has 8-bit integer kernels only, so clip the float
-            low = b.initializer(_float_tensor(qmin * scale, f"{label}.clip_min"))
-            high = b.initializer(_float_tensor(qmax * scale, f"{label}.clip_max"))
-            b.add("Clip", [source, low, high], [f"{label}.clipped"], f"{label}/Clip")
+        if clip:  # 16-bit codes: onnxruntime's CPU Clip has 8-bit integer kernels only, so clamp the float, with
+            # Max and Min: a float Clip before QuantizeLinear is dropped by onnxruntime's ClipQuantFusion where its
+            # bounds are within an absolute fp32 epsilon (1.2e-7) of the storage type's, which at scales below
+            # ~1.2e-7 (MaxViT's LayerNorm inputs) let a signed 16-bit code saturate at -32768
+            unit = 1.0 if units is not None else scale
+            low = b.initializer(_float_tensor(qmin * unit, f"{label}.clip_min"))
+            high = b.initializer(_float_tensor(qmax * unit, f"{label}.clip_max"))
+            b.add("Max", [source, low], [f"{label}.above_min"], f"{label}/Max")
+            b.add("Min", [f"{label}.above_min", high], [f"{label}.clipped"], f"{label}/Clip")
             source = f"{label}.clipped"
         b.add("QuantizeLinear", [source, quantize_scale, zero], [codes], f"{label}/QuantizeLinear")
     b.add("DequantizeLinear", [codes, scale_name, zero], [node.name], f"{label}/DequantizeLinear")

@@ -15,7 +15,9 @@ IEEE fp32 or exact integer one that onnxruntime computes exactly like PyTorch:
   ``|q| * 2**-23`` of ``q``: exact after rounding for codes of up to 16 bits), times ``M``;
 * a conv / linear leaf: its exact int32 accumulator, ``ConvInteger`` / ``MatMulInteger`` of the UINT8 codes and
   weights with their zero points (onnxruntime's u8 x u8 kernels are exact on every x86 CPU), plus the int32 bias,
-  ``Cast(float)``, times ``M[c] = fp32((s_in * s_w[c]) / s_out)`` per output channel;
+  ``Cast(float)``, times ``M[c] = fp32((s_in * s_w[c]) / s_out)`` per output channel; a linear on tokens (rank 3
+  or more) too (MatMulInteger broadcasts over the leading dims: the float Gemm it was summed from flipped swin_t's
+  codes at rounding ties), and a leaf that is such a value behind ``identity`` (dropout) is that value;
 * a leaf holding accumulators passed through ReLU or max pooling, or concatenated along the channels (DenseNet's
   features before a BatchNorm): the same ops replayed on the exact ``fp32(acc)`` tensors (ReLU and max commute with
   the monotone fp32 rounding), times the concatenated per-channel ``M[c]``; average pooled (DenseNet's
@@ -30,7 +32,8 @@ IEEE fp32 or exact integer one that onnxruntime computes exactly like PyTorch:
   quantizer: ``2.2875917 / s`` is 19.499998, ``2.2875917 * fp32(1 / s)`` is 19.5, codes 19 and 20), and one
   flipped input code spreads end to end; so every region with a float leaf is written in units;
 * then ``QuantizeLinear`` at scale 1 (the value is already in units of ``s_out``: round half to even, saturate) and
-  the integer Clip, as for every quantizer (``targets/onnx.py``).
+  the clamp to b bits, as for every quantizer (``targets/onnx.py``: an integer Clip of 8-bit codes; for 16-bit
+  codes, a LayerNorm's input such as BERT's ``norm(x + dense(h))``, Max/Min at ``qmin``/``qmax`` units before it).
 
 Regions with other leaves or steps (products, lookups, other pools) stay on real values.
 The real-valued nodes a region no longer reads are dropped by :func:`without_unused`.
@@ -223,9 +226,15 @@ def _leaf_supported(b: Any, leaf: IntNode, layers: dict[str, dict[str, Any]]) ->
     entry = layers.get(leaf.name)
     if leaf.op not in LAYER_LEAVES or entry is None:
         return False
-    if entry["weight_storage"] != "UINT8" or entry["input_storage"] != "UINT8":
-        return False
-    return leaf.op != "linear" or b.rank.get(leaf.inputs[0]) == 2
+    return entry["weight_storage"] == "UINT8" and entry["input_storage"] == "UINT8"
+
+
+def _through_identities(b: Any, leaf: IntNode) -> IntNode:
+    """The node an ``identity`` chain (dropout, a no-op at inference) reads, or ``leaf`` itself: a region's leaf
+    ``dropout(linear(x))`` is the linear's accumulator (Swin's MLP before its residual add)."""
+    while leaf.op == "identity" and leaf.inputs:
+        leaf = b.by_name[leaf.inputs[0]]
+    return leaf
 
 
 def region_in_units(b: Any, node: IntNode, label: str, s_out: float) -> str | None:
@@ -238,7 +247,7 @@ def region_in_units(b: Any, node: IntNode, label: str, s_out: float) -> str | No
     if not arithmetic or any(step.op not in UNIT_STEPS for step in steps):
         return None
     layers = _layer_entries(b)
-    if not leaves or not all(_leaf_supported(b, leaf, layers) for leaf in leaves):
+    if not leaves or not all(_leaf_supported(b, _through_identities(b, leaf), layers) for leaf in leaves):
         return None
     known = {leaf.name for leaf in leaves}
     for step in steps:
@@ -249,7 +258,7 @@ def region_in_units(b: Any, node: IntNode, label: str, s_out: float) -> str | No
     units: dict[str, str] = {}
     for leaf in leaves:
         prefix = f"{label}/units/{leaf.name}"
-        integers, scale = _leaf_integers(b, leaf, layers, prefix)
+        integers, scale = _leaf_integers(b, _through_identities(b, leaf), layers, prefix)
         multiplier = b.initializer(_float((scale / s_out).float().numpy(), f"{prefix}.multiplier"))  # fp32(s / s_out)
         b.add("Mul", [integers, multiplier], [f"{prefix}.units"], f"{prefix}/Mul")
         units[leaf.name] = f"{prefix}.units"
@@ -338,9 +347,8 @@ def exact_accumulator(b: Any, leaf: IntNode, entry: dict[str, Any]) -> str:
 
 
 def exact_output_supported(b: Any, layer: IntNode, entry: dict[str, Any]) -> bool:
-    """Whether :func:`exact_layer_output` takes ``layer`` (UINT8 codes and weights; a linear on a rank-2 input)."""
-    return entry["weight_storage"] == "UINT8" and entry["input_storage"] == "UINT8" and (
-        layer.op != "linear" or b.rank.get(layer.inputs[0]) == 2)
+    """Whether :func:`exact_layer_output` takes ``layer`` (UINT8 codes and weights)."""
+    return entry["weight_storage"] == "UINT8" and entry["input_storage"] == "UINT8"
 
 
 def exact_layer_output(b: Any, layer: IntNode, entry: dict[str, Any]) -> str:

@@ -82,3 +82,21 @@ def test_in_place_writes_stay_and_a_constant_computed_from_them_holds_them():
     expected = torch.zeros(4, 4)
     expected[:2, 2:] = expected[2:, :2] = -100.0
     assert torch.equal(constant_value(gm, mask), expected)
+
+
+def test_a_constant_read_by_a_chain_deeper_than_the_recursion_limit_has_its_value():
+    """A constant whose reader starts a chain of thousands of nodes, each the next one's first argument (MaxViT-T's
+    residual stream), is computed: telling in-place writes from readers once recursed along the chain."""
+    from mpqc.ops.constants import constant_value
+
+    graph = fx.Graph()
+    x, table = graph.placeholder("x"), graph.get_attr("table")
+    value = scaled = graph.call_function(torch.mul, (table, 2.0))
+    for _ in range(3000):
+        value = graph.call_function(torch.add, (value, x))
+    graph.output(value)
+    root = nn.Module()
+    root.register_buffer("table", torch.arange(4.0))
+    gm = fx.GraphModule(root, graph)
+    assert torch.equal(constant_value(gm, table), torch.arange(4.0))
+    assert torch.equal(constant_value(gm, scaled), torch.arange(4.0) * 2)

@@ -13,15 +13,17 @@ from hypothesis import strategies as st
 from torch import nn
 
 import mpqc
-from conftest import example_models, freeze_at_random_bits, quantized_graph, randomize_batchnorm
+from conftest import example_models, freeze_at_random_bits, quantized_graph, randomize_batchnorm, set_bits
 from test_ops_arith import AllArith, SqueezeExcite
 from test_ops_movement import MODELS as MOVEMENT_MODELS, program_of as movement_program
+from mpqc.budgets import WeightMemory
 from mpqc.cli import main
 from mpqc.errors import UnsupportedOpError
 from mpqc.quantizers import BitRange
 from mpqc.quantizers.base import integer_range
 from mpqc.reference import IntegerProgram, IntNode
 from mpqc.ops import all_ops
+from mpqc.passes.freeze import freeze
 from mpqc.targets.onnx import build_onnx, export_onnx, read_metadata
 from mpqc.targets.onnx_check import (AGREEMENT_FLOOR, OnnxMismatchError, check_agreement, compare_with_reference,
                                      contract_violations)
@@ -281,6 +283,38 @@ def test_more_than_8_bits_are_stored_in_16_bit_types(tmp_path):
     _assert_agrees(compare_with_reference(program, exported.path, x))
 
 
+class TinyScaleLayerNorm(nn.Module):
+    """A LayerNorm whose input (a linear's output, about 1e-4) gets a 16-bit quantizer at a scale of ~7e-9."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc, self.ln, self.head = nn.Linear(16, 16), nn.LayerNorm(16), nn.Linear(16, 4)
+        with torch.no_grad():
+            self.fc.weight.mul_(1e-4)
+            self.fc.bias.mul_(1e-4)
+
+    def forward(self, x):
+        return self.head(self.ln(self.fc(x)))
+
+
+def test_16_bit_codes_stay_in_range_at_scales_below_fp32_epsilon(tmp_path):
+    """A 16-bit quantizer's clamp to [-32767, 32767] holds in onnxruntime at any scale: a float ``Clip`` before its
+    QuantizeLinear was dropped by onnxruntime's ClipQuantFusion (bounds within an absolute 1.2e-7 of INT16's), so
+    inputs past the range saturated at -32768 and the LayerNorm kernel refused them (MaxViT's LayerNorm inputs)."""
+    torch.manual_seed(0)
+    x = torch.randn(8, 16)
+    gm, _ = quantized_graph(TinyScaleLayerNorm(), x)
+    set_bits(gm, lambda name: 16 if name == "act_quantizers.fc_out" else 8)
+    program = IntegerProgram.from_graph(freeze(gm, WeightMemory(1e12)))
+    quantizer = program.node("act_quantizers_fc_out")
+    assert quantizer.attrs["bits"] == 16 and quantizer.attrs["scale"] < 1e-7
+    exported = export_onnx(program, tmp_path / "ln.onnx", input_shapes=[tuple(x.shape)])
+    x_wide = 3 * x  # past the calibrated range: the clamp is exercised at both ends
+    assert set(program.run_all(x_wide)["act_quantizers_fc_out"].q.unique().tolist()) >= {-32767, 32767}
+    agreement = compare_with_reference(program, exported.path, x_wide)
+    assert agreement["overall"]["exact"] == 1.0 and agreement["overall"]["end_to_end_exact"] == 1.0
+
+
 @settings(max_examples=20, deadline=None)
 @given(bits=st.integers(2, 8), signed=st.booleans(), scale=st.floats(2.0**-10, 16.0, width=32))
 def test_quantize_then_clip_is_the_integer_clamp_of_the_rounded_value(bits, signed, scale):
@@ -314,6 +348,40 @@ def test_residual_regions_run_in_units_and_the_net_is_exact(resnet20_export):
     adds = sum(node.op == "add" for node in program.nodes)
     assert adds >= 9 and kinds.count("ConvInteger") >= adds - 2  # the identity shortcuts sum codes, not a conv
     x = 1.5 * torch.randn(shape, generator=torch.Generator().manual_seed(7))
+    overall = compare_with_reference(program, exported.path, x)["overall"]
+    assert overall["exact"] == 1.0 and overall["end_to_end_exact"] == 1.0, overall
+
+
+class TokenResiduals(nn.Module):
+    """A transformer block's residual adds on tokens: ``x + dropout(fc1(x))`` (Swin's MLP) and
+    ``layer_norm(x + fc2(relu(x)))`` (BERT's, a 16-bit LayerNorm input)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2, self.head = nn.Linear(64, 64), nn.Linear(64, 64), nn.Linear(64, 10)
+        self.norm = nn.LayerNorm(64)
+
+    def forward(self, x):
+        x = x + nn.functional.dropout(self.fc1(x), 0.1, self.training)
+        x = self.norm(x + self.fc2(torch.relu(x)))
+        return self.head(x)
+
+
+def test_residual_regions_of_token_linears_run_in_units_from_exact_accumulators(tmp_path):
+    """A residual add summing a linear on tokens (rank 3), read directly or through a dropout, into 8-bit or
+    16-bit codes, is exported in units of s_out from the linear's exact int32 accumulator (MatMulInteger over the leading dims), as the reference
+    computes it: it was summed from a float Gemm of dequantized values, which flipped a code at a rounding tie now
+    and then (swin_t: 1 code in 20 million stepwise, 99.45% within 1 LSB end to end once it spread)."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 16, 64)
+    gm, _ = quantized_graph(TokenResiduals(), x)
+    bits = iter([7, 5, 8, 6, 7, 8, 5, 6])
+    set_bits(gm, lambda name: 16 if name == "act_quantizers.add_1_out" else next(bits))
+    program = IntegerProgram.from_graph(freeze(gm, WeightMemory(1e12)))
+    assert program.node("act_quantizers_add_1_out").attrs["bits"] == 16
+    exported = export_onnx(program, tmp_path / "tokens.onnx", input_shapes=[tuple(x.shape)])
+    names = {node.name for node in onnx.load(exported.path).graph.node}
+    assert {"fc1/MatMulInteger", "fc2/MatMulInteger"} <= names, sorted(names)
     overall = compare_with_reference(program, exported.path, x)["overall"]
     assert overall["exact"] == 1.0 and overall["end_to_end_exact"] == 1.0, overall
 

@@ -142,10 +142,22 @@ def _closure(nodes: list[Node]) -> set[Node]:
 
 
 def _only_writes(node: Node) -> bool:
-    """Whether ``node`` is an in-place write, or a view whose readers all are (``mask[:2, 2:]`` then ``fill_``)."""
-    if mutates(node):
-        return True
-    return bool(node.users) and all(_only_writes(user) and user.args[0] is node for user in node.users)
+    """Whether ``node`` is an in-place write, or a view whose readers all are (``mask[:2, 2:]`` then ``fill_``),
+    followed iteratively: a constant read first by a chain through the whole net (MaxViT-T's, each node the next
+    one's first argument) passed Python's recursion limit."""
+    stack, seen = [node], set()
+    while stack:
+        current = stack.pop()
+        if current in seen or mutates(current):
+            continue
+        seen.add(current)
+        if not current.users:
+            return False
+        for user in current.users:
+            if not user.args or user.args[0] is not current:
+                return False
+            stack.append(user)
+    return True
 
 
 def _writes_into(write: Node, needed: set[Node]) -> bool:
