@@ -45,6 +45,20 @@ TORCHVISION_ZOO = [
 ]
 
 
+def cli_in_process(capsys, *args: str) -> tuple[int, str, str]:
+    """``mpqc ARGS`` in this process (``mpqc.cli.main``: no interpreter and torch start-up per call, for the CLI
+    calls that need no process of their own): its exit status (an argparse error's too), stdout and stderr."""
+    from mpqc.cli import main
+
+    capsys.readouterr()
+    try:
+        status = main(list(args))
+    except SystemExit as exit_:
+        status = exit_.code
+    out, err = capsys.readouterr()
+    return status, out, err
+
+
 def _load_examples():
     spec = importlib.util.spec_from_file_location("mpqc_example_models", ROOT / "examples" / "models.py")
     module = importlib.util.module_from_spec(spec)

@@ -13,7 +13,7 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 import mpqc
-from conftest import FAST, ROOT, example_models
+from conftest import FAST, ROOT, cli_in_process, example_models
 from conftest import example_batch as _example
 from mpqc.errors import (CaptureError, CheckpointError, ConfigError, DataError, ExampleInputError,
                          InfeasibleBudgetError)
@@ -62,20 +62,6 @@ def _cli(*args, cwd=ROOT):
                           timeout=600, env={**os.environ, "PYTHONHASHSEED": "0"})
 
 
-def _cli_here(capsys, *args) -> tuple[int, str, str]:
-    """``mpqc ARGS`` in this process (``mpqc.cli.main``: no interpreter and torch start-up per call): its exit
-    status (an argparse error's too), stdout and stderr."""
-    from mpqc.cli import main
-
-    capsys.readouterr()
-    try:
-        status = main(list(args))
-    except SystemExit as exit_:
-        status = exit_.code
-    out, err = capsys.readouterr()
-    return status, out, err
-
-
 CLI_RUN = ["compile", "--model", "examples/models.py:small_cnn", "--data", "digits", "--budget", "avg-bits=4",
            "--search-epochs", "2", "--finetune-epochs", "2", "--batch-size", "32", "--checkpoint-every", "5",
            "--quantizer-lr", "0.05", "--no-progress"]
@@ -95,14 +81,14 @@ def test_cli_compile_and_report(uninterrupted_cli_run, capsys, monkeypatch):
     monkeypatch.chdir(ROOT)
     out, done = uninterrupted_cli_run
     assert "conv1" in done.stdout and "fc" in done.stdout
-    status, shown, err = _cli_here(capsys, "report", str(out))
+    status, shown, err = cli_in_process(capsys, "report", str(out))
     assert status == 0, err
     for word in ("conv1", "conv2", "fc", "avg-bits", "met"):
         assert word in shown
     # The same --out again is refused without --resume or --force, and a different run is refused outright.
-    status, _, err = _cli_here(capsys, *CLI_RUN, "--out", str(out))
+    status, _, err = cli_in_process(capsys, *CLI_RUN, "--out", str(out))
     assert status == 2 and "--resume" in err
-    status, _, err = _cli_here(capsys, *[a if a != "avg-bits=4" else "avg-bits=5" for a in CLI_RUN], "--out",
+    status, _, err = cli_in_process(capsys, *[a if a != "avg-bits=4" else "avg-bits=5" for a in CLI_RUN], "--out",
                                str(out), "--resume")
     assert status == 2 and "different run" in err and "budget" in err
 
@@ -203,13 +189,13 @@ def test_bad_inputs_get_one_clear_error(trained_small_cnn, digits_loaders, tmp_p
 
 def test_cli_bad_model_paths(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(ROOT)
-    status, _, err = _cli_here(capsys, "compile", "--model", "examples/nope.py:net", "--data", "digits", "--budget",
+    status, _, err = cli_in_process(capsys, "compile", "--model", "examples/nope.py:net", "--data", "digits", "--budget",
                                "avg-bits=4", "--out", str(tmp_path / "x"))
     assert status == 2 and "examples/nope.py does not exist" in err
-    status, _, err = _cli_here(capsys, "compile", "--model", "examples/models.py:nothing", "--data", "digits",
+    status, _, err = cli_in_process(capsys, "compile", "--model", "examples/models.py:nothing", "--data", "digits",
                                "--budget", "avg-bits=4", "--out", str(tmp_path / "x"))
     assert status == 2 and "no callable named 'nothing'" in err
-    status, _, err = _cli_here(capsys, "compile", "--model", "examples/models.py:small_cnn", "--data", "digits",
+    status, _, err = cli_in_process(capsys, "compile", "--model", "examples/models.py:small_cnn", "--data", "digits",
                                "--budget", "weight-memory=12parsecs", "--out", str(tmp_path / "x"))
     assert status == 2 and "12parsecs" in err
 

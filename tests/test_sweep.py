@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import mpqc
-from conftest import FAST, ROOT
+from conftest import FAST, ROOT, cli_in_process
 from conftest import example_batch as _example
 from mpqc.budgets import AverageBits, BitOps, WeightMemory
 from mpqc.errors import CheckpointError, ConfigError, DataError, TrainingDivergedError
@@ -219,27 +219,27 @@ def test_sweep_refuses_bad_arguments_and_a_different_sweep(trained_small_cnn, di
     assert [p.status for p in forced.points] == [INFEASIBLE]
 
 
-def test_cli_sweep_and_report(tmp_path):
+def test_cli_sweep_and_report(tmp_path, capsys, monkeypatch):
     env = {**os.environ, "MPQC_CACHE": str(tmp_path / "cache"), "PYTHONHASHSEED": "0"}
     run = ["sweep", "--model", "examples/models.py:small_cnn", "--data", "digits", "--pretrain-epochs", "2",
            "--method", "dq", "--budget", "weight-memory=1b,3b", "--act-bits", "8", "--uniform", "3",
            "--search-epochs", "1", "--finetune-epochs", "1", "--steps-per-epoch", "4", "--batch-size", "64",
            "--no-progress", "--out", str(tmp_path / "s")]
-
-    def cli(*args):
-        return subprocess.run([sys.executable, "-m", "mpqc", *args], cwd=ROOT, capture_output=True, text=True,
-                              timeout=600, env=env)
-
-    done = cli(*run)
+    done = subprocess.run([sys.executable, "-m", "mpqc", *run], cwd=ROOT, capture_output=True, text=True, timeout=600,
+                          env=env)
     assert done.returncode == 0, done.stderr
     assert "infeasible" in done.stdout and "uniform W3" in done.stdout
-    shown = cli("report", str(tmp_path / "s"))
-    assert shown.returncode == 0, shown.stderr
-    assert "Pareto-optimal" in shown.stdout and "dq weight-memory=3bpw A8" in shown.stdout
-    again = cli(*run)
-    assert again.returncode == 2 and "--resume" in again.stderr
-    bad = cli(*[a if a != "weight-memory=1b,3b" else "weight-memory=3 parsecs" for a in run])
-    assert bad.returncode == 2 and "parsecs" in bad.stderr
+    # the report and the refusals in this process (no process start-up each)
+    monkeypatch.chdir(ROOT)
+    monkeypatch.setenv("MPQC_CACHE", env["MPQC_CACHE"])
+    status, shown, err = cli_in_process(capsys, "report", str(tmp_path / "s"))
+    assert status == 0, err
+    assert "Pareto-optimal" in shown and "dq weight-memory=3bpw A8" in shown
+    status, _, err = cli_in_process(capsys, *run)
+    assert status == 2 and "--resume" in err
+    status, _, err = cli_in_process(capsys, *[a if a != "weight-memory=1b,3b" else "weight-memory=3 parsecs"
+                                              for a in run])
+    assert status == 2 and "parsecs" in err
 
 
 def test_parts_of_one_grid_merge_into_one_sweep_and_other_sweeps_are_refused(trained_small_cnn, digits_loaders,
