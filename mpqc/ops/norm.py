@@ -136,16 +136,22 @@ class LayerNorm(_NormKernel):
     functions = (F.layer_norm, torch.layer_norm, aten.layer_norm.default)
     operand_bits = 16  # the integer kernel takes 16-bit codes exactly (int64 throughout)
     spec_attrs = ("size", "in_bits", "in_signed", "in_scale", "bits", "signed", "scale", "eps")
+    center = True  # subtract the mean (RMSNorm: no)
+
+    def params(self, gm: GraphModule, node: Node) -> tuple[list[int], Tensor | None, Tensor | None, float]:
+        """``(normalized_shape, weight, bias, eps)`` of the node."""
+        return layer_norm_params(gm, node)
 
     def describe(self, gm, node, frozen):
+        name = self.names[0]
         source = node.args[0] if node.args else None
         if not isinstance(source, Node):
-            raise Unsupported("layer_norm of a constant")
-        shape, weight, bias, eps = layer_norm_params(gm, node)
+            raise Unsupported(f"{name} of a constant")
+        shape, weight, bias, eps = self.params(gm, node)
         if len(shape) != 1:
-            raise Unsupported(f"layer_norm over {len(shape)} dims (the last dim only)")
+            raise Unsupported(f"{name} over {len(shape)} dims (the last dim only)")
         if not frozen:
-            return IntNode(node.name, "layer_norm", [source.name])
+            return IntNode(node.name, name, [source.name])
         tensors = {key: t.detach().double().clone() for key, t in (("weight", weight), ("bias", bias))
                    if t is not None}
         return self._frozen(gm, node, source, {"size": int(shape[0]), "eps": eps}, tensors)
@@ -159,9 +165,9 @@ class LayerNorm(_NormKernel):
             return IntegerNorm(size=int(a["size"]), in_bits=int(a["in_bits"]), in_scale=float(a["in_scale"]),
                                out_bits=int(a["bits"]), out_scale=float(a["scale"]),
                                weight=node.tensors.get("weight"), bias=node.tensors.get("bias"), eps=float(a["eps"]),
-                               center=True, out_signed=bool(a["signed"]))
+                               center=self.center, out_signed=bool(a["signed"]))
         except ConfigError as error:
-            raise Unsupported(f"layer_norm {node.name!r}: {error}") from None
+            raise Unsupported(f"{self.names[0]} {node.name!r}: {error}") from None
 
 
 def l2_normalize(x: Tensor, dim: int = -1, eps: float = 1e-12) -> Tensor:
@@ -216,46 +222,22 @@ def _eps(value: Any) -> float:
 
 
 @register_op
-class RMSNorm(_NormKernel):
+class RMSNorm(LayerNorm):
     """RMSNorm over the last dim as the integer kernel without centering (see the module docstring)."""
 
     names = ("rms_norm",)
     modules = (nn.RMSNorm,)
     functions = (F.rms_norm, torch.rms_norm, aten.rms_norm.default)
-    operand_bits = 16
-    spec_attrs = LayerNorm.spec_attrs
     numerics_tests = NORM_TESTS
+    center = False
 
-    def describe(self, gm, node, frozen):
-        source = node.args[0] if node.args else None
-        if not isinstance(source, Node):
-            raise Unsupported("rms_norm of a constant")
+    def params(self, gm, node):
         if node.op == "call_module":
             module = gm.get_submodule(node.target)
-            shape, weight, eps = list(module.normalized_shape), module.weight, _eps(module.eps)
-        else:
-            shape = arg(node, 1, "normalized_shape", None)
-            shape = list(shape) if isinstance(shape, (tuple, list, torch.Size)) else [shape]
-            weight, eps = _attribute(gm, arg(node, 2, "weight", None)), _eps(arg(node, 3, "eps", None))
-        if len(shape) != 1:
-            raise Unsupported(f"rms_norm over {len(shape)} dims (the last dim only)")
-        if not frozen:
-            return IntNode(node.name, "rms_norm", [source.name])
-        tensors = {"weight": weight.detach().double().clone()} if weight is not None else {}
-        return self._frozen(gm, node, source, {"size": int(shape[0]), "eps": eps}, tensors)
-
-    def spec(self, node):
-        from mpqc.integer_kernels.norm import IntegerNorm
-
-        a = node.attrs
-        kb.require_attrs(node, self.spec_attrs)
-        try:
-            return IntegerNorm(size=int(a["size"]), in_bits=int(a["in_bits"]), in_scale=float(a["in_scale"]),
-                               out_bits=int(a["bits"]), out_scale=float(a["scale"]),
-                               weight=node.tensors.get("weight"), eps=float(a["eps"]), center=False,
-                               out_signed=bool(a["signed"]))
-        except ConfigError as error:
-            raise Unsupported(f"rms_norm {node.name!r}: {error}") from None
+            return list(module.normalized_shape), module.weight, None, _eps(module.eps)
+        shape = arg(node, 1, "normalized_shape", None)
+        shape = list(shape) if isinstance(shape, (tuple, list, torch.Size)) else [shape]
+        return shape, _attribute(gm, arg(node, 2, "weight", None)), None, _eps(arg(node, 3, "eps", None))
 
 
 @register_op
