@@ -128,14 +128,15 @@ class Softmax(OpDef):
 
     def relax(self, lowering, node):
         from mpqc.integer_kernels.softmax import softmax_relax
+        from mpqc.targets.tvm.values import _dtype
 
         codes, x = kb.relax_codes(lowering, node.inputs[0], "softmax")
         keep = lowering.env[node.inputs[1]].expr if len(node.inputs) > 1 else None
-        if keep is not None and keep.struct_info.dtype != "bool":  # a constant keep mask: fp32 0/1
+        if keep is not None and _dtype(keep) != "bool":  # a constant keep mask: fp32 0/1
             from tvm import relax
             from tvm.relax import op as R
 
-            keep = lowering.emit(R.not_equal(keep, relax.const(0.0, keep.struct_info.dtype)))
+            keep = lowering.emit(R.not_equal(keep, relax.const(0.0, _dtype(keep))))
         out = softmax_relax(lowering.bb, codes, spec(node), keep)
         return kb.relax_output_codes(lowering, out, node.attrs["bits"], False, node.attrs["scale"], x.layout)
 
