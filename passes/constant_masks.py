@@ -17,8 +17,9 @@ Matches:     a softmax (``aten.softmax.int`` without a dtype, ``aten._softmax`` 
              relative position bias, a row of all ``-inf``, which torch turns into NaN) is left as it is.
 Rewrites to: ``masked_softmax(x, keep, -1)`` (``mpqc/ops/softmax.py``) followed by the same reshapes, ``keep = (M ==
              r)`` broadcast as the add did (a bool buffer of ``M``'s broadcast shape, not the batch's: any batch
-             size) read by a ``get_attr``, named as the softmax was (its quantizers keep their names); the add
-             and the softmax go, the nodes computing ``M`` are left to ``passes/dead_code.py``.
+             size) read by a ``get_attr``; the softmax node itself becomes the masked softmax, moved before the
+             reshapes (its name, so its quantizers' names, kept); the add goes, the nodes computing ``M`` are left
+             to ``passes/dead_code.py``.
 Requires:    a GraphModule from ``capture`` with ``node.meta["tensor_meta"]`` (the capture's ShapeProp).
 Ensures:     the same softmax in exact arithmetic up to the masked entries' weights: softmax is shift-invariant, so
              the kept entries (``M == r``) lose only ``r``; a masked entry ``j`` of torch's result weighs
@@ -119,23 +120,18 @@ def _match(gm: fx.GraphModule, softmax: fx.Node) -> tuple[fx.Node, fx.Node, Tens
 
 
 def _rewrite(gm: fx.GraphModule, softmax: fx.Node, add: fx.Node, x: fx.Node, keep: Tensor) -> None:
+    """The softmax node itself becomes the masked softmax, moved before the reshapes (its name, so its quantizers'
+    names, stay: checkpoints and reports)."""
     graph, index = gm.graph, 0
     while hasattr(gm, f"{_BUFFER}_{index}"):
         index += 1
-    name = f"{_BUFFER}_{index}"
-    gm.register_buffer(name, keep)
+    gm.register_buffer(f"{_BUFFER}_{index}", keep)
     with graph.inserting_before(add):
-        keep_node = graph.get_attr(name)
-        probs = graph.call_function(masked_softmax, (x, keep_node, -1))
+        keep_node = graph.get_attr(f"{_BUFFER}_{index}")
     keep_node.meta["tensor_meta"] = _extract_tensor_metadata(keep)
-    probs.meta.update(add.meta)
-    for key in ("nn_module_stack", "stack_trace", "source_fn_stack"):
-        if key in softmax.meta:
-            probs.meta[key] = softmax.meta[key]
-    probs.meta.pop("mpqc.constant", None)
-    add.replace_all_uses_with(probs)
-    softmax.replace_all_uses_with(softmax.args[0])
-    name = softmax.name
-    graph.erase_node(softmax)
+    softmax.replace_all_uses_with(softmax.args[0])  # its readers read the reshaped probabilities
+    softmax.target, softmax.args, softmax.kwargs = masked_softmax, (x, keep_node, -1), {}
+    add.prepend(softmax)
+    softmax.meta["tensor_meta"] = add.meta["tensor_meta"]
+    add.replace_all_uses_with(softmax)
     graph.erase_node(add)
-    probs._rename(name)  # the softmax's name: its quantizers keep their names (checkpoints, reports)

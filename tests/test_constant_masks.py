@@ -76,6 +76,8 @@ def test_tiny_swin_shifted_window_mask_becomes_a_keep_mask():
     gm, _ = pipeline.trace(model, (x,))
     assert _masked_softmaxes(gm) == 1
     assert sum("softmax" in str(n.target) for n in gm.graph.nodes) == 3
+    assert [n.name for n in gm.graph.nodes if n.target is masked_softmax] == ["softmax_1"]  # the second block's,
+    # named as captured: its quantizers keep their names
     with torch.no_grad():
         torch.testing.assert_close(gm(x), model(x), atol=1e-6, rtol=1e-5)
     from mpqc.config import QuantizerConfig
