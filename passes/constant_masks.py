@@ -130,7 +130,7 @@ def _rewrite(gm: fx.GraphModule, softmax: fx.Node, add: fx.Node, x: fx.Node, kee
         keep_node = graph.get_attr(f"{_BUFFER}_{index}")
     keep_node.meta["tensor_meta"] = _extract_tensor_metadata(keep)
     softmax.replace_all_uses_with(softmax.args[0])  # its readers read the reshaped probabilities
-    softmax.target, softmax.args, softmax.kwargs = masked_softmax, (x, keep_node, -1), {}
+    softmax.op, softmax.target, softmax.args, softmax.kwargs = "call_function", masked_softmax, (x, keep_node, -1), {}
     add.prepend(softmax)
     softmax.meta["tensor_meta"] = add.meta["tensor_meta"]
     add.replace_all_uses_with(softmax)

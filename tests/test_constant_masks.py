@@ -16,7 +16,7 @@ NEG_INF = float("-inf")
 
 class MaskedScores(nn.Module):
     """Scores ``[B, 2, 3, 4]`` viewed ``[2B, 3, 4]`` + a constant ``[3, 4]`` mask, viewed back to ``[B, 2, 3, 4]``,
-    then a softmax over the last dim (Swin's view-add-view-softmax chain)."""
+    then ``Tensor.softmax`` over the last dim (Swin's view-add-view-softmax chain)."""
 
     def __init__(self, mask: torch.Tensor) -> None:
         super().__init__()
@@ -24,7 +24,7 @@ class MaskedScores(nn.Module):
 
     def forward(self, x):
         b = x.shape[0]
-        return torch.softmax((x.view(b * 2, 3, 4) + self.mask).view(b, 2, 3, 4), dim=-1)
+        return (x.view(b * 2, 3, 4) + self.mask).view(b, 2, 3, 4).softmax(dim=-1)  # (Tensor.softmax)
 
 
 def _masked_softmaxes(gm) -> int:
