@@ -2,9 +2,9 @@
 family: ``VisionTransformer`` (``nn.MultiheadAttention`` with its packed projections, the class token, the position
 embedding, the class token picked from the output), ``ConvNeXt`` (LayerNorm over channels between permutes, layer
 scale, depthwise 7x7), ``SwinTransformer`` (captured through torch.export: roll, pad, window partitions, the relative
-position bias gathered from its table and the shifted-window mask folded into constants), Swin V2 (cosine attention:
-``F.normalize`` as the integer ``l2_normalize``, a clamped exponentiated logit scale and the continuous position bias
-of a small MLP on constant coordinates, both folded into constants)."""
+position bias gathered from its table folded into constants, the shifted-window mask made a keep mask), Swin V2
+(cosine attention: ``F.normalize`` as the integer ``l2_normalize``, a clamped exponentiated logit scale and the
+continuous position bias of a small MLP on constant coordinates, both folded into constants)."""
 from __future__ import annotations
 
 import pytest
@@ -134,6 +134,11 @@ def _every_stage(family: str, tmp_path, tvm: bool) -> None:
     program, inputs = IntegerProgram.from_graph(gm), (x,)
     assert expected_ops <= {node.op for node in program.nodes}
     assert len(set(chosen.values())) > 2
+    softmaxes = [node for node in program.nodes if node.op == "softmax"]
+    if family.startswith("swin"):  # the shifted-window mask is a keep mask (passes/constant_masks.py), not an add
+        assert sum(len(node.inputs) == 2 for node in softmaxes) == 1
+    for node in softmaxes:  # so no softmax input range reaches the mask's -100
+        assert node.attrs["in_scale"] * 2 ** (node.attrs["in_bits"] - 1) < 50, (node.name, node.attrs)
     _assert_reference_matches_fake_quant(gm, program, inputs)
     if tvm:
         _assert_tvm_bit_exact(program, inputs)

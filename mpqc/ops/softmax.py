@@ -12,7 +12,9 @@ fx forms: ``nn.Softmax``, ``F.softmax``, ``torch.softmax``, ``Tensor.softmax``, 
 Masks: :func:`key_padding_mask` (program op ``key_padding_mask``: a ``[B, S]`` 0/1 padding mask as the
 ``[B, 1, 1, S]`` keep mask, what ``passes/attention_masks.py`` writes for HF's mask construction) and
 :func:`additive_mask_keep` (program op ``mask_keep``: an additive float mask of 0 and large negatives as a keep
-mask, exact by construction; the reference refuses other values, which are a bias, not a mask).
+mask, exact by construction; the reference refuses other values, which are a bias, not a mask). A keep mask may
+also be a program ``constant`` (fp32 0/1: Swin's shifted-window mask, ``passes/constant_masks.py``); every backend
+reads it as ``!= 0``.
 """
 from __future__ import annotations
 
@@ -126,9 +128,15 @@ class Softmax(OpDef):
 
     def relax(self, lowering, node):
         from mpqc.integer_kernels.softmax import softmax_relax
+        from mpqc.targets.tvm.values import _dtype
 
         codes, x = kb.relax_codes(lowering, node.inputs[0], "softmax")
         keep = lowering.env[node.inputs[1]].expr if len(node.inputs) > 1 else None
+        if keep is not None and _dtype(keep) != "bool":  # a constant keep mask: fp32 0/1
+            from tvm import relax
+            from tvm.relax import op as R
+
+            keep = lowering.emit(R.not_equal(keep, relax.const(0.0, _dtype(keep))))
         out = softmax_relax(lowering.bb, codes, spec(node), keep)
         return kb.relax_output_codes(lowering, out, node.attrs["bits"], False, node.attrs["scale"], x.layout)
 
@@ -138,8 +146,15 @@ class Softmax(OpDef):
     def onnx(self, builder, node):
         from mpqc.integer_kernels.softmax import softmax_onnx
 
+        from onnx import TensorProto
+
         kernel, keep = spec(node), (node.inputs[1] if len(node.inputs) > 1 else None)
-        kb.onnx_kernel(builder, node, lambda graph, codes: softmax_onnx(graph, codes, kernel, keep))
+
+        def build(graph, codes):  # (a constant keep mask is fp32 0/1: cast, as a bool one is unchanged by it)
+            return softmax_onnx(graph, codes, kernel, None if keep is None else
+                                graph.node("Cast", [keep], to=TensorProto.BOOL))
+
+        kb.onnx_kernel(builder, node, build)
 
 
 SPEC_ATTRS = ("in_bits", "in_signed", "in_scale", "bits", "scale", "axis")
