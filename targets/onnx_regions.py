@@ -226,7 +226,7 @@ def _leaf_supported(b: Any, leaf: IntNode, layers: dict[str, dict[str, Any]]) ->
     entry = layers.get(leaf.name)
     if leaf.op not in LAYER_LEAVES or entry is None:
         return False
-    return entry["weight_storage"] == "UINT8" and entry["input_storage"] == "UINT8"
+    return exact_output_supported(b, leaf, entry)
 
 
 def _through_identities(b: Any, leaf: IntNode) -> IntNode:
@@ -347,7 +347,8 @@ def exact_accumulator(b: Any, leaf: IntNode, entry: dict[str, Any]) -> str:
 
 
 def exact_output_supported(b: Any, layer: IntNode, entry: dict[str, Any]) -> bool:
-    """Whether :func:`exact_layer_output` takes ``layer`` (UINT8 codes and weights)."""
+    """Whether the layer's exact int32 accumulator (:func:`exact_accumulator`) can be taken, as a region's leaf or
+    by :func:`exact_layer_output`: UINT8 codes and weights (onnxruntime's exact u8 x u8 kernels)."""
     return entry["weight_storage"] == "UINT8" and entry["input_storage"] == "UINT8"
 
 
