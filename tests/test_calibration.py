@@ -93,3 +93,19 @@ def test_insert_quantizers_starts_activations_at_the_percentile_and_weights_at_t
         QuantizerConfig(weight_init="minmax")
     with pytest.raises(ConfigError, match="activation_percentile"):
         QuantizerConfig(activation_percentile=100.5)
+
+
+@pytest.mark.parametrize("bits", [2, 8])
+def test_mse_clip_does_not_depend_on_the_chunking(bits, monkeypatch):
+    """The search runs whole channels a chunk at a time: any chunk size (here 1, 3 and all 16 channels) and the
+    module's doctest example give the same levels."""
+    from mpqc.quantizers import calibration
+
+    w = _weights("heavy-tailed")
+    results = []
+    for elements in (1, 3 * 72, 16 * 72):
+        monkeypatch.setattr(calibration, "MSE_CHUNK_ELEMENTS", elements)
+        results.append(mse_channel_clip(w, bits))
+    assert all(torch.equal(results[0], other) for other in results[1:])
+    outlier = torch.tensor([[1.0, 0.3, -0.3, 0.3, -0.3, 0.3, -0.3, 0.3, -0.3]])
+    assert float(mse_channel_clip(outlier, 2)) < 1.0 and float(mse_channel_clip(outlier, 8)) == 1.0

@@ -8,7 +8,7 @@ high percentile of calibration data. Every method's quantizers start from these 
 * :func:`percentile_range`: the ``percentile`` of ``|x|`` (signed) or of ``x`` (unsigned), so that a few outliers
   in the calibration batch do not stretch an activation's grid.
 
->>> w = torch.tensor([[1.0, 0.1, -0.1, 0.05, 0.02, -0.05, 0.08, -0.03]])
+>>> w = torch.tensor([[1.0, 0.3, -0.3, 0.3, -0.3, 0.3, -0.3, 0.3, -0.3]])
 >>> float(mse_channel_clip(w, 2)) < 1.0  # 2 bits: the outlier 1.0 is clipped
 True
 >>> float(mse_channel_clip(w, 8))  # 8 bits: the full range
@@ -28,19 +28,39 @@ CLIP_RATIOS = tuple(round(0.01 * i, 2) for i in range(1, 101))
 WEIGHT_INITS = ("mse", "max")
 
 
+#: Elements of the weight the MSE search holds in one working buffer: whole channels at a time, about 1 MiB of
+#: float32, so the 100 passes over a chunk stay in cache (RegNetY-128GF's 644 M weights: minutes, not an hour).
+MSE_CHUNK_ELEMENTS = 1 << 18
+
+
 @torch.no_grad()
 def mse_channel_clip(weight: Tensor, bits: int, ratios: tuple[float, ...] = CLIP_RATIOS) -> Tensor:
     """Per-output-channel clipping level ``[C]`` minimising the squared error of signed symmetric ``bits``-bit
-    quantization (round half to even, ``qmax = 2**(bits-1) - 1`` steps per side) of ``weight`` [C, ...]."""
+    quantization (round half to even, ``qmax = 2**(bits-1) - 1`` steps per side) of ``weight`` [C, ...].
+
+    Channels are searched a chunk at a time in one reused buffer; each channel's error is summed over the whole
+    channel as before, so the result does not depend on the chunking."""
     w = weight.detach().float().reshape(weight.shape[0], -1)
     top = channel_max(w)
+    best = top.clone()
+    rows = max(1, MSE_CHUNK_ELEMENTS // max(1, w.shape[1]))
+    for start in range(0, w.shape[0], rows):
+        stop = start + rows
+        best[start:stop] = _mse_clip_rows(w[start:stop], top[start:stop], bits, ratios)
+    return best
+
+
+def _mse_clip_rows(w: Tensor, top: Tensor, bits: int, ratios: tuple[float, ...]) -> Tensor:
+    """:func:`mse_channel_clip` of the rows ``w`` [R, K] whose largest magnitudes are ``top`` [R]."""
     levels = positive_levels(int(bits), True)
     best_error = torch.full_like(top, float("inf"))
     best = top.clone()
+    buffer = torch.empty_like(w)
     for ratio in ratios:
         clip = top * ratio
         scale = (clip / levels).unsqueeze(1)
-        error = ((torch.clamp(torch.round(w / scale), -levels, levels) * scale - w) ** 2).sum(dim=1)
+        torch.div(w, scale, out=buffer)
+        error = buffer.round_().clamp_(-levels, levels).mul_(scale).sub_(w).square_().sum(dim=1)
         better = error < best_error
         best_error = torch.where(better, error, best_error)
         best = torch.where(better, clip, best)
