@@ -21,7 +21,8 @@ one rational step rounded half to even), input and output codes as LayerNorm's. 
 
 ``rms_norm`` (``nn.RMSNorm``, ``F.rms_norm``): the same kernel without centering (``IntegerNorm(center=False)``),
 over the last dim, an optional per-channel weight; ``eps=None`` is the input dtype's (float32) machine epsilon, as
-torch's.
+torch's. A hand-written RMSNorm (LLaMA's ``x * rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)``, times a weight) is
+rewritten to ``F.rms_norm`` at capture (``passes/fuse_rms_norm.py``).
 
 ``group_norm`` (``nn.GroupNorm``, ``F.group_norm``): the LayerNorm kernel on the codes reshaped to
 ``[B, G, (C/G) * prod(spatial)]`` and back (:meth:`~mpqc.integer_kernels.norm.IntegerNorm.group_norm`), the
