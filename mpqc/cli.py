@@ -94,6 +94,10 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--shift-activations", action=argparse.BooleanOptionalAction, default=True,
                    help="GELU/SiLU/... read only by linears: shift the output to be nonnegative (unsigned codes), "
                         "the shift folded into the readers' biases (default on)")
+    c.add_argument("--recompute-weights", action=argparse.BooleanOptionalAction, default=None,
+                   help="recompute each weight quantizer in the backward pass instead of keeping its intermediates: "
+                        "about half the training memory of a large model, one more weight quantization per step "
+                        "(default: on from 100 M quantized weights)")
     c.add_argument("--distill", action=argparse.BooleanOptionalAction, default=None,
                    help="knowledge distillation from the fp32 model (default: the method's; sdq: on in fine-tuning)")
     c.add_argument("--loss", help="the task's loss(outputs, batch, teacher_outputs) -> scalar, as FILE.py:CALLABLE or "
@@ -214,7 +218,7 @@ _SWEEP_SHARED_OPTIONS = ("model", "data", "tokenizer", "max_length", "weights", 
                          "steps_per_epoch", "checkpoint_every", "quantizer_lr", "penalty_ramp", "batch_size",
                          "subset", "val_subset", "weight_bits", "first_last", "distill", "seed", "no_progress",
                          "loss", "forward", "metric", "augment", "weight_init",
-                         "shift_activations")
+                         "shift_activations", "recompute_weights")
 
 
 def _int_list(text: str, flag: str) -> list[int]:

@@ -3,11 +3,10 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import json
 import shutil
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -264,14 +263,12 @@ def _output_width(gm: GraphModule, example_inputs: tuple) -> int:
 def _identity(model: nn.Module, gm: GraphModule, budget: Budget, method: str, config: CompileConfig,
               train_loader: DataLoader, task: Task | None = None) -> dict[str, Any]:
     """What makes two runs the same run (and a resumed run the continuation of an interrupted one)."""
-    settings = asdict(config)
-    settings.pop("progress")
     identity = {
         "model": type(model).__qualname__,
         "graph": hashlib.sha256(gm.code.encode()).hexdigest()[:16],
         "budget": budget.text,
         "method": method,
-        "config": json.loads(json.dumps(settings, default=str)),
+        "config": config.identity(),
         "train_data": {"examples": len(train_loader.dataset), "batch_size": train_loader.batch_size},
     }
     if task is not None and task.step_accuracy is None:  # a run of another task than classification

@@ -1,13 +1,17 @@
 """Configuration: frozen dataclasses, validated on construction."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import json
+from dataclasses import asdict, dataclass, field
 
 from mpqc.errors import ConfigError
 from mpqc.quantizers.base import BitRange
 from mpqc.quantizers.calibration import WEIGHT_INITS
 
 FIRST_LAST_POLICIES = ("learn", "fixed")
+#: ``QuantizerConfig.recompute_weights=None`` recomputes weight quantizers in the backward pass from this many
+#: quantized weight elements on (100 M: VGG, the 32GF RegNets, the large ViTs).
+RECOMPUTE_AUTO_PARAMS = 100_000_000
 
 
 @dataclass(frozen=True)
@@ -26,6 +30,12 @@ class QuantizerConfig:
     ``shift_activations`` (default on): a bounded-below activation read only by linears / unpadded 1x1 convs (GELU,
     SiLU, ...) gets ``-min f`` added so that its codes are unsigned, the shift folded into the readers' biases
     (``passes/shift_activations.py``); False leaves them signed.
+
+    ``recompute_weights``: training keeps no intermediate of a weight quantizer for the backward pass but recomputes
+    it there (``torch.utils.checkpoint``), one layer at a time: the same values and gradients, about half the
+    training memory of a large model (a quantizer's intermediates are several copies of its weight) for one more
+    weight quantization per step. ``None`` (default): on where the quantized weights total at least
+    :data:`RECOMPUTE_AUTO_PARAMS` elements (RegNetY-128GF's 644 M: 21 GiB -> fits in 24 GiB).
     """
 
     weight_bits: BitRange = BitRange(2, 8)
@@ -37,6 +47,7 @@ class QuantizerConfig:
     weight_init: str = "mse"
     activation_percentile: float = 99.99
     shift_activations: bool = True
+    recompute_weights: bool | None = None
 
     def __post_init__(self) -> None:
         if self.weight_init not in WEIGHT_INITS:
@@ -120,3 +131,11 @@ class CompileConfig:
     seed: int = 0
     num_classes: int | None = None
     progress: bool = True
+
+    def identity(self) -> dict:
+        """The settings that make two runs the same run (a resumed run the continuation of an interrupted one), as
+        JSON values: all but how progress shows and ``recompute_weights`` (memory for time, the same numbers)."""
+        settings = asdict(self)
+        settings.pop("progress")
+        settings["quantizers"].pop("recompute_weights")
+        return json.loads(json.dumps(settings, default=str))

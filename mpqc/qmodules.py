@@ -18,14 +18,17 @@ program folds it at freeze time. The float ``W`` in that correction is detached:
 """
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from mpqc.quantizers.base import FixedQuantizer, Quantizer, round_ste
 
 
 class _QuantWeightMixin:
     weight_quantizer: Quantizer
+    recompute_weight: bool = False
 
     @classmethod
     def from_float(cls, layer: nn.Module, weight_quantizer: Quantizer) -> nn.Module:
@@ -39,6 +42,8 @@ class _QuantWeightMixin:
         return quantized
 
     def quantized_weight(self) -> Tensor:
+        if self.recompute_weight and self.training and torch.is_grad_enabled():
+            return checkpoint(self.weight_quantizer, self.weight, use_reentrant=False)
         return self.weight_quantizer(self.weight)
 
     def shifted_bias(self, quantized_weight: Tensor | None = None) -> Tensor | None:

@@ -528,15 +528,13 @@ def _identity(model: nn.Module, example_inputs: tuple, train: DataLoader, val: D
     for name, tensor in model.state_dict().items():
         digest.update(name.encode())
         digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-    settings = asdict(config)
-    settings.pop("progress")
     return {
         "model": type(model).__qualname__,
         "weights_sha256": digest.hexdigest()[:16],
         "example_shapes": [list(x.shape) for x in example_inputs],
         "train_data": {"examples": len(train.dataset), "batch_size": train.batch_size},
         "val_examples": len(val.dataset),
-        "config": json.loads(json.dumps(settings, default=str)),
+        "config": config.identity(),
     }
 
 

@@ -42,7 +42,7 @@ from torch.fx import GraphModule, Interpreter, Node
 
 from mpqc import ops
 from mpqc.budgets import LayerBits
-from mpqc.config import BitRange, QuantizerConfig
+from mpqc.config import RECOMPUTE_AUTO_PARAMS, BitRange, QuantizerConfig
 from mpqc.errors import MpqcError
 from mpqc.layers import ACTIVATION_META, LAYER_META, PRODUCT_META, ActivationInfo, CostItem, LayerInfo, ProductInfo
 from mpqc.ops.constants import is_constant
@@ -240,6 +240,7 @@ def insert_quantizers(
         replace_submodule(gm, node.target, quantized_version(layer, weight_quantizer))
 
     _record_activations_and_products(gm, [quantizer_of[point] for point in operands], set(layers))
+    _set_recompute(gm, tables + layers, config.recompute_weights)
     gm.graph.lint()
     gm.recompile()
     return gm
@@ -282,6 +283,16 @@ def _quantizer_name_behind(gm: GraphModule, node: Node) -> str | None:
 def _embedding_tables(gm: GraphModule) -> list[Node]:
     """The embedding tables among the layer nodes (``analyze_layers`` records them as weight-only layers)."""
     return [node for node in layer_nodes(gm) if node.meta[LAYER_META].op == "embedding"]
+
+
+def _set_recompute(gm: GraphModule, nodes: list[Node], recompute: bool | None) -> None:
+    """Mark the quantized layers and tables to recompute their weight quantizer in the backward pass
+    (``QuantizerConfig.recompute_weights``; ``None``: where their weights total ``RECOMPUTE_AUTO_PARAMS``)."""
+    modules = [gm.get_submodule(node.target) for node in nodes]
+    if recompute is None:
+        recompute = sum(module.weight.numel() for module in modules) >= RECOMPUTE_AUTO_PARAMS
+    for module in modules:
+        module.recompute_weight = bool(recompute)
 
 
 def _quantize_tables(gm: GraphModule, tables: list[Node], method: QuantMethod, config: QuantizerConfig) -> None:
