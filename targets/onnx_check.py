@@ -1,8 +1,8 @@
 """Check an ONNX export (``targets/onnx.py``) against the integer reference, on this CPU or an emulated one.
 
->>> agreement = compare_with_reference(compiled, "model.onnx", torch.randn(8, 1, 28, 28))   # doctest: +SKIP
->>> check_agreement(agreement)          # raises OnnxMismatchError naming the worst tensor, if the contract breaks
->>> compare_with_reference(compiled, "model.onnx", x, cpu="Haswell")      # onnxruntime's AVX2 kernels, any host
+    agreement = compare_with_reference(compiled, "model.onnx", torch.randn(8, 1, 28, 28))
+    check_agreement(agreement)   # raises OnnxMismatchError naming the worst tensor
+    compare_with_reference(compiled, "model.onnx", x, cpu="Haswell")      # onnxruntime's AVX2 kernels, any host
 
 **The contract** (DESIGN.md, "The integer contract"): onnxruntime's CPU provider, with its default session options,
 agrees with the reference within 1 LSB, step by step at every tensor and end to end over all codes, on >=
