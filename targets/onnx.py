@@ -233,6 +233,8 @@ class _Builder:
         self.bits: dict[str, int] = {}
         self.quantizers: dict[str, dict[str, Any]] = {}
         self.layers: list[dict[str, Any]] = []
+        #: products of two code tensors: their exact int32 product's tensor and its scale (float64, the reference's)
+        self.products: dict[str, tuple[str, torch.Tensor]] = {}
         self._labels: set[str] = set()
 
     def label(self, node: IntNode) -> str:

@@ -26,6 +26,11 @@ IEEE fp32 or exact integer one that onnxruntime computes exactly like PyTorch:
   every position (no ``ceil_mode``; padding counted or absent), else the region stays on real values;
 * the steps: ``add`` / ``sub`` -> Add / Sub, ``relu`` -> Relu, ``batch_norm`` -> Mul by ``fp32(a)`` then Add
   ``fp32(b / s_out)``;
+* a product of two code tensors (a squeeze-excitation gate ``x * sigmoid(...)``): the exact int32 product of the
+  codes that ``mul``'s converter computes, ``Cast(float)`` (exact below 2**24, as the reference's fp32 of it),
+  times ``M = fp32(s_a * s_b / s_out)``. Dequantized first (``q * fp32(s_a s_b)``, then ``QuantizeLinear``'s
+  division by ``s_out``) it rounds twice: RegNetY-128GF at random bits flipped 43 codes of a gated feature map
+  at ties, and 89.5% of all codes were within 1 LSB end to end once the flips spread;
 * a float leaf (a graph input ``x``): ``x`` times ``fp32(1 / s_out)``, as the reference computes it. onnxruntime's
   ``QuantizeLinear(x, s)`` divides instead, and ``x / s`` and ``x * fp32(1 / s)`` differ by an ulp often enough
   to flip a code where the quotient is within an ulp of a half (mobilenet_v2 at random bits, a 6-bit input
@@ -35,7 +40,7 @@ IEEE fp32 or exact integer one that onnxruntime computes exactly like PyTorch:
   the clamp to b bits, as for every quantizer (``targets/onnx.py``: an integer Clip of 8-bit codes; for 16-bit
   codes, a LayerNorm's input such as BERT's ``norm(x + dense(h))``, Max/Min at ``qmin``/``qmax`` units before it).
 
-Regions with other leaves or steps (products, lookups, other pools) stay on real values.
+Regions with other leaves or steps (lookups, other pools, products of other values) stay on real values.
 The real-valued nodes a region no longer reads are dropped by :func:`without_unused`.
 """
 from __future__ import annotations
@@ -215,7 +220,7 @@ def _exact_int32(b: Any, name: str, layers: dict[str, dict[str, Any]]) -> str:
 
 
 def _leaf_supported(b: Any, leaf: IntNode, layers: dict[str, dict[str, Any]]) -> bool:
-    if leaf.op in FLOAT_LEAVES:
+    if leaf.op in FLOAT_LEAVES or leaf.name in b.products:
         return True
     if leaf.name in b.quantizers:
         return b.quantizers[leaf.name]["storage"] == "UINT8"
@@ -243,7 +248,8 @@ def region_in_units(b: Any, node: IntNode, label: str, s_out: float) -> str | No
     region = node.attrs.get("region") or {}
     steps = [b.by_name[name] for name in region.get("steps", [])]
     leaves = [b.by_name[name] for name in region.get("leaves", [])]
-    arithmetic = any(step.op in ARITHMETIC_STEPS for step in steps) or any(leaf.op in FLOAT_LEAVES for leaf in leaves)
+    arithmetic = any(step.op in ARITHMETIC_STEPS for step in steps) or any(
+        leaf.op in FLOAT_LEAVES or leaf.name in b.products for leaf in leaves)
     if not arithmetic or any(step.op not in UNIT_STEPS for step in steps):
         return None
     layers = _layer_entries(b)
@@ -286,6 +292,10 @@ def _leaf_integers(b: Any, leaf: IntNode, layers: dict[str, dict[str, Any]], pre
     one per channel shaped to broadcast)."""
     if leaf.op in FLOAT_LEAVES:  # a float tensor: x * fp32(1 / s_out), the reference's order
         return leaf.name, torch.tensor(1.0, dtype=torch.float64)
+    if leaf.name in b.products:  # the exact int32 product of two code tensors
+        product, scale = b.products[leaf.name]
+        b.add("Cast", [product], [f"{prefix}.float"], f"{prefix}/Cast", to=TensorProto.FLOAT)
+        return f"{prefix}.float", scale
     if leaf.name in b.quantizers:  # codes: Cast - z
         info = b.quantizers[leaf.name]
         b.add("Cast", [info["tensor"]], [f"{prefix}.float"], f"{prefix}/Cast", to=TensorProto.FLOAT)
