@@ -35,7 +35,8 @@ class QuantizerConfig:
     it there (``torch.utils.checkpoint``), one layer at a time: the same values and gradients, about half the
     training memory of a large model (a quantizer's intermediates are several copies of its weight) for one more
     weight quantization per step. ``None`` (default): on where the quantized weights total at least
-    :data:`RECOMPUTE_AUTO_PARAMS` elements (RegNetY-128GF's 644 M: 21 GiB -> fits in 24 GiB).
+    :data:`RECOMPUTE_AUTO_PARAMS` elements (RegNetY-128GF, 637 M: its search was killed at 21.6 GiB without it; with
+    it the zoo's whole run peaks at 15.8 GiB).
     """
 
     weight_bits: BitRange = BitRange(2, 8)
