@@ -249,10 +249,9 @@ class Mul(OpDef):
             codes.append(wide)
         product = f"{label}.product"
         builder.add("Mul", codes, [product], label)
-        builder.products[node.name] = (product, torch.tensor(float(infos[0]["scale"]), dtype=torch.float64)
-                                       * torch.tensor(float(infos[1]["scale"]), dtype=torch.float64))
-        scale = builder.initializer(_float_tensor(float(infos[0]["scale"]) * float(infos[1]["scale"]),
-                                                  f"{label}.product_scale"))
+        product_scale = float(infos[0]["scale"]) * float(infos[1]["scale"])  # float64, as the reference's
+        builder.products[node.name] = (product, torch.tensor(product_scale, dtype=torch.float64))
+        scale = builder.initializer(_float_tensor(product_scale, f"{label}.product_scale"))
         zero = builder.initializer(numpy_helper.from_array(np.array(0, np.int32), f"{label}.product_zero_point"))
         builder.add("DequantizeLinear", [product, scale, zero], [node.name], f"{label}/DequantizeLinear")
         builder.bits[product] = 32
