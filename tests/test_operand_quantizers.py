@@ -85,7 +85,7 @@ def test_freezing_lowers_operands_to_meet_an_activation_memory_budget():
     set_bits(gm, lambda name: 8)
     items = cost_items(gm, layers)
     activations = quantized_activations(gm)
-    at_8 = float(ActivationMemory(1, mode="sum").cost(items, current_bits(quantized_layers(gm), activations)))
+    at_8 = float(ActivationMemory(1, mode="sum").cost(items, current_bits(quantized_layers(gm), activations)).detach())
     operand_bytes = sum(a.info.elements for a in activations)  # at 8 bits
     budget = ActivationMemory(at_8 - operand_bytes / 2, mode="sum")  # needs the operands' bits lowered too
     frozen = freeze(gm, budget)
