@@ -31,7 +31,8 @@ from mpqc.ops.registry import arg, calls
 
 aten = torch.ops.aten
 
-_DIVISIONS = (operator.truediv, torch.div, torch.true_divide, aten.div.Tensor, "div", "true_divide", "__truediv__")
+#: A true division by a tensor, as fx (function or method) and torch.export record it.
+DIVISIONS = (operator.truediv, torch.div, torch.true_divide, aten.div.Tensor, "div", "true_divide", "__truediv__")
 _EXPANDS = (aten.expand_as.default, "expand_as")
 _CLAMP_MIN = (aten.clamp_min.default, torch.clamp_min, "clamp_min")
 _CLAMPS = (aten.clamp.default, torch.clamp, "clamp")
@@ -69,7 +70,7 @@ def _match(node: fx.Node) -> tuple[fx.Node, int, float] | None:
         eps, out = arg(node, 3, "eps", 1e-12), arg(node, 4, "out", None)
         ok = isinstance(x, fx.Node) and p in (2, 2.0) and isinstance(dim, int) and isinstance(eps, (int, float))
         return (x, dim, float(eps)) if ok and out is None else None
-    if not calls(node, _DIVISIONS) or len(node.args) != 2 or node.kwargs.get("rounding_mode") is not None:
+    if not calls(node, DIVISIONS) or len(node.args) != 2 or node.kwargs.get("rounding_mode") is not None:
         return None
     x, denominator = node.args
     if not isinstance(x, fx.Node):

@@ -32,11 +32,11 @@ import torch.nn.functional as F
 from torch import fx
 
 from mpqc.ops.registry import arg, calls
+from mpqc.passes.fuse_normalize import DIVISIONS
 
 aten = torch.ops.aten
 
 _MULTIPLY = (operator.mul, torch.mul, "mul", "__mul__", aten.mul.Tensor)
-_DIVIDE = (operator.truediv, torch.div, torch.true_divide, "div", "true_divide", "__truediv__", aten.div.Tensor)
 _ADD = (operator.add, torch.add, "add", "__add__", "__radd__", aten.add.Tensor, aten.add.Scalar)
 _RSQRT = (torch.rsqrt, "rsqrt", aten.rsqrt.default)
 _SQRT = (torch.sqrt, "sqrt", aten.sqrt.default)
@@ -75,7 +75,7 @@ def _normalization(node: fx.Node) -> tuple[fx.Node, float, int] | None:
             if match is not None:
                 return match
         return None
-    if calls(node, _DIVIDE) and len(node.args) == 2 and node.kwargs.get("rounding_mode") is None:
+    if calls(node, DIVISIONS) and len(node.args) == 2 and node.kwargs.get("rounding_mode") is None:
         return _root_mean_square(node.args[1], _SQRT, node.args[0])
     return None
 
