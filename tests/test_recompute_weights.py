@@ -81,3 +81,14 @@ def test_recompute_is_not_part_of_a_runs_identity():
     on = CompileConfig(quantizers=QuantizerConfig(recompute_weights=True))
     assert on.identity() == CompileConfig().identity()
     assert CompileConfig(seed=1).identity() != CompileConfig().identity()
+
+
+@pytest.mark.parametrize("flag, expected", [([], None), (["--recompute-weights"], True),
+                                            (["--no-recompute-weights"], False)])
+@pytest.mark.parametrize("command", ["compile", "sweep"])
+def test_the_cli_takes_the_choice(command, flag, expected):
+    from mpqc.cli import _parser
+
+    args = _parser().parse_args([command, "--model", "m.py:f", "--data", "digits", "--budget", "avg-bits=4",
+                                 "--out", "runs/x", *flag])
+    assert args.recompute_weights is expected
