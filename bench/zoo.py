@@ -209,11 +209,11 @@ def search_steps(gm, shape: tuple[int, ...], steps: int = SEARCH_STEPS, seed: in
     for _ in range(steps):
         x = torch.randn(shape, generator=generator)
         y = torch.randint(0, NUM_CLASSES, (shape[0],), generator=generator)
+        optimizer.zero_grad()  # before the forward pass: the last step's gradients (a copy of the weights) freed
         out = gm(x)
         loss = F.cross_entropy(out, y)
         if not torch.isfinite(loss):
             raise FloatingPointError(f"search loss is {float(loss)}")
-        optimizer.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(gm.parameters(), 1.0)
         optimizer.step()

@@ -254,12 +254,13 @@ class _Objective(nn.Module):
 
 def _step(model: nn.Module, objective: nn.Module, batch, budget: BudgetTerm | None,
           weight_opt, quant_opt, progress: float, where: str) -> dict[str, float]:
-    loss, metrics = objective(batch, progress, where)
-    if not math.isfinite(metrics["loss"]):
-        return metrics
+    # the last step's gradients (a copy of every weight) are freed before this step's forward pass, not after it
     weight_opt.zero_grad(set_to_none=True)
     if quant_opt is not None:
         quant_opt.zero_grad(set_to_none=True)
+    loss, metrics = objective(batch, progress, where)
+    if not math.isfinite(metrics["loss"]):
+        return metrics
     loss.backward()
     weight_opt.step()
     if quant_opt is not None:
