@@ -541,10 +541,12 @@ def merge(parts: list[str], out: Path, expected: list[str] = ()) -> int:
         for name, results in payload["models"].items():
             models.pop(name, None)
             models[name] = results
-            runs[name] = {**payload.get("runs", {}).get(name, {}), "part": Path(part).name}
+            runs[name] = {**payload.get("runs", {}).get(name, {}), "part": Path(part).name,
+                          "batch": payload["settings"].get("batch")}  # parts may differ (--batch 1 for the large)
     not_run = sorted(({name for payload in payloads for name in payload["not_run"]} | set(expected)) - set(models))
     settings = {**payloads[-1]["settings"], "merged_from": [Path(part).name for part in parts]}
     settings["tvm"] = all(payload["settings"].get("tvm") for payload in payloads)
+    settings["batch"] = sorted({payload["settings"].get("batch") for payload in payloads})  # each model's: runs
     _dump(out, {"format": "mpqc-zoo/1", "stages": STAGES, "settings": settings, "models": models, "runs": runs,
                 "not_run": not_run})
     print(format_table(models))
