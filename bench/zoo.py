@@ -546,7 +546,8 @@ def merge(parts: list[str], out: Path, expected: list[str] = ()) -> int:
     not_run = sorted(({name for payload in payloads for name in payload["not_run"]} | set(expected)) - set(models))
     settings = {**payloads[-1]["settings"], "merged_from": [Path(part).name for part in parts]}
     settings["tvm"] = all(payload["settings"].get("tvm") for payload in payloads)
-    settings["batch"] = sorted({payload["settings"].get("batch") for payload in payloads})  # each model's: runs
+    batches = {payload["settings"].get("batch") for payload in payloads} - {None}
+    settings["batch"] = sorted(batches)  # each model's own in its run
     _dump(out, {"format": "mpqc-zoo/1", "stages": STAGES, "settings": settings, "models": models, "runs": runs,
                 "not_run": not_run})
     print(format_table(models))

@@ -76,24 +76,26 @@ def test_modern_cnns_pass_every_stage_tvm_included(name):
 
 
 def test_parts_merge_into_one_table(tmp_path):
-    """``--merge``: a model in two parts keeps the later part's verdicts and run (commit, wall time), the models
+    """``--merge``: a model in two parts keeps the later part's verdicts and run (commit, wall time, batch), the models
     ``--all`` names that no part holds are listed as not run, and a table of other stages is refused."""
-    def part(name: str, models: dict[str, str]) -> str:
+    def part(name: str, models: dict[str, str], batch: int) -> str:
         results = {m: {s: {"status": status, "message": "", "seconds": 1.0} for s in zoo.STAGES}
                    for m, status in models.items()}
         runs = {m: {"commit": name, "wall_seconds": 2.0} for m in models}
         path = tmp_path / f"{name}.json"
-        zoo._dump(path, {"format": "mpqc-zoo/1", "stages": zoo.STAGES, "settings": {"tvm": True}, "models": results,
+        zoo._dump(path, {"format": "mpqc-zoo/1", "stages": zoo.STAGES, "settings": {"tvm": True, "batch": batch},
+                         "models": results,
                          "runs": runs, "not_run": []})
         return str(path)
 
-    first, second = part("a", {"resnet18": "FAIL", "alexnet": "ok"}), part("b", {"resnet18": "ok"})
+    first, second = part("a", {"resnet18": "FAIL", "alexnet": "ok"}, 4), part("b", {"resnet18": "ok"}, 1)
     out = tmp_path / "all.json"
     skip = ",".join(m for m in zoo.every_torchvision_classifier() if m not in ("resnet18", "alexnet", "vgg11"))
     assert zoo.main(["--merge", first, second, "--all", "--skip", skip, "--out", str(out)]) == 0
     merged = zoo.json.loads(out.read_text())
     assert merged["models"]["resnet18"]["tvm"]["status"] == "ok" and merged["runs"]["resnet18"]["commit"] == "b"
-    assert merged["runs"]["alexnet"] == {"commit": "a", "wall_seconds": 2.0, "part": "a.json"}
+    assert merged["runs"]["alexnet"] == {"commit": "a", "wall_seconds": 2.0, "part": "a.json", "batch": 4}
+    assert merged["runs"]["resnet18"]["batch"] == 1 and merged["settings"]["batch"] == [1, 4]
     assert merged["not_run"] == ["vgg11"] and merged["settings"]["merged_from"] == ["a.json", "b.json"]
     bad = tmp_path / "old.json"
     bad.write_text(zoo.json.dumps({"format": "mpqc-zoo/1", "stages": zoo.STAGES[:-1], "models": {}, "not_run": []}))
