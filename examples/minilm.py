@@ -196,6 +196,7 @@ def _config(args: argparse.Namespace, distill: bool | None) -> mpqc.CompileConfi
                                 quantizer_lr=args.quantizer_lr, distill=distill, checkpoint_every=25),
         finetune=mpqc.TrainConfig(epochs=1, max_steps_per_epoch=args.finetune_steps, lr=args.lr,
                                   penalty_weight=0.0, distill=distill, checkpoint_every=25),
+        rounding=mpqc.RoundingConfig(how=args.weight_rounding, batches=8),
         seed=args.seed, progress=not args.no_progress)
 
 
@@ -204,6 +205,7 @@ def _recipe(args: argparse.Namespace) -> dict:
     return {"loss": (f"pooled cosine + {args.layer_weight:g} x hidden-state MSE (layer-wise)" if args.layer_weight > 0
                      else "pooled cosine"), "lr": args.lr, "quantizer_lr": args.quantizer_lr,
             "batch_size": args.batch_size, "shift_activations": not args.no_shift,
+            "weight_rounding": args.weight_rounding,
             "command": " ".join(["python3 examples/minilm.py", *sys.argv[1:]])}
 
 
@@ -387,6 +389,9 @@ def main(argv: list[str] | None = None) -> None:
                                       "(default distill_BITSb, deploy_BITSb)")
     parser.add_argument("--no-shift", action="store_true",
                         help="keep GELU outputs signed (no shift into the FFN's output.dense bias)")
+    parser.add_argument("--weight-rounding", choices=("nearest", "mse", "gptq"), default="nearest",
+                        help="how the frozen weights are fitted to their grids before fine-tuning (mpqc.RoundingConfig; "
+                             "gptq on 8 training batches)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", help="run directory (default runs/minilm-PART-BITSb)")
     parser.add_argument("--resume", action="store_true", help="continue the interrupted run in --out")

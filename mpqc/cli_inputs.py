@@ -20,7 +20,7 @@ from mpqc.errors import ConfigError
 
 def prepare_run(args: argparse.Namespace, activation_bits: str):
     """The fp32 model, example inputs, loaders and CompileConfig that ``compile`` and ``sweep`` options describe."""
-    from mpqc.config import CompileConfig, QuantizerConfig, TrainConfig
+    from mpqc.config import CompileConfig, QuantizerConfig, RoundingConfig, TrainConfig
     from mpqc.text_data import TEXT_DATASETS
 
     if args.data in TEXT_DATASETS:
@@ -39,6 +39,7 @@ def prepare_run(args: argparse.Namespace, activation_bits: str):
         finetune=TrainConfig(epochs=args.finetune_epochs, max_steps_per_epoch=args.steps_per_epoch, lr=0.005,
                              penalty_weight=0.0, distill=args.distill, quantizer_lr=args.quantizer_lr,
                              checkpoint_every=args.checkpoint_every),
+        rounding=RoundingConfig(how=args.weight_rounding),
         seed=args.seed,
         progress=not args.no_progress,
     )

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import itertools
 import shutil
 import tempfile
 import time
@@ -31,6 +32,7 @@ from mpqc.passes.freeze import freeze
 from mpqc.passes.insert_quantizers import (cost_items, current_bits, quantized_activations, quantized_layers,
                                           smallest_bits)
 from mpqc.passes.prune_channels import fewest_channels, prune_channels
+from mpqc.passes.round_weights import round_weights
 from mpqc.quantizers import get_method
 from mpqc.reference import IntegerProgram
 from mpqc.report import REPORT_FORMAT, load_report, save_report
@@ -117,6 +119,8 @@ def compile(
     gm = prune_channels(gm, example_inputs, budget, calibration)                   # 6. drop 0-bit channels
     unpruned, layers = layers, [layer.info for layer in quantized_layers(gm)]      #    (the smaller layers)
     gm = freeze(gm, budget)                                                        # 7. integer bits meeting budget
+    gm = round_weights(gm, _rounding_inputs(task, gm, train_loader, config),       #    scales and rounding fitted
+                       config.rounding.how, config.rounding.damping)              #    to them (MSE, GPTQ)
     finetune(gm, train_loader, config.finetune, checkpoint=run.checkpoint("finetune"),  # 8. fine-tune, bits fixed
              seed=config.seed + 1, teacher=teacher, progress=config.progress, task=task)
     gm.eval()
@@ -224,6 +228,16 @@ def prepare_task(gm: GraphModule, example_inputs: tuple, train_loader: DataLoade
     if task.step_accuracy is not None:  # classification: labels in [0, classes)
         check_loader(train_loader, "train", config.num_classes or _output_width(gm, example_inputs))
     return task.checked(gm, first_batch)
+
+
+def _rounding_inputs(task: Task, gm: GraphModule, train_loader: DataLoader, config: CompileConfig) -> list[tuple]:
+    """The model inputs of the first ``config.rounding.batches`` training batches, without augmentation, the same
+    on every process (GPTQ's calibration data); none unless the rounding reads data."""
+    if config.rounding.how != "gptq":
+        return []
+    with augmentation_off(train_loader):
+        batches = itertools.islice(epoch_batches(train_loader, config.seed), config.rounding.batches)
+        return [_model_inputs(task, gm, batch) for batch in batches]
 
 
 def _model_inputs(task: Task, gm: GraphModule, batch: Any) -> tuple:

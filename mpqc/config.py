@@ -122,6 +122,32 @@ class TrainConfig:
             raise ConfigError(f"checkpoint_every must be >= 1, got {self.checkpoint_every}")
 
 
+#: How the frozen weights are fitted to their integer grids before fine-tuning (``passes/round_weights.py``).
+WEIGHT_ROUNDINGS = ("nearest", "mse", "gptq")
+
+
+@dataclass(frozen=True)
+class RoundingConfig:
+    """How ``mpqc.compile`` fits the frozen weights to their grids before fine-tuning (``passes/round_weights.py``).
+
+    ``how``: ``"nearest"`` (default: the searched ranges, round to nearest), ``"mse"`` (each channel's scale
+    re-fitted to its integer bit-width) or ``"gptq"`` (those scales, then GPTQ's error-compensating rounding of
+    every conv and linear on ``batches`` training batches, ``H`` damped by ``damping`` times its mean diagonal).
+    """
+
+    how: str = "nearest"
+    batches: int = 4
+    damping: float = 0.01
+
+    def __post_init__(self) -> None:
+        if self.how not in WEIGHT_ROUNDINGS:
+            raise ConfigError(f"weight rounding must be one of {WEIGHT_ROUNDINGS}, got {self.how!r}")
+        if self.batches < 1:
+            raise ConfigError(f"rounding batches must be >= 1, got {self.batches}")
+        if not 0 < self.damping <= 1:
+            raise ConfigError(f"rounding damping must be in (0, 1], got {self.damping}")
+
+
 @dataclass(frozen=True)
 class CompileConfig:
     """Everything ``mpqc.compile`` takes besides the model, inputs, budget, data and method."""
@@ -129,6 +155,7 @@ class CompileConfig:
     quantizers: QuantizerConfig = QuantizerConfig()
     search: TrainConfig = TrainConfig(epochs=2)
     finetune: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=1, lr=0.005, penalty_weight=0.0))
+    rounding: RoundingConfig = RoundingConfig()
     seed: int = 0
     num_classes: int | None = None
     progress: bool = True

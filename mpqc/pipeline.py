@@ -31,6 +31,7 @@ STAGES: tuple[str, ...] = (
     "search",              # mpqc/search.py: differentiable, budget-penalised
     "prune_channels",      # passes/prune_channels.py: drop 0-bit channels
     "freeze",              # passes/freeze.py: integer bits meeting the budget
+    "round_weights",       # passes/round_weights.py: scales and rounding fitted to those bits (MSE, GPTQ)
     "finetune",            # mpqc/train.py: bits fixed
     "to_integer_program",  # passes/to_integer_program.py: the integer model
 )
