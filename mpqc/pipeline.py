@@ -7,8 +7,8 @@ and the tests' helpers.
 ``STAGES`` names every stage of ``mpqc.compile`` in order; the functions below run the fixed runs of them that
 every caller shares (``trace``: the fp32 graph and its layers; ``quantize``: learnable quantizers, pruning marks and
 the unsupported-op check before any training; ``to_integer_program``: the frozen graph as an integer program).
-The search, pruning, freezing and fine-tuning between them take the caller's budget, data and checkpoints, so
-``mpqc/compile.py`` calls them itself, in this order.
+The search, pruning, freezing, weight rounding and fine-tuning between them take the caller's budget, data and
+checkpoints, so ``mpqc/compile.py`` calls them itself, in this order.
 """
 from __future__ import annotations
 
