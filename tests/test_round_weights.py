@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import mpqc
-from conftest import FAST, freeze_at_random_bits, quantized_graph
+from conftest import FAST, ROOT, freeze_at_random_bits, quantized_graph
 from conftest import example_batch as _example
 from mpqc.config import RoundingConfig
 from mpqc.errors import ConfigError
@@ -141,3 +141,18 @@ def test_compile_with_gptq_rounding_meets_its_budget_and_the_integer_model_agree
     accuracy = report["accuracy"]
     assert accuracy["quantized"] > 60, accuracy
     assert abs(accuracy["integer_reference"] - accuracy["quantized"]) < 2.0, accuracy
+
+
+@pytest.mark.parametrize("command", ["compile", "sweep"])
+def test_the_cli_passes_the_rounding_into_the_config(command, monkeypatch):
+    from mpqc.cli import _parser
+    from mpqc.cli_inputs import prepare_run
+
+    monkeypatch.chdir(ROOT)
+    common = [command, "--model", "examples/models.py:small_cnn", "--data", "digits", "--budget", "avg-bits=4",
+              "--out", "runs/x", "--subset", "64", "--val-subset", "32"]
+    for flag, expected in (([], "nearest"), (["--weight-rounding", "gptq"], "gptq")):
+        args = _parser().parse_args(common + flag)
+        assert prepare_run(args, "8")[-1].rounding.how == expected
+    with pytest.raises(SystemExit):
+        _parser().parse_args(common + ["--weight-rounding", "up"])
