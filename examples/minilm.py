@@ -293,7 +293,7 @@ def classify(args: argparse.Namespace) -> dict:
              "fp32_top1": fp32, "integer_top1": integer, "drop": fp32 - integer, **_compiled_summary(compiled),
              "eval_wall_s": time.perf_counter() - evaluated, "wall_s": time.perf_counter() - started}
     print(f"held-out top-1: fp32 {fp32:.2f}% -> integer {integer:.2f}% (drop {fp32 - integer:.2f})")
-    _record(f"classify_{args.avg_bits:g}b", entry)
+    _record(args.key or f"classify_{args.avg_bits:g}b", entry)
     return entry
 
 
@@ -385,8 +385,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--quantizer-lr", type=float, default=0.03)
     parser.add_argument("--layer-weight", type=float, default=LAYER_WEIGHT,
                         help="distill: weight of the hidden-state (layer-wise) term; 0: the pooled cosine alone")
-    parser.add_argument("--key", help="distill, deploy: the JSON key the result is recorded under "
-                                      "(default distill_BITSb, deploy_BITSb)")
+    parser.add_argument("--key", help="the JSON key the result is recorded under "
+                                      "(default distill_BITSb, classify_BITSb, deploy_BITSb)")
     parser.add_argument("--no-shift", action="store_true",
                         help="keep GELU outputs signed (no shift into the FFN's output.dense bias)")
     parser.add_argument("--weight-rounding", choices=("nearest", "mse", "gptq"), default="mse",
