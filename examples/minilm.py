@@ -43,6 +43,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import math
 import os
 import sys
 import time
@@ -184,7 +185,14 @@ def _machine() -> str:
     return f"{describe_cpu()}, {os.cpu_count()} cores"
 
 
-def _config(args: argparse.Namespace, distill: bool | None) -> mpqc.CompileConfig:
+def _phase(steps: int, batches_per_epoch: int) -> dict:
+    """``steps`` training steps as whole epochs of at most ``batches_per_epoch`` batches (an epoch is one pass over
+    the training texts, so more steps than that take more epochs)."""
+    epochs = max(1, math.ceil(steps / batches_per_epoch))
+    return {"epochs": epochs, "max_steps_per_epoch": math.ceil(steps / epochs)}
+
+
+def _config(args: argparse.Namespace, distill: bool | None, batches_per_epoch: int) -> mpqc.CompileConfig:
     return mpqc.CompileConfig(
         # activation ranges start at the calibration maximum: a transformer's few massive activations (at a
         # handful of tokens) are what the 99.99th-percentile default clips; measured at W8A8 before training,
@@ -192,9 +200,9 @@ def _config(args: argparse.Namespace, distill: bool | None) -> mpqc.CompileConfi
         # GELU's output (-0.17 .. +25 in the FFN) shifted to be nonnegative, unsigned codes (``--no-shift`` off)
         quantizers=mpqc.QuantizerConfig(activation_bits=mpqc.BitRange(8, 8), activation_percentile=100.0,
                                         shift_activations=not args.no_shift),
-        search=mpqc.TrainConfig(epochs=1, max_steps_per_epoch=args.search_steps, lr=args.lr,
+        search=mpqc.TrainConfig(**_phase(args.search_steps, batches_per_epoch), lr=args.lr,
                                 quantizer_lr=args.quantizer_lr, distill=distill, checkpoint_every=25),
-        finetune=mpqc.TrainConfig(epochs=1, max_steps_per_epoch=args.finetune_steps, lr=args.lr,
+        finetune=mpqc.TrainConfig(**_phase(args.finetune_steps, batches_per_epoch), lr=args.lr,
                                   penalty_weight=0.0, distill=distill, checkpoint_every=25),
         rounding=mpqc.RoundingConfig(how=args.weight_rounding, batches=8),
         seed=args.seed, progress=not args.no_progress)
@@ -252,7 +260,8 @@ def distill(args: argparse.Namespace) -> dict:
     task = (dict(loss=layerwise_distillation(args.layer_weight), forward=pooled_and_layers, metric=cosine_to_fp32)
             if layerwise else dict(loss="distill-cosine", forward=pooled))
     compiled = mpqc.compile(model, _example(val), budget=mpqc.AverageBits(args.avg_bits), data=(train, val),
-                            config=_config(args, distill=False), out=out, resume=args.resume, force=not args.resume,
+                            config=_config(args, distill=False, batches_per_epoch=len(train)), out=out,
+                            resume=args.resume, force=not args.resume,
                             **task)
     teacher = _cached(f"fp32-heldout-{args.eval_texts}-{args.max_length}", lambda: embed(model, held_out))
     evaluated = time.perf_counter()
@@ -283,7 +292,8 @@ def classify(args: argparse.Namespace) -> dict:
         fp32 = evaluate_top1(model, held_out)
     out = Path(args.out or f"runs/minilm-classify-{args.avg_bits:g}b")
     compiled = mpqc.compile(model, _example(val), budget=mpqc.AverageBits(args.avg_bits), data=(train, val),
-                            config=_config(args, distill=True), loss=cross_entropy, forward=pooled, metric=top1,
+                            config=_config(args, distill=True, batches_per_epoch=len(train)), loss=cross_entropy,
+                            forward=pooled, metric=top1,
                             out=out, resume=args.resume, force=not args.resume)
     evaluated = time.perf_counter()
     integer = evaluate_top1(compiled, held_out)
