@@ -120,7 +120,7 @@ def compile(
     unpruned, layers = layers, [layer.info for layer in quantized_layers(gm)]      #    (the smaller layers)
     gm = freeze(gm, budget)                                                        # 7. integer bits meeting budget
     gm = round_weights(gm, _rounding_inputs(task, gm, train_loader, config),       #    scales and rounding fitted
-                       config.rounding.how, config.rounding.damping)              #    to them (MSE, GPTQ)
+                       config.rounding.how, config.rounding.damping, config.progress)  # to them (MSE, GPTQ)
     finetune(gm, train_loader, config.finetune, checkpoint=run.checkpoint("finetune"),  # 8. fine-tune, bits fixed
              seed=config.seed + 1, teacher=teacher, progress=config.progress, task=task)
     gm.eval()

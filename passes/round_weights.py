@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.fx import GraphModule
+from tqdm import tqdm
 
 from mpqc.config import WEIGHT_ROUNDINGS
 from mpqc.errors import ConfigError
@@ -42,9 +43,10 @@ GPTQ_BLOCK = 128
 
 @torch.no_grad()
 def round_weights(gm: GraphModule, calibration: Sequence[tuple[Tensor, ...]], how: str = "gptq",
-                  damping: float = 0.01) -> GraphModule:
+                  damping: float = 0.01, progress: bool = False) -> GraphModule:
     """Fit every frozen weight quantizer's scales (``"mse"``) and its weight's rounding (``"gptq"``, on the
-    positional ``calibration`` inputs: one tuple per batch); ``"nearest"`` leaves the graph as it is."""
+    positional ``calibration`` inputs: one tuple per batch); ``"nearest"`` leaves the graph as it is.
+    ``progress`` shows a bar over GPTQ's layers (one partial forward pass per layer and batch)."""
     if how not in WEIGHT_ROUNDINGS:
         raise ConfigError(f"weight rounding must be one of {WEIGHT_ROUNDINGS}, got {how!r}")
     if how == "nearest":
@@ -58,10 +60,10 @@ def round_weights(gm: GraphModule, calibration: Sequence[tuple[Tensor, ...]], ho
             raise ConfigError("GPTQ weight rounding needs calibration batches; none were given")
         training = gm.training
         gm.eval()  # no dropout, no statistics updated while the inputs are recorded
+        rounded = [layer for layer in layers if isinstance(layer.module, (nn.Conv1d, nn.Conv2d, nn.Linear))]
         try:
-            for layer in layers:
-                if isinstance(layer.module, (nn.Conv1d, nn.Conv2d, nn.Linear)):
-                    _gptq_layer(gm, layer, calibration, damping)
+            for layer in tqdm(rounded, desc="GPTQ rounding", disable=not progress, leave=False, dynamic_ncols=True):
+                _gptq_layer(gm, layer, calibration, damping)
         finally:
             gm.train(training)
     return gm
