@@ -35,7 +35,8 @@ class _QuantWeightMixin:
         """A quantized copy of ``layer`` sharing its weight and bias tensors."""
         quantized = cls.__new__(cls)
         nn.Module.__init__(quantized)
-        quantized.__dict__.update({k: v for k, v in layer.__dict__.items() if not k.startswith("_")})
+        quantized.__dict__.update({k: v for k, v in layer.__dict__.items()
+                                   if not k.startswith("_") or k == "_reversed_padding_repeated_twice"})  # F.pad's
         quantized._parameters = dict(layer._parameters)
         quantized._buffers = dict(layer._buffers)
         quantized.weight_quantizer = weight_quantizer

@@ -6,8 +6,9 @@ Rewrites to: nothing structural; per ``how`` (:data:`WEIGHT_ROUNDINGS`):
             * ``"nearest"``: nothing. Each weight keeps the range the search left (``freeze`` kept it, with the
               step of the integer bit-width) and rounds to the nearest level, as fine-tuning starts from today.
             * ``"mse"``: each channel's scale re-fitted to its frozen bit-width by the MSE search that sets the
-              starting ranges (:func:`mpqc.quantizers.calibration.mse_channel_clip`): a range learned at 5.3
-              bits is too wide for 3 (MiniLM's linears at 4 bits with fp32 activations: 0.94 -> 0.96 cosine).
+              starting ranges (:func:`mpqc.quantizers.calibration.mse_channel_clip`): the range the search left
+              was fitted to more bits than the frozen ones where the search did not move it far (MiniLM frozen at
+              3-bit table and 5-bit layers, A8, before training: cosine to fp32 0.886 -> 0.935).
             * ``"gptq"``: the ``"mse"`` scales, then GPTQ (Frantar et al., ICLR 2023: Optimal Brain Quantization one
               column at a time) on the convs and linears, in graph order: each layer's input is recorded on the
               calibration batches (through the layers already rounded, activation quantizers on), ``H = X^T X``
@@ -15,14 +16,17 @@ Rewrites to: nothing structural; per ``how`` (:data:`WEIGHT_ROUNDINGS`):
               columns not yet rounded (``H^-1``, damped by ``damping`` times its mean diagonal; columns in
               decreasing ``H`` diagonal, "act order"). The weight written back lies on its quantizer's grid, so
               the fake-quant forward returns it unchanged. Embedding rows are read one at a time (``H`` is the
-              identity there): the ``"mse"`` scales are already their best rounding.
+              identity there): the ``"mse"`` scales are already their best rounding. A layer module called at
+              two places in the graph is fitted to the inputs of its first call; a conv padded other than by
+              explicit zeros (``padding="same"``, reflect) keeps the ``"mse"`` rounding, with a warning naming it.
 Requires:   ``freeze`` has run (every weight quantizer fixed).
 Ensures:    the graph's structure, bit-widths and budget cost are unchanged; with ``"gptq"`` every rounded weight
             equals its fake-quantized value (tested), and each layer's output error on the calibration inputs is
-            at most round-to-nearest's (the GPTQ objective; tested on correlated inputs, where it is well below).
+            what GPTQ minimises (greedily: on correlated inputs under half of round-to-nearest's, tested).
 """
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 
 import torch
@@ -61,6 +65,11 @@ def round_weights(gm: GraphModule, calibration: Sequence[tuple[Tensor, ...]], ho
         training = gm.training
         gm.eval()  # no dropout, no statistics updated while the inputs are recorded
         rounded = [layer for layer in layers if isinstance(layer.module, (nn.Conv1d, nn.Conv2d, nn.Linear))]
+        for layer in [layer for layer in rounded if not _unfoldable(layer.module)]:
+            warnings.warn(f"layer {layer.name!r}: GPTQ cannot unfold a {type(layer.module).__name__} padded "
+                          f"{layer.module.padding!r} ({layer.module.padding_mode}); its weight is rounded to nearest "
+                          "on its MSE ranges", stacklevel=2)
+            rounded.remove(layer)
         try:
             for layer in tqdm(rounded, desc="GPTQ rounding", disable=not progress, leave=False, dynamic_ncols=True):
                 _gptq_layer(gm, layer, calibration, damping)
@@ -75,6 +84,11 @@ def _fitted(layer: QuantizedLayer) -> bool:
         raise ConfigError(f"layer {layer.name!r}: round_weights runs after freeze, but its weight quantizer is "
                           f"{type(quantizer).__name__}")
     return quantizer.per_channel and quantizer.signed
+
+
+def _unfoldable(module: nn.Module) -> bool:
+    """Whether ``F.unfold`` gives the layer's input patches: a linear, or a conv zero-padded by explicit amounts."""
+    return isinstance(module, nn.Linear) or (not isinstance(module.padding, str) and module.padding_mode == "zeros")
 
 
 class _Recorded(Exception):
@@ -129,9 +143,6 @@ def _input_columns(module: nn.Module, x: Tensor) -> Tensor:
         padding, stride, dilation = (0, *module.padding), (1, *module.stride), (1, *module.dilation)
     else:
         kernel, padding, stride, dilation = module.kernel_size, module.padding, module.stride, module.dilation
-    if isinstance(padding, str) or module.padding_mode != "zeros":
-        raise ConfigError(f"GPTQ rounding of {type(module).__name__} with padding {module.padding!r} "
-                          f"({module.padding_mode}) is not supported")
     patches = F.unfold(x, kernel, dilation=dilation, padding=padding, stride=stride)  # [N, C * k, L]
     return patches.transpose(1, 2).reshape(-1, patches.shape[1])
 

@@ -156,3 +156,16 @@ def test_the_cli_passes_the_rounding_into_the_config(command, monkeypatch):
         assert prepare_run(args, "8")[-1].rounding.how == expected
     with pytest.raises(SystemExit):
         _parser().parse_args(common + ["--weight-rounding", "up"])
+
+
+def test_gptq_leaves_a_conv_it_cannot_unfold_at_mse_rounding_and_names_it():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1, padding_mode="reflect"), nn.ReLU(), nn.Conv2d(4, 4, 1)).eval()
+    x = torch.randn(2, 3, 8, 8)
+    gm, _ = quantized_graph(model, x)
+    gm, _ = freeze_at_random_bits(gm, low=4, high=4)
+    by_mse = round_weights(copy.deepcopy(gm), [], "mse")
+    with pytest.warns(UserWarning, match="layer '0'.*QuantConv2d padded \\(1, 1\\) \\(reflect\\)"):
+        round_weights(gm, [(x,)], "gptq")
+    (padded, plain), (padded_mse, plain_mse) = quantized_layers(gm), quantized_layers(by_mse)
+    assert torch.equal(padded.module.weight, padded_mse.module.weight)  # the float weight, rounded by its MSE range
+    assert not torch.equal(plain.module.weight, plain_mse.module.weight)  # GPTQ-rounded
