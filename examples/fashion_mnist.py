@@ -77,6 +77,8 @@ def main() -> None:
     parser.add_argument("--fp32-epochs", type=int, default=None, help="override the recipe's fp32 epochs")
     parser.add_argument("--steps", type=int, default=None,
                         help="override the recipe's steps per search / fine-tuning epoch")
+    parser.add_argument("--weight-rounding", choices=("nearest", "mse", "gptq"), default="nearest",
+                        help="how the frozen weights meet their grids before fine-tuning (mpqc.RoundingConfig)")
     parser.add_argument("--resume", action="store_true")
     parser.add_argument("--force", action="store_true")
     args = parser.parse_args()
@@ -103,6 +105,7 @@ def main() -> None:
         finetune=mpqc.TrainConfig(epochs=r.finetune_epochs, max_steps_per_epoch=r.steps_per_epoch,
                                   lr=0.005, penalty_weight=0.0, distill=True),
         quantizers=quantizers,
+        rounding=mpqc.RoundingConfig(how=args.weight_rounding),
     )
     example = next(iter(val_loader))[0][:2]
     result = mpqc.compile(model, example, budget=budget, data=(train_loader, val_loader), method=args.method,

@@ -400,8 +400,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--no-shift", action="store_true",
                         help="keep GELU outputs signed (no shift into the FFN's output.dense bias)")
     parser.add_argument("--weight-rounding", choices=("nearest", "mse", "gptq"), default="mse",
-                        help="how the frozen weights are fitted to their grids before fine-tuning (mpqc.RoundingConfig; "
-                             "gptq on 8 training batches)")
+                        help="how the frozen weights are fitted to their grids before fine-tuning "
+                             "(mpqc.RoundingConfig; gptq on 8 training batches)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", help="run directory (default runs/minilm-PART-BITSb)")
     parser.add_argument("--resume", action="store_true", help="continue the interrupted run in --out")
