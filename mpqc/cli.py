@@ -98,10 +98,10 @@ def _parser() -> argparse.ArgumentParser:
                    help="recompute each weight quantizer in the backward pass instead of keeping its intermediates: "
                         "about half the training memory of a large model, one more weight quantization per step "
                         "(default: on from 100 M quantized weights)")
-    c.add_argument("--weight-rounding", choices=("nearest", "mse", "gptq"), default="nearest",
-                   help="how the frozen weights are fitted to their integer grids before fine-tuning: nearest "
-                        "(default: the searched ranges), mse (each channel's range re-fitted to its bits) or gptq "
-                        "(those ranges, then GPTQ's error-compensating rounding on 4 training batches)")
+    c.add_argument("--weight-rounding", choices=("nearest", "mse", "gptq"), default="mse",
+                   help="how the frozen weights are fitted to their integer grids before fine-tuning: mse (default: "
+                        "each channel's range re-fitted to its bits), nearest (the searched ranges) or gptq (the mse "
+                        "ranges, then GPTQ's error-compensating rounding on 4 training batches)")
     c.add_argument("--distill", action=argparse.BooleanOptionalAction, default=None,
                    help="knowledge distillation from the fp32 model (default: the method's; sdq: on in fine-tuning)")
     c.add_argument("--loss", help="the task's loss(outputs, batch, teacher_outputs) -> scalar, as FILE.py:CALLABLE or "

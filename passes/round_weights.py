@@ -4,8 +4,8 @@ Matches:    every quantized layer whose weight quantizer is a per-channel ``Fixe
 Rewrites to: nothing structural; per ``how`` (:data:`WEIGHT_ROUNDINGS`):
 
             * ``"nearest"``: nothing. Each weight keeps the range the search left (``freeze`` kept it, with the
-              step of the integer bit-width) and rounds to the nearest level, as fine-tuning starts from today.
-            * ``"mse"``: each channel's scale re-fitted to its frozen bit-width by the MSE search that sets the
+              step of the integer bit-width) and rounds to the nearest level.
+            * ``"mse"`` (``RoundingConfig``'s default): each channel's scale re-fitted to its frozen bit-width by the MSE search that sets the
               starting ranges (:func:`mpqc.quantizers.calibration.mse_channel_clip`): the range the search left
               was fitted to more bits than the frozen ones where the search did not move it far (MiniLM frozen at
               3-bit table and 5-bit layers, A8, before training: cosine to fp32 0.886 -> 0.935).

@@ -151,7 +151,7 @@ def test_the_cli_passes_the_rounding_into_the_config(command, monkeypatch):
     monkeypatch.chdir(ROOT)
     common = [command, "--model", "examples/models.py:small_cnn", "--data", "digits", "--budget", "avg-bits=4",
               "--out", "runs/x", "--subset", "64", "--val-subset", "32"]
-    for flag, expected in (([], "nearest"), (["--weight-rounding", "gptq"], "gptq")):
+    for flag, expected in (([], "mse"), (["--weight-rounding", "gptq"], "gptq")):
         args = _parser().parse_args(common + flag)
         assert prepare_run(args, "8")[-1].rounding.how == expected
     with pytest.raises(SystemExit):
