@@ -28,6 +28,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import mpqc
+from mpqc.config import WEIGHT_ROUNDINGS
 from mpqc.cpu import describe_cpu
 from mpqc.data import loaders
 from mpqc.pretrain import cached_fp32
@@ -77,7 +78,7 @@ def main() -> None:
     parser.add_argument("--fp32-epochs", type=int, default=None, help="override the recipe's fp32 epochs")
     parser.add_argument("--steps", type=int, default=None,
                         help="override the recipe's steps per search / fine-tuning epoch")
-    parser.add_argument("--weight-rounding", choices=("nearest", "mse", "gptq"), default="mse",
+    parser.add_argument("--weight-rounding", choices=WEIGHT_ROUNDINGS, default="mse",
                         help="how the frozen weights meet their grids before fine-tuning (mpqc.RoundingConfig)")
     parser.add_argument("--resume", action="store_true")
     parser.add_argument("--force", action="store_true")

@@ -59,6 +59,7 @@ sys.path.insert(0, str(ROOT))  # this checkout's mpqc, when run as a script
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # minilm_task beside it, however this file is loaded
 
 import mpqc  # noqa: E402
+from mpqc.config import WEIGHT_ROUNDINGS  # noqa: E402
 from mpqc.data import cache_root  # noqa: E402
 from mpqc.errors import ConfigError  # noqa: E402
 from mpqc.text_data import fortune_categories, fortunes, load_tokenizer  # noqa: E402
@@ -399,7 +400,7 @@ def main(argv: list[str] | None = None) -> None:
                                       "(default distill_BITSb, classify_BITSb, deploy_BITSb)")
     parser.add_argument("--no-shift", action="store_true",
                         help="keep GELU outputs signed (no shift into the FFN's output.dense bias)")
-    parser.add_argument("--weight-rounding", choices=("nearest", "mse", "gptq"), default="mse",
+    parser.add_argument("--weight-rounding", choices=WEIGHT_ROUNDINGS, default="mse",
                         help="how the frozen weights are fitted to their grids before fine-tuning "
                              "(mpqc.RoundingConfig; gptq on 8 training batches)")
     parser.add_argument("--seed", type=int, default=0)

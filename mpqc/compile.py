@@ -207,12 +207,19 @@ def _split_data(data: Data | DataLoader | None) -> Data:
     raise DataError(f"data must be a DataLoader or a (train_loader, val_loader) pair, got {type(data).__name__}")
 
 
+def _first_batches(train_loader: DataLoader, seed: int, count: int) -> list[Any]:
+    """The train loader's first ``count`` batches for ``seed``, without augmentation (calibration data: the same
+    on every process)."""
+    with augmentation_off(train_loader):
+        return list(itertools.islice(epoch_batches(train_loader, seed), count))
+
+
 def _first_batch(train_loader: DataLoader, seed: int) -> Any:
     """The train loader's first batch for ``seed``, without augmentation (the calibration data)."""
-    with augmentation_off(train_loader):
-        for batch in epoch_batches(train_loader, seed):
-            return batch
-    raise DataError("train loader is empty")
+    batches = _first_batches(train_loader, seed, 1)
+    if not batches:
+        raise DataError("train loader is empty")
+    return batches[0]
 
 
 def prepare_task(gm: GraphModule, example_inputs: tuple, train_loader: DataLoader, config: CompileConfig, *,
@@ -231,13 +238,12 @@ def prepare_task(gm: GraphModule, example_inputs: tuple, train_loader: DataLoade
 
 
 def _rounding_inputs(task: Task, gm: GraphModule, train_loader: DataLoader, config: CompileConfig) -> list[tuple]:
-    """The model inputs of the first ``config.rounding.batches`` training batches, without augmentation, the same
-    on every process (GPTQ's calibration data); none unless the rounding reads data."""
+    """The model inputs of the first ``config.rounding.batches`` training batches (GPTQ's calibration data); none
+    unless the rounding reads data."""
     if config.rounding.how != "gptq":
         return []
-    with augmentation_off(train_loader):
-        batches = itertools.islice(epoch_batches(train_loader, config.seed), config.rounding.batches)
-        return [_model_inputs(task, gm, batch) for batch in batches]
+    return [_model_inputs(task, gm, batch)
+            for batch in _first_batches(train_loader, config.seed, config.rounding.batches)]
 
 
 def _model_inputs(task: Task, gm: GraphModule, batch: Any) -> tuple:
