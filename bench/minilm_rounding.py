@@ -37,7 +37,7 @@ from mpqc.config import WEIGHT_ROUNDINGS, QuantizerConfig  # noqa: E402
 from mpqc.passes.freeze import freeze  # noqa: E402
 from mpqc.passes.insert_quantizers import quantized_layers  # noqa: E402
 from mpqc.passes.round_weights import round_weights  # noqa: E402
-from mpqc.quantizers import BitRange, get_method  # noqa: E402
+from mpqc.quantizers import BitRange, FixedQuantizer, get_method  # noqa: E402
 from mpqc.quantizers.calibration import mse_channel_clip  # noqa: E402
 from mpqc.text_data import fortunes, load_tokenizer  # noqa: E402
 
@@ -47,16 +47,17 @@ BAR_NEEDS = ((8, 8), (6, 6), (6, 4), (5, 5), (5, 4), (5, 3), (4, 4), (4, 3))  # 
 
 
 def _rounded_to_nearest(model: torch.nn.Module, linear_bits: int, table_bits: int) -> torch.nn.Module:
-    """``model`` with every linear's and the word table's weight rounded to nearest, MSE-fitted ranges per row."""
+    """``model`` with every linear's and the word table's weight rounded to nearest on the grid mpqc freezes to
+    (``FixedQuantizer``: symmetric, MSE-fitted range per row)."""
     with torch.no_grad():
         for name, module in model.named_modules():
             bits = (linear_bits if isinstance(module, torch.nn.Linear)
                     else table_bits if isinstance(module, torch.nn.Embedding) and "word" in name else None)
             if bits is None:
                 continue
-            weight = module.weight
-            scale = (mse_channel_clip(weight, bits) / (2 ** (bits - 1) - 1)).unsqueeze(1)
-            weight.copy_((weight / scale).round().clamp(-2 ** (bits - 1), 2 ** (bits - 1) - 1) * scale)
+            quantizer = FixedQuantizer(bits, signed=True, scale=torch.ones(module.weight.shape[0]), per_channel=True)
+            quantizer.init_weight_clip_(module.weight, mse_channel_clip(module.weight, bits))  # as round_weights
+            module.weight.copy_(quantizer(module.weight))
     return model
 
 
@@ -72,8 +73,8 @@ def main() -> dict:
         teacher = embed(model, held_out)
     calibration = [(batch["input_ids"], batch["attention_mask"]) for batch in train]
 
-    first = next(iter(train))
-    traced, _ = pipeline.trace(model, {name: first[name][:2] for name in ("input_ids", "attention_mask")})
+    input_ids, attention_mask = calibration[0]
+    traced, _ = pipeline.trace(model, {"input_ids": input_ids[:2], "attention_mask": attention_mask[:2]})
     config = QuantizerConfig(activation_bits=BitRange(8, 8), activation_percentile=100.0)
     gm = pipeline.quantize(traced, get_method("dq"), config, calibration[0])
     for layer in quantized_layers(gm):
