@@ -100,8 +100,9 @@ def test_gptq_rounded_weights_are_their_own_fake_quantization_and_the_output_is_
 def test_mse_refits_each_channel_range_to_its_frozen_bits_and_nearest_changes_nothing():
     _, gm, batches = _frozen_convnet(seed=1)
     before = copy.deepcopy(gm)
+    saved = before.state_dict()
     round_weights(gm, batches, "nearest")
-    assert all(torch.equal(value, before.state_dict()[name]) for name, value in gm.state_dict().items())
+    assert all(torch.equal(value, saved[name]) for name, value in gm.state_dict().items())
     round_weights(gm, [], "mse")
     changed = 0
     for layer, old in zip(quantized_layers(gm), quantized_layers(before)):
