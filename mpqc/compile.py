@@ -31,7 +31,7 @@ from mpqc import pipeline
 from mpqc.passes.freeze import freeze
 from mpqc.passes.insert_quantizers import (cost_items, current_bits, quantized_activations, quantized_layers,
                                           smallest_bits)
-from mpqc.passes.prune_channels import fewest_channels, prune_channels
+from mpqc.passes.prune_channels import fewest_channels, gate_decisions, prune_channels
 from mpqc.passes.round_weights import round_weights
 from mpqc.quantizers import get_method
 from mpqc.reference import IntegerProgram
@@ -113,6 +113,8 @@ def compile(
         searched = {name: (float(b.weight), float(b.activation)) for name, b in bits.items()
                     if isinstance(b, LayerBits)}
         search_cost = float(budget.cost(cost_items(gm, layers), bits))
+        gates = {layer.name: gate_decisions(gate) for layer in quantized_layers(gm)
+                 if (gate := layer.weight_quantizer.channel_gate()) is not None}
     search_done = time.perf_counter()
     fixed_layers = {layer.name for layer in quantized_layers(gm) if not layer.weight_quantizer.learnable_bits}
 
@@ -138,7 +140,7 @@ def compile(
         model_name=type(model).__name__, method=method, budget=budget, layers=layers, program=program,
         activations=cost_items(gm, []),
         searched_bits=searched, fixed_layers=fixed_layers, unpruned_layers=unpruned, search_cost=search_cost,
-        smallest_cost=smallest,
+        smallest_cost=smallest, searched_gates=gates,
         accuracy=accuracy, metric=_metric_section(task, metrics),
         wall_time={"search": search_done - started, "finetune": finished - search_done,
                    "total": time.perf_counter() - started},
@@ -301,12 +303,14 @@ def build_report(
     searched_bits: dict[str, tuple[float, float]], fixed_layers: set[str], search_cost: float, smallest_cost: float,
     accuracy: dict[str, float | None], wall_time: dict[str, float],
     unpruned_layers: Sequence[LayerInfo] | None = None, metric: dict[str, Any] | None = None,
-    activations: Sequence[CostItem] = (),
+    activations: Sequence[CostItem] = (), searched_gates: dict[str, dict[str, int]] | None = None,
 ) -> dict[str, Any]:
     """The ``mpqc-report/1`` dict (see ``mpqc/report.py``) of a frozen program; ``layers`` describe the layers as
     frozen, ``unpruned_layers`` (default: the same) as they were before channel pruning; ``activations`` the
     quantized activations and products that are not layers (``insert_quantizers.cost_items``), which the budgets
-    count too."""
+    count too; ``searched_gates`` the channel gates of the layers that could prune, as the search left them
+    (``prune_channels.gate_decisions``)."""
+    searched_gates = searched_gates or {}
     unpruned_layers = unpruned_layers or layers
     pruned_channels = {old.name: old.out_channels - new.out_channels for old, new in zip(unpruned_layers, layers)}
     frozen = program.layer_bits()
@@ -330,6 +334,8 @@ def build_report(
             "params": params,
             "macs": sum(layer.macs for layer in layers),
             "pruned_channels": sum(pruned_channels.values()),
+            **({"undecided_channels": sum(gates["undecided"] for gates in searched_gates.values())}
+               if searched_gates else {}),
             "weight_bytes": float(WeightMemory(1).cost(layers, integer)),
             "fp32_weight_bytes": 4.0 * sum(layer.params for layer in unpruned_layers),
             "activation_bytes_max": float(ActivationMemory(1).cost(items, integer)),
@@ -348,6 +354,7 @@ def build_report(
              "weight_bits_search": searched_bits[layer.name][0],
              "activation_bits_search": searched_bits[layer.name][1],
              "fixed": layer.name in fixed_layers, "pruned_channels": pruned_channels.get(layer.name, 0),
+             **({"channel_gates_search": searched_gates[layer.name]} if layer.name in searched_gates else {}),
              **({} if predicted_ms is None else {"predicted_ms": predicted_ms[i]})}
             for i, layer in enumerate(layers)
         ],

@@ -187,7 +187,9 @@ def format_report(report: dict) -> str:
         f"average {_fmt(totals.get('average_activation_bits'), '.2f')} bits",
         f"compute      {_human(totals.get('params'), 'params')}, {_human(totals.get('macs'), 'MACs')}, "
         f"{_human(totals.get('bitops'), 'BitOPs')}"
-        + (f", {totals['pruned_channels']} channels pruned" if totals.get("pruned_channels") else ""),
+        + (f", {totals['pruned_channels']} channels pruned" if totals.get("pruned_channels") else "")
+        + (f" ({totals['undecided_channels']} gates undecided at the search's end)"
+           if totals.get("undecided_channels") else ""),
     ]
     if wall:
         lines.append("wall time    " + ", ".join(f"{k} {v:.1f} s" for k, v in wall.items() if v is not None))
@@ -201,6 +203,8 @@ def _notes(layer: dict) -> str:
     if layer.get("pruned_channels"):
         count = layer["pruned_channels"]
         notes.append(f"{count} channel{'s' if count > 1 else ''} pruned")
+    if (layer.get("channel_gates_search") or {}).get("undecided"):
+        notes.append(f"{layer['channel_gates_search']['undecided']} gates undecided")
     return ", ".join(notes)
 
 

@@ -202,6 +202,19 @@ def pruned_infos(gm: GraphModule, kept_channels: Mapping[str, int]) -> list[Laye
             for layer in layers]
 
 
+#: How close to 0 or 1 a gate must be to count as decided (:func:`gate_decisions`).
+DECIDED = 0.01
+
+
+def gate_decisions(gate: torch.Tensor) -> dict[str, int]:
+    """How many of a layer's channel gates the search left off (< 0.01), on (> 0.99) or undecided between: the
+    undecided ones are what pruning changes (a kept channel's gate is folded into it, a removed one's output
+    replaced by its mean), the decided ones it keeps or removes as they are."""
+    gate = gate.detach()
+    off, on = int((gate < DECIDED).sum()), int((gate > 1 - DECIDED).sum())
+    return {"off": off, "on": on, "undecided": gate.numel() - off - on}
+
+
 def fewest_channels(gm: GraphModule) -> list[LayerInfo]:
     """The layer infos with every layer whose quantizer prunes channels down to one channel: with every learnable
     quantizer at its minimum bits, the smallest cost the search space reaches (``Budget.check_feasible``)."""

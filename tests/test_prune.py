@@ -79,6 +79,31 @@ def test_the_polarisation_term_is_zero_at_pruned_and_whole_channels_and_pushes_t
     assert plain.extra_loss() is None  # pruning not enabled
 
 
+def test_the_gates_sharpen_over_the_search_to_0_or_1_and_the_cost_follows_them():
+    quantizer, weight = _prunable_quantizer()
+    with torch.no_grad():
+        quantizer.frac_bits.copy_(torch.tensor([0.0, 0.6, 0.9, 1.1, 1.6, 5.0]))
+    linear = torch.tensor([0.0, 0.3, 0.45, 0.55, 0.8, 1.0])
+    torch.testing.assert_close(quantizer.channel_gate(), linear)  # the search's first step: the linear gate
+    assert quantizer.bits().item() == pytest.approx((0 + 0.6 + 0.9 + 1.1 + 1.6 + 5) / 6)
+    quantizer.set_progress(0.5)  # exponent 10: on the way
+    midway = quantizer.channel_gate().detach()
+    assert (midway[1:3] < linear[1:3]).all() and (midway[3:5] > linear[3:5]).all()
+    quantizer.set_progress(1.0)  # the last step: every gate off or on
+    gate = quantizer.channel_gate().detach()
+    assert gate[0] == 0 and gate[5] == 1 and gate[1:3].max() < 1e-6 and gate[3:5].min() > 1 - 1e-6
+    assert quantizer.bits().item() == pytest.approx((0 + 0 + 0 + 2 + 2 + 5) / 6, abs=1e-5)  # min_bits x gate
+    q2 = quantizer.quantize_at(weight, 2).detach()
+    out = quantizer(weight)
+    torch.testing.assert_close(out[:3].detach(), torch.zeros_like(out[:3]), rtol=0, atol=1e-5)
+    torch.testing.assert_close(out[3:5].detach(), q2[3:5], rtol=1e-5, atol=1e-5)
+    out.pow(2).sum().backward()
+    assert torch.isfinite(quantizer.frac_bits.grad).all()  # 0 and 1 gates too (no 0 * inf from the logit)
+    resumed, _ = _prunable_quantizer()
+    resumed.load_state_dict(quantizer.state_dict())  # the schedule is in the state dict
+    torch.testing.assert_close(resumed.channel_gate(), quantizer.channel_gate())
+
+
 def test_without_pruning_the_bits_stop_at_min_bits_and_layer_wise_fracbits_cannot_prune():
     weight = torch.randn(4, 3, 3, 3)
     kernel = FracBitsWeightQuantizer(weight, init_bits=4, kernel_wise=True)
@@ -423,6 +448,10 @@ def test_compile_with_fracbits_kernel_prunes_channels_and_the_budget_counts_the_
     assert report["totals"]["fp32_weight_bytes"] == 4 * (16 * 9 + 32 * 16 * 9 + 10 * 32)  # the unpruned model
     assert abs(report["accuracy"]["integer_reference"] - report["accuracy"]["quantized"]) < 2.0
     assert "channels pruned" in mpqc.report.format_report(report)
+    gates = {layer["name"]: layer.get("channel_gates_search") for layer in report["layers"]}
+    assert gates["fc"] is None and sum(gates["conv1"].values()) == 16  # conv1 could prune, fc could not
+    # the sharpened gates leave no channel between off and on at the end of the search
+    assert report["totals"]["undecided_channels"] == 0, gates
 
 
 def test_pruning_reaches_a_weight_memory_below_two_bits_per_weight_which_no_other_method_can(

@@ -153,6 +153,34 @@ class Quantizer(nn.Module):
         return weight
 
 
+class AnnealedQuantizer(Quantizer):
+    """A quantizer with a value annealed geometrically over the phase, ``start * (final / start) ** progress``
+    (CSQ's temperature, FracBits' gate sharpness). ``progress`` is a buffer, so a checkpoint (and a resumed run, or
+    a pass that runs after the search from a saved model) carries where the schedule stood."""
+
+    def _init_schedule(self, start: float, final: float) -> None:
+        self.schedule_start, self.schedule_final = float(start), float(final)
+        self.register_buffer("progress", torch.tensor(0.0))
+        self._fraction = 0.0  # the buffer's value as a float, so no forward pass reads a device tensor
+
+    def set_progress(self, fraction: float) -> None:
+        self._fraction = min(max(float(fraction), 0.0), 1.0)
+        self.progress.fill_(self._fraction)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self._fraction = self.progress.item()
+
+    def annealed(self) -> float:
+        """The scheduled value where training stands."""
+        return self.schedule_start * (self.schedule_final / self.schedule_start) ** self._fraction
+
+    @property
+    def hard(self) -> bool:
+        """Whether the schedule has ended: at the search's last step (progress 1.0)."""
+        return self._fraction >= 1.0
+
+
 class FixedQuantizer(Quantizer):
     """Fixed integer bit-width, learnable scale (LSQ-style gradients through the straight-through round).
 

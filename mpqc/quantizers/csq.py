@@ -46,7 +46,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from mpqc.quantizers.base import BitRange, FixedQuantizer, Quantizer, channel_max
+from mpqc.quantizers.base import AnnealedQuantizer, BitRange, FixedQuantizer, channel_max
 from mpqc.quantizers.uniform import LearnedRangeQuantizer
 
 #: Temperature at the start and at the end of the search: a factor 200 as in the paper (its 1 -> 200), in logit
@@ -75,30 +75,11 @@ def _ordered(gate_logits: Tensor) -> Tensor:
     return gate_logits + (torch.cummin(gate_logits.detach(), dim=0).values - gate_logits.detach())
 
 
-class _Annealed(Quantizer):
-    """The temperature schedule: ``progress`` is a buffer, so a checkpoint (and a resumed run) carries it."""
-
-    def _init_schedule(self, start: float, final: float) -> None:
-        self.start_temperature, self.final_temperature = float(start), float(final)
-        self.register_buffer("progress", torch.tensor(0.0))
-        self._fraction = 0.0  # the buffer's value as a float, so no forward pass reads a device tensor
-
-    def set_progress(self, fraction: float) -> None:
-        self._fraction = min(max(float(fraction), 0.0), 1.0)
-        self.progress.fill_(self._fraction)
-
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-        self._fraction = self.progress.item()
+class _Annealed(AnnealedQuantizer):
+    """The temperature schedule (:class:`~mpqc.quantizers.base.AnnealedQuantizer`) and the gates it anneals."""
 
     def temperature(self) -> float:
-        ratio = self.final_temperature / self.start_temperature
-        return self.start_temperature * ratio ** self._fraction
-
-    @property
-    def hard(self) -> bool:
-        """Whether the gates are binary: at the end of the search (progress 1.0)."""
-        return self._fraction >= 1.0
+        return self.annealed()
 
     def gates(self) -> Tensor:
         """The (ordered) selection gates of the optional bits, most significant first."""
@@ -160,7 +141,7 @@ class CSQWeightQuantizer(_Annealed):
         self.pos_logits.copy_(torch.where(bit_values & positive, value_logit, -value_logit))
         self.neg_logits.copy_(torch.where(bit_values & ~positive, value_logit, -value_logit))
         # A set bit starts at sigmoid(T0 a) - sigmoid(-T0 a) < 1: the scale makes up for it.
-        set_bit = math.tanh(self.start_temperature * value_logit / 2)
+        set_bit = math.tanh(self.schedule_start * value_logit / 2)
         self.log_scale.copy_(torch.log(gamma / (top * set_bit)))
 
     @property

@@ -34,31 +34,57 @@ cost is ``b`` bits per weight, the same linear interpolation of the integer cost
 After the search, ``prune_channels`` rounds each layer's channels below ``min_bits`` as a whole: of those, it keeps
 the ``round(sum of gates)`` strongest (their gates folded into the weight, so they output what they did, now at
 ``min_bits``) and removes the others from the layer and from the layers that read it.
+
+**The gates are decided by the end of the search**: a linear gate is a scale the next layer can undo, so a search
+with linear gates fades every channel of a layer a little (gates ~0.77 in ResNet-20's last blocks) and pruning is
+then a real change of function. The gate is therefore *sharpened* with an exponent annealed over the search
+(Continuous Sparsification, Savarese et al., NeurIPS 2020, anneals a sigmoid the same way)::
+
+    g = b / min_bits,      gate = g**p / (g**p + (1 - g)**p) = sigmoid(p * logit(g)),      p = P ** progress
+
+``p = 1`` at the first step (the linear gate above, exactly) and ``P`` (:data:`GATE_SHARPNESS`) at the last, where
+a gate is 0 or 1 unless ``g`` is within ~1% of 1/2. The cost follows the gate: a channel below ``min_bits`` costs
+``min_bits * gate`` bits per weight (``b`` at ``p = 1``), so the budget the search meets at its end is what the
+pruned layer costs, and pruning takes whole channels that are already off.
 """
 from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
 
-from mpqc.quantizers.base import BitRange
+from mpqc.quantizers.base import AnnealedQuantizer, BitRange
 from mpqc.quantizers.uniform import LearnedRangeQuantizer
 
 
 #: Weight of the polarisation term on the channel gates of a pruning (kernel-wise) weight quantizer.
 POLARIZATION_WEIGHT = 0.01
+#: The exponent sharpening the channel gates at the search's last step (1 at its first, geometric between).
+GATE_SHARPNESS = 100.0
 
 
-class _FracBitsQuantizer(LearnedRangeQuantizer):
+def sharpen(gate: Tensor, exponent: float) -> Tensor:
+    """``gate**p / (gate**p + (1 - gate)**p)`` for gates in [0, 1]: the identity at ``p = 1``, a step at 1/2 as
+    ``p`` grows; 0 and 1 stay exactly 0 and 1 (with a zero gradient there once ``p > 1``)."""
+    if exponent == 1.0:
+        return gate
+    inside = gate.clamp(1e-6, 1 - 1e-6)  # finite logits (and gradients) on both branches of the where below
+    sharp = torch.sigmoid(exponent * (inside.log() - torch.log1p(-inside)))
+    return torch.where(gate <= 0, torch.zeros_like(gate), torch.where(gate >= 1, torch.ones_like(gate), sharp))
+
+
+class _FracBitsQuantizer(AnnealedQuantizer, LearnedRangeQuantizer):
     """A fractional bit-width ``frac_bits`` (scalar, or ``[C]`` kernel-wise) and the interpolation."""
 
     def __init__(
         self, signed: bool, dynamic_range: float, init_bits: int, bit_range: BitRange, per_channel: bool,
         channels: int | None = None, max_range: float | None = None, weight: Tensor | None = None,
+        gate_sharpness: float = GATE_SHARPNESS,
     ) -> None:
-        super().__init__(signed, dynamic_range, bit_range, per_channel, max_range, weight)
+        LearnedRangeQuantizer.__init__(self, signed, dynamic_range, bit_range, per_channel, max_range, weight)
         init = float(min(max(init_bits, bit_range.min_bits), bit_range.max_bits))
         self.frac_bits = nn.Parameter(torch.full((channels,), init) if channels else torch.tensor(init))
         self.prunable = False
+        self._init_schedule(1.0, gate_sharpness)
 
     @property
     def kernel_wise(self) -> bool:
@@ -75,8 +101,17 @@ class _FracBitsQuantizer(LearnedRangeQuantizer):
         # Clamped in value, straight-through in gradient (``project_`` keeps the stored value in range).
         return self.frac_bits.detach().clamp(low, high) + (self.frac_bits - self.frac_bits.detach())
 
+    def channel_cost_bits(self) -> Tensor:
+        """What each channel costs in bits per weight: its bit-width, or ``min_bits * gate`` below ``min_bits``
+        (the gate sharpened where the search stands, so the cost at its end is the pruned layer's)."""
+        gate = self.channel_gate()
+        if gate is None:
+            return self.channel_bits()
+        return torch.where(self.channel_bits() < self.bit_range.min_bits, self.bit_range.min_bits * gate,
+                           self.channel_bits())
+
     def bits(self) -> Tensor:
-        return self.channel_bits().mean() if self.kernel_wise else self.channel_bits()
+        return self.channel_cost_bits().mean() if self.kernel_wise else self.channel_bits()
 
     def _interpolate(self, x: Tensor) -> Tensor:
         low, high = self.bit_range.min_bits, self.bit_range.max_bits
@@ -110,7 +145,7 @@ class _FracBitsQuantizer(LearnedRangeQuantizer):
         if not self.prunable:
             return None
         b, low = self.channel_bits(), self.bit_range.min_bits
-        return torch.where(b < low, b / low, torch.ones_like(b))
+        return torch.where(b < low, sharpen(b / low, self.annealed()), torch.ones_like(b))
 
     @torch.no_grad()
     def keep_channels_(self, keep: Tensor) -> None:
@@ -147,9 +182,9 @@ class FracBitsWeightQuantizer(_FracBitsQuantizer):
 
     def __init__(
         self, weight: Tensor, init_bits: int = 8, bit_range: BitRange = BitRange(), kernel_wise: bool = False,
-        polarization: float = POLARIZATION_WEIGHT,
+        polarization: float = POLARIZATION_WEIGHT, gate_sharpness: float = GATE_SHARPNESS,
     ) -> None:
-        super().__init__(True, 1.0, init_bits, bit_range, per_channel=True,
+        super().__init__(True, 1.0, init_bits, bit_range, per_channel=True, gate_sharpness=gate_sharpness,
                          channels=weight.shape[0] if kernel_wise else None, max_range=1.0, weight=weight)
         self.polarization = polarization
 
