@@ -46,6 +46,7 @@ from mpqc.errors import InfeasibleBudgetError, MpqcError
 from mpqc.layers import LayerInfo
 from mpqc.passes.analyze_layers import analyze_layers, layer_nodes
 from mpqc.passes.insert_quantizers import cost_items, quantized_activations, quantized_layers, smallest_bits
+from mpqc.quantizers.base import channels_to_keep
 
 
 @dataclass(frozen=True)
@@ -163,23 +164,6 @@ def _add_removed_means_to_bias(module: nn.Module, kept_columns: torch.Tensor, me
         if weight.dim() > 2:  # a conv: a constant input map contributes the sum of the kernel (borders aside)
             weight = weight.flatten(2).sum(2)
         module.bias.add_(weight[:, removed] @ means[removed])
-
-
-def channels_to_keep(gate: torch.Tensor) -> torch.Tensor:
-    """Which output channels a layer with channel gates ``gate`` (``b / min_bits`` clipped to 1) keeps: those at
-    gate 1, and of the others the ``round(sum of their gates)`` with the largest gates (the first of equal ones),
-    so that the kept channels at ``min_bits`` cost what the others cost in the search; at least one channel.
-
-    >>> channels_to_keep(torch.tensor([1.0, 0.3, 0.3, 0.3, 0.3, 0.0, 0.45])).tolist()
-    [True, True, False, False, False, False, True]
-    """
-    keep = gate >= 1
-    below = torch.nonzero(~keep).flatten()
-    count = math.floor(float(gate[below].sum()) + 0.5)
-    keep[below[torch.argsort(gate[below], descending=True, stable=True)[:count]]] = True
-    if not keep.any():  # never remove a whole layer: keep its strongest channel
-        keep[gate.argmax()] = True
-    return keep
 
 
 def pruned_infos(gm: GraphModule, kept_channels: Mapping[str, int]) -> list[LayerInfo]:

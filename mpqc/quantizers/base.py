@@ -10,6 +10,7 @@ Weights use one scale per output channel, activations one scale per tensor.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -153,13 +154,12 @@ class Quantizer(nn.Module):
         return weight
 
 
-class AnnealedQuantizer(Quantizer):
-    """A quantizer with a value annealed geometrically over the phase, ``start * (final / start) ** progress``
-    (CSQ's temperature, FracBits' gate sharpness). ``progress`` is a buffer, so a checkpoint (and a resumed run, or
-    a pass that runs after the search from a saved model) carries where the schedule stood."""
+class ScheduledQuantizer(Quantizer):
+    """A quantizer with a schedule over the phase (CSQ's annealed temperature, FracBits' channel decisions): where
+    training stands is a buffer, ``progress``, so a checkpoint (a resumed run, or a pass that runs after the search
+    from a saved model) carries it."""
 
-    def _init_schedule(self, start: float, final: float) -> None:
-        self.schedule_start, self.schedule_final = float(start), float(final)
+    def _init_progress(self) -> None:
         self.register_buffer("progress", torch.tensor(0.0))
         self._fraction = 0.0  # the buffer's value as a float, so no forward pass reads a device tensor
 
@@ -171,14 +171,27 @@ class AnnealedQuantizer(Quantizer):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         self._fraction = self.progress.item()
 
-    def annealed(self) -> float:
-        """The scheduled value where training stands."""
-        return self.schedule_start * (self.schedule_final / self.schedule_start) ** self._fraction
-
     @property
     def hard(self) -> bool:
         """Whether the schedule has ended: at the search's last step (progress 1.0)."""
         return self._fraction >= 1.0
+
+
+def channels_to_keep(gate: Tensor) -> Tensor:
+    """Which output channels a layer with channel gates ``gate`` (``b / min_bits`` clipped to 1) keeps: those at
+    gate 1, and of the others the ``round(sum of their gates)`` with the largest gates (the first of equal ones),
+    so that the kept channels at ``min_bits`` cost what the others cost in the search; at least one channel.
+
+    >>> channels_to_keep(torch.tensor([1.0, 0.3, 0.3, 0.3, 0.3, 0.0, 0.45])).tolist()
+    [True, True, False, False, False, False, True]
+    """
+    keep = gate >= 1
+    below = torch.nonzero(~keep).flatten()
+    count = math.floor(float(gate[below].sum()) + 0.5)
+    keep[below[torch.argsort(gate[below], descending=True, stable=True)[:count]]] = True
+    if not keep.any():  # never remove a whole layer: keep its strongest channel
+        keep[gate.argmax()] = True
+    return keep
 
 
 class FixedQuantizer(Quantizer):

@@ -46,7 +46,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from mpqc.quantizers.base import AnnealedQuantizer, BitRange, FixedQuantizer, channel_max
+from mpqc.quantizers.base import BitRange, FixedQuantizer, ScheduledQuantizer, channel_max
 from mpqc.quantizers.uniform import LearnedRangeQuantizer
 
 #: Temperature at the start and at the end of the search: a factor 200 as in the paper (its 1 -> 200), in logit
@@ -75,11 +75,15 @@ def _ordered(gate_logits: Tensor) -> Tensor:
     return gate_logits + (torch.cummin(gate_logits.detach(), dim=0).values - gate_logits.detach())
 
 
-class _Annealed(AnnealedQuantizer):
-    """The temperature schedule (:class:`~mpqc.quantizers.base.AnnealedQuantizer`) and the gates it anneals."""
+class _Annealed(ScheduledQuantizer):
+    """The temperature schedule, ``T_0 (T_1 / T_0) ** progress``, and the gates it anneals."""
+
+    def _init_schedule(self, start: float, final: float) -> None:
+        self.start_temperature, self.final_temperature = float(start), float(final)
+        self._init_progress()
 
     def temperature(self) -> float:
-        return self.annealed()
+        return self.start_temperature * (self.final_temperature / self.start_temperature) ** self._fraction
 
     def gates(self) -> Tensor:
         """The (ordered) selection gates of the optional bits, most significant first."""
@@ -141,7 +145,7 @@ class CSQWeightQuantizer(_Annealed):
         self.pos_logits.copy_(torch.where(bit_values & positive, value_logit, -value_logit))
         self.neg_logits.copy_(torch.where(bit_values & ~positive, value_logit, -value_logit))
         # A set bit starts at sigmoid(T0 a) - sigmoid(-T0 a) < 1: the scale makes up for it.
-        set_bit = math.tanh(self.schedule_start * value_logit / 2)
+        set_bit = math.tanh(self.start_temperature * value_logit / 2)
         self.log_scale.copy_(torch.log(gamma / (top * set_bit)))
 
     @property

@@ -36,55 +36,55 @@ the ``round(sum of gates)`` strongest (their gates folded into the weight, so th
 ``min_bits``) and removes the others from the layer and from the layers that read it.
 
 **The gates are decided by the end of the search**: a linear gate is a scale the next layer can undo, so a search
-with linear gates fades every channel of a layer a little (gates ~0.77 in ResNet-20's last blocks) and pruning is
-then a real change of function. The gate is therefore *sharpened* with an exponent annealed over the search
-(Continuous Sparsification, Savarese et al., NeurIPS 2020, anneals a sigmoid the same way)::
+with linear gates fades every channel of a layer a little (gates ~0.78 in ResNet-20's last blocks at 1.5 bits per
+weight) and pruning them afterwards was a real change of function that fine-tuning had to repair. Over the second
+half of the search (from :data:`DECIDE_FROM`), each prunable layer's gates move to what ``prune_channels`` will
+do with them, so that the network adapts to it while it still searches (gradual pruning, Zhu & Gupta 2017)::
 
-    g = b / min_bits,      gate = g**p / (g**p + (1 - g)**p) = sigmoid(p * logit(g)),      p = P ** progress
+    gate = g + lam * (keep - g)      (value; the gradient reaches g unchanged, straight-through)
 
-``p = 1`` at the first step (the linear gate above, exactly) and ``P`` (:data:`GATE_SHARPNESS`) at the last, where
-a gate is 0 or 1 unless ``g`` is within ~1% of 1/2. The cost follows the gate: a channel below ``min_bits`` costs
-``min_bits * gate`` bits per weight (``b`` at ``p = 1``), so the budget the search meets at its end is what the
-pruned layer costs, and pruning takes whole channels that are already off.
+``g = b / min_bits`` the linear gate, ``keep`` the layer's decision (1 for the ``round(sum of g)`` channels with the
+largest ``g`` below ``min_bits``, 0 for the others: :func:`~mpqc.quantizers.base.channels_to_keep`, recomputed
+every step, so the decision follows the search) and ``lam`` rising linearly from 0 to 1 over the second half. The
+cost follows the gate (``min_bits * gate`` bits per weight below ``min_bits``), which the decision leaves where it
+was (``round(sum of g)`` channels kept); at the search's last step every gate is exactly 0 or 1, the cost is the
+pruned model's, and pruning removes channels that already output nothing.
+(Sharpening each gate toward 0 or 1 on its own instead, ``g^p / (g^p + (1-g)^p)`` with ``p`` annealed to 100 as in
+Continuous Sparsification, was tried: every gate at 0.78 went to 1 and none was pruned, the search ending 34%
+above its budget for freezing to cut; measured on the quick start's ``--full`` fracbits-kernel run.)
 """
 from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
 
-from mpqc.quantizers.base import AnnealedQuantizer, BitRange
+from mpqc.quantizers.base import BitRange, ScheduledQuantizer, channels_to_keep
 from mpqc.quantizers.uniform import LearnedRangeQuantizer
 
 
 #: Weight of the polarisation term on the channel gates of a pruning (kernel-wise) weight quantizer.
 POLARIZATION_WEIGHT = 0.01
-#: The exponent sharpening the channel gates at the search's last step (1 at its first, geometric between).
-GATE_SHARPNESS = 100.0
+#: Where in the search (its progress) the channel gates of a pruning quantizer start moving to the layer's decision.
+DECIDE_FROM = 0.5
 
 
-def sharpen(gate: Tensor, exponent: float) -> Tensor:
-    """``gate**p / (gate**p + (1 - gate)**p)`` for gates in [0, 1]: the identity at ``p = 1``, a step at 1/2 as
-    ``p`` grows; 0 and 1 stay exactly 0 and 1 (with a zero gradient there once ``p > 1``)."""
-    if exponent == 1.0:
-        return gate
-    inside = gate.clamp(1e-6, 1 - 1e-6)  # finite logits (and gradients) on both branches of the where below
-    sharp = torch.sigmoid(exponent * (inside.log() - torch.log1p(-inside)))
-    return torch.where(gate <= 0, torch.zeros_like(gate), torch.where(gate >= 1, torch.ones_like(gate), sharp))
+def decision_weight(progress: float, start: float = DECIDE_FROM) -> float:
+    """How far the channel gates have moved to the layer's decision: 0 before ``start``, 1 at the search's end."""
+    return 0.0 if progress <= start else min((progress - start) / (1.0 - start), 1.0)
 
 
-class _FracBitsQuantizer(AnnealedQuantizer, LearnedRangeQuantizer):
+class _FracBitsQuantizer(ScheduledQuantizer, LearnedRangeQuantizer):
     """A fractional bit-width ``frac_bits`` (scalar, or ``[C]`` kernel-wise) and the interpolation."""
 
     def __init__(
         self, signed: bool, dynamic_range: float, init_bits: int, bit_range: BitRange, per_channel: bool,
         channels: int | None = None, max_range: float | None = None, weight: Tensor | None = None,
-        gate_sharpness: float = GATE_SHARPNESS,
     ) -> None:
         LearnedRangeQuantizer.__init__(self, signed, dynamic_range, bit_range, per_channel, max_range, weight)
         init = float(min(max(init_bits, bit_range.min_bits), bit_range.max_bits))
         self.frac_bits = nn.Parameter(torch.full((channels,), init) if channels else torch.tensor(init))
         self.prunable = False
-        self._init_schedule(1.0, gate_sharpness)
+        self._init_progress()
 
     @property
     def kernel_wise(self) -> bool:
@@ -103,7 +103,7 @@ class _FracBitsQuantizer(AnnealedQuantizer, LearnedRangeQuantizer):
 
     def channel_cost_bits(self) -> Tensor:
         """What each channel costs in bits per weight: its bit-width, or ``min_bits * gate`` below ``min_bits``
-        (the gate sharpened where the search stands, so the cost at its end is the pruned layer's)."""
+        (the gate where the search stands: the pruned layer's cost at its end)."""
         gate = self.channel_gate()
         if gate is None:
             return self.channel_bits()
@@ -145,7 +145,12 @@ class _FracBitsQuantizer(AnnealedQuantizer, LearnedRangeQuantizer):
         if not self.prunable:
             return None
         b, low = self.channel_bits(), self.bit_range.min_bits
-        return torch.where(b < low, sharpen(b / low, self.annealed()), torch.ones_like(b))
+        linear = torch.where(b < low, b / low, torch.ones_like(b))
+        weight = decision_weight(self._fraction)
+        if weight == 0.0 or not self.kernel_wise:
+            return linear
+        keep = channels_to_keep(linear.detach()).to(linear.dtype)
+        return linear + weight * (keep - linear.detach())  # the value moves to the decision; d gate / d g = 1
 
     @torch.no_grad()
     def keep_channels_(self, keep: Tensor) -> None:
@@ -182,9 +187,9 @@ class FracBitsWeightQuantizer(_FracBitsQuantizer):
 
     def __init__(
         self, weight: Tensor, init_bits: int = 8, bit_range: BitRange = BitRange(), kernel_wise: bool = False,
-        polarization: float = POLARIZATION_WEIGHT, gate_sharpness: float = GATE_SHARPNESS,
+        polarization: float = POLARIZATION_WEIGHT,
     ) -> None:
-        super().__init__(True, 1.0, init_bits, bit_range, per_channel=True, gate_sharpness=gate_sharpness,
+        super().__init__(True, 1.0, init_bits, bit_range, per_channel=True,
                          channels=weight.shape[0] if kernel_wise else None, max_range=1.0, weight=weight)
         self.polarization = polarization
 
