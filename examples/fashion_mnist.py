@@ -80,6 +80,9 @@ def main() -> None:
                         help="override the recipe's steps per search / fine-tuning epoch")
     parser.add_argument("--weight-rounding", choices=WEIGHT_ROUNDINGS, default="mse",
                         help="how the frozen weights meet their grids before fine-tuning (mpqc.RoundingConfig)")
+    parser.add_argument("--penalty-ramp", type=float, default=0.0,
+                        help="grow the budget penalty's weight to (1 + R) times its start over the search "
+                             "(mpqc.TrainConfig.penalty_ramp)")
     parser.add_argument("--resume", action="store_true")
     parser.add_argument("--force", action="store_true")
     args = parser.parse_args()
@@ -102,7 +105,8 @@ def main() -> None:
         activation_bits=mpqc.BitRange(args.act_bits, args.act_bits), residual_bits=args.act_bits)
 
     config = mpqc.CompileConfig(
-        search=mpqc.TrainConfig(epochs=r.search_epochs, max_steps_per_epoch=r.steps_per_epoch),
+        search=mpqc.TrainConfig(epochs=r.search_epochs, max_steps_per_epoch=r.steps_per_epoch,
+                                penalty_ramp=args.penalty_ramp),
         finetune=mpqc.TrainConfig(epochs=r.finetune_epochs, max_steps_per_epoch=r.steps_per_epoch,
                                   lr=0.005, penalty_weight=0.0, distill=True),
         quantizers=quantizers,
