@@ -10,6 +10,8 @@ Rounds:     per layer, not per channel, so that the frozen layer costs what the 
             weight in the search, so ``n`` channels at gate 0.3 cost what ``0.3 n`` channels at ``min_bits``
             cost; rounding each channel to its nearest end instead would remove all of them, and a search that
             drives a whole layer below ``min_bits`` (as a strong budget penalty does) would lose that layer.
+            FracBits kernel-wise moves its gates to this same decision over the search's second half, so after a
+            whole search they are 0 or 1 already and this keeps and removes channels as they are.
 Rewrites to: the layer without the other channels (weight rows, bias entries, the quantizer's per-channel bits),
             each kept channel's gate folded into its weight row and bias (its bits go to ``min_bits``, gate 1),
             and every layer reading them (:func:`channel_consumers`) without the matching input channels (weight

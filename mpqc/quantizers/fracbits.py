@@ -147,7 +147,7 @@ class _FracBitsQuantizer(ScheduledQuantizer, LearnedRangeQuantizer):
         b, low = self.channel_bits(), self.bit_range.min_bits
         linear = torch.where(b < low, b / low, torch.ones_like(b))
         weight = decision_weight(self._fraction)
-        if weight == 0.0 or not self.kernel_wise:
+        if weight == 0.0:
             return linear
         keep = channels_to_keep(linear.detach()).to(linear.dtype)
         return linear + weight * (keep - linear.detach())  # the value moves to the decision; d gate / d g = 1
