@@ -78,6 +78,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--methods", default="dq,fracbits,fracbits-kernel,sdq,csq")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "search_cost.json")
+    parser.add_argument("--note", default="", help="how the machine was shared while it ran, recorded with it")
     args = parser.parse_args()
     torch.set_num_threads(min(2, torch.get_num_threads()))
     train, _ = loaders("fashion-mnist", batch_size=128, subset=128 * (args.steps + 1))
@@ -102,13 +103,13 @@ def main() -> None:
     payload = {
         "benchmark": "search cost (issue 18): search step vs fixed-8-bit QAT step, ResNet-20, batch 128",
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "command": "nice python " + " ".join(sys.argv),
+        "command": "python " + " ".join(sys.argv),
         "bar": "search epoch <= 1.5x fixed-8-bit QAT epoch (median step times; the same steps per epoch)",
         "methods": rows,
         "machine": {"cpu": cpu_model(), "avx2": "avx2" in flags, "avx512f": "avx512f" in flags,
                     "avx512_vnni": "avx512_vnni" in flags, "cpus": os.cpu_count(), "threads": torch.get_num_threads(),
                     "python": platform.python_version(), "torch": torch.__version__,
-                    "note": "2 cores shared with other jobs: step times are indicative, their ratio less so"},
+                    "note": args.note},
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(payload, indent=2) + "\n")
