@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from mpqc.cli_inputs import load_callable, prepare_run
+from mpqc.config import WEIGHT_INITS, WEIGHT_ROUNDINGS
 from mpqc.cpu import ISA_CHOICES
 from mpqc.errors import ConfigError, MpqcError
 
@@ -88,7 +89,7 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--augment", action=argparse.BooleanOptionalAction, default=False,
                    help="augment the training batches with the data set's own augmentation (default off; "
                         "fashion-mnist: random crop with padding 2 and horizontal flip)")
-    c.add_argument("--weight-init", choices=("mse", "max"), default="mse",
+    c.add_argument("--weight-init", choices=WEIGHT_INITS, default="mse",
                    help="where each weight channel's range starts: the MSE-best clipping (default) or its largest "
                         "magnitude")
     c.add_argument("--shift-activations", action=argparse.BooleanOptionalAction, default=True,
@@ -98,7 +99,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="recompute each weight quantizer in the backward pass instead of keeping its intermediates: "
                         "about half the training memory of a large model, one more weight quantization per step "
                         "(default: on from 100 M quantized weights)")
-    c.add_argument("--weight-rounding", choices=("nearest", "mse", "gptq"), default="mse",
+    c.add_argument("--weight-rounding", choices=WEIGHT_ROUNDINGS, default="mse",
                    help="how the frozen weights are fitted to their integer grids before fine-tuning: mse (default: "
                         "each channel's range re-fitted to its bits), nearest (the searched ranges) or gptq (the mse "
                         "ranges, then GPTQ's error-compensating rounding on 4 training batches)")
