@@ -104,11 +104,10 @@ class _FracBitsQuantizer(ScheduledQuantizer, LearnedRangeQuantizer):
     def channel_cost_bits(self) -> Tensor:
         """What each channel costs in bits per weight: its bit-width, or ``min_bits * gate`` below ``min_bits``
         (the gate where the search stands: the pruned layer's cost at its end)."""
-        gate = self.channel_gate()
+        bits, gate = self.channel_bits(), self.channel_gate()
         if gate is None:
-            return self.channel_bits()
-        return torch.where(self.channel_bits() < self.bit_range.min_bits, self.bit_range.min_bits * gate,
-                           self.channel_bits())
+            return bits
+        return torch.where(bits < self.bit_range.min_bits, self.bit_range.min_bits * gate, bits)
 
     def bits(self) -> Tensor:
         return self.channel_cost_bits().mean() if self.kernel_wise else self.channel_bits()
