@@ -491,6 +491,44 @@ def test_csq_starts_from_the_pretrained_weight_at_the_largest_precision():
     assert q4.bits().item() == 4.0
 
 
+@pytest.mark.parametrize("signed", [False, True])
+def test_csq_activation_mixture_is_one_node_with_the_gradients_of_its_terms(signed):
+    """The fused mixture (mpqc.quantizers.mixture) against the same mixture written term by term through autograd:
+    values, and the gradients of the input, the range and every gate, with inputs on the range's bounds and beyond
+    it (exact zeros after a ReLU, exactly alpha, far outside)."""
+    q = _csq("activation", signed=signed)
+    _scramble(q, 5)
+    q.set_progress(0.3)
+    alpha = q.log_range.exp().item()
+    x = _input(q, seed=2)
+    if not signed:
+        x = x.relu()
+    x.view(-1)[:4] = torch.tensor([alpha, -alpha, 3 * alpha, -3 * alpha])
+    x.requires_grad_()
+    grad = torch.randn(x.shape, generator=_gen(7))
+
+    def gradients(output):
+        output.backward(grad)
+        grads = [x.grad.clone(), q.log_range.grad.clone(), q.gate_logits.grad.clone()]
+        x.grad, q.log_range.grad, q.gate_logits.grad = None, None, None
+        return grads
+
+    terms = sum(pi * q.quantize_at(x, k) for k, pi in zip(range(2, 9), q.bit_probabilities()))
+    expected = gradients(terms)
+    fused = q(x)
+    assert fused.grad_fn.name() == "_BitMixtureBackward"
+    torch.testing.assert_close(fused, terms, rtol=1e-6, atol=1e-6)
+    for name, got, want in zip(["x", "range", "gates"], gradients(fused), expected):
+        assert want.abs().sum() > 0, name
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5 * want.abs().max().item(), msg=name)
+
+
+def test_bit_mixture_refuses_a_mismatched_mixture():
+    from mpqc.quantizers.mixture import bit_mixture
+    with pytest.raises(ValueError, match="3 bit-widths but pi has shape"):
+        bit_mixture(torch.ones(4), torch.tensor(1.0), torch.ones(2) / 2, [2, 3, 4], signed=False)
+
+
 def test_csq_activation_mixes_the_integer_quantizers_and_is_exactly_one_at_the_end():
     q = _csq("activation", signed=True)
     x = _input(q).requires_grad_()

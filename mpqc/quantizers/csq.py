@@ -37,7 +37,9 @@ over the bit-widths of their range: with ``e_j`` the gate of the ``j``-th bit ab
 ``Q(x) = Q_{b_min}(x) + sum_j e_j (Q_{b_min+j+1}(x) - Q_{b_min+j}(x))`` (each selected bit adds its refinement),
 computed as the mixture ``sum_k pi_k Q_k(x)`` with ``pi_k = e_{k-1} - e_k``, which at binary gates is exactly
 ``Q_b``, the integer quantizer freezing produces; ``Q_k`` is the learned-range quantizer of
-:mod:`mpqc.quantizers.uniform`.
+:mod:`mpqc.quantizers.uniform`. During the search the mixture of all bit-widths is one autograd node
+(:func:`mpqc.quantizers.mixture.bit_mixture`: the same values and gradients at a fraction of the time and memory);
+at binary gates only the selected term is computed.
 """
 from __future__ import annotations
 
@@ -47,6 +49,7 @@ import torch
 from torch import Tensor, nn
 
 from mpqc.quantizers.base import BitRange, FixedQuantizer, ScheduledQuantizer, channel_max
+from mpqc.quantizers.mixture import bit_mixture
 from mpqc.quantizers.uniform import LearnedRangeQuantizer
 
 #: Temperature at the start and at the end of the search: a factor 200 as in the paper (its 1 -> 200), in logit
@@ -217,9 +220,12 @@ class CSQActivationQuantizer(_Annealed, LearnedRangeQuantizer):
         return above - below
 
     def forward(self, x: Tensor) -> Tensor:
-        out, hard = None, self.hard
-        for k, pi in zip(range(self.bit_range.min_bits, self.bit_range.max_bits + 1), self.bit_probabilities()):
-            if hard and pi.detach().item() == 0.0:
+        bit_widths = range(self.bit_range.min_bits, self.bit_range.max_bits + 1)
+        if not self.hard:  # every term, in one autograd node (mpqc.quantizers.mixture)
+            return bit_mixture(x, self.log_range.exp(), self.bit_probabilities(), bit_widths, self.signed)
+        out = None
+        for k, pi in zip(bit_widths, self.bit_probabilities()):
+            if pi.detach().item() == 0.0:
                 continue  # binary gates: only the selected bit-width's term, so the output is exactly Q_b
             term = pi * self.quantize_at(x, k)
             out = term if out is None else out + term

@@ -59,6 +59,7 @@ import torch
 from torch import Tensor, nn
 
 from mpqc.quantizers.base import BitRange, ScheduledQuantizer, channels_to_keep
+from mpqc.quantizers.mixture import bit_mixture
 from mpqc.quantizers.uniform import LearnedRangeQuantizer
 
 
@@ -122,15 +123,20 @@ class _FracBitsQuantizer(ScheduledQuantizer, LearnedRangeQuantizer):
         else:
             lower = torch.clamp(torch.floor(b.detach()), low, high - 1).long()
             frac = b - lower
-            if not self.kernel_wise:
-                lower = int(lower)
+            if not self.per_channel:
+                # An activation's pair in one autograd node (mpqc.quantizers.mixture), same values and gradients.
+                output = bit_mixture(x, self.log_range.exp(), torch.stack([1 - frac, frac]),
+                                     (int(lower), int(lower) + 1), self.signed)
             else:
-                frac = frac.reshape([-1] + [1] * (x.dim() - 1))
-                if bool((lower == lower[0]).all()):
-                    lower = int(lower[0])  # every channel on the same pair: the per-layer path (same values)
-            q_lower, q_upper = self.quantize_at(x, lower), self.quantize_at(x, lower + 1)
-            # (1 - f) * Q_lo + f * Q_hi: exactly Q_lo at f = 0 and exactly Q_hi at f = 1.
-            output = (1 - frac) * q_lower + frac * q_upper
+                if not self.kernel_wise:
+                    lower = int(lower)
+                else:
+                    frac = frac.reshape([-1] + [1] * (x.dim() - 1))
+                    if bool((lower == lower[0]).all()):
+                        lower = int(lower[0])  # every channel on the same pair: the per-layer path (same values)
+                q_lower, q_upper = self.quantize_at(x, lower), self.quantize_at(x, lower + 1)
+                # (1 - f) * Q_lo + f * Q_hi: exactly Q_lo at f = 0 and exactly Q_hi at f = 1.
+                output = (1 - frac) * q_lower + frac * q_upper
         gate = self.channel_gate()
         return output if gate is None else output * gate.reshape([-1] + [1] * (x.dim() - 1))
 
