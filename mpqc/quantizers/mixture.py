@@ -55,9 +55,10 @@ class _BitMixture(torch.autograd.Function):
 
         grad_alpha = None
         if ctx.needs_input_grad[1]:
-            grad_alpha = (torch.dot(grad_inside.flatten(), out.flatten())
-                          - total * torch.dot(grad_inside.flatten(), x.flatten())) / alpha
-            grad_alpha = grad_alpha + total * torch.where(x >= alpha, grad, 0.0).sum()
+            # (out - S x) elementwise first: the rounding errors are small, their sum must not be a difference of
+            # two large sums (sums are torch.sum's, as autograd's through the terms are).
+            residual = torch.add(out, x, alpha=-float(total)).mul_(grad_inside)
+            grad_alpha = residual.sum() / alpha + total * torch.where(x >= alpha, grad, 0.0).sum()
             if signed:
                 grad_alpha = grad_alpha - total * torch.where(x <= low, grad, 0.0).sum()
 
@@ -66,10 +67,8 @@ class _BitMixture(torch.autograd.Function):
             scales = _scales(alpha, ctx.bits, signed)
             clipped = torch.clamp(x, low, alpha)
             codes = torch.empty_like(x)
-            flat_grad = grad.flatten()
-            grad_pi = torch.stack([
-                torch.dot(flat_grad, torch.div(clipped, scales[k], out=codes).round_().flatten()) * scales[k]
-                for k in range(len(ctx.bits))])
+            grad_pi = torch.stack([torch.div(clipped, scales[k], out=codes).round_().mul_(grad).sum() * scales[k]
+                                   for k in range(len(ctx.bits))])
         return grad_x, grad_alpha, grad_pi, None, None
 
 
