@@ -491,14 +491,41 @@ def test_csq_starts_from_the_pretrained_weight_at_the_largest_precision():
     assert q4.bits().item() == 4.0
 
 
+def _terms_csq(q, x):
+    return sum(pi * q.quantize_at(x, k) for k, pi in zip(range(2, 9), q.bit_probabilities()))
+
+
+def _terms_fracbits(q, x):
+    b = q.channel_bits()
+    lower = int(torch.floor(b.detach()).clamp(2, 7))
+    return (1 - (b - lower)) * q.quantize_at(x, lower) + (b - lower) * q.quantize_at(x, lower + 1)
+
+
+def _terms_sdq(q, x):
+    lower, upper = q._pair()
+    beta = q.probability()
+    pick_upper = bool(torch.rand(()) < beta.detach())
+    q_lower, q_upper = q.quantize_at(x, lower), q.quantize_at(x, upper)
+    return (q_upper if pick_upper else q_lower) + (beta - beta.detach()) * (q_upper - q_lower)
+
+
 @pytest.mark.parametrize("signed", [False, True])
-def test_csq_activation_mixture_is_one_node_with_the_gradients_of_its_terms(signed):
-    """The fused mixture (mpqc.quantizers.mixture) against the same mixture written term by term through autograd:
-    values, and the gradients of the input, the range and every gate, with inputs on the range's bounds and beyond
-    it (exact zeros after a ReLU, exactly alpha, far outside)."""
-    q = _csq("activation", signed=signed)
-    _scramble(q, 5)
-    q.set_progress(0.3)
+@pytest.mark.parametrize("method", ["csq", "fracbits", "sdq"])
+def test_activation_mixtures_are_one_node_with_the_gradients_of_their_terms(method, signed):
+    """The activation quantizers that mix integer quantizers (CSQ: all bit-widths, FracBits: a pair, SDQ: the drawn
+    one of a pair, the pair's expectation in gradient) run as one fused node (mpqc.quantizers.mixture): against the
+    same outputs written term by term through autograd, values and the gradients of the input, the range and the
+    bit-width parameters, with inputs on the range's bounds and beyond it (zeros after a ReLU, exactly alpha)."""
+    if method == "csq":
+        q, terms, bit_params = _csq("activation", signed=signed), _terms_csq, "gate_logits"
+        _scramble(q, 5)
+        q.set_progress(0.3)
+    elif method == "fracbits":
+        q, terms, bit_params = _fracbits("activation", signed=signed), _terms_fracbits, "frac_bits"
+        _set(q.frac_bits, 4.3)
+    else:
+        q, terms, bit_params = _sdq("activation", init_bits=4, signed=signed), _terms_sdq, "dbp"
+        _set(q.dbp, 0.6)
     alpha = q.log_range.exp().item()
     x = _input(q, seed=2)
     if not signed:
@@ -507,18 +534,20 @@ def test_csq_activation_mixture_is_one_node_with_the_gradients_of_its_terms(sign
     x.requires_grad_()
     grad = torch.randn(x.shape, generator=_gen(7))
 
-    def gradients(output):
+    def run(forward):
+        torch.manual_seed(3)  # SDQ draws its bit-width: the same draw for both
+        output = forward(q, x)
         output.backward(grad)
-        grads = [x.grad.clone(), q.log_range.grad.clone(), q.gate_logits.grad.clone()]
-        x.grad, q.log_range.grad, q.gate_logits.grad = None, None, None
-        return grads
+        param = getattr(q, bit_params)
+        grads = [x.grad.clone(), q.log_range.grad.clone(), param.grad.clone()]
+        x.grad, q.log_range.grad, param.grad = None, None, None
+        return output, grads
 
-    terms = sum(pi * q.quantize_at(x, k) for k, pi in zip(range(2, 9), q.bit_probabilities()))
-    expected = gradients(terms)
-    fused = q(x)
+    expected, expected_grads = run(terms)
+    fused, fused_grads = run(lambda q, x: q(x))
     assert fused.grad_fn.name() == "_BitMixtureBackward"
-    torch.testing.assert_close(fused, terms, rtol=1e-6, atol=1e-6)
-    for name, got, want in zip(["x", "range", "gates"], gradients(fused), expected):
+    torch.testing.assert_close(fused, expected, rtol=1e-6, atol=1e-6)
+    for name, got, want in zip(["x", "range", bit_params], fused_grads, expected_grads):
         assert want.abs().sum() > 0, name
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5 * want.abs().max().item(), msg=name)
 

@@ -37,6 +37,8 @@ class _BitMixture(torch.autograd.Function):
         clipped = torch.clamp(x, low, alpha)
         out, codes = torch.zeros_like(x), torch.empty_like(x)
         for k, (scale, weight) in enumerate(zip(scales.tolist(), pi.tolist())):
+            if weight == 0.0:
+                continue  # (SDQ's drawn bit-width, FracBits at an integer: the other term only has a gradient)
             torch.div(clipped, scales[k], out=codes).round_()
             out.add_(codes, alpha=weight * scale)
         ctx.save_for_backward(x, alpha, pi, out)

@@ -42,6 +42,7 @@ import torch
 from torch import Tensor, nn
 
 from mpqc.quantizers.base import BitRange, FixedQuantizer, _broadcast_channels
+from mpqc.quantizers.mixture import bit_mixture
 from mpqc.quantizers.uniform import LearnedRangeQuantizer
 
 #: Default strength of the entropy-aware bin regularisation during fixed-bit fine-tuning (per weight quantizer).
@@ -149,15 +150,21 @@ class _SDQQuantizer(LearnedRangeQuantizer):
 
     def _choose(self, x: Tensor) -> Tensor:
         lower, upper = self._pair()
-        q_lower = self.quantize_at(x, lower)
         if upper == lower:
-            return q_lower
+            return self.quantize_at(x, lower)
         beta = self.probability()
-        q_upper = self.quantize_at(x, upper)
         if self.training:
             pick_upper = bool(torch.rand((), device=x.device) < beta.detach())
         else:
             pick_upper = int(torch.round(self.bits().detach())) == upper
+        if not self.per_channel:
+            # An activation: the same value and gradients as below, as a one-hot mixture in one autograd node
+            # (mpqc.quantizers.mixture): the drawn quantizer in value, the expectation's gradient for the DBP.
+            expectation = torch.stack([1 - beta, beta])
+            drawn = torch.tensor([0.0, 1.0] if pick_upper else [1.0, 0.0], device=x.device)
+            return bit_mixture(x, self.log_range.exp(), drawn + (expectation - expectation.detach()),
+                               (lower, upper), self.signed)
+        q_lower, q_upper = self.quantize_at(x, lower), self.quantize_at(x, upper)
         chosen = q_upper if pick_upper else q_lower
         # Straight-through on the choice: the value is the drawn quantizer's (the added term is exactly zero);
         # the DBP's gradient is that of the expectation, <dL/dQ, Q_upper - Q_lower>.
