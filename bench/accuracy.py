@@ -18,6 +18,13 @@ The full run (issue 18's compute: fp32 15 epochs, each point 6 search + 4 fine-t
 (a part may also be split further with ``--methods``; ``--seed 1`` repeats any of them with another seed into
 ``runs/bench/...-seed1`` directories given with ``--runs`` and ``--out bench/results/accuracy_seed1.json``).
 
+Parts run on other days or machines, whose run directories are gone, merge from their result files instead: every
+part starts from the fp32 weights committed in ``bench/fp32/`` (trained once, then shared: a sweep's identity holds
+the weights' hash, so parts from other weights are refused), writes its own ``--out``, committed under
+``bench/results/accuracy_parts/``, and
+
+    python bench/accuracy.py --merge-results bench/results/accuracy_parts/*.json   # JSON + pareto.png, no data
+
 Rows: the fp32 start and the fp32 control; uniform QAT with 2-, 3- and 4-bit weights; DQ, FracBits (layer- and
 kernel-wise), SDQ and CSQ at the weight-memory budgets of uniform 2, 3 and 4 bits per weight, and one BitOPs row per
 method at the BitOPs of uniform W3A8. Columns: top-1, drop vs the fp32 control, achieved cost, budget met, wall

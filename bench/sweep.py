@@ -24,6 +24,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -59,6 +60,10 @@ FULL = {"model": "resnet20", "data": "fashion-mnist", "fp32_epochs": 15, "batch_
 #: no fp32 control (it would train 25 epochs): drops are against the fp32 starting point.
 QUICK = {**FULL, "subset": 4000, "val_subset": 500, "search_epochs": 1, "finetune_epochs": 1, "steps_per_epoch": 10,
          "control_epochs": None}
+#: Where the full and quick runs keep their fp32 weights (the 15-epoch start and the 25-epoch control): in the
+#: repository, so that parts of a full run made on other days or machines start from the same weights and merge
+#: (``--merge-results``; a sweep's identity includes the weights' hash). Missing files are trained and saved here.
+FP32_DIR = ROOT / "bench" / "fp32"
 QUICK_MEANS = ("the same ResNet-20 (cached 15-epoch fp32 weights), grid and recipe, but each point trains for 10 "
                "search + 10 fine-tuning steps of 128 images from a seeded 4,000-image subset of the Fashion-MNIST "
                "training set (full: 6 + 4 epochs of 469 steps over all 60,000), is validated on 500 test images "
@@ -72,7 +77,7 @@ def settings(quick: bool) -> dict[str, Any]:
 def prepare(s: dict[str, Any]) -> tuple[torch.nn.Module, torch.Tensor, tuple, mpqc.CompileConfig]:
     """The cached fp32 ResNet-20, example inputs, the loaders and the compile config that ``s`` describes."""
     model = cached_fp32(resnet20, s["data"], epochs=s["fp32_epochs"], seed=s["seed"], progress=False,
-                        augment=s["augment"], nesterov=s["nesterov"])
+                        augment=s["augment"], nesterov=s["nesterov"], cache_dir=FP32_DIR)
     data = loaders(s["data"], batch_size=s["batch_size"], subset=s["subset"], val_subset=s["val_subset"],
                    seed=s["seed"], augment=s["augment"])
     phase = dict(max_steps_per_epoch=s["steps_per_epoch"], quantizer_lr=s["quantizer_lr"], nesterov=s["nesterov"],
@@ -95,7 +100,7 @@ def fp32_control(s: dict[str, Any], val_loader) -> dict[str, Any] | None:
         return None
     started = time.perf_counter()
     model = cached_fp32(resnet20, s["data"], epochs=s["control_epochs"], seed=s["seed"], progress=False,
-                        augment=s["augment"], nesterov=s["nesterov"])
+                        augment=s["augment"], nesterov=s["nesterov"], cache_dir=FP32_DIR)
     return {"epochs": s["control_epochs"], "top1": mpqc.train.evaluate(model, val_loader),
             "wall_s": time.perf_counter() - started}
 
@@ -107,6 +112,48 @@ def drops_against(points: Sequence[SweepPoint], control: dict[str, Any] | None) 
     for point in points:
         if point.top1 is not None:
             point.drop = control["top1"] - point.top1
+
+
+def merge_results(paths: Sequence[Path], runs: Path) -> tuple[SweepResult, dict[str, Any] | None, dict[str, Any]]:
+    """One sweep in ``runs`` from the result JSON files of parts run apart (``--out`` of each part): their points
+    (the first finished one where parts overlap), the fp32 control they measured, and their settings. Refused
+    (SystemExit naming the file and what differs) unless every part is the same sweep: the same fp32 weights, data,
+    config and mode. Needs neither the data nor the weights."""
+    parts = []
+    for path in paths:
+        try:
+            parts.append(json.loads(Path(path).read_text()))
+        except (OSError, ValueError) as exc:
+            raise SystemExit(f"--merge-results: cannot read {path}: {exc}") from None
+        if "sweep" not in parts[-1]:
+            raise SystemExit(f"--merge-results: {path} is not a sweep benchmark's result file (no 'sweep')")
+    first = parts[0]
+    for path, part in zip(paths[1:], parts[1:]):
+        mine, theirs = part["sweep"].get("identity") or {}, first["sweep"].get("identity") or {}
+        changed = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
+        if part.get("mode") != first.get("mode"):
+            changed.append("mode")
+        if changed:
+            raise SystemExit(f"--merge-results: {path} is another sweep than {paths[0]} ({', '.join(changed)} "
+                             "differ); parts merge only from the same fp32 weights (bench/fp32/), data and config")
+    controls = {json.dumps(part["fp32_control"], sort_keys=True): part["fp32_control"]
+                for part in parts if part.get("fp32_control")}
+    tops = sorted({round(c["top1"], 4) for c in controls.values()})
+    if len(tops) > 1:
+        raise SystemExit(f"--merge-results: the parts measured different fp32 controls ({tops}): not one control")
+    staging = runs.with_name(runs.name + "-parts")
+    if staging.exists():
+        shutil.rmtree(staging)
+    for i, part in enumerate(parts):
+        (staging / str(i)).mkdir(parents=True)
+        (staging / str(i) / "sweep.json").write_text(json.dumps(part["sweep"]))
+    if runs.exists():
+        shutil.rmtree(runs)
+    result = merge_sweeps([staging / str(i) for i in range(len(parts))], runs)
+    shutil.rmtree(staging)
+    result.info["merged_from"] = [str(path) for path in paths]
+    settings = dict(first["settings"], grid=f"merged from {', '.join(map(str, paths))}")
+    return result, next(iter(controls.values()), None), settings
 
 
 # ------------------------------------------------------------------------------------------------ reading points
@@ -205,10 +252,17 @@ def benchmark(name: str, description: str, grid: Callable[[bool], dict[str, Any]
     parser.add_argument("--merge", nargs="+", type=Path, metavar="DIR",
                         help="run nothing: merge finished parts of this benchmark's sweep (run with --methods etc., "
                              "e.g. on several machines) into --runs, then evaluate and write the JSON")
+    parser.add_argument("--merge-results", nargs="+", type=Path, metavar="JSON",
+                        help="run nothing: merge the result files (--out) of parts run apart, e.g. on other days, "
+                             "from the same fp32 weights (bench/fp32/), then evaluate and write --out")
     args = parser.parse_args()
     seeded = f"-seed{args.seed}" if args.seed else ""
     runs = args.runs or ROOT / "runs" / "bench" / f"{name}-{'quick' if args.quick else 'full'}{seeded}"
     started = time.perf_counter()
+    if args.merge_results:
+        result, control, s = merge_results(args.merge_results, runs)
+        report(name, args.out, s, s["mode"] == "quick", result, measure, heading, started, quick_grid, control)
+        return
     torch.set_num_threads(min(2, torch.get_num_threads()))
     s = {**settings(args.quick), "seed": args.seed}
     model, example, data, config = prepare(s)
@@ -228,14 +282,20 @@ def benchmark(name: str, description: str, grid: Callable[[bool], dict[str, Any]
     else:
         result = mpqc.sweep(model, example, data=data, out=runs, config=config, resume=not args.fresh,
                             force=args.fresh, **chosen)
-    control = fp32_control(s, data[1])
+    report(name, args.out, s, args.quick, result, measure, heading, started, quick_grid, fp32_control(s, data[1]))
+
+
+def report(name: str, out: Path, s: dict[str, Any], quick: bool, result: SweepResult,
+           measure: Callable[[Sequence[SweepPoint]], list[dict[str, Any]]], heading: str, started: float,
+           quick_grid: str, control: dict[str, Any] | None) -> None:
+    """Drops against ``control``, the goals ``measure`` finds, the table printed and the JSON written."""
     drops_against(result.points, control)
     goals = measure(result.points)
     print(result.table())
     if control:
         print(f"\nfp32 control ({control['epochs']} epochs): {control['top1']:.2f}%; goals' drops are against it")
     print(f"\n{heading}:\n" + format_goals(goals))
-    write_results(args.out, name, s, args.quick, result, goals, started, quick_grid, control)
+    write_results(out, name, s, quick, result, goals, started, quick_grid, control)
 
 
 # ------------------------------------------------------------------------------------------------ this benchmark

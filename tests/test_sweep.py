@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import importlib.util
 import json
 import os
 import subprocess
@@ -267,3 +268,33 @@ def test_parts_of_one_grid_merge_into_one_sweep_and_other_sweeps_are_refused(tra
                data=digits_loaders, config=other, uniform_bits=None)
     with pytest.raises(CheckpointError, match="another sweep"):
         sweep_module.merge_sweeps([tmp_path / "a", tmp_path / "c"], tmp_path / "merged2")
+
+    # The result files of parts run apart (bench/sweep.py and bench/accuracy.py --out) merge without their run
+    # directories (--merge-results): the same checks, and the fp32 control they measured must be one.
+    bench = _bench_sweep_module()
+    files = {}
+    for label, part in [("a", first), ("b", second), ("c", load_sweep(tmp_path / "c"))]:
+        files[label] = tmp_path / f"{label}.json"
+        bench.write_results(files[label], "accuracy", {"seed": 0}, False, part, [], 0.0,
+                            control={"epochs": 25, "top1": 95.0, "wall_s": 1.0})
+    result, control, settings = bench.merge_results([files["a"], files["b"]], tmp_path / "from-results")
+    assert sorted(p.name for p in result.points) == names and all(p.status == DONE for p in result.points)
+    assert control["top1"] == 95.0 and settings["grid"].startswith("merged from")
+    assert (tmp_path / "from-results" / "pareto.png").read_bytes().startswith(PNG_SIGNATURE)
+    with pytest.raises(SystemExit, match=r"c\.json is another sweep than .*a\.json \(config differ"):
+        bench.merge_results([files["a"], files["c"]], tmp_path / "from-results")
+    bench.write_results(files["b"], "accuracy", {"seed": 0}, False, second, [], 0.0,
+                        control={"epochs": 25, "top1": 94.0, "wall_s": 1.0})
+    with pytest.raises(SystemExit, match="different fp32 controls"):
+        bench.merge_results([files["a"], files["b"]], tmp_path / "from-results")
+    (tmp_path / "other.json").write_text("{}")
+    with pytest.raises(SystemExit, match="other.json is not a sweep benchmark's result file"):
+        bench.merge_results([files["a"], tmp_path / "other.json"], tmp_path / "from-results")
+
+
+def _bench_sweep_module():
+    """bench/sweep.py (the helpers of the sweep benchmarks), imported under a name of its own."""
+    spec = importlib.util.spec_from_file_location("bench_sweep", ROOT / "bench" / "sweep.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
