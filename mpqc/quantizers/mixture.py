@@ -1,10 +1,13 @@
 """A mixture of integer quantizers at several bit-widths, ``sum_k pi_k Q_k(x)``, in one autograd node.
 
-CSQ's activation quantizer (:mod:`mpqc.quantizers.csq`) computes this mixture over every bit-width of its range
-at every search step. Written as separate ``Q_k`` (:meth:`~mpqc.quantizers.uniform.LearnedRangeQuantizer.quantize_at`)
+The activation quantizers of three methods are such mixtures during the search: CSQ's (:mod:`mpqc.quantizers.csq`)
+over every bit-width of its range, FracBits' (:mod:`~mpqc.quantizers.fracbits`) over a pair, ``(1 - f, f)``, and
+SDQ's (:mod:`~mpqc.quantizers.sdq`) over a pair one-hot in value (the drawn bit-width) with the pair's expectation
+as gradient. Written as separate ``Q_k`` (:meth:`~mpqc.quantizers.uniform.LearnedRangeQuantizer.quantize_at`)
 the autograd graph holds ~8 full-size tensors per bit-width and replays ~10 elementwise kernels per bit-width
-backwards: the search step cost 3x a fixed-8-bit QAT step (``bench/results/search_cost.json``). Here the forward
-reuses one buffer and the backward needs only ``x`` and the output, because the learned-range quantizers of one
+backwards: CSQ's search step cost 3.0x a fixed-8-bit QAT step, FracBits' and SDQ's 1.5x (now 1.2x, 1.1x and 0.9x,
+``bench/results/search_cost.json``). Here the forward reuses one buffer and the backward needs only ``x`` and the
+output, because the learned-range quantizers of one
 tensor share their clipping range: with ``s_k = alpha / L_k`` (``L_k = q_max`` at ``k`` bits) every ``Q_k`` clips
 ``x`` at the same ``[lo, alpha]`` (``lo = -alpha`` signed, ``0`` unsigned). The straight-through gradients (as
 autograd takes them through ``round_ste(clamp(x / s_k)) * s_k``) are then, with ``S = sum_k pi_k``::
