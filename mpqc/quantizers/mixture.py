@@ -7,9 +7,9 @@ as gradient. Written as separate ``Q_k`` (:meth:`~mpqc.quantizers.uniform.Learne
 the autograd graph holds ~8 full-size tensors per bit-width and replays ~10 elementwise kernels per bit-width
 backwards: CSQ's search step cost 3.0x a fixed-8-bit QAT step, FracBits' and SDQ's 1.5x (now 1.2x, 1.1x and 0.9x,
 ``bench/results/search_cost.json``). Here the forward reuses one buffer and the backward needs only ``x`` and the
-output, because the learned-range quantizers of one
-tensor share their clipping range: with ``s_k = alpha / L_k`` (``L_k = q_max`` at ``k`` bits) every ``Q_k`` clips
-``x`` at the same ``[lo, alpha]`` (``lo = -alpha`` signed, ``0`` unsigned). The straight-through gradients (as
+output, because the learned-range quantizers of one tensor share their clipping range: with ``s_k = alpha / L_k``
+(``L_k = q_max`` at ``k`` bits) every ``Q_k`` clips ``x`` at the same ``[lo, alpha]`` (``lo = -alpha`` signed,
+``0`` unsigned). The straight-through gradients (as
 autograd takes them through ``round_ste(clamp(x / s_k)) * s_k``) are then, with ``S = sum_k pi_k``::
 
     d out / d x      = S                                    inside (lo, alpha), else 0
