@@ -36,9 +36,9 @@ time (the ``mpqc report`` table of the sweep). The goals it measures (not tests)
 4. every method at least as accurate as uniform QAT at the same budget and activation bits (W2, W3, W4 weight
    memory and W3A8 BitOPs).
 
-Writes ``bench/results/accuracy.json`` and keeps the runs in ``runs/bench/accuracy-<mode>/`` (re-running
-continues an interrupted run; ``--fresh`` starts over). Quick and full differ only in training length and data
-size (``quick_means`` in the JSON); the helpers are ``bench/sweep.py``'s.
+Writes ``bench/results/accuracy.json`` (its plot beside it, ``accuracy_pareto.png``) and keeps the runs in
+``runs/bench/accuracy-<mode>/`` (re-running continues an interrupted run; ``--fresh`` starts over). Quick and full
+differ only in training length and data size (``quick_means`` in the JSON); the helpers are ``bench/sweep.py``'s.
 """
 from __future__ import annotations
 

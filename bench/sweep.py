@@ -14,8 +14,8 @@ reported so. The bar, evaluated from the finished points (``bars`` in the JSON):
 3. the best mixed-precision curve at or above the uniform curve at every budget: for each uniform point, some
    method's point with the same activation bits and at most its weight memory is at least as accurate.
 
-Writes ``bench/results/sweep.json`` (the settings, what quick means, the sweep's points, the bars) and keeps the
-runs in ``runs/bench/sweep-<mode>/`` (``sweep.json``, ``pareto.png``, one compile run per point): re-running
+Writes ``bench/results/sweep.json`` (the settings, what quick means, the sweep's points, the bars; its plot beside
+it, ``sweep_pareto.png``) and keeps the runs in ``runs/bench/sweep-<mode>/`` (``sweep.json``, ``pareto.png``, one compile run per point): re-running
 continues an interrupted sweep, ``--fresh`` starts over. ``bench/accuracy.py`` reuses the helpers below.
 """
 from __future__ import annotations
@@ -114,9 +114,11 @@ def drops_against(points: Sequence[SweepPoint], control: dict[str, Any] | None) 
             point.drop = control["top1"] - point.top1
 
 
-def merge_results(paths: Sequence[Path], runs: Path) -> tuple[SweepResult, dict[str, Any] | None, dict[str, Any]]:
+def merge_results(paths: Sequence[Path], runs: Path
+                  ) -> tuple[SweepResult, dict[str, Any] | None, dict[str, Any], bool]:
     """One sweep in ``runs`` from the result JSON files of parts run apart (``--out`` of each part): their points
-    (the first finished one where parts overlap), the fp32 control they measured, and their settings. Refused
+    (the first finished one where parts overlap), the fp32 control they measured, their settings and whether they
+    were quick runs. Refused
     (SystemExit naming the file and what differs) unless every part is the same sweep: the same fp32 weights, data,
     config and mode. Needs neither the data nor the weights."""
     parts = []
@@ -153,7 +155,7 @@ def merge_results(paths: Sequence[Path], runs: Path) -> tuple[SweepResult, dict[
     shutil.rmtree(staging)
     result.info["merged_from"] = [str(path) for path in paths]
     settings = dict(first["settings"], grid=f"merged from {', '.join(map(str, paths))}")
-    return result, next(iter(controls.values()), None), settings
+    return result, next(iter(controls.values()), None), settings, first.get("mode") == "quick"
 
 
 # ------------------------------------------------------------------------------------------------ reading points
@@ -228,7 +230,10 @@ def write_results(path: Path, name: str, s: dict[str, Any], quick: bool, result:
     }
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(payload, indent=2) + "\n")
-    print(f"\nwrote {path} and {result.path}/pareto.png ({payload['wall_s']:.0f} s)")
+    plot = path.with_name(f"{path.stem}_pareto.png")  # next to the JSON, to be committed with it
+    if (result.path / "pareto.png").is_file():
+        shutil.copyfile(result.path / "pareto.png", plot)
+    print(f"\nwrote {path} and {plot} ({payload['wall_s']:.0f} s)")
 
 
 def benchmark(name: str, description: str, grid: Callable[[bool], dict[str, Any]],
@@ -260,8 +265,8 @@ def benchmark(name: str, description: str, grid: Callable[[bool], dict[str, Any]
     runs = args.runs or ROOT / "runs" / "bench" / f"{name}-{'quick' if args.quick else 'full'}{seeded}"
     started = time.perf_counter()
     if args.merge_results:
-        result, control, s = merge_results(args.merge_results, runs)
-        report(name, args.out, s, s["mode"] == "quick", result, measure, heading, started, quick_grid, control)
+        result, control, s, quick = merge_results(args.merge_results, runs)
+        report(name, args.out, s, quick, result, measure, heading, started, quick_grid, control)
         return
     torch.set_num_threads(min(2, torch.get_num_threads()))
     s = {**settings(args.quick), "seed": args.seed}

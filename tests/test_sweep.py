@@ -277,10 +277,16 @@ def test_parts_of_one_grid_merge_into_one_sweep_and_other_sweeps_are_refused(tra
         files[label] = tmp_path / f"{label}.json"
         bench.write_results(files[label], "accuracy", {"seed": 0}, False, part, [], 0.0,
                             control={"epochs": 25, "top1": 95.0, "wall_s": 1.0})
-    result, control, settings = bench.merge_results([files["a"], files["b"]], tmp_path / "from-results")
+    result, control, settings, quick = bench.merge_results([files["a"], files["b"]], tmp_path / "from-results")
     assert sorted(p.name for p in result.points) == names and all(p.status == DONE for p in result.points)
-    assert control["top1"] == 95.0 and settings["grid"].startswith("merged from")
+    assert control["top1"] == 95.0 and settings["grid"].startswith("merged from") and quick is False
     assert (tmp_path / "from-results" / "pareto.png").read_bytes().startswith(PNG_SIGNATURE)
+    bench.report("accuracy", tmp_path / "merged.json", settings, quick, result, lambda points: [], "goals", 0.0, "",
+                 control)
+    written = json.loads((tmp_path / "merged.json").read_text())
+    assert written["mode"] == "full" and written["fp32_control"]["top1"] == 95.0
+    assert len(written["sweep"]["points"]) == 3  # drops against the parts' control, not each part's fp32 start
+    assert all(row["drop"] == pytest.approx(95.0 - row["top1"]) for row in written["sweep"]["points"])
     with pytest.raises(SystemExit, match=r"c\.json is another sweep than .*a\.json \(config differ"):
         bench.merge_results([files["a"], files["c"]], tmp_path / "from-results")
     bench.write_results(files["b"], "accuracy", {"seed": 0}, False, second, [], 0.0,
