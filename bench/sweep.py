@@ -15,8 +15,9 @@ reported so. The bar, evaluated from the finished points (``bars`` in the JSON):
    method's point with the same activation bits and at most its weight memory is at least as accurate.
 
 Writes ``bench/results/sweep.json`` (the settings, what quick means, the sweep's points, the bars; its plot beside
-it, ``sweep_pareto.png``) and keeps the runs in ``runs/bench/sweep-<mode>/`` (``sweep.json``, ``pareto.png``, one compile run per point): re-running
-continues an interrupted sweep, ``--fresh`` starts over. ``bench/accuracy.py`` reuses the helpers below.
+it, ``sweep_pareto.png``) and keeps the runs in ``runs/bench/sweep-<mode>/`` (``sweep.json``, ``pareto.png``, one
+compile run per point): re-running continues an interrupted sweep, ``--fresh`` starts over. ``bench/accuracy.py``
+reuses the helpers below.
 """
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ import os
 import platform
 import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -116,11 +118,11 @@ def drops_against(points: Sequence[SweepPoint], control: dict[str, Any] | None) 
 
 def merge_results(paths: Sequence[Path], runs: Path
                   ) -> tuple[SweepResult, dict[str, Any] | None, dict[str, Any], bool]:
-    """One sweep in ``runs`` from the result JSON files of parts run apart (``--out`` of each part): their points
-    (the first finished one where parts overlap), the fp32 control they measured, their settings and whether they
-    were quick runs. Refused
-    (SystemExit naming the file and what differs) unless every part is the same sweep: the same fp32 weights, data,
-    config and mode. Needs neither the data nor the weights."""
+    """One sweep in ``<runs>-merged`` from the result JSON files of parts run apart (``--out`` of each part): their
+    points (the first finished one where parts overlap), the fp32 control they measured, their settings and whether
+    they were quick runs. Refused (SystemExit naming the file and what differs) unless every part is the same sweep:
+    the same fp32 weights, data, config and mode. Needs neither the data nor the weights; replaces an earlier
+    merge's directory, never a sweep's."""
     parts = []
     for path in paths:
         try:
@@ -143,16 +145,19 @@ def merge_results(paths: Sequence[Path], runs: Path
     tops = sorted({round(c["top1"], 4) for c in controls.values()})
     if len(tops) > 1:
         raise SystemExit(f"--merge-results: the parts measured different fp32 controls ({tops}): not one control")
-    staging = runs.with_name(runs.name + "-parts")
-    if staging.exists():
-        shutil.rmtree(staging)
-    for i, part in enumerate(parts):
-        (staging / str(i)).mkdir(parents=True)
-        (staging / str(i) / "sweep.json").write_text(json.dumps(part["sweep"]))
-    if runs.exists():
-        shutil.rmtree(runs)
-    result = merge_sweeps([staging / str(i) for i in range(len(parts))], runs)
-    shutil.rmtree(staging)
+    target = runs.with_name(runs.name + "-merged")
+    if target.exists():
+        kept = sorted({p.name for p in target.iterdir()} - {"sweep.json", "pareto.png"})
+        if kept:
+            raise SystemExit(f"--merge-results: {target} holds more than an earlier merge ({', '.join(kept)}); "
+                             "give another --runs")
+        shutil.rmtree(target)
+    with tempfile.TemporaryDirectory() as staging:
+        directories = [Path(staging) / str(i) for i in range(len(parts))]
+        for directory, part in zip(directories, parts):
+            directory.mkdir()
+            (directory / "sweep.json").write_text(json.dumps(part["sweep"]))
+        result = merge_sweeps(directories, target)
     result.info["merged_from"] = [str(path) for path in paths]
     settings = dict(first["settings"], grid=f"merged from {', '.join(map(str, paths))}")
     return result, next(iter(controls.values()), None), settings, first.get("mode") == "quick"

@@ -280,7 +280,7 @@ def test_parts_of_one_grid_merge_into_one_sweep_and_other_sweeps_are_refused(tra
     result, control, settings, quick = bench.merge_results([files["a"], files["b"]], tmp_path / "from-results")
     assert sorted(p.name for p in result.points) == names and all(p.status == DONE for p in result.points)
     assert control["top1"] == 95.0 and settings["grid"].startswith("merged from") and quick is False
-    assert (tmp_path / "from-results" / "pareto.png").read_bytes().startswith(PNG_SIGNATURE)
+    assert (tmp_path / "from-results-merged" / "pareto.png").read_bytes().startswith(PNG_SIGNATURE)
     bench.report("accuracy", tmp_path / "merged.json", settings, quick, result, lambda points: [], "goals", 0.0, "",
                  control)
     written = json.loads((tmp_path / "merged.json").read_text())
@@ -293,6 +293,9 @@ def test_parts_of_one_grid_merge_into_one_sweep_and_other_sweeps_are_refused(tra
                         control={"epochs": 25, "top1": 94.0, "wall_s": 1.0})
     with pytest.raises(SystemExit, match="different fp32 controls"):
         bench.merge_results([files["a"], files["b"]], tmp_path / "from-results")
+    (tmp_path / "from-results-merged" / "points").mkdir()  # not only an earlier merge: left alone
+    with pytest.raises(SystemExit, match="holds more than an earlier merge"):
+        bench.merge_results([files["a"]], tmp_path / "from-results")
     (tmp_path / "other.json").write_text("{}")
     with pytest.raises(SystemExit, match="other.json is not a sweep benchmark's result file"):
         bench.merge_results([files["a"], tmp_path / "other.json"], tmp_path / "from-results")
