@@ -44,7 +44,7 @@ import mpqc  # noqa: E402
 import mpqc.train  # noqa: E402
 from mpqc.data import loaders  # noqa: E402
 from mpqc.pretrain import cached_fp32  # noqa: E402
-from mpqc.sweep import DONE, UNIFORM, SweepPoint, SweepResult, merge_sweeps  # noqa: E402
+from mpqc.sweep import DONE, UNIFORM, SweepPoint, SweepResult, identity_differences, merge_sweeps  # noqa: E402
 from models import resnet20  # noqa: E402
 
 #: The recipe of a full run (issue 18): fp32 15 epochs, then each point 10 epochs in all (search 6, fine-tuning 4 with
@@ -133,8 +133,7 @@ def merge_results(paths: Sequence[Path], runs: Path
             raise SystemExit(f"--merge-results: {path} is not a sweep benchmark's result file (no 'sweep')")
     first = parts[0]
     for path, part in zip(paths[1:], parts[1:]):
-        mine, theirs = part["sweep"].get("identity") or {}, first["sweep"].get("identity") or {}
-        changed = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
+        changed = identity_differences(part["sweep"].get("identity"), first["sweep"].get("identity"))
         if part.get("mode") != first.get("mode"):
             changed.append("mode")
         if changed:

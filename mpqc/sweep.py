@@ -72,8 +72,8 @@ from mpqc.sweep_report import format_sweep, metric_label, plot_sweep, point_summ
 from mpqc.train import evaluate
 
 __all__ = [
-    "sweep", "merge_sweeps", "load_sweep", "is_sweep_directory", "SweepResult", "SWEEP_FORMAT", "SWEEP_FILE",
-    "PLOT_FILE", "POINTS_DIR",
+    "sweep", "merge_sweeps", "load_sweep", "is_sweep_directory", "identity_differences", "SweepResult",
+    "SWEEP_FORMAT", "SWEEP_FILE", "PLOT_FILE", "POINTS_DIR",
     # mpqc.sweep_grid
     "SweepBudget", "SweepPoint", "parse_sweep_budgets", "plan_points", "pareto_front", "uniform_cost", "UNIFORM",
     "UNIFORM_BITS", "UNIFORM_QUANTIZER", "DONE", "INFEASIBLE", "NOT_EXPRESSIBLE", "FAILED", "PENDING",
@@ -218,8 +218,9 @@ def merge_sweeps(parts: Sequence[str | Path], out: str | Path) -> SweepResult:
         raise ConfigError("merge_sweeps needs at least one sweep directory")
     identity = loaded[0].info.get("identity")
     for part, result in zip(parts, loaded):
-        if result.info.get("identity") != identity:
-            raise CheckpointError(f"{part} is another sweep than {parts[0]} (model, data or config differ)")
+        changed = identity_differences(result.info.get("identity"), identity)
+        if changed:
+            raise CheckpointError(f"{part} is another sweep than {parts[0]} (differs in: {', '.join(changed)})")
     points: dict[str, SweepPoint] = {}
     for result in loaded:
         for point in result.points:
@@ -320,15 +321,21 @@ def _identity(model: nn.Module, example_inputs: tuple, train: DataLoader, val: D
     }
 
 
+def identity_differences(a: dict[str, Any] | None, b: dict[str, Any] | None) -> list[str]:
+    """The keys in which two sweeps' identities (``sweep.json``'s ``identity``: weights, data, config) differ;
+    empty when they are the same sweep."""
+    a, b = a or {}, b or {}
+    return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+
+
 def _open_directory(out: Path, identity: dict[str, Any], *, resume: bool, force: bool) -> dict[str, Any] | None:
     """The previous ``sweep.json`` when continuing one, None when starting; refusals as :func:`sweep` says."""
     if force and out.exists():
         shutil.rmtree(out)
     if (out / SWEEP_FILE).exists():
         previous = _read(out / SWEEP_FILE)
-        if previous.get("identity") != identity:
-            old = previous.get("identity") or {}
-            changed = sorted(k for k in set(old) | set(identity) if old.get(k) != identity.get(k))
+        changed = identity_differences(previous.get("identity"), identity)
+        if changed:
             raise CheckpointError(f"{out} holds a different sweep (differs in: {', '.join(changed)}); choose "
                                   f"another --out or pass --force to start over")
         if not resume:
