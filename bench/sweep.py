@@ -44,7 +44,8 @@ import mpqc  # noqa: E402
 import mpqc.train  # noqa: E402
 from mpqc.data import loaders  # noqa: E402
 from mpqc.pretrain import cached_fp32  # noqa: E402
-from mpqc.sweep import DONE, UNIFORM, SweepPoint, SweepResult, identity_differences, merge_sweeps  # noqa: E402
+from mpqc.sweep import (DONE, UNIFORM, SweepPoint, SweepResult, identity_differences, merge_sweeps,  # noqa: E402
+                        plot_sweep)
 from models import resnet20  # noqa: E402
 
 #: The recipe of a full run (issue 18): fp32 15 epochs, then each point 10 epochs in all (search 6, fine-tuning 4 with
@@ -235,8 +236,8 @@ def write_results(path: Path, name: str, s: dict[str, Any], quick: bool, result:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(payload, indent=2) + "\n")
     plot = path.with_name(f"{path.stem}_pareto.png")  # next to the JSON, to be committed with it
-    if (result.path / "pareto.png").is_file():
-        shutil.copyfile(result.path / "pareto.png", plot)
+    references = {f"fp32 control ({control['epochs']} epochs)": control["top1"]} if control else None
+    plot_sweep(payload["sweep"], plot, references=references)  # the sweep's plot, with the control drops are against
     print(f"\nwrote {path} and {plot} ({payload['wall_s']:.0f} s)")
 
 
@@ -252,7 +253,7 @@ def benchmark(name: str, description: str, grid: Callable[[bool], dict[str, Any]
     parser.add_argument("--runs", type=Path, help=f"sweep directory (default runs/bench/{name}-<mode>)")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / f"{name}.json")
     parser.add_argument("--methods", help="only these methods of the grid (comma-separated), e.g. to run a part "
-                                          "of a full sweep on each of several machines")
+                                          "of a full sweep on each of several machines; 'none': uniform QAT only)")
     parser.add_argument("--budgets", help="only these budgets (KIND=V1,V2 as mpqc sweep reads them)")
     parser.add_argument("--act-bits", help="only these activation bit-widths (comma-separated)")
     parser.add_argument("--uniform", help="only these uniform-QAT weight bit-widths (comma-separated; 'none')")
@@ -277,7 +278,7 @@ def benchmark(name: str, description: str, grid: Callable[[bool], dict[str, Any]
     model, example, data, config = prepare(s)
     chosen = grid(args.quick)
     if args.methods:
-        chosen["methods"] = args.methods.split(",")
+        chosen["methods"] = [] if args.methods == "none" else args.methods.split(",")
     if args.budgets:
         chosen["budgets"] = args.budgets
     if args.act_bits:

@@ -158,8 +158,8 @@ def sweep(
     act_axis = [act_bits] if isinstance(act_bits, int) else list(act_bits)
     for a in act_axis:
         BitRange(a, a)  # ConfigError for an impossible bit-width
-    if not methods or not act_axis:
-        raise ConfigError("a sweep needs at least one method and one activation bit-width")
+    if not (methods or uniform_bits) or not act_axis:
+        raise ConfigError("a sweep needs a method or a uniform bit-width, and an activation bit-width")
     specs = _as_sweep_budgets(budgets)
     train_loader, val_loader = _split(data)
     example_inputs = example_inputs if isinstance(example_inputs, (tuple, dict)) else (example_inputs,)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import io
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
@@ -87,10 +87,11 @@ _COLORS = ("#3b6fb6", "#e8853d", "#4e9a5f", "#b07aa1", "#c44e52", "#8c6d31", "#1
 _LINE_KINDS = ("weight-memory", "avg-bits")  # budgets whose points lie on a method's weight-memory curve
 
 
-def plot_sweep(data: dict[str, Any], path: str | Path) -> None:
+def plot_sweep(data: dict[str, Any], path: str | Path, references: Mapping[str, float] | None = None) -> None:
     """Save ``pareto.png``: top-1 against weight memory, one panel per activation bit-width, one line per method
     (through its weight-memory and average-bits points; other budget kinds as open markers) plus uniform QAT
-    (black, dashed), the fp32 top-1 dotted, the Pareto front as a red step line with ringed points."""
+    (black, dashed), the fp32 top-1 dotted, the Pareto front as a red step line with ringed points.
+    ``references``: more horizontal lines, label to value (e.g. a benchmark's fp32 control), dash-dotted."""
     points = [SweepPoint.from_dict(row) for row in data.get("points", [])]
     name, unit = metric_label(data)
     done = [p for p in points if p.status == DONE and None not in (p.top1, p.weight_bytes)]
@@ -124,6 +125,9 @@ def plot_sweep(data: dict[str, Any], path: str | Path) -> None:
         if data.get("fp32_top1") is not None:
             ax.axhline(data["fp32_top1"], color="#777777", linestyle=":", linewidth=1,
                        label=f"fp32 {data['fp32_top1']:.2f}{unit}")
+        for index, (label, value) in enumerate((references or {}).items()):
+            ax.axhline(value, color=_COLORS[-1 - index % len(_COLORS)], linestyle="-.", linewidth=1,
+                       label=f"{label} {value:.2f}{unit}")
         skipped = [p for p in points if p.act_bits == a and p.status != DONE]
         ax.set_title(f"activations {a} bits" + (f" ({len(skipped)} points not run: "
                                                 + ", ".join(sorted({p.status for p in skipped})) + ")"

@@ -206,6 +206,11 @@ def test_failed_point_is_recorded_and_a_bug_stops_the_sweep_naming_the_point(tra
 def test_sweep_refuses_bad_arguments_and_a_different_sweep(trained_small_cnn, digits_loaders, tmp_path):
     with pytest.raises(ConfigError, match="unknown method"):
         _tiny_sweep(trained_small_cnn, digits_loaders, tmp_path / "x", methods="dq,nope")
+    with pytest.raises(ConfigError, match="a method or a uniform bit-width"):  # nothing to run
+        _tiny_sweep(trained_small_cnn, digits_loaders, tmp_path / "x", methods=[], uniform_bits=None)
+    only_uniform = _tiny_sweep(trained_small_cnn, digits_loaders, tmp_path / "u", methods=[],
+                               budgets="weight-memory=4b", uniform_bits=(4,))  # a part of a bench: uniform QAT alone
+    assert [(p.method, p.uniform_bits, p.status) for p in only_uniform.points] == [("uniform", 4, DONE)]
     with pytest.raises(DataError, match="val"):
         _tiny_sweep(trained_small_cnn, digits_loaders, tmp_path / "x", data=digits_loaders[0])
     out = tmp_path / "s"
