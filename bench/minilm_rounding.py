@@ -46,18 +46,22 @@ TABLE_BITS, LAYER_BITS = 3, 5
 BAR_NEEDS = ((8, 8), (6, 6), (6, 4), (5, 5), (5, 4), (5, 3), (4, 4), (4, 3))  # (linears, word table) bits
 
 
-def _rounded_to_nearest(model: torch.nn.Module, linear_bits: int, table_bits: int) -> torch.nn.Module:
+def _rounded_to_nearest(model: torch.nn.Module, linear_bits: int, table_bits: int | torch.Tensor) -> torch.nn.Module:
     """``model`` with every linear's and the word table's weight rounded to nearest on the grid mpqc freezes to
-    (``FixedQuantizer``: symmetric, MSE-fitted range per row)."""
+    (``FixedQuantizer``: symmetric, MSE-fitted range per row). ``table_bits``: one bit-width, or one per row."""
     with torch.no_grad():
         for name, module in model.named_modules():
             bits = (linear_bits if isinstance(module, torch.nn.Linear)
                     else table_bits if isinstance(module, torch.nn.Embedding) and "word" in name else None)
             if bits is None:
                 continue
-            quantizer = FixedQuantizer(bits, signed=True, scale=torch.ones(module.weight.shape[0]), per_channel=True)
-            quantizer.init_weight_clip_(module.weight, mse_channel_clip(module.weight, bits))  # as round_weights
-            module.weight.copy_(quantizer(module.weight))
+            per_row = torch.as_tensor(bits).expand(module.weight.shape[0])
+            for b in per_row.unique().tolist():
+                rows = (per_row == b).nonzero().flatten()
+                weight = module.weight[rows]
+                quantizer = FixedQuantizer(int(b), signed=True, scale=torch.ones(len(rows)), per_channel=True)
+                quantizer.init_weight_clip_(weight, mse_channel_clip(weight, int(b)))  # as round_weights
+                module.weight[rows] = quantizer(weight)
     return model
 
 

@@ -59,7 +59,7 @@ sys.path.insert(0, str(ROOT))  # this checkout's mpqc, when run as a script
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # minilm_task beside it, however this file is loaded
 
 import mpqc  # noqa: E402
-from mpqc.config import WEIGHT_ROUNDINGS  # noqa: E402
+from mpqc.config import TABLE_ROWS, WEIGHT_ROUNDINGS  # noqa: E402
 from mpqc.data import cache_root  # noqa: E402
 from mpqc.errors import ConfigError  # noqa: E402
 from mpqc.text_data import fortune_categories, fortunes, load_tokenizer  # noqa: E402
@@ -200,7 +200,8 @@ def _config(args: argparse.Namespace, distill: bool | None, batches_per_epoch: i
         # cosine to fp32 0.97 from the maximum, 0.94 from the percentile
         # GELU's output (-0.17 .. +25 in the FFN) shifted to be nonnegative, unsigned codes (``--no-shift`` off)
         quantizers=mpqc.QuantizerConfig(activation_bits=mpqc.BitRange(8, 8), activation_percentile=100.0,
-                                        shift_activations=not args.no_shift),
+                                        shift_activations=not args.no_shift, table_rows=args.table_rows,
+                                        table_rows_batches=batches_per_epoch),  # rows' reads: every training text
         search=mpqc.TrainConfig(**_phase(args.search_steps, batches_per_epoch), lr=args.lr,
                                 quantizer_lr=args.quantizer_lr, distill=distill, checkpoint_every=25),
         finetune=mpqc.TrainConfig(**_phase(args.finetune_steps, batches_per_epoch), lr=args.lr,
@@ -214,7 +215,7 @@ def _recipe(args: argparse.Namespace) -> dict:
     return {"loss": (f"pooled cosine + {args.layer_weight:g} x hidden-state MSE (layer-wise)" if args.layer_weight > 0
                      else "pooled cosine"), "lr": args.lr, "quantizer_lr": args.quantizer_lr,
             "batch_size": args.batch_size, "shift_activations": not args.no_shift,
-            "weight_rounding": args.weight_rounding,
+            "weight_rounding": args.weight_rounding, "table_rows": args.table_rows,
             "command": " ".join(["python3 examples/minilm.py", *sys.argv[1:]])}
 
 
@@ -403,6 +404,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--weight-rounding", choices=WEIGHT_ROUNDINGS, default="mse",
                         help="how the frozen weights are fitted to their grids before fine-tuning "
                              "(mpqc.RoundingConfig; gptq on 8 training batches)")
+    parser.add_argument("--table-rows", choices=TABLE_ROWS, default="frequency",
+                        help="the word table's rows at bits by how often the training texts read them (frequency) "
+                             "or all at the table's bits (uniform)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", help="run directory (default runs/minilm-PART-BITSb)")
     parser.add_argument("--resume", action="store_true", help="continue the interrupted run in --out")

@@ -32,6 +32,7 @@ from mpqc.passes.freeze import freeze
 from mpqc.passes.insert_quantizers import (cost_items, current_bits, quantized_activations, quantized_layers,
                                           smallest_bits)
 from mpqc.passes.prune_channels import fewest_channels, gate_decisions, prune_channels
+from mpqc.passes.allocate_table_rows import allocate_table_rows, count_reads
 from mpqc.passes.round_weights import round_weights
 from mpqc.quantizers import get_method
 from mpqc.reference import IntegerProgram
@@ -123,6 +124,8 @@ def compile(
     gm = freeze(gm, budget)                                                        # 7. integer bits meeting budget
     gm = round_weights(gm, _rounding_inputs(task, gm, train_loader, config),       #    scales and rounding fitted
                        config.rounding.how, config.rounding.damping, config.progress)  # to them (MSE, GPTQ)
+    if config.quantizers.table_rows == "frequency":                                #    table rows' bits by reads
+        gm = allocate_table_rows(gm, _table_reads(task, gm, train_loader, config), config.quantizers.weight_bits)
     finetune(gm, train_loader, config.finetune, checkpoint=run.checkpoint("finetune"),  # 8. fine-tune, bits fixed
              seed=config.seed + 1, teacher=teacher, progress=config.progress, task=task)
     gm.eval()
@@ -246,6 +249,16 @@ def _rounding_inputs(task: Task, gm: GraphModule, train_loader: DataLoader, conf
         return []
     return [_model_inputs(task, gm, batch)
             for batch in _first_batches(train_loader, config.seed, config.rounding.batches)]
+
+
+def _table_reads(task: Task, gm: GraphModule, train_loader: DataLoader, config: CompileConfig) -> dict[str, Tensor]:
+    """How often the first ``config.quantizers.table_rows_batches`` training batches read each embedding-table row."""
+    def model(*args: Any, **kwargs: Any) -> Any:
+        return gm(*task.inputs.positional(args, kwargs))
+
+    batches = _first_batches(train_loader, config.seed, config.quantizers.table_rows_batches)
+    return count_reads(gm, batches, lambda batch: task.run_forward(model, batch, "counting embedding-table reads"),
+                       progress=config.progress)
 
 
 def _model_inputs(task: Task, gm: GraphModule, batch: Any) -> tuple:

@@ -9,6 +9,9 @@ from mpqc.quantizers.base import BitRange
 from mpqc.quantizers.calibration import WEIGHT_INITS
 
 FIRST_LAST_POLICIES = ("learn", "fixed")
+TABLE_ROWS = ("uniform", "frequency")
+#: Quantizer settings added after runs existed: left out of a run's identity at these (default) values.
+_ADDED_LATER = {"table_rows": "uniform", "table_rows_batches": 256}
 #: ``QuantizerConfig.recompute_weights=None`` recomputes weight quantizers in the backward pass from this many
 #: quantized weight elements on (100 M: VGG, the 32GF RegNets, the large ViTs).
 RECOMPUTE_AUTO_PARAMS = 100_000_000
@@ -37,6 +40,11 @@ class QuantizerConfig:
     weight quantization per step. ``None`` (default): on where the quantized weights total at least
     :data:`RECOMPUTE_AUTO_PARAMS` elements (RegNetY-128GF, 637 M: its search was killed at 21.6 GiB without it; with
     it the zoo's whole run peaks at 15.8 GiB).
+
+    ``table_rows``: an embedding table's rows share its frozen bit-width (``"uniform"``, default) or, with
+    ``"frequency"``, each row gets bits by how often the first ``table_rows_batches`` training batches read it, at
+    the same mean (``passes/allocate_table_rows.py``: a text model's frequent tokens at more bits, unread ones at
+    the least; the table's memory unchanged).
     """
 
     weight_bits: BitRange = BitRange(2, 8)
@@ -49,8 +57,14 @@ class QuantizerConfig:
     activation_percentile: float = 99.99
     shift_activations: bool = True
     recompute_weights: bool | None = None
+    table_rows: str = "uniform"
+    table_rows_batches: int = 256
 
     def __post_init__(self) -> None:
+        if self.table_rows not in TABLE_ROWS:
+            raise ConfigError(f"table_rows must be one of {TABLE_ROWS}, got {self.table_rows!r}")
+        if self.table_rows_batches < 1:
+            raise ConfigError(f"table_rows_batches must be at least 1, got {self.table_rows_batches}")
         if self.weight_init not in WEIGHT_INITS:
             raise ConfigError(f"weight_init must be one of {WEIGHT_INITS}, got {self.weight_init!r}")
         if not 0 < self.activation_percentile <= 100:
@@ -169,4 +183,7 @@ class CompileConfig:
         settings = asdict(self)
         settings.pop("progress")
         settings["quantizers"].pop("recompute_weights")
+        for key, default in _ADDED_LATER.items():  # at their defaults, runs begun before they existed still resume
+            if settings["quantizers"].get(key) == default:
+                settings["quantizers"].pop(key)
         return json.loads(json.dumps(settings, default=str))

@@ -32,6 +32,7 @@ STAGES: tuple[str, ...] = (
     "prune_channels",      # passes/prune_channels.py: drop 0-bit channels
     "freeze",              # passes/freeze.py: integer bits meeting the budget
     "round_weights",       # passes/round_weights.py: scales and rounding fitted to those bits (MSE, GPTQ)
+    "allocate_table_rows", # passes/allocate_table_rows.py: embedding rows' bits by reads (table_rows="frequency")
     "finetune",            # mpqc/train.py: bits fixed
     "to_integer_program",  # passes/to_integer_program.py: the integer model
 )

@@ -154,13 +154,14 @@ class IntegerProgram:
     def layers(self) -> list[IntNode]:
         return [node for node in self.nodes if node.op in LAYER_OPS]
 
-    def layer_bits(self) -> dict[str, tuple[int, int]]:
+    def layer_bits(self) -> dict[str, tuple[float, int]]:
         """Per layer (module name): (weight bits, input activation bits); embedding tables, which budgets count as
-        weight-only layers, with 0 input bits (their indices are not quantized activations)."""
+        weight-only layers, with 0 input bits (their indices are not quantized activations), and with their rows'
+        mean bit-width where rows have their own (``average_weight_bits``)."""
         bits = {node.attrs["module"]: (node.attrs["weight_bits"], self._by_name[node.inputs[0]].attrs["bits"])
                 for node in self.layers()}
-        bits.update({node.attrs["module"]: (node.attrs["weight_bits"], 0) for node in self.nodes
-                     if node.op == "embedding"})
+        bits.update({node.attrs["module"]: (node.attrs.get("average_weight_bits", node.attrs["weight_bits"]), 0)
+                     for node in self.nodes if node.op == "embedding"})
         return bits
 
     # ----------------------------------------------------------------------------------------- files

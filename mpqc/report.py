@@ -118,6 +118,11 @@ def _fmt(value, spec: str = "", none: str = "n/a") -> str:
     return none if value is None else format(value, spec)
 
 
+def _bits(value: float | None) -> str:
+    """A layer's bit-width: an integer, or the mean of a table's per-row bit-widths (two decimals)."""
+    return "-" if value is None else str(int(value)) if float(value).is_integer() else f"{value:.2f}"
+
+
 def _pct(value: float | None) -> str:
     """Accuracies are percentages (93.1 means 93.1 %)."""
     return _fmt(value, ".2f") + ("%" if value is not None else "")
@@ -170,7 +175,7 @@ def format_report(report: dict) -> str:
     headers = ["#", "layer", "op", "params", "MACs", "W bits", "A bits", "W search", "A search", "notes"]
     rows = [[str(i), l.get("name", "?"), l.get("op", "?"), _fmt(l.get("params"), ",", "-"),
              "-" if l.get("macs") is None else human_count(l["macs"]),
-             _fmt(l.get("weight_bits"), "", "-"), _fmt(l.get("activation_bits"), "", "-"),
+             _bits(l.get("weight_bits")), _fmt(l.get("activation_bits"), "", "-"),
              _fmt(l.get("weight_bits_search"), ".2f", "-"), _fmt(l.get("activation_bits_search"), ".2f", "-"),
              _notes(l)] for i, l in enumerate(layers)]
     lines += _table(headers, rows, left={1, 2, 9}) if rows else ["(no layers)"]

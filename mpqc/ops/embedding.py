@@ -63,8 +63,10 @@ class Embedding(OpDef):
         if scale.numel() == 1:
             scale = scale.expand(codes.shape[0]).clone()
         storage = torch.int8 if frozen_q.bits <= 8 else torch.int16
-        return IntNode(node.name, "embedding", [ids.name], {"module": node.target, "weight_bits": frozen_q.bits},
-                       {"weight": codes.to(storage), "weight_scale": scale})
+        attrs = {"module": node.target, "weight_bits": frozen_q.bits}  # per-row bits: their largest (the storage)
+        if frozen_q.row_bits is not None:  # and their mean, what budgets count (passes/allocate_table_rows.py)
+            attrs["average_weight_bits"] = float(frozen_q.row_bits.mean())
+        return IntNode(node.name, "embedding", [ids.name], attrs, {"weight": codes.to(storage), "weight_scale": scale})
 
     @staticmethod
     def indices(node: IntNode, value) -> Tensor:

@@ -35,6 +35,12 @@ def integer_range(bits: int, signed: bool) -> tuple[int, int]:
     return 0, 2**bits - 1
 
 
+def row_ranges(row_bits: Tensor, signed: bool) -> tuple[Tensor, Tensor]:
+    """:func:`integer_range` of each row's bit-width: ``(qmin, qmax)`` as float tensors."""
+    high = 2.0 ** (row_bits.float() - (1 if signed else 0)) - 1
+    return (-high if signed else torch.zeros_like(high)), high
+
+
 def positive_levels(bits: Tensor | float, signed: bool) -> Tensor | float:
     """Largest integer magnitude representable with (possibly fractional) ``bits``: the 'q_max / d' of DQ."""
     return 2 ** (bits - 1) - 1 if signed else 2**bits - 1
@@ -64,12 +70,15 @@ class BitRange:
 class FrozenQuant:
     """Integer description of a quantizer after freezing: integer bits, scale(s), sign.
 
-    ``scale`` has shape ``[C]`` (per output channel, weights) or ``[1]`` (per tensor, activations).
+    ``scale`` has shape ``[C]`` (per output channel, weights) or ``[1]`` (per tensor, activations). ``row_bits``
+    (embedding tables only, :mod:`mpqc.quantizers.table_rows`): one bit-width per row, ``bits`` their largest
+    (the storage); each row's codes are clamped to its own range.
     """
 
     bits: int
     signed: bool
     scale: Tensor
+    row_bits: Tensor | None = None
 
     @property
     def qmin(self) -> int:
@@ -82,7 +91,11 @@ class FrozenQuant:
     def quantize(self, x: Tensor, channel_dim: int = 0) -> Tensor:
         """Integer values (int32) of ``x``; per-channel scales broadcast along ``channel_dim``."""
         scale = _broadcast_channels(self.scale.to(x.dtype), x.dim(), channel_dim)
-        return torch.clamp(torch.round(x / scale), self.qmin, self.qmax).to(torch.int32)
+        if self.row_bits is None:
+            return torch.clamp(torch.round(x / scale), self.qmin, self.qmax).to(torch.int32)
+        low, high = (_broadcast_channels(bound.to(x.dtype), x.dim(), channel_dim)
+                     for bound in row_ranges(self.row_bits, self.signed))
+        return torch.clamp(torch.round(x / scale), low, high).to(torch.int32)
 
 
 def _broadcast_channels(scale: Tensor, ndim: int, channel_dim: int) -> Tensor:
