@@ -1,20 +1,14 @@
-"""What per-row bit-widths in all-MiniLM-L6-v2's word table, allocated by token frequency, would buy (issue 16).
+"""What per-row bit-widths in all-MiniLM-L6-v2's word table, allocated by token frequency, buy (issue 16).
 
 Half of the encoder's 22.7 M weights are the word table (30,522 rows of 384), so at a 4.0-bit average the table
 gets 3 bits and the linears 5 (``bench/minilm_rounding.py``), and the table is where most of the remaining loss
-is. But a row costs only where its token occurs: in the fortunes training texts 15,240 of the 30,522 tokens occur
-at all, and a handful of them make most of the text. If a row's error counts in proportion to its token's
-frequency ``f_r``, minimising ``sum_r f_r 4^-b_r`` (the squared error of a ``b``-bit grid) at a fixed
-``sum_r b_r`` gives ``b_r = c + log2(f_r) / 2`` (reverse water-filling), clamped to 2..8 bits, ``c`` chosen so the
-table takes the bits the budget leaves it. This measures that allocation against the uniform one at the same
-average, the way ``bar_needs`` does: fp32 activations, every weight rounded to nearest with MSE-fitted per-row
+is. But a row costs only where its token occurs: in the fortunes training texts 15,291 of the 30,522 tokens occur
+at all, and a handful of them make most of the text. The allocation of ``mpqc.quantizers.table_rows`` (what
+``table_rows="frequency"`` compiles with) puts the table's bits where its tokens are read. This measures it against
+the uniform one at the same average, the way ``bar_needs`` does: fp32 activations, every weight rounded to nearest with MSE-fitted per-row
 ranges, no training; 500 held-out fortunes texts of 32 tokens (frequencies from training texts only), mean cosine
 and top-10 neighbour agreement with the fp32 embeddings. The position and token-type tables stay fp32 and are
 counted at 8 bits.
-
-It is a measurement of what the integer contract would gain, not a feature: the contract stores one weight
-bit-width per layer, and a per-row one for lookup tables (which never multiply by their codes) is what it would
-need.
 
     python3 bench/minilm_table_bits.py    # ~4 min on 2 cores; results: bench/results/minilm.json, "table_bits"
 """
@@ -36,12 +30,14 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from minilm import embed, fidelity, minilm_directory, minilm_encoder  # noqa: E402
 from minilm_rounding import RESULTS, _rounded_to_nearest  # noqa: E402
+from mpqc.quantizers import BitRange  # noqa: E402
+from mpqc.quantizers.table_rows import rows_by_frequency  # noqa: E402
 from mpqc.text_data import fortunes, load_tokenizer  # noqa: E402
 
 AVERAGE_BITS = 4.0
 LINEAR_BITS = (5, 4)
 FREQUENCY_TEXTS = (4000, None)  # the example's training sample; every training text
-ROW_BITS = (2, 8)
+ROW_BITS = BitRange(2, 8)
 
 
 def token_frequencies(dataset, vocab_size: int) -> torch.Tensor:
@@ -52,20 +48,6 @@ def token_frequencies(dataset, vocab_size: int) -> torch.Tensor:
         ids = item["input_ids"][item["attention_mask"].bool()]
         counts.index_add_(0, ids, torch.ones(len(ids)))
     return counts
-
-
-def rows_by_frequency(counts: torch.Tensor, table_bits: float) -> torch.Tensor:
-    """Per-row bits ``clamp(round(c + log2(f + 1/2) / 2), 2, 8)``, ``c`` the largest whose mean is at most
-    ``table_bits``."""
-    low, high = -40.0, 40.0
-    level = torch.log2(counts + 0.5) / 2
-    for _ in range(60):  # bisection on c
-        middle = (low + high) / 2
-        if (middle + level).round().clamp(*ROW_BITS).mean() > table_bits:
-            high = middle
-        else:
-            low = middle
-    return (low + level).round().clamp(*ROW_BITS)
 
 
 def main() -> dict:
@@ -102,7 +84,7 @@ def main() -> dict:
             train = fortunes(tokenizer, train=True, labelled=False, max_length=32, subset=texts)
             counts = token_frequencies(train, table.shape[0])
             key = f"linears {linear_bits}, table per row by frequency in {len(train)} training texts"
-            results[key] = {**measure(linear_bits, rows_by_frequency(counts, table_bits)),
+            results[key] = {**measure(linear_bits, rows_by_frequency(counts, table_bits, ROW_BITS)),
                             "tokens_seen": int((counts > 0).sum())}
         for key in [k for k in results if k.startswith(f"linears {linear_bits},")]:
             print(key, results[key], flush=True)

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from mpqc.cli_inputs import load_callable, prepare_run
-from mpqc.config import WEIGHT_INITS, WEIGHT_ROUNDINGS
+from mpqc.config import TABLE_ROWS, WEIGHT_INITS, WEIGHT_ROUNDINGS
 from mpqc.cpu import ISA_CHOICES
 from mpqc.errors import ConfigError, MpqcError
 
@@ -103,6 +103,10 @@ def _parser() -> argparse.ArgumentParser:
                    help="how the frozen weights are fitted to their integer grids before fine-tuning: mse (default: "
                         "each channel's range re-fitted to its bits), nearest (the searched ranges) or gptq (the mse "
                         "ranges, then GPTQ's error-compensating rounding on 4 training batches)")
+    c.add_argument("--table-rows", choices=TABLE_ROWS, default="uniform",
+                   help="embedding tables: every row at the table's bits (uniform, default) or each row's bits by how "
+                        "often the training batches read it, at the same mean (frequency: a text model's frequent "
+                        "tokens at more bits)")
     c.add_argument("--distill", action=argparse.BooleanOptionalAction, default=None,
                    help="knowledge distillation from the fp32 model (default: the method's; sdq: on in fine-tuning)")
     c.add_argument("--loss", help="the task's loss(outputs, batch, teacher_outputs) -> scalar, as FILE.py:CALLABLE or "
@@ -223,7 +227,7 @@ _SWEEP_SHARED_OPTIONS = ("model", "data", "tokenizer", "max_length", "weights", 
                          "steps_per_epoch", "checkpoint_every", "quantizer_lr", "penalty_ramp", "batch_size",
                          "subset", "val_subset", "weight_bits", "first_last", "distill", "seed", "no_progress",
                          "loss", "forward", "metric", "augment", "weight_init", "weight_rounding",
-                         "shift_activations", "recompute_weights")
+                         "shift_activations", "recompute_weights", "table_rows")
 
 
 def _int_list(text: str, flag: str) -> list[int]:

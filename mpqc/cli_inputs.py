@@ -32,7 +32,7 @@ def prepare_run(args: argparse.Namespace, activation_bits: str):
                                    activation_bits=bit_range(activation_bits, "--act-bits"),
                                    first_last=args.first_last, weight_init=args.weight_init,
                                    shift_activations=args.shift_activations,
-                                   recompute_weights=args.recompute_weights),
+                                   recompute_weights=args.recompute_weights, table_rows=args.table_rows),
         search=TrainConfig(epochs=args.search_epochs, max_steps_per_epoch=args.steps_per_epoch, distill=args.distill,
                            quantizer_lr=args.quantizer_lr, checkpoint_every=args.checkpoint_every,
                            penalty_ramp=args.penalty_ramp),

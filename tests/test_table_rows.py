@@ -79,3 +79,20 @@ def test_table_rows_is_validated_and_left_out_of_old_runs_identities():
     assert "table_rows" not in mpqc.CompileConfig().identity()["quantizers"]
     chosen = mpqc.CompileConfig(quantizers=mpqc.QuantizerConfig(table_rows="frequency")).identity()["quantizers"]
     assert chosen["table_rows"] == "frequency"
+
+
+@pytest.mark.parametrize("command", ["compile", "sweep"])
+def test_the_cli_passes_table_rows_into_the_config(command, monkeypatch):
+    from pathlib import Path
+
+    from mpqc.cli import _parser
+    from mpqc.cli_inputs import prepare_run
+
+    monkeypatch.chdir(Path(__file__).resolve().parents[1])
+    common = [command, "--model", "examples/models.py:small_cnn", "--data", "digits", "--budget", "avg-bits=4",
+              "--out", "runs/x", "--subset", "64", "--val-subset", "32"]
+    for flag, expected in (([], "uniform"), (["--table-rows", "frequency"], "frequency")):
+        args = _parser().parse_args(common + flag)
+        assert prepare_run(args, "8")[-1].quantizers.table_rows == expected
+    with pytest.raises(SystemExit):
+        _parser().parse_args(common + ["--table-rows", "zipf"])
