@@ -139,7 +139,7 @@ def plot_sweep(data: dict[str, Any], path: str | Path, references: Mapping[str, 
                                                        lambda bpw: bpw * params / 8 / 1024))
             top.set_xlabel("bits per weight", fontsize=8)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7, loc="lower right")
+        ax.legend(fontsize=7, loc="best")
     fig.suptitle(f"{data.get('model', '?')}: {name} vs weight memory", x=0.01, ha="left", fontweight="bold")
     fig.tight_layout()
     buffer = io.BytesIO()
