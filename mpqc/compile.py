@@ -327,6 +327,7 @@ def build_report(
     unpruned_layers = unpruned_layers or layers
     pruned_channels = {old.name: old.out_channels - new.out_channels for old, new in zip(unpruned_layers, layers)}
     frozen = program.layer_bits()
+    row_bits = {node.attrs["module"]: node.attrs["row_bits"] for node in program.nodes if "row_bits" in node.attrs}
     integer: dict[str, LayerBits | torch.Tensor] = {
         node.attrs["module"]: torch.tensor(float(node.attrs["bits"])) for node in program.nodes if node.op == "quantize"}
     integer.update({name: LayerBits(torch.tensor(float(w)), torch.tensor(float(a))) for name, (w, a) in frozen.items()})
@@ -368,6 +369,7 @@ def build_report(
              "activation_bits_search": searched_bits[layer.name][1],
              "fixed": layer.name in fixed_layers, "pruned_channels": pruned_channels.get(layer.name, 0),
              **({"channel_gates_search": searched_gates[layer.name]} if layer.name in searched_gates else {}),
+             **({"row_bits": row_bits[layer.name]} if layer.name in row_bits else {}),
              **({} if predicted_ms is None else {"predicted_ms": predicted_ms[i]})}
             for i, layer in enumerate(layers)
         ],

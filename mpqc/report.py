@@ -208,6 +208,9 @@ def _notes(layer: dict) -> str:
     if layer.get("pruned_channels"):
         count = layer["pruned_channels"]
         notes.append(f"{count} channel{'s' if count > 1 else ''} pruned")
+    if layer.get("row_bits"):  # a table's rows at their own bit-widths (table_rows="frequency")
+        bits = sorted(int(b) for b in layer["row_bits"])
+        notes.append(f"rows at {bits[0]}-{bits[-1]} bits" if len(bits) > 1 else f"rows at {bits[0]} bits")
     if (layer.get("channel_gates_search") or {}).get("undecided"):
         notes.append(f"{layer['channel_gates_search']['undecided']} gates undecided")
     return ", ".join(notes)

@@ -67,6 +67,10 @@ def test_compile_with_frequency_rows_meets_its_budget_and_deploys_bit_exact(tmp_
     assert row_bits[read].min() > row_bits[~read].max() and row_bits.mean() == pytest.approx(table["weight_bits"])
     codes = word.tensors["weight"].abs().amax(dim=1).float()
     assert bool((codes <= row_ranges(row_bits, True)[1]).all()) and codes[read].min() > codes[~read].max()
+    histogram = {int(b): n for b, n in table["row_bits"].items()}  # the report: rows per bit-width
+    assert sum(histogram.values()) == 100 and histogram == {int(b): int((row_bits == b).sum()) for b in histogram}
+    from mpqc.report import format_report
+    assert f"rows at {min(histogram)}-{max(histogram)} bits" in format_report(report)
 
     inputs = (ids, mask)
     _assert_tvm_bit_exact(program, inputs)

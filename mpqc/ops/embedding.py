@@ -66,6 +66,8 @@ class Embedding(OpDef):
         attrs = {"module": node.target, "weight_bits": frozen_q.bits}  # per-row bits: their largest (the storage)
         if frozen_q.row_bits is not None:  # and their mean, what budgets count (passes/allocate_table_rows.py)
             attrs["average_weight_bits"] = float(frozen_q.row_bits.mean())
+            bits, rows = frozen_q.row_bits.int().unique(return_counts=True)
+            attrs["row_bits"] = {str(b): int(n) for b, n in zip(bits.tolist(), rows.tolist())}  # bits -> rows
         return IntNode(node.name, "embedding", [ids.name], attrs, {"weight": codes.to(storage), "weight_scale": scale})
 
     @staticmethod
