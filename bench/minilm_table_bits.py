@@ -77,9 +77,10 @@ def main() -> dict:
                              "training; the word table's rows at bits by token frequency (c + log2(f)/2, 2..8) or "
                              "uniform, at the same average", "average_bits": AVERAGE_BITS}
     for linear_bits in LINEAR_BITS:
-        table_bits = (AVERAGE_BITS * params - linear_bits * linears - 8 * other_tables) / table.numel()
-        uniform = torch.full((table.shape[0],), float(int(table_bits)))
-        results[f"linears {linear_bits}, table uniform {int(table_bits)}"] = measure(linear_bits, uniform)
+        # the table's whole bits within the average (as freezing gives it), uniform or per row at that mean
+        table_bits = int((AVERAGE_BITS * params - linear_bits * linears - 8 * other_tables) / table.numel())
+        uniform = torch.full((table.shape[0],), float(table_bits))
+        results[f"linears {linear_bits}, table uniform {table_bits}"] = measure(linear_bits, uniform)
         for texts in FREQUENCY_TEXTS:
             train = fortunes(tokenizer, train=True, labelled=False, max_length=32, subset=texts)
             counts = token_frequencies(train, table.shape[0])
