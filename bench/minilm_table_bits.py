@@ -14,7 +14,6 @@ counted at 8 bits.
 """
 from __future__ import annotations
 
-import json
 import os
 import sys
 import time
@@ -28,8 +27,8 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "examples"))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from minilm import embed, fidelity, minilm_directory, minilm_encoder  # noqa: E402
-from minilm_rounding import RESULTS, _rounded_to_nearest  # noqa: E402
+from minilm import embed, fidelity, minilm_directory, minilm_encoder, record_result  # noqa: E402
+from minilm_rounding import _rounded_to_nearest  # noqa: E402
 from mpqc.quantizers import BitRange  # noqa: E402
 from mpqc.quantizers.table_rows import rows_by_frequency  # noqa: E402
 from mpqc.text_data import fortunes, load_tokenizer  # noqa: E402
@@ -90,9 +89,7 @@ def main() -> dict:
         for key in [k for k in results if k.startswith(f"linears {linear_bits},")]:
             print(key, results[key], flush=True)
     results["wall_s"] = round(time.perf_counter() - started, 1)
-    stored = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
-    stored["table_bits"] = results
-    RESULTS.write_text(json.dumps(stored, indent=1, sort_keys=True) + "\n")
+    record_result("table_bits", results)
     return results
 
 

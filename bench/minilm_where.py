@@ -35,14 +35,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "examples"))
 
-from minilm import mean_pool, minilm_directory, minilm_encoder  # noqa: E402
+from minilm import mean_pool, minilm_directory, minilm_encoder, record_result  # noqa: E402
 from mpqc import pipeline  # noqa: E402
 from mpqc.config import QuantizerConfig  # noqa: E402
 from mpqc.passes.insert_quantizers import quantized_layers  # noqa: E402
 from mpqc.quantizers import get_method  # noqa: E402
 from mpqc.text_data import fortunes, load_tokenizer  # noqa: E402
 
-RESULTS = ROOT / "bench" / "results" / "minilm.json"
 #: Activation quantizer groups, by the first of these found in the quantizer's name (order matters).
 GROUPS = ("layer_norm", "softmax", "intermediate_dense_out", "attention_output_dense", "intermediate_dense",
           "output_dense", "query", "transpose", "mul", "add", "embedding")
@@ -163,9 +162,7 @@ def main(argv: list[str] | None = None) -> dict:
     found["allocation_3_5_with_a8"] = cosine()
 
     print(json.dumps(found, indent=1))
-    results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
-    results["where_ptq"] = found
-    RESULTS.write_text(json.dumps(results, indent=1, sort_keys=True) + "\n")
+    record_result("where_ptq", found)
     return found
 
 

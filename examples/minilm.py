@@ -170,7 +170,8 @@ def _cached(name: str, compute) -> Tensor:
     return value
 
 
-def _record(key: str, entry: dict) -> None:
+def record_result(key: str, entry: dict) -> None:
+    """``entry`` into ``bench/results/minilm.json`` under ``key``, with the machine it ran on."""
     results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
     results[key] = entry
     results.setdefault("machine", {})
@@ -274,7 +275,7 @@ def distill(args: argparse.Namespace) -> dict:
              "recipe": _recipe(args), "integer_reference": fidelity(student, teacher), **_compiled_summary(compiled),
              "eval_wall_s": time.perf_counter() - evaluated, "wall_s": time.perf_counter() - started}
     print(json.dumps(entry["integer_reference"], indent=1))
-    _record(args.key or f"distill_{args.avg_bits:g}b", entry)
+    record_result(args.key or f"distill_{args.avg_bits:g}b", entry)
     return entry
 
 
@@ -305,7 +306,7 @@ def classify(args: argparse.Namespace) -> dict:
              "fp32_top1": fp32, "integer_top1": integer, "drop": fp32 - integer, **_compiled_summary(compiled),
              "eval_wall_s": time.perf_counter() - evaluated, "wall_s": time.perf_counter() - started}
     print(f"held-out top-1: fp32 {fp32:.2f}% -> integer {integer:.2f}% (drop {fp32 - integer:.2f})")
-    _record(args.key or f"classify_{args.avg_bits:g}b", entry)
+    record_result(args.key or f"classify_{args.avg_bits:g}b", entry)
     return entry
 
 
@@ -370,7 +371,7 @@ def deploy(args: argparse.Namespace) -> dict:
     entry["onnx_within_contract"] = not contract_violations(agreement)
     print(format_agreement(agreement))
     print(json.dumps({key: value for key, value in entry.items() if key != "onnx_agreement"}, indent=1, default=str))
-    _record(args.key or f"deploy_{args.avg_bits:g}b", entry)  # recorded whatever the checks below say
+    record_result(args.key or f"deploy_{args.avg_bits:g}b", entry)  # recorded whatever the checks below say
     if not entry["tvm_bit_exact"]:
         raise SystemExit("TVM differs from the integer reference")
     check_agreement(agreement, what=str(exported.path))
