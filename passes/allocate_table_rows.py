@@ -68,15 +68,15 @@ def allocate_table_rows(gm: GraphModule, counts: dict[str, torch.Tensor], bit_ra
         if layer.name not in counts:
             continue
         frozen = layer.weight_quantizer
-        row_bits = rows_by_frequency(counts[layer.name], frozen.fixed_bits,
-                                     BitRange(bit_range.min_bits, max(bit_range.max_bits, frozen.fixed_bits)))
-        quantizer = RowBitsQuantizer(row_bits, frozen.signed, frozen.scale.detach())
+        allowed = BitRange(min(bit_range.min_bits, frozen.fixed_bits), max(bit_range.max_bits, frozen.fixed_bits))
+        row_bits = rows_by_frequency(counts[layer.name], frozen.fixed_bits, allowed)
         weight = layer.module.weight.detach()
-        clip = torch.empty(len(row_bits), dtype=weight.dtype)
+        quantizer = RowBitsQuantizer(row_bits, frozen.signed, frozen.scale.detach().cpu()).to(weight.device)
+        clip = torch.empty(len(row_bits), dtype=weight.dtype, device=weight.device)
         for bits in row_bits.unique().tolist():
-            rows = (row_bits == bits).nonzero().flatten()
+            rows = (row_bits == bits).nonzero().flatten().to(weight.device)
             clip[rows] = mse_channel_clip(weight[rows], int(bits)).reshape(-1).to(clip.dtype)
         quantizer.init_weight_clip_(weight, clip)
-        layer.module.weight_quantizer = quantizer.to(weight.device)
+        layer.module.weight_quantizer = quantizer
     gm.recompile()
     return gm
