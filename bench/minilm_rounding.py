@@ -37,8 +37,8 @@ from mpqc.config import WEIGHT_ROUNDINGS, QuantizerConfig  # noqa: E402
 from mpqc.passes.freeze import freeze  # noqa: E402
 from mpqc.passes.insert_quantizers import quantized_layers  # noqa: E402
 from mpqc.passes.round_weights import round_weights  # noqa: E402
-from mpqc.quantizers import BitRange, FixedQuantizer, get_method  # noqa: E402
-from mpqc.quantizers.calibration import mse_channel_clip  # noqa: E402
+from mpqc.quantizers import BitRange, get_method  # noqa: E402
+from mpqc.quantizers.table_rows import RowBitsQuantizer, mse_row_clip  # noqa: E402
 from mpqc.text_data import fortunes, load_tokenizer  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results" / "minilm.json"
@@ -46,22 +46,20 @@ TABLE_BITS, LAYER_BITS = 3, 5
 BAR_NEEDS = ((8, 8), (6, 6), (6, 4), (5, 5), (5, 4), (5, 3), (4, 4), (4, 3))  # (linears, word table) bits
 
 
-def _rounded_to_nearest(model: torch.nn.Module, linear_bits: int, table_bits: int | torch.Tensor) -> torch.nn.Module:
+def rounded_to_nearest(model: torch.nn.Module, linear_bits: int, table_bits: int | torch.Tensor) -> torch.nn.Module:
     """``model`` with every linear's and the word table's weight rounded to nearest on the grid mpqc freezes to
-    (``FixedQuantizer``: symmetric, MSE-fitted range per row). ``table_bits``: one bit-width, or one per row."""
+    (symmetric, MSE-fitted range per output channel, as ``round_weights`` and ``allocate_table_rows`` fit them).
+    ``table_bits``: one bit-width, or one per row."""
     with torch.no_grad():
         for name, module in model.named_modules():
             bits = (linear_bits if isinstance(module, torch.nn.Linear)
                     else table_bits if isinstance(module, torch.nn.Embedding) and "word" in name else None)
             if bits is None:
                 continue
-            per_row = torch.as_tensor(bits).expand(module.weight.shape[0])
-            for b in per_row.unique().tolist():
-                rows = (per_row == b).nonzero().flatten()
-                weight = module.weight[rows]
-                quantizer = FixedQuantizer(int(b), signed=True, scale=torch.ones(len(rows)), per_channel=True)
-                quantizer.init_weight_clip_(weight, mse_channel_clip(weight, int(b)))  # as round_weights
-                module.weight[rows] = quantizer(weight)
+            per_row = torch.as_tensor(bits, dtype=torch.float32).expand(module.weight.shape[0])
+            quantizer = RowBitsQuantizer(per_row, signed=True, scale=torch.ones(len(per_row)))
+            quantizer.init_weight_clip_(module.weight, mse_row_clip(module.weight, per_row))
+            module.weight.copy_(quantizer(module.weight))
     return model
 
 
@@ -101,7 +99,7 @@ def main() -> dict:
 
     needs = {}
     for linear_bits, table_bits in BAR_NEEDS:
-        rounded = _rounded_to_nearest(minilm_encoder().eval(), linear_bits, table_bits)
+        rounded = rounded_to_nearest(minilm_encoder().eval(), linear_bits, table_bits)
         with torch.no_grad():
             needs[f"linears {linear_bits}, word table {table_bits}"] = fidelity(embed(rounded, held_out), teacher)
         print(linear_bits, table_bits, needs[f"linears {linear_bits}, word table {table_bits}"], flush=True)

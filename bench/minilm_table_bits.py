@@ -28,7 +28,7 @@ sys.path.insert(0, str(ROOT / "examples"))
 sys.path.insert(0, str(ROOT / "bench"))
 
 from minilm import embed, fidelity, minilm_directory, minilm_encoder, record_result  # noqa: E402
-from minilm_rounding import _rounded_to_nearest  # noqa: E402
+from minilm_rounding import rounded_to_nearest  # noqa: E402
 from mpqc.quantizers import BitRange  # noqa: E402
 from mpqc.quantizers.table_rows import rows_by_frequency  # noqa: E402
 from mpqc.text_data import fortunes, load_tokenizer  # noqa: E402
@@ -64,7 +64,7 @@ def main() -> dict:
     params = linears + other_tables + table.numel()
 
     def measure(linear_bits: int, row_bits: torch.Tensor) -> dict:
-        model = _rounded_to_nearest(minilm_encoder().eval(), linear_bits, row_bits)
+        model = rounded_to_nearest(minilm_encoder().eval(), linear_bits, row_bits)
         with torch.no_grad():
             found = fidelity(embed(model, held_out), teacher)
         average = (linear_bits * linears + 8 * other_tables + float(row_bits.sum()) * table.shape[1]) / params

@@ -22,8 +22,7 @@ from tqdm import tqdm
 
 from mpqc.passes.insert_quantizers import QuantizedLayer, quantized_layers
 from mpqc.quantizers import BitRange, FixedQuantizer
-from mpqc.quantizers.calibration import mse_channel_clip
-from mpqc.quantizers.table_rows import RowBitsQuantizer, rows_by_frequency
+from mpqc.quantizers.table_rows import RowBitsQuantizer, mse_row_clip, rows_by_frequency
 
 
 def frozen_tables(gm: GraphModule) -> list[QuantizedLayer]:
@@ -72,11 +71,7 @@ def allocate_table_rows(gm: GraphModule, counts: dict[str, torch.Tensor], bit_ra
         row_bits = rows_by_frequency(counts[layer.name], frozen.fixed_bits, allowed)
         weight = layer.module.weight.detach()
         quantizer = RowBitsQuantizer(row_bits, frozen.signed, frozen.scale.detach().cpu()).to(weight.device)
-        clip = torch.empty(len(row_bits), dtype=weight.dtype, device=weight.device)
-        for bits in row_bits.unique().tolist():
-            rows = (row_bits == bits).nonzero().flatten().to(weight.device)
-            clip[rows] = mse_channel_clip(weight[rows], int(bits)).reshape(-1).to(clip.dtype)
-        quantizer.init_weight_clip_(weight, clip)
+        quantizer.init_weight_clip_(weight, mse_row_clip(weight, row_bits))
         layer.module.weight_quantizer = quantizer
     gm.recompile()
     return gm

@@ -25,6 +25,7 @@ from torch import Tensor
 
 from mpqc.errors import ConfigError
 from mpqc.quantizers.base import BitRange, FixedQuantizer, FrozenQuant, _broadcast_channels, round_ste, row_ranges
+from mpqc.quantizers.calibration import mse_channel_clip
 
 
 def rows_by_frequency(counts: Tensor, mean_bits: float, bit_range: BitRange) -> Tensor:
@@ -54,6 +55,16 @@ def rows_by_frequency(counts: Tensor, mean_bits: float, bit_range: BitRange) -> 
         order = torch.argsort(gain, descending=True, stable=True)[:spare]
         bits[order[gain[order] > 0]] += 1
     return bits.float()
+
+
+def mse_row_clip(weight: Tensor, row_bits: Tensor) -> Tensor:
+    """Each row's clipping level ``[R]`` fitted to its own bit-width by :func:`mse_channel_clip` (one search per
+    bit-width present)."""
+    clip = torch.empty(weight.shape[0], dtype=weight.dtype, device=weight.device)
+    for bits in row_bits.unique().tolist():
+        rows = (row_bits == bits).nonzero().flatten().to(weight.device)
+        clip[rows] = mse_channel_clip(weight[rows], int(bits)).reshape(-1).to(clip.dtype)
+    return clip
 
 
 class RowBitsQuantizer(FixedQuantizer):
