@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 
 from mpqc.errors import ConfigError
 from mpqc.quantizers.base import BitRange
@@ -10,8 +10,8 @@ from mpqc.quantizers.calibration import WEIGHT_INITS
 
 FIRST_LAST_POLICIES = ("learn", "fixed")
 TABLE_ROWS = ("uniform", "frequency")
-#: Quantizer settings added after runs existed: left out of a run's identity at these (default) values.
-_ADDED_LATER = {"table_rows": "uniform", "table_rows_batches": 256}
+#: Quantizer settings added after runs existed: left out of a run's identity at their default values.
+_ADDED_LATER = ("table_rows", "table_rows_batches")
 #: ``QuantizerConfig.recompute_weights=None`` recomputes weight quantizers in the backward pass from this many
 #: quantized weight elements on (100 M: VGG, the 32GF RegNets, the large ViTs).
 RECOMPUTE_AUTO_PARAMS = 100_000_000
@@ -183,7 +183,8 @@ class CompileConfig:
         settings = asdict(self)
         settings.pop("progress")
         settings["quantizers"].pop("recompute_weights")
-        for key, default in _ADDED_LATER.items():  # at their defaults, runs begun before they existed still resume
-            if settings["quantizers"].get(key) == default:
+        defaults = {f.name: f.default for f in fields(QuantizerConfig)}
+        for key in _ADDED_LATER:  # at their defaults, runs begun before they existed still resume
+            if settings["quantizers"][key] == defaults[key]:
                 settings["quantizers"].pop(key)
         return json.loads(json.dumps(settings, default=str))
