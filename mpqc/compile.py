@@ -256,9 +256,10 @@ def _table_reads(task: Task, gm: GraphModule, train_loader: DataLoader, config: 
     def model(*args: Any, **kwargs: Any) -> Any:
         return gm(*task.inputs.positional(args, kwargs))
 
-    batches = _first_batches(train_loader, config.seed, config.quantizers.table_rows_batches)
-    return count_reads(gm, batches, lambda batch: task.run_forward(model, batch, "counting embedding-table reads"),
-                       progress=config.progress)
+    with augmentation_off(train_loader):  # read one batch at a time (as _first_batches picks them), none kept
+        batches = itertools.islice(epoch_batches(train_loader, config.seed), config.quantizers.table_rows_batches)
+        return count_reads(gm, batches, lambda batch: task.run_forward(model, batch, "counting embedding-table reads"),
+                           progress=config.progress)
 
 
 def _model_inputs(task: Task, gm: GraphModule, batch: Any) -> tuple:
