@@ -144,19 +144,24 @@ def test_compile_with_gptq_rounding_meets_its_budget_and_the_integer_model_agree
     assert abs(accuracy["integer_reference"] - accuracy["quantized"]) < 2.0, accuracy
 
 
-@pytest.mark.parametrize("command", ["compile", "sweep"])
-def test_the_cli_passes_the_rounding_into_the_config(command, monkeypatch):
+def cli_config(command: str, flags: list[str], monkeypatch):
+    """The ``CompileConfig`` ``mpqc COMMAND`` (compile or sweep) builds for a small digits run with ``flags``;
+    SystemExit where argparse refuses them."""
     from mpqc.cli import _parser
     from mpqc.cli_inputs import prepare_run
 
     monkeypatch.chdir(ROOT)
-    common = [command, "--model", "examples/models.py:small_cnn", "--data", "digits", "--budget", "avg-bits=4",
-              "--out", "runs/x", "--subset", "64", "--val-subset", "32"]
+    args = _parser().parse_args([command, "--model", "examples/models.py:small_cnn", "--data", "digits", "--budget",
+                                 "avg-bits=4", "--out", "runs/x", "--subset", "64", "--val-subset", "32", *flags])
+    return prepare_run(args, "8")[-1]
+
+
+@pytest.mark.parametrize("command", ["compile", "sweep"])
+def test_the_cli_passes_the_rounding_into_the_config(command, monkeypatch):
     for flag, expected in (([], "mse"), (["--weight-rounding", "gptq"], "gptq")):
-        args = _parser().parse_args(common + flag)
-        assert prepare_run(args, "8")[-1].rounding.how == expected
+        assert cli_config(command, flag, monkeypatch).rounding.how == expected
     with pytest.raises(SystemExit):
-        _parser().parse_args(common + ["--weight-rounding", "up"])
+        cli_config(command, ["--weight-rounding", "up"], monkeypatch)
 
 
 def test_gptq_leaves_a_conv_it_cannot_unfold_at_mse_rounding_and_names_it():

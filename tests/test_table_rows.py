@@ -11,6 +11,7 @@ from mpqc.quantizers import BitRange
 from mpqc.quantizers.base import row_ranges
 from mpqc.quantizers.table_rows import RowBitsQuantizer, rows_by_frequency
 from test_ops_transformer import _assert_onnxruntime_agrees, _assert_tvm_bit_exact, bert_inputs, tiny_bert
+from test_round_weights import cli_config
 
 
 def test_rows_by_frequency_spends_the_mean_on_the_rows_read_most():
@@ -87,16 +88,7 @@ def test_table_rows_is_validated_and_left_out_of_old_runs_identities():
 
 @pytest.mark.parametrize("command", ["compile", "sweep"])
 def test_the_cli_passes_table_rows_into_the_config(command, monkeypatch):
-    from pathlib import Path
-
-    from mpqc.cli import _parser
-    from mpqc.cli_inputs import prepare_run
-
-    monkeypatch.chdir(Path(__file__).resolve().parents[1])
-    common = [command, "--model", "examples/models.py:small_cnn", "--data", "digits", "--budget", "avg-bits=4",
-              "--out", "runs/x", "--subset", "64", "--val-subset", "32"]
     for flag, expected in (([], "uniform"), (["--table-rows", "frequency"], "frequency")):
-        args = _parser().parse_args(common + flag)
-        assert prepare_run(args, "8")[-1].quantizers.table_rows == expected
+        assert cli_config(command, flag, monkeypatch).quantizers.table_rows == expected
     with pytest.raises(SystemExit):
-        _parser().parse_args(common + ["--table-rows", "zipf"])
+        cli_config(command, ["--table-rows", "zipf"], monkeypatch)
