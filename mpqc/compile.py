@@ -7,10 +7,10 @@ import itertools
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -37,7 +37,7 @@ from mpqc.passes.round_weights import round_weights
 from mpqc.quantizers import get_method
 from mpqc.reference import IntegerProgram
 from mpqc.report import REPORT_FORMAT, load_report, save_report
-from mpqc.search import search
+from mpqc.search import floor_only_kinds, search
 from mpqc.task import Inputs, Task, resolve_task
 from mpqc.train import epoch_batches, finetune
 from mpqc.train import evaluate_metrics as evaluate  # every value of the task's metric, not only the reported one
@@ -98,12 +98,16 @@ def compile(
                         loss=loss, forward=forward, metric=metric)
     identity = _identity(model, gm, budget, method, config, train_loader, task)
 
-    calibration = _model_inputs(task, gm, first_batch)
+    calibration, training = _model_inputs(task, gm, first_batch), gm.training
     gm = pipeline.quantize(gm, quant_method, config.quantizers, calibration)      # 4. learnable-bit quantizers,
                                                                                    #    0 bits = pruned channel,
                                                                                    #    refuse unsupported ops
-    smallest = budget.check_feasible(cost_items(gm, fewest_channels(gm)),          #    and infeasible budgets
+    smallest = budget.check_feasible(cost_items(gm, fewest_channels(gm)),          #    and infeasible budgets;
                                      smallest_bits(quantized_layers(gm), quantized_activations(gm)))
+    floor_only = floor_only_kinds(gm, budget)                                      #    kinds the budget holds at
+    if floor_only:                                                                 #    their floor built there
+        config = replace(config, quantizers=config.quantizers.at_floor(floor_only))
+        gm = pipeline.quantize(copy.deepcopy(teacher).train(training), quant_method, config.quantizers, calibration)
     run = world.call_on_main(lambda: RunDirectory(out or tempfile.mkdtemp(prefix="mpqc-run-"), identity,
                                                   resume=resume, force=force))
     search(gm, budget, layers, train_loader, config.search,                         # 5. differentiable search
@@ -143,7 +147,7 @@ def compile(
         model_name=type(model).__name__, method=method, budget=budget, layers=layers, program=program,
         activations=cost_items(gm, []),
         searched_bits=searched, fixed_layers=fixed_layers, unpruned_layers=unpruned, search_cost=search_cost,
-        smallest_cost=smallest, searched_gates=gates,
+        smallest_cost=smallest, searched_gates=gates, floor_only=floor_only,
         accuracy=accuracy, metric=_metric_section(task, metrics),
         wall_time={"search": search_done - started, "finetune": finished - search_done,
                    "total": time.perf_counter() - started},
@@ -318,12 +322,14 @@ def build_report(
     accuracy: dict[str, float | None], wall_time: dict[str, float],
     unpruned_layers: Sequence[LayerInfo] | None = None, metric: dict[str, Any] | None = None,
     activations: Sequence[CostItem] = (), searched_gates: dict[str, dict[str, int]] | None = None,
+    floor_only: Iterable[str] = (),
 ) -> dict[str, Any]:
     """The ``mpqc-report/1`` dict (see ``mpqc/report.py``) of a frozen program; ``layers`` describe the layers as
     frozen, ``unpruned_layers`` (default: the same) as they were before channel pruning; ``activations`` the
     quantized activations and products that are not layers (``insert_quantizers.cost_items``), which the budgets
     count too; ``searched_gates`` the channel gates of the layers that could prune, as the search left them
-    (``prune_channels.gate_decisions``)."""
+    (``prune_channels.gate_decisions``); ``floor_only`` the kinds of quantizer the budget held at their floor
+    (:func:`mpqc.search.floor_only_kinds`)."""
     searched_gates = searched_gates or {}
     unpruned_layers = unpruned_layers or layers
     pruned_channels = {old.name: old.out_channels - new.out_channels for old, new in zip(unpruned_layers, layers)}
@@ -344,7 +350,7 @@ def build_report(
         "created": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "budget": {"kind": budget.kind, "text": budget.text, "limit": budget.limit, "unit": budget.unit,
                    "achieved": achieved, "search_final": search_cost, "smallest_feasible": smallest_cost,
-                   "met": budget.met(achieved)},
+                   "met": budget.met(achieved), **({"floor_only": sorted(floor_only)} if floor_only else {})},
         "totals": {
             "params": params,
             "macs": sum(layer.macs for layer in layers),

@@ -2,7 +2,8 @@
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field, fields
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field, fields, replace
 
 from mpqc.errors import ConfigError
 from mpqc.quantizers.base import BitRange
@@ -82,6 +83,15 @@ class QuantizerConfig:
             raise ConfigError(f"first_last_bits must be in 2..16, got {self.first_last_bits}")
         if not (1 <= self.init_bits <= 16):
             raise ConfigError(f"init_bits must be in 1..16, got {self.init_bits}")
+
+    def at_floor(self, kinds: Iterable[str]) -> "QuantizerConfig":
+        """This config with the bit-range of each of ``kinds`` (``"weight"``, ``"activation"``) shrunk to its
+        minimum: those quantizers train at fixed bits, as uniform QAT's do."""
+        kinds = set(kinds)
+        if kinds - {"weight", "activation"}:
+            raise ConfigError(f"at_floor: kinds must be 'weight' or 'activation', got {sorted(kinds)}")
+        lowest = {kind: getattr(self, f"{kind}_bits").min_bits for kind in kinds}
+        return replace(self, **{f"{kind}_bits": BitRange(bits, bits) for kind, bits in lowest.items()})
 
 
 @dataclass(frozen=True)

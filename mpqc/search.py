@@ -3,6 +3,11 @@
 Every method searches the same way; what differs is the quantizers it inserted (their ``bits()`` and
 ``extra_loss()``). The budget penalty is DQ's squared-ReLU term on the relative excess of the budget's cost,
 computed from the quantizers' current, differentiable bit-widths.
+
+A budget may leave a kind of quantizer no choice: weight memory at 2 bits per weight with a 2-bit floor admits
+only every weight at 2 bits. :func:`floor_only_kinds` finds such kinds before the search; ``compile`` then builds
+them at their floor, so the search trains the one allocation the budget admits (the uniform QAT a search would
+have to end in) instead of spending its steps descending from ``init_bits`` to it.
 """
 from __future__ import annotations
 
@@ -13,10 +18,14 @@ from torch import nn
 from torch.fx import GraphModule
 from torch.utils.data import DataLoader
 
-from mpqc.budgets import Budget
+import torch
+
+from mpqc.budgets import Budget, LayerBits
 from mpqc.config import TrainConfig
 from mpqc.layers import LayerInfo
-from mpqc.passes.insert_quantizers import cost_items, current_bits, quantized_activations, quantized_layers
+from mpqc.passes.insert_quantizers import (cost_items, current_bits, quantized_activations, quantized_layers,
+                                          smallest_bits)
+from mpqc.quantizers.base import Quantizer
 from mpqc.task import Task
 from mpqc.train import DEFAULT_TASK, BudgetTerm, train_phase
 
@@ -42,3 +51,57 @@ def search(
         gm, train_loader, config, phase="search", checkpoint=checkpoint, seed=seed, budget=term, teacher=teacher,
         progress=progress, stop_after_steps=stop_after_steps, task=task,
     )
+
+
+def floor_only_kinds(gm: GraphModule, budget: Budget) -> frozenset[str]:
+    """The kinds of quantizer (``"weight"``, ``"activation"``) that ``budget`` holds at their floor: each of them
+    has a bit-range to search, and raising any one of them by a bit, every other quantizer at its floor (the
+    cheapest the rest can be), already breaks the budget. Costs only grow with bits, so no allocation meeting the
+    budget has any of them above its floor. Empty where a layer can prune channels (a pruned channel frees budget
+    for another's bits: the search has a choice).
+
+    >>> from mpqc.budgets import WeightMemory
+    >>> from mpqc.quantizers.base import BitRange
+    >>> from mpqc.config import QuantizerConfig
+    >>> from mpqc import pipeline
+    >>> from mpqc.quantizers import get_method
+    >>> import torch
+    >>> gm, _ = pipeline.trace(torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 4)),
+    ...                        (torch.randn(2, 8),))
+    >>> gm = pipeline.quantize(gm, get_method("dq"), QuantizerConfig(), (torch.randn(2, 8),))
+    >>> sorted(floor_only_kinds(gm, WeightMemory(96 * 2 / 8)))   # 96 weights at 2 bits: no room
+    ['weight']
+    >>> sorted(floor_only_kinds(gm, WeightMemory(96 * 3 / 8)))   # room for a layer at more bits
+    []
+    """
+    layers, activations = quantized_layers(gm), quantized_activations(gm)
+    if any(layer.weight_quantizer.channel_gate() is not None for layer in layers):
+        return frozenset()
+    items = cost_items(gm)
+    floor = smallest_bits(layers, activations)
+
+    def searchable(quantizer: Quantizer) -> bool:
+        return quantizer.learnable_bits and quantizer.bit_range.max_bits > quantizer.bit_range.min_bits
+
+    def fits(key: str, raised: LayerBits | torch.Tensor) -> bool:
+        with torch.no_grad():
+            return budget.met(float(budget.cost(items, {**floor, key: raised})))
+
+    searched: set[str] = set()
+    raisable: set[str] = set()
+    for layer in layers:
+        lowest: LayerBits = floor[layer.name]
+        if searchable(layer.weight_quantizer):
+            searched.add("weight")
+            if fits(layer.name, lowest._replace(weight=lowest.weight + 1)):
+                raisable.add("weight")
+        if searchable(layer.input_quantizer):
+            searched.add("activation")
+            if fits(layer.name, lowest._replace(activation=lowest.activation + 1)):
+                raisable.add("activation")
+    for activation in activations:
+        if searchable(activation.quantizer):
+            searched.add("activation")
+            if fits(activation.name, floor[activation.name] + 1):
+                raisable.add("activation")
+    return frozenset(searched - raisable)
