@@ -33,8 +33,10 @@ time (the ``mpqc report`` table of the sweep). The goals it measures (not tests)
 1. at <= 2.0 average weight bits and 8-bit activations, a drop of at most 0.3 points (best method);
 2. at 2 bits per weight and 4-bit activations, a drop of at most 0.6 points (best method);
 3. at 1.5 bits per weight and 8-bit activations, a drop of at most 0.7 points (best method);
-4. every method at least as accurate as uniform QAT at the same budget and activation bits (W2, W3, W4 weight
-   memory and W3A8 BitOPs).
+4. at every budget, the best mixed-precision point at least as accurate as uniform QAT with the same activation
+   bits and no less weight memory (``bench/sweep.py: mixed_at_least_uniform``);
+5. at 3 bits per weight (the weight memory and the BitOPs of uniform W3A8), every method at least as accurate as
+   uniform W3A8 QAT.
 
 Writes ``bench/results/accuracy.json`` (its plot beside it, ``accuracy_pareto.png``) and keeps the runs in
 ``runs/bench/accuracy-<mode>/`` (re-running continues an interrupted run; ``--fresh`` starts over). Quick and full
@@ -44,7 +46,7 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
-from sweep import benchmark, best, goal, not_run
+from sweep import benchmark, best, goal, mixed_at_least_uniform, not_run
 
 from mpqc.sweep import UNIFORM, SweepPoint
 
@@ -58,7 +60,7 @@ def accuracy_goals(points: Sequence[SweepPoint]) -> list[dict[str, Any]]:
     drop_goals = [_drop_goal(points, "weight-memory=2bpw", 8, 0.3), _drop_goal(points, "weight-memory=2bpw", 4, 0.6),
                   _drop_goal(points, "weight-memory=1.5bpw", 8, 0.7)]
 
-    same_budget = {f"weight-memory={b}bpw": b for b in UNIFORM_BITS} | {"bitops=W3A8": 3}
+    same_budget = {"weight-memory=3bpw": 3, "bitops=W3A8": 3}  # where every method must match uniform QAT
     uniform = {(p.uniform_bits, p.act_bits): p for p in points if p.method == UNIFORM and p.top1 is not None}
     comparisons = [(p, uniform.get((same_budget[p.budget], p.act_bits))) for p in points
                    if p.method != UNIFORM and p.budget in same_budget]
@@ -66,12 +68,13 @@ def accuracy_goals(points: Sequence[SweepPoint]) -> list[dict[str, Any]]:
     behind = [f"{p.name} {p.top1:.2f}% < uniform W{u.uniform_bits}A{u.act_bits} {u.top1:.2f}%" for p, u in comparisons
               if u and p.top1 is not None and p.top1 < u.top1]
     missing = [p.name for p, u in comparisons if u is None or p.top1 is None]
-    met = False if behind else None if missing else True  # one point behind fails it, whatever is unmeasured
-    goal2 = goal("every method >= uniform QAT at the same budget", met,
+    # one point behind fails it, whatever is unmeasured; nothing measured is not a pass
+    met = False if behind else None if missing or not comparisons else True
+    every_method = goal("every method >= uniform QAT at 3 bits/weight", met,
                  min(margins, default=None), 0.0,
                  "; ".join(behind + ([f"not measured: {', '.join(missing)}"] if missing else []))
-                 or "every method matched or beat uniform QAT")
-    return drop_goals + [goal2]
+                 or ("every method matched or beat uniform QAT" if comparisons else "no method point at 3 bits/weight"))
+    return drop_goals + [mixed_at_least_uniform(points), every_method]
 
 
 def _drop_goal(points: Sequence[SweepPoint], budget: str, act_bits: int, threshold: float) -> dict[str, Any]:
