@@ -14,11 +14,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
+import torch
 from torch import nn
 from torch.fx import GraphModule
 from torch.utils.data import DataLoader
-
-import torch
 
 from mpqc.budgets import Budget, LayerBits
 from mpqc.config import TrainConfig
@@ -61,7 +60,6 @@ def floor_only_kinds(gm: GraphModule, budget: Budget) -> frozenset[str]:
     for another's bits: the search has a choice).
 
     >>> from mpqc.budgets import WeightMemory
-    >>> from mpqc.quantizers.base import BitRange
     >>> from mpqc.config import QuantizerConfig
     >>> from mpqc import pipeline
     >>> from mpqc.quantizers import get_method
