@@ -2,6 +2,8 @@
 (``mpqc.search.floor_only_kinds``) and trained at that floor, as uniform QAT (``compile``)."""
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -45,7 +47,8 @@ def test_weight_memory_at_the_floor_holds_the_weights_only():
 def test_bitops_at_the_floor_holds_both_kinds_and_activation_memory_the_activations():
     gm = _quantized()
     assert floor_only_kinds(gm, BitOps(_floor_cost(gm, BitOps))) == {"weight", "activation"}
-    assert floor_only_kinds(gm, ActivationMemory(_floor_cost(gm, ActivationMemory, mode="sum"), mode="sum")) == {"activation"}
+    activations_at_floor = _floor_cost(gm, ActivationMemory, mode="sum")
+    assert floor_only_kinds(gm, ActivationMemory(activations_at_floor, mode="sum")) == {"activation"}
     assert floor_only_kinds(gm, AverageBits(2.0)) == {"weight"}
 
 
@@ -74,7 +77,7 @@ def test_a_budget_at_the_floor_trains_exactly_what_uniform_qat_does(trained_smal
     example = _example(digits_loaders)
     searched = mpqc.compile(trained_small_cnn, example, budget="avg-bits=2", data=digits_loaders, method="dq",
                             config=FAST)
-    uniform_config = FAST.__class__(**{**vars(FAST), "quantizers": FAST.quantizers.at_floor(["weight"])})
+    uniform_config = replace(FAST, quantizers=FAST.quantizers.at_floor(["weight"]))
     uniform = mpqc.compile(trained_small_cnn, example, budget="avg-bits=2", data=digits_loaders, method="dq",
                            config=uniform_config)
     report = searched.report
