@@ -4,13 +4,13 @@ from __future__ import annotations
 import copy
 import hashlib
 import itertools
+import logging
 import shutil
 import tempfile
 import time
 from dataclasses import dataclass, replace
-from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable
 
 import torch
 from torch import Tensor, nn
@@ -18,15 +18,13 @@ from torch.fx import GraphModule
 from torch.utils import _pytree as pytree
 from torch.utils.data import DataLoader
 
-from mpqc.budgets import (ActivationMemory, AverageBits, BitOps, Budget, LayerBits, Latency, WeightMemory,
-                          parse_budget)
+from mpqc.budgets import Budget, LayerBits, parse_budget
 from mpqc.augment import augmentation_off
 from mpqc.checkpoint import RunDirectory, atomic_torch_save
 from mpqc.config import CompileConfig
 from mpqc.data import check_loader
 from mpqc.distributed import setup as setup_distributed
 from mpqc.errors import ConfigError, DataError
-from mpqc.layers import CostItem, LayerInfo
 from mpqc import pipeline
 from mpqc.passes.freeze import freeze
 from mpqc.passes.insert_quantizers import (cost_items, current_bits, quantized_activations, quantized_layers,
@@ -36,11 +34,14 @@ from mpqc.passes.allocate_table_rows import allocate_table_rows, count_reads
 from mpqc.passes.round_weights import round_weights
 from mpqc.quantizers import get_method
 from mpqc.reference import IntegerProgram
-from mpqc.report import REPORT_FORMAT, load_report, save_report
+from mpqc.report import load_report, save_report
+from mpqc.report_build import build_report
 from mpqc.search import floor_only_kinds, search
 from mpqc.task import Inputs, Task, resolve_task
 from mpqc.train import epoch_batches, finetune
 from mpqc.train import evaluate_metrics as evaluate  # every value of the task's metric, not only the reported one
+
+log = logging.getLogger(__name__)
 
 Data = tuple[DataLoader, DataLoader | None]
 
@@ -106,6 +107,8 @@ def compile(
                                      smallest_bits(quantized_layers(gm), quantized_activations(gm)))
     floor_only = floor_only_kinds(gm, budget)                                      #    kinds the budget holds at
     if floor_only:                                                                 #    their floor built there
+        log.info("%s holds the %s at their minimum bits: no search for them", budget.text,
+                 " and ".join(f"{kind}s" for kind in sorted(floor_only)))
         config = replace(config, quantizers=config.quantizers.at_floor(floor_only))
         gm = pipeline.quantize(copy.deepcopy(teacher).train(training), quant_method, config.quantizers, calibration)
     run = world.call_on_main(lambda: RunDirectory(out or tempfile.mkdtemp(prefix="mpqc-run-"), identity,
@@ -314,82 +317,3 @@ def _identity(model: nn.Module, gm: GraphModule, budget: Budget, method: str, co
     if task is not None and task.step_accuracy is None:  # a run of another task than classification
         identity["task"] = {"name": task.name, "metric": task.metric_name}
     return identity
-
-
-def build_report(
-    *, model_name: str, method: str, budget: Budget, layers: Sequence[LayerInfo], program: IntegerProgram,
-    searched_bits: dict[str, tuple[float, float]], fixed_layers: set[str], search_cost: float, smallest_cost: float,
-    accuracy: dict[str, float | None], wall_time: dict[str, float],
-    unpruned_layers: Sequence[LayerInfo] | None = None, metric: dict[str, Any] | None = None,
-    activations: Sequence[CostItem] = (), searched_gates: dict[str, dict[str, int]] | None = None,
-    floor_only: Iterable[str] = (),
-) -> dict[str, Any]:
-    """The ``mpqc-report/1`` dict (see ``mpqc/report.py``) of a frozen program; ``layers`` describe the layers as
-    frozen, ``unpruned_layers`` (default: the same) as they were before channel pruning; ``activations`` the
-    quantized activations and products that are not layers (``insert_quantizers.cost_items``), which the budgets
-    count too; ``searched_gates`` the channel gates of the layers that could prune, as the search left them
-    (``prune_channels.gate_decisions``); ``floor_only`` the kinds of quantizer the budget held at their floor
-    (:func:`mpqc.search.floor_only_kinds`)."""
-    searched_gates = searched_gates or {}
-    unpruned_layers = unpruned_layers or layers
-    pruned_channels = {old.name: old.out_channels - new.out_channels for old, new in zip(unpruned_layers, layers)}
-    frozen = program.layer_bits()
-    row_bits = {node.attrs["module"]: node.attrs["row_bits"] for node in program.nodes if "row_bits" in node.attrs}
-    integer: dict[str, LayerBits | torch.Tensor] = {
-        node.attrs["module"]: torch.tensor(float(node.attrs["bits"])) for node in program.nodes if node.op == "quantize"}
-    integer.update({name: LayerBits(torch.tensor(float(w)), torch.tensor(float(a))) for name, (w, a) in frozen.items()})
-    items = [*layers, *activations]
-    achieved = float(budget.cost(items, integer))
-    predicted_ms = budget.per_layer(layers, integer).tolist() if isinstance(budget, Latency) else None
-    params = sum(layer.params for layer in layers)
-    elements = sum(layer.input_elements for layer in layers)
-    return {
-        "format": REPORT_FORMAT,
-        "model": model_name,
-        "method": method,
-        "created": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-        "budget": {"kind": budget.kind, "text": budget.text, "limit": budget.limit, "unit": budget.unit,
-                   "achieved": achieved, "search_final": search_cost, "smallest_feasible": smallest_cost,
-                   "met": budget.met(achieved), **({"floor_only": sorted(floor_only)} if floor_only else {})},
-        "totals": {
-            "params": params,
-            "macs": sum(layer.macs for layer in layers),
-            "pruned_channels": sum(pruned_channels.values()),
-            **({"undecided_channels": sum(gates["undecided"] for gates in searched_gates.values())}
-               if searched_gates else {}),
-            "weight_bytes": float(WeightMemory(1).cost(layers, integer)),
-            "fp32_weight_bytes": 4.0 * sum(layer.params for layer in unpruned_layers),
-            "activation_bytes_max": float(ActivationMemory(1).cost(items, integer)),
-            "activation_bytes_sum": float(ActivationMemory(1, mode="sum").cost(items, integer)),
-            "bitops": float(BitOps(1).cost(items, integer)),
-            "average_weight_bits": float(AverageBits(1).cost(layers, integer)),
-            "average_activation_bits": sum(layer.input_elements * frozen[layer.name][1] for layer in layers) / elements,
-        },
-        "accuracy": accuracy,
-        **({"metric": metric} if metric is not None else {}),
-        "layers": [
-            {**{key: getattr(layer, key) for key in ("name", "op", "params", "macs", "input_elements",
-                                                      "output_elements", "out_channels", "bias_params")},
-             **{key: list(getattr(layer, key)) for key in ("weight_shape", "input_shape", "output_shape")},
-             "weight_bits": frozen[layer.name][0], "activation_bits": frozen[layer.name][1],
-             "weight_bits_search": searched_bits[layer.name][0],
-             "activation_bits_search": searched_bits[layer.name][1],
-             "fixed": layer.name in fixed_layers, "pruned_channels": pruned_channels.get(layer.name, 0),
-             **({"channel_gates_search": searched_gates[layer.name]} if layer.name in searched_gates else {}),
-             **({"row_bits": row_bits[layer.name]} if layer.name in row_bits else {}),
-             **({} if predicted_ms is None else {"predicted_ms": predicted_ms[i]})}
-            for i, layer in enumerate(layers)
-        ],
-        "wall_time_s": wall_time,
-        **_cost_section(budget, layers, frozen),
-    }
-
-
-def _cost_section(budget: Budget, layers: Sequence[LayerInfo], frozen: dict[str, tuple[int, int]]) -> dict[str, Any]:
-    """``{"cost": {model: ...}}``: modelled accelerator cycles per layer (``mpqc.targets.fpga.cost_report``) for
-    every registered cost model, so the report and its plot show them whatever the budget was. Embedding tables
-    (gathers, no GEMM) are not in the cost models."""
-    from mpqc.targets.fpga import COST_MODELS, cost_report
-
-    gemms = [layer for layer in layers if layer.op != "embedding"]
-    return {"cost": {name: cost_report(gemms, frozen, name) for name in COST_MODELS}}
