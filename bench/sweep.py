@@ -86,7 +86,7 @@ def prepare(s: dict[str, Any]) -> tuple[torch.nn.Module, torch.Tensor, tuple, mp
     phase = dict(max_steps_per_epoch=s["steps_per_epoch"], quantizer_lr=s["quantizer_lr"], nesterov=s["nesterov"],
                  weight_decay=s["weight_decay"])
     config = mpqc.CompileConfig(
-        quantizers=mpqc.QuantizerConfig(weight_init=s["weight_init"],
+        quantizers=mpqc.QuantizerConfig(weight_init=s["weight_init"], weight_init_bits=s.get("weight_init_bits"),
                                         activation_percentile=s["activation_percentile"]),
         search=mpqc.TrainConfig(epochs=s["search_epochs"], lr=s["search_lr"], distill=s["search_distill"], **phase),
         finetune=mpqc.TrainConfig(epochs=s["finetune_epochs"], lr=s["finetune_lr"], distill=s["finetune_distill"],
@@ -259,6 +259,9 @@ def benchmark(name: str, description: str, grid: Callable[[bool], dict[str, Any]
     parser.add_argument("--uniform", help="only these uniform-QAT weight bit-widths (comma-separated; 'none')")
     parser.add_argument("--seed", type=int, default=0, help="seed of the fp32 models, data order and compile "
                                                             "(runs in runs/bench/<name>-<mode>-seed<N> for N > 0)")
+    parser.add_argument("--weight-init-bits", type=lambda text: text if text == "budget" else int(text),
+                        help="where the searched weights start: N bits or 'budget' (QuantizerConfig."
+                             "weight_init_bits; default 8). Another config: its parts merge only with each other")
     parser.add_argument("--merge", nargs="+", type=Path, metavar="DIR",
                         help="run nothing: merge finished parts of this benchmark's sweep (run with --methods etc., "
                              "e.g. on several machines) into --runs, then evaluate and write the JSON")
@@ -274,7 +277,8 @@ def benchmark(name: str, description: str, grid: Callable[[bool], dict[str, Any]
         report(name, args.out, s, quick, result, measure, heading, started, quick_grid, control)
         return
     torch.set_num_threads(min(2, torch.get_num_threads()))
-    s = {**settings(args.quick), "seed": args.seed}
+    s = {**settings(args.quick), "seed": args.seed,
+         **({"weight_init_bits": args.weight_init_bits} if args.weight_init_bits is not None else {})}
     model, example, data, config = prepare(s)
     chosen = grid(args.quick)
     if args.methods:

@@ -31,6 +31,7 @@ def prepare_run(args: argparse.Namespace, activation_bits: str):
         quantizers=QuantizerConfig(weight_bits=bit_range(args.weight_bits, "--weight-bits"),
                                    activation_bits=bit_range(activation_bits, "--act-bits"),
                                    first_last=args.first_last, weight_init=args.weight_init,
+                                   weight_init_bits=args.weight_init_bits,
                                    shift_activations=args.shift_activations,
                                    recompute_weights=args.recompute_weights, table_rows=args.table_rows),
         search=TrainConfig(epochs=args.search_epochs, max_steps_per_epoch=args.steps_per_epoch, distill=args.distill,

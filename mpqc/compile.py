@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader
 from mpqc.budgets import Budget, LayerBits, parse_budget
 from mpqc.augment import augmentation_off
 from mpqc.checkpoint import RunDirectory, atomic_torch_save
-from mpqc.config import CompileConfig
+from mpqc.config import CompileConfig, QuantizerConfig
 from mpqc.data import check_loader
 from mpqc.distributed import setup as setup_distributed
 from mpqc.errors import ConfigError, DataError
@@ -36,7 +36,7 @@ from mpqc.quantizers import get_method
 from mpqc.reference import IntegerProgram
 from mpqc.report import load_report, save_report
 from mpqc.report_build import build_report
-from mpqc.search import floor_only_kinds, search
+from mpqc.search import budget_start_bits, floor_only_kinds, search
 from mpqc.task import Inputs, Task, resolve_task
 from mpqc.train import epoch_batches, finetune
 from mpqc.train import evaluate_metrics as evaluate  # every value of the task's metric, not only the reported one
@@ -106,10 +106,13 @@ def compile(
     smallest = budget.check_feasible(cost_items(gm, fewest_channels(gm)),          #    and infeasible budgets;
                                      smallest_bits(quantized_layers(gm), quantized_activations(gm)))
     floor_only = floor_only_kinds(gm, budget)                                      #    kinds the budget holds at
-    if floor_only:                                                                 #    their floor built there
-        log.info("%s holds the %s at their minimum bits: no search for them", budget.text,
-                 " and ".join(f"{kind}s" for kind in sorted(floor_only)))
-        config = replace(config, quantizers=config.quantizers.at_floor(floor_only))
+    start = _weight_start(gm, budget, config.quantizers, floor_only)               #    their floor, weights at the
+    if floor_only or start is not None:                                            #    budget's bits: rebuilt there
+        if floor_only:
+            log.info("%s holds the %s at their minimum bits: no search for them", budget.text,
+                     " and ".join(f"{kind}s" for kind in sorted(floor_only)))
+        quantizers = config.quantizers.at_floor(floor_only)
+        config = replace(config, quantizers=quantizers if start is None else replace(quantizers, weight_init_bits=start))
         gm = pipeline.quantize(copy.deepcopy(teacher).train(training), quant_method, config.quantizers, calibration)
     run = world.call_on_main(lambda: RunDirectory(out or tempfile.mkdtemp(prefix="mpqc-run-"), identity,
                                                   resume=resume, force=force))
@@ -151,6 +154,7 @@ def compile(
         activations=cost_items(gm, []),
         searched_bits=searched, fixed_layers=fixed_layers, unpruned_layers=unpruned, search_cost=search_cost,
         smallest_cost=smallest, searched_gates=gates, floor_only=floor_only,
+        weight_start_bits=start,
         accuracy=accuracy, metric=_metric_section(task, metrics),
         wall_time={"search": search_done - started, "finetune": finished - search_done,
                    "total": time.perf_counter() - started},
@@ -207,6 +211,19 @@ class CompiledModel:
 
 
 # --------------------------------------------------------------------------------------------- helpers
+def _weight_start(gm: GraphModule, budget: Budget, quantizers: QuantizerConfig,
+                  floor_only: frozenset[str]) -> int | None:
+    """Where ``weight_init_bits="budget"`` starts the searched weights (:func:`mpqc.search.budget_start_bits`);
+    None where the config asks for no such start, the budget holds the weights at their floor, or none fits."""
+    if quantizers.weight_init_bits != "budget" or "weight" in floor_only:
+        return None
+    start = budget_start_bits(gm, budget)
+    if start is not None:
+        log.info("%s: the searched weights start at %d bits, the most at which all of them meet it", budget.text,
+                 start)
+    return start
+
+
 def _split_data(data: Data | DataLoader | None) -> Data:
     if data is None:
         raise DataError("data=None: the bit-width search needs training data; pass data=(train_loader, val_loader)")

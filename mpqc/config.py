@@ -12,7 +12,7 @@ from mpqc.quantizers.calibration import WEIGHT_INITS
 FIRST_LAST_POLICIES = ("learn", "fixed")
 TABLE_ROWS = ("uniform", "frequency")
 #: Quantizer settings added after runs existed: left out of a run's identity at their default values.
-_ADDED_LATER = ("table_rows", "table_rows_batches")
+_ADDED_LATER = ("table_rows", "table_rows_batches", "weight_init_bits")
 #: ``QuantizerConfig.recompute_weights=None`` recomputes weight quantizers in the backward pass from this many
 #: quantized weight elements on (100 M: VGG, the 32GF RegNets, the large ViTs).
 RECOMPUTE_AUTO_PARAMS = 100_000_000
@@ -30,6 +30,11 @@ class QuantizerConfig:
     ``weight_init="mse"`` (default) clips each output channel's weights where ``init_bits``-bit quantization has
     the smallest squared error, ``"max"`` at its largest magnitude; activation ranges start at the
     ``activation_percentile`` of the calibration batch (100: its largest value).
+
+    ``weight_init_bits``: where the weight quantizers' bit-widths (and the MSE clip of their ranges) start: None
+    (default) at ``init_bits``, a number at that many bits, ``"budget"`` at the most bits at which all of them meet
+    the budget (``mpqc.search.budget_start_bits``: at 3 bits per weight, 3), so the search trades bits between
+    layers from its first step instead of descending from 8 to the budget first.
 
     ``shift_activations`` (default on): a bounded-below activation read only by linears / unpadded 1x1 convs (GELU,
     SiLU, ...) gets ``-min f`` added so that its codes are unsigned, the shift folded into the readers' biases
@@ -51,6 +56,7 @@ class QuantizerConfig:
     weight_bits: BitRange = BitRange(2, 8)
     activation_bits: BitRange = BitRange(2, 8)
     init_bits: int = 8
+    weight_init_bits: int | str | None = None
     first_last: str = "learn"
     first_last_bits: int = 8
     residual_bits: int = 8
@@ -83,6 +89,17 @@ class QuantizerConfig:
             raise ConfigError(f"first_last_bits must be in 2..16, got {self.first_last_bits}")
         if not (1 <= self.init_bits <= 16):
             raise ConfigError(f"init_bits must be in 1..16, got {self.init_bits}")
+        if not (self.weight_init_bits in (None, "budget")
+                or (isinstance(self.weight_init_bits, int) and not isinstance(self.weight_init_bits, bool)
+                    and 1 <= self.weight_init_bits <= 16)):
+            raise ConfigError(f"weight_init_bits must be None, 'budget' or an integer in 1..16, got "
+                              f"{self.weight_init_bits!r}")
+
+    @property
+    def weight_start_bits(self) -> int:
+        """The bits the weight quantizers start at: ``weight_init_bits`` where it is a number, else ``init_bits``
+        (``"budget"`` is resolved by ``mpqc.compile``, which rebuilds the quantizers at the number it finds)."""
+        return self.weight_init_bits if isinstance(self.weight_init_bits, int) else self.init_bits
 
     def at_floor(self, kinds: Iterable[str]) -> "QuantizerConfig":
         """This config with the bit-range of each of ``kinds`` (``"weight"``, ``"activation"``) shrunk to its

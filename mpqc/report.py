@@ -140,6 +140,8 @@ def _budget_line(report: dict) -> str:
     if b.get("floor_only"):
         kinds = " and ".join(f"{kind}s" for kind in b["floor_only"])
         line += f"; {kinds} held at their minimum bits (the budget leaves no room above it: nothing to search)"
+    if b.get("weight_start_bits") is not None:
+        line += f"; searched weights started at {b['weight_start_bits']} bits (the budget's uniform bits)"
     return line
 
 

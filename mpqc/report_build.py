@@ -19,14 +19,15 @@ def build_report(
     accuracy: dict[str, float | None], wall_time: dict[str, float],
     unpruned_layers: Sequence[LayerInfo] | None = None, metric: dict[str, Any] | None = None,
     activations: Sequence[CostItem] = (), searched_gates: dict[str, dict[str, int]] | None = None,
-    floor_only: Iterable[str] = (),
+    floor_only: Iterable[str] = (), weight_start_bits: int | None = None,
 ) -> dict[str, Any]:
     """The ``mpqc-report/1`` dict (see ``mpqc/report.py``) of a frozen program; ``layers`` describe the layers as
     frozen, ``unpruned_layers`` (default: the same) as they were before channel pruning; ``activations`` the
     quantized activations and products that are not layers (``insert_quantizers.cost_items``), which the budgets
     count too; ``searched_gates`` the channel gates of the layers that could prune, as the search left them
     (``prune_channels.gate_decisions``); ``floor_only`` the kinds of quantizer the budget held at their floor
-    (:func:`mpqc.search.floor_only_kinds`)."""
+    (:func:`mpqc.search.floor_only_kinds`); ``weight_start_bits`` where ``weight_init_bits="budget"`` started the
+    searched weights (:func:`mpqc.search.budget_start_bits`)."""
     searched_gates = searched_gates or {}
     unpruned_layers = unpruned_layers or layers
     pruned_channels = {old.name: old.out_channels - new.out_channels for old, new in zip(unpruned_layers, layers)}
@@ -47,7 +48,8 @@ def build_report(
         "created": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "budget": {"kind": budget.kind, "text": budget.text, "limit": budget.limit, "unit": budget.unit,
                    "achieved": achieved, "search_final": search_cost, "smallest_feasible": smallest_cost,
-                   "met": budget.met(achieved), **({"floor_only": sorted(floor_only)} if floor_only else {})},
+                   "met": budget.met(achieved), **({"floor_only": sorted(floor_only)} if floor_only else {}),
+                   **({"weight_start_bits": weight_start_bits} if weight_start_bits is not None else {})},
         "totals": {
             "params": params,
             "macs": sum(layer.macs for layer in layers),

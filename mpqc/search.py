@@ -8,6 +8,11 @@ A budget may leave a kind of quantizer no choice: weight memory at 2 bits per we
 only every weight at 2 bits. :func:`floor_only_kinds` finds such kinds before the search; ``compile`` then builds
 them at their floor, so the search trains the one allocation the budget admits (the uniform QAT a search would
 have to end in) instead of spending its steps descending from ``init_bits`` to it.
+
+Short of that, a search may still spend much of its compute descending from 8 bits to a tight budget.
+``QuantizerConfig(weight_init_bits="budget")`` starts every searched weight at :func:`budget_start_bits`, the most
+bits at which all of them meet the budget together (the uniform allocation the budget admits), so that the search
+trades bits between layers from its first step.
 """
 from __future__ import annotations
 
@@ -103,3 +108,41 @@ def floor_only_kinds(gm: GraphModule, budget: Budget) -> frozenset[str]:
             if fits(activation.name, floor[activation.name] + 1):
                 raisable.add("activation")
     return frozenset(searched - raisable)
+
+
+def budget_start_bits(gm: GraphModule, budget: Budget) -> int | None:
+    """The most bits at which every searched weight quantizer of ``gm``, all at once, meets ``budget`` (the other
+    quantizers at their current bit-widths, channels all kept): where ``weight_init_bits="budget"`` starts them.
+    None where there is no searched weight quantizer or not even their minimum meets the budget.
+
+    >>> from mpqc.budgets import WeightMemory
+    >>> from mpqc.config import QuantizerConfig
+    >>> from mpqc import pipeline
+    >>> from mpqc.quantizers import get_method
+    >>> import torch
+    >>> gm, _ = pipeline.trace(torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 4)),
+    ...                        (torch.randn(2, 8),))
+    >>> gm = pipeline.quantize(gm, get_method("dq"), QuantizerConfig(), (torch.randn(2, 8),))
+    >>> budget_start_bits(gm, WeightMemory(96 * 3.5 / 8))   # 96 weights: 3 bits each fit, 4 do not
+    3
+    """
+    layers, activations = quantized_layers(gm), quantized_activations(gm)
+    searched = [layer for layer in layers if layer.weight_quantizer.learnable_bits
+                and layer.weight_quantizer.bit_range.max_bits > layer.weight_quantizer.bit_range.min_bits]
+    if not searched:
+        return None
+    items = cost_items(gm)
+    with torch.no_grad():
+        now = {name: (bits._replace(input_kept=1.0) if isinstance(bits, LayerBits) else bits)
+               for name, bits in current_bits(layers, activations).items()}
+        lowest = min(layer.weight_quantizer.bit_range.min_bits for layer in searched)
+        highest = max(layer.weight_quantizer.bit_range.max_bits for layer in searched)
+        for bits in range(highest, lowest - 1, -1):
+            trial = dict(now)
+            for layer in searched:
+                limits = layer.weight_quantizer.bit_range
+                at = torch.tensor(float(min(max(bits, limits.min_bits), limits.max_bits)))
+                trial[layer.name] = trial[layer.name]._replace(weight=at)
+            if budget.met(float(budget.cost(items, trial))):
+                return bits
+    return None

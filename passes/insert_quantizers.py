@@ -233,8 +233,8 @@ def insert_quantizers(
             scale = layer.weight.detach().abs().reshape(info.out_channels, -1).amax(1) / positive_levels(bits, True)
             weight_quantizer: Quantizer = FixedQuantizer(bits, True, scale, per_channel=True)
         else:
-            weight_quantizer = method.weight_quantizer(layer.weight, config.init_bits, config.weight_bits)
-            bits = min(max(config.init_bits, config.weight_bits.min_bits), config.weight_bits.max_bits)
+            weight_quantizer = method.weight_quantizer(layer.weight, config.weight_start_bits, config.weight_bits)
+            bits = min(max(config.weight_start_bits, config.weight_bits.min_bits), config.weight_bits.max_bits)
         if config.weight_init != "max":
             weight_quantizer.init_weight_clip_(layer.weight, weight_clip(layer.weight, bits, config.weight_init))
         replace_submodule(gm, node.target, quantized_version(layer, weight_quantizer))
@@ -305,7 +305,7 @@ def _quantize_tables(gm: GraphModule, tables: list[Node], method: QuantMethod, c
         key = f"{node.target.replace('.', '_')}_indices"
         gm.get_submodule(ACT_QUANTIZERS)[key] = FixedQuantizer(8, False, torch.ones(1))
         node.meta[INPUT_QUANTIZER_META] = f"{ACT_QUANTIZERS}.{key}"
-        weight_quantizer = method.weight_quantizer(table.weight, config.init_bits, config.weight_bits)
+        weight_quantizer = method.weight_quantizer(table.weight, config.weight_start_bits, config.weight_bits)
         replace_submodule(gm, node.target, quantized_version(table, weight_quantizer))
 
 
