@@ -113,18 +113,8 @@ def floor_only_kinds(gm: GraphModule, budget: Budget) -> frozenset[str]:
 def budget_start_bits(gm: GraphModule, budget: Budget) -> int | None:
     """The most bits at which every searched weight quantizer of ``gm``, all at once, meets ``budget`` (the other
     quantizers at their current bit-widths, channels all kept): where ``weight_init_bits="budget"`` starts them.
-    None where there is no searched weight quantizer or not even their minimum meets the budget.
-
-    >>> from mpqc.budgets import WeightMemory
-    >>> from mpqc.config import QuantizerConfig
-    >>> from mpqc import pipeline
-    >>> from mpqc.quantizers import get_method
-    >>> import torch
-    >>> gm, _ = pipeline.trace(torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 4)),
-    ...                        (torch.randn(2, 8),))
-    >>> gm = pipeline.quantize(gm, get_method("dq"), QuantizerConfig(), (torch.randn(2, 8),))
-    >>> budget_start_bits(gm, WeightMemory(96 * 3.5 / 8))   # 96 weights: 3 bits each fit, 4 do not
-    3
+    None where there is no searched weight quantizer or not even their minimum meets the budget (a budget of
+    3.5 bits per weight: 3).
     """
     layers, activations = quantized_layers(gm), quantized_activations(gm)
     searched = [layer for layer in layers if layer.weight_quantizer.learnable_bits

@@ -128,6 +128,15 @@ def quantized_graph(model: torch.nn.Module, example: torch.Tensor, method: str =
     return gm, layers
 
 
+def quantized_small_cnn(method: str = "dq", config: QuantizerConfig = QuantizerConfig()):
+    """``examples/models.py``'s small CNN (seed 0) through ``pipeline.quantize`` as ``mpqc.compile`` does it
+    (prunable layers marked), calibrated on one random 4 x 1 x 8 x 8 batch."""
+    torch.manual_seed(0)
+    example = (torch.randn(4, 1, 8, 8),)
+    gm, _ = pipeline.trace(example_models.small_cnn(num_classes=10, in_channels=1).eval(), example)
+    return pipeline.quantize(gm, get_method(method), config, example)
+
+
 def set_bits(gm, bits_for) -> None:
     """Set every learnable DQ quantizer so that ``bits()`` is exactly ``bits_for(name)`` (an int), in the order and
     with the names of ``insert_quantizers.searched_quantizers``."""

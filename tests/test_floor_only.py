@@ -8,25 +8,15 @@ import pytest
 import torch
 
 import mpqc
-from conftest import FAST, example_models
+from conftest import FAST, quantized_small_cnn
 from conftest import example_batch as _example
-from mpqc import pipeline
 from mpqc.budgets import ActivationMemory, AverageBits, BitOps, WeightMemory
 from mpqc.config import QuantizerConfig
 from mpqc.errors import ConfigError
 from mpqc.passes.insert_quantizers import cost_items, quantized_activations, quantized_layers, smallest_bits
-from mpqc.quantizers import get_method
 from mpqc.quantizers.base import BitRange
 from mpqc.report import format_report
 from mpqc.search import floor_only_kinds
-
-
-def _quantized(method: str = "dq", config: QuantizerConfig = QuantizerConfig()):
-    torch.manual_seed(0)
-    model = example_models.small_cnn(num_classes=10, in_channels=1).eval()
-    example = (torch.randn(4, 1, 8, 8),)
-    gm, _ = pipeline.trace(model, example)
-    return pipeline.quantize(gm, get_method(method), config, example)
 
 
 def _floor_cost(gm, budget_kind, **options):
@@ -35,7 +25,7 @@ def _floor_cost(gm, budget_kind, **options):
 
 
 def test_weight_memory_at_the_floor_holds_the_weights_only():
-    gm = _quantized()
+    gm = quantized_small_cnn()
     floor = _floor_cost(gm, WeightMemory)
     assert floor_only_kinds(gm, WeightMemory(floor)) == {"weight"}
     smallest_layer = min(layer.info.params for layer in quantized_layers(gm))
@@ -45,7 +35,7 @@ def test_weight_memory_at_the_floor_holds_the_weights_only():
 
 
 def test_bitops_at_the_floor_holds_both_kinds_and_activation_memory_the_activations():
-    gm = _quantized()
+    gm = quantized_small_cnn()
     assert floor_only_kinds(gm, BitOps(_floor_cost(gm, BitOps))) == {"weight", "activation"}
     activations_at_floor = _floor_cost(gm, ActivationMemory, mode="sum")
     assert floor_only_kinds(gm, ActivationMemory(activations_at_floor, mode="sum")) == {"activation"}
@@ -54,11 +44,11 @@ def test_bitops_at_the_floor_holds_both_kinds_and_activation_memory_the_activati
 
 def test_fixed_ranges_and_pruning_leave_nothing_to_hold():
     fixed_activations = QuantizerConfig(activation_bits=BitRange(8, 8))
-    gm = _quantized(config=fixed_activations)
+    gm = quantized_small_cnn(config=fixed_activations)
     assert floor_only_kinds(gm, BitOps(_floor_cost(gm, BitOps))) == {"weight"}  # activations have no range
-    uniform = _quantized(config=fixed_activations.at_floor(["weight"]))
+    uniform = quantized_small_cnn(config=fixed_activations.at_floor(["weight"]))
     assert floor_only_kinds(uniform, WeightMemory(_floor_cost(uniform, WeightMemory))) == set()
-    prunable = _quantized("fracbits-kernel")  # a pruned channel frees budget for another's bits
+    prunable = quantized_small_cnn("fracbits-kernel")  # a pruned channel frees budget for another's bits
     assert floor_only_kinds(prunable, WeightMemory(_floor_cost(prunable, WeightMemory))) == set()
 
 

@@ -6,26 +6,16 @@ import pytest
 import torch
 
 import mpqc
-from conftest import FAST, example_models
+from conftest import FAST, quantized_small_cnn
 from conftest import example_batch as _example
 from dataclasses import replace
-from mpqc import pipeline
 from mpqc.budgets import BitOps, WeightMemory
 from mpqc.config import QuantizerConfig
 from mpqc.errors import ConfigError
 from mpqc.passes.insert_quantizers import cost_items, current_bits, quantized_activations, quantized_layers
-from mpqc.quantizers import get_method
 from mpqc.quantizers.base import BitRange
 from mpqc.report import format_report
 from mpqc.search import budget_start_bits
-
-
-def _quantized(method: str = "dq", config: QuantizerConfig = QuantizerConfig()):
-    torch.manual_seed(0)
-    model = example_models.small_cnn(num_classes=10, in_channels=1).eval()
-    example = (torch.randn(4, 1, 8, 8),)
-    gm, _ = pipeline.trace(model, example)
-    return pipeline.quantize(gm, get_method(method), config, example)
 
 
 def _weight_bytes_at(gm, bits: int) -> float:
@@ -37,26 +27,26 @@ def _weight_bytes_at(gm, bits: int) -> float:
 
 
 def test_the_start_is_the_most_bits_every_searched_weight_can_have_at_once():
-    gm = _quantized()
+    gm = quantized_small_cnn()
     at_three = _weight_bytes_at(gm, 3)
     assert budget_start_bits(gm, WeightMemory(at_three)) == 3
     assert budget_start_bits(gm, WeightMemory(at_three - 1)) == 2
     assert budget_start_bits(gm, WeightMemory(_weight_bytes_at(gm, 8) * 2)) == 8  # the range's top
     assert budget_start_bits(gm, WeightMemory(_weight_bytes_at(gm, 2) - 1)) is None  # not even the floor fits
     # BitOps counts the activations at their current bits (8 here): weights at 3 bits with 8-bit inputs fit
-    fixed8 = _quantized(config=QuantizerConfig(activation_bits=BitRange(8, 8)))
+    fixed8 = quantized_small_cnn(config=QuantizerConfig(activation_bits=BitRange(8, 8)))
     at = {name: value._replace(weight=torch.tensor(3.0)) if hasattr(value, "weight") else value
           for name, value in current_bits(quantized_layers(fixed8), quantized_activations(fixed8)).items()}
     with torch.no_grad():
         limit = float(BitOps(1).cost(cost_items(fixed8), at))
     assert budget_start_bits(fixed8, BitOps(limit)) == 3
     # uniform weights (no range) leave nothing to start
-    assert budget_start_bits(_quantized(config=QuantizerConfig().at_floor(["weight"])), WeightMemory(1e9)) is None
+    assert budget_start_bits(quantized_small_cnn(config=QuantizerConfig().at_floor(["weight"])), WeightMemory(1e9)) is None
 
 
 @pytest.mark.parametrize("method", ["dq", "fracbits", "fracbits-kernel", "sdq", "csq"])
 def test_every_method_starts_its_weights_at_weight_init_bits(method):
-    gm, default = _quantized(method, QuantizerConfig(weight_init_bits=3)), _quantized(method)
+    gm, default = quantized_small_cnn(method, QuantizerConfig(weight_init_bits=3)), quantized_small_cnn(method)
     with torch.no_grad():
         for layer, at_init in zip(quantized_layers(gm), quantized_layers(default)):
             # CSQ's bits are soft (sigmoid gates: 3.19 at a 3-bit start), the others' exact
