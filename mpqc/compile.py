@@ -112,7 +112,8 @@ def compile(
             log.info("%s holds the %s at their minimum bits: no search for them", budget.text,
                      " and ".join(f"{kind}s" for kind in sorted(floor_only)))
         quantizers = config.quantizers.at_floor(floor_only)
-        config = replace(config, quantizers=quantizers if start is None else replace(quantizers, weight_init_bits=start))
+        quantizers = quantizers if start is None else replace(quantizers, weight_init_bits=start)
+        config = replace(config, quantizers=quantizers)
         gm = pipeline.quantize(copy.deepcopy(teacher).train(training), quant_method, config.quantizers, calibration)
     run = world.call_on_main(lambda: RunDirectory(out or tempfile.mkdtemp(prefix="mpqc-run-"), identity,
                                                   resume=resume, force=force))

@@ -41,7 +41,8 @@ def test_the_start_is_the_most_bits_every_searched_weight_can_have_at_once():
         limit = float(BitOps(1).cost(cost_items(fixed8), at))
     assert budget_start_bits(fixed8, BitOps(limit)) == 3
     # uniform weights (no range) leave nothing to start
-    assert budget_start_bits(quantized_small_cnn(config=QuantizerConfig().at_floor(["weight"])), WeightMemory(1e9)) is None
+    uniform = quantized_small_cnn(config=QuantizerConfig().at_floor(["weight"]))
+    assert budget_start_bits(uniform, WeightMemory(1e9)) is None
 
 
 @pytest.mark.parametrize("method", ["dq", "fracbits", "fracbits-kernel", "sdq", "csq"])
