@@ -560,7 +560,7 @@ leaked = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'mpqc', '
 assert not leaked, leaked
 """
     env = {**os.environ, "PYTHONPATH": ""}
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120,
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=600,
                           cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-2000:]
     assert torch.equal(torch.from_numpy(np.load(tmp_path / "y.npy")), program.run(x))
