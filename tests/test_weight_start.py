@@ -2,13 +2,14 @@
 ``mpqc.search.budget_start_bits``) instead of descending from 8 to it."""
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
 import mpqc
 from conftest import FAST, quantized_small_cnn
 from conftest import example_batch as _example
-from dataclasses import replace
 from mpqc.budgets import BitOps, WeightMemory
 from mpqc.config import QuantizerConfig
 from mpqc.errors import ConfigError
@@ -18,28 +19,24 @@ from mpqc.report import format_report
 from mpqc.search import budget_start_bits
 
 
-def _weight_bytes_at(gm, bits: int) -> float:
-    layers = quantized_layers(gm)
+def _cost_with_weights_at(gm, bits: int, budget_kind=WeightMemory) -> float:
+    """``budget_kind``'s cost of ``gm`` with every weight at ``bits``, the rest at their current bits."""
     at = {name: value._replace(weight=torch.tensor(float(bits))) if hasattr(value, "weight") else value
-          for name, value in current_bits(layers, quantized_activations(gm)).items()}
+          for name, value in current_bits(quantized_layers(gm), quantized_activations(gm)).items()}
     with torch.no_grad():
-        return float(WeightMemory(1).cost(cost_items(gm), at))
+        return float(budget_kind(1).cost(cost_items(gm), at))
 
 
 def test_the_start_is_the_most_bits_every_searched_weight_can_have_at_once():
     gm = quantized_small_cnn()
-    at_three = _weight_bytes_at(gm, 3)
+    at_three = _cost_with_weights_at(gm, 3)
     assert budget_start_bits(gm, WeightMemory(at_three)) == 3
     assert budget_start_bits(gm, WeightMemory(at_three - 1)) == 2
-    assert budget_start_bits(gm, WeightMemory(_weight_bytes_at(gm, 8) * 2)) == 8  # the range's top
-    assert budget_start_bits(gm, WeightMemory(_weight_bytes_at(gm, 2) - 1)) is None  # not even the floor fits
+    assert budget_start_bits(gm, WeightMemory(_cost_with_weights_at(gm, 8) * 2)) == 8  # the range's top
+    assert budget_start_bits(gm, WeightMemory(_cost_with_weights_at(gm, 2) - 1)) is None  # not even the floor fits
     # BitOps counts the activations at their current bits (8 here): weights at 3 bits with 8-bit inputs fit
     fixed8 = quantized_small_cnn(config=QuantizerConfig(activation_bits=BitRange(8, 8)))
-    at = {name: value._replace(weight=torch.tensor(3.0)) if hasattr(value, "weight") else value
-          for name, value in current_bits(quantized_layers(fixed8), quantized_activations(fixed8)).items()}
-    with torch.no_grad():
-        limit = float(BitOps(1).cost(cost_items(fixed8), at))
-    assert budget_start_bits(fixed8, BitOps(limit)) == 3
+    assert budget_start_bits(fixed8, BitOps(_cost_with_weights_at(fixed8, 3, BitOps))) == 3
     # uniform weights (no range) leave nothing to start
     uniform = quantized_small_cnn(config=QuantizerConfig().at_floor(["weight"]))
     assert budget_start_bits(uniform, WeightMemory(1e9)) is None
