@@ -42,6 +42,7 @@ sys.path.insert(0, str(ROOT))  # this checkout's mpqc, not an installed one
 
 import mpqc  # noqa: E402
 import mpqc.train  # noqa: E402
+from mpqc.cli_inputs import bits_or_budget  # noqa: E402
 from mpqc.data import loaders  # noqa: E402
 from mpqc.pretrain import cached_fp32  # noqa: E402
 from mpqc.sweep import (DONE, UNIFORM, SweepPoint, SweepResult, identity_differences, merge_sweeps,  # noqa: E402
@@ -259,7 +260,7 @@ def benchmark(name: str, description: str, grid: Callable[[bool], dict[str, Any]
     parser.add_argument("--uniform", help="only these uniform-QAT weight bit-widths (comma-separated; 'none')")
     parser.add_argument("--seed", type=int, default=0, help="seed of the fp32 models, data order and compile "
                                                             "(runs in runs/bench/<name>-<mode>-seed<N> for N > 0)")
-    parser.add_argument("--weight-init-bits", type=lambda text: text if text == "budget" else int(text),
+    parser.add_argument("--weight-init-bits", type=bits_or_budget,
                         help="where the searched weights start: N bits or 'budget' (QuantizerConfig."
                              "weight_init_bits; default 8). Another config: its parts merge only with each other")
     parser.add_argument("--merge", nargs="+", type=Path, metavar="DIR",

@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from mpqc.cli_inputs import load_callable, prepare_run
+from mpqc.cli_inputs import bits_or_budget, load_callable, prepare_run
 from mpqc.config import TABLE_ROWS, WEIGHT_INITS, WEIGHT_ROUNDINGS
 from mpqc.cpu import ISA_CHOICES
 from mpqc.errors import ConfigError, MpqcError
@@ -92,7 +92,7 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--weight-init", choices=WEIGHT_INITS, default="mse",
                    help="where each weight channel's range starts: the MSE-best clipping (default) or its largest "
                         "magnitude")
-    c.add_argument("--weight-init-bits", type=_bits_or_budget, default=None, metavar="N|budget",
+    c.add_argument("--weight-init-bits", type=bits_or_budget, default=None, metavar="N|budget",
                    help="where the searched weights' bit-widths start: N bits, or 'budget' for the most bits at "
                         "which all of them meet the budget (default: 8)")
     c.add_argument("--shift-activations", action=argparse.BooleanOptionalAction, default=True,
@@ -231,16 +231,6 @@ _SWEEP_SHARED_OPTIONS = ("model", "data", "tokenizer", "max_length", "weights", 
                          "subset", "val_subset", "weight_bits", "first_last", "distill", "seed", "no_progress",
                          "loss", "forward", "metric", "augment", "weight_init", "weight_init_bits", "weight_rounding",
                          "shift_activations", "recompute_weights", "table_rows")
-
-
-def _bits_or_budget(text: str) -> int | str:
-    """``--weight-init-bits``: an integer or ``budget``."""
-    if text == "budget":
-        return text
-    try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number of bits or 'budget', got {text!r}") from None
 
 
 def _int_list(text: str, flag: str) -> list[int]:

@@ -162,6 +162,16 @@ def load_callable(spec: str, flag: str) -> Callable[..., Any]:
     return factory
 
 
+def bits_or_budget(text: str) -> int | str:
+    """An argparse type for ``--weight-init-bits``: a number of bits, or ``budget``."""
+    if text == "budget":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of bits or 'budget', got {text!r}") from None
+
+
 def bit_range(text: str, flag: str):
     from mpqc.quantizers import BitRange
 

@@ -57,6 +57,11 @@ def search(
     )
 
 
+def _searchable(quantizer: Quantizer) -> bool:
+    """A quantizer whose bit-width the search moves: learnable, with a range to move in."""
+    return quantizer.learnable_bits and quantizer.bit_range.max_bits > quantizer.bit_range.min_bits
+
+
 def floor_only_kinds(gm: GraphModule, budget: Budget) -> frozenset[str]:
     """The kinds of quantizer (``"weight"``, ``"activation"``) that ``budget`` holds at their floor: each of them
     has a bit-range to search, and raising any one of them by a bit, every other quantizer at its floor (the
@@ -83,9 +88,6 @@ def floor_only_kinds(gm: GraphModule, budget: Budget) -> frozenset[str]:
     items = cost_items(gm)
     floor = smallest_bits(layers, activations)
 
-    def searchable(quantizer: Quantizer) -> bool:
-        return quantizer.learnable_bits and quantizer.bit_range.max_bits > quantizer.bit_range.min_bits
-
     def fits(key: str, raised: LayerBits | torch.Tensor) -> bool:
         with torch.no_grad():
             return budget.met(float(budget.cost(items, {**floor, key: raised})))
@@ -94,16 +96,16 @@ def floor_only_kinds(gm: GraphModule, budget: Budget) -> frozenset[str]:
     raisable: set[str] = set()
     for layer in layers:
         lowest: LayerBits = floor[layer.name]
-        if searchable(layer.weight_quantizer):
+        if _searchable(layer.weight_quantizer):
             searched.add("weight")
             if fits(layer.name, lowest._replace(weight=lowest.weight + 1)):
                 raisable.add("weight")
-        if searchable(layer.input_quantizer):
+        if _searchable(layer.input_quantizer):
             searched.add("activation")
             if fits(layer.name, lowest._replace(activation=lowest.activation + 1)):
                 raisable.add("activation")
     for activation in activations:
-        if searchable(activation.quantizer):
+        if _searchable(activation.quantizer):
             searched.add("activation")
             if fits(activation.name, floor[activation.name] + 1):
                 raisable.add("activation")
@@ -112,13 +114,12 @@ def floor_only_kinds(gm: GraphModule, budget: Budget) -> frozenset[str]:
 
 def budget_start_bits(gm: GraphModule, budget: Budget) -> int | None:
     """The most bits at which every searched weight quantizer of ``gm``, all at once, meets ``budget`` (the other
-    quantizers at their current bit-widths, channels all kept): where ``weight_init_bits="budget"`` starts them.
-    None where there is no searched weight quantizer or not even their minimum meets the budget (a budget of
-    3.5 bits per weight: 3).
+    quantizers at their current bit-widths, channels all kept; a budget of 3.5 bits per weight: 3): where
+    ``weight_init_bits="budget"`` starts them. None where there is no searched weight quantizer or not even their
+    minimum meets the budget.
     """
     layers, activations = quantized_layers(gm), quantized_activations(gm)
-    searched = [layer for layer in layers if layer.weight_quantizer.learnable_bits
-                and layer.weight_quantizer.bit_range.max_bits > layer.weight_quantizer.bit_range.min_bits]
+    searched = [layer for layer in layers if _searchable(layer.weight_quantizer)]
     if not searched:
         return None
     items = cost_items(gm)
