@@ -89,7 +89,8 @@ def prepare(s: dict[str, Any]) -> tuple[torch.nn.Module, torch.Tensor, tuple, mp
     config = mpqc.CompileConfig(
         quantizers=mpqc.QuantizerConfig(weight_init=s["weight_init"], weight_init_bits=s.get("weight_init_bits"),
                                         activation_percentile=s["activation_percentile"]),
-        search=mpqc.TrainConfig(epochs=s["search_epochs"], lr=s["search_lr"], distill=s["search_distill"], **phase),
+        search=mpqc.TrainConfig(epochs=s["search_epochs"], lr=s["search_lr"], distill=s["search_distill"],
+                                penalty_power=s.get("penalty_power", 2.0), **phase),
         finetune=mpqc.TrainConfig(epochs=s["finetune_epochs"], lr=s["finetune_lr"], distill=s["finetune_distill"],
                                   penalty_weight=0.0, **phase),
         seed=s["seed"], progress=sys.stderr.isatty(),
@@ -263,6 +264,9 @@ def benchmark(name: str, description: str, grid: Callable[[bool], dict[str, Any]
     parser.add_argument("--weight-init-bits", type=bits_or_budget,
                         help="where the searched weights start: N bits or 'budget' (QuantizerConfig."
                              "weight_init_bits; default 8). Another config: its parts merge only with each other")
+    parser.add_argument("--penalty-power", type=float,
+                        help="the search's budget penalty relu(excess) ** POWER (TrainConfig.penalty_power; default 2, "
+                             "DQ's; 1: a linear hinge). Another config: its parts merge only with each other")
     parser.add_argument("--merge", nargs="+", type=Path, metavar="DIR",
                         help="run nothing: merge finished parts of this benchmark's sweep (run with --methods etc., "
                              "e.g. on several machines) into --runs, then evaluate and write the JSON")
@@ -279,7 +283,8 @@ def benchmark(name: str, description: str, grid: Callable[[bool], dict[str, Any]
         return
     torch.set_num_threads(min(2, torch.get_num_threads()))
     s = {**settings(args.quick), "seed": args.seed,
-         **({"weight_init_bits": args.weight_init_bits} if args.weight_init_bits is not None else {})}
+         **({"weight_init_bits": args.weight_init_bits} if args.weight_init_bits is not None else {}),
+         **({"penalty_power": args.penalty_power} if args.penalty_power is not None else {})}
     model, example, data, config = prepare(s)
     chosen = grid(args.quick)
     if args.methods:

@@ -79,6 +79,9 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--penalty-ramp", type=float, default=0.0,
                    help="grow the budget penalty's weight linearly over the search to (1 + RAMP) times its start, "
                         "so that the search itself reaches the budget (default 0: constant)")
+    c.add_argument("--penalty-power", type=float, default=2.0,
+                   help="the budget penalty is relu(cost/limit - 1) ** POWER: 2 (default) DQ's squared hinge, 1 a "
+                        "linear hinge that pulls the search onto the budget instead of a few percent above it")
     c.add_argument("--batch-size", type=int, default=128)
     c.add_argument("--subset", type=int, help="train on the first N examples of a seeded permutation")
     c.add_argument("--val-subset", type=int, help="validate on N examples")
@@ -226,9 +229,9 @@ def _compile(args: argparse.Namespace) -> int:
 
 
 #: ``mpqc sweep`` takes these options of ``mpqc compile`` as they are (``dest`` names).
-_SWEEP_SHARED_OPTIONS = ("model", "data", "tokenizer", "max_length", "weights", "pretrain_epochs", "search_epochs", "finetune_epochs",
-                         "steps_per_epoch", "checkpoint_every", "quantizer_lr", "penalty_ramp", "batch_size",
-                         "subset", "val_subset", "weight_bits", "first_last", "distill", "seed", "no_progress",
+_SWEEP_SHARED_OPTIONS = ("model", "data", "tokenizer", "max_length", "weights", "pretrain_epochs", "search_epochs",
+                         "finetune_epochs", "steps_per_epoch", "checkpoint_every", "quantizer_lr", "penalty_ramp",
+                         "penalty_power", "batch_size", "subset", "val_subset", "weight_bits", "first_last", "distill", "seed", "no_progress",
                          "loss", "forward", "metric", "augment", "weight_init", "weight_init_bits", "weight_rounding",
                          "shift_activations", "recompute_weights", "table_rows")
 

@@ -36,7 +36,7 @@ def prepare_run(args: argparse.Namespace, activation_bits: str):
                                    recompute_weights=args.recompute_weights, table_rows=args.table_rows),
         search=TrainConfig(epochs=args.search_epochs, max_steps_per_epoch=args.steps_per_epoch, distill=args.distill,
                            quantizer_lr=args.quantizer_lr, checkpoint_every=args.checkpoint_every,
-                           penalty_ramp=args.penalty_ramp),
+                           penalty_ramp=args.penalty_ramp, penalty_power=args.penalty_power),
         finetune=TrainConfig(epochs=args.finetune_epochs, max_steps_per_epoch=args.steps_per_epoch, lr=0.005,
                              penalty_weight=0.0, distill=args.distill, quantizer_lr=args.quantizer_lr,
                              checkpoint_every=args.checkpoint_every),

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field, fields, replace
 
@@ -11,8 +12,9 @@ from mpqc.quantizers.calibration import WEIGHT_INITS
 
 FIRST_LAST_POLICIES = ("learn", "fixed")
 TABLE_ROWS = ("uniform", "frequency")
-#: Quantizer settings added after runs existed: left out of a run's identity at their default values.
-_ADDED_LATER = ("table_rows", "table_rows_batches", "weight_init_bits")
+#: Settings added after runs existed, per part of the config: left out of a run's identity at their default values.
+_ADDED_LATER = {"quantizers": ("table_rows", "table_rows_batches", "weight_init_bits"),
+                "search": ("penalty_power",), "finetune": ("penalty_power",)}
 #: ``QuantizerConfig.recompute_weights=None`` recomputes weight quantizers in the backward pass from this many
 #: quantized weight elements on (100 M: VGG, the 32GF RegNets, the large ViTs).
 RECOMPUTE_AUTO_PARAMS = 100_000_000
@@ -124,7 +126,12 @@ class TrainConfig:
     to 37.8%); ``nesterov=True, weight_decay=5e-4`` is the widely used uniform-QAT recipe, kept as an option.
     ``penalty_weight`` scales the budget penalty (search only); with ``penalty_ramp`` > 0 that weight grows linearly
     over the phase to ``penalty_weight * (1 + penalty_ramp)`` at its last step, which drives a search that would
-    settle above its budget (the task loss holding the bits up) onto it by the end. ``distill`` adds knowledge
+    settle above its budget (the task loss holding the bits up) onto it by the end. ``penalty_power`` shapes the
+    penalty, ``relu(cost / limit - 1) ** penalty_power``: 2 (default) is DQ's squared hinge, whose pull vanishes
+    as the cost nears the limit (a search may sit a few percent above it, left to freezing's rounding); 1 is a hinge
+    linear in the excess, pulling as hard 1% above the budget as 50% above, so that the search ends on the budget,
+    trading bits between layers (and, kernel-wise, pruning channels) instead of every layer being rounded down.
+    ``distill`` adds knowledge
     distillation from the fp32 model (KL at ``distill_temperature``, weight ``distill_weight``); ``None`` (the
     default) means the method's default (``QuantMethod.defaults``: off, except SDQ's fine-tuning). A checkpoint is
     written every ``checkpoint_every`` steps and at every epoch end.
@@ -139,6 +146,7 @@ class TrainConfig:
     quantizer_lr: float = 0.01
     penalty_weight: float = 5.0
     penalty_ramp: float = 0.0
+    penalty_power: float = 2.0
     distill: bool | None = None
     distill_weight: float = 0.5
     distill_temperature: float = 4.0
@@ -155,6 +163,9 @@ class TrainConfig:
         for name in ("weight_decay", "penalty_weight", "penalty_ramp", "distill_weight"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if not (math.isfinite(self.penalty_power) and self.penalty_power >= 1):
+            raise ConfigError(f"penalty_power must be a finite number >= 1 (1: a linear hinge, 2: DQ's squared one), "
+                              f"got {self.penalty_power}")
         if not 0 <= self.momentum < 1:
             raise ConfigError(f"momentum must be in [0, 1), got {self.momentum}")
         if self.nesterov and self.momentum == 0:
@@ -210,8 +221,9 @@ class CompileConfig:
         settings = asdict(self)
         settings.pop("progress")
         settings["quantizers"].pop("recompute_weights")
-        defaults = {f.name: f.default for f in fields(QuantizerConfig)}
-        for key in _ADDED_LATER:  # at their defaults, runs begun before they existed still resume
-            if settings["quantizers"][key] == defaults[key]:
-                settings["quantizers"].pop(key)
+        for part, keys in _ADDED_LATER.items():  # at their defaults, runs begun before they existed still resume
+            defaults = {f.name: f.default for f in fields(type(getattr(self, part)))}
+            for key in keys:
+                if settings[part][key] == defaults[key]:
+                    settings[part].pop(key)
         return json.loads(json.dumps(settings, default=str))

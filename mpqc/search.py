@@ -1,8 +1,8 @@
 """The differentiable bit-width search: train weights and quantizer parameters under a budget penalty.
 
 Every method searches the same way; what differs is the quantizers it inserted (their ``bits()`` and
-``extra_loss()``). The budget penalty is DQ's squared-ReLU term on the relative excess of the budget's cost,
-computed from the quantizers' current, differentiable bit-widths.
+``extra_loss()``). The budget penalty is DQ's squared-ReLU term on the relative excess of the budget's cost (or a
+linear one, ``TrainConfig.penalty_power=1``), computed from the quantizers' current, differentiable bit-widths.
 
 A budget may leave a kind of quantizer no choice: weight memory at 2 bits per weight with a 2-bit floor admits
 only every weight at 2 bits. :func:`floor_only_kinds` finds such kinds before the search; ``compile`` then builds

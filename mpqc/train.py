@@ -2,7 +2,8 @@
 
 Loss = the task's loss (:mod:`mpqc.task`; classification: cross-entropy), optionally mixed with knowledge
        distillation from the fp32 teacher
-       + ``penalty_weight`` * (1 + ``penalty_ramp`` * progress) * budget penalty (search only)
+       + ``penalty_weight`` * (1 + ``penalty_ramp`` * progress) * budget penalty (search only; its shape
+         ``relu(cost / limit - 1) ** penalty_power``)
        + every quantizer's ``extra_loss()``;  progress goes from 0 at the phase's first step to 1 at its last.
 Weights train with SGD (``TrainConfig.momentum``, Nesterov's by default, weight decay, cosine schedule), quantizer
 parameters with Adam and no weight decay.
@@ -47,7 +48,7 @@ DEFAULT_TASK = classification(Inputs(("input",)))
 
 @dataclass(frozen=True)
 class BudgetTerm:
-    """What the search adds to the loss: ``budget.penalty(layers, bits())``."""
+    """What the search adds to the loss: ``budget.penalty(layers, bits(), power)``."""
 
     budget: Budget
     layers: Sequence[LayerInfo]
@@ -56,8 +57,8 @@ class BudgetTerm:
     def cost(self) -> Tensor:
         return self.budget.cost(self.layers, self.bits())
 
-    def penalty(self) -> Tensor:
-        return self.budget.penalty(self.layers, self.bits())
+    def penalty(self, power: float = 2.0) -> Tensor:
+        return self.budget.penalty(self.layers, self.bits(), power)
 
 
 def train_phase(
@@ -243,7 +244,7 @@ class _Objective(nn.Module):
         if task.step_accuracy is not None:
             metrics["accuracy"] = float(global_means[2] * 100)
         if budget is not None and config.penalty_weight > 0:
-            penalty = budget.penalty()
+            penalty = budget.penalty(config.penalty_power)
             weight = config.penalty_weight * (1.0 + config.penalty_ramp * progress)
             loss = loss + weight * penalty
             data_free = data_free + weight * penalty.detach()
