@@ -2,8 +2,8 @@
 
 A budget is a frozen dataclass. ``cost(layers, bits)`` maps each layer's weight and activation bit-widths
 (tensors, fractional during search, integer after freezing) to one scalar tensor in the budget's unit;
-``penalty`` is DQ's squared-ReLU constraint term on the relative excess (or, at ``power=1``, a hinge linear in it); ``check_feasible`` refuses a limit below
-the smallest cost the search space allows, before any training.
+``penalty`` is DQ's squared-ReLU constraint term on the relative excess (or, at ``power=1``, a hinge linear in
+it); ``check_feasible`` refuses a limit below the smallest cost the search space allows, before any training.
 
 ``layers`` is a sequence of cost items (:data:`~mpqc.layers.CostItem`): the layers' :class:`LayerInfo` and,
 where the model has them, activations and products that are not layers; ``bits`` maps a layer's name to its
@@ -83,7 +83,8 @@ class Budget:
         """The budget as the CLI spells it (``parse_budget(b.text) == b``), e.g. ``weight-memory=20480B``."""
         return f"{self.kind}={self.limit:.17g}"
 
-    def penalty(self, layers: Sequence[CostItem], bits: Mapping[str, LayerBits | Tensor], power: float = 2.0) -> Tensor:
+    def penalty(self, layers: Sequence[CostItem], bits: Mapping[str, LayerBits | Tensor],
+                power: float = 2.0) -> Tensor:
         """The constraint term ``relu(cost / limit - 1) ** power`` (zero inside the budget): DQ's squared hinge at
         ``power=2``, a linear one at ``power=1`` (``TrainConfig.penalty_power``)."""
         return torch.relu(self.cost(layers, bits) / self.limit - 1.0) ** power

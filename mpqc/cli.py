@@ -231,7 +231,8 @@ def _compile(args: argparse.Namespace) -> int:
 #: ``mpqc sweep`` takes these options of ``mpqc compile`` as they are (``dest`` names).
 _SWEEP_SHARED_OPTIONS = ("model", "data", "tokenizer", "max_length", "weights", "pretrain_epochs", "search_epochs",
                          "finetune_epochs", "steps_per_epoch", "checkpoint_every", "quantizer_lr", "penalty_ramp",
-                         "penalty_power", "batch_size", "subset", "val_subset", "weight_bits", "first_last", "distill", "seed", "no_progress",
+                         "penalty_power", "batch_size", "subset", "val_subset", "weight_bits", "first_last", "distill",
+                         "seed", "no_progress",
                          "loss", "forward", "metric", "augment", "weight_init", "weight_init_bits", "weight_rounding",
                          "shift_activations", "recompute_weights", "table_rows")
 

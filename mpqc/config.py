@@ -131,10 +131,9 @@ class TrainConfig:
     as the cost nears the limit (a search may sit a few percent above it, left to freezing's rounding); 1 is a hinge
     linear in the excess, pulling as hard 1% above the budget as 50% above, so that the search ends on the budget,
     trading bits between layers (and, kernel-wise, pruning channels) instead of every layer being rounded down.
-    ``distill`` adds knowledge
-    distillation from the fp32 model (KL at ``distill_temperature``, weight ``distill_weight``); ``None`` (the
-    default) means the method's default (``QuantMethod.defaults``: off, except SDQ's fine-tuning). A checkpoint is
-    written every ``checkpoint_every`` steps and at every epoch end.
+    ``distill`` adds knowledge distillation from the fp32 model (KL at ``distill_temperature``, weight
+    ``distill_weight``); ``None`` (the default) means the method's default (``QuantMethod.defaults``: off, except
+    SDQ's fine-tuning). A checkpoint is written every ``checkpoint_every`` steps and at every epoch end.
     """
 
     epochs: int = 2
