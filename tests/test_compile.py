@@ -257,29 +257,3 @@ def test_a_diverging_loss_stops_the_run_and_keeps_the_last_checkpoint(trained_sm
     kept = load_checkpoint(tmp_path / "run" / "checkpoints" / "search.pt")
     assert kept["step_in_epoch"] == 2
     assert all(bool(torch.isfinite(t).all()) for t in kept["model"].values() if t.is_floating_point())
-
-
-def test_a_growing_penalty_ends_the_search_nearer_its_budget(trained_small_cnn, digits_loaders):
-    """A penalty that stays at its weight lets the task loss hold the bits above a tight budget; ramping it up over
-    the search (``TrainConfig.penalty_ramp``) drives the searched cost down to it."""
-    from conftest import quantized_graph
-    from mpqc.passes.insert_quantizers import current_bits, quantized_layers
-    from mpqc.search import search
-
-    example = _example(digits_loaders)
-    budget = mpqc.AverageBits(2.5)
-
-    def searched_cost(ramp: float) -> float:
-        torch.manual_seed(0)
-        gm, layers = quantized_graph(trained_small_cnn, example, method="fracbits", init_bits=3)
-        config = mpqc.TrainConfig(epochs=2, max_steps_per_epoch=12, quantizer_lr=0.05, penalty_weight=0.5,
-                                  penalty_ramp=ramp)
-        search(gm, budget, layers, digits_loaders[0], config, seed=0, progress=False)
-        with torch.no_grad():
-            return float(budget.cost(layers, current_bits(quantized_layers(gm))))
-
-    constant, ramped = searched_cost(0.0), searched_cost(200.0)
-    assert ramped < constant, (ramped, constant)
-    assert ramped <= budget.limit * 1.1 < constant, (ramped, constant)
-    with pytest.raises(ConfigError, match="penalty_ramp"):
-        mpqc.TrainConfig(penalty_ramp=-1.0)
