@@ -90,7 +90,7 @@ def prepare(s: dict[str, Any]) -> tuple[torch.nn.Module, torch.Tensor, tuple, mp
         quantizers=mpqc.QuantizerConfig(weight_init=s["weight_init"], weight_init_bits=s.get("weight_init_bits"),
                                         activation_percentile=s["activation_percentile"]),
         search=mpqc.TrainConfig(epochs=s["search_epochs"], lr=s["search_lr"], distill=s["search_distill"],
-                                penalty_power=s.get("penalty_power", 2.0), **phase),
+                                penalty_power=s.get("penalty_power", mpqc.TrainConfig.penalty_power), **phase),
         finetune=mpqc.TrainConfig(epochs=s["finetune_epochs"], lr=s["finetune_lr"], distill=s["finetune_distill"],
                                   penalty_weight=0.0, **phase),
         seed=s["seed"], progress=sys.stderr.isatty(),

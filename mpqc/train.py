@@ -57,7 +57,7 @@ class BudgetTerm:
     def cost(self) -> Tensor:
         return self.budget.cost(self.layers, self.bits())
 
-    def penalty(self, power: float = 2.0) -> Tensor:
+    def penalty(self, power: float) -> Tensor:
         return self.budget.penalty(self.layers, self.bits(), power)
 
 
