@@ -42,9 +42,11 @@ sys.path.insert(0, str(ROOT))  # this checkout's mpqc, not an installed one
 
 import mpqc  # noqa: E402
 import mpqc.train  # noqa: E402
+from mpqc.budgets import SQUARED_PENALTY  # noqa: E402
 from mpqc.cli_inputs import bits_or_budget  # noqa: E402
 from mpqc.data import loaders  # noqa: E402
 from mpqc.pretrain import cached_fp32  # noqa: E402
+from mpqc.quantizers import get_method  # noqa: E402
 from mpqc.sweep import (DONE, UNIFORM, SweepPoint, SweepResult, identity_differences, merge_sweeps,  # noqa: E402
                         plot_sweep)
 from models import resnet20  # noqa: E402
@@ -90,7 +92,7 @@ def prepare(s: dict[str, Any]) -> tuple[torch.nn.Module, torch.Tensor, tuple, mp
         quantizers=mpqc.QuantizerConfig(weight_init=s["weight_init"], weight_init_bits=s.get("weight_init_bits"),
                                         activation_percentile=s["activation_percentile"]),
         search=mpqc.TrainConfig(epochs=s["search_epochs"], lr=s["search_lr"], distill=s["search_distill"],
-                                penalty_power=s.get("penalty_power", mpqc.TrainConfig.penalty_power), **phase),
+                                penalty_power=s.get("penalty_power"), **phase),
         finetune=mpqc.TrainConfig(epochs=s["finetune_epochs"], lr=s["finetune_lr"], distill=s["finetune_distill"],
                                   penalty_weight=0.0, **phase),
         seed=s["seed"], progress=sys.stderr.isatty(),
@@ -136,12 +138,14 @@ def merge_results(paths: Sequence[Path], runs: Path
             raise SystemExit(f"--merge-results: {path} is not a sweep benchmark's result file (no 'sweep')")
     first = parts[0]
     for path, part in zip(paths[1:], parts[1:]):
-        changed = identity_differences(part["sweep"].get("identity"), first["sweep"].get("identity"))
+        changed = identity_differences(_without_penalty_power(part["sweep"].get("identity")),
+                                       _without_penalty_power(first["sweep"].get("identity")))
         if part.get("mode") != first.get("mode"):
             changed.append("mode")
         if changed:
             raise SystemExit(f"--merge-results: {path} is another sweep than {paths[0]} ({', '.join(changed)} "
                              "differ); parts merge only from the same fp32 weights (bench/fp32/), data and config")
+    powers = _penalty_powers(paths, parts)
     controls = {json.dumps(part["fp32_control"], sort_keys=True): part["fp32_control"]
                 for part in parts if part.get("fp32_control")}
     tops = sorted({round(c["top1"], 4) for c in controls.values()})
@@ -158,11 +162,46 @@ def merge_results(paths: Sequence[Path], runs: Path
         directories = [Path(staging) / str(i) for i in range(len(parts))]
         for directory, part in zip(directories, parts):
             directory.mkdir()
-            (directory / "sweep.json").write_text(json.dumps(part["sweep"]))
+            # each point's power checked above: the merged sweep's identity leaves it to settings["penalty_powers"]
+            sweep = dict(part["sweep"], identity=_without_penalty_power(part["sweep"].get("identity")))
+            (directory / "sweep.json").write_text(json.dumps(sweep))
         result = merge_sweeps(directories, target)
     result.info["merged_from"] = [str(path) for path in paths]
-    settings = dict(first["settings"], grid=f"merged from {', '.join(map(str, paths))}")
+    settings = dict(first["settings"], grid=f"merged from {', '.join(map(str, paths))}", penalty_powers=powers)
     return result, next(iter(controls.values()), None), settings, first.get("mode") == "quick"
+
+
+def _without_penalty_power(identity: dict[str, Any] | None) -> dict[str, Any]:
+    """A sweep's identity less the search's penalty power: which power each point used is checked per point."""
+    identity = json.loads(json.dumps(identity or {}))
+    (identity.get("config") or {}).get("search", {}).pop("penalty_power", None)
+    return identity
+
+
+def _penalty_powers(paths: Sequence[Path], parts: Sequence[dict[str, Any]]) -> dict[str, float]:
+    """The budget penalty's power of each method in a merged table: the first part's ``--penalty-power`` where it
+    set one, else the method's registered default. SystemExit naming every finished point searched with another
+    (a row without ``penalty_power`` ran before it was recorded, at its part's setting or 2, every method's default
+    then): a method's default changing must not relabel its earlier points."""
+    def explicit(part: dict[str, Any]) -> float | None:
+        return (((part["sweep"].get("identity") or {}).get("config") or {}).get("search") or {}).get("penalty_power")
+
+    chosen = explicit(parts[0])
+    powers, stale = {}, []
+    for path, part in zip(paths, parts):
+        for row in part["sweep"].get("points", []):
+            if row.get("method") == UNIFORM or row.get("status") != DONE:
+                continue
+            expected = powers.setdefault(row["method"], chosen if chosen is not None
+                                         else get_method(row["method"]).defaults.penalty_power)
+            used = row.get("penalty_power") or explicit(part) or SQUARED_PENALTY
+            if used != expected:
+                stale.append(f"  {SweepPoint.from_dict(row).name} in {path}: penalty power {used:g}, "
+                             f"this table's {row['method']} {expected:g}")
+    if stale:
+        raise SystemExit("--merge-results: points searched with another budget penalty than the table's (rerun "
+                         "them, or keep them apart as variants):\n" + "\n".join(stale))
+    return powers
 
 
 # ------------------------------------------------------------------------------------------------ reading points
@@ -265,8 +304,9 @@ def benchmark(name: str, description: str, grid: Callable[[bool], dict[str, Any]
                         help="where the searched weights start: N bits or 'budget' (QuantizerConfig."
                              "weight_init_bits; default 8). Another config: its parts merge only with each other")
     parser.add_argument("--penalty-power", type=float,
-                        help="the search's budget penalty relu(excess) ** POWER (TrainConfig.penalty_power; default 2, "
-                             "DQ's; 1: a linear hinge). Another config: its parts merge only with each other")
+                        help="the search's budget penalty relu(excess) ** POWER (TrainConfig.penalty_power; default: "
+                             "the method's, 1 for fracbits-kernel, else 2). Points merge only with points of "
+                             "the same power per method")
     parser.add_argument("--merge", nargs="+", type=Path, metavar="DIR",
                         help="run nothing: merge finished parts of this benchmark's sweep (run with --methods etc., "
                              "e.g. on several machines) into --runs, then evaluate and write the JSON")

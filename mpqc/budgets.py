@@ -36,6 +36,10 @@ from torch import Tensor
 from mpqc.errors import ConfigError, InfeasibleBudgetError
 from mpqc.layers import ActivationInfo, CostItem, LayerInfo, ProductInfo
 
+#: DQ's squared hinge: the budget penalty's power every method used before it was a setting, and the methods' default
+#: (``MethodDefaults.penalty_power``) unless a method registers another.
+SQUARED_PENALTY = 2.0
+
 
 class LayerBits(NamedTuple):
     """Bit-widths of one layer: of its weight and of its input activation (0-d tensors); and the share of its
@@ -84,7 +88,7 @@ class Budget:
         return f"{self.kind}={self.limit:.17g}"
 
     def penalty(self, layers: Sequence[CostItem], bits: Mapping[str, LayerBits | Tensor],
-                power: float = 2.0) -> Tensor:
+                power: float = SQUARED_PENALTY) -> Tensor:
         """The constraint term ``relu(cost / limit - 1) ** power`` (zero inside the budget): DQ's squared hinge at
         ``power=2``, a linear one at ``power=1`` (``TrainConfig.penalty_power``)."""
         return torch.relu(self.cost(layers, bits) / self.limit - 1.0) ** power

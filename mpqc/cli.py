@@ -79,9 +79,10 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--penalty-ramp", type=float, default=0.0,
                    help="grow the budget penalty's weight linearly over the search to (1 + RAMP) times its start, "
                         "so that the search itself reaches the budget (default 0: constant)")
-    c.add_argument("--penalty-power", type=float, default=2.0,
-                   help="the budget penalty is relu(cost/limit - 1) ** POWER: 2 (default) DQ's squared hinge, 1 a "
-                        "linear hinge that pulls the search onto the budget instead of a few percent above it")
+    c.add_argument("--penalty-power", type=float, default=None,
+                   help="the budget penalty is relu(cost/limit - 1) ** POWER: 2 DQ's squared hinge, 1 a linear hinge "
+                        "that pulls the search onto the budget instead of a few percent above it (default: the "
+                        "method's: 1 for fracbits-kernel, 2 for the others)")
     c.add_argument("--batch-size", type=int, default=128)
     c.add_argument("--subset", type=int, help="train on the first N examples of a seeded permutation")
     c.add_argument("--val-subset", type=int, help="validate on N examples")

@@ -6,15 +6,19 @@ import math
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field, fields, replace
 
+from mpqc.budgets import SQUARED_PENALTY
 from mpqc.errors import ConfigError
 from mpqc.quantizers.base import BitRange
 from mpqc.quantizers.calibration import WEIGHT_INITS
 
 FIRST_LAST_POLICIES = ("learn", "fixed")
 TABLE_ROWS = ("uniform", "frequency")
-#: Settings added after runs existed, per part of the config: left out of a run's identity at their default values.
+#: Settings added after runs existed, per part of the config: left out of a run's identity at their default values
+#: and at the value runs begun before they existed used (``_EARLIER_VALUES``, where that is not the default), so that
+#: those runs still resume.
 _ADDED_LATER = {"quantizers": ("table_rows", "table_rows_batches", "weight_init_bits"),
                 "search": ("penalty_power",), "finetune": ("penalty_power",)}
+_EARLIER_VALUES = {"penalty_power": SQUARED_PENALTY}
 #: ``QuantizerConfig.recompute_weights=None`` recomputes weight quantizers in the backward pass from this many
 #: quantized weight elements on (100 M: VGG, the 32GF RegNets, the large ViTs).
 RECOMPUTE_AUTO_PARAMS = 100_000_000
@@ -127,10 +131,12 @@ class TrainConfig:
     ``penalty_weight`` scales the budget penalty (search only); with ``penalty_ramp`` > 0 that weight grows linearly
     over the phase to ``penalty_weight * (1 + penalty_ramp)`` at its last step, which drives a search that would
     settle above its budget (the task loss holding the bits up) onto it by the end. ``penalty_power`` shapes the
-    penalty, ``relu(cost / limit - 1) ** penalty_power``: 2 (default) is DQ's squared hinge, whose pull vanishes
-    as the cost nears the limit (a search may sit a few percent above it, left to freezing's rounding); 1 is a hinge
-    linear in the excess, pulling as hard 1% above the budget as 50% above, so that the search ends on the budget,
-    trading bits between layers (and, kernel-wise, pruning channels) instead of every layer being rounded down.
+    penalty, ``relu(cost / limit - 1) ** penalty_power``: 2 is DQ's squared hinge, whose pull vanishes as the cost
+    nears the limit (a search may sit a few percent above it, left to freezing's rounding); 1 is a hinge linear in
+    the excess, pulling as hard 1% above the budget as 50% above, so that the search ends on the budget, trading
+    bits between layers (and, kernel-wise, pruning channels) instead of every layer being rounded down. ``None``
+    (the default) means the method's default (``QuantMethod.defaults.penalty_power``: 2, except kernel-wise
+    FracBits, 1: measured +0.87 and +0.56 points at 2 bits/weight A8 and A4, ``bench/results/accuracy_variants/``).
     ``distill`` adds knowledge distillation from the fp32 model (KL at ``distill_temperature``, weight
     ``distill_weight``); ``None`` (the default) means the method's default (``QuantMethod.defaults``: off, except
     SDQ's fine-tuning). A checkpoint is written every ``checkpoint_every`` steps and at every epoch end.
@@ -145,7 +151,7 @@ class TrainConfig:
     quantizer_lr: float = 0.01
     penalty_weight: float = 5.0
     penalty_ramp: float = 0.0
-    penalty_power: float = 2.0
+    penalty_power: float | None = None
     distill: bool | None = None
     distill_weight: float = 0.5
     distill_temperature: float = 4.0
@@ -162,7 +168,7 @@ class TrainConfig:
         for name in ("weight_decay", "penalty_weight", "penalty_ramp", "distill_weight"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if not (math.isfinite(self.penalty_power) and self.penalty_power >= 1):
+        if self.penalty_power is not None and not (math.isfinite(self.penalty_power) and self.penalty_power >= 1):
             raise ConfigError(f"penalty_power must be a finite number >= 1 (1: a linear hinge, 2: DQ's squared one), "
                               f"got {self.penalty_power}")
         if not 0 <= self.momentum < 1:
@@ -171,6 +177,11 @@ class TrainConfig:
             raise ConfigError("nesterov=True needs momentum > 0")
         if self.checkpoint_every < 1:
             raise ConfigError(f"checkpoint_every must be >= 1, got {self.checkpoint_every}")
+
+    @property
+    def effective_penalty_power(self) -> float:
+        """``penalty_power``, or DQ's squared hinge where no method filled it in (a search run outside ``compile``)."""
+        return SQUARED_PENALTY if self.penalty_power is None else self.penalty_power
 
 
 #: How the frozen weights are fitted to their integer grids before fine-tuning (``passes/round_weights.py``).
@@ -220,9 +231,9 @@ class CompileConfig:
         settings = asdict(self)
         settings.pop("progress")
         settings["quantizers"].pop("recompute_weights")
-        for part, keys in _ADDED_LATER.items():  # at their defaults, runs begun before they existed still resume
+        for part, keys in _ADDED_LATER.items():  # runs begun before these existed still resume
             defaults = {f.name: f.default for f in fields(type(getattr(self, part)))}
             for key in keys:
-                if settings[part][key] == defaults[key]:
+                if settings[part][key] in (defaults[key], _EARLIER_VALUES.get(key, defaults[key])):
                     settings[part].pop(key)
         return json.loads(json.dumps(settings, default=str))

@@ -248,18 +248,25 @@ def _run_point(point: SweepPoint, model: nn.Module, example_inputs: tuple, data:
                out: Path, task: dict[str, Any] | None = None) -> None:
     """Run (or read back) one point, recording its outcome in ``point``; see the module docstring for errors."""
     directory = out / POINTS_DIR / point.slug
+    try:  # with the method's defaults filled in, as the compile run records it
+        point_config = get_method(_method(point)).configure(_point_config(point, config))
+    except ConfigError as error:
+        point.status, point.message = NOT_EXPRESSIBLE, str(error)
+        return
+    if point.method != UNIFORM:
+        point.penalty_power = point_config.search.effective_penalty_power
     if (directory / "report.json").is_file():
         report = load_report(directory)
         if (report.get("method"), (report.get("budget") or {}).get("text")) != (_method(point), point.budget_text):
             point.status, point.message = FAILED, (f"{directory} holds a run of {report.get('method')} at "
                                                    f"{(report.get('budget') or {}).get('text')}, not this point")
             return
+        changed = _settings_changed(directory, point_config)
+        if changed:  # e.g. a method's default changed since the run: reading it back would mislabel it
+            point.status, point.message = FAILED, (f"{directory} holds a run with other settings than this point's "
+                                                   f"({', '.join(changed)}); delete it to rerun the point")
+            return
         point.record(report)
-        return
-    try:
-        point_config = _point_config(point, config)
-    except ConfigError as error:
-        point.status, point.message = NOT_EXPRESSIBLE, str(error)
         return
     try:
         compiled: CompiledModel = compile(model, example_inputs, budget=parse_budget(point.budget_text), data=data,
@@ -277,6 +284,24 @@ def _run_point(point: SweepPoint, model: nn.Module, example_inputs: tuple, data:
         error.add_note(f"while compiling sweep point {point.name} in {directory}")
         raise
     point.record(compiled.report)
+
+
+def _settings_changed(directory: Path, config: CompileConfig) -> list[str]:
+    """The config settings (``part.key``) in which the finished run in ``directory`` differs from ``config``."""
+    try:
+        earlier = json.loads((directory / "run.json").read_text())["identity"]["config"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return ["no readable run.json"]
+    now = config.identity()
+    changed = []
+    for part in sorted(set(earlier) | set(now)):
+        a, b = earlier.get(part), now.get(part)
+        if isinstance(a, dict) and isinstance(b, dict):
+            changed += [f"{part}.{key}: {a.get(key, '(unset)')} there, {b.get(key, '(unset)')} now"
+                        for key in sorted(set(a) | set(b)) if a.get(key) != b.get(key)]
+        elif a != b:
+            changed.append(f"{part}: {a} there, {b} now")
+    return changed
 
 
 def _method(point: SweepPoint) -> str:

@@ -141,6 +141,9 @@ class SweepPoint:
     ``budget`` is the budget as the sweep names it (``weight-memory=1.5bpw``), ``budget_text`` as the compile run
     read it (``weight-memory=50739B``); ``achieved`` is in the budget's unit. ``top1`` is the fake-quant model's
     validation top-1 in percent (``top1_integer`` the integer reference's), ``drop`` = fp32 - ``top1``.
+    ``penalty_power`` is the budget penalty's power its search used (``TrainConfig.penalty_power`` or the method's
+    default); None for uniform points, and in rows written before it was recorded (which used 2, every method's
+    default then).
     """
 
     slug: str
@@ -166,6 +169,7 @@ class SweepPoint:
     drop: float | None = None
     wall_time_s: float | None = None
     pareto: bool = False
+    penalty_power: float | None = None
 
     @property
     def name(self) -> str:

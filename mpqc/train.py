@@ -244,7 +244,7 @@ class _Objective(nn.Module):
         if task.step_accuracy is not None:
             metrics["accuracy"] = float(global_means[2] * 100)
         if budget is not None and config.penalty_weight > 0:
-            penalty = budget.penalty(config.penalty_power)
+            penalty = budget.penalty(config.effective_penalty_power)
             weight = config.penalty_weight * (1.0 + config.penalty_ramp * progress)
             loss = loss + weight * penalty
             data_free = data_free + weight * penalty.detach()

@@ -1,6 +1,6 @@
 """The search's budget penalty: its shape (``TrainConfig.penalty_power``: ``relu(cost / limit - 1) ** power``, DQ's
-squared hinge at 2 by default, a linear hinge at 1 whose pull does not vanish near the budget) and its weight's ramp
-(``TrainConfig.penalty_ramp``)."""
+squared hinge at 2, a linear hinge at 1 whose pull does not vanish near the budget; unset, the method's default: 1
+for kernel-wise FracBits, 2 for the others) and its weight's ramp (``TrainConfig.penalty_ramp``)."""
 import pytest
 import torch
 
@@ -8,6 +8,7 @@ import mpqc
 from mpqc.budgets import LayerBits, WeightMemory
 from mpqc.errors import ConfigError
 from mpqc.layers import LayerInfo
+from mpqc.quantizers import get_method
 
 # a 1000-weight linear: 500 bytes at 4 bits
 LAYER = LayerInfo(name="fc", op="linear", weight_shape=(10, 100), params=1000, bias_params=10, out_channels=10,
@@ -41,12 +42,29 @@ def test_a_penalty_power_below_one_or_not_finite_is_refused(bad):
         mpqc.TrainConfig(penalty_power=bad)
 
 
-def test_penalty_power_joins_a_runs_identity_only_away_from_its_default():
-    """Runs begun before the setting existed still resume (their identity has no ``penalty_power``)."""
+def test_penalty_power_joins_a_runs_identity_only_away_from_its_earlier_value():
+    """Runs begun before the setting existed (DQ's squared hinge, 2, for every method) still resume: their identity
+    has no ``penalty_power``; unset (the method's default) is left out too, as a sweep's config holds it."""
     assert "penalty_power" not in mpqc.CompileConfig().identity()["search"]
+    squared = mpqc.CompileConfig(search=mpqc.TrainConfig(penalty_power=2.0)).identity()
+    assert "penalty_power" not in squared["search"]
     hinge = mpqc.CompileConfig(search=mpqc.TrainConfig(penalty_power=1.0)).identity()
     assert hinge["search"]["penalty_power"] == 1.0
     assert hinge != mpqc.CompileConfig().identity()
+
+
+@pytest.mark.parametrize("method, power", [("dq", 2.0), ("fracbits", 2.0), ("fracbits-kernel", 1.0), ("sdq", 2.0),
+                                           ("csq", 2.0)])
+def test_each_method_fills_in_its_penalty_power_and_a_users_wins(method, power):
+    """Kernel-wise FracBits searches with the linear hinge by default (its runs' identity says so, unlike its
+    squared-penalty runs from before); the others with DQ's squared one; a power the user sets is kept."""
+    configured = get_method(method).configure(mpqc.CompileConfig())
+    assert (configured.search.penalty_power, configured.finetune.penalty_power) == (power, power)
+    assert configured.identity()["search"].get("penalty_power", 2.0) == power
+    assert ("penalty_power" in configured.identity()["search"]) == (power != 2.0)
+    chosen = mpqc.CompileConfig(search=mpqc.TrainConfig(penalty_power=1.5))
+    assert get_method(method).configure(chosen).search.penalty_power == 1.5
+    assert mpqc.TrainConfig().effective_penalty_power == 2.0  # a search run outside compile (no method configured)
 
 
 def _searched_cost(model, loaders, budget, epochs: int, **penalty) -> float:
@@ -70,8 +88,12 @@ def test_a_linear_hinge_ends_the_search_nearer_its_budget(trained_small_cnn, dig
     budget = mpqc.AverageBits(2.5)
     squared = _searched_cost(trained_small_cnn, digits_loaders, budget, 5, penalty_power=2.0)
     linear = _searched_cost(trained_small_cnn, digits_loaders, budget, 5, penalty_power=1.0)
-    # measured (1 and 2 threads): squared 2.98 and 2.92 bits, linear 2.50 and 2.51
-    assert linear <= budget.limit * 1.03 and squared > budget.limit * 1.1, (linear, squared)
+    # measured: squared 2.98 / 2.92 bits, linear 2.50 / 2.51 (AVX2 EPYC, 1 / 2 threads); squared 2.92, linear 2.59
+    # (AVX-512 Xeon, whose float sums differ): the hinge's constant pull and Adam's steps keep it moving about the
+    # budget, within a few percent of it, at a fifth of the squared penalty's excess
+    excess_linear, excess_squared = linear - budget.limit, squared - budget.limit
+    assert linear <= budget.limit * 1.06 and squared > budget.limit * 1.1, (linear, squared)
+    assert excess_linear < 0.4 * excess_squared, (linear, squared)
 
 
 def test_a_growing_penalty_ends_the_search_nearer_its_budget(trained_small_cnn, digits_loaders):
@@ -90,6 +112,6 @@ def test_the_cli_passes_penalty_power(monkeypatch):
 
     assert cli_config("compile", ["--penalty-power", "1"], monkeypatch).search.penalty_power == 1.0
     assert cli_config("sweep", ["--penalty-power", "1.5"], monkeypatch).search.penalty_power == 1.5
-    assert cli_config("compile", [], monkeypatch).search.penalty_power == 2.0
+    assert cli_config("compile", [], monkeypatch).search.penalty_power is None  # the method's default
     with pytest.raises(ConfigError, match="penalty_power"):
         cli_config("compile", ["--penalty-power", "0.5"], monkeypatch)

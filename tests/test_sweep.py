@@ -312,3 +312,42 @@ def _bench_sweep_module():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def test_a_methods_new_default_does_not_relabel_its_earlier_points(trained_small_cnn, digits_loaders, tmp_path,
+                                                                   monkeypatch):
+    """Kernel-wise FracBits' default penalty became the linear hinge: a sweep resumed over, or a result file merged
+    with, its points searched with the squared penalty must not pass them off as today's fracbits-kernel."""
+    from mpqc.quantizers import METHODS, MethodDefaults
+
+    example, bench = _example(digits_loaders), _bench_sweep_module()
+    run = dict(data=digits_loaders, config=TINY, uniform_bits=None, budgets="weight-memory=3b")
+    hinge_default = METHODS["fracbits-kernel"]
+    monkeypatch.setitem(METHODS, "fracbits-kernel", dataclasses.replace(hinge_default, defaults=MethodDefaults()))
+    earlier = mpqc.sweep(trained_small_cnn, example, methods="fracbits-kernel", out=tmp_path / "old", **run)
+    assert earlier.points[0].status == DONE and earlier.points[0].penalty_power == 2.0
+    monkeypatch.setitem(METHODS, "fracbits-kernel", hinge_default)
+
+    resumed = mpqc.sweep(trained_small_cnn, example, methods="fracbits-kernel", out=tmp_path / "old", resume=True,
+                         **run)
+    assert resumed.points[0].status == FAILED
+    assert "search.penalty_power: (unset) there, 1.0 now" in resumed.points[0].message
+    assert "delete it to rerun" in resumed.points[0].message
+
+    files = {"old": tmp_path / "old.json", "dq": tmp_path / "dq.json", "variant": tmp_path / "variant.json"}
+    before_recorded = [dataclasses.replace(p, penalty_power=None) for p in earlier.points]  # rows written before
+    bench.write_results(files["old"], "accuracy", {"seed": 0}, False,  # the power was recorded
+                        dataclasses.replace(earlier, points=before_recorded), [], 0.0)
+    dq = mpqc.sweep(trained_small_cnn, example, methods="dq", out=tmp_path / "dq", **run)
+    bench.write_results(files["dq"], "accuracy", {"seed": 0}, False, dq, [], 0.0)
+    with pytest.raises(SystemExit, match=r"fracbits-kernel weight-memory=3bpw A8 in .*old\.json: penalty power 2, "
+                                         r"this table's fracbits-kernel 1"):
+        bench.merge_results([files["dq"], files["old"]], tmp_path / "merged")
+    # a part run with --penalty-power 1 (the hinge as a variant, before it was the default) joins the table
+    hinge = dataclasses.replace(TINY, search=dataclasses.replace(TINY.search, penalty_power=1.0))
+    variant = mpqc.sweep(trained_small_cnn, example, methods="fracbits-kernel", out=tmp_path / "variant",
+                         **dict(run, config=hinge))
+    bench.write_results(files["variant"], "accuracy", {"seed": 0}, False, variant, [], 0.0)
+    result, _, settings, _ = bench.merge_results([files["dq"], files["variant"]], tmp_path / "merged")
+    assert sorted(p.method for p in result.points) == ["dq", "fracbits-kernel"]
+    assert settings["penalty_powers"] == {"dq": 2.0, "fracbits-kernel": 1.0}

@@ -10,6 +10,7 @@ from typing import Any, Callable
 
 from torch import Tensor
 
+from mpqc.budgets import SQUARED_PENALTY
 from mpqc.errors import ConfigError
 from mpqc.quantizers.base import BitRange, FixedQuantizer, FrozenQuant, Quantizer
 from mpqc.quantizers.csq import CSQActivationQuantizer, CSQWeightQuantizer
@@ -30,10 +31,14 @@ class MethodDefaults:
     ``search_distill`` / ``finetune_distill``: knowledge distillation from the fp32 model during the search /
     the fixed-bit fine-tuning, applied where ``CompileConfig.search.distill`` / ``.finetune.distill`` is None
     (SDQ: on for fine-tuning, as the paper trains its fixed-bit model with KD).
+    ``penalty_power``: the budget penalty's shape where ``TrainConfig.penalty_power`` is None (2, DQ's squared
+    hinge; kernel-wise FracBits 1, the linear hinge: its searches then end on the budget, pruning channels to buy
+    bits elsewhere, instead of a few percent above it with every channel rounded down when frozen).
     """
 
     search_distill: bool = False
     finetune_distill: bool = False
+    penalty_power: float = SQUARED_PENALTY
 
 
 @dataclass(frozen=True)
@@ -56,6 +61,10 @@ class QuantMethod:
             config = replace(config, search=replace(config.search, distill=self.defaults.search_distill))
         if config.finetune.distill is None:
             config = replace(config, finetune=replace(config.finetune, distill=self.defaults.finetune_distill))
+        for phase in ("search", "finetune"):
+            if getattr(config, phase).penalty_power is None:
+                config = replace(config, **{phase: replace(getattr(config, phase),
+                                                           penalty_power=self.defaults.penalty_power)})
         return config
 
 
@@ -104,7 +113,7 @@ register_method(
 )
 
 # FracBits (mpqc/quantizers/fracbits.py): fractional bit-width per layer, or per output channel ("fracbits-kernel",
-# frozen per layer), interpolating the two neighbouring integer quantizers.
+# frozen per layer), interpolating the two neighbouring integer quantizers; kernel-wise with the linear-hinge penalty.
 for _name, _kernel_wise in (("fracbits", False), ("fracbits-kernel", True)):
     register_method(
         QuantMethod(
@@ -117,6 +126,7 @@ for _name, _kernel_wise in (("fracbits", False), ("fracbits-kernel", True)):
             activation_quantizer=lambda signed, dynamic_range, init_bits, bit_range: FracBitsActivationQuantizer(
                 signed, dynamic_range, init_bits, bit_range
             ),
+            defaults=MethodDefaults(penalty_power=1.0) if _kernel_wise else MethodDefaults(),
         )
     )
 
