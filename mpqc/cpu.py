@@ -13,6 +13,7 @@ from pathlib import Path
 
 #: Integer-dot-product ISA levels, best first: /proc/cpuinfo flags each needs.
 INT8_ISA_LEVELS: tuple[tuple[str, frozenset[str]], ...] = (
+    ("amx", frozenset({"amx_tile", "amx_int8", "avx512_vnni", "avx512bw"})),
     ("avx512vnni", frozenset({"avx512_vnni", "avx512bw"})),
     ("avxvnni", frozenset({"avx_vnni", "avx2"})),
     ("avx2", frozenset({"avx2"})),
@@ -21,7 +22,7 @@ INT8_ISA_LEVELS: tuple[tuple[str, frozenset[str]], ...] = (
 
 #: The ``isa=`` choices of the TVM lowering (``targets/tvm/kernels/registry.py`` implements them, best first after
 #: ``auto``), the latency budget and the CLIs.
-ISA_CHOICES = ("auto", "avx512vnni", "avxvnni", "avx2", "generic")
+ISA_CHOICES = ("auto", "amx", "avx512vnni", "avxvnni", "avx2", "generic")
 
 
 @functools.cache
@@ -50,7 +51,7 @@ def cpu_model() -> str:
 
 
 def int8_isa() -> str:
-    """The best integer dot-product instruction set this CPU has: ``avx512vnni``, ``avxvnni``, ``avx2``,
+    """The best integer dot-product instruction set this CPU has: ``amx``, ``avx512vnni``, ``avxvnni``, ``avx2``,
     ``sse4.1`` or ``generic``."""
     flags = cpu_flags()
     return next((name for name, needed in INT8_ISA_LEVELS if needed <= flags), "generic")
@@ -70,5 +71,5 @@ def missing_flags(isa: str) -> list[str]:
 def describe_cpu() -> str:
     """One line for reports and errors, e.g. ``AMD EPYC (int8 ISA: avx2; no AVX-512 VNNI)``."""
     isa = int8_isa()
-    vnni = "" if isa in ("avx512vnni", "avxvnni") else "; no VNNI"
+    vnni = "" if isa in ("amx", "avx512vnni", "avxvnni") else "; no VNNI"
     return f"{cpu_model()} (int8 ISA: {isa}{vnni})"

@@ -34,6 +34,24 @@ def check_cpu(meta):
     if lacking:
         raise RuntimeError(f"this module runs {meta.get('isa')} kernels (built for {meta.get('target')}), and this "
                            f"CPU lacks the /proc/cpuinfo flag(s) {', '.join(lacking)}: run it on a CPU that has them")
+    if "amx_tile" in meta.get("cpu_flags", ()):
+        request_amx_tiles()
+
+
+#: Linux x86-64: ``arch_prctl`` and its request for the AMX tile data state (``XFEATURE_XTILEDATA``)
+_SYS_ARCH_PRCTL, _ARCH_REQ_XCOMP_PERM, _XFEATURE_XTILEDATA = 158, 0x1023, 18
+
+
+def request_amx_tiles():
+    """Ask Linux to let this process use AMX tiles (``arch_prctl(ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA)``, for
+    every thread, once is enough): without it the first tile instruction dies of SIGILL. ``RuntimeError`` where
+    the kernel refuses (Linux before 5.16)."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.syscall(_SYS_ARCH_PRCTL, _ARCH_REQ_XCOMP_PERM, _XFEATURE_XTILEDATA) != 0:
+        raise RuntimeError(f"Linux refused this process the AMX tiles (arch_prctl ARCH_REQ_XCOMP_PERM, errno "
+                           f"{ctypes.get_errno()}): run it on Linux 5.16 or later, or lower it with isa='avx512vnni'")
 
 
 def bind_params(vm, meta, stored, device):

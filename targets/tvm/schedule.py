@@ -7,7 +7,7 @@ CPU rules cover only GEMV and softmax-like reductions. :func:`cpu_pipeline` sche
 1. *Kernel functions* (a micro-kernel's conv block, ``kernels/registry.py``: ``vnni_conv``, ``avxvnni_conv``,
    ``avx2_conv``, ``avx2wide_conv``, ...): ``implicit_gemm.schedule_conv`` with that micro-kernel and the register
    tile recorded for the convolution's geometry in ``<tuning_db>/vnni_tiles.json`` (:func:`tune_vnni_tiles` times
-   every candidate tile of a geometry the first time it is seen) or ``implicit_gemm.choose_tile``'s default.
+   every candidate tile of a geometry the first time it is seen) or ``MicroKernel.default_tile``.
 2. *MetaSchedule records* for the other functions, with a tuning database (:func:`tune` adds ``trials``).
 3. *The default rule* (:func:`schedule_func`) for what is left:
 
@@ -376,7 +376,7 @@ VNNI_TILES_FILE = "vnni_tiles.json"
 
 
 def tune_vnni_tiles(mod, target, work_dir, repeat: int = 20) -> dict[str, Tile]:
-    """Measure every register tile that fits (``implicit_gemm.tile_candidates``, at most 13) for each convolution
+    """Measure every register tile that fits (``MicroKernel.tile_candidates``, at most 13) for each convolution
     geometry of ``mod``'s VNNI functions not yet recorded, keep the fastest in ``work_dir/vnni_tiles.json`` (with
     every candidate's time), and return all records. Each candidate is the whole fused function, compiled alone
     and timed on random inputs: the median of ``repeat`` runs on ``TVM_NUM_THREADS`` threads."""
@@ -387,7 +387,7 @@ def tune_vnni_tiles(mod, target, work_dir, repeat: int = 20) -> dict[str, Tile]:
     import tvm
     from tvm import s_tir, tirx
 
-    from mpqc.targets.tvm.kernels.implicit_gemm import choose_tile, conv_shape, tile_candidates
+    from mpqc.targets.tvm.kernels.implicit_gemm import conv_shape
 
     path = Path(work_dir) / VNNI_TILES_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -404,7 +404,7 @@ def tune_vnni_tiles(mod, target, work_dir, repeat: int = 20) -> dict[str, Tile]:
         out_width, channel_blocks = conv_shape(sch, conv)
         args = [tvm.runtime.tensor(_random_array(param.ty, rng)) for param in func.params]
         timings = {}
-        for tile in tile_candidates(out_width, channel_blocks, micro.max_accumulators):
+        for tile in micro.tile_candidates(out_width, channel_blocks):
             scheduled = schedule_vnni_func(func, {key: tile})
             if scheduled is None:
                 continue
@@ -420,7 +420,7 @@ def tune_vnni_tiles(mod, target, work_dir, repeat: int = 20) -> dict[str, Tile]:
         if not timings:
             continue
         best = min(timings, key=timings.get)
-        default = choose_tile(out_width, channel_blocks, micro)
+        default = micro.default_tile(out_width, channel_blocks)
         records[key] = {"rows": best.rows, "blocks": best.blocks, "ms": round(timings[best] * 1e3, 4),
                         "default": f"{default.rows}x{default.blocks}",
                         "candidates_ms": {f"{t.rows}x{t.blocks}": round(v * 1e3, 4) for t, v in timings.items()},

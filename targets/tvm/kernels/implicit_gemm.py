@@ -42,6 +42,7 @@ from mpqc.errors import ConfigError
 log = logging.getLogger(__name__)
 
 KERNEL_ATTR = "mpqc_micro_kernel"  # the conv block's annotation naming its micro-kernel (MicroKernel.block)
+GEOMETRY_ATTR = "mpqc_conv_geometry"  # its annotation (KH, KW, C/4, stride W, dilation H, W): what AMX tiles need
 PAD_BLOCK, CONV_BLOCK = "vnni_pad", "vnni_conv"
 MAX_ROWS = 8  # output pixels per register tile
 
@@ -124,6 +125,40 @@ class MicroKernel:
     preferred_accumulators: int
     steps: int = 1  # 4-deep reduction steps per intrinsic call (its weight block is [steps, 16, 4])
 
+    def tile_candidates(self, out_width: int, channel_blocks: int) -> list["Tile"]:
+        """The tiles :func:`schedule.tune_vnni_tiles` times for a geometry."""
+        return tile_candidates(out_width, channel_blocks, self.max_accumulators)
+
+    def default_tile(self, out_width: int, channel_blocks: int) -> "Tile":
+        """The tile of a geometry no tuning has measured."""
+        return choose_tile(out_width, channel_blocks, self)
+
+    def lay_out(self, sch, conv, tile: "Tile"):
+        """Tile the conv block's loops for this micro-kernel: (the parallel loop the epilogue follows, a callable
+        that then tensorizes the reduction). Here the register tile: ``tile.rows`` pixels x ``tile.blocks``
+        16-channel blocks of int32x16 accumulators around the tensorized 16x4 block."""
+        intrinsic = self.register()
+        n, oh, ow, co, rh, rw, rc, rq = sch.get_loops(conv)
+        co_outer, co_inner = sch.split(co, [None, 16])
+        co_tiles, co_tile = sch.split(co_outer, [None, tile.blocks])
+        ow_tiles, ow_tile = sch.split(ow, [None, tile.rows])
+        if self.steps > 1:  # the intrinsic covers `steps` reduction steps: rc_inner goes inside the tile loops
+            rc, rc_inner = sch.split(rc, [None, self.steps])
+            sch.reorder(co_tiles, n, oh, ow_tiles, rh, rw, rc, co_tile, ow_tile, rc_inner, co_inner, rq)
+        else:
+            sch.reorder(co_tiles, n, oh, ow_tiles, rh, rw, rc, co_tile, ow_tile, co_inner, rq)
+        parallel = sch.fuse(co_tiles, n, oh, ow_tiles)
+        sch.parallel(parallel)
+
+        def tensorize():
+            init = sch.decompose_reduction(conv, rh)
+            sch.vectorize(sch.get_loops(init)[-1])
+            sch.unroll(co_tile)
+            sch.unroll(ow_tile)
+            sch.tensorize(rc_inner if self.steps > 1 else co_inner, intrinsic)
+
+        return parallel, tensorize
+
 
 @dataclass(frozen=True)
 class LayerFacts:
@@ -146,11 +181,15 @@ class Kernel:
     features: tuple[str, ...]  # LLVM features the target must have, all of them
     micro: Callable[[LayerFacts], MicroKernel]  # the micro-kernel for a layer's bits
     shift: Callable[[LayerFacts], int]  # what signed activations are shifted by (the bias absorbs shift * sum(w))
+    fits: Callable[[LayerFacts], bool] | None = None  # what else a layer must be (AMX: channels in whole tile rows)
+    fallback: str | None = None  # the ISA whose kernel takes the layers this one does not (AMX: AVX-512 VNNI)
 
     def takes(self, layer: LayerFacts) -> bool:
         """conv2d with groups 1, or linear (on a ``[rows, features]`` input; a rank >= 3 one, tokens, is
-        flattened to that by the lowering); weights and activations of at most 8 bits."""
+        flattened to that by the lowering); weights and activations of at most 8 bits; and what ``fits`` asks."""
         if layer.weight_bits > 8 or layer.activation_bits > 8:
+            return False
+        if self.fits is not None and not self.fits(layer):
             return False
         if layer.op == "linear":
             return layer.rank >= 2
@@ -251,7 +290,8 @@ def conv2d_te(x, weight, geometry: ConvGeometry, name: str = CONV_BLOCK):
 
     # the kernel's name as an annotation too: block names do not take part in structural equality, so without it
     # Relax would merge two layers of one geometry on different micro-kernels into one PrimFunc (and one kernel)
-    return te.compute((n, oh, ow, out16), body, name=name, attrs={KERNEL_ATTR: name})
+    return te.compute((n, oh, ow, out16), body, name=name,
+                      attrs={KERNEL_ATTR: name, GEOMETRY_ATTR: [kh, kw, c4, sw, dh, dw]})
 
 
 # --------------------------------------------------------------------------------------------- schedule
@@ -317,7 +357,6 @@ def _is_output(sch, block, outputs) -> bool:
 
 def schedule_conv(sch, tile: Tile | None, kernel: MicroKernel) -> bool:
     """Schedule the (fused) PrimFunc in ``sch`` holding ``kernel``'s conv block; False where it holds none."""
-    intrinsic = kernel.register()
     blocks = list(sch.get_child_blocks(sch.get_sblock("root")))
     names = [sch.get(b).name_hint for b in blocks]
     conv_index = next((i for i, name in enumerate(names) if name.startswith(kernel.block)), None)
@@ -335,19 +374,8 @@ def schedule_conv(sch, tile: Tile | None, kernel: MicroKernel) -> bool:
                 sch.compute_inline(block)
             except Exception:  # noqa: BLE001 - a block that cannot be inlined is computed per tile instead
                 kept.append(block)
-    out_width, channel_blocks = conv_shape(sch, conv)
-    tile = tile or choose_tile(out_width, channel_blocks, kernel)
-    n, oh, ow, co, rh, rw, rc, rq = sch.get_loops(conv)
-    co_outer, co_inner = sch.split(co, [None, 16])
-    co_tiles, co_tile = sch.split(co_outer, [None, tile.blocks])
-    ow_tiles, ow_tile = sch.split(ow, [None, tile.rows])
-    if kernel.steps > 1:  # the intrinsic covers `steps` reduction steps: rc_inner goes inside the tile loops
-        rc, rc_inner = sch.split(rc, [None, kernel.steps])
-        sch.reorder(co_tiles, n, oh, ow_tiles, rh, rw, rc, co_tile, ow_tile, rc_inner, co_inner, rq)
-    else:
-        sch.reorder(co_tiles, n, oh, ow_tiles, rh, rw, rc, co_tile, ow_tile, co_inner, rq)
-    parallel = sch.fuse(co_tiles, n, oh, ow_tiles)
-    sch.parallel(parallel)
+    tile = tile or kernel.default_tile(*conv_shape(sch, conv))
+    parallel, tensorize = kernel.lay_out(sch, conv, tile)
     for block in kept:
         try:
             sch.reverse_compute_at(block, parallel)
@@ -356,11 +384,7 @@ def schedule_conv(sch, tile: Tile | None, kernel: MicroKernel) -> bool:
             _vectorize_root(sch, block)
             continue
         _vectorize_inner(sch, block)
-    init = sch.decompose_reduction(conv, rh)
-    sch.vectorize(sch.get_loops(init)[-1])
-    sch.unroll(co_tile)
-    sch.unroll(ow_tile)
-    sch.tensorize(rc_inner if kernel.steps > 1 else co_inner, intrinsic)
+    tensorize()
     for block in producers:
         _vectorize_root(sch, block)
     return True

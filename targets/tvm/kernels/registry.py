@@ -28,15 +28,15 @@ from typing import Any
 
 from mpqc.cpu import ISA_CHOICES, missing_flags
 from mpqc.errors import ConfigError
-from mpqc.targets.tvm.kernels import avx2, avx512_vnni, avx_vnni, implicit_gemm
+from mpqc.targets.tvm.kernels import amx, avx2, avx512_vnni, avx_vnni, implicit_gemm
 from mpqc.targets.tvm.kernels.implicit_gemm import Kernel, LayerFacts, MicroKernel
 
 ISAS = ISA_CHOICES
 
 
-KERNELS: tuple[Kernel, ...] = (avx512_vnni.KERNEL, avx_vnni.KERNEL, avx2.KERNEL)  # best first
+KERNELS: tuple[Kernel, ...] = (amx.KERNEL, avx512_vnni.KERNEL, avx_vnni.KERNEL, avx2.KERNEL)  # best first
 BY_ISA = {kernel.isa: kernel for kernel in KERNELS}
-MICRO_KERNELS: tuple[MicroKernel, ...] = (avx512_vnni.VNNI, avx_vnni.VNNI256, avx2.NARROW, avx2.WIDE,
+MICRO_KERNELS: tuple[MicroKernel, ...] = (amx.AMX, avx512_vnni.VNNI, avx_vnni.VNNI256, avx2.NARROW, avx2.WIDE,
                                           *avx2.MULTI_STEP.values())
 
 
@@ -68,11 +68,16 @@ def resolve_isa(target: Any, isa: str = "auto", vnni: bool | None = None) -> str
 
 def check_runnable(isa: str, what: str) -> None:
     """Refuse ``what`` (something that runs ``isa``'s kernels on this CPU: measuring them) where this CPU lacks one
-    of the ``/proc/cpuinfo`` flags they need (code built for another CPU would die of SIGILL here)."""
+    of the ``/proc/cpuinfo`` flags they need (code built for another CPU would die of SIGILL here); for AMX, ask
+    Linux for the tiles (``loader.request_amx_tiles``)."""
     lacking = missing_flags(isa)
     if lacking:
         raise ConfigError(f"{what} would run {isa} kernels on this CPU, which lacks the /proc/cpuinfo flag(s) "
                           f"{', '.join(lacking)}")
+    if isa == amx.KERNEL.isa:
+        from mpqc.targets.tvm.loader import request_amx_tiles
+
+        request_amx_tiles()
 
 
 def isa_target(target: Any, isa: str):
@@ -97,9 +102,12 @@ def isa_target(target: Any, isa: str):
 
 
 def choose(isa: str, layer: LayerFacts) -> Kernel | None:
-    """The kernel for ``layer`` under ``isa`` (None: TVM's own operators)."""
+    """The kernel for ``layer`` under ``isa``: that ISA's, or where it does not take the layer its ``fallback``'s
+    (AMX: AVX-512 VNNI); None: TVM's own operators."""
     kernel = BY_ISA.get(isa)
-    return kernel if kernel is not None and kernel.takes(layer) else None
+    while kernel is not None and not kernel.takes(layer):
+        kernel = BY_ISA.get(kernel.fallback) if kernel.fallback else None
+    return kernel
 
 
 def find_micro_kernel(sch):

@@ -1,0 +1,239 @@
+"""AMX micro-kernel of the implicit-GEMM int8 convolution (``implicit_gemm.py``): ``tdpbusd`` on tile registers,
+Sapphire Rapids and later Xeons (``/proc/cpuinfo`` flags ``amx_tile`` and ``amx_int8``, LLVM features ``amx-tile``,
+``amx-int8``).
+
+*Matches*: what the registry (``registry.py``) gives the ``amx`` ISA: ``conv2d`` (groups 1) at any bits <= 8 whose
+input channels are a multiple of 64 (one tile row of int8 is 64 bytes: each step reads 64 channels of one kernel
+tap). Every other layer of an ``amx`` module falls back to the AVX-512 VNNI kernel (``Kernel.fallback``): every AMX
+CPU has AVX-512 VNNI, and a ResNet's 3-channel first conv or a linear layer on one row would fill a tile to 1/16.
+
+*Rewrites to*: the conv block :data:`AMX` (``amx_conv``), the same TE, packed ``[Co/16, K/4, 16, 4]`` weights and
+shift (128) as VNNI: that weight layout is exactly AMX's "VNNI-packed" B operand, 16 rows of 4-byte groups times 16
+output channels, so a B tile is 1 KiB of one channel block read at stride 64. The schedule (:meth:`AMXKernel.lay_out`)
+tiles the output ``M`` pixels of one row (``M`` the largest divisor of the output width up to 16) by ``16 * blocks``
+channels (``blocks`` 1 or 2 accumulator tiles sharing each activation tile) and tensorizes that whole reduction
+with one intrinsic per geometry (:func:`register_intrinsic`): load the tile configuration, load the int32
+accumulators (zeroed just before, the reduction's init), then per kernel tap and 64-channel step load the
+activation tile (``M`` rows, one per output pixel, at the row stride of the convolution's stride) and each block's
+weight tile and ``tdpbusd``, then store the accumulators. The fused epilogue follows per tile, as for VNNI.
+
+*Ensures*: int32 accumulation is exact: ``tdpbusd`` adds each group of four u8 x s8 products into an int32 element
+without saturation (like ``vpdpbusd``), so the layers are bit-exact with ``mpqc.reference`` at every bit pair.
+Linux lets a process use AMX tiles only after it asks (``arch_prctl(ARCH_REQ_XCOMP_PERM)``; without it the first
+tile instruction dies of SIGILL): ``loader.check_cpu`` asks before a module with AMX kernels runs, and
+``registry.check_runnable`` before kernels are timed.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from mpqc.targets.tvm.kernels.avx512_vnni import SHIFT
+from mpqc.targets.tvm.kernels.implicit_gemm import GEOMETRY_ATTR, Kernel, LayerFacts, MicroKernel, Tile
+
+CHANNEL_STEP = 64  # input channels (bytes) per tile row: one tdpbusd reduces 64 of them
+MAX_ROWS = 16  # tile rows: output pixels per tile
+# tile registers: accumulators 0 and 1, the activation tile 4, each block's weight tile 5 and 6
+ACTIVATION_TILE, WEIGHT_TILE = 4, 5
+
+
+def fits(layer: LayerFacts) -> bool:
+    """A 2-D conv (groups 1) whose input channels fill whole 64-byte tile rows."""
+    return layer.op == "conv2d" and layer.groups == 1 and layer.channels % CHANNEL_STEP == 0
+
+
+def tile_config(rows: int, blocks: int) -> list[int]:
+    """The 64-byte AMX tile configuration (palette 1) as 16 little-endian uint32 words: ``blocks`` int32 accumulator
+    tiles of ``rows`` x 16, the activation tile ``rows`` x 64 bytes, the weight tiles 16 x 64 bytes."""
+    colsb = {**{b: 64 for b in range(blocks)}, ACTIVATION_TILE: CHANNEL_STEP,
+             **{WEIGHT_TILE + b: 64 for b in range(blocks)}}
+    rows_of = {**{b: rows for b in range(blocks)}, ACTIVATION_TILE: rows,
+               **{WEIGHT_TILE + b: CHANNEL_STEP // 4 for b in range(blocks)}}
+    words = [1, 0, 0, 0]  # palette 1, start row 0
+    words += [colsb.get(2 * w, 0) | colsb.get(2 * w + 1, 0) << 16 for w in range(8)]  # bytes 16-47: colsb[16]
+    words += [sum(rows_of.get(4 * w + b, 0) << 8 * b for b in range(4)) for w in range(4)]  # bytes 48-63: rows[16]
+    return words
+
+
+def register_intrinsic(rows: int, blocks: int, kernel: tuple[int, int], channels4: int, stride_w: int,
+                       dilation: tuple[int, int]) -> str:
+    """Register (once per process and geometry) the tensor intrinsic of one ``rows x 16*blocks`` output tile's
+    whole reduction over ``kernel`` taps and ``4 * channels4`` input channels, and return its name."""
+    kh, kw = kernel
+    dh, dw = dilation
+    name = f"mpqc_amx_u8s8s32_{rows}x{blocks}_k{kh}x{kw}_c{channels4}_s{stride_w}_d{dh}x{dw}"
+    if name in _REGISTERED:
+        return name
+    from tvm.s_tir import TensorIntrin
+    from tvm.script import tirx as T
+
+    span_h, span_w = (kh - 1) * dh + 1, (rows - 1) * stride_w + (kw - 1) * dw + 1
+    k_rows, channels, width = kh * kw * channels4, channels4 * 4, 16 * blocks
+    steps = channels // CHANNEL_STEP
+    words = tile_config(rows, blocks)
+
+    # (a 1x1 kernel's tap loops have extent 1 and TVM drops them from the block's iterators: so does this)
+    if (kh, kw) == (1, 1):
+        @T.prim_func(s_tir=True)
+        def desc(a_handle: T.handle, b_handle: T.handle, c_handle: T.handle) -> None:
+            a = T.match_buffer(a_handle, (1, span_h, span_w, channels), "uint8", offset_factor=1,
+                               strides=[T.int32(), T.int32(), T.int32(), 1])
+            b = T.match_buffer(b_handle, (blocks, k_rows, 16, 4), "int8", offset_factor=1,
+                               strides=[T.int32(), 64, 4, 1])
+            c = T.match_buffer(c_handle, (1, 1, rows, width), "int32", offset_factor=1,
+                               strides=[T.int32(), T.int32(), T.int32(), 1])
+            with T.sblock("root"):
+                T.reads(c[0, 0, 0:rows, 0:width], a[0, 0:span_h, 0:span_w, 0:channels],
+                        b[0:blocks, 0:k_rows, 0:16, 0:4])
+                T.writes(c[0, 0, 0:rows, 0:width])
+                for i, j, rh, rw, rc, rq in T.grid(rows, width, 1, 1, channels4, 4):
+                    with T.sblock("update"):
+                        vi, vj, vc, vq = T.axis.remap("SSRR", [i, j, rc, rq])
+                        c[0, 0, vi, vj] = c[0, 0, vi, vj] + T.cast(a[0, 0, vi * stride_w, vc * 4 + vq], "int32") \
+                            * T.cast(b[vj // 16, vc, vj % 16, vq], "int32")
+    else:
+        @T.prim_func(s_tir=True)
+        def desc(a_handle: T.handle, b_handle: T.handle, c_handle: T.handle) -> None:
+            a = T.match_buffer(a_handle, (1, span_h, span_w, channels), "uint8", offset_factor=1,
+                               strides=[T.int32(), T.int32(), T.int32(), 1])
+            b = T.match_buffer(b_handle, (blocks, k_rows, 16, 4), "int8", offset_factor=1,
+                               strides=[T.int32(), 64, 4, 1])
+            c = T.match_buffer(c_handle, (1, 1, rows, width), "int32", offset_factor=1,
+                               strides=[T.int32(), T.int32(), T.int32(), 1])
+            with T.sblock("root"):
+                T.reads(c[0, 0, 0:rows, 0:width], a[0, 0:span_h, 0:span_w, 0:channels],
+                        b[0:blocks, 0:k_rows, 0:16, 0:4])
+                T.writes(c[0, 0, 0:rows, 0:width])
+                for i, j, rh, rw, rc, rq in T.grid(rows, width, kh, kw, channels4, 4):
+                    with T.sblock("update"):
+                        vi, vj, vh, vw, vc, vq = T.axis.remap("SSRRRR", [i, j, rh, rw, rc, rq])
+                        c[0, 0, vi, vj] = c[0, 0, vi, vj] + T.cast(
+                            a[0, vh * dh, vi * stride_w + vw * dw, vc * 4 + vq], "int32") * T.cast(
+                            b[vj // 16, (vh * kw + vw) * channels4 + vc, vj % 16, vq], "int32")
+
+    def call(name_, *args):
+        return T.evaluate(T.call_llvm_intrin("void", f"llvm.x86.{name_}", *args))
+
+    def buffers(a_handle, b_handle, c_handle, a_h, a_w, b_block, c_row):
+        return (T.match_buffer(a_handle, (1, span_h, span_w, channels), "uint8", offset_factor=1,
+                               strides=[T.int32(), a_h, a_w, 1]),
+                T.match_buffer(b_handle, (blocks, k_rows, 16, 4), "int8", offset_factor=1,
+                               strides=[b_block, 64, 4, 1]),
+                T.match_buffer(c_handle, (1, 1, rows, width), "int32", offset_factor=1,
+                               strides=[T.int32(), T.int32(), c_row, 1]))
+
+    c0, c4, c6, c7, c12, c13 = (words[i] for i in (0, 4, 6, 7, 12, 13))  # the words palette 1 uses
+    assert not any(w for i, w in enumerate(words) if i not in (0, 4, 6, 7, 12, 13))
+
+    # (one body per block count: a tile register is an immediate, so the blocks are written out, not looped)
+    if blocks == 1:
+        @T.prim_func(s_tir=True)
+        def impl(a_handle: T.handle, b_handle: T.handle, c_handle: T.handle) -> None:
+            a_h, a_w, b_block, c_row = T.int32(), T.int32(), T.int32(), T.int32()
+            a, b, c = buffers(a_handle, b_handle, c_handle, a_h, a_w, b_block, c_row)
+            with T.sblock("root"):
+                T.reads(c[0, 0, 0:rows, 0:width], a[0, 0:span_h, 0:span_w, 0:channels],
+                        b[0:blocks, 0:k_rows, 0:16, 0:4])
+                T.writes(c[0, 0, 0:rows, 0:width])
+                config = T.alloc_buffer((16,), "uint32", scope="local")
+                for w in T.serial(16):
+                    config[w] = T.uint32(0)
+                config[0] = T.uint32(c0)
+                config[4] = T.uint32(c4)
+                config[6] = T.uint32(c6)
+                config[7] = T.uint32(c7)
+                config[12] = T.uint32(c12)
+                config[13] = T.uint32(c13)
+                call("ldtilecfg", T.address_of(config[0]))
+                call("tileloadd64", T.uint8(0), c.access_ptr("r"), T.int64(c_row * 4))
+                for rh, rw, step in T.grid(kh, kw, steps):
+                    call("tileloadd64", T.uint8(ACTIVATION_TILE),
+                         a.access_ptr("r", offset=rh * dh * a_h + rw * dw * a_w + step * CHANNEL_STEP),
+                         T.int64(stride_w * a_w))
+                    call("tileloadd64", T.uint8(WEIGHT_TILE),
+                         b.access_ptr("r", offset=((rh * kw + rw) * channels4 + step * 16) * 64), T.int64(64))
+                    call("tdpbusd", T.uint8(0), T.uint8(ACTIVATION_TILE), T.uint8(WEIGHT_TILE))
+                call("tilestored64", T.uint8(0), c.access_ptr("w"), T.int64(c_row * 4))
+    else:
+        @T.prim_func(s_tir=True)
+        def impl(a_handle: T.handle, b_handle: T.handle, c_handle: T.handle) -> None:
+            a_h, a_w, b_block, c_row = T.int32(), T.int32(), T.int32(), T.int32()
+            a, b, c = buffers(a_handle, b_handle, c_handle, a_h, a_w, b_block, c_row)
+            with T.sblock("root"):
+                T.reads(c[0, 0, 0:rows, 0:width], a[0, 0:span_h, 0:span_w, 0:channels],
+                        b[0:blocks, 0:k_rows, 0:16, 0:4])
+                T.writes(c[0, 0, 0:rows, 0:width])
+                config = T.alloc_buffer((16,), "uint32", scope="local")
+                for w in T.serial(16):
+                    config[w] = T.uint32(0)
+                config[0] = T.uint32(c0)
+                config[4] = T.uint32(c4)
+                config[6] = T.uint32(c6)
+                config[7] = T.uint32(c7)
+                config[12] = T.uint32(c12)
+                config[13] = T.uint32(c13)
+                call("ldtilecfg", T.address_of(config[0]))
+                call("tileloadd64", T.uint8(0), c.access_ptr("r"), T.int64(c_row * 4))
+                call("tileloadd64", T.uint8(1), c.access_ptr("r", offset=16), T.int64(c_row * 4))
+                for rh, rw, step in T.grid(kh, kw, steps):
+                    call("tileloadd64", T.uint8(ACTIVATION_TILE),
+                         a.access_ptr("r", offset=rh * dh * a_h + rw * dw * a_w + step * CHANNEL_STEP),
+                         T.int64(stride_w * a_w))
+                    call("tileloadd64", T.uint8(WEIGHT_TILE),
+                         b.access_ptr("r", offset=((rh * kw + rw) * channels4 + step * 16) * 64), T.int64(64))
+                    call("tileloadd64", T.uint8(WEIGHT_TILE + 1),
+                         b.access_ptr("r", offset=b_block + ((rh * kw + rw) * channels4 + step * 16) * 64),
+                         T.int64(64))
+                    call("tdpbusd", T.uint8(0), T.uint8(ACTIVATION_TILE), T.uint8(WEIGHT_TILE))
+                    call("tdpbusd", T.uint8(1), T.uint8(ACTIVATION_TILE), T.uint8(WEIGHT_TILE + 1))
+                call("tilestored64", T.uint8(0), c.access_ptr("w"), T.int64(c_row * 4))
+                call("tilestored64", T.uint8(1), c.access_ptr("w", offset=16), T.int64(c_row * 4))
+
+    TensorIntrin.register(name, desc, impl, override=True)
+    _REGISTERED.add(name)
+    return name
+
+
+_REGISTERED: set[str] = set()
+
+
+@dataclass(frozen=True)
+class AMXKernel(MicroKernel):
+    """The AMX micro-kernel: its tile is ``rows`` output pixels (<= 16) x ``blocks`` accumulator tiles of 16
+    channels (<= 2), laid out and tensorized by :meth:`lay_out` instead of the register-tile schedule."""
+
+    def tile_candidates(self, out_width: int, channel_blocks: int) -> list[Tile]:
+        rows = max(r for r in range(1, min(MAX_ROWS, out_width) + 1) if out_width % r == 0)
+        return [Tile(rows, b) for b in (1, 2) if channel_blocks % b == 0]
+
+    def default_tile(self, out_width: int, channel_blocks: int) -> Tile:
+        return self.tile_candidates(out_width, channel_blocks)[-1]
+
+    def lay_out(self, sch, conv, tile: Tile):
+        geometry = _geometry(sch, conv)
+        intrinsic = register_intrinsic(tile.rows, tile.blocks, **geometry)
+        n, oh, ow, co, rh, rw, rc, rq = sch.get_loops(conv)
+        co_tiles, co_tile = sch.split(co, [None, 16 * tile.blocks])
+        ow_tiles, ow_tile = sch.split(ow, [None, tile.rows])
+        sch.reorder(co_tiles, n, oh, ow_tiles, ow_tile, co_tile, rh, rw, rc, rq)
+        parallel = sch.fuse(co_tiles, n, oh, ow_tiles)
+        sch.parallel(parallel)
+
+        def finish():
+            init = sch.decompose_reduction(conv, ow_tile)
+            sch.vectorize(sch.get_loops(init)[-1])
+            sch.tensorize(ow_tile, intrinsic)
+
+        return parallel, finish
+
+
+def _geometry(sch, conv) -> dict:
+    """The conv block's kernel taps, input channels / 4, horizontal stride and dilation (its
+    ``implicit_gemm.GEOMETRY_ATTR`` annotation)."""
+    kh, kw, channels4, stride_w, dh, dw = (int(v) for v in sch.get(conv).annotations[GEOMETRY_ATTR])
+    return {"kernel": (kh, kw), "channels4": channels4, "stride_w": stride_w, "dilation": (dh, dw)}
+
+
+VNNI_FALLBACK = "avx512vnni"
+AMX = AMXKernel("amx_conv", None, 2, 2)
+KERNEL = Kernel("amx", ("amx-tile", "amx-int8", "avx512vnni", "avx512bw"), lambda layer: AMX, lambda layer: SHIFT,
+                fits=fits, fallback=VNNI_FALLBACK)
