@@ -16,7 +16,9 @@ pool and inductor's compile workers never share a process):
   the first run measures missing geometries, about 15 s for ResNet-18), checked bit-exact against the reference;
 * ``torch_fp32``: PyTorch eager fp32 (``torch.no_grad``);
 * ``torch_int8_fx``: ``torch.ao.quantization`` FX graph mode, ``get_default_qconfig_mapping("x86")``, x86 engine
-  (8-bit activations and weights everywhere);
+  (8-bit activations and weights everywhere); on a CPU with AMX its convolutions run on AMX tiles (oneDNN);
+* ``torch_int8_fx_vnni`` (CPUs with AMX only): the same with oneDNN held to AVX-512 VNNI (``ONEDNN_MAX_CPU_ISA``),
+  PyTorch int8 on the ISA of mpqc's best kernel;
 * ``torch_int8_pt2e``: PT2E ``X86InductorQuantizer`` + ``torch.compile`` (inductor, ``freezing=True``), when the
   ``torchao`` package is importable (PT2E moved there from ``torch.ao``; not an mpqc dependency);
 * ``tvm_fp32_untuned``: the fp32 model through ``relax.frontend.torch.from_exported_program`` and TVM's default
@@ -66,7 +68,7 @@ import torchvision  # noqa: E402
 from mpqc import pipeline  # noqa: E402
 from mpqc.budgets import WeightMemory  # noqa: E402
 from mpqc.config import QuantizerConfig  # noqa: E402
-from mpqc.cpu import ISA_CHOICES  # noqa: E402
+from mpqc.cpu import ISA_CHOICES, cpu_flags  # noqa: E402
 from mpqc.passes.freeze import freeze  # noqa: E402
 from mpqc.passes.insert_quantizers import searched_quantizers  # noqa: E402
 from mpqc.quantizers import get_method  # noqa: E402
@@ -79,7 +81,9 @@ VNNI_OPS_PER_CYCLE = 256  # per core: two 512-bit vpdpbusd (64 u8 x s8 products 
 #: -mcpu=alderlake` and sapphirerapids: reciprocal throughput 0.5 cycles, latency 5; not measured here, no AVX-VNNI
 #: CPU was available); AVX2 with int32 accumulation two 256-bit vpmaddubsw (32 products) whose vpmaddwd/vpaddd
 #: share the ports: 32 MACs; "generic" (TVM's own operators) is held to the AVX2 figure.
-OPS_PER_CYCLE = {"avx512vnni": VNNI_OPS_PER_CYCLE, "avxvnni": 128, "avx2": 64, "generic": 64}
+#: AMX: one ``tdpbusd`` multiplies a 16x64 u8 tile by a 64x16 s8 one (16,384 MACs) every 16 cycles (Intel's
+#: optimization manual: 1024 int8 MACs per cycle per core), 2048 ops; the layers AMX does not take run on AVX-512 VNNI.
+OPS_PER_CYCLE = {"amx": 2048, "avx512vnni": VNNI_OPS_PER_CYCLE, "avxvnni": 128, "avx2": 64, "generic": 64}
 
 
 def _examples():
@@ -336,7 +340,11 @@ def tvm_fp32_untuned(model: torch.nn.Module, x: torch.Tensor, target):
 
 
 # --------------------------------------------------------------------------------------------- one engine
-ENGINES = ("mpqc_tvm", "torch_fp32", "torch_int8_fx", "torch_int8_pt2e", "tvm_fp32_untuned")
+ENGINES = ("mpqc_tvm", "torch_fp32", "torch_int8_fx", "torch_int8_fx_vnni", "torch_int8_pt2e", "tvm_fp32_untuned")
+#: On a CPU with AMX (Sapphire Rapids and later) oneDNN runs PyTorch's int8 convolutions on AMX tiles (brgconv
+#: ``avx10_1_512_amx``), an ISA mpqc has no kernel for: ``torch_int8_fx_vnni`` is the same FX model with oneDNN held to
+#: AVX-512 VNNI, the comparison at the same ISA. Skipped on CPUs without AMX (there it would be torch_int8_fx again).
+SAME_ISA_ENV = {"ONEDNN_MAX_CPU_ISA": "AVX512_CORE_VNNI"}
 #: Engines whose work runs on TVM's thread pool (their processes get ``OMP_WAIT_POLICY=PASSIVE`` whatever it is set to).
 TVM_ENGINES = ("mpqc_tvm", "tvm_fp32_untuned")
 
@@ -386,7 +394,7 @@ def run_engine(engine: str, name: str, batch: int, args) -> dict:
     with torch.no_grad():
         if engine == "torch_fp32":
             return timed(lambda: model(x), args.repeat)
-        if engine == "torch_int8_fx":
+        if engine in ("torch_int8_fx", "torch_int8_fx_vnni"):
             fx = torch_int8_fx(model, x)
             return timed(lambda: fx(x), args.repeat)
         try:
@@ -408,11 +416,16 @@ def run_case(name: str, batch: int, args, clock: dict) -> dict:
             row[engine] = {"skipped": "not run (--no-tvm-fp32)" if not args.tvm_fp32 else
                            "not run: unscheduled fp32 ResNet-18 takes tens of seconds per batch-8 run"}
             continue
+        if engine == "torch_int8_fx_vnni" and "amx_int8" not in cpu_flags():
+            row[engine] = {"skipped": "no AMX on this CPU: torch_int8_fx is already at most AVX-512 VNNI"}
+            continue
         command = [sys.executable, __file__, "--worker", engine, "--cases", f"{name}:{batch}",
                    "--repeat", str(args.repeat), "--tuning-db", str(args.tuning_db), "--isa", args.isa]
         env = dict(os.environ)
         if engine in TVM_ENGINES:  # torch only builds and checks there: its OpenMP pool must not spin against TVM's
             env["OMP_WAIT_POLICY"] = "PASSIVE"
+        if engine == "torch_int8_fx_vnni":
+            env.update(SAME_ISA_ENV)
         done = subprocess.run(command, capture_output=True, text=True, env=env)
         lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
         row[engine] = json.loads(lines[-1]) if done.returncode == 0 and lines else \
@@ -439,6 +452,9 @@ def run_case(name: str, batch: int, args, clock: dict) -> dict:
             row[engine]["mpqc_tvm_speedup"] = row[engine]["median_ms"] / tvm_row["median_ms"]
     int8 = [row[e]["median_ms"] for e in ("torch_int8_fx", "torch_int8_pt2e") if "median_ms" in row[e]]
     row["mpqc_tvm_over_best_torch_int8"] = tvm_row["median_ms"] / min(int8) if int8 else None
+    same_isa = row["torch_int8_fx_vnni"]
+    row["mpqc_tvm_over_torch_int8_vnni"] = tvm_row["median_ms"] / same_isa["median_ms"] \
+        if "median_ms" in same_isa else None
     row["load_average_after"] = list(os.getloadavg())
     return row
 
@@ -505,7 +521,8 @@ def main(argv: list[str] | None = None) -> dict:
                     "peak_formula": f"{VNNI_OPS_PER_CYCLE} int8 ops/cycle/core x {threads} threads x clock"},
         "torch": torch.__version__, "note": args.note, "cases": [],
     }
-    header = f"{'case':14s} {'mpqc-TVM':>9s} {'fp32':>8s} {'int8 FX':>8s} {'int8 PT2E':>9s} {'TVM fp32':>9s}" \
+    header = f"{'case':14s} {'mpqc-TVM':>9s} {'fp32':>8s} {'int8 FX':>8s} {'FX VNNI':>8s} {'int8 PT2E':>9s} " \
+             f"{'TVM fp32':>9s}" \
              f" {'GOP/s':>7s} {'conv %peak':>10s} exact"
     print(f"clock {clock['clock_ghz']:.2f} GHz ({clock['clock_method']}), {threads} threads, kernels {isa}, peak "
           f"{peak_gops:.0f} GOP/s\n{header}")
@@ -519,7 +536,7 @@ def main(argv: list[str] | None = None) -> dict:
 
         tvm_row = row["mpqc_tvm"]
         print(f"{case:14s} {tvm_row['median_ms']:9.2f} {ms('torch_fp32'):>8s} {ms('torch_int8_fx'):>8s} "
-              f"{ms('torch_int8_pt2e'):>9s} {ms('tvm_fp32_untuned'):>9s} {tvm_row['gops']:7.0f} "
+              f"{ms('torch_int8_fx_vnni'):>8s} {ms('torch_int8_pt2e'):>9s} {ms('tvm_fp32_untuned'):>9s} {tvm_row['gops']:7.0f} "
               f"{100 * (tvm_row['conv_layers_fraction_of_peak'] or 0):9.0f}% {tvm_row['bit_exact']}", flush=True)
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(results, indent=1))

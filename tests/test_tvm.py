@@ -27,7 +27,7 @@ from mpqc.targets import tvm as mtvm  # noqa: E402
 from mpqc.targets.tvm import target as tvm_target  # noqa: E402
 from mpqc.targets.tvm import weights as tvm_weights  # noqa: E402
 from mpqc.targets.tvm.kernels import avx2 as tvm_avx2  # noqa: E402
-from mpqc.targets.tvm.kernels import avx512_vnni, implicit_gemm  # noqa: E402
+from mpqc.targets.tvm.kernels import amx, avx512_vnni, implicit_gemm  # noqa: E402
 from mpqc.targets.tvm.kernels import registry as tvm_kernels  # noqa: E402
 
 HOST_HAS_VNNI = avx512_vnni.target_has_vnni(tvm.target.Target(mtvm.host_target()))
@@ -326,12 +326,16 @@ def test_vnni_intrinsic_refuses_a_weight_that_is_not_packed():
 
 @needs_vnni
 def test_the_vnni_choice_follows_the_target_features(resnet20):
-    """Layers use the VNNI kernels where the target has avx512vnni (this host) and TVM's own int8 ops where it does
-    not (the same CPU described without the feature); both are bit-exact."""
+    """Layers use the VNNI kernels where the target has avx512vnni (this host; on an AMX host the 64-channel convs
+    use AMX) and TVM's own int8 ops where it does not (the same CPU described without the feature); both are
+    bit-exact."""
     program, x, lowered = resnet20
     layers = [node.name for node in program.layers()]
-    assert lowered.meta["vnni_layers"] == layers
+    kernels = lowered.meta["kernel_layers"]
+    assert sorted(kernels) == sorted(layers) and set(kernels.values()) <= {avx512_vnni.VNNI.block, amx.AMX.block}
+    assert lowered.meta["vnni_layers"] == [layer for layer in layers if kernels[layer] == avx512_vnni.VNNI.block]
     assert lowered.schedules["vnni"] == lowered.schedules["vnni_functions"] > 0
+    assert lowered.schedules["kernels"] == lowered.schedules["kernel_functions"]
     zmm_dot = re.compile(r"vpdpbusd\s+%zmm")  # the kernels' 512-bit dot products (LLVM may use xmm ones anyway)
     assert zmm_dot.search(lowered.source("asm"))
     host = mtvm.host_target()

@@ -79,8 +79,8 @@ def alder_lake_module(small_program):
 def test_an_avx_vnni_target_gets_vex_vpdpbusd_on_ymm(small_program, alder_lake_module):
     """``lower`` for an AVX-VNNI target without AVX-512 (``-mcpu=alderlake``) puts the two convs and the linear layer
     on the AVX-VNNI kernel: ``{vex} vpdpbusd`` on ymm, no zmm register. Forced on an AVX-512 target
-    (``sapphirerapids``, where ``auto`` picks AVX-512 VNNI), the module is built for ``x86-64-v3`` + ``avxvnni``:
-    the same code, no AVX-512 instruction."""
+    (``sapphirerapids``, where ``auto`` picks AMX, falling back to AVX-512 VNNI for these narrow layers), the
+    module is built for ``x86-64-v3`` + ``avxvnni``: the same code, no AVX-512 instruction."""
     program, x = small_program
     lowered = alder_lake_module
     assert lowered.meta["isa"] == "avxvnni" and lowered.meta["cpu_flags"] == ["avx2", "avx_vnni"]
@@ -93,8 +93,8 @@ def test_an_avx_vnni_target_gets_vex_vpdpbusd_on_ymm(small_program, alder_lake_m
     assert forced.meta["isa"] == "avxvnni" and set(forced.meta["kernel_layers"].values()) == {"avxvnni_conv"}
     assert not tvm.target.codegen.target_has_features("avx512f", forced.target)
     _assert_vex_ymm_only(forced.source("asm"))
-    auto = mtvm.lower(program, target=SAPPHIRE_RAPIDS, input_shape=tuple(x.shape))
-    assert auto.meta["isa"] == "avx512vnni" and re.search(r"vpdpbusd\s+%zmm", auto.source("asm"))
+    auto = mtvm.lower(program, target=SAPPHIRE_RAPIDS, input_shape=tuple(x.shape))  # AMX takes no 8-/16-channel
+    assert auto.meta["isa"] == "amx" and re.search(r"vpdpbusd\s+%zmm", auto.source("asm"))  # conv: AVX-512 VNNI
 
 
 @pytest.mark.parametrize("layout", ["NHWC", "NC"])
@@ -125,7 +125,7 @@ def test_auto_resolves_to_avxvnni_only_where_the_flag_is(monkeypatch):
         host = mtvm.resolve_target("llvm")
         assert registry.resolve_isa(host) == expected[name] == cpu.int8_isa(), name
         assert ("avxvnni" in registry.target_isas(host)) == ("avx_vnni" in flags), name
-    assert registry.target_isas(tvm.target.Target(SAPPHIRE_RAPIDS)) == ["avx512vnni", "avxvnni", "avx2"]
+    assert registry.target_isas(tvm.target.Target(SAPPHIRE_RAPIDS)) == ["amx", "avx512vnni", "avxvnni", "avx2"]
     icelake = tvm.target.Target({"kind": "llvm", "mcpu": "x86-64-v4", "mattr": ["+avx512vnni"]})
     assert registry.target_isas(icelake) == ["avx512vnni", "avx2"]
     geometry = latency.LayerGeometry("conv2d", 16, 32, 1, (3, 3), (1, 1), (1, 1), (8, 8), 4)

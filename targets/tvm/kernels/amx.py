@@ -20,15 +20,19 @@ weight tile and ``tdpbusd``, then store the accumulators. The fused epilogue fol
 *Ensures*: int32 accumulation is exact: ``tdpbusd`` adds each group of four u8 x s8 products into an int32 element
 without saturation (like ``vpdpbusd``), so the layers are bit-exact with ``mpqc.reference`` at every bit pair.
 Linux lets a process use AMX tiles only after it asks (``arch_prctl(ARCH_REQ_XCOMP_PERM)``; without it the first
-tile instruction dies of SIGILL): ``loader.check_cpu`` asks before a module with AMX kernels runs, and
-``registry.check_runnable`` before kernels are timed.
+tile instruction dies of SIGILL): a process that registers the intrinsic on an AMX CPU asks (it usually runs what
+it builds), ``loader.check_cpu`` asks before an artifact with AMX kernels runs, ``registry.check_runnable`` before
+kernels are timed.
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 from mpqc.targets.tvm.kernels.avx512_vnni import SHIFT
 from mpqc.targets.tvm.kernels.implicit_gemm import GEOMETRY_ATTR, Kernel, LayerFacts, MicroKernel, Tile
+
+log = logging.getLogger(__name__)
 
 CHANNEL_STEP = 64  # input channels (bytes) per tile row: one tdpbusd reduces 64 of them
 MAX_ROWS = 16  # tile rows: output pixels per tile
@@ -63,6 +67,7 @@ def register_intrinsic(rows: int, blocks: int, kernel: tuple[int, int], channels
     name = f"mpqc_amx_u8s8s32_{rows}x{blocks}_k{kh}x{kw}_c{channels4}_s{stride_w}_d{dh}x{dw}"
     if name in _REGISTERED:
         return name
+    _allow_tiles_here()
     from tvm.s_tir import TensorIntrin
     from tvm.script import tirx as T
 
@@ -194,6 +199,19 @@ def register_intrinsic(rows: int, blocks: int, kernel: tuple[int, int], channels
 
 
 _REGISTERED: set[str] = set()
+
+
+def _allow_tiles_here() -> None:
+    """Ask Linux for the AMX tiles in this process too, where the CPU has them: what builds AMX code here usually
+    runs it here (``LoweredModule``, tile tuning, tests). An exported artifact's loader asks on its own."""
+    from mpqc.cpu import cpu_flags
+    from mpqc.targets.tvm.loader import request_amx_tiles
+
+    if {"amx_tile", "amx_int8"} <= cpu_flags():
+        try:
+            request_amx_tiles()
+        except RuntimeError as error:  # running it will say so again; building is fine
+            log.warning("%s", error)
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,146 @@
+"""The AMX kernel (``targets/tvm/kernels/amx.py``: ``tdpbusd`` on tile registers): which layers the registry gives it
+and which fall back to AVX-512 VNNI, the tile configuration's bytes, the code LLVM builds for an AMX target (on any
+x86 host: building runs no tile instruction), and, where the CPU has AMX, exactness at every bit pair and geometry
+and a whole ResNet-18 bit-exact with the reference."""
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TVM_NUM_THREADS", "2")  # TVM's pool starts one thread here otherwise (TVM_NOTES trap 2)
+
+import re  # noqa: E402
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from conftest import build_conv_kernel, extreme_codes, mixed_bit_program  # noqa: E402
+from mpqc import cpu  # noqa: E402
+from mpqc.errors import ConfigError  # noqa: E402
+
+tvm = pytest.importorskip("tvm")
+from mpqc.targets import tvm as mtvm  # noqa: E402
+from mpqc.targets.tvm import weights as tvm_weights  # noqa: E402
+from mpqc.targets.tvm.kernels import amx, avx512_vnni, implicit_gemm, registry  # noqa: E402
+
+HOST_FLAGS = cpu.cpu_flags()
+needs_amx = pytest.mark.skipif(not {"amx_tile", "amx_int8"} <= HOST_FLAGS,
+                               reason="this CPU has no amx_tile/amx_int8 (/proc/cpuinfo): the AMX kernel cannot run here")
+SAPPHIRE_RAPIDS = {"kind": "llvm", "mcpu": "sapphirerapids"}  # AMX, AVX-512 VNNI, AVX-VNNI
+
+
+def _facts(op="conv2d", channels=64, groups=1, weight_bits=4, activation_bits=8):
+    return registry.LayerFacts(op, groups, weight_bits, activation_bits, False, 4, channels)
+
+
+# --------------------------------------------------------------------------------------------- the choice
+def test_amx_takes_convs_whose_channels_fill_tile_rows_and_the_rest_fall_back_to_vnni():
+    """Best first: an AMX target offers amx, then avx512vnni; a conv with 64 or 512 input channels goes on AMX,
+    a 3-channel first conv, a 96-channel conv (half a tile row left over), a linear layer and a depthwise conv do
+    not: the first three fall back to AVX-512 VNNI, the depthwise one to TVM's operators, as without AMX."""
+    assert registry.target_isas(tvm.target.Target(SAPPHIRE_RAPIDS))[:2] == ["amx", "avx512vnni"]
+    assert registry.resolve_isa(tvm.target.Target(SAPPHIRE_RAPIDS)) == "amx"
+    for channels in (64, 128, 512):
+        assert registry.choose("amx", _facts(channels=channels)) is amx.KERNEL
+    for facts in (_facts(channels=3), _facts(channels=96), _facts(op="linear", channels=512)):
+        assert registry.choose("amx", facts) is avx512_vnni.KERNEL, facts
+    assert registry.choose("amx", _facts(groups=64)) is None
+    assert registry.choose("amx", _facts(weight_bits=9)) is None  # over 8 bits: no kernel takes it
+    icelake = tvm.target.Target({"kind": "llvm", "mcpu": "x86-64-v4", "mattr": ["+avx512vnni"]})
+    assert "amx" not in registry.target_isas(icelake)
+    with pytest.raises(ConfigError, match="amx"):
+        registry.resolve_isa(icelake, "amx")
+
+
+def test_a_forced_amx_on_a_cpu_without_it_is_refused_naming_the_flags(monkeypatch):
+    monkeypatch.setattr(cpu, "cpu_flags", lambda: frozenset({"avx2", "avx512_vnni", "avx512bw"}))
+    assert cpu.missing_flags("amx") == ["amx_int8", "amx_tile"]
+    with pytest.raises(ConfigError, match="amx_int8, amx_tile"):
+        registry.check_runnable("amx", "measuring")
+
+
+def test_tile_configuration_bytes():
+    """Palette 1; accumulators (tiles 0, 1) rows x 64 bytes, the activation tile (4) rows x 64 bytes, the weight
+    tiles (5, 6) 16 x 64 bytes: colsb at bytes 16 + 2 * tile, rows at byte 48 + tile."""
+    raw = np.array(amx.tile_config(14, 2), dtype="<u4").tobytes()
+    assert len(raw) == 64 and raw[0] == 1 and raw[1] == 0 and not any(raw[2:16])
+    colsb = np.frombuffer(raw[16:48], dtype="<u2")
+    assert list(colsb) == [64, 64, 0, 0, 64, 64, 64] + [0] * 9
+    assert list(raw[48:64]) == [14, 14, 0, 0, 14, 16, 16] + [0] * 9
+    one = np.array(amx.tile_config(7, 1), dtype="<u4").tobytes()
+    assert list(np.frombuffer(one[16:48], dtype="<u2"))[:7] == [64, 0, 0, 0, 64, 64, 0]
+    assert list(one[48:55]) == [7, 0, 0, 0, 7, 16, 0]
+
+
+def test_tiles_are_the_largest_row_divisor_up_to_16_by_one_or_two_blocks():
+    assert amx.AMX.tile_candidates(56, 4) == [implicit_gemm.Tile(14, 1), implicit_gemm.Tile(14, 2)]
+    assert amx.AMX.tile_candidates(112, 3) == [implicit_gemm.Tile(16, 1)]
+    assert amx.AMX.default_tile(7, 32) == implicit_gemm.Tile(7, 2)
+
+
+# --------------------------------------------------------------------------------------------- the code
+def test_an_amx_target_gets_tile_instructions():
+    """Built for Sapphire Rapids on any host (nothing runs): the conv is tensorized with the tile configuration,
+    tile loads, ``tdpbusd`` and tile stores, and no ``vpdpbusd``."""
+    geometry = implicit_gemm.ConvGeometry("NHWC", False, 128, (3, 3), (1, 1), (1, 1))
+    _, asm = build_conv_kernel(geometry, (1, 14, 14, 128), "uint8", (2, 9 * 32, 16, 4), micro=amx.AMX,
+                               target=SAPPHIRE_RAPIDS)
+    for instruction in ("ldtilecfg", "tileloadd", "tdpbusd", "tilestored"):
+        assert re.search(rf"\b{instruction}\b", asm), instruction
+    assert "vpdpbusd" not in asm
+
+
+# --------------------------------------------------------------------------------------------- exactness
+GEOMETRIES = [  # (channels, out channels, size, kernel, stride, padding, dilation)
+    (64, 32, 9, (3, 3), (1, 1), (1, 1), (1, 1)),  # a ResNet 3x3 (9 = 3 x 3 rows of tiles: 9 is no power of 2)
+    (128, 48, 8, (1, 1), (2, 2), (0, 0), (1, 1)),  # a downsampling shortcut: 1x1, stride 2, 3 channel blocks
+    (64, 32, 7, (3, 3), (2, 2), (1, 1), (1, 1)),  # a strided 3x3
+    (64, 16, 8, (3, 3), (1, 1), (2, 2), (2, 2)),  # dilated
+]
+
+
+@needs_amx
+@pytest.mark.parametrize("signed", [False, True])
+def test_amx_kernel_is_exact_at_every_bit_pair_and_geometry(signed):
+    """Every weight x activation bit pair in 2..8 (extreme codes: all-max and all-min activations against all-max /
+    all-min weights) on a ResNet 3x3, and the other geometries at 8x8 bits: equal to an exact float64 convolution
+    (signed: the kernel sees x + 128 and ``128 * sum(w)`` is subtracted here, as the lowering does in the bias)."""
+    rng = np.random.default_rng(5)
+    dtype = "int8" if signed else "uint8"
+    for index, (channels, out, size, kernel, stride, padding, dilation) in enumerate(GEOMETRIES):
+        geometry = implicit_gemm.ConvGeometry("NHWC", signed, channels, kernel, stride, padding, dilation,
+                                              shift=avx512_vnni.SHIFT)
+        taps = kernel[0] * kernel[1]
+        run, _ = build_conv_kernel(geometry, (2, size, size, channels), dtype,
+                                   (-(-out // 16), taps * channels // 4, 16, 4), micro=amx.AMX)
+        pairs = [(w, a) for w in range(2, 9) for a in range(2, 9)] if index == 0 else [(8, 8)]
+        for weight_bits, activation_bits in pairs:
+            low, high = (-(2 ** (activation_bits - 1) - 1), 2 ** (activation_bits - 1) - 1) if signed else \
+                (0, 2**activation_bits - 1)
+            x = extreme_codes(rng, (2, channels, size, size), low, high)
+            half = 2 ** (weight_bits - 1) - 1
+            weight = extreme_codes(rng, (out, channels, *kernel), -half, half).astype(np.int8)
+            got = run(np.ascontiguousarray(x.transpose(0, 2, 3, 1)).astype(dtype), tvm_weights.vnni_layout(weight))
+            got = got[..., :out]
+            if signed:
+                got = got - 128 * weight.reshape(out, -1).astype(np.int64).sum(1)
+            expected = F.conv2d(torch.from_numpy(x).double(), torch.from_numpy(weight).double(), None, stride,
+                                padding, dilation).permute(0, 2, 3, 1).round().long().numpy()
+            assert np.array_equal(got, expected), (GEOMETRIES[index], weight_bits, activation_bits, signed)
+
+
+@needs_amx
+def test_resnet18_on_amx_is_bit_exact_with_the_reference():
+    """A torchvision ResNet-18 (64x64 input) at random mixed 2-8 bits, lowered for this AMX CPU: its 64..512-channel
+    convs on AMX, the first conv and the classifier on AVX-512 VNNI, every output bit-exact."""
+    import torchvision
+
+    _, program, x = mixed_bit_program(lambda: torchvision.models.resnet18(num_classes=10), (2, 3, 64, 64), seed=1)
+    lowered = mtvm.lower(program, input_shape=tuple(x.shape))
+    assert lowered.meta["isa"] == "amx" and "amx_tile" in lowered.meta["cpu_flags"]
+    kernels = lowered.meta["kernel_layers"]
+    assert sum(block == amx.AMX.block for block in kernels.values()) == 19  # 16 3x3 and 3 1x1 shortcuts
+    assert sorted(layer for layer, block in kernels.items() if block == avx512_vnni.VNNI.block) == ["conv1", "fc"]
+    assert lowered.schedules["kernels"] == lowered.schedules["kernel_functions"]  # every one tensorized
+    assert torch.equal(lowered(x), program.run(x))
