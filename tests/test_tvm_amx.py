@@ -61,22 +61,24 @@ def test_a_forced_amx_on_a_cpu_without_it_is_refused_naming_the_flags(monkeypatc
 
 
 def test_tile_configuration_bytes():
-    """Palette 1; accumulators (tiles 0, 1) rows x 64 bytes, the activation tile (4) rows x 64 bytes, the weight
-    tiles (5, 6) 16 x 64 bytes: colsb at bytes 16 + 2 * tile, rows at byte 48 + tile."""
-    raw = np.array(amx.tile_config(14, 2), dtype="<u4").tobytes()
+    """Palette 1; accumulators (tiles 0-3: 2 x pixel group + channel block) rows x 64 bytes, activations (4-5, one
+    per pixel group) rows x 64 bytes, weights (6-7, one per channel block) 16 x 64 bytes: colsb at bytes
+    16 + 2 * tile, rows at byte 48 + tile."""
+    raw = np.array(amx.tile_config(14, 2, 2), dtype="<u4").tobytes()
     assert len(raw) == 64 and raw[0] == 1 and raw[1] == 0 and not any(raw[2:16])
-    colsb = np.frombuffer(raw[16:48], dtype="<u2")
-    assert list(colsb) == [64, 64, 0, 0, 64, 64, 64] + [0] * 9
-    assert list(raw[48:64]) == [14, 14, 0, 0, 14, 16, 16] + [0] * 9
-    one = np.array(amx.tile_config(7, 1), dtype="<u4").tobytes()
-    assert list(np.frombuffer(one[16:48], dtype="<u2"))[:7] == [64, 0, 0, 0, 64, 64, 0]
-    assert list(one[48:55]) == [7, 0, 0, 0, 7, 16, 0]
+    assert list(np.frombuffer(raw[16:48], dtype="<u2")) == [64] * 8 + [0] * 8
+    assert list(raw[48:64]) == [14] * 6 + [16, 16] + [0] * 8
+    one = np.array(amx.tile_config(7, 1, 1), dtype="<u4").tobytes()
+    assert list(np.frombuffer(one[16:48], dtype="<u2"))[:8] == [64, 0, 0, 0, 64, 0, 64, 0]
+    assert list(one[48:56]) == [7, 0, 0, 0, 7, 0, 16, 0]
 
 
-def test_tiles_are_the_largest_row_divisor_up_to_16_by_one_or_two_blocks():
-    assert amx.AMX.tile_candidates(56, 4) == [implicit_gemm.Tile(14, 1), implicit_gemm.Tile(14, 2)]
-    assert amx.AMX.tile_candidates(112, 3) == [implicit_gemm.Tile(16, 1)]
-    assert amx.AMX.default_tile(7, 32) == implicit_gemm.Tile(7, 2)
+def test_tiles_are_the_largest_row_divisor_up_to_16_or_two_of_them_by_one_or_two_blocks():
+    tile = implicit_gemm.Tile
+    assert amx.AMX.tile_candidates(56, 4) == [tile(14, 1), tile(14, 2), tile(28, 1), tile(28, 2)]
+    assert amx.AMX.tile_candidates(112, 3) == [tile(16, 1)]  # 32 does not divide 112; 3 blocks: one at a time
+    assert amx.AMX.default_tile(7, 32) == tile(7, 2) and amx.AMX.default_tile(56, 3) == tile(14, 1)
+    assert amx.split_rows(28) == (14, 2) and amx.split_rows(16) == (16, 1)
 
 
 # --------------------------------------------------------------------------------------------- the code

@@ -303,8 +303,8 @@ class Tile:
     blocks: int
 
     def __post_init__(self) -> None:
-        if self.rows < 1 or self.blocks < 1 or self.rows * self.blocks > 32:
-            raise ConfigError(f"tile {self.rows}x{self.blocks}: needs rows, blocks >= 1 and rows*blocks <= 32")
+        if not (1 <= self.rows <= 32 and 1 <= self.blocks <= 4):
+            raise ConfigError(f"tile {self.rows}x{self.blocks}: needs 1 <= rows <= 32 and 1 <= blocks <= 4")
 
 
 def tile_candidates(out_width: int, channel_blocks: int, max_accumulators: int) -> list[Tile]:
