@@ -41,8 +41,9 @@ from mpqc.search import search
 from mpqc.train import epoch_batches, finetune
 
 #: Relative tolerance (to each tensor's largest magnitude) of the state after 2 search steps (measured: at most
-#: 2e-5; a wrong weighting of the uneven batch, or different random draws on the two processes: 2e-3 to 2e-2).
-SEARCHED_RTOL = 1e-4
+#: 2e-5 on an AVX2 EPYC, 1.8e-4 (CSQ's gate logits) on an AVX-512 Xeon, whose kernels sum in another order; a wrong
+#: weighting of the uneven batch, or different random draws on the two processes: 2e-3 to 2e-2).
+SEARCHED_RTOL = 5e-4
 #: The same after freezing and 2 fine-tuning steps (measured: 4e-5; a wrong weighting: 2e-3). Not checked for CSQ:
 #: its freeze rounds bit-planes, so 1e-5 differences in the searched state become 5e-5 to 5e-3 in the fine-tuned
 #: one depending on the float summation order alone (one process with 1 or 2 threads); its bits are checked.

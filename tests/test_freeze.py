@@ -37,12 +37,14 @@ def test_freezing_at_integer_bits_keeps_the_outputs():
         error = (layer.module.quantized_bias() - layer.module.bias).abs()
         assert bool((error <= step / 2 + 1e-7).all()), layer.name
     # Apart from that rounding, freezing changes nothing: same quantizers, same values. Layer by layer on the same
-    # inputs: the two paths differ by float noise (1e-7), which a rounding tie downstream may turn into one step.
+    # inputs: the two paths differ by float noise, summed over up to 576 products per output and in an order that
+    # depends on the CPU's kernels (under 1e-5 on an AVX2 EPYC, up to 2.7e-5 on an AVX-512 Xeon), far below any
+    # quantization step (the smallest bias step here is 6.7e-4).
     for layer in layers:
         del layer.module.input_quantizer
     with torch.no_grad():
         for name, (inputs, output) in seen.items():
-            torch.testing.assert_close(gm.get_submodule(name)(inputs), output, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(gm.get_submodule(name)(inputs), output, rtol=1e-4, atol=1e-4)
         after = gm(x)
     assert after.shape == before.shape
 
