@@ -28,8 +28,8 @@ pool and inductor's compile workers never share a process):
 Reported per case: latencies, ratios to mpqc_tvm, the int8 GOP/s of the whole network (2 x MACs / latency) and of
 its convolution layers (the kernel functions, fused requantisation included, timed one by one with the VM's
 instrument hook, minimum over ``--repeat`` runs), and their fraction of the kernel ISA's peak
-(:data:`OPS_PER_CYCLE` int8 ops per cycle per core x threads x clock: AVX-512 VNNI 256, two 512-bit ``vpdpbusd``
-per cycle; AVX-VNNI 128, two 256-bit ones; AVX2 64). The clock is measured with a dependent chain of integer adds
+(:data:`OPS_PER_CYCLE` int8 ops per cycle per core x threads x clock: AMX 2048, one 16x64x16 ``tdpbusd`` per 16
+cycles; AVX-512 VNNI 256, two 512-bit ``vpdpbusd`` per cycle; AVX-VNNI 128, two 256-bit ones; AVX2 64). The clock is measured with a dependent chain of integer adds
 (one per cycle) compiled with the C compiler when there is one (``/proc/cpuinfo`` MHz otherwise; both are
 recorded), as is one core's measured throughput of the kernel ISA's multiply (:data:`PROBES`; only where
 /proc/cpuinfo shows the ISA's flags: the probe never runs an instruction the CPU lacks). ``--isa`` forces the
