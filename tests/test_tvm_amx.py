@@ -146,3 +146,26 @@ def test_resnet18_on_amx_is_bit_exact_with_the_reference():
     assert sorted(layer for layer, block in kernels.items() if block == avx512_vnni.VNNI.block) == ["conv1", "fc"]
     assert lowered.schedules["kernels"] == lowered.schedules["kernel_functions"]  # every one tensorized
     assert torch.equal(lowered(x), program.run(x))
+
+
+@needs_amx
+def test_an_exported_amx_artifact_runs_exactly_in_a_fresh_process(tmp_path):
+    """The artifact's loader (TVM and NumPy only) asks Linux for the AMX tiles itself: a fresh process that never
+    built AMX code runs the Fashion-MNIST ResNet-20 (its 64-channel convs on AMX) bit-exact."""
+    import subprocess
+    import sys
+
+    from conftest import example_models
+
+    _, program, x = mixed_bit_program(lambda: example_models.resnet20(num_classes=10, in_channels=1), (2, 1, 28, 28),
+                                      seed=2)
+    lowered = mtvm.lower(program, input_shape=tuple(x.shape), out=tmp_path / "artifact")
+    assert amx.AMX.block in lowered.meta["kernel_layers"].values()
+    np.save(tmp_path / "x.npy", x.numpy())
+    np.save(tmp_path / "expected.npy", program.run(x).numpy())
+    code = ("import sys, numpy as np; sys.path.insert(0, sys.argv[1]); from loader import load; "
+            "run = load(sys.argv[1]); print(np.array_equal(run(np.load(sys.argv[2])), np.load(sys.argv[3])))")
+    done = subprocess.run([sys.executable, "-c", code, str(tmp_path / "artifact"), str(tmp_path / "x.npy"),
+                           str(tmp_path / "expected.npy")], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "TVM_NUM_THREADS": "1"})
+    assert done.returncode == 0 and done.stdout.strip() == "True", done.stderr[-2000:]
