@@ -91,20 +91,26 @@ def register_intrinsic(rows: int, blocks: int, kernel: tuple[int, int], channels
     group, groups = split_rows(rows)
     words = tile_config(group, groups, blocks)
 
+    def buffers(a_handle, b_handle, c_handle, a_h, a_w, b_block, c_row):
+        """The activation, weight and accumulator regions of one tile (strides: the impl's names for them)."""
+        return (T.match_buffer(a_handle, (1, span_h, span_w, channels), "uint8", offset_factor=1,
+                               strides=[T.int32(), a_h, a_w, 1]),
+                T.match_buffer(b_handle, (blocks, k_rows, 16, 4), "int8", offset_factor=1,
+                               strides=[b_block, 64, 4, 1]),
+                T.match_buffer(c_handle, (1, 1, rows, width), "int32", offset_factor=1,
+                               strides=[T.int32(), T.int32(), c_row, 1]))
+
+    def regions(a, b, c):
+        T.reads(c[0, 0, 0:rows, 0:width], a[0, 0:span_h, 0:span_w, 0:channels], b[0:blocks, 0:k_rows, 0:16, 0:4])
+        T.writes(c[0, 0, 0:rows, 0:width])
+
     # (a 1x1 kernel's tap loops have extent 1 and TVM drops them from the block's iterators: so does this)
     if (kh, kw) == (1, 1):
         @T.prim_func(s_tir=True)
         def desc(a_handle: T.handle, b_handle: T.handle, c_handle: T.handle) -> None:
-            a = T.match_buffer(a_handle, (1, span_h, span_w, channels), "uint8", offset_factor=1,
-                               strides=[T.int32(), T.int32(), T.int32(), 1])
-            b = T.match_buffer(b_handle, (blocks, k_rows, 16, 4), "int8", offset_factor=1,
-                               strides=[T.int32(), 64, 4, 1])
-            c = T.match_buffer(c_handle, (1, 1, rows, width), "int32", offset_factor=1,
-                               strides=[T.int32(), T.int32(), T.int32(), 1])
+            a, b, c = buffers(a_handle, b_handle, c_handle, T.int32(), T.int32(), T.int32(), T.int32())
             with T.sblock("root"):
-                T.reads(c[0, 0, 0:rows, 0:width], a[0, 0:span_h, 0:span_w, 0:channels],
-                        b[0:blocks, 0:k_rows, 0:16, 0:4])
-                T.writes(c[0, 0, 0:rows, 0:width])
+                regions(a, b, c)
                 for i, j, rh, rw, rc, rq in T.grid(rows, width, 1, 1, channels4, 4):
                     with T.sblock("update"):
                         vi, vj, vc, vq = T.axis.remap("SSRR", [i, j, rc, rq])
@@ -113,16 +119,9 @@ def register_intrinsic(rows: int, blocks: int, kernel: tuple[int, int], channels
     else:
         @T.prim_func(s_tir=True)
         def desc(a_handle: T.handle, b_handle: T.handle, c_handle: T.handle) -> None:
-            a = T.match_buffer(a_handle, (1, span_h, span_w, channels), "uint8", offset_factor=1,
-                               strides=[T.int32(), T.int32(), T.int32(), 1])
-            b = T.match_buffer(b_handle, (blocks, k_rows, 16, 4), "int8", offset_factor=1,
-                               strides=[T.int32(), 64, 4, 1])
-            c = T.match_buffer(c_handle, (1, 1, rows, width), "int32", offset_factor=1,
-                               strides=[T.int32(), T.int32(), T.int32(), 1])
+            a, b, c = buffers(a_handle, b_handle, c_handle, T.int32(), T.int32(), T.int32(), T.int32())
             with T.sblock("root"):
-                T.reads(c[0, 0, 0:rows, 0:width], a[0, 0:span_h, 0:span_w, 0:channels],
-                        b[0:blocks, 0:k_rows, 0:16, 0:4])
-                T.writes(c[0, 0, 0:rows, 0:width])
+                regions(a, b, c)
                 for i, j, rh, rw, rc, rq in T.grid(rows, width, kh, kw, channels4, 4):
                     with T.sblock("update"):
                         vi, vj, vh, vw, vc, vq = T.axis.remap("SSRRRR", [i, j, rh, rw, rc, rq])
@@ -138,14 +137,9 @@ def register_intrinsic(rows: int, blocks: int, kernel: tuple[int, int], channels
     @T.prim_func(s_tir=True)
     def impl(a_handle: T.handle, b_handle: T.handle, c_handle: T.handle) -> None:
         a_h, a_w, b_block, c_row = T.int32(), T.int32(), T.int32(), T.int32()
-        a = T.match_buffer(a_handle, (1, span_h, span_w, channels), "uint8", offset_factor=1,
-                           strides=[T.int32(), a_h, a_w, 1])
-        b = T.match_buffer(b_handle, (blocks, k_rows, 16, 4), "int8", offset_factor=1, strides=[b_block, 64, 4, 1])
-        c = T.match_buffer(c_handle, (1, 1, rows, width), "int32", offset_factor=1,
-                           strides=[T.int32(), T.int32(), c_row, 1])
+        a, b, c = buffers(a_handle, b_handle, c_handle, a_h, a_w, b_block, c_row)
         with T.sblock("root"):
-            T.reads(c[0, 0, 0:rows, 0:width], a[0, 0:span_h, 0:span_w, 0:channels], b[0:blocks, 0:k_rows, 0:16, 0:4])
-            T.writes(c[0, 0, 0:rows, 0:width])
+            regions(a, b, c)
             config = T.alloc_buffer((16,), "uint32", scope="local")
             config[0] = T.uint32(words[0])
             config[1] = T.uint32(words[1])
