@@ -186,7 +186,8 @@ def _parser() -> argparse.ArgumentParser:
                     help="mpqc's VNNI int8 kernels for conv/linear: auto (where the target has avx512vnni), on "
                          "(refused on a target without it), off (TVM's own int8 operators)")
     lo.add_argument("--isa", choices=ISA_CHOICES, default="auto",
-                    help="the conv/linear int8 kernels: auto (the best the target has), or forced: avx512vnni, "
+                    help="the conv/linear int8 kernels: auto (the best the target has), or forced: amx (tile "
+                         "registers, for convs whose channels fill 64-byte rows; the rest on avx512vnni), avx512vnni, "
                          "avxvnni (256-bit VEX vpdpbusd), avx2 (on an AVX-512 host these two build for x86-64-v3 "
                          "and run there; refused where the CPU lacks the flag), generic (TVM's own)")
     lo.set_defaults(run=_lower)

@@ -41,7 +41,8 @@ def lower(program_or_compiled, *, target: Any = "llvm", out: str | Path | None =
     ``tuning_db``: reuse earlier tuning); with a ``tuning_db`` the VNNI kernels' register tiles are measured once
     per convolution geometry and recorded there too (``vnni_tiles.json``, ``schedule.py``).
     ``isa``: the conv2d/linear kernels (``kernels/registry.py``): ``"auto"`` (default) the best the target has
-    (``avx512vnni``, else ``avxvnni``, else ``avx2``, else TVM's own operators), or forced: ``"avx512vnni"``,
+    (``amx``, else ``avx512vnni``, else ``avxvnni``, else ``avx2``, else TVM's own operators), or forced: ``"amx"``
+    (convs whose input channels fill 64-byte tile rows on AMX, the other layers on AVX-512 VNNI), ``"avx512vnni"``,
     ``"avxvnni"``, ``"avx2"`` (on an AVX-512 target these two build for ``x86-64-v3``, plus ``avxvnni`` for the
     first, so the module holds no AVX-512 instruction), ``"generic"``. A forced ISA the target lacks is refused
     (naming the /proc/cpuinfo flags this CPU lacks); a module built for an explicit target whose ISA this CPU lacks

@@ -227,7 +227,7 @@ def build_module(program: IntegerProgram, input_shapes: Sequence[Sequence[int]],
                  expose: Sequence[str] = (), isa: str = "generic") -> BuiltModule:
     """The Relax IRModule of ``program``, its parameters, and the list of nodes whose bit-exactness is not
     guaranteed (empty for the supported zoo). ``isa``: the conv/linear kernels' ISA, resolved (``kernels/registry.py``'s
-    ``resolve_isa``: ``avx512vnni``, ``avxvnni``, ``avx2`` or ``generic``, TVM's own operators)."""
+    ``resolve_isa``: ``amx``, ``avx512vnni``, ``avxvnni``, ``avx2`` or ``generic``, TVM's own operators)."""
     from tvm import relax
 
     check_supported(program)

@@ -13,7 +13,8 @@ layer's bits: the block name of its TE, by which ``../schedule.py`` schedules an
 instruction the target lacks; and only for bits where its arithmetic is exact (AVX2: narrow or wide form from the
 bits, ``avx2.py``).
 
-ISAs, best first: ``avx512vnni`` (``avx512_vnni.py``), ``avxvnni`` (``avx_vnni.py``: the 256-bit VEX
+ISAs, best first: ``amx`` (``amx.py``; a layer it does not take goes to its ``fallback``, ``avx512vnni``),
+``avx512vnni`` (``avx512_vnni.py``), ``avxvnni`` (``avx_vnni.py``: the 256-bit VEX
 ``vpdpbusd``), ``avx2`` (``avx2.py``), ``generic`` (``generic.py``). ``--isa avx2`` or ``--isa avxvnni`` on an
 AVX-512 host builds for :func:`isa_target` (``x86-64-v3``, plus ``avxvnni`` for the latter: AVX-512 switched off)
 so the kernels are the ones an AVX2 or AVX-VNNI CPU runs (LLVM would otherwise emit the EVEX ``vpdpbusd``).
