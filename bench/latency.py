@@ -78,8 +78,8 @@ ROOT = Path(__file__).resolve().parent.parent
 VNNI_OPS_PER_CYCLE = 256  # per core: two 512-bit vpdpbusd (64 u8 x s8 products each) per cycle
 #: int8 ops per cycle per core of each kernel ISA (targets/tvm/kernels/registry.py): AVX-512 VNNI two 512-bit vpdpbusd;
 #: AVX-VNNI two 256-bit {vex} vpdpbusd (32 products each) per cycle: 128 (LLVM's scheduling model, `llvm-mca-14
-#: -mcpu=alderlake` and sapphirerapids: reciprocal throughput 0.5 cycles, latency 5; not measured here, no AVX-VNNI
-#: CPU was available); AVX2 with int32 accumulation two 256-bit vpmaddubsw (32 products) whose vpmaddwd/vpaddd
+#: -mcpu=alderlake` and sapphirerapids: reciprocal throughput 0.5 cycles, latency 5; the probe on a Xeon with AVX-VNNI,
+#: family 6 model 207, ran 1.56 per cycle, 100 ops: ``latency_xeon_avxvnni.json``); AVX2 with int32 accumulation two 256-bit vpmaddubsw (32 products) whose vpmaddwd/vpaddd
 #: share the ports: 32 MACs; "generic" (TVM's own operators) is held to the AVX2 figure.
 #: AMX: one ``tdpbusd`` multiplies a 16x64 u8 tile by a 64x16 s8 one (16,384 MACs) every 16 cycles (Intel's
 #: optimization manual: 1024 int8 MACs per cycle per core), 2048 ops; the layers AMX does not take run on AVX-512 VNNI.
