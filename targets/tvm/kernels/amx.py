@@ -202,8 +202,10 @@ def _allow_tiles_here() -> None:
 
 @dataclass(frozen=True)
 class AMXKernel(MicroKernel):
-    """The AMX micro-kernel: its tile is ``rows`` output pixels (<= 16) x ``blocks`` accumulator tiles of 16
-    channels (<= 2), laid out and tensorized by :meth:`lay_out` instead of the register-tile schedule."""
+    """The AMX micro-kernel: its tile is ``rows`` output pixels (one or two groups of <= 16, :func:`split_rows`) x
+    ``blocks`` (<= 2) 16-channel blocks, up to 2 x 2 accumulator tiles, laid out and tensorized by :meth:`lay_out`
+    instead of the register-tile schedule (``register``, ``max_accumulators`` and ``preferred_accumulators`` are
+    that schedule's and unused here)."""
 
     def tile_candidates(self, out_width: int, channel_blocks: int) -> list[Tile]:
         """``rows``: the largest divisor of the output width up to 16, and twice that (two activation tiles) where
@@ -244,6 +246,6 @@ def _geometry(sch, conv) -> dict:
 
 
 VNNI_FALLBACK = "avx512vnni"
-AMX = AMXKernel("amx_conv", None, 2, 2)
+AMX = AMXKernel("amx_conv", None, 4, 4)
 KERNEL = Kernel("amx", ("amx-tile", "amx-int8", "avx512vnni", "avx512bw"), lambda layer: AMX, lambda layer: SHIFT,
                 fits=fits, fallback=VNNI_FALLBACK)
