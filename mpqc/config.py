@@ -136,7 +136,8 @@ class TrainConfig:
     the excess, pulling as hard 1% above the budget as 50% above, so that the search ends on the budget, trading
     bits between layers (and, kernel-wise, pruning channels) instead of every layer being rounded down. ``None``
     (the default) means the method's default (``QuantMethod.defaults.penalty_power``: 2, except kernel-wise
-    FracBits, 1: measured +0.87 and +0.56 points at 2 bits/weight A8 and A4, ``bench/results/accuracy_variants/``).
+    FracBits, 1: measured +0.87 and +0.56 points at 2 bits/weight A8 and A4, -0.12 at 3 and -0.61 at 1.5
+    bits/weight A8, where it prunes more to buy bits; ``bench/results/accuracy_parts/`` and ``_variants/``).
     ``distill`` adds knowledge distillation from the fp32 model (KL at ``distill_temperature``, weight
     ``distill_weight``); ``None`` (the default) means the method's default (``QuantMethod.defaults``: off, except
     SDQ's fine-tuning). A checkpoint is written every ``checkpoint_every`` steps and at every epoch end.
