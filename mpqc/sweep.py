@@ -294,12 +294,12 @@ def _settings_changed(directory: Path, config: CompileConfig) -> list[str]:
         return ["no readable run.json"]
     now = config.identity()
     changed = []
-    for part in sorted(set(earlier) | set(now)):
+    for part in identity_differences(earlier, now):
         a, b = earlier.get(part), now.get(part)
         if isinstance(a, dict) and isinstance(b, dict):
             changed += [f"{part}.{key}: {a.get(key, '(unset)')} there, {b.get(key, '(unset)')} now"
-                        for key in sorted(set(a) | set(b)) if a.get(key) != b.get(key)]
-        elif a != b:
+                        for key in identity_differences(a, b)]
+        else:
             changed.append(f"{part}: {a} there, {b} now")
     return changed
 
