@@ -22,9 +22,9 @@ constants. ``tuning_db`` times every candidate tile per geometry (``schedule.tun
 *Ensures*: int32 accumulation is exact: ``tdpbusd`` adds each group of four u8 x s8 products into an int32 element
 without saturation (like ``vpdpbusd``), so the layers are bit-exact with ``mpqc.reference`` at every bit pair.
 Linux lets a process use AMX tiles only after it asks (``arch_prctl(ARCH_REQ_XCOMP_PERM)``; without it the first
-tile instruction dies of SIGILL): a process that registers the intrinsic on an AMX CPU asks (it usually runs what
-it builds), ``loader.check_cpu`` asks before an artifact with AMX kernels runs, ``registry.check_runnable`` before
-kernels are timed.
+tile instruction dies of SIGILL): a process that registers the intrinsic on an AMX CPU asks (every in-process run of
+AMX code, lowered module, tile tuning or latency table, builds it first), and ``loader.check_cpu`` asks before an
+exported artifact with AMX kernels runs.
 """
 from __future__ import annotations
 
@@ -188,8 +188,8 @@ _REGISTERED: set[str] = set()
 
 
 def _allow_tiles_here() -> None:
-    """Ask Linux for the AMX tiles in this process too, where the CPU has them: what builds AMX code here usually
-    runs it here (``LoweredModule``, tile tuning, tests). An exported artifact's loader asks on its own."""
+    """Ask Linux for the AMX tiles in this process, where the CPU has them: what builds AMX code here is what runs
+    it here (``LoweredModule``, tile tuning, the latency table, tests). An exported artifact's loader asks itself."""
     from mpqc.cpu import cpu_flags
     from mpqc.targets.tvm.loader import request_amx_tiles
 

@@ -69,16 +69,12 @@ def resolve_isa(target: Any, isa: str = "auto", vnni: bool | None = None) -> str
 
 def check_runnable(isa: str, what: str) -> None:
     """Refuse ``what`` (something that runs ``isa``'s kernels on this CPU: measuring them) where this CPU lacks one
-    of the ``/proc/cpuinfo`` flags they need (code built for another CPU would die of SIGILL here); for AMX, ask
-    Linux for the tiles (``loader.request_amx_tiles``)."""
+    of the ``/proc/cpuinfo`` flags they need (code built for another CPU would die of SIGILL here). AMX kernels ask
+    Linux for their tiles where they are built (``amx.register_intrinsic``)."""
     lacking = missing_flags(isa)
     if lacking:
         raise ConfigError(f"{what} would run {isa} kernels on this CPU, which lacks the /proc/cpuinfo flag(s) "
                           f"{', '.join(lacking)}")
-    if isa == amx.KERNEL.isa:
-        from mpqc.targets.tvm.loader import request_amx_tiles
-
-        request_amx_tiles()
 
 
 def isa_target(target: Any, isa: str):
