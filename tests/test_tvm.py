@@ -139,6 +139,36 @@ def test_less_common_ops_are_bit_exact(model, shape):
     _assert_bit_exact(program, mtvm.lower(program, input_shape=shape, expose=quantizers), x)
 
 
+class _PoolsOfAccumulators(torch.nn.Module):
+    """A ResNet stem (conv, ReLU, 3x3/2 max pool with padding) and a signed conv output max-pooled with ceil_mode."""
+
+    def __init__(self):
+        super().__init__()
+        nn = torch.nn
+        self.c1, self.relu, self.mp = nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(3, 2, 1)
+        self.c2, self.mp2, self.fc = nn.Conv2d(16, 8, 3), nn.MaxPool2d(2, ceil_mode=True), nn.Linear(8 * 25, 5)
+
+    def forward(self, x):
+        return self.fc(torch.flatten(self.mp2(self.c2(self.mp(self.relu(self.c1(x))))), 1))
+
+
+@pytest.mark.parametrize("isa", ["generic", "auto"])
+def test_max_pools_of_accumulators_run_on_the_requantized_codes(isa):
+    """A max pool whose result is requantised runs after the requantisation, on 8-bit codes (rounding is monotone,
+    so the codes are the same): no int32 pool is left in the module, and it is bit-exact with the reference, the
+    stem's unsigned codes and the signed ones with ceil_mode alike."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 22, 22)  # 22 -> 11 -> 9: the ceil_mode pool's last window hangs over the edge
+    gm, _ = quantized_graph(_PoolsOfAccumulators(), x)
+    gm, _ = freeze_at_random_bits(gm, seed=3)
+    program = IntegerProgram.from_graph(gm)
+    quantizers = [node.name for node in program.nodes if node.op == "quantize"]
+    lowered = mtvm.lower(program, input_shape=tuple(x.shape), expose=quantizers, isa=isa)
+    pools = [line for line in lowered.ir_module["main"].script().splitlines() if "max_pool2d" in line]
+    assert len(pools) == 2 and all(re.search(r'dtype="u?int8"\) = R.nn.max_pool2d', line) for line in pools), pools
+    _assert_bit_exact(program, lowered, x)
+
+
 # --------------------------------------------------------------------------------------------- the traps
 class _Reductions(torch.nn.Module):
     """mean over the spatial dims (an integer sum of 8-bit codes), sum over the last dim of an int32 accumulator

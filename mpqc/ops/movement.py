@@ -74,6 +74,8 @@ class _Movement(OpDef):
     ``_relax(lowering, node, value)`` is its Relax form. Integer values stay integer; a float value inside a
     requantisation region is moved the same way."""
 
+    commutes_with_rounding = True
+
     def fn(self, node: IntNode) -> Callable[[Tensor], Tensor]:
         raise NotImplementedError
 

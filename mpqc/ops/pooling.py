@@ -180,6 +180,7 @@ class MaxPool(OpDef):
     sign = "preserving"  # padding never wins a max against a value >= 0
     keeps_zero = True
     fuses_into_requantize = True
+    commutes_with_rounding = True  # max(f(x_i)) == f(max(x_i)) for the monotone scale-round-clip f
     numerics_tests = _TESTS + POOL_TESTS
 
     def describe(self, gm, node, frozen):

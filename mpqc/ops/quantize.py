@@ -116,12 +116,19 @@ class Quantize(OpDef):
         from mpqc.targets.tvm import _Int
 
         s_out = float(node.attrs["scale"])
-        y = lowering.requantize_region(node, s_out)
         qmin, qmax = integer_range(node.attrs["bits"], node.attrs["signed"])
         width = 8 if node.attrs["bits"] <= 8 else 16  # 16: a normalization's input (OpDef.operand_bits)
         storage = f"{'' if node.attrs['signed'] else 'u'}int{width}"
-        return _Int(lowering.round_to_codes(y.expr, qmin, qmax, storage), torch.tensor(s_out, dtype=torch.float64),
-                    y.layout)
+        scale = torch.tensor(s_out, dtype=torch.float64)
+        selections = lowering.selections_to_round_before(node)
+        if selections:  # e.g. a max pool of accumulators: round its input, then pool the codes
+            y = lowering.scaled(selections[0].inputs[0], s_out)
+            codes = _Int(lowering.round_to_codes(y.expr, qmin, qmax, storage), scale, y.layout)
+            for selection in selections:
+                codes = op_named(selection.op).relax_requantize_step(lowering, selection, [codes], s_out)
+            return codes
+        y = lowering.requantize_region(node, s_out)
+        return _Int(lowering.round_to_codes(y.expr, qmin, qmax, storage), scale, y.layout)
 
     def relax_check(self, node):
         if node.attrs["bits"] > 16:

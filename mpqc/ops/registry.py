@@ -10,7 +10,9 @@ An ``OpDef`` holds everything mpqc knows about one family of graph nodes:
   ``sign`` (``"nonnegative"``, ``"preserving"`` or ``"signed"``), ``keeps_zero`` (maps 0 to 0 channel by channel:
   channel pruning may look through it), ``elementwise``, ``clamps`` (an elementwise clamp a residual add's quantizer
   moves past), ``averages`` (an average pool: its input must be integer), ``fuses_into_requantize`` (a float op a
-  ``quantize`` node computes inside its requantisation region), ``keeps_shape``, ``is_layer``,
+  ``quantize`` node computes inside its requantisation region), ``commutes_with_rounding`` (it selects among its
+  input's values, as a max pool does: rounding and clipping to codes, being monotone, give the same codes before it
+  as after, so a target may requantise first and run it on 8-bit codes), ``keeps_shape``, ``is_layer``,
   ``quantized_inputs`` (the inputs that must be b-bit codes: they get activation quantizers where they are not
   codes already) and ``quantized_output`` (its output gets one: a lookup table maps codes to codes);
 * its *program ops* (``names``: the ``IntNode.op`` values it produces) and ``describe`` (fx node -> ``IntNode``);
@@ -91,6 +93,7 @@ class OpDef:
     clamps: ClassVar[bool] = False
     averages: ClassVar[bool] = False
     fuses_into_requantize: ClassVar[bool] = False
+    commutes_with_rounding: ClassVar[bool] = False
     keeps_shape: ClassVar[bool] = False
     is_layer: ClassVar[bool] = False
     quantized_inputs: ClassVar[tuple[int, ...]] = ()  # input positions that get an activation quantizer

@@ -7,6 +7,7 @@ not, in one error). *Rewrites to*: :class:`BuiltModule` (see the package docstri
 """
 from __future__ import annotations
 
+import collections
 import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -46,6 +47,7 @@ class _Lowering:
         self.isa = isa  # the ISA of the conv/linear kernels (kernels/registry.py)
         self.kernel_layers: dict[str, str] = {}  # layer node -> the micro-kernel block it runs on
         self.by_name = {node.name: node for node in program.nodes}
+        self.readers = collections.Counter(name for node in program.nodes for name in node.inputs)  # node -> count
         self.bb = relax.BlockBuilder()
         self.env: dict[str, _Int | _Float] = {}
         self.param_vars: list[Any] = []
@@ -143,12 +145,32 @@ class _Lowering:
         region = node.attrs["region"]
         units: dict[str, _Float] = {}
         for name in region["leaves"]:
-            units[name] = self._cached((name, s_out), lambda name=name: self._scaled_leaf(name, s_out))
+            units[name] = self.scaled(name, s_out)
         for name in region["steps"]:
             step = self.by_name[name]
             units[name] = self._cached((name, s_out), lambda step=step: ops.op_named(step.op).relax_requantize_step(
                 self, step, [units[i] for i in step.inputs], s_out))
         return units[node.inputs[0]]
+
+    def selections_to_round_before(self, node: IntNode) -> list[IntNode]:
+        """The nodes whose value ``node`` (a ``quantize``) requantises, where rounding may run before them, in
+        order: a chain of ops that ``commutes_with_rounding`` (max pools, moves such as a flatten) from integer
+        accumulators, each read by the next alone ([] where there is none). Requantising first, they run on 8-bit
+        codes instead of int32 (a ResNet stem's max pool reads a quarter of the bytes, and the conv before it writes
+        a quarter); the codes are the same, as the ops select or move values and rounding is monotone."""
+        region = node.attrs["region"]
+        if region["steps"] or len(region["leaves"]) != 1:
+            return []
+        chain, name = [], region["leaves"][0]
+        while name in self.by_name and ops.op_named(self.by_name[name].op).commutes_with_rounding and \
+                name not in self.program.outputs and name not in self.expose and self.readers[name] == 1:
+            chain.insert(0, self.by_name[name])
+            name = chain[0].inputs[0]
+        return chain if chain and isinstance(self.env.get(name), _Int) else []
+
+    def scaled(self, name: str, s_out: float) -> _Float:
+        """The value of the node ``name`` in units of ``s_out`` (fp32), as a requantisation region's leaf."""
+        return self._cached((name, s_out), lambda: self._scaled_leaf(name, s_out))
 
     def _cached(self, key: tuple[str, float], build: Callable[[], _Float]) -> _Float:
         if key not in self._scaled_cache:
