@@ -26,7 +26,7 @@ HAS_AVX2 = "avx2" in registry.target_isas(resolve_target("llvm"))
 needs_avx2 = pytest.mark.skipif(not HAS_AVX2, reason="this CPU has no AVX2 (the table test forces the AVX2 kernels)")
 
 # Two small layers: a conv on the AVX2 kernels (wide, narrow and the int16 multi-step ones, from the bits) and a
-# depthwise conv on TVM's generic operators (one entry whatever the bits).
+# depthwise conv on TVM's generic operators, channels-last as between two kernel layers (one entry whatever the bits).
 LAYERS = [
     LayerInfo("conv", "conv2d", (32, 16, 3, 3), 4608, 32, 32, 294912, (16, 8, 8), (32, 8, 8), 1024, 2048),
     LayerInfo("dw", "conv2d", (32, 1, 3, 3), 288, 32, 32, 4608, (32, 4, 4), (32, 4, 4), 512, 512),
@@ -54,8 +54,8 @@ def test_latency_table_is_measured_cached_and_differentiable(tmp_path, monkeypat
     conv_blocks = set(table.blocks[0].values())
     assert conv_blocks == {"avx2wide_conv", "avx2_conv", "avx2s2_conv", "avx2s4_conv"}  # 16 channels: 4 quads
     assert table.blocks[0][8, 8] == "avx2wide_conv" and table.blocks[0][4, 8] == "avx2s4_conv"
-    assert set(table.blocks[1].values()) == {latency.GENERIC}
-    assert sorted(measured) == sorted([*conv_blocks, latency.GENERIC])  # each kernel once, not each bit pair
+    assert set(table.blocks[1].values()) == {latency.GENERIC_CHANNELS_LAST}
+    assert sorted(measured) == sorted([*conv_blocks, latency.GENERIC_CHANNELS_LAST])  # each once, not per bit pair
     assert (table.grid > 0).all()
     stored = json.loads((tmp_path / latency.TABLE_FILE).read_text())["hosts"][table.host]
     assert len(stored) == len(measured)
@@ -97,7 +97,7 @@ def test_latency_budget_parses_and_validates():
 
 #: relative cost per MAC of each kernel, for a deterministic table (the measurement is tested above)
 _SPEED = {"avx2wide_conv": 2.0, "avx2_conv": 1.4, "avx2s2_conv": 1.2, "avx2s4_conv": 1.0, "avx2s8_conv": 0.9,
-          latency.GENERIC: 3.0}
+          latency.GENERIC: 3.0, latency.GENERIC_CHANNELS_LAST: 3.0}
 
 
 @needs_avx2

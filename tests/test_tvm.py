@@ -169,6 +169,42 @@ def test_max_pools_of_accumulators_run_on_the_requantized_codes(isa):
     _assert_bit_exact(program, lowered, x)
 
 
+class _InvertedResidual(torch.nn.Module):
+    """MobileNetV2's block: 1x1 expansion, ReLU6, depthwise 3x3 (stride 2, then stride 1 dilated), 1x1 projection,
+    and a residual add."""
+
+    def __init__(self):
+        super().__init__()
+        nn = torch.nn
+        self.expand, self.act = nn.Conv2d(8, 32, 1), nn.ReLU6()
+        self.dw1, self.dw2 = nn.Conv2d(32, 32, 3, 2, 1, groups=32), nn.Conv2d(32, 32, 3, 1, 2, dilation=2, groups=32)
+        self.project, self.shortcut, self.fc = nn.Conv2d(32, 16, 1), nn.Conv2d(32, 16, 1), nn.Linear(16, 3)
+
+    def forward(self, x):
+        a = self.act(self.dw1(self.act(self.expand(x))))
+        b = self.project(self.act(self.dw2(a)))
+        return self.fc((b + self.shortcut(a)).mean((2, 3)))
+
+
+def test_depthwise_convs_between_kernel_layers_stay_channels_last():
+    """A depthwise conv reading a layer kernel's channels-last output runs channels-last (``hwio`` weights): no
+    transpose to NCHW and back around it, and every code is the reference's."""
+    isa = tvm_kernels.resolve_isa(tvm.target.Target(mtvm.host_target()), "auto")
+    if isa == "generic":
+        pytest.skip("this CPU has no ISA kernel, so nothing is channels-last")
+    torch.manual_seed(0)
+    x = torch.randn(2, 8, 12, 12)
+    gm, _ = quantized_graph(randomize_batchnorm(_InvertedResidual()), x)
+    gm, _ = freeze_at_random_bits(gm, seed=4)
+    program = IntegerProgram.from_graph(gm)
+    quantizers = [node.name for node in program.nodes if node.op == "quantize"]
+    main = mtvm.lower(program, input_shape=tuple(x.shape)).ir_module["main"].script()
+    assert main.count('data_layout="NHWC", kernel_layout="HWIO"') == 2
+    assert main.count("permute_dims") == 1  # the one before the global mean's integer sum
+    assert "permute_dims" not in main[:main.rindex('kernel_layout="HWIO"')]
+    _assert_bit_exact(program, mtvm.lower(program, input_shape=tuple(x.shape), expose=quantizers), x)
+
+
 # --------------------------------------------------------------------------------------------- the traps
 class _Reductions(torch.nn.Module):
     """mean over the spatial dims (an integer sum of 8-bit codes), sum over the last dim of an int32 accumulator
@@ -532,7 +568,7 @@ def test_isa_choice_and_its_errors():
     assert tvm_kernels.choose("avx2", depthwise) is None and tvm_kernels.choose("generic", depthwise) is None
 
 
-@pytest.mark.parametrize("layout", ["oihw", "io", "vnni"])
+@pytest.mark.parametrize("layout", ["oihw", "hwio", "io", "vnni"])
 def test_bit_packed_weights_unpack_exactly(layout):
     """Every bit-width 2..8, odd sizes (streams that end mid-byte), each kernel layout: pack in NumPy, unpack with
     the module's TE function, get the codes back (placed in the kernel's layout)."""
@@ -556,7 +592,8 @@ def test_bit_packed_weights_unpack_exactly(layout):
         bb.emit_func_output(out)
     vm = relax.VirtualMachine(tvm.compile(bb.get(), target=tvm.target.Target(mtvm.host_target())), tvm.cpu())
     unpacked = vm["main"](tvm.runtime.tensor(packed))
-    arrange = {"oihw": lambda w: w, "io": lambda w: w.T, "vnni": tvm_weights.vnni_layout}[layout]
+    arrange = {"oihw": lambda w: w, "hwio": lambda w: w.transpose(2, 3, 1, 0), "io": lambda w: w.T,
+               "vnni": tvm_weights.vnni_layout}[layout]
     for spec, got in zip(specs, unpacked):
         assert np.array_equal(got.numpy(), arrange(codes[spec.name])), f"{spec.bits}-bit {layout}"
     codes["w3"][0, 0] = 4  # outside the signed 3-bit range
@@ -621,7 +658,8 @@ def test_artifact_weights_are_bit_packed(resnet20, tmp_path):
     for node in layers:
         codes = node.tensors["weight"].numpy()
         layout = meta["weights"]["layers"][f"{node.name}.weight"]["layout"]
-        arrange = {"oihw": lambda w: w, "io": lambda w: w.T, "vnni": tvm_weights.vnni_layout}[layout]
+        arrange = {"oihw": lambda w: w, "hwio": lambda w: w.transpose(2, 3, 1, 0), "io": lambda w: w.T,
+               "vnni": tvm_weights.vnni_layout}[layout]
         assert np.array_equal(unpacked[f"{node.name}.weight"], arrange(codes)), node.name
 
 

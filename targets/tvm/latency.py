@@ -48,6 +48,8 @@ TABLE_FILE = "latency_table.json"
 TABLE_FORMAT = "mpqc-latency-table/1"
 BITS = tuple(range(2, 9))  # the bit-widths of the grid (packed weights and the kernels take 2..8)
 GENERIC = "generic"  # the table's name for TVM's own operators
+#: TVM's grouped conv2d channels-last: what a depthwise conv between two kernel layers runs (``kernels/generic.py``)
+GENERIC_CHANNELS_LAST = "generic_nhwc"
 DEFAULT_TUNING_DB = Path.home() / ".cache" / "mpqc" / "tuning"
 
 _TABLES: dict[tuple[str, tuple[str, ...]], "LatencyTable"] = {}  # in-process memo: (host, geometries) -> table
@@ -115,7 +117,8 @@ def _host_key(target: Any, isa: str) -> str:
 
 
 def kernel_blocks(geometry: LayerGeometry, isa: str) -> dict[tuple[int, int], str]:
-    """The micro-kernel block (or :data:`GENERIC`) the registry chooses for each bit pair of :data:`BITS`."""
+    """The micro-kernel block (or :data:`GENERIC`, :data:`GENERIC_CHANNELS_LAST`) the registry chooses for each bit
+    pair of :data:`BITS`."""
     from mpqc.targets.tvm.kernels import registry
 
     blocks = {}
@@ -123,7 +126,12 @@ def kernel_blocks(geometry: LayerGeometry, isa: str) -> dict[tuple[int, int], st
         for a in BITS:
             facts = registry.LayerFacts(geometry.op, geometry.groups, w, a, False, geometry.rank, geometry.in_channels)
             kernel = registry.choose(isa, facts)
-            blocks[w, a] = GENERIC if kernel is None else kernel.micro(facts).block
+            if kernel is not None:
+                blocks[w, a] = kernel.micro(facts).block
+            elif isa != "generic" and geometry.op == "conv2d" and geometry.groups > 1:
+                blocks[w, a] = GENERIC_CHANNELS_LAST
+            else:
+                blocks[w, a] = GENERIC
     return blocks
 
 
@@ -174,9 +182,10 @@ def _isa_kernel(geometry: LayerGeometry, block: str, target: Any):
     return module.time_evaluator, _arguments([x, w, bias, multiplier, out])
 
 
-def _generic_kernel(geometry: LayerGeometry, target: Any):
+def _generic_kernel(geometry: LayerGeometry, target: Any, channels_last: bool = False):
     """(``time_evaluator`` of, arguments for) TVM's int8 conv/matmul with the same epilogue: a Relax function
-    compiled as the lowering compiles (``compile_module``, default CPU schedules)."""
+    compiled as the lowering compiles (``compile_module``, default CPU schedules); ``channels_last``: a grouped
+    conv2d in NHWC with ``hwio`` weights."""
     import tvm
     from tvm import relax, te
     from tvm.relax import op as R
@@ -186,6 +195,8 @@ def _generic_kernel(geometry: LayerGeometry, target: Any):
     c, co, g = geometry.in_channels, geometry.out_channels, geometry.groups
     if geometry.op == "linear":
         x_shape, w_shape = (1, *geometry.input_size, c), (c, co)
+    elif channels_last:
+        x_shape, w_shape = (1, *geometry.input_size, c), (*geometry.kernel, c // g, co)
     else:
         x_shape, w_shape = (1, c, *geometry.input_size), (co, c // g, *geometry.kernel)
     x = relax.Var("x", relax.TensorType(x_shape, "uint8"))
@@ -196,11 +207,14 @@ def _generic_kernel(geometry: LayerGeometry, target: Any):
         with bb.dataflow():
             if geometry.op == "linear":
                 acc = bb.emit(R.matmul(x, w, out_dtype="int32"))
+            elif channels_last:
+                acc = bb.emit(R.nn.conv2d(x, w, geometry.stride, geometry.padding, 1, g, data_layout="NHWC",
+                                          kernel_layout="HWIO", out_dtype="int32"))
             else:
                 conv = R.nn.conv2d if geometry.op == "conv2d" else R.nn.conv1d
                 acc = bb.emit(conv(x, w, geometry.stride, geometry.padding, 1, g, out_dtype="int32"))
             acc_shape = [int(d) for d in acc.ty.shape]
-            channel_axis = len(acc_shape) - 1 if geometry.op == "linear" else 1
+            channel_axis = len(acc_shape) - 1 if geometry.op == "linear" or channels_last else 1
             multiplier = relax.const(np.full(_multiplier_shape(acc_shape, channel_axis), 1e-3, np.float32))
             out = bb.emit_te(_requantize_te, acc, bias, multiplier, channel_axis, primfunc_name_hint="requantize")
             output = bb.emit_output(out)
@@ -240,8 +254,10 @@ def measure_blocks(entries: Sequence[tuple[LayerGeometry, str]], target: Any, re
 
     timers = []
     for geometry, block in entries:
-        evaluator, arguments = _generic_kernel(geometry, target) if block == GENERIC else \
-            _isa_kernel(geometry, block, target)
+        if block in (GENERIC, GENERIC_CHANNELS_LAST):
+            evaluator, arguments = _generic_kernel(geometry, target, channels_last=block == GENERIC_CHANNELS_LAST)
+        else:
+            evaluator, arguments = _isa_kernel(geometry, block, target)
         timer = evaluator("main", tvm.cpu(), number=1, repeat=repeat, min_repeat_ms=2)
         timer(*arguments)  # warm-up (thread pool, caches)
         timers.append((timer, arguments))

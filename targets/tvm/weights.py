@@ -8,9 +8,9 @@ the signed b-bit range ``[-(2^(b-1)-1), 2^(b-1)-1]``).
 (row-major in the layer's own ``[out, in, kh, kw]`` order) occupies bits ``[8*offset_l + i*b, 8*offset_l + (i+1)*b)``
 little-endian, holding ``w + 2^(b-1) - 1`` (in ``[0, 2^b - 2]``). One byte of padding ends the array, so every
 weight can be read as a 16-bit window. :func:`unpack_te` decodes one layer straight into the layout its kernel
-reads (:class:`WeightLayout`): ``oihw`` (TVM's conv), ``io`` (a transposed linear weight for ``matmul``) or ``vnni``
-(``[ceil(out/16), kh*kw*ceil(in/4), 16, 4]`` int8 for the AVX512-VNNI kernels of ``kernels/implicit_gemm.py``, zero
-where ``out``/``in`` were padded to 16/4).
+reads (:class:`WeightLayout`): ``oihw`` (TVM's conv), ``hwio`` (its channels-last conv), ``io`` (a transposed linear
+weight for ``matmul``) or ``vnni`` (``[ceil(out/16), kh*kw*ceil(in/4), 16, 4]`` int8 for the AVX512-VNNI kernels of
+``kernels/implicit_gemm.py``, zero where ``out``/``in`` were padded to 16/4).
 
 *Ensures*: the packed array is ``sum_l ceil(b_l * n_l / 8) + 1`` bytes (within one byte per layer of
 ``sum bits * params / 8``); unpacking gives the codes back exactly (``tests/test_tvm.py`` checks it against
@@ -25,7 +25,7 @@ import numpy as np
 
 from mpqc.errors import ConfigError, MpqcError
 
-LAYOUTS = ("oihw", "io", "vnni")
+LAYOUTS = ("oihw", "hwio", "io", "vnni")
 PACKED_WEIGHTS = "weights.packed"  # params.bin entry holding every weight, bit-packed
 UNPACK_FUNCTION = "unpack_weights"  # the module's function that unpacks them, run once at load
 _CHUNK = 1 << 20  # weights packed per numpy step (a multiple of 8, so every chunk ends on a byte boundary)
@@ -67,6 +67,8 @@ class WeightLayout:
             return self.shape
         if self.layout == "io":
             return self.shape[::-1]
+        if self.layout == "hwio":
+            return (*self.shape[2:], self.shape[1], self.shape[0])
         out, inputs, taps = self.shape[0], self.shape[1], int(np.prod(self.shape[2:]))
         return (-(-out // 16), taps * -(-inputs // 4), 16, 4)
 
@@ -146,6 +148,9 @@ def unpack_te(packed, layout: WeightLayout):
         return te.compute(shape, lambda *index: decode(flat_index(index)), name="unpack_weight")
     if layout.layout == "io":
         return te.compute(layout.kernel_shape, lambda i, o: decode(flat_index((o, i))), name="unpack_weight")
+    if layout.layout == "hwio":
+        return te.compute(layout.kernel_shape, lambda h, w, i, o: decode(flat_index((o, i, h, w))),
+                          name="unpack_weight")
     out, inputs = shape[:2]
     kernel = shape[2:]
     in4 = -(-inputs // 4)

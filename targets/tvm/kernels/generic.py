@@ -3,7 +3,9 @@
 
 *Rewrites to*: ``conv1d`` / ``conv2d`` / ``matmul`` on the 8-bit codes (NCHW) and the int8 weights (``oihw``, or a
 transposed ``io`` linear weight) with ``out_dtype="int32"``, plus the int32 bias: the exact accumulator, which
-TVM's schedules only reorder.
+TVM's schedules only reorder. A grouped conv2d (a MobileNet's depthwise convs) of a channels-last value (what the
+ISA kernels' layers leave) stays channels-last: NHWC codes, ``hwio`` weights, the loops over channels innermost,
+where the default schedule vectorizes them; no transposes to NCHW and back around it.
 """
 from __future__ import annotations
 
@@ -11,7 +13,7 @@ import numpy as np
 import torch
 
 from mpqc.reference import IntNode
-from mpqc.targets.tvm.values import NCHW, _Int, _shape
+from mpqc.targets.tvm.values import NCHW, NHWC, _Int, _shape
 
 
 def convert(lowering, node: IntNode, x: _Int, bias: np.ndarray, scale: torch.Tensor) -> _Int:
@@ -23,6 +25,12 @@ def convert(lowering, node: IntNode, x: _Int, bias: np.ndarray, scale: torch.Ten
         w = lowering.weight(node, "io")  # [in, out]
         acc = lowering.emit(R.matmul(x.expr, w, out_dtype="int32"))
         bias_shape = [1] * (len(_shape(acc)) - 1) + [-1]
+    elif node.op == "conv2d" and a["groups"] > 1 and x.layout == NHWC:
+        w = lowering.weight(node, "hwio")
+        acc = lowering.emit(R.nn.conv2d(x.expr, w, a["stride"], a["padding"], a["dilation"], a["groups"],
+                                        data_layout="NHWC", kernel_layout="HWIO", out_dtype="int32"))
+        b = lowering.param(f"{node.name}.bias", bias.reshape(1, 1, 1, -1))
+        return _Int(lowering.emit(R.add(acc, b)), scale.reshape(1, 1, 1, -1), NHWC)
     else:
         x = lowering.in_layout(x, NCHW)
         w = lowering.weight(node, "oihw")
