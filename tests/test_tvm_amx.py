@@ -30,20 +30,23 @@ needs_amx = pytest.mark.skipif(not {"amx_tile", "amx_int8"} <= HOST_FLAGS,
 SAPPHIRE_RAPIDS = {"kind": "llvm", "mcpu": "sapphirerapids"}  # AMX, AVX-512 VNNI, AVX-VNNI
 
 
-def _facts(op="conv2d", channels=64, groups=1, weight_bits=4, activation_bits=8):
-    return registry.LayerFacts(op, groups, weight_bits, activation_bits, False, 4, channels)
+def _facts(op="conv2d", channels=64, groups=1, weight_bits=4, activation_bits=8, dilated=False):
+    return registry.LayerFacts(op, groups, weight_bits, activation_bits, False, 4, channels, dilated)
 
 
 # --------------------------------------------------------------------------------------------- the choice
 def test_amx_takes_convs_whose_channels_fill_tile_rows_and_the_rest_fall_back_to_vnni():
     """Best first: an AMX target offers amx, then avx512vnni; a conv with 64 or 512 input channels goes on AMX,
-    a 3-channel first conv, a 96-channel conv (half a tile row left over), a linear layer and a depthwise conv do
-    not: the first three fall back to AVX-512 VNNI, the depthwise one to TVM's operators, as without AMX."""
+    and so does one whose channels (padded to 4) divide 64 (a 3-channel first conv, 16 and 32 channels: a tile row
+    holds several taps), unless dilated along its width; a 96- or 24-channel conv (tile rows not filled), a linear
+    layer and a depthwise conv do not: the first ones fall back to AVX-512 VNNI, the depthwise one to TVM's
+    operators, as without AMX."""
     assert registry.target_isas(tvm.target.Target(SAPPHIRE_RAPIDS))[:2] == ["amx", "avx512vnni"]
     assert registry.resolve_isa(tvm.target.Target(SAPPHIRE_RAPIDS)) == "amx"
-    for channels in (64, 128, 512):
+    for channels in (64, 128, 512, 3, 4, 8, 16, 32):
         assert registry.choose("amx", _facts(channels=channels)) is amx.KERNEL
-    for facts in (_facts(channels=3), _facts(channels=96), _facts(op="linear", channels=512)):
+    for facts in (_facts(channels=96), _facts(channels=24), _facts(channels=3, dilated=True),
+                  _facts(op="linear", channels=512)):
         assert registry.choose("amx", facts) is avx512_vnni.KERNEL, facts
     assert registry.choose("amx", _facts(groups=64)) is None
     assert registry.choose("amx", _facts(weight_bits=9)) is None  # over 8 bits: no kernel takes it
@@ -98,6 +101,9 @@ GEOMETRIES = [  # (channels, out channels, size, kernel, stride, padding, dilati
     (64, 32, 9, (3, 3), (1, 1), (1, 1), (1, 1)),  # a ResNet 3x3 (9 = 3 x 3 rows of tiles: 9 is no power of 2)
     (128, 48, 8, (1, 1), (2, 2), (0, 0), (1, 1)),  # a downsampling shortcut: 1x1, stride 2, 3 channel blocks
     (64, 32, 7, (3, 3), (2, 2), (1, 1), (1, 1)),  # a strided 3x3
+    (3, 32, 19, (7, 7), (2, 2), (3, 3), (1, 1)),  # a ResNet stem: 16 taps of 4 bytes per tile row, widened to 7x16
+    (16, 16, 9, (3, 3), (1, 1), (1, 1), (1, 1)),  # 4 taps of 16 channels per row, widened to 3x4
+    (32, 16, 8, (1, 1), (2, 2), (0, 0), (1, 1)),  # 2 taps of 32 channels, a 1x1 widened to 1x2
     (64, 16, 8, (3, 3), (1, 1), (2, 2), (2, 2)),  # dilated
 ]
 
@@ -111,11 +117,11 @@ def test_amx_kernel_is_exact_at_every_bit_pair_and_geometry(signed):
     rng = np.random.default_rng(5)
     dtype = "int8" if signed else "uint8"
     for index, (channels, out, size, kernel, stride, padding, dilation) in enumerate(GEOMETRIES):
-        geometry = implicit_gemm.ConvGeometry("NHWC", signed, channels, kernel, stride, padding, dilation,
-                                              shift=avx512_vnni.SHIFT)
-        taps = kernel[0] * kernel[1]
+        geometry = amx.AMX.widened(implicit_gemm.ConvGeometry("NHWC", signed, channels, kernel, stride, padding,
+                                                              dilation, shift=avx512_vnni.SHIFT))
+        width = kernel[1] + geometry.extra_columns
         run, _ = build_conv_kernel(geometry, (2, size, size, channels), dtype,
-                                   (-(-out // 16), taps * channels // 4, 16, 4), micro=amx.AMX)
+                                   (-(-out // 16), kernel[0] * width * -(-channels // 4), 16, 4), micro=amx.AMX)
         pairs = [(w, a) for w in range(2, 9) for a in range(2, 9)] if index == 0 else [(8, 8)]
         for weight_bits, activation_bits in pairs:
             low, high = (-(2 ** (activation_bits - 1) - 1), 2 ** (activation_bits - 1) - 1) if signed else \
@@ -123,7 +129,8 @@ def test_amx_kernel_is_exact_at_every_bit_pair_and_geometry(signed):
             x = extreme_codes(rng, (2, channels, size, size), low, high)
             half = 2 ** (weight_bits - 1) - 1
             weight = extreme_codes(rng, (out, channels, *kernel), -half, half).astype(np.int8)
-            got = run(np.ascontiguousarray(x.transpose(0, 2, 3, 1)).astype(dtype), tvm_weights.vnni_layout(weight))
+            got = run(np.ascontiguousarray(x.transpose(0, 2, 3, 1)).astype(dtype),
+                      tvm_weights.vnni_layout(weight, width if geometry.extra_columns else 0))
             got = got[..., :out]
             if signed:
                 got = got - 128 * weight.reshape(out, -1).astype(np.int64).sum(1)
@@ -135,15 +142,16 @@ def test_amx_kernel_is_exact_at_every_bit_pair_and_geometry(signed):
 @needs_amx
 def test_resnet18_on_amx_is_bit_exact_with_the_reference():
     """A torchvision ResNet-18 (64x64 input) at random mixed 2-8 bits, lowered for this AMX CPU: its 64..512-channel
-    convs on AMX, the first conv and the classifier on AVX-512 VNNI, every output bit-exact."""
+    convs and the 3-channel first conv (widened to 7x16 taps) on AMX, the classifier on AVX-512 VNNI, every output
+    bit-exact."""
     import torchvision
 
     _, program, x = mixed_bit_program(lambda: torchvision.models.resnet18(num_classes=10), (2, 3, 64, 64), seed=1)
     lowered = mtvm.lower(program, input_shape=tuple(x.shape))
     assert lowered.meta["isa"] == "amx" and "amx_tile" in lowered.meta["cpu_flags"]
     kernels = lowered.meta["kernel_layers"]
-    assert sum(block == amx.AMX.block for block in kernels.values()) == 19  # 16 3x3 and 3 1x1 shortcuts
-    assert sorted(layer for layer, block in kernels.items() if block == avx512_vnni.VNNI.block) == ["conv1", "fc"]
+    assert sum(block == amx.AMX.block for block in kernels.values()) == 20  # the stem, 16 3x3 and 3 1x1 shortcuts
+    assert sorted(layer for layer, block in kernels.items() if block == avx512_vnni.VNNI.block) == ["fc"]
     assert lowered.schedules["kernels"] == lowered.schedules["kernel_functions"]  # every one tensorized
     assert torch.equal(lowered(x), program.run(x))
 

@@ -160,7 +160,8 @@ def _metadata(program: IntegerProgram, shapes, built: BuiltModule, target, expos
             "packed_bytes": int(built.packed.size),
             "bits_over_8": sum(spec.bits * spec.count for spec in weights) / 8,
             "layers": {spec.name: {"bits": spec.bits, "shape": list(spec.shape), "layout": spec.layout,
-                                   "offset": spec.offset} for spec in weights},
+                                   "offset": spec.offset, **({"kernel_width": spec.kernel_width}
+                                                             if spec.kernel_width else {})} for spec in weights},
         },
         "vnni_layers": built.vnni_layers,
         "kernel_layers": built.kernel_layers,

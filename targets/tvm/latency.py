@@ -159,13 +159,13 @@ def _isa_kernel(geometry: LayerGeometry, block: str, target: Any):
 
     micro = next(m for m in registry.MICRO_KERNELS if m.block == block)
     c, co = geometry.in_channels, geometry.out_channels
-    taps = math.prod(geometry.kernel) if geometry.kernel else 1
     if geometry.op == "linear":  # its tokens (batch 1) as the rows of one GEMM, as the lowering runs it
         x = te.placeholder((math.prod(geometry.input_size), c), "uint8", name="x")
         conv = ConvGeometry("NC", False, c)
     else:
         x = te.placeholder((1, *geometry.input_size, c), "uint8", name="x")
-        conv = ConvGeometry("NHWC", False, c, geometry.kernel, geometry.stride, geometry.padding)
+        conv = micro.widened(ConvGeometry("NHWC", False, c, geometry.kernel, geometry.stride, geometry.padding))
+    taps = math.prod(conv.kernel) // conv.kernel[1] * (conv.kernel[1] + conv.extra_columns)
     w = te.placeholder((-(-co // 16), taps * -(-c // 4), 16, 4), "int8", name="w")
     acc = conv2d_te(x, w, conv, name=block)
     if int(acc.shape[-1]) != co:

@@ -28,7 +28,8 @@ def _layer_facts(lowering, node: IntNode, x: _Int) -> registry.LayerFacts:
     producer = lowering.by_name[node.inputs[0]]
     return registry.LayerFacts(node.op, int(node.attrs.get("groups", 1)), int(node.attrs["weight_bits"]),
                                int(producer.attrs.get("bits", 8)), _dtype(x.expr) == "int8", len(_shape(x.expr)),
-                               int(node.tensors["weight"].shape[1]))
+                               int(node.tensors["weight"].shape[1]),
+                               node.op == "conv2d" and int(node.attrs["dilation"][1]) > 1)
 
 
 def _layer_kernel(lowering, node: IntNode, x: _Int) -> registry.Kernel | None:
@@ -65,7 +66,6 @@ def _convert_layer_kernel(lowering, node: IntNode, x: _Int, bias: np.ndarray, sc
             raise MpqcError(f"layer {node.name!r}: the bias minus {shift}*sum(w) for the signed input's +{shift} "
                             f"shift leaves int32")
         bias = corrected.astype(np.int32)
-    w = lowering.weight(node, "vnni")
     x_expr, leading = x.expr, _shape(x.expr)[:-1]
     if node.op == "linear":
         geometry = ConvGeometry("NC", signed, int(weight.shape[1]), shift=shift)
@@ -73,8 +73,11 @@ def _convert_layer_kernel(lowering, node: IntNode, x: _Int, bias: np.ndarray, sc
             x_expr = lowering.emit(R.reshape(x_expr, [int(np.prod(leading)), int(weight.shape[1])]))
     else:
         a = node.attrs
-        geometry = ConvGeometry(x.layout, signed, int(weight.shape[1]), tuple(weight.shape[2:]), tuple(a["stride"]),
-                                tuple(a["padding"]), tuple(a["dilation"]), shift=shift)
+        geometry = micro.widened(ConvGeometry(x.layout, signed, int(weight.shape[1]), tuple(weight.shape[2:]),
+                                              tuple(a["stride"]), tuple(a["padding"]), tuple(a["dilation"]),
+                                              shift=shift))
+    w = lowering.weight(node, "vnni", kernel_width=geometry.kernel[1] + geometry.extra_columns
+                        if geometry.extra_columns else 0)
     lowering.kernel_layers[node.name] = micro.block
     acc = lowering.bb.emit_te(functools.partial(conv2d_te, geometry=geometry, name=micro.block), x_expr, w,
                               primfunc_name_hint=micro.block)

@@ -78,14 +78,15 @@ class _Lowering:
         self.params[name] = np.ascontiguousarray(array)
         return var
 
-    def weight(self, node: IntNode, layout: str):
-        """The parameter holding ``node``'s weight in ``layout`` (see ``weights.py``); its codes are
-        stored bit-packed and unpacked by ``unpack_weights``."""
+    def weight(self, node: IntNode, layout: str, kernel_width: int = 0):
+        """The parameter holding ``node``'s weight in ``layout`` (see ``weights.py``; ``kernel_width``: its kernel
+        widened, ``WeightLayout.kernel_width``); its codes are stored bit-packed and unpacked by
+        ``unpack_weights``."""
         from tvm import relax
 
         codes = node.tensors["weight"].to(torch.int8).numpy()
         spec = WeightLayout(f"{node.name}.weight", node.name, int(node.attrs["weight_bits"]), tuple(codes.shape),
-                            layout)
+                            layout, kernel_width=kernel_width)
         var = relax.Var(spec.name, relax.TensorType(spec.kernel_shape, "int8"))
         self.param_vars.append(var)
         self.param_names.append(spec.name)

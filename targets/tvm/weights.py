@@ -19,6 +19,7 @@ lowered module, run once when a module or artifact is loaded, never per inferenc
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -41,6 +42,9 @@ class WeightLayout:
     shape: tuple[int, ...]  # the layer's own weight shape: [out, in/groups, *kernel] or [out, in]
     layout: str
     offset: int = 0  # first byte of the layer's bit stream in the packed array
+    #: ``vnni`` only: the kernel's width as its kernel reads it, zero taps after the layer's own (an AMX kernel
+    #: reads a few-channel conv's taps 64 bytes at a time: ``kernels/amx.py``); 0: the layer's own width
+    kernel_width: int = 0
 
     def __post_init__(self) -> None:
         if self.layout not in LAYOUTS:
@@ -50,6 +54,9 @@ class WeightLayout:
                               f"holds signed 2..8-bit weights")
         if self.layout == "io" and len(self.shape) != 2:
             raise ConfigError(f"weight {self.name!r}: the 'io' layout is for 2-D linear weights, got {self.shape}")
+        if self.kernel_width and (self.layout != "vnni" or len(self.shape) != 4 or self.kernel_width < self.shape[3]):
+            raise ConfigError(f"weight {self.name!r}: kernel_width {self.kernel_width} widens a 'vnni' conv2d "
+                              f"weight's kernel, got {self.layout!r} {self.shape}")
 
     @property
     def count(self) -> int:
@@ -69,15 +76,21 @@ class WeightLayout:
             return self.shape[::-1]
         if self.layout == "hwio":
             return (*self.shape[2:], self.shape[1], self.shape[0])
-        out, inputs, taps = self.shape[0], self.shape[1], int(np.prod(self.shape[2:]))
+        out, inputs, taps = self.shape[0], self.shape[1], int(np.prod(self.kernel))
         return (-(-out // 16), taps * -(-inputs // 4), 16, 4)
+
+    @property
+    def kernel(self) -> tuple[int, ...]:
+        """The kernel's spatial shape as its kernel reads it (``kernel_width`` applied)."""
+        kernel = tuple(self.shape[2:])
+        return (*kernel[:-1], self.kernel_width) if self.kernel_width else kernel
 
 
 def place(layouts: list[WeightLayout]) -> list[WeightLayout]:
     """The layouts with their byte offsets assigned, one after the other."""
     placed, offset = [], 0
     for layout in layouts:
-        placed.append(WeightLayout(layout.name, layout.layer, layout.bits, layout.shape, layout.layout, offset))
+        placed.append(dataclasses.replace(layout, offset=offset))
         offset += layout.nbytes
     return placed
 
@@ -113,9 +126,12 @@ def pack_bits(layouts: list[WeightLayout], codes: dict[str, np.ndarray]) -> np.n
     return packed
 
 
-def vnni_layout(weight: np.ndarray) -> np.ndarray:
+def vnni_layout(weight: np.ndarray, kernel_width: int = 0) -> np.ndarray:
     """A ``[out, in, *kernel]`` (or ``[out, in]``) int8 weight as ``[ceil(out/16), taps*ceil(in/4), 16, 4]``:
-    element ``[o // 16, tap * ceil(in/4) + i // 4, o % 16, i % 4]`` is ``weight[o, i, tap]``, zero where padded."""
+    element ``[o // 16, tap * ceil(in/4) + i // 4, o % 16, i % 4]`` is ``weight[o, i, tap]``, zero where padded
+    (``kernel_width``: a conv2d kernel widened to that many columns, zeros after its own)."""
+    if kernel_width:
+        weight = np.pad(weight, [(0, 0)] * 3 + [(0, kernel_width - weight.shape[3])])
     out, inputs = weight.shape[:2]
     taps = int(np.prod(weight.shape[2:]))
     out16, in4 = -(-out // 16) * 16, -(-inputs // 4) * 4
@@ -152,7 +168,7 @@ def unpack_te(packed, layout: WeightLayout):
         return te.compute(layout.kernel_shape, lambda h, w, i, o: decode(flat_index((o, i, h, w))),
                           name="unpack_weight")
     out, inputs = shape[:2]
-    kernel = shape[2:]
+    kernel = layout.kernel
     in4 = -(-inputs // 4)
 
     def vnni(block, row, lane, quad):
@@ -161,7 +177,11 @@ def unpack_te(packed, layout: WeightLayout):
         for extent in reversed(kernel):
             taps.insert(0, tap % extent)
             tap = tap // extent
-        inside = tirx.all(o < out, i < inputs)
+        conditions = [o < out, i < inputs]
+        if layout.kernel_width:  # the widened columns are zero
+            conditions.append(taps[-1] < shape[-1])
+            taps[-1] = tirx.min(taps[-1], shape[-1] - 1)
+        inside = tirx.all(*conditions)
         index = (tirx.min(o, out - 1), tirx.min(i, inputs - 1), *taps)
         return tirx.if_then_else(inside, decode(flat_index(index)), tirx.const(0, "int8"))
 

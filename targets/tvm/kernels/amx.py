@@ -28,11 +28,13 @@ exported artifact with AMX kernels runs.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass
 
 from mpqc.targets.tvm.kernels.avx512_vnni import SHIFT
-from mpqc.targets.tvm.kernels.implicit_gemm import GEOMETRY_ATTR, Kernel, LayerFacts, MicroKernel, Tile
+from mpqc.errors import ConfigError
+from mpqc.targets.tvm.kernels.implicit_gemm import GEOMETRY_ATTR, ConvGeometry, Kernel, LayerFacts, MicroKernel, Tile
 
 log = logging.getLogger(__name__)
 
@@ -45,8 +47,18 @@ PARALLEL_CHUNKS = 16  # parallel chunks of a layer, each loads the tile configur
 
 
 def fits(layer: LayerFacts) -> bool:
-    """A 2-D conv (groups 1) whose input channels fill whole 64-byte tile rows."""
-    return layer.op == "conv2d" and layer.groups == 1 and layer.channels % CHANNEL_STEP == 0
+    """A 2-D conv (groups 1) whose input channels fill whole 64-byte tile rows, or whose channels (padded to 4)
+    divide 64 and which is not dilated along its width: a tile row then holds that many neighbouring taps of a
+    kernel row (:func:`taps_per_row`)."""
+    padded = -(-layer.channels // 4) * 4
+    return layer.op == "conv2d" and layer.groups == 1 and (
+        layer.channels % CHANNEL_STEP == 0 or (CHANNEL_STEP % padded == 0 and not layer.dilated))
+
+
+def taps_per_row(channels: int) -> int:
+    """Kernel taps one 64-byte tile row reads: 1 where ``channels`` (padded to 4) fill it, else ``64 / channels``
+    neighbouring taps of a kernel row (a 3-channel first conv: 16 taps of 4 bytes)."""
+    return max(1, CHANNEL_STEP // channels)
 
 
 def tile_config(group: int, groups: int, blocks: int) -> list[int]:
@@ -88,7 +100,10 @@ def register_intrinsic(rows: int, blocks: int, kernel: tuple[int, int], channels
 
     span_h, span_w = (kh - 1) * dh + 1, (rows - 1) * stride_w + (kw - 1) * dw + 1
     k_rows, channels, width = kh * kw * channels4, channels4 * 4, 16 * blocks
-    steps = channels // CHANNEL_STEP
+    steps, taps = max(1, channels // CHANNEL_STEP), taps_per_row(channels)  # 64-byte steps per tap, taps per step
+    if taps > 1 and (kw % taps or dw != 1):
+        raise ConfigError(f"AMX conv: {channels} channels read {taps} taps per tile row, so the kernel's width "
+                          f"({kw}) must be a multiple of {taps} and its dilation 1, got {dw}")
     group, groups = split_rows(rows)
 
     def buffers(a_handle, b_handle, c_handle, a_h, a_w, b_block, c_row):
@@ -104,30 +119,26 @@ def register_intrinsic(rows: int, blocks: int, kernel: tuple[int, int], channels
         T.reads(c[0, 0, 0:rows, 0:width], a[0, 0:span_h, 0:span_w, 0:channels], b[0:blocks, 0:k_rows, 0:16, 0:4])
         T.writes(c[0, 0, 0:rows, 0:width])
 
-    # (a 1x1 kernel's tap loops have extent 1 and TVM drops them from the block's iterators: so does this)
-    if (kh, kw) == (1, 1):
-        @T.prim_func(s_tir=True)
-        def desc(a_handle: T.handle, b_handle: T.handle, c_handle: T.handle) -> None:
-            a, b, c = buffers(a_handle, b_handle, c_handle, T.int32(), T.int32(), T.int32(), T.int32())
-            with T.sblock("root"):
-                regions(a, b, c)
-                for i, j, rh, rw, rc, rq in T.grid(rows, width, 1, 1, channels4, 4):
-                    with T.sblock("update"):
-                        vi, vj, vc, vq = T.axis.remap("SSRR", [i, j, rc, rq])
-                        c[0, 0, vi, vj] = c[0, 0, vi, vj] + T.cast(a[0, 0, vi * stride_w, vc * 4 + vq], "int32") \
-                            * T.cast(b[vj // 16, vc, vj % 16, vq], "int32")
-    else:
-        @T.prim_func(s_tir=True)
-        def desc(a_handle: T.handle, b_handle: T.handle, c_handle: T.handle) -> None:
-            a, b, c = buffers(a_handle, b_handle, c_handle, T.int32(), T.int32(), T.int32(), T.int32())
-            with T.sblock("root"):
-                regions(a, b, c)
-                for i, j, rh, rw, rc, rq in T.grid(rows, width, kh, kw, channels4, 4):
-                    with T.sblock("update"):
-                        vi, vj, vh, vw, vc, vq = T.axis.remap("SSRRRR", [i, j, rh, rw, rc, rq])
-                        c[0, 0, vi, vj] = c[0, 0, vi, vj] + T.cast(
-                            a[0, vh * dh, vi * stride_w + vw * dw, vc * 4 + vq], "int32") * T.cast(
-                            b[vj // 16, (vh * kw + vw) * channels4 + vc, vj % 16, vq], "int32")
+    def update(a, b, c, i, j, rh, rw, rc, rq):
+        """The update block's body, ``c += a * b``. TVM leaves the reduction loops of extent 1 (a 1-row or 1x1
+        kernel's taps, one channel quad) out of the conv block's iterators, so this does too (0 in their place)."""
+        loops = [i, j] + [v for v, extent in ((rh, kh), (rw, kw), (rc, channels4)) if extent > 1] + [rq]
+        axes = iter(T.axis.remap("SS" + "R" * (len(loops) - 2), loops))
+        vi, vj = next(axes), next(axes)
+        vh, vw, vc = [next(axes) if extent > 1 else 0 for extent in (kh, kw, channels4)]
+        vq = next(axes)
+        product = T.cast(a[0, vh * dh, vi * stride_w + vw * dw, vc * 4 + vq], "int32") * T.cast(
+            b[vj // 16, (vh * kw + vw) * channels4 + vc, vj % 16, vq], "int32")
+        T.buffer_store(c, c[0, 0, vi, vj] + product, [0, 0, vi, vj])
+
+    @T.prim_func(s_tir=True)
+    def desc(a_handle: T.handle, b_handle: T.handle, c_handle: T.handle) -> None:
+        a, b, c = buffers(a_handle, b_handle, c_handle, T.int32(), T.int32(), T.int32(), T.int32())
+        with T.sblock("root"):
+            regions(a, b, c)
+            for i, j, rh, rw, rc, rq in T.grid(rows, width, kh, kw, channels4, 4):
+                with T.sblock("update"):
+                    update(a, b, c, i, j, rh, rw, rc, rq)
 
     def call(name_, *args):
         return T.evaluate(T.call_llvm_intrin("void", f"llvm.x86.{name_}", *args))
@@ -144,14 +155,14 @@ def register_intrinsic(rows: int, blocks: int, kernel: tuple[int, int], channels
                 for t in T.unroll(blocks):
                     call("tileloadd64", T.uint8(2 * g + t), c.access_ptr("r", offset=g * group * c_row + 16 * t),
                          T.int64(c_row * 4))
-            for rh, rw, step in T.grid(kh, kw, steps):
+            for rh, rw, step in T.grid(kh, kw // taps, steps):  # (taps > 1: the 64 bytes of `taps` pixels)
                 for g in T.unroll(groups):
                     call("tileloadd64", T.uint8(ACTIVATION_TILE + g),
-                         a.access_ptr("r", offset=g * group * stride_w * a_w + rh * dh * a_h + rw * dw * a_w
+                         a.access_ptr("r", offset=g * group * stride_w * a_w + rh * dh * a_h + rw * taps * dw * a_w
                                       + step * CHANNEL_STEP), T.int64(stride_w * a_w))
                 for t in T.unroll(blocks):
                     call("tileloadd64", T.uint8(WEIGHT_TILE + t),
-                         b.access_ptr("r", offset=t * b_block + ((rh * kw + rw) * channels4 + step * 16) * 64),
+                         b.access_ptr("r", offset=t * b_block + ((rh * kw + rw * taps) * channels4 + step * 16) * 64),
                          T.int64(64))
                 for g in T.unroll(groups):
                     for t in T.unroll(blocks):
@@ -253,6 +264,14 @@ class AMXKernel(MicroKernel):
         most ResNet-18 geometries here (2-core Xeon, 2 threads: 14x14x256 14x2 0.147 ms vs 14x1 0.170; 7x7x512 7x2
         0.193 vs 0.259; 56x56x64 14x1 0.238 vs 14x2 0.255, 28x2 0.284); tuning (``tuning_db``) measures them all."""
         return self.tile_candidates(out_width, channel_blocks)[1 if channel_blocks % 2 == 0 else 0]
+
+    def widened(self, geometry: ConvGeometry) -> ConvGeometry:
+        """A few-channel conv's kernel widened to a multiple of :func:`taps_per_row` columns (zero weights): each
+        kernel row is read 64 bytes at a time. A 7x7 first conv on 3 (4) channels becomes 7x16: 7 tile steps
+        with 7/16 of each useful, against 49 one-tap steps of the VNNI kernel with 4 of its 64 bytes useful."""
+        taps = taps_per_row(geometry.channels4 * 4)
+        width = geometry.kernel[1]
+        return dataclasses.replace(geometry, extra_columns=-(-width // taps) * taps - width) if taps > 1 else geometry
 
     def lay_out(self, sch, conv, tile: Tile):
         geometry = _geometry(sch, conv)

@@ -133,6 +133,11 @@ class MicroKernel:
         """The tile of a geometry no tuning has measured."""
         return choose_tile(out_width, channel_blocks, self)
 
+    def widened(self, geometry: ConvGeometry) -> ConvGeometry:
+        """``geometry`` as this micro-kernel reads it: its kernel columns (``ConvGeometry.extra_columns``, zero
+        weights, ``WeightLayout.kernel_width``); here unchanged."""
+        return geometry
+
     def lay_out(self, sch, conv, tile: "Tile"):
         """Tile the conv block's loops for this micro-kernel: (the parallel loop the epilogue follows, a callable
         that then tensorizes the reduction). Here the register tile: ``tile.rows`` pixels x ``tile.blocks``
@@ -171,6 +176,7 @@ class LayerFacts:
     signed: bool  # signed (int8) activations
     rank: int  # rank of the layer's input (a linear layer is taken on 2-D inputs only)
     channels: int = 0  # input channels (in features of a linear layer): multi-step kernels need C/4 to divide
+    dilated: bool = False  # a conv dilated along its width
 
 
 @dataclass(frozen=True)
@@ -214,13 +220,19 @@ class ConvGeometry:
     padding: tuple[int, int] = (0, 0)
     dilation: tuple[int, int] = (1, 1)
     shift: int = 128  # added to signed activations to make them unsigned (the padding then holds it)
+    #: kernel columns after the layer's own (zero weights: ``MicroKernel.widened``), read from as many more
+    #: columns of padding on the right
+    extra_columns: int = 0
 
     def __post_init__(self) -> None:
         if not 1 <= self.shift <= 128:
             raise ConfigError(f"ConvGeometry.shift must be in [1, 128], got {self.shift}")
         if self.in_layout not in ("NCHW", "NHWC", "NC"):
             raise ConfigError(f"ConvGeometry.in_layout must be NCHW, NHWC or NC, got {self.in_layout!r}")
-        if self.channels < 1 or min(*self.kernel, *self.stride, *self.dilation) < 1 or min(self.padding) < 0:
+        if self.extra_columns and self.dilation[1] != 1:
+            raise ConfigError(f"ConvGeometry: extra kernel columns need dilation 1 along the width, got {self}")
+        if self.channels < 1 or min(*self.kernel, *self.stride, *self.dilation) < 1 or min(self.padding) < 0 \
+                or self.extra_columns < 0:
             raise ConfigError(f"ConvGeometry: channels, kernel, stride and dilation must be >= 1 and padding >= 0, "
                               f"got {self}")
 
@@ -247,6 +259,7 @@ def conv2d_te(x, weight, geometry: ConvGeometry, name: str = CONV_BLOCK):
     if c != g.channels:
         raise ConfigError(f"implicit-GEMM conv: the input has {c} channels, its geometry says {g.channels}")
     (kh, kw), (sh, sw), (ph, pw), (dh, dw) = g.kernel, g.stride, g.padding, g.dilation
+    kw += g.extra_columns
     c4 = g.channels4
     out16 = int(weight.shape[0]) * 16
     if int(weight.shape[1]) != kh * kw * c4:
@@ -261,14 +274,14 @@ def conv2d_te(x, weight, geometry: ConvGeometry, name: str = CONV_BLOCK):
             value = x[j, k]
         return (value.astype("int32") + g.shift).astype("uint8") if g.signed else value
 
-    needs_copy = g.signed or g.in_layout != "NHWC" or ph or pw or c4 * 4 != c
+    needs_copy = g.signed or g.in_layout != "NHWC" or ph or pw or c4 * 4 != c or g.extra_columns
     if needs_copy:
-        hp, wp = h + 2 * ph, w + 2 * pw
+        hp, wp = h + 2 * ph, w + 2 * pw + g.extra_columns
         fill = tirx.const(g.shift if g.signed else 0, "uint8")
 
         def padded(b, i, j, k):
-            inside = [cond for cond, needed in ((i >= ph, ph), (i < h + ph, ph), (j >= pw, pw), (j < w + pw, pw),
-                                                (k < c, c4 * 4 != c)) if needed]
+            inside = [cond for cond, needed in ((i >= ph, ph), (i < h + ph, ph), (j >= pw, pw),
+                                                (j < w + pw, pw or g.extra_columns), (k < c, c4 * 4 != c)) if needed]
             value = read(b, i - ph, j - pw, tirx.min(k, c - 1) if c4 * 4 != c else k)
             return tirx.if_then_else(tirx.all(*inside), value, fill) if inside else value
 
@@ -279,7 +292,7 @@ def conv2d_te(x, weight, geometry: ConvGeometry, name: str = CONV_BLOCK):
     else:
         hp, wp = h, w
         source = read
-    oh, ow = (hp - dh * (kh - 1) - 1) // sh + 1, (wp - dw * (kw - 1) - 1) // sw + 1
+    oh, ow = (hp - dh * (kh - 1) - 1) // sh + 1, (wp - dw * (kw - 1) - 1) // sw + 1  # (extra columns: the same)
     rh, rw = te.reduce_axis((0, kh), "kh"), te.reduce_axis((0, kw), "kw")
     rc, rq = te.reduce_axis((0, c4), "c4"), te.reduce_axis((0, 4), "ci")
 
