@@ -657,9 +657,9 @@ def test_artifact_weights_are_bit_packed(resnet20, tmp_path):
     assert sorted(unpacked) == sorted(f"{node.name}.weight" for node in layers)
     for node in layers:
         codes = node.tensors["weight"].numpy()
-        layout = meta["weights"]["layers"][f"{node.name}.weight"]["layout"]
+        entry = meta["weights"]["layers"][f"{node.name}.weight"]
         arrange = {"oihw": lambda w: w, "hwio": lambda w: w.transpose(2, 3, 1, 0), "io": lambda w: w.T,
-               "vnni": tvm_weights.vnni_layout}[layout]
+                   "vnni": lambda w: tvm_weights.vnni_layout(w, entry.get("kernel_width", 0))}[entry["layout"]]
         assert np.array_equal(unpacked[f"{node.name}.weight"], arrange(codes)), node.name
 
 
