@@ -785,8 +785,13 @@ def test_cli_lower_writes_a_checked_artifact(tmp_path, capsys):
     assert main(["lower", str(run_dir), "--target", "llvm", "--out", str(out), "--input-shape", "1,1,8,8"]) == 0
     printed = capsys.readouterr().out
     assert "bit for bit" in printed and (out / "model.so").is_file()
-    with_vnni = json.loads((out / "model.json").read_text())["vnni_layers"]
-    assert with_vnni == (["conv1", "conv2", "fc"] if avx512_vnni.target_has_vnni(mtvm.resolve_target("llvm")) else [])
+    meta = json.loads((out / "model.json").read_text())
+    if avx512_vnni.target_has_vnni(mtvm.resolve_target("llvm")):  # every layer on a kernel; VNNI's where no AMX one
+        assert sorted(meta["kernel_layers"]) == ["conv1", "conv2", "fc"]
+        assert meta["vnni_layers"] == [layer for layer in ("conv1", "conv2", "fc")
+                                       if meta["kernel_layers"][layer] == avx512_vnni.VNNI.block]
+    else:
+        assert meta["vnni_layers"] == []
     plain = tmp_path / "plain"
     assert main(["lower", str(run_dir), "--out", str(plain), "--input-shape", "1,1,8,8", "--vnni", "off"]) == 0
     assert "bit for bit" in capsys.readouterr().out
