@@ -85,6 +85,18 @@ def test_tiles_are_the_largest_row_divisor_up_to_16_or_two_of_them_by_one_or_two
 
 
 # --------------------------------------------------------------------------------------------- the code
+def test_a_layer_loads_the_tile_configuration_once_per_parallel_chunk():
+    """Chunks: the largest divisor of the tiles up to 4 per core (equal shares), one per tile where no divisor
+    gives every core one (a prime count of tiles stays parallel); the configuration is loaded at each chunk's start
+    and nowhere else (built for Sapphire Rapids: nothing runs)."""
+    assert [amx.parallel_chunks(extent, cores=2) for extent in (448, 112, 49, 13, 7, 1)] == [8, 8, 7, 13, 7, 1]
+    assert amx.parallel_chunks(448, cores=16) == 64 and amx.parallel_chunks(13, cores=16) == 13
+    geometry = implicit_gemm.ConvGeometry("NHWC", False, 64, (3, 3), (1, 1), (1, 1))
+    _, asm = build_conv_kernel(geometry, (1, 8, 8, 64), "uint8", (2, 9 * 16, 16, 4), micro=amx.AMX,
+                               target={**SAPPHIRE_RAPIDS, "num-cores": 2})
+    assert len(re.findall(r"\bldtilecfg\b", asm)) == 1 and re.search(r"\btdpbusd\b", asm)
+
+
 def test_an_amx_target_gets_tile_instructions():
     """Built for Sapphire Rapids on any host (nothing runs): the conv is tensorized with the tile configuration,
     tile loads, ``tdpbusd`` and tile stores, and no ``vpdpbusd``."""

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 from dataclasses import dataclass
 
 from mpqc.targets.tvm.kernels.avx512_vnni import SHIFT
@@ -43,7 +44,7 @@ MAX_ROWS = 16  # tile rows: output pixels per tile
 # tile registers: accumulators 0-3 (2 * pixel group + channel block), activations 4-5 (one per pixel group),
 # weights 6-7 (one per channel block)
 ACTIVATION_TILE, WEIGHT_TILE = 4, 6
-PARALLEL_CHUNKS = 16  # parallel chunks of a layer, each loads the tile configuration once (``configure_chunks``)
+CHUNKS_PER_CORE = 4  # parallel chunks of a layer per core, each loads the tile configuration once (configure_chunks)
 
 
 def fits(layer: LayerFacts) -> bool:
@@ -227,9 +228,19 @@ def configure_chunks(sch, chunks, words: list[int]) -> None:
                                                       body, loop.thread_binding, loop.annotations), {})
 
 
-def parallel_chunks(extent: int, most: int = PARALLEL_CHUNKS) -> int:
-    """Chunks of a parallel loop of ``extent`` iterations: the largest divisor up to ``most``."""
-    return max(d for d in range(1, min(most, extent) + 1) if extent % d == 0)
+def parallel_chunks(extent: int, cores: int | None = None) -> int:
+    """Chunks of a parallel loop of ``extent`` tiles: the largest divisor of ``extent`` up to
+    :data:`CHUNKS_PER_CORE` per core (the target's ``num-cores``, else this machine's), so that threads get equal
+    shares and each loads the configuration a few times; ``extent`` (one tile each) where no divisor gives every
+    core one."""
+    if cores is None:
+        import tvm
+
+        target = tvm.target.Target.current(allow_none=True)
+        cores = int(target.attrs.get("num-cores", 0)) if target is not None else 0
+        cores = cores or os.cpu_count() or 1
+    chunks = max(d for d in range(1, min(CHUNKS_PER_CORE * cores, extent) + 1) if extent % d == 0)
+    return chunks if chunks >= min(cores, extent) else extent
 
 
 def _allow_tiles_here() -> None:
