@@ -42,9 +42,9 @@ def test_latency_table_is_measured_cached_and_differentiable(tmp_path, monkeypat
     measured = []
     measure = latency.measure_blocks
 
-    def counted(entries, target, repeat=30):
+    def counted(entries, target, repeat=30, tuning_dir=None):
         measured.extend(block for _, block in entries)
-        return measure(entries, target, 3, rounds=1)
+        return measure(entries, target, 3, rounds=1, tuning_dir=tuning_dir)
 
     monkeypatch.setattr(latency, "measure_blocks", counted)
     latency.clear_memo()
@@ -59,6 +59,9 @@ def test_latency_table_is_measured_cached_and_differentiable(tmp_path, monkeypat
     assert (table.grid > 0).all()
     stored = json.loads((tmp_path / latency.TABLE_FILE).read_text())["hosts"][table.host]
     assert len(stored) == len(measured)
+    # each kernel measured at its tuned tile, recorded where a lowering with this tuning_db finds it
+    tiles = json.loads((tmp_path / "vnni_tiles.json").read_text())
+    assert {key.split(" conv ")[0] for key in tiles} == conv_blocks
     # equal bits -> equal kernel -> equal entry; the generic layer does not depend on the bits
     assert table.grid[0, 2 - 2, 8 - 2] == table.grid[0, 4 - 2, 8 - 2]
     assert torch.unique(table.grid[1]).numel() == 1
@@ -108,7 +111,7 @@ def test_compile_meets_a_latency_budget_after_freezing(trained_small_cnn, digits
     smallest and the 8-bit latency is met after freezing, and the report shows each layer's predicted ms."""
     from mpqc import pipeline
 
-    def fake_measure(entries, target, repeat=30):
+    def fake_measure(entries, target, repeat=30, tuning_dir=None):
         return [1e-6 * g.in_channels * g.out_channels * (g.kernel or (1,))[0] ** 2 * _SPEED[block]
                 for g, block in entries]
 

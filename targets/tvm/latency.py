@@ -149,8 +149,10 @@ def _multiplier_shape(shape: Sequence[int], channel_axis: int) -> tuple[int, ...
     return tuple(int(d) if axis == channel_axis else 1 for axis, d in enumerate(shape))
 
 
-def _isa_kernel(geometry: LayerGeometry, block: str, target: Any):
-    """(``time_evaluator`` of, arguments for) the implicit-GEMM kernel ``block`` on ``geometry``: one PrimFunc."""
+def _isa_kernel(geometry: LayerGeometry, block: str, target: Any, tuning_dir: Path | None = None):
+    """(``time_evaluator`` of, arguments for) the implicit-GEMM kernel ``block`` on ``geometry``: one PrimFunc, at
+    the tile tuned for its geometry in ``tuning_dir`` (tuned there first if it is not yet: the lowering, given the
+    same directory, then runs the same tile), or the default tile without one."""
     import tvm
     from tvm import s_tir, te
 
@@ -175,8 +177,17 @@ def _isa_kernel(geometry: LayerGeometry, block: str, target: Any):
     channel_axis = len(acc.shape) - 1
     multiplier = te.placeholder(_multiplier_shape(acc.shape, channel_axis), "float32", name="multiplier")
     out = _requantize_te(acc, bias, multiplier, channel_axis)
-    sch = s_tir.Schedule(te.create_prim_func([x, w, bias, multiplier, out]).with_attr("global_symbol", "main"))
-    if not schedule_conv(sch, None, micro):
+    func = te.create_prim_func([x, w, bias, multiplier, out]).with_attr("global_symbol", "main")
+    tile = None
+    if tuning_dir is not None:
+        from mpqc.targets.tvm.kernels.implicit_gemm import conv_signature, find_conv
+        from mpqc.targets.tvm.schedule import tune_vnni_tiles
+
+        tiles = tune_vnni_tiles(tvm.IRModule({"main": func}), target, tuning_dir)
+        probe = s_tir.Schedule(func)
+        tile = tiles.get(conv_signature(probe, find_conv(probe, (micro,))[0]))
+    sch = s_tir.Schedule(func)
+    if not schedule_conv(sch, tile, micro):
         raise ConfigError(f"latency table: could not schedule {block} for {geometry.key}")
     module = tvm.compile(sch.mod, target=target).mod
     return module.time_evaluator, _arguments([x, w, bias, multiplier, out])
@@ -245,11 +256,12 @@ def _arguments(placeholders) -> list[Any]:
 
 
 def measure_blocks(entries: Sequence[tuple[LayerGeometry, str]], target: Any, repeat: int = 30,
-                   rounds: int = 3) -> list[float]:
+                   rounds: int = 3, tuning_dir: Path | None = None) -> list[float]:
     """Milliseconds of each ``(geometry, block)`` (a micro-kernel block, or :data:`GENERIC`), batch 1: every
-    kernel is built first, then timed in ``rounds`` passes over all of them, ``repeat`` timings each (each at least
-    2 ms of runs); the fastest timing of all passes counts. Passes apart in time keep a burst of other work on the
-    cores from inflating one entry (single passes measured up to 5x too slow here under load)."""
+    kernel is built first (a micro-kernel at its tile tuned in ``tuning_dir``, :func:`_isa_kernel`), then timed in
+    ``rounds`` passes over all of them, ``repeat`` timings each (each at least 2 ms of runs); the fastest timing of
+    all passes counts. Passes apart in time keep a burst of other work on the cores from inflating one entry
+    (single passes measured up to 5x too slow here under load)."""
     import tvm
 
     timers = []
@@ -257,7 +269,7 @@ def measure_blocks(entries: Sequence[tuple[LayerGeometry, str]], target: Any, re
         if block in (GENERIC, GENERIC_CHANNELS_LAST):
             evaluator, arguments = _generic_kernel(geometry, target, channels_last=block == GENERIC_CHANNELS_LAST)
         else:
-            evaluator, arguments = _isa_kernel(geometry, block, target)
+            evaluator, arguments = _isa_kernel(geometry, block, target, tuning_dir)
         timer = evaluator("main", tvm.cpu(), number=1, repeat=repeat, min_repeat_ms=2)
         timer(*arguments)  # warm-up (thread pool, caches)
         timers.append((timer, arguments))
@@ -307,7 +319,10 @@ class LatencyTable:
 
 def latency_table(layers: Sequence[LayerInfo], *, target: Any = "llvm", isa: str = "auto",
                   tuning_db: str | Path | None = None, repeat: int = 30) -> LatencyTable:
-    """The table of ``layers`` on this host (measuring only what ``<tuning_db>/latency_table.json`` lacks)."""
+    """The table of ``layers`` on this host (measuring only what ``<tuning_db>/latency_table.json`` lacks). Given a
+    ``tuning_db``, each micro-kernel layer is measured at the tile tuned there for its geometry (tuned first where
+    none is), the tile a lowering with the same ``tuning_db`` runs; without one, at the default tile, as such a
+    lowering runs."""
     from mpqc.targets.tvm.kernels import registry
     from mpqc.targets.tvm.target import resolve_target
 
@@ -325,8 +340,7 @@ def latency_table(layers: Sequence[LayerInfo], *, target: Any = "llvm", isa: str
     if memo_key in _TABLES:
         _REQUESTS[request] = _TABLES[memo_key]
         return _TABLES[memo_key]
-    path = Path(tuning_db) if tuning_db is not None else default_tuning_db()
-    path = path / TABLE_FILE
+    path = (Path(tuning_db) if tuning_db is not None else default_tuning_db()) / TABLE_FILE
     stored = _read(path)
     measured = stored.setdefault(host, {})
     blocks = [kernel_blocks(g, isa) for g in geometries]
@@ -335,7 +349,9 @@ def latency_table(layers: Sequence[LayerInfo], *, target: Any = "llvm", isa: str
     entries = [(geometry, block) for (_, block), geometry in missing.items()]
     if entries:
         registry.check_runnable(isa, "measuring the latency table")
-    for (geometry, block), ms in zip(entries, measure_blocks(entries, tvm_target, repeat) if entries else []):
+    tuning_dir = None if tuning_db is None else Path(tuning_db)
+    timings = measure_blocks(entries, tvm_target, repeat, tuning_dir=tuning_dir) if entries else []
+    for (geometry, block), ms in zip(entries, timings):
         measured[f"{geometry.key} | {block}"] = ms
     if missing:
         _write(path, stored)
