@@ -59,14 +59,15 @@ def cli_in_process(capsys, *args: str) -> tuple[int, str, str]:
     return status, out, err
 
 
-def _load_examples():
-    spec = importlib.util.spec_from_file_location("mpqc_example_models", ROOT / "examples" / "models.py")
+def load_script(relative: str, name: str):
+    """The repository's script ``relative`` (``bench/latency.py``, ``examples/models.py``) imported as ``name``."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / relative)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
 
 
-example_models = _load_examples()
+example_models = load_script("examples/models.py", "mpqc_example_models")
 
 
 #: A compile configuration small enough for tests on the digits (2 search epochs, 1 fine-tune epoch).

@@ -1,23 +1,13 @@
 """``bench/latency.py``'s bookkeeping (its measurements are benchmarks, run by hand)."""
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def _bench():
-    spec = importlib.util.spec_from_file_location("mpqc_bench_latency", ROOT / "bench" / "latency.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    return bench
+from conftest import load_script
 
 
 def test_rounds_report_the_median_ratio_and_keep_every_round():
     """``--rounds 3``: the round whose mpqc/PyTorch-int8 ratio is the median is the case's row, and every round's
     times and ratio are kept; a round without a PyTorch int8 time sorts last; one round is returned as it is."""
-    bench = _bench()
+    bench = load_script("bench/latency.py", "mpqc_bench_latency")
 
     def row(tvm_ms, torch_ms):
         ratio = tvm_ms / torch_ms if torch_ms else None

@@ -9,7 +9,6 @@ import os
 os.environ.setdefault("TVM_NUM_THREADS", "2")  # TVM's pool starts one thread here otherwise (TVM_NOTES trap 2)
 
 import dataclasses  # noqa: E402
-import importlib.util  # noqa: E402
 import re  # noqa: E402
 
 import numpy as np  # noqa: E402
@@ -17,8 +16,8 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 import mpqc  # noqa: E402
-from conftest import (ROOT, build_conv_kernel, conv_reference, example_models, extreme_codes,  # noqa: E402
-                      freeze_at_random_bits, quantized_graph)
+from conftest import (build_conv_kernel, conv_reference, example_models, extreme_codes,  # noqa: E402
+                      freeze_at_random_bits, load_script, quantized_graph)
 from mpqc import cli, cpu  # noqa: E402
 from mpqc.budgets import parse_budget  # noqa: E402
 from mpqc.errors import ConfigError  # noqa: E402
@@ -242,9 +241,7 @@ def test_avx_vnni_kernel_is_exact_at_every_bit_pair(instruction, signed):
 def test_the_benchmark_knows_avxvnni_and_never_probes_an_instruction_the_cpu_lacks(monkeypatch):
     """``bench/latency.py``: ``--isa avxvnni``, a peak of 128 int8 ops/cycle/core for it, and a clock probe that runs
     ``{vex} vpdpbusd`` only where /proc/cpuinfo shows ``avx_vnni`` (here: monkeypatched away)."""
-    spec = importlib.util.spec_from_file_location("mpqc_bench_latency", ROOT / "bench" / "latency.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_script("bench/latency.py", "mpqc_bench_latency")
     assert bench.OPS_PER_CYCLE["avxvnni"] == 128 and set(bench.OPS_PER_CYCLE) == set(cpu.ISA_CHOICES[1:])
     assert bench.PROBES["avxvnni"][1] == "{vex} vpdpbusd ymm"
     _with_flags(monkeypatch, HOST_FLAGS - {"avx_vnni"}, target=False)
