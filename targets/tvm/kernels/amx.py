@@ -4,19 +4,24 @@ Sapphire Rapids and later Xeons (``/proc/cpuinfo`` flags ``amx_tile`` and ``amx_
 
 *Matches*: what the registry (``registry.py``) gives the ``amx`` ISA: ``conv2d`` (groups 1) at any bits <= 8 whose
 input channels are a multiple of 64 (one tile row of int8 is 64 bytes: each step reads 64 channels of one kernel
-tap). Every other layer of an ``amx`` module falls back to the AVX-512 VNNI kernel (``Kernel.fallback``): every AMX
-CPU has AVX-512 VNNI, and a ResNet's 3-channel first conv or a linear layer on one row would fill a tile to 1/16.
+tap), or whose channels padded to 4 divide 64 and which is not dilated along its width (a 3-channel stem, 16 or
+32 channels: a step reads ``64 / C`` neighbouring taps of one kernel row, :meth:`AMXKernel.widened`). Every other
+layer of an ``amx`` module falls back to the AVX-512 VNNI kernel (``Kernel.fallback``): every AMX CPU has AVX-512
+VNNI, and a linear layer on one row would fill a tile to 1/16.
 
 *Rewrites to*: the conv block :data:`AMX` (``amx_conv``), the same TE, packed ``[Co/16, K/4, 16, 4]`` weights and
 shift (128) as VNNI: that weight layout is exactly AMX's "VNNI-packed" B operand, 16 rows of 4-byte groups times 16
-output channels, so a B tile is 1 KiB of one channel block read at stride 64. The schedule (:meth:`AMXKernel.lay_out`)
-tiles the output: ``groups`` (1 or 2) runs of ``M`` pixels of one row (``M`` the largest divisor of the output width
-up to 16) by ``16 * blocks`` channels (``blocks`` 1 or 2), up to 2 x 2 int32 accumulator tiles, and tensorizes that
-tile's whole reduction with one intrinsic per geometry (:func:`register_intrinsic`): load the tile configuration,
-load the accumulators (zeroed just before, the reduction's init), then per kernel tap and 64-channel step load each
-group's activation tile (``M`` rows, one per output pixel, at the row stride of the convolution's stride) and each
-block's weight tile and ``tdpbusd`` every pair, then store the accumulators. The fused epilogue follows per tile, as
-for VNNI. Tile registers are immediates: the intrinsic's loops over groups and blocks are unrolled, so they fold to
+output channels, so a B tile is 1 KiB of one channel block read at stride 64. A few-channel conv's kernel is widened
+with zero taps to a multiple of ``64 / C`` columns (``ConvGeometry.extra_columns``, ``WeightLayout.kernel_width``):
+7x7 on 4 bytes per pixel becomes 7x16, one step per kernel row. The schedule (:meth:`AMXKernel.lay_out`) tiles the
+output: ``groups`` (1 or 2) runs of ``M`` pixels of one row (``M`` the largest divisor of the output width up to 16)
+by ``16 * blocks`` channels (``blocks`` 1 or 2), up to 2 x 2 int32 accumulator tiles, and tensorizes that tile's
+whole reduction with one intrinsic per geometry (:func:`register_intrinsic`): load the accumulators (zeroed just
+before, the reduction's init), then per 64-byte step load each group's activation tile (``M`` rows, one per output
+pixel, at the row stride of the convolution's stride) and each block's weight tile and ``tdpbusd`` every pair, then
+store the accumulators. The tile configuration is loaded once per parallel chunk of tiles (:func:`configure_chunks`,
+``ldtilecfg`` being as slow as a small tile's reduction), not per tile. The fused epilogue follows per tile, as for
+VNNI. Tile registers are immediates: the intrinsic's loops over groups and blocks are unrolled, so they fold to
 constants. ``tuning_db`` times every candidate tile per geometry (``schedule.tune_vnni_tiles``).
 
 *Ensures*: int32 accumulation is exact: ``tdpbusd`` adds each group of four u8 x s8 products into an int32 element
