@@ -568,16 +568,29 @@ def test_isa_choice_and_its_errors():
     assert tvm_kernels.choose("avx2", depthwise) is None and tvm_kernels.choose("generic", depthwise) is None
 
 
-@pytest.mark.parametrize("layout", ["oihw", "hwio", "io", "vnni"])
+def test_weight_layouts_refuse_what_they_cannot_hold():
+    with pytest.raises(ConfigError, match="layout must be one of"):
+        tvm_weights.WeightLayout("w", "conv", 4, (8, 3, 3, 3), "nchw16c")
+    with pytest.raises(ConfigError, match="'io' layout is for 2-D"):
+        tvm_weights.WeightLayout("w", "conv", 4, (8, 3, 3, 3), "io")
+    for layout, shape, width in (("oihw", (8, 3, 3, 3), 8), ("vnni", (8, 3), 8), ("vnni", (8, 3, 3, 3), 2)):
+        with pytest.raises(ConfigError, match="kernel_width"):  # widens a vnni conv2d kernel, never narrows one
+            tvm_weights.WeightLayout("w", "conv", 4, shape, layout, kernel_width=width)
+
+
+@pytest.mark.parametrize("layout", ["oihw", "hwio", "io", "vnni", "vnni-widened"])
 def test_bit_packed_weights_unpack_exactly(layout):
     """Every bit-width 2..8, odd sizes (streams that end mid-byte), each kernel layout: pack in NumPy, unpack with
-    the module's TE function, get the codes back (placed in the kernel's layout)."""
+    the module's TE function, get the codes back (placed in the kernel's layout; ``vnni-widened``: a 3x3 kernel
+    read as 3x8 with zero taps, as the AMX kernel reads a few-channel conv)."""
     from tvm import relax
 
     rng = np.random.default_rng(int.from_bytes(layout.encode(), "little") % 1000)
     shapes = {bits: (5, 3, 3, 3) if layout != "io" else (7, 13) for bits in range(2, 9)}
-    specs = tvm_weights.place([tvm_weights.WeightLayout(f"w{bits}", f"layer{bits}", bits, shape, layout)
-                               for bits, shape in shapes.items()])
+    width = 8 if layout == "vnni-widened" else 0
+    layout = layout.removesuffix("-widened")
+    specs = tvm_weights.place([tvm_weights.WeightLayout(f"w{bits}", f"layer{bits}", bits, shape, layout,
+                                                        kernel_width=width) for bits, shape in shapes.items()])
     half = {bits: 2 ** (bits - 1) - 1 for bits in shapes}
     codes = {spec.name: rng.integers(-half[spec.bits], half[spec.bits] + 1, spec.shape).astype(np.int8)
              for spec in specs}
@@ -593,7 +606,7 @@ def test_bit_packed_weights_unpack_exactly(layout):
     vm = relax.VirtualMachine(tvm.compile(bb.get(), target=tvm.target.Target(mtvm.host_target())), tvm.cpu())
     unpacked = vm["main"](tvm.runtime.tensor(packed))
     arrange = {"oihw": lambda w: w, "hwio": lambda w: w.transpose(2, 3, 1, 0), "io": lambda w: w.T,
-               "vnni": tvm_weights.vnni_layout}[layout]
+               "vnni": lambda w: tvm_weights.vnni_layout(w, width)}[layout]
     for spec, got in zip(specs, unpacked):
         assert np.array_equal(got.numpy(), arrange(codes[spec.name])), f"{spec.bits}-bit {layout}"
     codes["w3"][0, 0] = 4  # outside the signed 3-bit range
