@@ -27,11 +27,14 @@ a 16-bit activation, ...), raise one :class:`~mpqc.errors.UnsupportedOpError` li
   micro-kernels of ``kernels/avx2.py`` (narrow, wide or int16 multi-step, from the layer's bits). The
   accumulator stays NHWC, and so does everything computed from it elementwise (requantisation, ReLU, clamps, residual adds, max pooling,
   integer global pooling); the converters that need the program's NCHW layout (flatten, cat, average pooling,
-  fp32 global mean, TVM's own convs, the outputs) transpose back first (``_Lowering.in_layout``).
+  fp32 global mean, TVM's own convs other than grouped ones, the outputs) transpose back first
+  (``_Lowering.in_layout``).
 * other ``conv1d`` / ``conv2d`` (grouped and depthwise too) / ``linear``, and every layer on other targets ->
   ``conv1d`` / ``conv2d`` / ``matmul`` on the 8-bit codes and int8 weights with ``out_dtype="int32"``, plus the
-  int32 bias: the exact accumulator.
-* ``relu``, max pools, ``identity`` and data movement (``mpqc/ops/movement.py``) on integers stay integer;
+  int32 bias: the exact accumulator (a grouped conv2d of a channels-last value in NHWC on ``hwio`` weights).
+* ``relu``, max pools, ``identity`` and data movement (``mpqc/ops/movement.py``) on integers stay integer; a max
+  pool or move requantised by a quantize node alone runs after the rounding, on the 8-bit codes
+  (``OpDef.commutes_with_rounding``);
   ``global_avg_pool``, ``adaptive_avg_pool`` and ``avg_pool2d`` (any padding, ``ceil_mode``), ``mean``/``sum``
   on integers are int sums (int32, or int64 when summing int32 accumulators), scaled per position by PyTorch's
   divisor.
