@@ -170,14 +170,14 @@ def test_max_pools_of_accumulators_run_on_the_requantized_codes(isa):
 
 
 class _InvertedResidual(torch.nn.Module):
-    """MobileNetV2's block: 1x1 expansion, ReLU6, depthwise 3x3 (stride 2, then stride 1 dilated), 1x1 projection,
-    and a residual add."""
+    """MobileNetV2's block: 1x1 expansion, ReLU6, depthwise 3x3 (stride 2), then a grouped 3x3 (8 groups of 4
+    channels, dilated, as ResNeXt/RegNet group theirs), 1x1 projection, and a residual add."""
 
     def __init__(self):
         super().__init__()
         nn = torch.nn
         self.expand, self.act = nn.Conv2d(8, 32, 1), nn.ReLU6()
-        self.dw1, self.dw2 = nn.Conv2d(32, 32, 3, 2, 1, groups=32), nn.Conv2d(32, 32, 3, 1, 2, dilation=2, groups=32)
+        self.dw1, self.dw2 = nn.Conv2d(32, 32, 3, 2, 1, groups=32), nn.Conv2d(32, 32, 3, 1, 2, dilation=2, groups=8)
         self.project, self.shortcut, self.fc = nn.Conv2d(32, 16, 1), nn.Conv2d(32, 16, 1), nn.Linear(16, 3)
 
     def forward(self, x):
@@ -187,8 +187,8 @@ class _InvertedResidual(torch.nn.Module):
 
 
 def test_depthwise_convs_between_kernel_layers_stay_channels_last():
-    """A depthwise conv reading a layer kernel's channels-last output runs channels-last (``hwio`` weights): no
-    transpose to NCHW and back around it, and every code is the reference's."""
+    """A depthwise or grouped conv reading a layer kernel's channels-last output runs channels-last (``hwio``
+    weights): no transpose to NCHW and back around it, and every code is the reference's."""
     isa = tvm_kernels.resolve_isa(tvm.target.Target(mtvm.host_target()), "auto")
     if isa == "generic":
         pytest.skip("this CPU has no ISA kernel, so nothing is channels-last")
