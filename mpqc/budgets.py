@@ -21,13 +21,14 @@ Conventions (per one input sample, see :class:`mpqc.layers.LayerInfo`):
                                                                      (:class:`~mpqc.layers.ProductInfo`)
 * average bits   = sum_l params_l * wbits_l / sum_l params_l         (weights)
 * target cycles  = sum_l max(compute_l, memory_l) on an accelerator cost model (``mpqc.targets.fpga``)
-* latency        = sum_l ms_l(wbits_l, abits_l), measured on this CPU per layer (``mpqc.targets.tvm.latency``)
+* latency        = sum_l ms_l(wbits_l, abits_l) + between, measured on this CPU per layer (``mpqc.targets.tvm.latency``)
+                   and, for the work between the layers, once on the lowered model (``between_layers``)
 """
 from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Mapping, NamedTuple, Sequence
 
 import torch
@@ -95,6 +96,11 @@ class Budget:
 
     def met(self, value: float) -> bool:
         return value <= self.limit * (1 + 1e-9)
+
+    def measured_on(self, gm, example_inputs: Sequence[Tensor]) -> "Budget":
+        """This budget with whatever it measures on the model itself (``compile`` calls it once the quantizers are
+        in, before the search): the budget unchanged, but for :class:`Latency` (the work between layers)."""
+        return self
 
     def check_feasible(self, layers: Sequence[CostItem], smallest_bits: Mapping[str, LayerBits | Tensor]) -> float:
         """Raise :class:`InfeasibleBudgetError` unless the smallest achievable cost fits; return that cost."""
@@ -321,12 +327,16 @@ class Latency(Budget):
     shapes (an analytical cycle count); this one is a measured table that belongs to one host, one kernel ISA
     (``isa``: ``"auto"``, the best this CPU has, or forced as ``lower(isa=...)``) and one database, and its unit is
     time. Differentiable: bilinear between the measured integer bit-widths (zero gradient inside one kernel's bits,
-    freezing steps over such plateaus). The work between layers (pooling, residual adds) is not counted.
+    freezing steps over such plateaus). The work between layers (the input's quantisation, pools, the VM's calls
+    and allocations) does not depend on the bits: ``compile`` measures it once on the model (:meth:`measured_on`,
+    ``between_layers_ms``) and the cost adds it as a constant.
     """
 
     ms: float
     isa: str = "auto"
     tuning_db: str | None = field(default=None, compare=False)
+    #: the lowered module's work between its layers (ms): measured by :meth:`measured_on`, 0 until then
+    between_layers_ms: float = field(default=0.0, compare=False)
     kind = "latency"
     unit = "ms"
 
@@ -339,6 +349,8 @@ class Latency(Budget):
 
         if self.isa not in ISA_CHOICES:
             raise ConfigError(f"latency isa must be one of {', '.join(ISA_CHOICES)}, got {self.isa!r}")
+        if not (self.between_layers_ms >= 0 and math.isfinite(self.between_layers_ms)):
+            raise ConfigError(f"latency between_layers_ms must be a finite number >= 0, got {self.between_layers_ms!r}")
 
     @property
     def limit(self) -> float:
@@ -359,7 +371,23 @@ class Latency(Budget):
         return self.table(layers).ms(_stack(layers, bits, "weight"), _stack(layers, bits, "activation"))
 
     def cost(self, layers, bits):
-        return self.per_layer(layers, bits).sum().float()
+        return self.per_layer(layers, bits).sum().float() + self.between_layers_ms
+
+    def measured_on(self, gm, example_inputs: Sequence[Tensor]) -> "Latency":
+        """This budget with the work between ``gm``'s layers measured (``mpqc/targets/tvm/between_layers.py``):
+        the quantized graph frozen at its quantizers' current bits, lowered and timed beside its layers' table
+        entries, once per host and model structure (kept in the tuning database)."""
+        import copy
+
+        from mpqc.passes.freeze import freeze
+        from mpqc.passes.insert_quantizers import quantized_layers
+        from mpqc.reference import IntegerProgram
+        from mpqc.targets.tvm.between_layers import between_layers_ms
+
+        layers = [layer.info for layer in quantized_layers(gm)]
+        program = IntegerProgram.from_graph(freeze(copy.deepcopy(gm).eval(), WeightMemory(1e30)))
+        between = between_layers_ms(program, example_inputs, layers, isa=self.isa, tuning_db=self.tuning_db)
+        return replace(self, between_layers_ms=between)
 
     def format(self, value: float) -> str:
         return f"{value:.4g} ms"

@@ -103,6 +103,9 @@ def compile(
     gm = pipeline.quantize(gm, quant_method, config.quantizers, calibration)      # 4. learnable-bit quantizers,
                                                                                    #    0 bits = pruned channel,
                                                                                    #    refuse unsupported ops
+    budget = budget.measured_on(gm, calibration)                                   #    what a budget measures on
+                                                                                   #    the model (latency: the
+                                                                                   #    work between layers),
     smallest = budget.check_feasible(cost_items(gm, fewest_channels(gm)),          #    and infeasible budgets;
                                      smallest_bits(quantized_layers(gm), quantized_activations(gm)))
     floor_only = floor_only_kinds(gm, budget)                                      #    kinds the budget holds at

@@ -137,6 +137,8 @@ def _budget_line(report: dict) -> str:
     line += f" of {_human(b.get('limit'), unit)} limit, {met}"
     if b.get("search_final") is not None:
         line += f" (search end {_human(b['search_final'], unit)})"
+    if b.get("between_layers_ms"):  # a latency budget: the work between the layers, measured once on the model
+        line += f", of which {b['between_layers_ms']:.3g} ms between the layers"
     if b.get("floor_only"):
         kinds = " and ".join(f"{kind}s" for kind in b["floor_only"])
         line += f"; {kinds} held at their minimum bits (the budget leaves no room above it: nothing to search)"

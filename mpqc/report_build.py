@@ -49,7 +49,8 @@ def build_report(
         "budget": {"kind": budget.kind, "text": budget.text, "limit": budget.limit, "unit": budget.unit,
                    "achieved": achieved, "search_final": search_cost, "smallest_feasible": smallest_cost,
                    "met": budget.met(achieved), **({"floor_only": sorted(floor_only)} if floor_only else {}),
-                   **({"weight_start_bits": weight_start_bits} if weight_start_bits is not None else {})},
+                   **({"weight_start_bits": weight_start_bits} if weight_start_bits is not None else {}),
+                   **({"between_layers_ms": budget.between_layers_ms} if isinstance(budget, Latency) else {})},
         "totals": {
             "params": params,
             "macs": sum(layer.macs for layer in layers),

@@ -78,7 +78,8 @@ number of physical cores.
 kernel the registry picks), ``kernels/`` (one module per ISA plus ``registry.py``), ``weights.py`` (bit-packed
 storage), ``schedule.py`` (CPU schedules and tuning), ``build.py`` (``lower``, ``compile_module``), ``runtime.py``
 (``LoweredModule``, ``load``), ``loader.py`` (the artifact's loader, TVM and NumPy only), ``latency.py`` (the
-measured per-layer latency table of the ``latency`` budget).
+measured per-layer latency table of the ``latency`` budget), ``between_layers.py`` (the work between the layers,
+measured once per model, which that budget adds).
 Importing this package does not import TVM.
 """
 from __future__ import annotations

@@ -24,8 +24,9 @@ integer bit-widths (exact at integer bits, as freezing sees them). Bits inside o
 so the gradient is zero there and non-zero across the bits where the kernel changes (AVX2: 8x8 -> narrow ->
 int16 multi-step); freezing (``passes/freeze.py``) steps over such plateaus to the next bit-width that saves.
 
-*Not modelled*: the work between layers (pooling, residual adds, the input's quantisation, the outputs), which a
-lowered module also runs; a signed or NCHW input (the first layer's) is timed as unsigned NHWC; stride and padding
+*Not in the table*: the work between layers (pooling, the input's quantisation, the VM's calls and allocations),
+which a lowered module also runs and which does not depend on the bits: ``between_layers.py`` measures it once on
+the lowered model and the budget adds it (``Latency.between_layers_ms``). *Not modelled*: a signed or NCHW input (the first layer's) is timed as unsigned NHWC; stride and padding
 are inferred from the layer's input and output shapes (``LayerInfo`` does not keep them), dilation taken as 1.
 """
 from __future__ import annotations
@@ -33,7 +34,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -262,6 +263,18 @@ def measure_blocks(entries: Sequence[tuple[LayerGeometry, str]], target: Any, re
     ``rounds`` passes over all of them, ``repeat`` timings each (each at least 2 ms of runs); the fastest timing of
     all passes counts. Passes apart in time keep a burst of other work on the cores from inflating one entry
     (single passes measured up to 5x too slow here under load)."""
+    timers = block_timers(entries, target, repeat, tuning_dir)
+    best = [math.inf] * len(timers)
+    for _ in range(rounds):
+        for i, timer in enumerate(timers):
+            best[i] = min(best[i], timer())
+    return best
+
+
+def block_timers(entries: Sequence[tuple[LayerGeometry, str]], target: Any, repeat: int = 30,
+                 tuning_dir: Path | None = None) -> list[Callable[[], float]]:
+    """For each ``(geometry, block)``, its kernel built (as :func:`measure_blocks` says) and a callable returning the
+    fastest of ``repeat`` timings (ms, each at least 2 ms of runs); warmed up once here."""
     import tvm
 
     timers = []
@@ -272,12 +285,8 @@ def measure_blocks(entries: Sequence[tuple[LayerGeometry, str]], target: Any, re
             evaluator, arguments = _isa_kernel(geometry, block, target, tuning_dir)
         timer = evaluator("main", tvm.cpu(), number=1, repeat=repeat, min_repeat_ms=2)
         timer(*arguments)  # warm-up (thread pool, caches)
-        timers.append((timer, arguments))
-    best = [math.inf] * len(timers)
-    for _ in range(rounds):
-        for i, (timer, arguments) in enumerate(timers):
-            best[i] = min(best[i], float(min(timer(*arguments).results)) * 1e3)
-    return best
+        timers.append(lambda timer=timer, arguments=arguments: float(min(timer(*arguments).results)) * 1e3)
+    return timers
 
 
 # --------------------------------------------------------------------------------------------- the table
