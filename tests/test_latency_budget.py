@@ -42,7 +42,7 @@ def test_latency_table_is_measured_cached_and_differentiable(tmp_path, monkeypat
     measured = []
     measure = latency.measure_blocks
 
-    def counted(entries, target, repeat=30, tuning_dir=None):
+    def counted(entries, target, repeat=30, rounds=3, tuning_dir=None):
         measured.extend(block for _, block in entries)
         return measure(entries, target, 3, rounds=1, tuning_dir=tuning_dir)
 
@@ -114,7 +114,7 @@ def test_compile_meets_a_latency_budget_after_freezing(trained_small_cnn, digits
     smallest and the 8-bit latency is met after freezing, and the report shows each layer's predicted ms."""
     from mpqc import pipeline
 
-    def fake_measure(entries, target, repeat=30, tuning_dir=None):
+    def fake_measure(entries, target, repeat=30, rounds=3, tuning_dir=None):
         return [1e-6 * g.in_channels * g.out_channels * (g.kernel or (1,))[0] ** 2 * _SPEED[block]
                 for g, block in entries]
 
@@ -195,9 +195,6 @@ def test_lowered_module_runs_within_ten_percent_of_the_prediction(tmp_path):
     measured alone, plus the work between the layers measured once on the model at its starting bits) against the
     lowered module's measured ms, both the fastest of their repeats. Timing: run on a quiet machine (other
     processes on the cores make both slower, the whole module more)."""
-    import tvm
-    from tvm import relax
-
     from conftest import example_models, mixed_bit_program, quantized_graph, randomize_batchnorm
     from mpqc import pipeline
     from mpqc.targets.tvm import lower
@@ -215,9 +212,5 @@ def test_lowered_module_runs_within_ten_percent_of_the_prediction(tmp_path):
                                            for name, (w, a) in bits.items()}))
     lowered = lower(program, input_shape=tuple(x.shape), tuning_db=str(tmp_path))  # the table's tiles
     assert torch.equal(lowered(x), program.run(x))
-    vm = relax.VirtualMachine(lowered.executable, tvm.cpu())
-    args = [tvm.runtime.tensor(x.numpy()), *lowered._param_tensors]
-    timer = vm.time_evaluator("main", tvm.cpu(), number=1, repeat=100, min_repeat_ms=5)
-    timer(*args)
-    measured = min(timer(*args).results) * 1e3
+    measured = lowered.timer(x.numpy(), repeat=100, min_repeat_ms=5)()
     assert 0.9 <= measured / predicted <= 1.1, f"measured {measured:.3f} ms, predicted {predicted:.3f} ms"

@@ -9,18 +9,21 @@ moves run on 8-bit codes, the VM's work is per call), so it is measured once per
 >>> between_layers_ms(program, [x], layers, isa="auto", tuning_db="tuning")   # doctest: +SKIP
 0.31
 
-the program lowered (the latency budget hands it every searched layer at 8 bits), its ``main`` timed side by side
-with its layers' table entries at its bits in ``rounds`` passes (a VM's speed drifts between minutes: a module timed
-now against a table timed earlier is one draw of that drift), the fastest of each, and the difference kept (never
-below zero). It is kept in the latency table's file beside the layers' entries (``between | <structure hash>``, the
-hash of the program's ops and their inputs, the input shapes and the layers' geometries), so a second compile of
-the same model measures nothing.
+the program lowered (the latency budget hands it the model at its quantizers' starting bits), its ``main`` timed
+side by side with its layers' table entries at its bits in ``rounds`` passes, and the work between them kept as
+the table's milliseconds for those layers times the median pass's excess ratio, ``module / sum(layers) - 1``
+(never below zero). A ratio of two timings made a second apart, not a difference of timings made minutes apart:
+on a VM whose cores run up to 1.8x slower for seconds at a time (a neighbour's load; seen on the AMX Xeon), a
+slow phase slows the module and its kernels alike and cancels in their ratio. The value is kept in the latency
+table's file beside the layers' entries (``between | <structure hash>``: the hash of the program's ops and their
+inputs, the input shapes and the layers' geometries), so a second compile of the same model measures nothing.
 """
 from __future__ import annotations
 
 import hashlib
 import json
-import math
+import logging
+import statistics
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -29,6 +32,8 @@ import torch
 from mpqc.layers import LayerInfo
 from mpqc.targets.tvm.latency import (BITS, TABLE_FILE, LayerGeometry, _read, _write, block_timers,
                                       default_tuning_db, latency_table)
+
+log = logging.getLogger(__name__)
 
 
 def structure_key(program, input_shapes: Sequence[Sequence[int]], layers: Sequence[LayerInfo]) -> str:
@@ -43,7 +48,7 @@ def structure_key(program, input_shapes: Sequence[Sequence[int]], layers: Sequen
 
 def between_layers_ms(program, inputs: Sequence[torch.Tensor], layers: Sequence[LayerInfo], *,
                       isa: str = "auto", tuning_db: str | Path | None = None, repeat: int = 20,
-                      rounds: int = 3) -> float:
+                      rounds: int = 7) -> float:
     """Milliseconds ``program``'s lowered ``main`` (batch 1: the first sample of each of ``inputs``) runs beyond its
     ``layers``' latency-table entries at its bits, measured once per host and structure (module docstring)."""
     from mpqc.targets.tvm.build import lower
@@ -69,12 +74,17 @@ def between_layers_ms(program, inputs: Sequence[torch.Tensor], layers: Sequence[
     by_key = {(geometry.key, block): geometry for geometry, block in entries}
     timers = block_timers([(by_key[k], k[1]) for k in unique], target, repeat,
                           None if tuning_db is None else Path(tuning_db))
-    whole, parts = math.inf, [math.inf] * len(unique)
+    ratios = []
     for _ in range(rounds):  # side by side: the module, then its layers' entries, in every pass
-        whole = min(whole, module())
-        parts = [min(best, timer()) for best, timer in zip(parts, timers)]
-    ms_of = dict(zip(unique, parts))
-    between = max(0.0, whole - sum(ms_of[geometry.key, block] for geometry, block in entries))
+        whole = module()
+        ms_of = dict(zip(unique, (timer() for timer in timers)))
+        ratios.append(whole / sum(ms_of[geometry.key, block] for geometry, block in entries))
+    ratio = statistics.median(ratios)
+    layers_ms = sum(table.grid[i, w - BITS[0], a - BITS[0]].item()
+                    for i, (w, a) in enumerate(_grid_bits(bits[layer.name]) for layer in layers))
+    between = max(0.0, (ratio - 1.0) * layers_ms)
+    log.info("the work between the layers: %.3f ms (the lowered module %.3fx its %d layers' kernels, the median of "
+             "%d passes, times their %.3f ms in the table)", between, ratio, len(entries), rounds, layers_ms)
     stored = _read(path)  # again: the table's own entries may have been written meanwhile
     stored.setdefault(table.host, {})[key] = between
     _write(path, stored)

@@ -15,8 +15,8 @@ block is built and timed once per geometry (AVX2: up to five, from the bits; AVX
   hand schedule and default register tile as in a lowered module (``schedule_conv``);
 * the generic kernel: TVM's int8 ``conv2d``/``matmul`` plus the same epilogue, through ``compile_module``.
 
-Each is timed with TVM's ``time_evaluator`` (the fastest of repeats in three passes over all entries, batch 1, the runtime's thread pool as it is:
-set ``TVM_NUM_THREADS`` as for deployment). The results are kept in ``<tuning_db>/latency_table.json`` keyed by the
+Each is timed with TVM's ``time_evaluator`` (the fastest of repeats in :data:`TABLE_PASSES` passes over all entries,
+batch 1, the runtime's thread pool as it is: set ``TVM_NUM_THREADS`` as for deployment). The results are kept in ``<tuning_db>/latency_table.json`` keyed by the
 host (ISA, target, threads) and the geometry, so a second compile measures nothing.
 
 *Differentiable*: :meth:`LatencyTable.ms` interpolates each layer's 7x7 grid bilinearly between the measured
@@ -52,6 +52,9 @@ GENERIC = "generic"  # the table's name for TVM's own operators
 #: TVM's grouped conv2d channels-last: what a depthwise conv between two kernel layers runs (``kernels/generic.py``)
 GENERIC_CHANNELS_LAST = "generic_nhwc"
 DEFAULT_TUNING_DB = Path.home() / ".cache" / "mpqc" / "tuning"
+#: passes over all entries when measuring a table, the fastest kept: on a VM whose cores run up to 1.8x slower for
+#: seconds at a time, passes spread over several seconds reach its steady speed (3 passes missed it now and then)
+TABLE_PASSES = 8
 
 _TABLES: dict[tuple[str, tuple[str, ...]], "LatencyTable"] = {}  # in-process memo: (host, geometries) -> table
 _REQUESTS: dict[tuple, "LatencyTable"] = {}  # in-process memo: the arguments of latency_table -> table
@@ -359,7 +362,8 @@ def latency_table(layers: Sequence[LayerInfo], *, target: Any = "llvm", isa: str
     if entries:
         registry.check_runnable(isa, "measuring the latency table")
     tuning_dir = None if tuning_db is None else Path(tuning_db)
-    timings = measure_blocks(entries, tvm_target, repeat, tuning_dir=tuning_dir) if entries else []
+    timings = (measure_blocks(entries, tvm_target, repeat, rounds=TABLE_PASSES, tuning_dir=tuning_dir)
+               if entries else [])
     for (geometry, block), ms in zip(entries, timings):
         measured[f"{geometry.key} | {block}"] = ms
     if missing:
