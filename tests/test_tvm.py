@@ -368,6 +368,32 @@ def test_vnni_kernel_is_exact(layout, signed, channels, out, kernel, stride, pad
     assert not got[..., out:].any()  # padded output channels read zero weights
 
 
+@pytest.mark.parametrize("layout, channels", [("NCHW", 3), ("NHWC", 64)])
+def test_the_input_stage_selects_between_clamped_reads_and_the_padding(layout, channels):
+    """A padded conv's input stage (scheduled, nothing built: any host) reads the input at clamped indices under a
+    ``Select`` (it vectorizes; a read guarded by ``if_then_else`` branched per pixel), the clamps kept by the
+    simplifier (the padding's pixels never read out of bounds); a few-channel input's pixel loop runs serially in
+    the parallel one (no fused index decomposed per pixel). Its values: the exactness tests above and in
+    ``test_tvm_amx.py``."""
+    from tvm import s_tir, te
+    from tvm.tirx import ForKind
+
+    geometry = implicit_gemm.ConvGeometry(layout, True, channels, (3, 3), (1, 1), (1, 1))
+    shape = (2, channels, 9, 9) if layout == "NCHW" else (2, 9, 9, channels)
+    x = te.placeholder(shape, "int8", name="x")
+    w = te.placeholder((1, 9 * -(-channels // 4), 16, 4), "int8", name="w")
+    sch = s_tir.Schedule(te.create_prim_func([x, w, implicit_gemm.conv2d_te(x, w, geometry)]))
+    assert implicit_gemm.schedule_conv(sch, None, avx512_vnni.VNNI)
+    stage = sch.get(sch.get_sblock(implicit_gemm.PAD_BLOCK))
+    text = str(stage.body)
+    assert "Select" in text and "if_then_else" not in text
+    assert text.count("T.max(T.min(") >= 2  # the row and the column clamped in the read itself
+    kinds = [sch.get(loop).kind for loop in sch.get_loops(sch.get_sblock(implicit_gemm.PAD_BLOCK))]
+    assert kinds[0] == ForKind.PARALLEL and kinds[-1] == ForKind.VECTORIZED
+    if channels < 16:  # 4 bytes per pixel: the pixel loop serial between the two
+        assert kinds == [ForKind.PARALLEL, ForKind.SERIAL, ForKind.VECTORIZED]
+
+
 @needs_vnni
 def test_vnni_intrinsic_refuses_a_weight_that_is_not_packed():
     """TVM_NOTES trap 3: tensorizing a plain [N, K] weight compiled into silently wrong code. The intrinsic's
