@@ -123,7 +123,8 @@ def run(model_name: str = "resnet20", *, isa: str = "auto", seed: int = 0, repea
     return {
         "model": model_name, "isa": lowered.meta["isa"], "threads": os.environ.get("TVM_NUM_THREADS"),
         "load_average": list(os.getloadavg()), "host": table.host,
-        "predicted_ms": total, "between_layers_ms": budget.between_layers_ms, "measured_ms": whole, "ratio_measured_to_predicted": whole / total,
+        "predicted_ms": total, "between_layers_ms": budget.between_layers_ms, "measured_ms": whole,
+        "ratio_measured_to_predicted": whole / total,
         **({} if not later_rounds else {"later_rounds": later_rounds,
                                         "median_ratio_over_rounds": ratios[(len(ratios) - 1) // 2],
                                         "fastest_measured_ms": fastest,

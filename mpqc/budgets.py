@@ -33,6 +33,7 @@ from typing import Mapping, NamedTuple, Sequence
 
 import torch
 from torch import Tensor
+from torch.fx import GraphModule
 
 from mpqc.errors import ConfigError, InfeasibleBudgetError
 from mpqc.layers import ActivationInfo, CostItem, LayerInfo, ProductInfo
@@ -97,7 +98,7 @@ class Budget:
     def met(self, value: float) -> bool:
         return value <= self.limit * (1 + 1e-9)
 
-    def measured_on(self, gm, example_inputs: Sequence[Tensor]) -> "Budget":
+    def measured_on(self, gm: GraphModule, example_inputs: Sequence[Tensor]) -> "Budget":
         """This budget with whatever it measures on the model itself (``compile`` calls it once the quantizers are
         in, before the search): the budget unchanged, but for :class:`Latency` (the work between layers)."""
         return self
@@ -373,7 +374,7 @@ class Latency(Budget):
     def cost(self, layers, bits):
         return self.per_layer(layers, bits).sum().float() + self.between_layers_ms
 
-    def measured_on(self, gm, example_inputs: Sequence[Tensor]) -> "Latency":
+    def measured_on(self, gm: GraphModule, example_inputs: Sequence[Tensor]) -> "Latency":
         """This budget with the work between ``gm``'s layers measured (``mpqc/targets/tvm/between_layers.py``):
         the quantized graph frozen at its quantizers' current bits, lowered and timed beside its layers' table
         entries, once per host and model structure (kept in the tuning database)."""

@@ -94,4 +94,3 @@ def between_layers_ms(program, inputs: Sequence[torch.Tensor], layers: Sequence[
 def _grid_bits(bits: tuple[float, int]) -> tuple[int, int]:
     """A layer's (weight, activation) bits as a point of the table's grid (2..8)."""
     return tuple(int(min(max(round(float(b)), BITS[0]), BITS[-1])) for b in bits)  # type: ignore[return-value]
-

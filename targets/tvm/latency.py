@@ -16,8 +16,9 @@ block is built and timed once per geometry (AVX2: up to five, from the bits; AVX
 * the generic kernel: TVM's int8 ``conv2d``/``matmul`` plus the same epilogue, through ``compile_module``.
 
 Each is timed with TVM's ``time_evaluator`` (the fastest of repeats in :data:`TABLE_PASSES` passes over all entries,
-batch 1, the runtime's thread pool as it is: set ``TVM_NUM_THREADS`` as for deployment). The results are kept in ``<tuning_db>/latency_table.json`` keyed by the
-host (ISA, target, threads) and the geometry, so a second compile measures nothing.
+batch 1, the runtime's thread pool as it is: set ``TVM_NUM_THREADS`` as for deployment). The results are kept in
+``<tuning_db>/latency_table.json`` keyed by the host (ISA, target, threads) and the geometry, so a second compile
+measures nothing.
 
 *Differentiable*: :meth:`LatencyTable.ms` interpolates each layer's 7x7 grid bilinearly between the measured
 integer bit-widths (exact at integer bits, as freezing sees them). Bits inside one kernel's region cost the same,
@@ -26,8 +27,9 @@ int16 multi-step); freezing (``passes/freeze.py``) steps over such plateaus to t
 
 *Not in the table*: the work between layers (pooling, the input's quantisation, the VM's calls and allocations),
 which a lowered module also runs and which does not depend on the bits: ``between_layers.py`` measures it once on
-the lowered model and the budget adds it (``Latency.between_layers_ms``). *Not modelled*: a signed or NCHW input (the first layer's) is timed as unsigned NHWC; stride and padding
-are inferred from the layer's input and output shapes (``LayerInfo`` does not keep them), dilation taken as 1.
+the lowered model and the budget adds it (``Latency.between_layers_ms``). *Not modelled*: a signed or NCHW input
+(the first layer's) is timed as unsigned NHWC; stride and padding are inferred from the layer's input and output
+shapes (``LayerInfo`` does not keep them), dilation taken as 1.
 """
 from __future__ import annotations
 
