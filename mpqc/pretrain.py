@@ -19,7 +19,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from mpqc.checkpoint import atomic_torch_save
+from mpqc.checkpoint import atomic_torch_save, load_checkpoint, save_checkpoint
 from mpqc.data import cache_root, check_loader, dataset_info, loaders
 from mpqc.errors import CheckpointError, ConfigError, TrainingDivergedError
 from mpqc.train import evaluate
@@ -40,6 +40,7 @@ def train_fp32(
     seed: int = 0,
     progress: bool = True,
     nesterov: bool = False,
+    checkpoint: str | Path | None = None,
 ) -> float:
     """Train ``model`` in place with SGD and a cosine schedule; return its validation top-1 accuracy in %.
 
@@ -49,6 +50,11 @@ def train_fp32(
     model, such as dropout); the batch order comes from the train loader's own generator. Training runs on the
     device of the model's parameters; the train loader's augmentation (:mod:`mpqc.augment`) draws from the
     global RNG. ``progress`` shows a tqdm bar per epoch with the running loss and accuracy.
+
+    ``checkpoint``: after every epoch the model, optimizer, scheduler, the torch RNG and the train loader's
+    shuffling generator are saved there (:func:`mpqc.checkpoint.save_checkpoint`); a call finding one resumes
+    after its epoch, and ends as an uninterrupted run would, bit for bit (CPU). Nothing of a long training is lost
+    to a crash but the epoch it was in.
 
     Raises:
         ConfigError: ``epochs`` < 1.
@@ -66,8 +72,23 @@ def train_fp32(
                                 weight_decay=WEIGHT_DECAY)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs * len(train_loader))
     loss_fn = nn.CrossEntropyLoss()
+    shuffling = getattr(train_loader, "generator", None)
+    start, val_acc = 0, float("nan")
+    state = load_checkpoint(checkpoint) if checkpoint is not None else None
+    if state is not None:
+        if state.get("epochs") != epochs:
+            raise CheckpointError(f"fp32 checkpoint {checkpoint} is of a {state.get('epochs')}-epoch run, not "
+                                  f"{epochs}; delete it to start again")
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["rng"])
+        if shuffling is not None:
+            shuffling.set_state(state["loader_rng"])
+        start, val_acc = state["epoch"], state["val_acc"]
+        logger.info("resuming fp32 training after epoch %d/%d from %s", start, epochs, checkpoint)
 
-    for epoch in range(epochs):
+    for epoch in range(start, epochs):
         model.train()
         total_loss, correct, seen = 0.0, 0, 0
         bar = tqdm(train_loader, desc=f"fp32 epoch {epoch + 1}/{epochs}", disable=not progress, leave=False)
@@ -95,6 +116,11 @@ def train_fp32(
             "fp32 epoch %d/%d: train loss %.4f, train acc %.2f%%, val acc %.2f%%",
             epoch + 1, epochs, total_loss / seen, 100.0 * correct / seen, val_acc,
         )
+        if checkpoint is not None:
+            save_checkpoint({"epochs": epochs, "epoch": epoch + 1, "val_acc": val_acc, "model": model.state_dict(),
+                             "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                             "rng": torch.get_rng_state(),
+                             "loader_rng": shuffling.get_state() if shuffling is not None else None}, checkpoint)
     model.to(memory_format=torch.contiguous_format)
     return val_acc
 
@@ -125,7 +151,8 @@ def cached_fp32(
     off by default (issue 18's measurement, ``bench/results/recipe.json``), and a file without them was trained
     without either.
     Saving writes a temporary
-    file and renames it into place; loading uses ``torch.load(weights_only=True)``.
+    file and renames it into place; loading uses ``torch.load(weights_only=True)``. While it trains, its epochs are
+    checkpointed beside it (``<file>.partial.pt``): a call after a crash resumes there (:func:`train_fp32`).
 
     Training runs on ``device`` (default: CUDA if available, else CPU); the model is returned on the CPU in
     eval mode.
@@ -153,10 +180,13 @@ def cached_fp32(
     device = torch.device(device) if device is not None else _default_device()
     train_loader, val_loader = loaders(data_name, batch_size=batch_size, subset=subset, seed=seed, augment=augment)
     model.to(device)
+    partial = path.with_name(path.stem + ".partial.pt")  # the epochs so far: a crashed training goes on from there
     acc = train_fp32(model, train_loader, val_loader, epochs=epochs, lr=lr, seed=seed, progress=progress,
-                     nesterov=nesterov)
+                     nesterov=nesterov, checkpoint=partial)
     model.cpu()
     atomic_torch_save(model.state_dict(), path)
+    for leftover in (partial, partial.with_name(partial.stem + ".prev.pt")):
+        leftover.unlink(missing_ok=True)
     logger.info("trained fp32 %s on %s: val top-1 %.2f%%; saved to %s", name, data_name, acc, path)
     return model.eval()
 

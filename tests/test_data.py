@@ -281,6 +281,43 @@ def test_train_fp32_learns_digits_and_evaluate_restores_mode():
     assert model.training
 
 
+def test_train_fp32_resumes_after_a_crash_as_if_uninterrupted(tmp_path, monkeypatch):
+    """Three epochs straight, and three epochs crashing in the third (after its training, before its checkpoint)
+    then called again with the same checkpoint: the same weights, bit for bit; a checkpoint of another length is
+    refused."""
+    from mpqc import pretrain
+    from mpqc.errors import CheckpointError
+
+    def run(checkpoint=None):
+        torch.manual_seed(0)
+        model = models.small_cnn()
+        train, val = data.loaders("digits", batch_size=64, subset=256, seed=3)
+        acc = pretrain.train_fp32(model, train, val, epochs=3, seed=3, progress=False, checkpoint=checkpoint)
+        return model, acc
+
+    straight, straight_acc = run()
+    evaluate, calls = pretrain.evaluate, []
+
+    def crashing(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("killed")
+        return evaluate(*args, **kwargs)
+
+    checkpoint = tmp_path / "fp32.partial.pt"
+    monkeypatch.setattr(pretrain, "evaluate", crashing)
+    with pytest.raises(RuntimeError, match="killed"):
+        run(checkpoint)
+    monkeypatch.setattr(pretrain, "evaluate", evaluate)
+    resumed, resumed_acc = run(checkpoint)
+    assert resumed_acc == straight_acc
+    for key, value in straight.state_dict().items():
+        torch.testing.assert_close(resumed.state_dict()[key], value, rtol=0, atol=0)
+    with pytest.raises(CheckpointError, match="3-epoch run, not 4"):
+        pretrain.train_fp32(models.small_cnn(), *data.loaders("digits", batch_size=64, subset=256), epochs=4,
+                            progress=False, checkpoint=checkpoint)
+
+
 def test_cached_fp32_trains_once_then_loads(tmp_path, monkeypatch, caplog):
     from mpqc.pretrain import cached_fp32
 
