@@ -99,11 +99,12 @@ def test_a_layer_loads_the_tile_configuration_once_per_parallel_chunk():
 
 def test_an_amx_target_gets_tile_instructions():
     """Built for Sapphire Rapids on any host (nothing runs): the conv is tensorized with the tile configuration,
-    tile loads, ``tdpbusd`` and tile stores, and no ``vpdpbusd``."""
+    accumulators zeroed in their tiles (``tilezero``), tile loads, ``tdpbusd`` and tile stores, and no
+    ``vpdpbusd``."""
     geometry = implicit_gemm.ConvGeometry("NHWC", False, 128, (3, 3), (1, 1), (1, 1))
     _, asm = build_conv_kernel(geometry, (1, 14, 14, 128), "uint8", (2, 9 * 32, 16, 4), micro=amx.AMX,
                                target=SAPPHIRE_RAPIDS)
-    for instruction in ("ldtilecfg", "tileloadd", "tdpbusd", "tilestored"):
+    for instruction in ("ldtilecfg", "tilezero", "tileloadd", "tdpbusd", "tilestored"):
         assert re.search(rf"\b{instruction}\b", asm), instruction
     assert "vpdpbusd" not in asm
 

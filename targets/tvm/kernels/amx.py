@@ -16,8 +16,9 @@ with zero taps to a multiple of ``64 / C`` columns (``ConvGeometry.extra_columns
 7x7 on 4 bytes per pixel becomes 7x16, one step per kernel row. The schedule (:meth:`AMXKernel.lay_out`) tiles the
 output: ``groups`` (1 or 2) runs of ``M`` pixels of one row (``M`` the largest divisor of the output width up to 16)
 by ``16 * blocks`` channels (``blocks`` 1 or 2), up to 2 x 2 int32 accumulator tiles, and tensorizes that tile's
-whole reduction with one intrinsic per geometry (:func:`register_intrinsic`): load the accumulators (zeroed just
-before, the reduction's init), then per 64-byte step load each group's activation tile (``M`` rows, one per output
+whole reduction with one intrinsic per geometry (:func:`register_intrinsic`): zero the accumulators (``tilezero``:
+the tile's whole reduction is the intrinsic's, so the reduction's init, zeros stored to memory and loaded back,
+is dropped from the schedule), then per 64-byte step load each group's activation tile (``M`` rows, one per output
 pixel, at the row stride of the convolution's stride) and each block's weight tile and ``tdpbusd`` every pair, then
 store the accumulators. The tile configuration is loaded once per parallel chunk of tiles (:func:`configure_chunks`,
 ``ldtilecfg`` being as slow as a small tile's reduction), not per tile. The fused epilogue follows per tile, as for
@@ -159,8 +160,7 @@ def register_intrinsic(rows: int, blocks: int, kernel: tuple[int, int], channels
             regions(a, b, c)
             for g in T.unroll(groups):
                 for t in T.unroll(blocks):
-                    call("tileloadd64", T.uint8(2 * g + t), c.access_ptr("r", offset=g * group * c_row + 16 * t),
-                         T.int64(c_row * 4))
+                    call("tilezero", T.uint8(2 * g + t))
             for rh, rw, step in T.grid(kh, kw // taps, steps):  # (taps > 1: the 64 bytes of `taps` pixels)
                 for g in T.unroll(groups):
                     call("tileloadd64", T.uint8(ACTIVATION_TILE + g),
@@ -300,8 +300,9 @@ class AMXKernel(MicroKernel):
 
         def finish():
             init = sch.decompose_reduction(conv, ow_tile)
-            sch.vectorize(sch.get_loops(init)[-1])
+            dead = _own_loop(sch, init, conv)
             sch.tensorize(ow_tile, intrinsic)
+            _drop(sch, dead)
             # split after tensorizing (the split's bindings would keep the tile from being blockized), and made
             # parallel by configure_chunks (the primitive refuses a loop over a tensorized block: it reads and
             # writes its accumulators; the tiles are independent, as they were when parallel before)
@@ -309,6 +310,23 @@ class AMXKernel(MicroKernel):
             configure_chunks(sch, chunks, tile_config(*split_rows(tile.rows), tile.blocks))
 
         return tiles, finish
+
+
+def _own_loop(sch, init, conv):
+    """The outermost loop of ``init``'s nest that ``conv``'s nest does not share."""
+    shared = [sch.get_sref(loop) for loop in sch.get_loops(conv)]
+    return next(loop for loop in sch.get_loops(init) if not any(sch.get_sref(loop).same_as(s) for s in shared))
+
+
+def _drop(sch, loop) -> None:
+    """Remove the reduction's init nest (zeros stored to the accumulators' memory): the intrinsic starts its tiles
+    with ``tilezero`` and overwrites that memory with ``tilestored``, so those stores were dead (4 KiB per 2x2
+    tile)."""
+    from tvm import tirx
+
+    nest = sch.get(loop)  # an empty loop in its place (the schedule's state replaces a loop with a loop)
+    sch.state.replace(sch.get_sref(loop), tirx.For(nest.loop_var, nest.min, nest.extent, tirx.ForKind.SERIAL,
+                                                    tirx.Evaluate(0)), {})
 
 
 def _geometry(sch, conv) -> dict:
