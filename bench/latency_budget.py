@@ -63,18 +63,12 @@ def searched_program(model: torch.nn.Module, x: torch.Tensor, budget: mpqc.Laten
 
 def _remeasured(layers, kernels: list[str], isa: str, tuning_db, repeat: int) -> list[float]:
     """Each layer's table entry (its kernel at its bits) measured again now."""
-    from mpqc.targets.tvm import resolve_target
-    from mpqc.targets.tvm.kernels import registry
-    from mpqc.targets.tvm.latency import TABLE_PASSES, LayerGeometry, measure_blocks
+    from mpqc.targets.tvm.latency import TABLE_PASSES, LayerGeometry, distinct, measure_blocks, measuring_target
 
-    target = resolve_target("llvm")
-    target = registry.isa_target(target, registry.resolve_isa(target, isa))
-    entries = [(LayerGeometry.of(layer), kernel) for layer, kernel in zip(layers, kernels)]
-    unique = list(dict.fromkeys((geometry.key, kernel) for geometry, kernel in entries))
-    by_key = {(g.key, k): g for g, k in entries}
-    timings = dict(zip(unique, measure_blocks([(by_key[key], key[1]) for key in unique], target, repeat, TABLE_PASSES,
-                                              tuning_dir=Path(tuning_db))))
-    return [timings[geometry.key, kernel] for geometry, kernel in entries]
+    unique, position = distinct([(LayerGeometry.of(layer), kernel) for layer, kernel in zip(layers, kernels)])
+    timings = measure_blocks(unique, measuring_target("llvm", isa)[0], repeat, TABLE_PASSES,
+                             tuning_dir=Path(tuning_db))
+    return [timings[i] for i in position]
 
 
 def run(model_name: str = "resnet20", *, isa: str = "auto", seed: int = 0, repeat: int = 20,
@@ -112,7 +106,7 @@ def run(model_name: str = "resnet20", *, isa: str = "auto", seed: int = 0, repea
     functions = function_times(lowered, x.numpy(), repeat)
     kernels = sum(ms for name, ms in functions.items() if is_kernel_block(name) or "conv" in name or "matmul" in name)
     total = sum(predicted) + budget.between_layers_ms
-    kernel_of = [table.blocks[i][tuple(min(max(b, 2), 8) for b in bits[layer.name])] for i, layer in enumerate(layers)]
+    kernel_of = [block for block, _ in table.at_each([bits[layer.name] for layer in layers])]
     later_rounds = []
     for _ in range(rounds - 1):  # the table's entries measured again beside the module: the same machine state
         again = sum(_remeasured(layers, kernel_of, isa, tuning_db, repeat)) + budget.between_layers_ms

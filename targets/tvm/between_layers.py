@@ -30,8 +30,8 @@ from pathlib import Path
 import torch
 
 from mpqc.layers import LayerInfo
-from mpqc.targets.tvm.latency import (BITS, TABLE_FILE, LayerGeometry, _read, _write, block_timers,
-                                      default_tuning_db, latency_table)
+from mpqc.targets.tvm.latency import (LayerGeometry, _read, _write, block_timers, distinct, latency_table,
+                                      measuring_target, table_path)
 
 log = logging.getLogger(__name__)
 
@@ -52,13 +52,11 @@ def between_layers_ms(program, inputs: Sequence[torch.Tensor], layers: Sequence[
     """Milliseconds ``program``'s lowered ``main`` (batch 1: the first sample of each of ``inputs``) runs beyond its
     ``layers``' latency-table entries at its bits, measured once per host and structure (module docstring)."""
     from mpqc.targets.tvm.build import lower
-    from mpqc.targets.tvm.kernels import registry
-    from mpqc.targets.tvm.target import resolve_target
 
-    samples = [x[:1].detach().cpu().float().numpy() for x in inputs]
+    samples = [x[:1].detach().cpu().numpy() for x in inputs]
     shapes = [tuple(sample.shape) for sample in samples]
     table = latency_table(layers, isa=isa, tuning_db=tuning_db, repeat=repeat)
-    path = (Path(tuning_db) if tuning_db is not None else default_tuning_db()) / TABLE_FILE
+    path = table_path(tuning_db)
     key = structure_key(program, shapes, layers)
     stored = _read(path)
     if key in stored.get(table.host, {}):
@@ -66,31 +64,21 @@ def between_layers_ms(program, inputs: Sequence[torch.Tensor], layers: Sequence[
     lowered = lower(program, input_shape=shapes if len(shapes) > 1 else shapes[0], isa=isa, tuning_db=tuning_db)
     module = lowered.timer(*samples, repeat=repeat)
     bits = program.layer_bits()
-    entries = [(LayerGeometry.of(layer), table.blocks[i][_grid_bits(bits[layer.name])])
-               for i, layer in enumerate(layers)]
-    target = resolve_target("llvm")
-    target = registry.isa_target(target, registry.resolve_isa(target, isa))
-    unique = list(dict.fromkeys((geometry.key, block) for geometry, block in entries))
-    by_key = {(geometry.key, block): geometry for geometry, block in entries}
-    timers = block_timers([(by_key[k], k[1]) for k in unique], target, repeat,
+    kernels = table.at_each([bits[layer.name] for layer in layers])
+    unique, position = distinct([(LayerGeometry.of(layer), block) for layer, (block, _) in zip(layers, kernels)])
+    timers = block_timers(unique, measuring_target("llvm", isa)[0], repeat,
                           None if tuning_db is None else Path(tuning_db))
     ratios = []
     for _ in range(rounds):  # side by side: the module, then its layers' entries, in every pass
         whole = module()
-        ms_of = dict(zip(unique, (timer() for timer in timers)))
-        ratios.append(whole / sum(ms_of[geometry.key, block] for geometry, block in entries))
+        timings = [timer() for timer in timers]
+        ratios.append(whole / sum(timings[i] for i in position))
     ratio = statistics.median(ratios)
-    layers_ms = sum(table.grid[i, w - BITS[0], a - BITS[0]].item()
-                    for i, (w, a) in enumerate(_grid_bits(bits[layer.name]) for layer in layers))
+    layers_ms = sum(ms for _, ms in kernels)
     between = max(0.0, (ratio - 1.0) * layers_ms)
     log.info("the work between the layers: %.3f ms (the lowered module %.3fx its %d layers' kernels, the median of "
-             "%d passes, times their %.3f ms in the table)", between, ratio, len(entries), rounds, layers_ms)
+             "%d passes, times their %.3f ms in the table)", between, ratio, len(layers), rounds, layers_ms)
     stored = _read(path)  # again: the table's own entries may have been written meanwhile
     stored.setdefault(table.host, {})[key] = between
     _write(path, stored)
     return between
-
-
-def _grid_bits(bits: tuple[float, int]) -> tuple[int, int]:
-    """A layer's (weight, activation) bits as a point of the table's grid (2..8)."""
-    return tuple(int(min(max(round(float(b)), BITS[0]), BITS[-1])) for b in bits)  # type: ignore[return-value]

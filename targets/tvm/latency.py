@@ -330,6 +330,12 @@ class LatencyTable:
         """Per-layer ms at integer bits (one pair for every layer)."""
         return self.grid[:, weight_bits - BITS[0], activation_bits - BITS[0]].tolist()
 
+    def at_each(self, bits: Sequence[tuple[float, float]]) -> list[tuple[str, float]]:
+        """Each layer's (kernel block, ms) at its own ``(weight, activation)`` bits, rounded to the grid."""
+        points = [tuple(int(min(max(round(float(b)), BITS[0]), BITS[-1])) for b in pair) for pair in bits]
+        return [(self.blocks[i][w, a], self.grid[i, w - BITS[0], a - BITS[0]].item())
+                for i, (w, a) in enumerate(points)]
+
 
 def latency_table(layers: Sequence[LayerInfo], *, target: Any = "llvm", isa: str = "auto",
                   tuning_db: str | Path | None = None, repeat: int = 30) -> LatencyTable:
@@ -338,23 +344,18 @@ def latency_table(layers: Sequence[LayerInfo], *, target: Any = "llvm", isa: str
     none is), the tile a lowering with the same ``tuning_db`` runs; without one, at the default tile, as such a
     lowering runs."""
     from mpqc.targets.tvm.kernels import registry
-    from mpqc.targets.tvm.target import resolve_target
 
     request = (str(target), isa, str(tuning_db), os.environ.get("TVM_NUM_THREADS"), tuple(layers))
     if request in _REQUESTS:  # the search asks for the same table at every step: no target resolution then
         return _REQUESTS[request]
-    tvm_target = resolve_target(target)
-    if tvm_target.kind.name != "llvm":
-        raise ConfigError(f"a latency table is measured on this machine's CPU; target {tvm_target} is not llvm")
-    isa = registry.resolve_isa(tvm_target, isa)
-    tvm_target = registry.isa_target(tvm_target, isa)
+    tvm_target, isa = measuring_target(target, isa)
     host = _host_key(tvm_target, isa)
     geometries = [LayerGeometry.of(layer) for layer in layers]
     memo_key = (host, tuple(g.key for g in geometries))
     if memo_key in _TABLES:
         _REQUESTS[request] = _TABLES[memo_key]
         return _TABLES[memo_key]
-    path = (Path(tuning_db) if tuning_db is not None else default_tuning_db()) / TABLE_FILE
+    path = table_path(tuning_db)
     stored = _read(path)
     measured = stored.setdefault(host, {})
     blocks = [kernel_blocks(g, isa) for g in geometries]
@@ -375,6 +376,36 @@ def latency_table(layers: Sequence[LayerInfo], *, target: Any = "llvm", isa: str
     table = LatencyTable(tuple(layer.name for layer in layers), grid, tuple(blocks), host)
     _TABLES[memo_key] = _REQUESTS[request] = table
     return table
+
+
+def measuring_target(target: Any = "llvm", isa: str = "auto") -> tuple[Any, str]:
+    """(the TVM target, the ISA) a table is measured for: ``target`` resolved (an llvm one: this machine's CPU),
+    ``isa`` resolved for it (``auto``: the best it has) and the target restricted to it (``registry.isa_target``)."""
+    from mpqc.targets.tvm.kernels import registry
+    from mpqc.targets.tvm.target import resolve_target
+
+    tvm_target = resolve_target(target)
+    if tvm_target.kind.name != "llvm":
+        raise ConfigError(f"a latency table is measured on this machine's CPU; target {tvm_target} is not llvm")
+    isa = registry.resolve_isa(tvm_target, isa)
+    return registry.isa_target(tvm_target, isa), isa
+
+
+def distinct(entries: Sequence[tuple[LayerGeometry, str]]) -> tuple[list[tuple[LayerGeometry, str]], list[int]]:
+    """``entries`` without repeats (layers of one geometry on one kernel are measured once), and the position of
+    each entry among them."""
+    position: dict[tuple[str, str], int] = {}
+    unique = []
+    for geometry, block in entries:
+        if (geometry.key, block) not in position:
+            position[geometry.key, block] = len(unique)
+            unique.append((geometry, block))
+    return unique, [position[geometry.key, block] for geometry, block in entries]
+
+
+def table_path(tuning_db: str | Path | None) -> Path:
+    """``<tuning_db>/latency_table.json`` (the default database without one)."""
+    return (Path(tuning_db) if tuning_db is not None else default_tuning_db()) / TABLE_FILE
 
 
 def _read(path: Path) -> dict[str, dict[str, float]]:
